@@ -1,0 +1,137 @@
+"""`pretrax COMMAND --flags`: train | sample | tokenizer. Thin: parse the flags, call, report.
+
+Every expected failure (a bad config key or value, a missing file) ends with one line on stderr
+naming the problem and the fix, and exit status 2.
+"""
+
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+USAGE = """usage: pretrax COMMAND [--flags]
+
+commands:
+  train      --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
+  sample     --workdir=DIR [--prompt=TEXT] [--length=N] [--temperature=T]
+  tokenizer  --input=FILES --output=PATH.model [--model_type=char|bpe|unigram] [--vocab_size=N]
+"""
+
+
+def _define_train() -> None:
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/NAME.py[:ARG]).',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.')
+
+
+def _define_sample() -> None:
+  flags.DEFINE_string('workdir', None, 'A training run\'s directory.')
+  flags.DEFINE_string('prompt', '', 'Text to continue.')
+  flags.DEFINE_integer('length', 200, 'Tokens to generate.')
+  flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 is greedy.')
+  flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens; 0 for all.')
+  flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
+
+
+def _define_tokenizer() -> None:
+  flags.DEFINE_string('input', None, 'Text files: comma-separated files, directories or globs.')
+  flags.DEFINE_string('output', None, 'Where to write the SentencePiece model (.model).')
+  flags.DEFINE_enum('model_type', 'bpe', ['char', 'bpe', 'unigram'], 'SentencePiece model type.')
+  flags.DEFINE_integer('vocab_size', 8192, 'Vocabulary size (an upper bound for char).')
+  flags.DEFINE_string('separator', '', 'Split files into documents on this string.')
+
+
+def _require_flags(*names: str) -> None:
+  for name in names:
+    if FLAGS[name].value is None:
+      raise UsageError(f'--{name} is required.')
+
+
+class UsageError(ValueError):
+  pass
+
+
+def _run_train() -> None:
+  from pretrax import train
+
+  _require_flags('config', 'workdir')
+  train.train(FLAGS.config, FLAGS.workdir)
+
+
+def _run_sample() -> None:
+  from pretrax import sample
+
+  _require_flags('workdir')
+  print(sample.from_workdir(FLAGS.workdir, FLAGS.prompt, length=FLAGS.length,
+                            temperature=FLAGS.temperature, top_k=FLAGS.top_k, seed=FLAGS.seed,
+                            step=FLAGS.step))
+
+
+def _run_tokenizer() -> None:
+  from pretrax import tokenizer
+  from pretrax.data import sources
+
+  _require_flags('input', 'output')
+  files = sources.expand_paths(FLAGS.input)
+  if not files:
+    raise FileNotFoundError(f'--input={FLAGS.input!r} matches no file: give text files or globs.')
+  documents = sources.read_documents(files, FLAGS.separator)
+  tok = tokenizer.Tokenizer(tokenizer.train(documents, model_type=FLAGS.model_type,
+                                            vocab_size=FLAGS.vocab_size))
+  tok.save(FLAGS.output)
+  print(f'wrote {FLAGS.output}: {FLAGS.model_type} model, {tok.vocab_size} pieces, '
+        f'from {len(files)} file(s)')
+
+
+COMMANDS = {
+    'train': (_define_train, _run_train),
+    'sample': (_define_sample, _run_sample),
+    'tokenizer': (_define_tokenizer, _run_tokenizer),
+}
+
+
+def _unknown_key_message(argv: list[str], error: Exception) -> str:
+  text = str(error).strip('"\'').replace('\\n', ' ').replace('\\\'', "'")
+  name = text.split("'")[1] if text.count("'") >= 2 else ''
+  overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
+  culprit = next((a for a in overrides if name in a.split('.')[1:]), None)
+  hint = text.split('Did you mean', 1)
+  fix = f'did you mean{hint[1]}' if len(hint) > 1 else 'see the config file for valid keys.'
+  return f'{culprit or "a --config override"} names no config field; {fix}'
+
+
+def _fail(command: str, message: str) -> None:
+  print(f'pretrax {command}: error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] not in COMMANDS:
+    print(USAGE, file=sys.stderr)
+    sys.exit(2)
+  command = argv[1]
+  define, run = COMMANDS[command]
+  define()
+  try:
+    FLAGS(argv[:1] + argv[2:])
+  except flags.Error as e:
+    _fail(command, ' '.join(str(e).split()))
+  except (AttributeError, KeyError) as e:  # ml_collections: an override names no config field.
+    _fail(command, _unknown_key_message(argv, e))
+  from pretrax.config import ConfigError
+  from pretrax.data.sources import DataError
+  from pretrax.sharding import ShardingError
+
+  try:
+    run()
+  except (ConfigError, DataError, ShardingError, UsageError, FileNotFoundError) as e:
+    _fail(command, ' '.join(str(e).split()))
+  except KeyboardInterrupt:
+    _fail(command, 'interrupted')
+
+
+if __name__ == '__main__':
+  main()

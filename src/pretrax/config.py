@@ -1,0 +1,274 @@
+"""The base config, its validation, and the frozen dataclasses handed to the model and optimizer.
+
+Experiment files in `configs/` start from `base_config()` and change a few fields. ConfigDicts stop
+here: the model, the optimizer and the step take the frozen dataclasses built below, so a typo can
+only happen in one place and is caught by the locked ConfigDict.
+"""
+
+import dataclasses
+import os
+
+import ml_collections
+
+OBJECTIVES = ('causal_lm',)
+FLAVOURS = ('gpt2', 'llama')
+SCHEDULES = ('cosine', 'wsd', 'constant')
+TOKENIZER_TYPES = ('char', 'bpe', 'unigram')
+DTYPES = ('float32', 'bfloat16', 'float16')
+# A corpus every machine has: the Python standard library's own sources.
+STDLIB_CORPUS = 'python-stdlib'
+
+
+def shared_data(config_file: str, name: str) -> str:
+  """`../shared/data/NAME` beside the repository holding `config_file` (where CI keeps corpora)."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(config_file)))
+  return os.path.normpath(os.path.join(repo, '..', 'shared', 'data', name))
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names the fields and the fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults for every experiment; `configs/*.py` override a few of them."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.steps = 1000  # Total optimizer steps of the run (a resumed run continues to this).
+  c.objective = 'causal_lm'
+  c.log_every = 10
+  c.eval_every = 250
+  c.eval_batches = 0  # 0: the whole held-out split.
+  c.peak_flops = 0.0  # FLOP/s of one device for MFU; 0: a table for accelerators, measured on CPU.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.flavour = 'gpt2'  # gpt2: learned positions, LayerNorm, GELU. llama: RoPE, RMSNorm, SwiGLU.
+  c.model.vocab_size = 0  # 0: the tokenizer's size, rounded up to vocab_multiple.
+  c.model.vocab_multiple = 1
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 0  # 0: as many as query heads (no grouping).
+  c.model.embed_dim = 128
+  c.model.head_dim = 0  # 0: embed_dim // num_heads.
+  c.model.mlp_dim = 0  # 0: 4 * embed_dim.
+  c.model.max_len = 0  # Size of the position table (gpt2) or RoPE range; 0: data.seq_len.
+  c.model.use_bias = False
+  c.model.tie_embeddings = True
+  c.model.dropout = 0.0
+  c.model.norm_eps = 1e-5
+  c.model.rope_theta = 10000.0
+  c.model.init_std = 0.02
+  c.model.param_dtype = 'float32'
+  c.model.dtype = 'float32'  # Compute dtype; bfloat16 on accelerators.
+  c.model.remat = False
+
+  c.data = ml_collections.ConfigDict()
+  c.data.path = ''  # A file, a directory or a glob; several separated by commas.
+  c.data.fallback = ''  # Corpus to use when `path` is missing; STDLIB_CORPUS is the only one.
+  c.data.separator = ''  # '': one document per file; else the string that splits documents.
+  c.data.seq_len = 64
+  c.data.batch_size = 12  # Global batch, in sequences, per optimizer step.
+  c.data.eval_fraction = 0.1  # Held out from the end of the corpus, by position.
+  c.data.worker_count = 0  # Grain multiprocessing workers; 0 reads in the main process.
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.path = ''  # An existing SentencePiece .model; '': train one on the training split.
+  c.tokenizer.model_type = 'char'
+  c.tokenizer.vocab_size = 512  # Upper bound for `char` (its size is the alphabet's).
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3
+  c.optim.min_lr = 1e-4
+  c.optim.schedule = 'cosine'
+  c.optim.schedule_steps = 0  # Length of the schedule; 0: steps. Set it to stop a run early.
+  c.optim.warmup_steps = 100
+  c.optim.decay_fraction = 0.2  # wsd: the share of steps spent decaying at the end.
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.1
+  c.optim.decay_embeddings = False
+  c.optim.decay_norms_and_biases = False
+  c.optim.clip_norm = 1.0  # 0 disables clipping.
+  c.optim.grad_accum_steps = 1
+  c.optim.z_loss = 0.0
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 500
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by the other axes.
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.prompt = ''
+  c.sample.length = 0  # Tokens to print at the end of training; 0 prints none.
+  c.sample.temperature = 0.8
+  c.sample.top_k = 0
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen views handed across the boundary.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  flavour: str
+  vocab_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  embed_dim: int
+  head_dim: int
+  mlp_dim: int
+  max_len: int
+  use_bias: bool
+  tie_embeddings: bool
+  dropout: float
+  norm_eps: float
+  rope_theta: float
+  init_std: float
+  param_dtype: str
+  dtype: str
+  remat: bool
+  causal: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  lr: float
+  min_lr: float
+  schedule: str
+  warmup_steps: int
+  decay_fraction: float
+  total_steps: int
+  b1: float
+  b2: float
+  eps: float
+  weight_decay: float
+  decay_embeddings: bool
+  decay_norms_and_biases: bool
+  clip_norm: float
+
+
+def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+  """The model's frozen config; `vocab_size` is the tokenizer's when the config leaves it 0."""
+  m = c.model
+  if m.vocab_size:
+    vocab_size = m.vocab_size
+  vocab_size = -(-vocab_size // m.vocab_multiple) * m.vocab_multiple
+  return ModelConfig(
+      flavour=m.flavour,
+      vocab_size=vocab_size,
+      num_layers=m.num_layers,
+      num_heads=m.num_heads,
+      num_kv_heads=m.num_kv_heads or m.num_heads,
+      embed_dim=m.embed_dim,
+      head_dim=m.head_dim or m.embed_dim // m.num_heads,
+      mlp_dim=m.mlp_dim or 4 * m.embed_dim,
+      max_len=m.max_len or c.data.seq_len,
+      use_bias=m.use_bias,
+      tie_embeddings=m.tie_embeddings,
+      dropout=m.dropout,
+      norm_eps=m.norm_eps,
+      rope_theta=m.rope_theta,
+      init_std=m.init_std,
+      param_dtype=m.param_dtype,
+      dtype=m.dtype,
+      remat=m.remat,
+      causal=c.objective == 'causal_lm',
+  )
+
+
+def optim_config(c: ml_collections.ConfigDict) -> OptimConfig:
+  o = c.optim
+  return OptimConfig(
+      lr=o.lr, min_lr=o.min_lr, schedule=o.schedule, warmup_steps=o.warmup_steps,
+      decay_fraction=o.decay_fraction, total_steps=o.schedule_steps or c.steps, b1=o.b1, b2=o.b2, eps=o.eps,
+      weight_decay=o.weight_decay, decay_embeddings=o.decay_embeddings,
+      decay_norms_and_biases=o.decay_norms_and_biases, clip_norm=o.clip_norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every impossible combination fails here, before anything compiles.
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+  _require(value in allowed, f'{name}={value!r} is not one of {", ".join(allowed)}.')
+
+
+def validate(c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: bool = True) -> None:
+  """Raises ConfigError naming the fields and the fix for anything that cannot run."""
+  m, d, o = c.model, c.data, c.optim
+  _one_of('objective', c.objective, OBJECTIVES)
+  _one_of('model.flavour', m.flavour, FLAVOURS)
+  _one_of('optim.schedule', o.schedule, SCHEDULES)
+  _one_of('tokenizer.model_type', c.tokenizer.model_type, TOKENIZER_TYPES)
+  _one_of('model.param_dtype', m.param_dtype, DTYPES)
+  _one_of('model.dtype', m.dtype, DTYPES)
+  _require(c.steps > 0, f'steps={c.steps} must be positive.')
+  for name in ('num_layers', 'num_heads', 'embed_dim'):
+    _require(m[name] > 0, f'model.{name}={m[name]} must be positive.')
+  _require(m.head_dim > 0 or m.embed_dim % m.num_heads == 0,
+           f'model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}: '
+           'change one of them or set model.head_dim.')
+  kv_heads = m.num_kv_heads or m.num_heads
+  _require(m.num_heads % kv_heads == 0,
+           f'model.num_kv_heads={kv_heads} does not divide model.num_heads={m.num_heads}: '
+           'grouped-query attention needs whole groups.')
+  if m.flavour == 'llama':
+    head_dim = m.head_dim or m.embed_dim // m.num_heads
+    _require(head_dim % 2 == 0, f'model head_dim={head_dim} must be even for RoPE.')
+  _require(m.max_len == 0 or d.seq_len <= m.max_len,
+           f'data.seq_len={d.seq_len} exceeds model.max_len={m.max_len}: '
+           'raise model.max_len or lower data.seq_len.')
+  _require(0.0 <= m.dropout < 1.0, f'model.dropout={m.dropout} must be in [0, 1).')
+  _require(d.seq_len > 1, f'data.seq_len={d.seq_len} must be at least 2.')
+  _require(0.0 < d.eval_fraction < 1.0,
+           f'data.eval_fraction={d.eval_fraction} must be strictly between 0 and 1.')
+  per_step = num_devices * o.grad_accum_steps
+  _require(o.grad_accum_steps >= 1, f'optim.grad_accum_steps={o.grad_accum_steps} must be >= 1.')
+  _require(d.batch_size % per_step == 0,
+           f'data.batch_size={d.batch_size} is not divisible by {num_devices} device(s) x '
+           f'optim.grad_accum_steps={o.grad_accum_steps}: make it a multiple of {per_step}.')
+  schedule_steps = o.schedule_steps or c.steps
+  _require(0 <= o.warmup_steps <= schedule_steps,
+           f'optim.warmup_steps={o.warmup_steps} must be between 0 and the schedule\'s length '
+           f'{schedule_steps} (optim.schedule_steps, or steps).')
+  _require(0 <= o.min_lr <= o.lr, f'optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}.')
+  _require(0.0 < o.decay_fraction <= 1.0,
+           f'optim.decay_fraction={o.decay_fraction} must be in (0, 1].')
+  for name in ('log_every', 'eval_every'):
+    _require(c[name] > 0, f'{name}={c[name]} must be positive.')
+  _require(c.checkpoint.every > 0, f'checkpoint.every={c.checkpoint.every} must be positive.')
+  _require(c.checkpoint.keep > 0, f'checkpoint.keep={c.checkpoint.keep} must be positive.')
+  if check_data:
+    resolve_data_paths(c)
+    if c.tokenizer.path:
+      _require(os.path.isfile(c.tokenizer.path),
+               f'tokenizer.path={c.tokenizer.path!r} does not exist: point it at a SentencePiece '
+               '.model file, or set it to "" to train one on the data.')
+
+
+def resolve_data_paths(c: ml_collections.ConfigDict) -> list[str]:
+  """The text files the config names, or the fallback corpus; a clear error if there are none."""
+  from pretrax.data import sources  # Local: validation only needs the file system part.
+
+  files = sources.expand_paths(c.data.path) if c.data.path else []
+  if files:
+    return files
+  if c.data.fallback:
+    _one_of('data.fallback', c.data.fallback, (STDLIB_CORPUS,))
+    return sources.stdlib_files()
+  raise ConfigError(
+      f'data.path={c.data.path!r} matches no file: point --config.data.path at a text file, '
+      'a directory or a glob.')
+

@@ -1,0 +1,116 @@
+"""Grain pipelines: documents -> tokens -> shuffled windows -> packed sequences -> batches.
+
+The corpus is tokenized once, in memory, when the pipeline is built (SentencePiece with threads,
+~350k tokens/s on two cores); every later stage is a lazy Grain transformation, so the iterator's
+state is a few integers that Orbax saves with the model, and a resumed run reads exactly the batches
+an uninterrupted one would have.
+
+A document of n tokens (EOS appended) becomes windows of at most L+1 tokens that overlap by one, so
+every next-token pair is a target exactly once; windows are shuffled globally (re-shuffled each
+epoch), then packed first-fit into rows of L with segment ids (1-based, 0 = padding) and positions,
+so that attention never crosses a document and nothing is truncated.
+
+Batch keys, each (batch, L): inputs, targets, segment_ids, positions (int32) and weights (float32).
+"""
+
+import dataclasses
+
+import grain
+import numpy as np
+
+from pretrax import tokenizer as tokenizer_lib
+
+BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenWindows:
+  """A tokenized corpus cut into windows of at most seq_len + 1 tokens."""
+  tokens: np.ndarray  # int32, every document's tokens then EOS, concatenated.
+  starts: np.ndarray  # int64, window i is tokens[starts[i]:ends[i]].
+  ends: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.starts)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    window = self.tokens[self.starts[i]:self.ends[i]]
+    return {'inputs': window[:-1], 'targets': window[1:]}
+
+  @property
+  def num_targets(self) -> int:
+    return int(np.sum(self.ends - self.starts - 1))
+
+
+def tokenize_windows(documents: list[str], tok: tokenizer_lib.Tokenizer,
+                     seq_len: int) -> TokenWindows:
+  """Tokenizes `documents` and cuts them into overlapping windows of seq_len + 1 tokens."""
+  encoded = tok.encode_batch(documents) if documents else []
+  lengths = np.array([len(ids) + 1 for ids in encoded], np.int64)
+  tokens = np.empty(int(lengths.sum()), np.int32)
+  doc_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+  starts, ends = [], []
+  for ids, start, n in zip(encoded, doc_starts, lengths):
+    tokens[start:start + n - 1] = ids
+    tokens[start + n - 1] = tokenizer_lib.EOS_ID
+    # Windows of L+1 tokens every L tokens; a last window of a single token has no target.
+    offsets = np.arange(0, n - 1, seq_len, dtype=np.int64)
+    starts.append(start + offsets)
+    ends.append(start + np.minimum(offsets + seq_len + 1, n))
+  starts_all = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+  ends_all = np.concatenate(ends) if ends else np.zeros(0, np.int64)
+  return TokenWindows(tokens=tokens, starts=starts_all, ends=ends_all)
+
+
+def _finish(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+  """Renames the packer's keys, adds weights, and pads a short last batch with empty rows."""
+  out = {
+      'inputs': batch['inputs'],
+      'targets': batch['targets'],
+      'segment_ids': batch['targets_segment_ids'],
+      'positions': batch['targets_positions'],
+  }
+  out['weights'] = (out['segment_ids'] > 0).astype(np.float32)
+  missing = batch_size - len(out['inputs'])
+  if missing:
+    out = {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)])
+           for k, v in out.items()}
+  return out
+
+
+def _packed_batches(ds: grain.MapDataset, *, seq_len: int, batch_size: int,
+                    drop_remainder: bool, worker_count: int) -> grain.IterDataset:
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=64))
+  it = grain.experimental.FirstFitPackIterDataset(
+      it, length_struct={'inputs': seq_len, 'targets': seq_len},
+      num_packing_bins=batch_size, shuffle_bins=False)
+  it = it.batch(batch_size, drop_remainder=drop_remainder)
+  it = it.map(lambda b: _finish(b, batch_size))
+  if worker_count > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  return it
+
+
+def train_dataset(windows: TokenWindows, *, seq_len: int, batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1,
+                  worker_count: int = 0) -> grain.IterDataset:
+  """An endless, seeded stream of this process's share of the training batches.
+
+  `batch_size` is per process. Each process reads a disjoint slice of the windows.
+  """
+  if len(windows) < process_count:
+    raise ValueError(f'the training split has {len(windows)} windows, fewer than '
+                     f'{process_count} processes: use more text.')
+  ds = grain.MapDataset.range(len(windows))[process_index::process_count]
+  ds = ds.shuffle(seed=seed).repeat().map(lambda i: windows[int(i)])
+  return _packed_batches(ds, seq_len=seq_len, batch_size=batch_size, drop_remainder=True,
+                         worker_count=worker_count)
+
+
+def eval_dataset(windows: TokenWindows, *, seq_len: int, batch_size: int,
+                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """One ordered pass over this process's share of the held-out windows, padded to full batches."""
+  ds = grain.MapDataset.range(len(windows))[process_index::process_count]
+  ds = ds.map(lambda i: windows[int(i)])
+  return _packed_batches(ds, seq_len=seq_len, batch_size=batch_size, drop_remainder=False,
+                         worker_count=0)

@@ -1,0 +1,79 @@
+"""Text sources: paths and globs to files, files to documents, documents to a train/eval split."""
+
+import glob
+import os
+import sysconfig
+
+# The fallback corpus is capped so that a fresh clone's quickstart stays a few minutes long.
+_STDLIB_MAX_CHARS = 1_200_000
+
+
+class DataError(ValueError):
+  """Text that cannot be read; the message names the file and the fix."""
+
+
+def expand_paths(spec: str) -> list[str]:
+  """Files named by a comma-separated list of files, directories (recursive) and globs, sorted."""
+  files: list[str] = []
+  for part in (p.strip() for p in spec.split(',')):
+    if not part:
+      continue
+    part = os.path.expanduser(part)
+    if os.path.isdir(part):
+      matches = glob.glob(os.path.join(part, '**', '*'), recursive=True)
+    else:
+      matches = glob.glob(part, recursive=True)
+    files.extend(m for m in matches if os.path.isfile(m))
+  return sorted(dict.fromkeys(files))
+
+
+def stdlib_files() -> list[str]:
+  """The Python standard library's top-level .py sources: a corpus every machine already has."""
+  root = sysconfig.get_paths()['stdlib']
+  return sorted(glob.glob(os.path.join(root, '*.py')))
+
+
+def read_documents(files: list[str], separator: str = '', max_chars: int = 0) -> list[str]:
+  """One document per file, or each file split on `separator`; empty documents are dropped."""
+  documents: list[str] = []
+  total = 0
+  for path in files:
+    try:
+      with open(path, encoding='utf-8') as f:
+        text = f.read()
+    except UnicodeDecodeError as e:
+      raise DataError(f'{path} is not UTF-8 text ({e.reason} at byte {e.start}): '
+                       'convert it or leave it out of data.path.') from None
+    parts = text.split(separator) if separator else [text]
+    for part in parts:
+      if part:
+        documents.append(part)
+        total += len(part)
+    if max_chars and total >= max_chars:
+      break
+  return documents
+
+
+def read_stdlib_documents() -> list[str]:
+  return read_documents(stdlib_files(), max_chars=_STDLIB_MAX_CHARS)
+
+
+def split_by_position(documents: list[str], eval_fraction: float) -> tuple[list[str], list[str]]:
+  """The last `eval_fraction` of the characters, in order, is held out (as nanoGPT splits).
+
+  The document that straddles the boundary is cut there, so a single-file corpus splits too.
+  """
+  total = sum(len(d) for d in documents)
+  boundary = int(round(total * (1.0 - eval_fraction)))
+  train, held_out, seen = [], [], 0
+  for doc in documents:
+    if seen + len(doc) <= boundary:
+      train.append(doc)
+    elif seen >= boundary:
+      held_out.append(doc)
+    else:
+      cut = boundary - seen
+      train.append(doc[:cut])
+      held_out.append(doc[cut:])
+    seen += len(doc)
+  return [d for d in train if d], [d for d in held_out if d]

@@ -1,0 +1,157 @@
+"""Embeddings, norms, MLPs and RoPE, with logical axis names on every parameter.
+
+Shape suffixes: B batch, L length, D embed, F mlp hidden, V vocab, N query heads, H head dim.
+Logical axis names (mapped to mesh axes by one rules table in `pretrax.sharding`): vocab, embed,
+position, mlp, heads, kv_heads, head_dim, norm. The model never mentions the mesh.
+"""
+
+from collections.abc import Callable
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: tuple[int, ...], names: tuple[str, ...],
+          dtype: jnp.dtype) -> nnx.Param:
+  """A parameter with its logical axis names; sharding is decided later, from the rules."""
+  assert len(shape) == len(names), (shape, names)
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+def normal(std: float) -> Initializer:
+  return jax.nn.initializers.normal(stddev=std)
+
+
+zeros: Initializer = jax.nn.initializers.zeros
+ones: Initializer = jax.nn.initializers.ones
+
+
+class Embed(nnx.Module):
+  """Token embedding; `attend` reuses it as the output projection when embeddings are tied."""
+
+  def __init__(self, vocab_size: int, embed_dim: int, *, std: float, param_dtype: jnp.dtype,
+               dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.embedding = param(rngs, normal(std), (vocab_size, embed_dim), ('vocab', 'embed'),
+                           param_dtype)
+    self.dtype = dtype
+
+  def __call__(self, ids_BL: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], ids_BL, axis=0).astype(self.dtype)
+
+  def attend(self, x_BLD: jax.Array) -> jax.Array:
+    return jnp.einsum('BLD,VD->BLV', x_BLD, self.embedding[...].astype(self.dtype))
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm computed in float32, with an optional bias."""
+
+  def __init__(self, dim: int, *, eps: float, use_bias: bool, param_dtype: jnp.dtype,
+               rngs: nnx.Rngs):
+    self.scale = param(rngs, ones, (dim,), ('norm',), param_dtype)
+    self.bias = param(rngs, zeros, (dim,), ('norm',), param_dtype) if use_bias else None
+    self.eps = eps
+
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    x = x_BLD.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centred = x - mean
+    var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(x_BLD.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32."""
+
+  def __init__(self, dim: int, *, eps: float, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+    self.scale = param(rngs, ones, (dim,), ('norm',), param_dtype)
+    self.eps = eps
+
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    x = x_BLD.astype(jnp.float32)
+    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x_BLD.dtype)
+
+
+class Mlp(nnx.Module):
+  """GELU (tanh) MLP for the gpt2 flavour, SwiGLU for llama."""
+
+  def __init__(self, embed_dim: int, mlp_dim: int, *, gated: bool, use_bias: bool, std: float,
+               out_std: float, param_dtype: jnp.dtype, dtype: jnp.dtype, rngs: nnx.Rngs):
+    D, F = embed_dim, mlp_dim
+    self.gated = gated
+    self.dtype = dtype
+    self.wi = param(rngs, normal(std), (D, F), ('embed', 'mlp'), param_dtype)
+    self.wi_gate = param(rngs, normal(std), (D, F), ('embed', 'mlp'), param_dtype) if gated else None
+    self.wo = param(rngs, normal(out_std), (F, D), ('mlp', 'embed'), param_dtype)
+    self.bi = param(rngs, zeros, (F,), ('mlp',), param_dtype) if use_bias else None
+    self.bo = param(rngs, zeros, (D,), ('embed',), param_dtype) if use_bias else None
+
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    cast = lambda p: p[...].astype(self.dtype)
+    h_BLF = jnp.einsum('BLD,DF->BLF', x_BLD, cast(self.wi))
+    if self.bi is not None:
+      h_BLF = h_BLF + cast(self.bi)
+    if self.gated:
+      h_BLF = jax.nn.silu(jnp.einsum('BLD,DF->BLF', x_BLD, cast(self.wi_gate))) * h_BLF
+    else:
+      h_BLF = gelu_tanh(h_BLF)
+    y_BLD = jnp.einsum('BLF,FD->BLD', h_BLF, cast(self.wo))
+    if self.bo is not None:
+      y_BLD = y_BLD + cast(self.bo)
+    return y_BLD
+
+
+_SQRT_2_OVER_PI = 0.7978845608028654
+
+
+@jax.custom_vjp
+def gelu_tanh(x: jax.Array) -> jax.Array:
+  """GELU, tanh approximation (GPT-2's), with a hand-written derivative.
+
+  XLA:CPU differentiates the composite formula into a long chain of elementwise ops that costs
+  more than the matmuls around it; the derivative below reuses tanh from the forward pass.
+  """
+  return _gelu_tanh_fwd(x)[0]
+
+
+def _gelu_tanh_fwd(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  inner = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
+  t = jnp.tanh(inner)
+  return 0.5 * x * (1.0 + t), (x, t)
+
+
+def _gelu_tanh_bwd(res: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array]:
+  x, t = res
+  d_inner = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
+  grad = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * d_inner
+  return (g * grad,)
+
+
+gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+
+
+def rope(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding, rotating the two halves of each head (Llama's layout)."""
+  H = x_BLNH.shape[-1]
+  inv_freq_K = 1.0 / (theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+  angles_BLK = positions_BL[..., None].astype(jnp.float32) * inv_freq_K
+  sin_BL1K = jnp.sin(angles_BLK)[:, :, None, :]
+  cos_BL1K = jnp.cos(angles_BLK)[:, :, None, :]
+  x = x_BLNH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos_BL1K - x2 * sin_BL1K, x2 * cos_BL1K + x1 * sin_BL1K], -1)
+  return rotated.astype(x_BLNH.dtype)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Inverted dropout; identity when `rng` is None (evaluation) or the rate is 0."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)

@@ -1,0 +1,148 @@
+"""The decoder-only transformer, in a GPT-2 flavour and a Llama flavour.
+
+gpt2: learned positions, LayerNorm, GELU MLP. llama: RoPE, RMSNorm, SwiGLU, grouped-query attention.
+Shape suffixes: B batch, L length, D embed, N query heads, K key/value heads, H head dim, V vocab.
+"""
+
+import math
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from pretrax.config import ModelConfig
+from pretrax.model import attention as attention_lib
+from pretrax.model import layers
+
+
+def _dtype(name: str) -> jnp.dtype:
+  return jnp.dtype(name)
+
+
+def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+  if cfg.flavour == 'llama':
+    return layers.RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=_dtype(cfg.param_dtype),
+                          rngs=rngs)
+  return layers.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps, use_bias=cfg.use_bias,
+                          param_dtype=_dtype(cfg.param_dtype), rngs=rngs)
+
+
+class Attention(nnx.Module):
+  """Multi-head (or grouped-query) self-attention with masks for packing and causality."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    D, N, K, H = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    pdt = _dtype(cfg.param_dtype)
+    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    self.cfg = cfg
+    self.q = layers.param(rngs, layers.normal(std), (D, N, H), ('embed', 'heads', 'head_dim'), pdt)
+    self.k = layers.param(rngs, layers.normal(std), (D, K, H), ('embed', 'kv_heads', 'head_dim'), pdt)
+    self.v = layers.param(rngs, layers.normal(std), (D, K, H), ('embed', 'kv_heads', 'head_dim'), pdt)
+    self.o = layers.param(rngs, layers.normal(out_std), (N, H, D), ('heads', 'head_dim', 'embed'), pdt)
+    if cfg.use_bias:
+      self.q_bias = layers.param(rngs, layers.zeros, (N, H), ('heads', 'head_dim'), pdt)
+      self.k_bias = layers.param(rngs, layers.zeros, (K, H), ('kv_heads', 'head_dim'), pdt)
+      self.v_bias = layers.param(rngs, layers.zeros, (K, H), ('kv_heads', 'head_dim'), pdt)
+      self.o_bias = layers.param(rngs, layers.zeros, (D,), ('embed',), pdt)
+    else:
+      self.q_bias = self.k_bias = self.v_bias = self.o_bias = None
+
+  def __call__(self, x_BLD: jax.Array, segment_ids_BL: jax.Array,
+               positions_BL: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    cast = lambda p: p[...].astype(cfg.dtype)
+    q_BLNH = jnp.einsum('BLD,DNH->BLNH', x_BLD, cast(self.q))
+    k_BLKH = jnp.einsum('BLD,DKH->BLKH', x_BLD, cast(self.k))
+    v_BLKH = jnp.einsum('BLD,DKH->BLKH', x_BLD, cast(self.v))
+    if self.q_bias is not None:
+      q_BLNH, k_BLKH, v_BLKH = (q_BLNH + cast(self.q_bias), k_BLKH + cast(self.k_bias),
+                                v_BLKH + cast(self.v_bias))
+    if cfg.flavour == 'llama':
+      q_BLNH = layers.rope(q_BLNH, positions_BL, cfg.rope_theta)
+      k_BLKH = layers.rope(k_BLKH, positions_BL, cfg.rope_theta)
+    out_BLNH = attention_lib.attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, causal=cfg.causal)
+    y_BLD = jnp.einsum('BLNH,NHD->BLD', out_BLNH, cast(self.o))
+    if self.o_bias is not None:
+      y_BLD = y_BLD + cast(self.o_bias)
+    return y_BLD
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.attn_norm = _norm(cfg, rngs)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = _norm(cfg, rngs)
+    self.mlp = layers.Mlp(
+        cfg.embed_dim, cfg.mlp_dim, gated=cfg.flavour == 'llama', use_bias=cfg.use_bias,
+        std=cfg.init_std, out_std=cfg.init_std / math.sqrt(2 * cfg.num_layers),
+        param_dtype=_dtype(cfg.param_dtype), dtype=_dtype(cfg.dtype), rngs=rngs)
+
+  def __call__(self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
+               dropout_rng: jax.Array | None) -> jax.Array:
+    rate = self.cfg.dropout
+    attn_rng, mlp_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
+    h = self.attn(self.attn_norm(x_BLD), segment_ids_BL, positions_BL)
+    x_BLD = x_BLD + layers.dropout(h, rate, attn_rng)
+    h = self.mlp(self.mlp_norm(x_BLD))
+    return x_BLD + layers.dropout(h, rate, mlp_rng)
+
+
+class Transformer(nnx.Module):
+  """Token ids in, float32 logits out."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pdt, dt = _dtype(cfg.param_dtype), _dtype(cfg.dtype)
+    self.cfg = cfg
+    self.embed = layers.Embed(cfg.vocab_size, cfg.embed_dim, std=cfg.init_std, param_dtype=pdt,
+                              dtype=dt, rngs=rngs)
+    if cfg.flavour == 'gpt2':
+      self.pos_embed = layers.param(rngs, layers.normal(cfg.init_std), (cfg.max_len, cfg.embed_dim),
+                                    ('position', 'embed'), pdt)
+    else:
+      self.pos_embed = None
+    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = _norm(cfg, rngs)
+    if cfg.tie_embeddings:
+      self.head = None
+    else:
+      self.head = layers.param(rngs, layers.normal(cfg.init_std), (cfg.embed_dim, cfg.vocab_size),
+                               ('embed', 'vocab'), pdt)
+
+  def __call__(self, ids_BL: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
+               *, dropout_rng: jax.Array | None = None) -> jax.Array:
+    x_BLD = layers.dropout(self.embed_tokens(ids_BL, positions_BL), self.cfg.dropout, dropout_rng)
+    return self.decode(x_BLD, segment_ids_BL, positions_BL, dropout_rng=dropout_rng)
+
+  def embed_tokens(self, ids_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
+    x_BLD = self.embed(ids_BL)
+    if self.pos_embed is not None:
+      x_BLD = x_BLD + jnp.take(self.pos_embed[...], positions_BL, axis=0).astype(self.cfg.dtype)
+    return x_BLD
+
+  def decode(self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
+             *, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """The transformer stack and output head, from input embeddings to float32 logits."""
+    cfg = self.cfg
+    for i, block in enumerate(self.blocks):
+      rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i + 1)
+      if cfg.remat:
+        x_BLD = nnx.remat(type(block).__call__)(block, x_BLD, segment_ids_BL, positions_BL, rng)
+      else:
+        x_BLD = block(x_BLD, segment_ids_BL, positions_BL, rng)
+    x_BLD = self.final_norm(x_BLD)
+    if self.head is None:
+      logits_BLV = self.embed.attend(x_BLD)
+    else:
+      logits_BLV = jnp.einsum('BLD,DV->BLV', x_BLD, self.head[...].astype(cfg.dtype))
+    return logits_BLV.astype(jnp.float32)
+
+
+def build(cfg: ModelConfig, seed: int) -> Transformer:
+  return Transformer(cfg, nnx.Rngs(params=seed))
+
+
+def count_params(params) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(params))

@@ -1,0 +1,78 @@
+"""Text generation from a model's parameters or from the latest checkpoint in a workdir.
+
+Generation runs the model on a fixed window of the last `seq_len` tokens (left-padded, padding in
+its own segment) so one compiled function serves every step; simple and exact, and fast enough
+for samples on a CPU.
+"""
+
+import functools
+import os
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from pretrax import checkpoint
+from pretrax import state as state_lib
+from pretrax import tokenizer as tokenizer_lib
+
+
+@functools.partial(jax.jit, static_argnames=('model_def', 'top_k'))
+def _next_token(params, window_L: jax.Array, count: jax.Array, rng: jax.Array,
+                temperature: jax.Array, *, model_def: nnx.GraphDef, top_k: int) -> jax.Array:
+  """Samples the token after the last `count` tokens of the right-aligned window."""
+  L = window_L.shape[0]
+  first = L - count
+  index_L = jnp.arange(L)
+  segment_ids_1L = (index_L >= first).astype(jnp.int32)[None]
+  positions_1L = jnp.maximum(index_L - first, 0)[None]
+  model = nnx.merge(model_def, params)
+  logits_V = model(window_L[None], segment_ids_1L, positions_1L)[0, -1]
+  if top_k:
+    kth = jax.lax.top_k(logits_V, top_k)[0][-1]
+    logits_V = jnp.where(logits_V < kth, -jnp.inf, logits_V)
+  greedy = jnp.argmax(logits_V)
+  sampled = jax.random.categorical(rng, logits_V / jnp.maximum(temperature, 1e-6))
+  return jnp.where(temperature > 0, sampled, greedy)
+
+
+def generate(model_def: nnx.GraphDef, params, tok: tokenizer_lib.Tokenizer, prompt: str, *,
+             length: int, seq_len: int, temperature: float = 0.8, top_k: int = 0,
+             seed: int = 0) -> str:
+  """The prompt followed by `length` generated tokens, decoded. Temperature 0 is greedy."""
+  ids = tok.encode(prompt) if prompt else [tokenizer_lib.EOS_ID]  # EOS: "a document starts".
+  window = np.zeros(seq_len, np.int32)
+  generated: list[int] = []
+  key = jax.random.key(seed)
+  context = list(ids)
+  for i in range(length):
+    recent = context[-seq_len:]
+    window[:] = tokenizer_lib.PAD_ID
+    window[seq_len - len(recent):] = recent
+    token = int(_next_token(params, jnp.asarray(window), jnp.int32(len(recent)),
+                            jax.random.fold_in(key, i), jnp.float32(temperature),
+                            model_def=model_def, top_k=top_k))
+    generated.append(token)
+    context.append(token)
+  return prompt + tok.decode(generated)
+
+
+def from_workdir(workdir: str, prompt: str, *, length: int, temperature: float, top_k: int = 0,
+                 seed: int = 0, step: int | None = None) -> str:
+  """Generates from the latest (or the given) checkpoint of a training run."""
+  if not os.path.isdir(checkpoint.directory(workdir)):
+    raise FileNotFoundError(f'no checkpoints in {workdir}: train there first with '
+                            '`pretrax train --workdir=...`.')
+  mngr = checkpoint.manager(workdir, read_only=True)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'no finished checkpoint in {checkpoint.directory(workdir)} yet.')
+  c = ml_collections.ConfigDict(checkpoint.restore_config(mngr, step))
+  tok = tokenizer_lib.Tokenizer.load(c.tokenizer.path or os.path.join(workdir, 'tokenizer.model'))
+  run = state_lib.build(c, tok.vocab_size)
+  state, _ = checkpoint.restore(mngr, step, run.abstract)
+  mngr.close()
+  return generate(run.model_def, state['params'], tok, prompt, length=length,
+                  seq_len=c.data.seq_len, temperature=temperature, top_k=top_k, seed=seed)

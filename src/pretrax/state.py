@@ -1,0 +1,60 @@
+"""Everything a run holds on device, built from a config: model, optimizer, sharded train state.
+
+Nothing here materialises the model on the host: the state is first built abstractly with
+`jax.eval_shape`, its shardings come from the logical rules, and the real state is created by a
+jitted init straight into those shardings (or restored into them by Orbax).
+"""
+
+import dataclasses
+from typing import Any
+
+from flax import nnx
+import jax
+import ml_collections
+import optax
+
+from pretrax import config as config_lib
+from pretrax import optim
+from pretrax import sharding
+from pretrax import step as step_lib
+from pretrax.model import transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class RunState:
+  """The static pieces of a run and the abstract (shape + sharding) train state."""
+  model_cfg: config_lib.ModelConfig
+  model_def: nnx.GraphDef
+  optimizer: optax.GradientTransformation
+  schedule: optax.Schedule
+  mesh: jax.sharding.Mesh
+  shardings: Any  # NamedShardings shaped like the train state.
+  abstract: Any  # jax.ShapeDtypeStructs with shardings: the restore target.
+
+  def init(self, seed: int) -> step_lib.TrainState:
+    """A freshly initialised train state, created directly in its shardings."""
+    return jax.jit(lambda: _init(self.model_cfg, self.optimizer, seed),
+                   out_shardings=self.shardings)()
+
+
+def _init(model_cfg: config_lib.ModelConfig, optimizer: optax.GradientTransformation,
+          seed: int) -> step_lib.TrainState:
+  params = nnx.to_pure_dict(nnx.split(transformer.build(model_cfg, seed))[1])
+  return step_lib.init_state(params, optimizer)
+
+
+def build(c: ml_collections.ConfigDict, vocab_size: int,
+          devices: list[jax.Device] | None = None) -> RunState:
+  model_cfg = config_lib.model_config(c, vocab_size)
+  optim_cfg = config_lib.optim_config(c)
+  optimizer = optim.optimizer(optim_cfg)
+  model_def, abstract_params = nnx.split(nnx.eval_shape(lambda: transformer.build(model_cfg, 0)))
+  mesh = sharding.make_mesh(c.mesh, devices)
+  params_shardings = sharding.param_shardings(abstract_params, mesh)
+  abstract_state = jax.eval_shape(lambda: _init(model_cfg, optimizer, 0))
+  shardings = sharding.state_shardings(abstract_state, params_shardings, mesh, optimizer)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_state, shardings)
+  return RunState(model_cfg=model_cfg, model_def=model_def, optimizer=optimizer,
+                  schedule=optim.schedule(optim_cfg), mesh=mesh, shardings=shardings,
+                  abstract=abstract)

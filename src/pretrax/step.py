@@ -1,0 +1,112 @@
+"""The pure train and eval steps: `train_step(state, batch) -> (state, metrics)`.
+
+The state is a plain dict pytree {step, params, opt_state}; params are the model's parameters as a
+nested dict, merged with the model's graph definition inside the loss. The caller binds the static
+pieces with functools.partial and jits once.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+from pretrax import loss as loss_lib
+
+TrainState = dict[str, Any]
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  grad_accum_steps: int = 1
+  z_loss: float = 0.0
+  dropout: bool = False  # Whether the model uses dropout (then a per-step key is derived).
+  seed: int = 0
+
+
+def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': optimizer.init(params)}
+
+
+def _forward_sums(params, batch: Batch, model_def: nnx.GraphDef, z_loss: float,
+                  dropout_rng: jax.Array | None) -> dict[str, jax.Array]:
+  model = nnx.merge(model_def, params)
+  logits_BLV = model(batch['inputs'], batch['segment_ids'], batch['positions'],
+                     dropout_rng=dropout_rng)
+  return loss_lib.cross_entropy(logits_BLV, batch['targets'], batch['weights'], z_loss)
+
+
+def _grads(params, batch: Batch, total_weight: jax.Array, model_def: nnx.GraphDef,
+           cfg: StepConfig, dropout_rng: jax.Array | None):
+  """Gradient of the batch's mean loss (the total weight of the full batch divides every part)."""
+
+  def objective(p):
+    sums = _forward_sums(p, batch, model_def, cfg.z_loss, dropout_rng)
+    return (sums['loss_sum'] + sums['z_loss_sum']) / total_weight, sums
+
+  return jax.grad(objective, has_aux=True)(params)
+
+
+def train_step(state: TrainState, batch: Batch, *, model_def: nnx.GraphDef,
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+               cfg: StepConfig) -> tuple[TrainState, Metrics]:
+  """One optimizer step over the global batch, accumulated over `grad_accum_steps` micro-batches."""
+  step = state['step']
+  # Derived from (seed, step), so a resumed run draws the same dropout masks.
+  rng = jax.random.fold_in(jax.random.key(cfg.seed), step) if cfg.dropout else None
+  total_weight = jnp.maximum(jnp.sum(batch['weights']), 1.0)
+  params = state['params']
+
+  if cfg.grad_accum_steps == 1:
+    grads, sums = _grads(params, batch, total_weight, model_def, cfg, rng)
+  else:
+    A = cfg.grad_accum_steps
+    micro = jax.tree.map(lambda x: x.reshape((A, x.shape[0] // A) + x.shape[1:]), batch)
+
+    def accumulate(carry, inputs):
+      i, micro_batch = inputs
+      micro_rng = None if rng is None else jax.random.fold_in(rng, i)
+      g, s = _grads(params, micro_batch, total_weight, model_def, cfg, micro_rng)
+      return jax.tree.map(jnp.add, carry, (g, s)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    zero_sums = {k: jnp.zeros((), jnp.float32)
+                 for k in ('loss_sum', 'z_loss_sum', 'weight_sum', 'correct_sum')}
+    (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), (jnp.arange(A), micro))
+
+  updates, opt_state = optimizer.update(grads, state['opt_state'], params)
+  new_state = {'step': step + 1, 'params': optax.apply_updates(params, updates),
+               'opt_state': opt_state}
+  metrics = {
+      'loss': sums['loss_sum'] / total_weight,
+      'z_loss': sums['z_loss_sum'] / total_weight,
+      'accuracy': sums['correct_sum'] / total_weight,
+      'grad_norm': optax.global_norm(grads),
+      'lr': schedule(step),
+      'tokens': sums['weight_sum'],
+  }
+  return new_state, metrics
+
+
+def eval_step(params, batch: Batch, bytes_per_token: jax.Array, *,
+              model_def: nnx.GraphDef) -> Metrics:
+  """Sums over one held-out batch; the caller adds them up and divides."""
+  sums = _forward_sums(params, batch, model_def, 0.0, None)
+  sums['byte_sum'] = jnp.sum(bytes_per_token[batch['targets']] * batch['weights'])
+  return sums
+
+
+def jit_train_step(model_def: nnx.GraphDef, optimizer: optax.GradientTransformation,
+                   schedule: optax.Schedule, cfg: StepConfig, **jit_kwargs):
+  step_fn = functools.partial(train_step, model_def=model_def, optimizer=optimizer,
+                              schedule=schedule, cfg=cfg)
+  return jax.jit(step_fn, donate_argnums=0, **jit_kwargs)
+
+
+def jit_eval_step(model_def: nnx.GraphDef, **jit_kwargs):
+  return jax.jit(functools.partial(eval_step, model_def=model_def), **jit_kwargs)

@@ -1,0 +1,94 @@
+"""SentencePiece tokenizers that round-trip any text exactly, with fixed special ids.
+
+Ids 0-3 are pad, unk, bos, eos in every pretrax tokenizer; id 4 is the mask token, reserved now so a
+masked objective can use it later without retraining. Byte fallback means no text is ever unknown.
+"""
+
+from collections.abc import Iterable, Iterator
+import io
+
+import numpy as np
+import sentencepiece as spm
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3, 4
+MASK_PIECE = '<mask>'
+# SentencePiece skips training sentences above its max length; we feed it chunks below that.
+_TRAIN_CHUNK_CHARS = 4096
+
+
+def _chunks(texts: Iterable[str], size: int = _TRAIN_CHUNK_CHARS) -> Iterator[str]:
+  for text in texts:
+    for start in range(0, len(text), size):
+      yield text[start:start + size]
+
+
+def train(texts: Iterable[str], *, model_type: str = 'char', vocab_size: int = 512) -> bytes:
+  """Trains a lossless SentencePiece model on `texts`; returns the serialized model."""
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=_chunks(texts),
+      model_writer=model,
+      model_type=model_type,
+      vocab_size=vocab_size,
+      # Lossless: no normalisation, whitespace kept as is, no dummy prefix, bytes for the unseen.
+      normalization_rule_name='identity',
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
+      allow_whitespace_only_pieces=True,
+      byte_fallback=True,
+      character_coverage=1.0,
+      split_digits=False,
+      max_sentence_length=4 * _TRAIN_CHUNK_CHARS,  # In bytes; a chunk's UTF-8 fits.
+      # `char` models have as many pieces as the alphabet has characters; the size is a bound.
+      hard_vocab_limit=model_type != 'char',
+      pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+      control_symbols=[MASK_PIECE],
+      num_threads=2,
+      minloglevel=2,
+  )
+  return model.getvalue()
+
+
+class Tokenizer:
+  """A loaded SentencePiece model with the few operations pretrax needs."""
+
+  def __init__(self, model_proto: bytes):
+    self.model_proto = model_proto
+    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    if self._sp.pad_id() != PAD_ID or self._sp.eos_id() != EOS_ID:
+      raise ValueError('not a pretrax tokenizer: pad and eos must have ids 0 and 3; '
+                       'train one with `pretrax tokenizer`.')
+
+  @classmethod
+  def load(cls, path: str) -> 'Tokenizer':
+    with open(path, 'rb') as f:
+      return cls(f.read())
+
+  def save(self, path: str) -> None:
+    with open(path, 'wb') as f:
+      f.write(self.model_proto)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return self._sp.encode(texts, num_threads=2)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._sp.decode([int(i) for i in ids])
+
+  def bytes_per_token(self) -> np.ndarray:
+    """UTF-8 bytes each id stands for (0 for control ids), for bits-per-byte."""
+    sizes = np.zeros(self.vocab_size, np.int32)
+    for i in range(self.vocab_size):
+      if self._sp.is_control(i) or self._sp.is_unknown(i):
+        continue
+      if self._sp.is_byte(i):
+        sizes[i] = 1
+      else:
+        sizes[i] = len(self._sp.id_to_piece(i).replace('\u2581', ' ').encode('utf-8'))
+    return sizes

@@ -1,0 +1,230 @@
+"""The training loop: config -> tokenizer -> data -> state -> step -> metrics -> eval -> save.
+
+Running `train` again on the same workdir resumes from the latest checkpoint: the same parameters,
+optimizer state, data position and step, so the run continues as if it had never stopped.
+"""
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from pretrax import checkpoint
+from pretrax import config as config_lib
+from pretrax import metrics as metrics_lib
+from pretrax import sample as sample_lib
+from pretrax import sharding
+from pretrax import state as state_lib
+from pretrax import step as step_lib
+from pretrax import tokenizer as tokenizer_lib
+from pretrax.data import pipeline
+from pretrax.data import sources
+
+# Fields that may change between a run and its resumption; any other change is refused.
+RESUMABLE_CHANGES = ('steps', 'log_every', 'eval_every', 'eval_batches', 'peak_flops',
+                     'checkpoint', 'sample', 'data.worker_count')
+TOKENIZER_FILE = 'tokenizer.model'
+
+
+def log(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the final train and eval metrics."""
+  # ---- Config -------------------------------------------------------------------------------
+  config_lib.validate(c, num_devices=jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+  mngr = checkpoint.manager(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
+  latest = mngr.latest_step()
+  if latest is not None:
+    _check_resumable(c, checkpoint.restore_config(mngr, latest), latest)
+
+  # ---- Tokenizer and data -------------------------------------------------------------------
+  files = sources.expand_paths(c.data.path) if c.data.path else []
+  if files:
+    documents = sources.read_documents(files, c.data.separator)
+  else:  # validate() allowed this only with a fallback corpus.
+    files = sources.stdlib_files()
+    documents = sources.read_stdlib_documents()
+    log(f'data.path={c.data.path!r} not found: training on the Python standard library\'s '
+        f'sources instead; point --config.data.path at any text file.')
+  if not documents:
+    raise config_lib.ConfigError(f'data.path={c.data.path!r} holds no text: give it a non-empty file.')
+  train_docs, eval_docs = sources.split_by_position(documents, c.data.eval_fraction)
+  tok = _tokenizer(c, workdir, train_docs)
+  seq_len = c.data.seq_len
+  train_windows = pipeline.tokenize_windows(train_docs, tok, seq_len)
+  eval_windows = pipeline.tokenize_windows(eval_docs, tok, seq_len)
+  log(f'data: {len(files)} file(s), {len(documents)} document(s); '
+      f'{train_windows.num_targets:,} train / {eval_windows.num_targets:,} eval tokens; '
+      f'vocab {tok.vocab_size}')
+  per_process_batch = c.data.batch_size // jax.process_count()
+  train_iter = iter(pipeline.train_dataset(
+      train_windows, seq_len=seq_len, batch_size=per_process_batch, seed=c.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      worker_count=c.data.worker_count))
+
+  # ---- State: fresh, or restored with the data position -------------------------------------
+  run = state_lib.build(c, tok.vocab_size)
+  if latest is None:
+    state = run.init(c.seed)
+    start = 0
+  else:
+    state, _ = checkpoint.restore(mngr, latest, run.abstract, train_iter)
+    start = int(state['step'])
+    log(f'resumed from {checkpoint.directory(workdir)}/{latest} at step {start}')
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.abstract['params']))
+  log(f'model: {c.model.flavour}, {num_params:,} parameters, mesh '
+      f'{dict(run.mesh.shape)}')
+
+  # ---- Steps --------------------------------------------------------------------------------
+  batch_sharding = sharding.batch_sharding(run.mesh)
+  step_cfg = step_lib.StepConfig(grad_accum_steps=c.optim.grad_accum_steps, z_loss=c.optim.z_loss,
+                                 dropout=c.model.dropout > 0, seed=c.seed)
+  train_step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule, step_cfg,
+                                       out_shardings=(run.shardings, None))
+  eval_step = step_lib.jit_eval_step(run.model_def)
+  bytes_per_token = jnp.asarray(tok.bytes_per_token())
+
+  def to_global(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+
+  def evaluate() -> dict[str, float]:
+    sums = {'loss_sum': 0.0, 'weight_sum': 0.0, 'byte_sum': 0.0, 'correct_sum': 0.0}
+    eval_iter = iter(pipeline.eval_dataset(
+        eval_windows, seq_len=seq_len, batch_size=per_process_batch,
+        process_index=jax.process_index(), process_count=jax.process_count()))
+    for i, batch in enumerate(eval_iter):
+      if c.eval_batches and i >= c.eval_batches:
+        break
+      out = jax.device_get(eval_step(state['params'], to_global(batch), bytes_per_token))
+      for k in sums:
+        sums[k] += float(out[k])
+    loss = sums['loss_sum'] / max(sums['weight_sum'], 1.0)
+    return {'eval_loss': loss, 'eval_perplexity': float(np.exp(min(loss, 50.0))),
+            'eval_bits_per_byte': sums['loss_sum'] / np.log(2) / max(sums['byte_sum'], 1.0),
+            'eval_accuracy': sums['correct_sum'] / max(sums['weight_sum'], 1.0)}
+
+  # ---- Loop ---------------------------------------------------------------------------------
+  writer = metrics_lib.MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
+  config_json = json.loads(c.to_json())
+  peak, peak_source = metrics_lib.peak_flops_per_device(c.peak_flops)
+  flops_per_step = metrics_lib.flops_per_token(run.model_cfg, seq_len) * c.data.batch_size * seq_len
+  tokens_per_step = c.data.batch_size * seq_len
+  last_train: dict[str, Any] = {}
+  last_eval: dict[str, Any] = {}
+  pending: tuple[int, Any] | None = None  # (step, device metrics): fetched a step late.
+  clock = {'time': time.perf_counter(), 'step': start}
+
+  def flush() -> None:
+    nonlocal pending, last_train
+    if pending is None:
+      return
+    step, device_metrics = pending
+    pending = None
+    if step % c.log_every and step != c.steps:
+      return
+    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    now = time.perf_counter()
+    seconds = (now - clock['time']) / max(step - clock['step'], 1)
+    clock.update(time=now, step=step)
+    record = {'step': step, **values, 'tokens_per_s': tokens_per_step / seconds,
+              'mfu': flops_per_step / seconds / (peak * jax.device_count())}
+    writer.write(record)
+    last_train = record
+    log(metrics_lib.progress_line(step=step, total=c.steps, loss=values['loss'], lr=values['lr'],
+                                  tokens_per_s=record['tokens_per_s'], mfu=record['mfu'],
+                                  ms_per_step=1000 * seconds, eta_s=seconds * (c.steps - step)))
+    if not np.isfinite(values['loss']):
+      raise FloatingPointError(f'loss is {values["loss"]} at step {step}; the last checkpoint '
+                               f'is step {mngr.latest_step()}.')
+
+  if start < c.steps:
+    first_batch = to_global(next(train_iter))
+    compile_start = time.perf_counter()
+    train_step = train_step.lower(state, first_batch).compile()
+    log(f'compiled the train step in {time.perf_counter() - compile_start:.1f} s; '
+        f'MFU against {peak / 1e9:,.0f} GFLOP/s per device ({peak_source})')
+    clock['time'] = time.perf_counter()
+    batch = first_batch
+    for step in range(start, c.steps):
+      if step > start:
+        batch = to_global(next(train_iter))
+      state, device_metrics = train_step(state, batch)
+      flush()
+      pending = (step + 1, device_metrics)
+      done = step + 1
+      if done % c.eval_every == 0 or done == c.steps:
+        flush()
+        last_eval = {'step': done, **evaluate()}
+        writer.write(last_eval)
+        log(f'eval at step {done}: loss {last_eval["eval_loss"]:.4f}, perplexity '
+            f'{last_eval["eval_perplexity"]:.2f}, {last_eval["eval_bits_per_byte"]:.3f} bits/byte')
+        clock['time'] = time.perf_counter()  # Evaluation time is not training time.
+      if done % c.checkpoint.every == 0 or done == c.steps:
+        flush()
+        checkpoint.save(mngr, done, state, train_iter, config_json)
+    flush()
+  else:
+    log(f'already at step {start} of {c.steps}: nothing to train (raise --config.steps to go on).')
+
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.close()
+  if c.sample.length:
+    text = sample_lib.generate(run.model_def, state['params'], tok, c.sample.prompt,
+                               length=c.sample.length, seq_len=seq_len,
+                               temperature=c.sample.temperature, top_k=c.sample.top_k, seed=c.seed)
+    log(f'---- sample (temperature {c.sample.temperature}) ----\n{text}\n----')
+  log(f'outputs in {os.path.abspath(workdir)}: metrics.jsonl, TensorBoard events, checkpoints/, '
+      f'{TOKENIZER_FILE}')
+  return {'train': last_train, 'eval': last_eval, 'state': state}
+
+
+def _tokenizer(c: ml_collections.ConfigDict, workdir: str,
+               train_docs: list[str]) -> tokenizer_lib.Tokenizer:
+  """The configured tokenizer, the one this run trained before, or a new one on the train split."""
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  if c.tokenizer.path:
+    tok = tokenizer_lib.Tokenizer.load(c.tokenizer.path)
+  elif os.path.exists(path):
+    return tokenizer_lib.Tokenizer.load(path)
+  else:
+    start = time.perf_counter()
+    tok = tokenizer_lib.Tokenizer(tokenizer_lib.train(
+        train_docs, model_type=c.tokenizer.model_type, vocab_size=c.tokenizer.vocab_size))
+    log(f'trained a {c.tokenizer.model_type} tokenizer ({tok.vocab_size} pieces) in '
+        f'{time.perf_counter() - start:.1f} s')
+  if jax.process_index() == 0:
+    tok.save(path)
+  return tok
+
+
+def _flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f'{prefix}{k}'
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + '.'))
+    else:
+      out[key] = v
+  return out
+
+
+def _check_resumable(c: ml_collections.ConfigDict, saved: dict[str, Any], step: int) -> None:
+  now, before = _flatten(json.loads(c.to_json())), _flatten(saved)
+  changed = [k for k in sorted(set(now) | set(before))
+             if now.get(k) != before.get(k)
+             and not any(k == f or k.startswith(f + '.') for f in RESUMABLE_CHANGES)]
+  if changed:
+    detail = ', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in changed)
+    raise config_lib.ConfigError(
+        f'the checkpoint at step {step} was trained with a different config ({detail}): '
+        'use a new --workdir, or the same values to resume.')

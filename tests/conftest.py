@@ -1,0 +1,49 @@
+"""Shared fixtures: small real text, tiny configs, and a way to run the CLI."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE = os.path.normpath(os.path.join(REPO, '..', 'shared', 'data', 'tinyshakespeare.txt'))
+
+
+def load_config(name: str, arg: str | None = None):
+  """A config from configs/NAME.py, as `--config=configs/NAME.py[:ARG]` would load it."""
+  import importlib.util
+
+  path = os.path.join(REPO, 'configs', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope='session')
+def corpus_path(tmp_path_factory) -> str:
+  """~200 KB of real text: Tiny Shakespeare where ../shared has it, else Python's own sources."""
+  out = tmp_path_factory.mktemp('corpus') / 'corpus.txt'
+  if os.path.exists(SHAKESPEARE):
+    with open(SHAKESPEARE, encoding='utf-8') as f:
+      text = f.read(200_000)
+  else:
+    from pretrax.data import sources
+    text = ''.join(sources.read_stdlib_documents())[:200_000]
+  out.write_text(text, encoding='utf-8')
+  return str(out)
+
+
+@pytest.fixture
+def tiny_config(corpus_path):
+  c = load_config('tiny')
+  c.data.path = corpus_path
+  c.data.fallback = ''
+  return c
+
+
+def run_cli(*args: str, cwd: str = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+  """Runs `pretrax ARGS` in a subprocess, as a user would."""
+  return subprocess.run([sys.executable, '-m', 'pretrax.cli', *args], cwd=cwd, text=True,
+                        capture_output=True, timeout=timeout)

@@ -1,0 +1,124 @@
+"""The model: causality and document isolation by gradient, remat, GELU, GQA, every config builds."""
+
+import os
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, load_config
+from pretrax import config as config_lib
+from pretrax import state as state_lib
+from pretrax.model import attention, layers, transformer
+
+L = 16
+
+
+def small_model(flavour: str = 'gpt2', **overrides) -> transformer.Transformer:
+  c = load_config('tiny', 'llama' if flavour == 'llama' else None)
+  c.data.seq_len = L
+  for k, v in overrides.items():
+    c.model[k] = v
+  return transformer.build(config_lib.model_config(c, vocab_size=50), seed=0)
+
+
+def embedding_grads(model, ids_BL, segment_ids_BL, positions_BL, out_position):
+  """d(sum of logits at `out_position`) / d(input embeddings at every position): (B, L)."""
+  graphdef, params = nnx.split(model)
+
+  def out(x_BLD):
+    logits = nnx.merge(graphdef, params).decode(x_BLD, segment_ids_BL, positions_BL)
+    return jnp.sum(logits[:, out_position])
+
+  x_BLD = model.embed_tokens(ids_BL, positions_BL)
+  grads_BLD = jax.jit(jax.grad(out))(x_BLD)
+  return jnp.max(jnp.abs(grads_BLD), axis=-1)
+
+
+@pytest.mark.parametrize('flavour', ['gpt2', 'llama'])
+def test_output_does_not_depend_on_later_inputs(flavour):
+  model = small_model(flavour)
+  ids = jnp.arange(L, dtype=jnp.int32)[None] % 50
+  seg = jnp.ones((1, L), jnp.int32)
+  pos = jnp.arange(L, dtype=jnp.int32)[None]
+  t = 7
+  g = embedding_grads(model, ids, seg, pos, t)[0]
+  assert np.all(g[t + 1:] == 0.0), g
+  assert np.all(g[:t + 1] > 0.0), g
+
+
+@pytest.mark.parametrize('flavour', ['gpt2', 'llama'])
+def test_packed_documents_do_not_see_each_other(flavour):
+  model = small_model(flavour)
+  ids = (jnp.arange(L, dtype=jnp.int32)[None] * 7) % 50
+  seg = jnp.array([[1] * 6 + [2] * 7 + [0] * 3], jnp.int32)
+  pos = jnp.array([list(range(6)) + list(range(7)) + [0] * 3], jnp.int32)
+  g = embedding_grads(model, ids, seg, pos, 10)[0]  # A token of document 2.
+  assert np.all(g[:6] == 0.0), 'document 2 depends on document 1'
+  assert np.all(g[13:] == 0.0), 'document 2 depends on padding'
+  assert np.all(g[6:11] > 0.0)
+  # The same document alone, at the start of a row, gives the same logits.
+  packed = model(ids, seg, pos)[0, 6:13]
+  alone = model(ids[:, 6:13], jnp.ones((1, 7), jnp.int32), pos[:, 6:13])[0]
+  np.testing.assert_allclose(packed, alone, atol=1e-5)
+
+
+def test_attention_mask_pattern():
+  seg = jnp.array([[1, 1, 2, 2, 0]])
+  mask = np.asarray(attention.attention_mask(seg, causal=True)[0])
+  expected = np.array([[1, 0, 0, 0, 0],
+                       [1, 1, 0, 0, 0],
+                       [0, 0, 1, 0, 0],
+                       [0, 0, 1, 1, 0],
+                       [0, 0, 0, 0, 1]], bool)
+  np.testing.assert_array_equal(mask, expected)
+
+
+def test_remat_changes_nothing():
+  ids = jnp.arange(2 * L, dtype=jnp.int32).reshape(2, L) % 50
+  seg = jnp.ones((2, L), jnp.int32)
+  pos = jnp.tile(jnp.arange(L, dtype=jnp.int32), (2, 1))
+
+  def loss_and_grads(remat):
+    graphdef, params = nnx.split(small_model(remat=remat))
+    f = lambda p: jnp.mean(nnx.merge(graphdef, p)(ids, seg, pos) ** 2)
+    return jax.jit(jax.value_and_grad(f))(params)
+
+  (v0, g0), (v1, g1) = loss_and_grads(False), loss_and_grads(True)
+  np.testing.assert_allclose(v0, v1, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_gelu_custom_gradient_matches_autodiff():
+  x = jnp.linspace(-6.0, 6.0, 1001)
+  reference = lambda v: jnp.sum(jax.nn.gelu(v, approximate=True))
+  np.testing.assert_allclose(layers.gelu_tanh(x), jax.nn.gelu(x, approximate=True), atol=1e-6)
+  np.testing.assert_allclose(jax.grad(lambda v: jnp.sum(layers.gelu_tanh(v)))(x),
+                             jax.grad(reference)(x), atol=1e-5)
+
+
+def test_grouped_query_attention_shapes_and_init_scale():
+  model = small_model('llama')
+  block = model.blocks[0].attn
+  assert block.q.shape == (64, 4, 16) and block.k.shape == (64, 2, 16)
+  # Output projections are scaled down by sqrt(2 * layers), as GPT-2 does.
+  assert float(jnp.std(block.o[...])) < float(jnp.std(block.q[...]))
+
+
+@pytest.mark.parametrize('name', sorted(f[:-3] for f in os.listdir(os.path.join(REPO, 'configs'))
+                                        if f.endswith('.py')))
+def test_every_config_builds_abstractly(name):
+  c = load_config(name)
+  config_lib.validate(c, check_data=False)
+  run = state_lib.build(c, vocab_size=c.tokenizer.vocab_size)
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.abstract['params']))
+  expected = {'gpt2_small': (124e6, 125e6), 'llama_1b': (1.0e9, 1.1e9)}
+  if name in expected:
+    low, high = expected[name]
+    assert low <= params <= high, params
+  # Every parameter has a sharding, and Adam's moments follow the parameters'.
+  assert all(isinstance(s, jax.sharding.NamedSharding)
+             for s in jax.tree.leaves(run.shardings['params']))

@@ -1,0 +1,83 @@
+"""Training end to end (in process): the loss falls, and a stopped-and-resumed run is the same run."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from pretrax import checkpoint, metrics
+from pretrax import state as state_lib
+from pretrax import tokenizer
+from pretrax import train
+
+
+def test_loss_falls_on_real_text(tiny_config, tmp_path):
+  tiny_config.steps, tiny_config.log_every = 60, 1
+  result = train.train(tiny_config, str(tmp_path))
+  records = [r for r in metrics.read_metrics(str(tmp_path)) if 'loss' in r]
+  first, last = records[0]['loss'], records[-1]['loss']
+  assert last < first - 2.0, (first, last)
+  eval_loss = result['eval']['eval_loss']
+  vocab = tokenizer.Tokenizer.load(str(tmp_path / 'tokenizer.model')).vocab_size
+  assert eval_loss < np.log(vocab) - 2.0  # Far better than guessing uniformly.
+  assert result['eval']['eval_bits_per_byte'] > 0
+  assert os.listdir(tmp_path / 'checkpoints')
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
+
+
+def _final_params(workdir, c, step):
+  tok = tokenizer.Tokenizer.load(os.path.join(workdir, 'tokenizer.model'))
+  run = state_lib.build(c, tok.vocab_size)
+  mngr = checkpoint.manager(workdir, read_only=True)
+  state, _ = checkpoint.restore(mngr, step, run.abstract)
+  mngr.close()
+  return jax.device_get(state['params'])
+
+
+@pytest.mark.parametrize('accum', [1, 2])
+def test_stop_and_resume_equals_uninterrupted(tiny_config, tmp_path, accum):
+  c = tiny_config
+  c.steps, c.log_every, c.eval_every, c.checkpoint.every = 30, 1, 10, 10
+  c.optim.grad_accum_steps = accum
+  c.model.dropout = 0.1  # Dropout keys must also continue where they stopped.
+  straight, stopped = str(tmp_path / 'straight'), str(tmp_path / 'stopped')
+  train.train(c, straight)
+
+  # Stop after 17 of the schedule's 30 steps, then run the same command to the end.
+  c.optim.schedule_steps = 30
+  c.steps = 17
+  train.train(c, stopped)
+  c.steps = 30
+  train.train(c, stopped)
+
+  a, b = metrics.read_metrics(straight), metrics.read_metrics(stopped)
+  train_steps = [r['step'] for r in b if 'loss' in r]
+  assert train_steps == list(range(1, 31)), 'a step is missing or logged twice'
+  losses = lambda recs: [(r['step'], r['loss']) for r in recs if 'loss' in r]
+  assert losses(a) == losses(b)  # Bit for bit.
+  evals = lambda recs: [(r['step'], r['eval_loss']) for r in recs if 'eval_loss' in r]
+  assert evals(b)[-1] == evals(a)[-1]
+  for x, y in zip(jax.tree.leaves(_final_params(straight, c, 30)),
+                  jax.tree.leaves(_final_params(stopped, c, 30))):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_gradient_accumulation_matches_the_full_batch(tiny_config, tmp_path):
+  c = tiny_config
+  c.steps, c.log_every, c.eval_every = 5, 1, 5
+  train.train(c, str(tmp_path / 'full'))
+  c.optim.grad_accum_steps = 4
+  train.train(c, str(tmp_path / 'accumulated'))
+  full = [r['loss'] for r in metrics.read_metrics(str(tmp_path / 'full')) if 'loss' in r]
+  accumulated = [r['loss'] for r in metrics.read_metrics(str(tmp_path / 'accumulated'))
+                 if 'loss' in r]
+  np.testing.assert_allclose(full, accumulated, rtol=2e-5)
+
+
+def test_resume_with_a_different_model_is_refused(tiny_config, tmp_path):
+  tiny_config.steps, tiny_config.optim.warmup_steps = 2, 1
+  train.train(tiny_config, str(tmp_path))
+  tiny_config.model.num_layers = 3
+  with pytest.raises(train.config_lib.ConfigError, match='model.num_layers: 2 -> 3'):
+    train.train(tiny_config, str(tmp_path))
