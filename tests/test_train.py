@@ -76,7 +76,7 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_config, tmp_path):
 
 
 def test_resume_with_a_different_model_is_refused(tiny_config, tmp_path):
-  tiny_config.steps, tiny_config.optim.warmup_steps = 2, 1
+  tiny_config.steps = 2
   train.train(tiny_config, str(tmp_path))
   tiny_config.model.num_layers = 3
   with pytest.raises(train.config_lib.ConfigError, match='model.num_layers: 2 -> 3'):

@@ -239,10 +239,8 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: 
   _require(d.batch_size % per_step == 0,
            f'data.batch_size={d.batch_size} is not divisible by {num_devices} device(s) x '
            f'optim.grad_accum_steps={o.grad_accum_steps}: make it a multiple of {per_step}.')
-  schedule_steps = o.schedule_steps or c.steps
-  _require(0 <= o.warmup_steps <= schedule_steps,
-           f'optim.warmup_steps={o.warmup_steps} must be between 0 and the schedule\'s length '
-           f'{schedule_steps} (optim.schedule_steps, or steps).')
+  _require(o.warmup_steps >= 0, f'optim.warmup_steps={o.warmup_steps} must be >= 0.')
+  _require(o.schedule_steps >= 0, f'optim.schedule_steps={o.schedule_steps} must be >= 0.')
   _require(0 <= o.min_lr <= o.lr, f'optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}.')
   _require(0.0 < o.decay_fraction <= 1.0,
            f'optim.decay_fraction={o.decay_fraction} must be in (0, 1].')

@@ -1,0 +1,134 @@
+"""The command line as a user runs it: errors, the quickstart, sampling, and a killed run resuming."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, load_config, run_cli
+from pretrax import config as config_lib
+from pretrax import metrics
+
+TINY = 'configs/tiny.py'
+
+
+def _one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = [l for l in result.stderr.splitlines() if l.startswith('pretrax ')]
+  assert len(lines) == 1, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize('override,fragments', [
+    ('--config.model.num_layrs=3', ('--config.model.num_layrs', 'did you mean "num_layers"')),
+    ('--config.model.num_layers=three', ('--config.model.num_layers', 'three')),
+    ('--config.data.path=/no/such/file.txt', ('data.path', '/no/such/file.txt')),
+])
+def test_bad_overrides_fail_with_one_line(tmp_path, override, fragments):
+  args = ['train', f'--config={TINY}', f'--workdir={tmp_path}', override]
+  if 'data.path' in override:
+    args.append("--config.data.fallback=")
+  _one_line_error(run_cli(*args), *fragments)
+
+
+@pytest.mark.parametrize('changes,fragments', [
+    ({'model.num_heads': 3}, ('model.num_heads=3', 'model.embed_dim=64')),
+    ({'model.max_len': 16}, ('data.seq_len=32', 'model.max_len=16')),
+    ({'model.num_kv_heads': 3, 'model.flavour': 'llama'}, ('model.num_kv_heads=3',)),
+    ({'data.batch_size': 6, 'optim.grad_accum_steps': 4}, ('data.batch_size=6', 'multiple of 4')),
+    ({'objective': 'causal'}, ('objective=',)),
+])
+def test_impossible_configs_name_the_fields(changes, fragments):
+  c = load_config('tiny')
+  for key, value in changes.items():
+    section, _, field = key.rpartition('.')
+    (c[section] if section else c)[field] = value
+  with pytest.raises(config_lib.ConfigError) as error:
+    config_lib.validate(c, check_data=False)
+  for fragment in fragments:
+    assert fragment in str(error.value)
+
+
+def test_batch_must_split_over_devices():
+  c = load_config('tiny')
+  with pytest.raises(config_lib.ConfigError, match='not divisible by 3 device'):
+    config_lib.validate(c, num_devices=3, check_data=False)
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end_then_samples(tmp_path):
+  workdir = tmp_path / 'shakespeare'
+  result = run_cli('train', '--config=configs/shakespeare_char.py', f'--workdir={workdir}',
+                   '--config.steps=30', '--config.log_every=10', '--config.eval_every=30',
+                   '--config.eval_batches=5', '--config.sample.length=40')
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert 'step 30/30' in out and 'tok/s' in out and 'MFU' in out and 'ETA' in out
+  assert 'compiled the train step' in out
+  assert '---- sample' in out
+  records = metrics.read_metrics(str(workdir))
+  assert [r['step'] for r in records if 'loss' in r] == [10, 20, 30]
+  assert [r['step'] for r in records if 'eval_loss' in r] == [30]
+  sampled = run_cli('sample', f'--workdir={workdir}', '--prompt=ROMEO:', '--length=25')
+  assert sampled.returncode == 0, sampled.stderr[-3000:]
+  assert sampled.stdout.startswith('ROMEO:') and len(sampled.stdout.strip()) > len('ROMEO:')
+
+
+@pytest.mark.slow
+def test_missing_corpus_falls_back_to_python_sources(tmp_path):
+  result = run_cli('train', f'--config={TINY}', f'--workdir={tmp_path}', '--config.steps=3',
+                   '--config.optim.warmup_steps=1',
+                   '--config.data.path=/no/such/tinyshakespeare.txt')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "training on the Python standard library's sources" in result.stdout
+  assert '--config.data.path' in result.stdout
+
+
+def test_tokenizer_command(tmp_path, corpus_path):
+  out = tmp_path / 'tok.model'
+  result = run_cli('tokenizer', f'--input={corpus_path}', f'--output={out}', '--model_type=bpe',
+                   '--vocab_size=500')
+  assert result.returncode == 0, result.stderr[-3000:]
+  from pretrax import tokenizer
+  tok = tokenizer.Tokenizer.load(str(out))
+  assert tok.vocab_size == 500 and tok.decode(tok.encode('To be, or not')) == 'To be, or not'
+
+
+def test_sample_without_a_run_is_a_clear_error(tmp_path):
+  _one_line_error(run_cli('sample', f'--workdir={tmp_path}'), 'no checkpoints', 'pretrax train')
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(tmp_path, corpus_path):
+  args = [f'--config={TINY}', f'--config.data.path={corpus_path}', '--config.steps=40',
+          '--config.log_every=1', '--config.eval_every=20', '--config.checkpoint.every=10']
+  straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+  assert run_cli('train', f'--workdir={straight}', *args).returncode == 0
+
+  proc = subprocess.Popen([sys.executable, '-m', 'pretrax.cli', 'train', f'--workdir={killed}',
+                           *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  # Kill it without warning once it has logged step 25: past a checkpoint, between two others.
+  while time.time() < deadline and proc.poll() is None:
+    path = killed / 'metrics.jsonl'
+    if path.exists() and any(r.get('step', 0) >= 25 for r in metrics.read_metrics(str(killed))):
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  logged = [r['step'] for r in metrics.read_metrics(str(killed)) if 'loss' in r]
+  assert logged and logged[-1] < 40, 'the run finished before it could be killed'
+
+  resumed = run_cli('train', f'--workdir={killed}', *args)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  a, b = metrics.read_metrics(str(straight)), metrics.read_metrics(str(killed))
+  assert [r['step'] for r in b if 'loss' in r] == list(range(1, 41))
+  assert [(r['step'], r['loss']) for r in a if 'loss' in r] == \
+         [(r['step'], r['loss']) for r in b if 'loss' in r]
+  assert [r['eval_loss'] for r in a if 'eval_loss' in r] == \
+         [r['eval_loss'] for r in b if 'eval_loss' in r]
