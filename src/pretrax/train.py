@@ -121,6 +121,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   last_train: dict[str, Any] = {}
   last_eval: dict[str, Any] = {}
   pending: tuple[int, Any] | None = None  # (step, device metrics): fetched a step late.
+  compile_s = 0.0
   clock = {'time': time.perf_counter(), 'step': start}
 
   def flush() -> None:
@@ -150,7 +151,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     first_batch = to_global(next(train_iter))
     compile_start = time.perf_counter()
     train_step = train_step.lower(state, first_batch).compile()
-    log(f'compiled the train step in {time.perf_counter() - compile_start:.1f} s; '
+    compile_s = time.perf_counter() - compile_start
+    log(f'compiled the train step in {compile_s:.1f} s; '
         f'MFU against {peak / 1e9:,.0f} GFLOP/s per device ({peak_source})')
     clock['time'] = time.perf_counter()
     batch = first_batch
@@ -178,6 +180,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mngr.wait_until_finished()
   mngr.close()
   writer.close()
+  text = ''
   if c.sample.length:
     text = sample_lib.generate(run.model_def, state['params'], tok, c.sample.prompt,
                                length=c.sample.length, seq_len=seq_len,
@@ -185,7 +188,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     log(f'---- sample (temperature {c.sample.temperature}) ----\n{text}\n----')
   log(f'outputs in {os.path.abspath(workdir)}: metrics.jsonl, TensorBoard events, checkpoints/, '
       f'{TOKENIZER_FILE}')
-  return {'train': last_train, 'eval': last_eval, 'state': state}
+  return {'train': last_train, 'eval': last_eval, 'state': state, 'compile_s': compile_s,
+          'peak_flops': peak, 'flops_per_step': flops_per_step, 'sample': text}
 
 
 def _tokenizer(c: ml_collections.ConfigDict, workdir: str,

@@ -1,0 +1,140 @@
+"""Benchmark: train configs/shakespeare_char.py (nanoGPT's CPU baby GPT) and print a table.
+
+  .venv/bin/python benchmarks/shakespeare_char.py [--steps=2000] [--workdir=DIR]
+
+Measures, in one process and side by side: the usable matmul peak of this machine, the jitted
+step alone (forward, forward+backward, full step with the AdamW update) on a real batch, then the
+whole training run (data pipeline, logging, evaluation and checkpoints included) to its final
+validation loss. MFU = model FLOP/s / measured matmul peak; model FLOPs are
+`pretrax.metrics.flops_per_token` (6N + 12 L H T, attention not halved for causality).
+nanoGPT's published figure for this model is a validation loss of about 1.88 after 2000 steps.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, 'tests'))
+
+from conftest import load_config  # noqa: E402  (the tests' config loader: configs/NAME.py)
+from pretrax import loss as loss_lib  # noqa: E402
+from pretrax import metrics  # noqa: E402
+from pretrax import state as state_lib  # noqa: E402
+from pretrax import step as step_lib  # noqa: E402
+from pretrax import tokenizer as tokenizer_lib  # noqa: E402
+from pretrax import train  # noqa: E402
+from pretrax.data import pipeline, sources  # noqa: E402
+
+NANOGPT_VAL_LOSS = 1.88  # nanoGPT README, this model after 2000 iterations.
+
+
+def median_ms(fn, *args, repeats: int = 50) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1000 * statistics.median(times)
+
+
+def step_timings(c) -> dict[str, float]:
+  """The jitted pieces alone, on a real batch of the configured shape."""
+  paths = sources.expand_paths(c.data.path)
+  docs = sources.read_documents(paths) if paths else sources.read_stdlib_documents()
+  tok = tokenizer_lib.Tokenizer(tokenizer_lib.train(docs, model_type='char'))
+  windows = pipeline.tokenize_windows(docs, tok, c.data.seq_len)
+  batch = next(iter(pipeline.train_dataset(windows, seq_len=c.data.seq_len,
+                                           batch_size=c.data.batch_size, seed=0)))
+  batch = jax.tree.map(jnp.asarray, batch)
+  run = state_lib.build(c, tok.vocab_size)
+  state = run.init(c.seed)
+  params = state['params']
+
+  def loss(p):
+    m = nnx.merge(run.model_def, p)
+    logits = m(batch['inputs'], batch['segment_ids'], batch['positions'])
+    sums = loss_lib.cross_entropy(logits, batch['targets'], batch['weights'])
+    return sums['loss_sum'] / sums['weight_sum']
+
+  forward = jax.jit(loss)
+  forward_backward = jax.jit(jax.grad(loss))
+  full_step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule,
+                                      step_lib.StepConfig())
+  holder = {'state': state}  # The step donates its state: thread it through.
+
+  def one_step():
+    holder['state'], step_metrics = full_step(holder['state'], batch)
+    return step_metrics
+
+  return {
+      'forward_ms': median_ms(forward, params),
+      'forward_backward_ms': median_ms(forward_backward, params),
+      'step_ms': median_ms(one_step),
+  }
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--steps', type=int, default=2000)
+  parser.add_argument('--workdir', default='')
+  args = parser.parse_args()
+
+  c = load_config('shakespeare_char')
+  c.steps = args.steps
+  c.sample.length = 0
+  c.log_every = 50
+  c.eval_every = args.steps
+  peak = metrics.measure_matmul_peak()
+  c.peak_flops = peak
+  timings = step_timings(c)
+
+  workdir = args.workdir or tempfile.mkdtemp(prefix='pretrax-bench-')
+  start = time.perf_counter()
+  result = train.train(c, workdir)
+  wall = time.perf_counter() - start
+  records = [r for r in metrics.read_metrics(workdir) if 'loss' in r]
+  # Intervals after the first exclude compilation; each record's rate covers its interval.
+  loop_ms = statistics.median(1000 * c.data.batch_size * c.data.seq_len / r['tokens_per_s']
+                              for r in records[1:])
+  tokens_per_step = c.data.batch_size * c.data.seq_len
+  flops_per_step = result['flops_per_step']
+  val_loss = result['eval']['eval_loss']
+
+  rows = [
+      ('device', f'{jax.devices()[0].device_kind} x{jax.device_count()}, '
+                 f'{os.cpu_count()} cores, jax {jax.__version__}'),
+      ('matmul peak (measured, float32)', f'{peak / 1e9:.1f} GFLOP/s'),
+      ('model FLOPs per step', f'{flops_per_step / 1e9:.3f} GFLOP'),
+      ('forward (jitted, median)', f'{timings["forward_ms"]:.1f} ms'),
+      ('forward + backward (jitted, median)', f'{timings["forward_backward_ms"]:.1f} ms'),
+      ('train step with AdamW (jitted, median)', f'{timings["step_ms"]:.1f} ms'),
+      ('train loop ms/step (median of 50-step intervals)', f'{loop_ms:.1f} ms'),
+      ('tokens/s (train loop)', f'{tokens_per_step / loop_ms * 1000:,.0f}'),
+      ('model FLOP/s (train loop)', f'{flops_per_step / loop_ms * 1000 / 1e9:.1f} GFLOP/s'),
+      ('MFU (train loop, vs measured peak)', f'{flops_per_step / loop_ms * 1000 / peak:.1%}'),
+      ('MFU (step alone)', f'{flops_per_step / timings["step_ms"] * 1000 / peak:.1%}'),
+      ('compile time', f'{result["compile_s"]:.1f} s'),
+      ('steps / wall time (all included)', f'{c.steps} / {wall:.0f} s'),
+      (f'final val loss (step {c.steps})', f'{val_loss:.4f}'),
+      ('nanoGPT reference val loss', f'{NANOGPT_VAL_LOSS:.2f}'),
+  ]
+  width = max(len(k) for k, _ in rows)
+  print(f'\n| {"metric":<{width}} | value |\n|{"-" * (width + 2)}|-------|')
+  for key, value in rows:
+    print(f'| {key:<{width}} | {value} |')
+  if c.steps == 2000:
+    verdict = 'meets' if val_loss <= NANOGPT_VAL_LOSS else 'misses'
+    print(f'\nval loss {val_loss:.4f} {verdict} the target <= {NANOGPT_VAL_LOSS}')
+
+
+if __name__ == '__main__':
+  main()
