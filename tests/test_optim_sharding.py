@@ -1,0 +1,101 @@
+"""The optimizer's decay mask and schedules, and parameter shardings that follow the rules table."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, load_config
+from pretrax import config as config_lib
+from pretrax import optim, sharding
+from pretrax import state as state_lib
+
+
+def _optim_cfg(**changes) -> config_lib.OptimConfig:
+  c = load_config('tiny')
+  c.steps = 100
+  for k, v in changes.items():
+    c.optim[k] = v
+  return config_lib.optim_config(c)
+
+
+def test_decay_mask_spares_embeddings_norms_and_biases_by_default():
+  c = load_config('tiny')
+  c.model.use_bias = True
+  run = state_lib.build(c, vocab_size=64)
+  params = run.abstract['params']
+  mask = optim.decay_mask(params, _optim_cfg())
+  assert mask['embed']['embedding'] is False
+  assert mask['pos_embed'] is False
+  assert mask['final_norm']['scale'] is False
+  assert mask['blocks'][0]['mlp']['bi'] is False
+  assert mask['blocks'][0]['mlp']['wi'] is True and mask['blocks'][0]['attn']['q'] is True
+  both = optim.decay_mask(params, _optim_cfg(decay_embeddings=True, decay_norms_and_biases=True))
+  assert all(jax.tree.leaves(both))
+
+
+@pytest.mark.parametrize('schedule', ['cosine', 'wsd', 'constant'])
+def test_schedules_warm_up_then_follow_their_shape(schedule):
+  cfg = _optim_cfg(schedule=schedule, lr=1.0, min_lr=0.1, warmup_steps=10, decay_fraction=0.2)
+  lr = np.array([float(optim.schedule(cfg)(s)) for s in range(101)])
+  np.testing.assert_allclose(lr[:11], np.linspace(0, 1, 11), atol=1e-6)
+  if schedule == 'cosine':
+    assert np.all(np.diff(lr[10:]) <= 1e-7) and abs(lr[100] - 0.1) < 1e-6
+  elif schedule == 'wsd':
+    np.testing.assert_allclose(lr[10:81], 1.0, atol=1e-6)  # Stable until the last 20%.
+    assert abs(lr[100] - 0.1) < 1e-6 and np.all(np.diff(lr[80:]) < 0)
+  else:
+    np.testing.assert_allclose(lr[10:], 1.0, atol=1e-6)
+
+
+def test_unknown_logical_axis_is_an_error():
+  with pytest.raises(sharding.ShardingError, match="'experts' has no rule"):
+    sharding.logical_to_spec(('embed', 'experts'), sharding.DEFAULT_RULES)
+
+
+def test_mesh_shape_resolves_minus_one_and_rejects_bad_shapes():
+  c = load_config('tiny')
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 2, 2
+  assert sharding.mesh_shape(c.mesh, 8) == (2, 2, 2)
+  c.mesh.data = 3
+  with pytest.raises(sharding.ShardingError, match='needs 12 devices but there are 8'):
+    sharding.mesh_shape(c.mesh, 8)
+
+
+def test_every_logical_name_in_every_config_resolves():
+  for name in ('tiny', 'shakespeare_char', 'gpt2_small', 'llama_1b'):
+    c = load_config(name)
+    run = state_lib.build(c, vocab_size=c.tokenizer.vocab_size)
+    assert jax.tree.leaves(run.shardings['params'])
+
+
+def test_params_and_moments_are_sharded_as_the_rules_say_on_8_devices():
+  """On a (2, 2, 2) mesh of fake CPU devices; a subprocess, since devices are fixed at start-up."""
+  script = textwrap.dedent('''
+      import jax
+      from conftest import load_config
+      from pretrax import state as state_lib
+      from jax.sharding import PartitionSpec as P
+      c = load_config('tiny', 'llama')
+      c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+      run = state_lib.build(c, vocab_size=64)
+      state = run.init(0)
+      attn = state['params']['blocks'][0]['attn']
+      assert attn['q'].sharding.spec == P('fsdp', 'tensor', None), attn['q'].sharding.spec
+      assert state['params']['embed']['embedding'].sharding.spec == P('tensor', 'fsdp')
+      assert state['params']['final_norm']['scale'].sharding.spec == P(None,)
+      mu = state['opt_state'][1][0].mu['blocks'][0]['mlp']['wo']
+      assert mu.sharding.spec == P('tensor', 'fsdp'), mu.sharding.spec
+      assert len(attn['q'].addressable_shards) == 8
+      print('ok', jax.device_count())
+  ''')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             PYTHONPATH=os.path.join(REPO, 'tests'))
+  result = subprocess.run([sys.executable, '-c', script], env=env, text=True,
+                          capture_output=True, timeout=300, cwd=REPO)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().endswith('ok 8')
