@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.eval_every = 250
   c.eval_batches = 0  # 0: the whole held-out split.
-  c.peak_flops = 0.0  # FLOP/s of one device for MFU; 0: a table for accelerators, measured on CPU.
+  c.peak_flops = 0.0  # Peak FLOP/s per device for MFU; 0: data sheets for accelerators, measured on CPU.
 
   c.model = ml_collections.ConfigDict()
   c.model.flavour = 'gpt2'  # gpt2: learned positions, LayerNorm, GELU. llama: RoPE, RMSNorm, SwiGLU.

@@ -53,15 +53,22 @@ def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
   return 2.0 * size ** 3 / best
 
 
-def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
-  """(FLOP/s, where the figure comes from) for one device."""
+def peak_flops(configured: float = 0.0) -> tuple[float, str]:
+  """(FLOP/s of all the job's devices together, where the figure comes from).
+
+  Accelerators: the data-sheet figure per device (or `configured`) times the device count. CPU:
+  the measured matmul rate, once: fake CPU devices share the same cores.
+  """
+  device = jax.devices()[0]
+  if device.platform == 'cpu':
+    return configured or measure_matmul_peak(), 'config' if configured else 'measured CPU matmul'
+  count = jax.device_count()
   if configured:
-    return configured, 'config'
-  kind = jax.devices()[0].device_kind
+    return configured * count, f'config x {count}'
   for name, flops in PEAK_FLOPS.items():
-    if kind.startswith(name):
-      return flops, f'{kind} data sheet'
-  return measure_matmul_peak(), f'measured {jax.devices()[0].platform} matmul'
+    if device.device_kind.startswith(name):
+      return flops * count, f'{device.device_kind} data sheet x {count}'
+  return measure_matmul_peak() * count, f'measured {device.device_kind} matmul x {count}'
 
 
 class MetricsWriter:

@@ -115,7 +115,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # ---- Loop ---------------------------------------------------------------------------------
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
   config_json = json.loads(c.to_json())
-  peak, peak_source = metrics_lib.peak_flops_per_device(c.peak_flops)
+  peak, peak_source = metrics_lib.peak_flops(c.peak_flops)
   flops_per_step = metrics_lib.flops_per_token(run.model_cfg, seq_len) * c.data.batch_size * seq_len
   tokens_per_step = c.data.batch_size * seq_len
   last_train: dict[str, Any] = {}
@@ -137,7 +137,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     seconds = (now - clock['time']) / max(step - clock['step'], 1)
     clock.update(time=now, step=step)
     record = {'step': step, **values, 'tokens_per_s': tokens_per_step / seconds,
-              'mfu': flops_per_step / seconds / (peak * jax.device_count())}
+              'mfu': flops_per_step / seconds / peak}
     writer.write(record)
     last_train = record
     log(metrics_lib.progress_line(step=step, total=c.steps, loss=values['loss'], lr=values['lr'],
@@ -153,7 +153,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     train_step = train_step.lower(state, first_batch).compile()
     compile_s = time.perf_counter() - compile_start
     log(f'compiled the train step in {compile_s:.1f} s; '
-        f'MFU against {peak / 1e9:,.0f} GFLOP/s per device ({peak_source})')
+        f'MFU against {peak / 1e9:,.0f} GFLOP/s ({peak_source})')
     clock['time'] = time.perf_counter()
     batch = first_batch
     for step in range(start, c.steps):
