@@ -82,9 +82,16 @@ def step_timings(c) -> dict[str, float]:
   }
 
 
+def result_mfu(c, step_ms: float, peak: float) -> float:
+  model_cfg = state_lib.config_lib.model_config(c, vocab_size=65)
+  flops = metrics.flops_per_token(model_cfg, c.data.seq_len) * c.data.batch_size * c.data.seq_len
+  return flops / (step_ms / 1000) / peak
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--steps', type=int, default=2000)
+  parser.add_argument('--steps', type=int, default=2000,
+                      help='training steps; 0 times the jitted step only')
   parser.add_argument('--workdir', default='')
   args = parser.parse_args()
 
@@ -96,6 +103,11 @@ def main() -> None:
   peak = metrics.measure_matmul_peak()
   c.peak_flops = peak
   timings = step_timings(c)
+  if not args.steps:
+    for key, value in timings.items():
+      print(f'{key}: {value:.1f}  (MFU {result_mfu(c, value, peak):.1%})' if key == 'step_ms'
+            else f'{key}: {value:.1f}')
+    return
 
   workdir = args.workdir or tempfile.mkdtemp(prefix='pretrax-bench-')
   start = time.perf_counter()

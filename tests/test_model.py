@@ -122,3 +122,40 @@ def test_every_config_builds_abstractly(name):
   # Every parameter has a sharding, and Adam's moments follow the parameters'.
   assert all(isinstance(s, jax.sharding.NamedSharding)
              for s in jax.tree.leaves(run.shardings['params']))
+
+
+@pytest.mark.parametrize('num_kv_heads', [4, 2])
+def test_cpu_attention_matches_the_generic_path(num_kv_heads):
+  """The CPU kernel (explicit softmax backward) against jax.nn.dot_product_attention."""
+  B, T, N, H = 2, 12, 4, 8
+  keys = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(keys[0], (B, T, N, H))
+  k = jax.random.normal(keys[1], (B, T, num_kv_heads, H))
+  v = jax.random.normal(keys[2], (B, T, num_kv_heads, H))
+  seg = jnp.array([[1] * 5 + [2] * 7, [1] * 9 + [0] * 3])
+  d_out = jax.random.normal(keys[3], (B, T, N, H))
+  for causal in (True, False):
+    def run(backend):
+      f = lambda q, k, v: jnp.sum(attention.attention(q, k, v, seg, causal=causal,
+                                                      backend=backend) * d_out)
+      return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
+    (value_cpu, grads_cpu), (value_ref, grads_ref) = run('cpu'), run('gpu')
+    np.testing.assert_allclose(value_cpu, value_ref, rtol=1e-5)
+    for a, b in zip(grads_cpu, grads_ref):
+      np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_layer_norm_gradient_matches_autodiff():
+  x = jax.random.normal(jax.random.key(1), (3, 5, 16)) * 3 + 1
+  scale = jax.random.normal(jax.random.key(2), (16,))
+  d_y = jax.random.normal(jax.random.key(3), (3, 5, 16))
+
+  def reference(x, scale):
+    centred = x - jnp.mean(x, -1, keepdims=True)
+    return centred / jnp.sqrt(jnp.mean(centred ** 2, -1, keepdims=True) + 1e-5) * scale
+
+  ours = jax.grad(lambda x, s: jnp.sum(layers.layer_norm(x, s, 1e-5) * d_y), (0, 1))(x, scale)
+  ref = jax.grad(lambda x, s: jnp.sum(reference(x, s) * d_y), (0, 1))(x, scale)
+  np.testing.assert_allclose(layers.layer_norm(x, scale, 1e-5), reference(x, scale), atol=1e-5)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, atol=1e-4)

@@ -62,6 +62,10 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   seq_len = c.data.seq_len
   train_windows = pipeline.tokenize_windows(train_docs, tok, seq_len)
   eval_windows = pipeline.tokenize_windows(eval_docs, tok, seq_len)
+  if not eval_windows.num_targets or not train_windows.num_targets:
+    raise config_lib.ConfigError(
+        f'data.eval_fraction={c.data.eval_fraction} leaves an empty train or held-out split of '
+        f'{sum(len(d) for d in documents)} characters: use more text or change the fraction.')
   log(f'data: {len(files)} file(s), {len(documents)} document(s); '
       f'{train_windows.num_targets:,} train / {eval_windows.num_targets:,} eval tokens; '
       f'vocab {tok.vocab_size}')
