@@ -116,3 +116,12 @@ def test_paths_globs_and_bad_files(tmp_path):
   assert sources.read_documents(both, separator='||') == ['alpha', 'beta', 'gamma']
   with pytest.raises(sources.DataError, match='bin.dat is not UTF-8'):
     sources.read_documents([str(tmp_path / 'bin.dat')])
+
+
+def test_a_smaller_stride_gives_windows_at_every_offset(tok, documents):
+  full = pipeline.tokenize_windows(documents[:3], tok, L)
+  every = pipeline.tokenize_windows(documents[:3], tok, L, stride=1)
+  assert len(every) == full.num_targets  # One window per target position.
+  starts = set(every.starts.tolist())
+  assert set(full.starts.tolist()) <= starts
+  assert max(every.ends - every.starts) == L + 1

@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.fallback = ''  # Corpus to use when `path` is missing; STDLIB_CORPUS is the only one.
   c.data.separator = ''  # '': one document per file; else the string that splits documents.
   c.data.seq_len = 64
+  c.data.window_stride = 0  # Training windows start every this many tokens; 0: seq_len.
   c.data.batch_size = 12  # Global batch, in sequences, per optimizer step.
   c.data.eval_fraction = 0.1  # Held out from the end of the corpus, by position.
   c.data.worker_count = 0  # Grain multiprocessing workers; 0 reads in the main process.
@@ -232,6 +233,9 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: 
            'raise model.max_len or lower data.seq_len.')
   _require(0.0 <= m.dropout < 1.0, f'model.dropout={m.dropout} must be in [0, 1).')
   _require(d.seq_len > 1, f'data.seq_len={d.seq_len} must be at least 2.')
+  _require(0 <= d.window_stride <= d.seq_len,
+           f'data.window_stride={d.window_stride} must be between 0 (= seq_len) and '
+           f'data.seq_len={d.seq_len}: a larger stride would skip tokens.')
   _require(0.0 < d.eval_fraction < 1.0,
            f'data.eval_fraction={d.eval_fraction} must be strictly between 0 and 1.')
   per_step = num_devices * o.grad_accum_steps

@@ -60,14 +60,15 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   train_docs, eval_docs = sources.split_by_position(documents, c.data.eval_fraction)
   tok = _tokenizer(c, workdir, train_docs)
   seq_len = c.data.seq_len
-  train_windows = pipeline.tokenize_windows(train_docs, tok, seq_len)
+  train_windows = pipeline.tokenize_windows(train_docs, tok, seq_len, c.data.window_stride)
   eval_windows = pipeline.tokenize_windows(eval_docs, tok, seq_len)
   if not eval_windows.num_targets or not train_windows.num_targets:
     raise config_lib.ConfigError(
         f'data.eval_fraction={c.data.eval_fraction} leaves an empty train or held-out split of '
         f'{sum(len(d) for d in documents)} characters: use more text or change the fraction.')
   log(f'data: {len(files)} file(s), {len(documents)} document(s); '
-      f'{train_windows.num_targets:,} train / {eval_windows.num_targets:,} eval tokens; '
+      f'{len(train_windows.tokens):,} train / {len(eval_windows.tokens):,} eval tokens, '
+      f'{len(train_windows):,} training windows; '
       f'vocab {tok.vocab_size}')
   per_process_batch = c.data.batch_size // jax.process_count()
   train_iter = iter(pipeline.train_dataset(

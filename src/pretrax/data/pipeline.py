@@ -5,10 +5,12 @@ The corpus is tokenized once, in memory, when the pipeline is built (SentencePie
 state is a few integers that Orbax saves with the model, and a resumed run reads exactly the batches
 an uninterrupted one would have.
 
-A document of n tokens (EOS appended) becomes windows of at most L+1 tokens that overlap by one, so
-every next-token pair is a target exactly once; windows are shuffled globally (re-shuffled each
-epoch), then packed first-fit into rows of L with segment ids (1-based, 0 = padding) and positions,
-so that attention never crosses a document and nothing is truncated.
+A document of n tokens (EOS appended) becomes windows of at most L+1 tokens starting every `stride`
+tokens. With stride L (the default, and always for evaluation) consecutive windows overlap by one
+token, so every next-token pair is a target exactly once; a smaller stride gives more windows with
+different contexts (stride 1 is nanoGPT's sampling of windows at every offset). Windows are shuffled
+globally (re-shuffled each epoch), then packed first-fit into rows of L with segment ids (1-based,
+0 = padding) and positions, so that attention never crosses a document and nothing is truncated.
 
 Batch keys, each (batch, L): inputs, targets, segment_ids, positions (int32) and weights (float32).
 """
@@ -42,9 +44,13 @@ class TokenWindows:
     return int(np.sum(self.ends - self.starts - 1))
 
 
-def tokenize_windows(documents: list[str], tok: tokenizer_lib.Tokenizer,
-                     seq_len: int) -> TokenWindows:
-  """Tokenizes `documents` and cuts them into overlapping windows of seq_len + 1 tokens."""
+def tokenize_windows(documents: list[str], tok: tokenizer_lib.Tokenizer, seq_len: int,
+                     stride: int = 0) -> TokenWindows:
+  """Tokenizes `documents` and cuts them into windows of seq_len + 1 tokens every `stride` tokens.
+
+  `stride` 0 means seq_len: every next-token pair is then in exactly one window.
+  """
+  stride = stride or seq_len
   encoded = tok.encode_batch(documents) if documents else []
   lengths = np.array([len(ids) + 1 for ids in encoded], np.int64)
   tokens = np.empty(int(lengths.sum()), np.int32)
@@ -53,8 +59,8 @@ def tokenize_windows(documents: list[str], tok: tokenizer_lib.Tokenizer,
   for ids, start, n in zip(encoded, doc_starts, lengths):
     tokens[start:start + n - 1] = ids
     tokens[start + n - 1] = tokenizer_lib.EOS_ID
-    # Windows of L+1 tokens every L tokens; a last window of a single token has no target.
-    offsets = np.arange(0, n - 1, seq_len, dtype=np.int64)
+    # Windows of L+1 tokens every `stride` tokens; a window of a single token has no target.
+    offsets = np.arange(0, n - 1, stride, dtype=np.int64)
     starts.append(start + offsets)
     ends.append(start + np.minimum(offsets + seq_len + 1, n))
   starts_all = np.concatenate(starts) if starts else np.zeros(0, np.int64)
@@ -80,7 +86,8 @@ def _finish(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarr
 
 def _packed_batches(ds: grain.MapDataset, *, seq_len: int, batch_size: int,
                     drop_remainder: bool, worker_count: int) -> grain.IterDataset:
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=64))
+  # Reading a window is a slice of an in-memory array: read-ahead threads would only poll.
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   it = grain.experimental.FirstFitPackIterDataset(
       it, length_struct={'inputs': seq_len, 'targets': seq_len},
       num_packing_bins=batch_size, shuffle_bins=False)
