@@ -36,14 +36,19 @@ from pretrax.data import pipeline, sources  # noqa: E402
 NANOGPT_VAL_LOSS = 1.88  # nanoGPT README, this model after 2000 iterations.
 
 
-def median_ms(fn, *args, repeats: int = 50) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1000 * statistics.median(times)
+def interleaved_median_ms(fns: dict, rounds: int = 10, per_round: int = 8) -> dict[str, float]:
+  """Median ms per call of each function, timed in alternating rounds so drift hits all alike."""
+  times = {name: [] for name in fns}
+  for fn in fns.values():
+    for _ in range(3):
+      fn()
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      for _ in range(per_round):
+        start = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - start)
+  return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def step_timings(c) -> dict[str, float]:
@@ -57,7 +62,6 @@ def step_timings(c) -> dict[str, float]:
   batch = jax.tree.map(jnp.asarray, batch)
   run = state_lib.build(c, tok.vocab_size)
   state = run.init(c.seed)
-  params = state['params']
 
   def loss(p):
     m = nnx.merge(run.model_def, p)
@@ -75,15 +79,26 @@ def step_timings(c) -> dict[str, float]:
     holder['state'], step_metrics = full_step(holder['state'], batch)
     return step_metrics
 
-  return {
-      'forward_ms': median_ms(forward, params),
-      'forward_backward_ms': median_ms(forward_backward, params),
-      'step_ms': median_ms(one_step),
+  fns = {
+      'forward_ms': lambda: jax.block_until_ready(forward(holder['state']['params'])),
+      'forward_backward_ms': lambda: jax.block_until_ready(
+          forward_backward(holder['state']['params'])),
+      'step_ms': lambda: jax.block_until_ready(one_step()),
   }
+  try:
+    import torch_reference  # Optional: only where torch is installed.
+    # nanoGPT's own vocabulary: the 65 characters of Tiny Shakespeare (ours adds 256 byte pieces).
+    fns['torch_step_ms'] = torch_reference.make_step(vocab=65, context=c.data.seq_len,
+                                                     batch=c.data.batch_size)
+  except ImportError:
+    pass
+  timings = interleaved_median_ms(fns)
+  timings['vocab_size'] = tok.vocab_size
+  return timings
 
 
-def result_mfu(c, step_ms: float, peak: float) -> float:
-  model_cfg = state_lib.config_lib.model_config(c, vocab_size=65)
+def result_mfu(c, step_ms: float, peak: float, vocab_size: int) -> float:
+  model_cfg = state_lib.config_lib.model_config(c, vocab_size=vocab_size)
   flops = metrics.flops_per_token(model_cfg, c.data.seq_len) * c.data.batch_size * c.data.seq_len
   return flops / (step_ms / 1000) / peak
 
@@ -103,10 +118,11 @@ def main() -> None:
   peak = metrics.measure_matmul_peak()
   c.peak_flops = peak
   timings = step_timings(c)
+  step_mfu = result_mfu(c, timings['step_ms'], peak, timings['vocab_size'])
   if not args.steps:
     for key, value in timings.items():
-      print(f'{key}: {value:.1f}  (MFU {result_mfu(c, value, peak):.1%})' if key == 'step_ms'
-            else f'{key}: {value:.1f}')
+      print(f'{key}: {value:.1f}')
+    print(f'step MFU {step_mfu:.1%} of {peak / 1e9:.0f} GFLOP/s')
     return
 
   workdir = args.workdir or tempfile.mkdtemp(prefix='pretrax-bench-')
@@ -130,10 +146,15 @@ def main() -> None:
       ('forward + backward (jitted, median)', f'{timings["forward_backward_ms"]:.1f} ms'),
       ('train step with AdamW (jitted, median)', f'{timings["step_ms"]:.1f} ms'),
       ('train loop ms/step (median of 50-step intervals)', f'{loop_ms:.1f} ms'),
+      *([('PyTorch nanoGPT-architecture step (eager, vocab 65)',
+          f'{timings["torch_step_ms"]:.1f} ms'),
+         ('pretrax step / PyTorch step (same run, interleaved)',
+          f'{timings["step_ms"] / timings["torch_step_ms"]:.2f}')]
+        if 'torch_step_ms' in timings else []),
       ('tokens/s (train loop)', f'{tokens_per_step / loop_ms * 1000:,.0f}'),
       ('model FLOP/s (train loop)', f'{flops_per_step / loop_ms * 1000 / 1e9:.1f} GFLOP/s'),
       ('MFU (train loop, vs measured peak)', f'{flops_per_step / loop_ms * 1000 / peak:.1%}'),
-      ('MFU (step alone)', f'{flops_per_step / timings["step_ms"] * 1000 / peak:.1%}'),
+      ('MFU (step alone)', f'{step_mfu:.1%}'),
       ('compile time', f'{result["compile_s"]:.1f} s'),
       ('steps / wall time (all included)', f'{c.steps} / {wall:.0f} s'),
       (f'final val loss (step {c.steps})', f'{val_loss:.4f}'),
