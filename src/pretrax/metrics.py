@@ -40,7 +40,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 6.0 * matmul_params + 12.0 * cfg.num_layers * N * H * seq_len
 
 
-def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+def measure_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
   """FLOP/s of a large float32 matmul under jit on the default device (the CPU's usable peak)."""
   a = jnp.ones((size, size), jnp.float32)
   matmul = jax.jit(lambda x, y: x @ y)
