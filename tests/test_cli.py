@@ -1,6 +1,5 @@
 """The command line as a user runs it: errors, the quickstart, sampling, and a killed run resuming."""
 
-import os
 import signal
 import subprocess
 import sys

@@ -1,6 +1,5 @@
 """The weighted cross-entropy and the model's dtype and head options."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
