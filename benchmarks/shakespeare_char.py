@@ -21,17 +21,17 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, 'tests'))
+from pretrax import config as config_lib
+from pretrax import loss as loss_lib
+from pretrax import metrics
+from pretrax import state as state_lib
+from pretrax import step as step_lib
+from pretrax import tokenizer as tokenizer_lib
+from pretrax import train
+from pretrax.data import pipeline, sources
 
-from conftest import load_config  # noqa: E402  (the tests' config loader: configs/NAME.py)
-from pretrax import loss as loss_lib  # noqa: E402
-from pretrax import metrics  # noqa: E402
-from pretrax import state as state_lib  # noqa: E402
-from pretrax import step as step_lib  # noqa: E402
-from pretrax import tokenizer as tokenizer_lib  # noqa: E402
-from pretrax import train  # noqa: E402
-from pretrax.data import pipeline, sources  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # For the optional PyTorch reference beside this file.
 
 NANOGPT_VAL_LOSS = 1.88  # nanoGPT README, this model after 2000 iterations.
 
@@ -104,7 +104,7 @@ def step_timings(c) -> dict[str, float]:
 
 
 def result_mfu(c, step_ms: float, peak: float, vocab_size: int) -> float:
-  model_cfg = state_lib.config_lib.model_config(c, vocab_size=vocab_size)
+  model_cfg = config_lib.model_config(c, vocab_size=vocab_size)
   flops = metrics.flops_per_token(model_cfg, c.data.seq_len) * c.data.batch_size * c.data.seq_len
   return flops / (step_ms / 1000) / peak
 
@@ -116,7 +116,7 @@ def main() -> None:
   parser.add_argument('--workdir', default='')
   args = parser.parse_args()
 
-  c = load_config('shakespeare_char')
+  c = config_lib.load(os.path.join(HERE, '..', 'configs', 'shakespeare_char.py'))
   c.steps = args.steps
   c.sample.length = 0
   c.log_every = 50

@@ -12,13 +12,9 @@ SHAKESPEARE = os.path.normpath(os.path.join(REPO, '..', 'shared', 'data', 'tinys
 
 def load_config(name: str, arg: str | None = None):
   """A config from configs/NAME.py, as `--config=configs/NAME.py[:ARG]` would load it."""
-  import importlib.util
+  from pretrax import config
 
-  path = os.path.join(REPO, 'configs', f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config.load(os.path.join(REPO, 'configs', f'{name}.py'), arg)
 
 
 @pytest.fixture(scope='session')

@@ -6,6 +6,7 @@ only happen in one place and is caught by the locked ConfigDict.
 """
 
 import dataclasses
+import importlib.util
 import os
 
 import ml_collections
@@ -17,6 +18,15 @@ TOKENIZER_TYPES = ('char', 'bpe', 'unigram')
 DTYPES = ('float32', 'bfloat16', 'float16')
 # A corpus every machine has: the Python standard library's own sources.
 STDLIB_CORPUS = 'python-stdlib'
+
+
+def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file, as `--config=PATH[:ARG]` loads it (for scripts and tests)."""
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f'pretrax_config_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def shared_data(config_file: str, name: str) -> str:
