@@ -126,7 +126,8 @@ def main() -> None:
   step_mfu = result_mfu(c, timings['step_ms'], peak, timings['vocab_size'])
   if not args.steps:
     for key, value in timings.items():
-      print(f'{key}: {value:.1f}')
+      if key.endswith('_ms'):
+        print(f'{key}: {value:.1f}')
     print(f'step MFU {step_mfu:.1%} of {peak / 1e9:.0f} GFLOP/s')
     return
 
