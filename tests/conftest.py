@@ -6,6 +6,12 @@ import sys
 
 import pytest
 
+# Bit-exact comparisons (resume, accumulation) need deterministic reductions on GPUs too; CPUs
+# already are. Set before JAX starts, and inherited by the CLI subprocesses.
+_DETERMINISTIC = '--xla_gpu_deterministic_ops=true'
+if _DETERMINISTIC not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_DETERMINISTIC}'.strip()
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.normpath(os.path.join(REPO, '..', 'shared', 'data', 'tinyshakespeare.txt'))
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from conftest import REPO, load_config, run_cli
@@ -131,3 +132,19 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, corpus_path):
          [(r['step'], r['loss']) for r in b if 'loss' in r]
   assert [r['eval_loss'] for r in a if 'eval_loss' in r] == \
          [r['eval_loss'] for r in b if 'eval_loss' in r]
+
+
+@pytest.mark.parametrize('objective', ['masked_lm', 'span_corruption', 'prefix_lm',
+                                       'causal_lm:2,span_corruption:1,prefix_lm:1'])
+def test_every_objective_trains_from_the_command_line(tmp_path, corpus_path, objective):
+  result = run_cli('train', f'--config={TINY}', f'--workdir={tmp_path}',
+                   f'--config.data.path={corpus_path}', f'--config.objective={objective}',
+                   '--config.steps=6', '--config.log_every=3')
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = metrics.read_metrics(str(tmp_path))
+  assert [r['step'] for r in records if 'loss' in r] == [3, 6]
+  evaluation = [r for r in records if 'eval_loss' in r][-1]
+  assert np.isfinite(evaluation['eval_loss']) and 'eval_baseline_accuracy' in evaluation
+  if ',' in objective:  # A mixture reports each objective's loss too.
+    for name in ('causal_lm', 'span_corruption', 'prefix_lm'):
+      assert np.isfinite(evaluation[f'eval_loss_{name}'])

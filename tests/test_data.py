@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pretrax import tokenizer
-from pretrax.data import pipeline, sources
+from pretrax import config, tokenizer
+from pretrax.data import objectives, pipeline, sources
 
 L = 16
 
@@ -13,6 +13,13 @@ L = 16
 def tok(corpus_path):
   with open(corpus_path, encoding='utf-8') as f:
     return tokenizer.Tokenizer(tokenizer.train([f.read(50_000)], model_type='char'))
+
+
+@pytest.fixture(scope='module')
+def causal(tok):
+  c = config.base_config()
+  c.data.seq_len = L
+  return objectives.Objectives.from_config(c, tok)
 
 
 @pytest.fixture(scope='module')
@@ -36,8 +43,8 @@ def test_windows_cover_every_next_token_pair_once(tok, documents):
   pairs = []
   for i in range(len(windows)):
     w = windows[i]
-    assert len(w['inputs']) == len(w['targets']) <= L
-    pairs.extend(zip(w['inputs'].tolist(), w['targets'].tolist()))
+    assert 2 <= len(w) <= L + 1
+    pairs.extend(zip(w[:-1].tolist(), w[1:].tolist()))
   expected = []
   for doc in documents:
     ids = tok.encode(doc) + [tokenizer.EOS_ID]
@@ -46,9 +53,9 @@ def test_windows_cover_every_next_token_pair_once(tok, documents):
   assert windows.num_targets == len(expected)
 
 
-def test_packed_batches_keep_documents_apart(tok, documents):
+def test_packed_batches_keep_documents_apart(tok, documents, causal):
   windows = pipeline.tokenize_windows(documents, tok, L)
-  it = iter(pipeline.train_dataset(windows, seq_len=L, batch_size=4, seed=0))
+  it = iter(pipeline.train_dataset(windows, causal, seq_len=L, batch_size=4, seed=0))
   for _ in range(20):
     b = next(it)
     assert set(b) == set(pipeline.BATCH_KEYS)
@@ -71,9 +78,9 @@ def _take(it, n):
   return [next(it) for _ in range(n)]
 
 
-def test_same_seed_same_batches_and_resume_is_exact(tok, documents):
+def test_same_seed_same_batches_and_resume_is_exact(tok, documents, causal):
   windows = pipeline.tokenize_windows(documents, tok, L)
-  make = lambda seed: iter(pipeline.train_dataset(windows, seq_len=L, batch_size=4, seed=seed))
+  make = lambda seed: iter(pipeline.train_dataset(windows, causal, seq_len=L, batch_size=4, seed=seed))
   a, b, c = make(0), make(0), make(1)
   first_a, first_b, first_c = _take(a, 5), _take(b, 5), _take(c, 5)
   for x, y in zip(first_a, first_b):
@@ -89,19 +96,20 @@ def test_same_seed_same_batches_and_resume_is_exact(tok, documents):
       np.testing.assert_array_equal(x[k], y[k])
 
 
-def test_processes_read_disjoint_windows(tok, documents):
+def test_processes_read_disjoint_windows(tok, documents, causal):
   windows = pipeline.tokenize_windows(documents, tok, L)
   seen = []
   for p in range(2):
-    ds = pipeline.eval_dataset(windows, seq_len=L, batch_size=4, process_index=p, process_count=2)
+    ds = pipeline.eval_dataset(windows, causal, seq_len=L, batch_size=4, seed=0,
+                              process_index=p, process_count=2)
     seen.append(sum(int(b['weights'].sum()) for b in ds))
   assert seen[0] > 0 and seen[1] > 0
   assert seen[0] + seen[1] == windows.num_targets
 
 
-def test_eval_pass_covers_every_target_once(tok, documents):
+def test_eval_pass_covers_every_target_once(tok, documents, causal):
   windows = pipeline.tokenize_windows(documents, tok, L)
-  batches = list(pipeline.eval_dataset(windows, seq_len=L, batch_size=4))
+  batches = list(pipeline.eval_dataset(windows, causal, seq_len=L, batch_size=4, seed=0))
   assert sum(int(b['weights'].sum()) for b in batches) == windows.num_targets
   assert all(b['inputs'].shape == (4, L) for b in batches)
 

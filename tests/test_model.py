@@ -16,20 +16,22 @@ from pretrax.model import attention, layers, transformer
 L = 16
 
 
-def small_model(flavour: str = 'gpt2', **overrides) -> transformer.Transformer:
+def small_model(flavour: str = 'gpt2', objective: str = 'causal_lm',
+                **overrides) -> transformer.Transformer:
   c = load_config('tiny', 'llama' if flavour == 'llama' else None)
   c.data.seq_len = L
+  c.objective = objective
   for k, v in overrides.items():
     c.model[k] = v
   return transformer.build(config_lib.model_config(c, vocab_size=50), seed=0)
 
 
-def embedding_grads(model, ids_BL, segment_ids_BL, positions_BL, out_position):
+def embedding_grads(model, ids_BL, segment_ids_BL, positions_BL, out_position, prefix_BL=None):
   """d(sum of logits at `out_position`) / d(input embeddings at every position): (B, L)."""
   graphdef, params = nnx.split(model)
 
   def out(x_BLD):
-    logits = nnx.merge(graphdef, params).decode(x_BLD, segment_ids_BL, positions_BL)
+    logits = nnx.merge(graphdef, params).decode(x_BLD, segment_ids_BL, positions_BL, prefix_BL)
     return jnp.sum(logits[:, out_position])
 
   x_BLD = model.embed_tokens(ids_BL, positions_BL)
@@ -47,6 +49,52 @@ def test_output_does_not_depend_on_later_inputs(flavour):
   g = embedding_grads(model, ids, seg, pos, t)[0]
   assert np.all(g[t + 1:] == 0.0), g
   assert np.all(g[:t + 1] > 0.0), g
+
+
+@pytest.mark.parametrize('flavour', ['gpt2', 'llama'])
+def test_encoder_output_depends_on_later_inputs(flavour):
+  model = small_model(flavour, objective='masked_lm')
+  ids = jnp.arange(L, dtype=jnp.int32)[None] % 50
+  seg = jnp.array([[1] * 12 + [0] * 4], jnp.int32)
+  pos = jnp.array([list(range(12)) + [0] * 4], jnp.int32)
+  g = embedding_grads(model, ids, seg, pos, 3)[0]
+  assert np.all(g[:12] > 0.0), g  # Earlier and later tokens of its document alike.
+  assert np.all(g[12:] == 0.0), 'the encoder attends to padding'
+
+
+@pytest.mark.parametrize('flavour', ['gpt2', 'llama'])
+def test_prefix_lm_sees_its_whole_prefix_and_only_the_past_after_it(flavour):
+  model = small_model(flavour, objective='prefix_lm')
+  ids = (jnp.arange(L, dtype=jnp.int32)[None] * 3) % 50
+  # Two packed documents: positions 0-8 with a prefix of 4, then 9-15 with a prefix of 2.
+  seg = jnp.array([[1] * 9 + [2] * 7], jnp.int32)
+  pos = jnp.array([list(range(9)) + list(range(7))], jnp.int32)
+  prefix = jnp.array([[1] * 4 + [0] * 5 + [1] * 2 + [0] * 5], jnp.int32)
+  grads = lambda t: embedding_grads(model, ids, seg, pos, t, prefix)[0]
+  g = grads(1)  # Inside the first prefix: all of the prefix, nothing after it.
+  assert np.all(g[:4] > 0) and np.all(g[4:] == 0), g
+  g = grads(3)  # The prefix's last token does not see the first token after it.
+  assert np.all(g[:4] > 0) and np.all(g[4:] == 0), g
+  g = grads(4)  # The first token after the prefix: the prefix and itself.
+  assert np.all(g[:5] > 0) and np.all(g[5:] == 0), g
+  g = grads(9)  # The second document's prefix: its own prefix only.
+  assert np.all(g[:9] == 0) and np.all(g[9:11] > 0) and np.all(g[11:] == 0), g
+
+
+def test_prefix_mask_at_the_boundary():
+  seg = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2]], jnp.int32)
+  prefix = jnp.array([[1, 1, 0, 0, 0, 1, 1, 0]], jnp.int32)
+  mask = np.asarray(attention.attention_mask(seg, causal=True, prefix_BT=prefix)[0]).astype(int)
+  np.testing.assert_array_equal(mask, [
+      [1, 1, 0, 0, 0, 0, 0, 0],
+      [1, 1, 0, 0, 0, 0, 0, 0],
+      [1, 1, 1, 0, 0, 0, 0, 0],
+      [1, 1, 1, 1, 0, 0, 0, 0],
+      [1, 1, 1, 1, 1, 0, 0, 0],
+      [0, 0, 0, 0, 0, 1, 1, 0],
+      [0, 0, 0, 0, 0, 1, 1, 0],
+      [0, 0, 0, 0, 0, 1, 1, 1],
+  ])
 
 
 @pytest.mark.parametrize('flavour', ['gpt2', 'llama'])
@@ -134,9 +182,11 @@ def test_cpu_attention_matches_the_generic_path(num_kv_heads):
   v = jax.random.normal(keys[2], (B, T, num_kv_heads, H))
   seg = jnp.array([[1] * 5 + [2] * 7, [1] * 9 + [0] * 3])
   d_out = jax.random.normal(keys[3], (B, T, N, H))
-  for causal in (True, False):
+  prefix = jnp.array([[1] * 3 + [0] * 2 + [1] * 4 + [0] * 3, [1] * 6 + [0] * 6])
+  for causal, prefix_BT in ((True, None), (True, prefix), (False, None)):
     def run(backend):
       f = lambda q, k, v: jnp.sum(attention.attention(q, k, v, seg, causal=causal,
+                                                      prefix_BT=prefix_BT,
                                                       backend=backend) * d_out)
       return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
     (value_cpu, grads_cpu), (value_ref, grads_ref) = run('cpu'), run('gpu')

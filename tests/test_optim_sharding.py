@@ -93,8 +93,10 @@ def test_params_and_moments_are_sharded_as_the_rules_say_on_8_devices():
       assert len(attn['q'].addressable_shards) == 8
       print('ok', jax.device_count())
   ''')
+  python_path = os.pathsep.join(filter(None, [os.path.join(REPO, 'tests'),
+                                              os.environ.get('PYTHONPATH')]))
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             PYTHONPATH=os.path.join(REPO, 'tests'))
+             JAX_PLATFORMS='cpu', PYTHONPATH=python_path)
   result = subprocess.run([sys.executable, '-c', script], env=env, text=True,
                           capture_output=True, timeout=300, cwd=REPO)
   assert result.returncode == 0, result.stderr[-3000:]

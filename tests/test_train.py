@@ -35,11 +35,14 @@ def _final_params(workdir, c, step):
   return jax.device_get(state['params'])
 
 
-@pytest.mark.parametrize('accum', [1, 2])
-def test_stop_and_resume_equals_uninterrupted(tiny_config, tmp_path, accum):
+@pytest.mark.parametrize('accum, objective', [
+    (1, 'causal_lm'), (2, 'causal_lm'), (1, 'masked_lm'),
+    (2, 'causal_lm:1,span_corruption:1,prefix_lm:1')])
+def test_stop_and_resume_equals_uninterrupted(tiny_config, tmp_path, accum, objective):
   c = tiny_config
   c.steps, c.log_every, c.eval_every, c.checkpoint.every = 30, 1, 10, 10
   c.optim.grad_accum_steps = accum
+  c.objective = objective  # Masks, spans and splits must also be the same after resuming.
   c.model.dropout = 0.1  # Dropout keys must also continue where they stopped.
   straight, stopped = str(tmp_path / 'straight'), str(tmp_path / 'stopped')
   train.train(c, straight)

@@ -11,7 +11,8 @@ import os
 
 import ml_collections
 
-OBJECTIVES = ('causal_lm',)
+# The order is fixed: an example's `objective` field is an index into it.
+OBJECTIVES = ('causal_lm', 'masked_lm', 'span_corruption', 'prefix_lm')
 FLAVOURS = ('gpt2', 'llama')
 SCHEDULES = ('cosine', 'wsd', 'constant')
 TOKENIZER_TYPES = ('char', 'bpe', 'unigram')
@@ -44,6 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.steps = 1000  # Total optimizer steps of the run (a resumed run continues to this).
+  # causal_lm | masked_lm (an encoder) | span_corruption | prefix_lm, or a weighted mixture of
+  # the decoder objectives chosen per example, e.g. 'causal_lm:2,span_corruption:1,prefix_lm:1'.
   c.objective = 'causal_lm'
   c.log_every = 10
   c.eval_every = 250
@@ -81,10 +84,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_fraction = 0.1  # Held out from the end of the corpus, by position.
   c.data.worker_count = 0  # Grain multiprocessing workers; 0 reads in the main process.
 
+  c.masked_lm = ml_collections.ConfigDict()
+  c.masked_lm.rate = 0.15  # Share of non-special tokens chosen for prediction.
+  c.masked_lm.mask_token_fraction = 0.8  # Of the chosen: replaced by <mask>,
+  c.masked_lm.random_token_fraction = 0.1  # by a random token; the rest stay as they are.
+  c.masked_lm.whole_word = False  # Choose whole words (a piece starting with a space + its tail).
+
+  c.span_corruption = ml_collections.ConfigDict()
+  c.span_corruption.noise_density = 0.15  # Share of tokens in the corrupted spans (T5: 0.15).
+  c.span_corruption.mean_span_length = 3.0  # T5: 3.
+
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ''  # An existing SentencePiece .model; '': train one on the training split.
   c.tokenizer.model_type = 'char'
   c.tokenizer.vocab_size = 512  # Upper bound for `char` (its size is the alphabet's).
+  c.tokenizer.sentinels = -1  # Sentinel pieces to reserve; -1: 100 if the objective uses them.
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3
@@ -145,7 +159,8 @@ class ModelConfig:
   param_dtype: str
   dtype: str
   remat: bool
-  causal: bool = True
+  attention: str = 'causal'  # causal | prefix (bidirectional over batch['prefix']) | bidirectional
+  mlm_head: bool = False  # BERT's head: dense, GELU, norm, then the (tied) projection with a bias.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,8 +205,46 @@ def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
       param_dtype=m.param_dtype,
       dtype=m.dtype,
       remat=m.remat,
-      causal=c.objective == 'causal_lm',
+      attention=attention_kind(c.objective),
+      mlm_head=c.objective == 'masked_lm',
   )
+
+
+def objective_mixture(spec: str) -> tuple[tuple[str, float], ...]:
+  """'prefix_lm' -> (('prefix_lm', 1.0),); 'causal_lm:3,prefix_lm:1' -> weights summing to 1."""
+  parts = []
+  for item in spec.split(','):
+    name, _, weight = item.strip().partition(':')
+    _one_of('objective', name, OBJECTIVES)
+    try:
+      value = float(weight) if weight else 1.0
+    except ValueError:
+      value = -1.0
+    _require(value > 0, f'objective={spec!r}: the weight of {name} must be a positive number '
+             '(write NAME:WEIGHT,NAME:WEIGHT).')
+    parts.append((name, value))
+  names = [n for n, _ in parts]
+  _require(len(set(names)) == len(names), f'objective={spec!r} names an objective twice.')
+  _require(len(names) == 1 or 'masked_lm' not in names,
+           f'objective={spec!r}: masked_lm trains a bidirectional encoder and cannot be mixed '
+           'with the decoder objectives; run it on its own.')
+  total = sum(w for _, w in parts)
+  return tuple((n, w / total) for n, w in parts)
+
+
+def attention_kind(objective: str) -> str:
+  """The attention the objective needs: masked_lm an encoder's, prefix objectives a prefix."""
+  names = [n for n, _ in objective_mixture(objective)]
+  if names == ['masked_lm']:
+    return 'bidirectional'
+  return 'prefix' if set(names) & {'span_corruption', 'prefix_lm'} else 'causal'
+
+
+def num_sentinels(c: ml_collections.ConfigDict) -> int:
+  if c.tokenizer.sentinels >= 0:
+    return c.tokenizer.sentinels
+  uses_spans = 'span_corruption' in dict(objective_mixture(c.objective))
+  return 100 if uses_spans else 0
 
 
 def optim_config(c: ml_collections.ConfigDict) -> OptimConfig:
@@ -219,7 +272,7 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
 def validate(c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: bool = True) -> None:
   """Raises ConfigError naming the fields and the fix for anything that cannot run."""
   m, d, o = c.model, c.data, c.optim
-  _one_of('objective', c.objective, OBJECTIVES)
+  objective_mixture(c.objective)
   _one_of('model.flavour', m.flavour, FLAVOURS)
   _one_of('optim.schedule', o.schedule, SCHEDULES)
   _one_of('tokenizer.model_type', c.tokenizer.model_type, TOKENIZER_TYPES)
@@ -258,6 +311,20 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: 
   _require(0 <= o.min_lr <= o.lr, f'optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}.')
   _require(0.0 < o.decay_fraction <= 1.0,
            f'optim.decay_fraction={o.decay_fraction} must be in (0, 1].')
+  lm, sc = c.masked_lm, c.span_corruption
+  _require(0.0 < lm.rate < 1.0, f'masked_lm.rate={lm.rate} must be strictly between 0 and 1.')
+  _require(lm.mask_token_fraction >= 0 and lm.random_token_fraction >= 0
+           and lm.mask_token_fraction + lm.random_token_fraction <= 1.0,
+           f'masked_lm.mask_token_fraction={lm.mask_token_fraction} and '
+           f'masked_lm.random_token_fraction={lm.random_token_fraction} must be >= 0 and sum '
+           'to at most 1 (the rest stay unchanged).')
+  _require(0.0 < sc.noise_density < 1.0,
+           f'span_corruption.noise_density={sc.noise_density} must be strictly between 0 and 1.')
+  _require(sc.mean_span_length >= 1.0,
+           f'span_corruption.mean_span_length={sc.mean_span_length} must be at least 1.')
+  if c.objective == 'masked_lm':
+    _require(not c.sample.length, f'sample.length={c.sample.length}: a masked_lm encoder does not '
+             'generate text; set sample.length=0.')
   for name in ('log_every', 'eval_every'):
     _require(c[name] > 0, f'{name}={c[name]} must be positive.')
   _require(c.checkpoint.every > 0, f'checkpoint.every={c.checkpoint.every} must be positive.')

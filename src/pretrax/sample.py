@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from pretrax import checkpoint
+from pretrax import config as config_lib
 from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
 
@@ -70,6 +71,10 @@ def from_workdir(workdir: str, prompt: str, *, length: int, temperature: float, 
   if step is None:
     raise FileNotFoundError(f'no finished checkpoint in {checkpoint.directory(workdir)} yet.')
   c = ml_collections.ConfigDict(checkpoint.restore_config(mngr, step))
+  if c.objective == 'masked_lm':
+    mngr.close()
+    raise config_lib.ConfigError(f'the run in {workdir} trained a masked_lm encoder, which does '
+                                 'not generate text: sample from a decoder objective\'s run.')
   tok = tokenizer_lib.Tokenizer.load(c.tokenizer.path or os.path.join(workdir, 'tokenizer.model'))
   run = state_lib.build(c, tok.vocab_size)
   state, _ = checkpoint.restore(mngr, step, run.abstract)

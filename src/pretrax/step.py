@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pretrax import config as config_lib
 from pretrax import loss as loss_lib
 
 TrainState = dict[str, Any]
@@ -27,6 +28,8 @@ class StepConfig:
   z_loss: float = 0.0
   dropout: bool = False  # Whether the model uses dropout (then a per-step key is derived).
   seed: int = 0
+  # With several (a mixture), the loss of each is reported too, as loss_NAME / eval_loss_NAME.
+  objectives: tuple[str, ...] = ('causal_lm',)
 
 
 def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
@@ -34,11 +37,26 @@ def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
 
 
 def _forward_sums(params, batch: Batch, model_def: nnx.GraphDef, z_loss: float,
-                  dropout_rng: jax.Array | None) -> dict[str, jax.Array]:
+                  dropout_rng: jax.Array | None, num_objectives: int) -> dict[str, jax.Array]:
   model = nnx.merge(model_def, params)
   logits_BLV = model(batch['inputs'], batch['segment_ids'], batch['positions'],
-                     dropout_rng=dropout_rng)
-  return loss_lib.cross_entropy(logits_BLV, batch['targets'], batch['weights'], z_loss)
+                     batch.get('prefix'), dropout_rng=dropout_rng)
+  mixture = num_objectives > 1
+  return loss_lib.cross_entropy(logits_BLV, batch['targets'], batch['weights'], z_loss,
+                                groups_BL=batch['objective'] if mixture else None,
+                                num_groups=len(config_lib.OBJECTIVES) if mixture else 0)
+
+
+def _objective_metrics(sums, objectives: tuple[str, ...], prefix: str) -> Metrics:
+  """loss_NAME for each objective of a mixture (its mean over its own target tokens)."""
+  if len(objectives) < 2:
+    return {}
+  out = {}
+  for name in objectives:
+    k = config_lib.OBJECTIVES.index(name)
+    out[f'{prefix}loss_{name}'] = (sums['group_loss_sum'][k]
+                                   / jnp.maximum(sums['group_weight_sum'][k], 1.0))
+  return out
 
 
 def _grads(params, batch: Batch, total_weight: jax.Array, model_def: nnx.GraphDef,
@@ -46,7 +64,7 @@ def _grads(params, batch: Batch, total_weight: jax.Array, model_def: nnx.GraphDe
   """Gradient of the batch's mean loss (the total weight of the full batch divides every part)."""
 
   def objective(p):
-    sums = _forward_sums(p, batch, model_def, cfg.z_loss, dropout_rng)
+    sums = _forward_sums(p, batch, model_def, cfg.z_loss, dropout_rng, len(cfg.objectives))
     return (sums['loss_sum'] + sums['z_loss_sum']) / total_weight, sums
 
   return jax.grad(objective, has_aux=True)(params)
@@ -75,8 +93,9 @@ def train_step(state: TrainState, batch: Batch, *, model_def: nnx.GraphDef,
       return jax.tree.map(jnp.add, carry, (g, s)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    zero_sums = {k: jnp.zeros((), jnp.float32)
-                 for k in ('loss_sum', 'z_loss_sum', 'weight_sum', 'correct_sum')}
+    sums_shape = jax.eval_shape(lambda: _grads(params, jax.tree.map(lambda x: x[0], micro),
+                                               total_weight, model_def, cfg, rng)[1])
+    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
     (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), (jnp.arange(A), micro))
 
   updates, opt_state = optimizer.update(grads, state['opt_state'], params)
@@ -89,15 +108,21 @@ def train_step(state: TrainState, batch: Batch, *, model_def: nnx.GraphDef,
       'grad_norm': optax.global_norm(grads),
       'lr': schedule(step),
       'tokens': sums['weight_sum'],
+      **_objective_metrics(sums, cfg.objectives, ''),
   }
   return new_state, metrics
 
 
-def eval_step(params, batch: Batch, bytes_per_token: jax.Array, *,
-              model_def: nnx.GraphDef) -> Metrics:
-  """Sums over one held-out batch; the caller adds them up and divides."""
-  sums = _forward_sums(params, batch, model_def, 0.0, None)
+def eval_step(params, batch: Batch, bytes_per_token: jax.Array, baseline_id: jax.Array, *,
+              model_def: nnx.GraphDef, num_objectives: int = 1) -> Metrics:
+  """Sums over one held-out batch; the caller adds them up and divides.
+
+  baseline_correct_sum counts the targets equal to `baseline_id` (the training split's most
+  frequent token): the accuracy of always guessing it, a floor to compare accuracy with.
+  """
+  sums = _forward_sums(params, batch, model_def, 0.0, None, num_objectives)
   sums['byte_sum'] = jnp.sum(bytes_per_token[batch['targets']] * batch['weights'])
+  sums['baseline_correct_sum'] = jnp.sum((batch['targets'] == baseline_id) * batch['weights'])
   return sums
 
 
@@ -108,5 +133,6 @@ def jit_train_step(model_def: nnx.GraphDef, optimizer: optax.GradientTransformat
   return jax.jit(step_fn, donate_argnums=0, **jit_kwargs)
 
 
-def jit_eval_step(model_def: nnx.GraphDef, **jit_kwargs):
-  return jax.jit(functools.partial(eval_step, model_def=model_def), **jit_kwargs)
+def jit_eval_step(model_def: nnx.GraphDef, num_objectives: int = 1, **jit_kwargs):
+  return jax.jit(functools.partial(eval_step, model_def=model_def, num_objectives=num_objectives),
+                 **jit_kwargs)

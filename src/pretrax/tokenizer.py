@@ -1,7 +1,8 @@
 """SentencePiece tokenizers that round-trip any text exactly, with fixed special ids.
 
-Ids 0-3 are pad, unk, bos, eos in every pretrax tokenizer; id 4 is the mask token, reserved now so a
-masked objective can use it later without retraining. Byte fallback means no text is ever unknown.
+Ids 0-3 are pad, unk, bos, eos in every pretrax tokenizer; id 4 is the mask token (masked LM), and
+span corruption's sentinels `<sentinel_0>`, `<sentinel_1>`, ... follow it when the tokenizer is trained
+with them. Byte fallback means no text is ever unknown.
 """
 
 from collections.abc import Iterable, Iterator
@@ -12,6 +13,8 @@ import sentencepiece as spm
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3, 4
 MASK_PIECE = '<mask>'
+SENTINEL_PIECE = '<sentinel_{}>'
+_WHITESPACE = frozenset(' \t\n\r\u2581')
 # SentencePiece skips training sentences above its max length; we feed it chunks below that.
 _TRAIN_CHUNK_CHARS = 4096
 
@@ -22,8 +25,12 @@ def _chunks(texts: Iterable[str], size: int = _TRAIN_CHUNK_CHARS) -> Iterator[st
       yield text[start:start + size]
 
 
-def train(texts: Iterable[str], *, model_type: str = 'char', vocab_size: int = 512) -> bytes:
-  """Trains a lossless SentencePiece model on `texts`; returns the serialized model."""
+def train(texts: Iterable[str], *, model_type: str = 'char', vocab_size: int = 512,
+          num_sentinels: int = 0) -> bytes:
+  """Trains a lossless SentencePiece model on `texts`; returns the serialized model.
+
+  `num_sentinels` reserves that many sentinel pieces (ids 5, 6, ...) for span corruption.
+  """
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(
       sentence_iterator=_chunks(texts),
@@ -42,7 +49,7 @@ def train(texts: Iterable[str], *, model_type: str = 'char', vocab_size: int = 5
       # `char` models have as many pieces as the alphabet has characters; the size is a bound.
       hard_vocab_limit=model_type != 'char',
       pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-      control_symbols=[MASK_PIECE],
+      control_symbols=[MASK_PIECE] + [SENTINEL_PIECE.format(i) for i in range(num_sentinels)],
       num_threads=2,
       minloglevel=2,
   )
@@ -80,6 +87,32 @@ class Tokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
+
+  @property
+  def sentinel_ids(self) -> np.ndarray:
+    """Ids of `<sentinel_0>`, `<sentinel_1>`, ... in order; empty if trained without them."""
+    ids = []
+    while (i := self._sp.piece_to_id(SENTINEL_PIECE.format(len(ids)))) != self._sp.unk_id():
+      ids.append(i)
+    return np.array(ids, np.int32)
+
+  def special_ids(self) -> np.ndarray:
+    """Boolean table over ids: True for pad, unk, bos, eos, mask and sentinels (never text)."""
+    return np.array([self._sp.is_control(i) or self._sp.is_unknown(i)
+                     for i in range(self.vocab_size)], np.bool_)
+
+  def word_starts(self) -> np.ndarray:
+    """Boolean table over ids: True for pieces that begin a word (they start with whitespace,
+    SentencePiece's convention), and for special ids. Whole-word masking groups each word start
+    with the pieces after it."""
+    starts = self.special_ids()
+    for i in range(self.vocab_size):
+      if self._sp.is_byte(i):
+        starts[i] |= chr(int(self._sp.id_to_piece(i)[1:-1], 16)) in _WHITESPACE
+      else:
+        piece = self._sp.id_to_piece(i)
+        starts[i] |= bool(piece) and piece[0] in _WHITESPACE
+    return starts
 
   def bytes_per_token(self) -> np.ndarray:
     """UTF-8 bytes each id stands for (0 for control ids), for bits-per-byte."""

@@ -22,6 +22,7 @@ from pretrax import sharding
 from pretrax import state as state_lib
 from pretrax import step as step_lib
 from pretrax import tokenizer as tokenizer_lib
+from pretrax.data import objectives as objectives_lib
 from pretrax.data import pipeline
 from pretrax.data import sources
 
@@ -70,11 +71,14 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       f'{len(train_windows.tokens):,} train / {len(eval_windows.tokens):,} eval tokens, '
       f'{len(train_windows):,} training windows; '
       f'vocab {tok.vocab_size}')
+  objectives = objectives_lib.Objectives.from_config(c, tok)
   per_process_batch = c.data.batch_size // jax.process_count()
   train_iter = iter(pipeline.train_dataset(
-      train_windows, seq_len=seq_len, batch_size=per_process_batch, seed=c.seed,
+      train_windows, objectives, seq_len=seq_len, batch_size=per_process_batch, seed=c.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
       worker_count=c.data.worker_count))
+  if c.objective != 'causal_lm':
+    log(f'objective: {c.objective}')
 
   # ---- State: fresh, or restored with the data position -------------------------------------
   run = state_lib.build(c, tok.vocab_size)
@@ -92,30 +96,41 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # ---- Steps --------------------------------------------------------------------------------
   batch_sharding = sharding.batch_sharding(run.mesh)
   step_cfg = step_lib.StepConfig(grad_accum_steps=c.optim.grad_accum_steps, z_loss=c.optim.z_loss,
-                                 dropout=c.model.dropout > 0, seed=c.seed)
+                                 dropout=c.model.dropout > 0, seed=c.seed,
+                                 objectives=objectives.names)
   train_step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule, step_cfg,
                                        out_shardings=(run.shardings, None))
-  eval_step = step_lib.jit_eval_step(run.model_def)
+  eval_step = step_lib.jit_eval_step(run.model_def, len(objectives.names))
   bytes_per_token = jnp.asarray(tok.bytes_per_token())
+  baseline_id = jnp.int32(_most_frequent_token(train_windows.tokens, tok))
 
   def to_global(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
 
   def evaluate() -> dict[str, float]:
-    sums = {'loss_sum': 0.0, 'weight_sum': 0.0, 'byte_sum': 0.0, 'correct_sum': 0.0}
+    sums = None
     eval_iter = iter(pipeline.eval_dataset(
-        eval_windows, seq_len=seq_len, batch_size=per_process_batch,
+        eval_windows, objectives, seq_len=seq_len, batch_size=per_process_batch, seed=c.seed,
         process_index=jax.process_index(), process_count=jax.process_count()))
     for i, batch in enumerate(eval_iter):
       if c.eval_batches and i >= c.eval_batches:
         break
-      out = jax.device_get(eval_step(state['params'], to_global(batch), bytes_per_token))
-      for k in sums:
-        sums[k] += float(out[k])
-    loss = sums['loss_sum'] / max(sums['weight_sum'], 1.0)
-    return {'eval_loss': loss, 'eval_perplexity': float(np.exp(min(loss, 50.0))),
-            'eval_bits_per_byte': sums['loss_sum'] / np.log(2) / max(sums['byte_sum'], 1.0),
-            'eval_accuracy': sums['correct_sum'] / max(sums['weight_sum'], 1.0)}
+      out = jax.device_get(eval_step(state['params'], to_global(batch), bytes_per_token,
+                                     baseline_id))
+      sums = out if sums is None else jax.tree.map(np.add, sums, out)
+    weight = max(float(sums['weight_sum']), 1.0)
+    loss = float(sums['loss_sum']) / weight
+    result = {'eval_loss': loss, 'eval_perplexity': float(np.exp(min(loss, 50.0))),
+              'eval_accuracy': float(sums['correct_sum']) / weight,
+              'eval_baseline_accuracy': float(sums['baseline_correct_sum']) / weight}
+    if c.objective == 'causal_lm':  # Bits per byte of text only mean something for plain LM.
+      result['eval_bits_per_byte'] = (float(sums['loss_sum']) / np.log(2)
+                                      / max(float(sums['byte_sum']), 1.0))
+    for name in objectives.names if len(objectives.names) > 1 else ():
+      k = config_lib.OBJECTIVES.index(name)
+      result[f'eval_loss_{name}'] = (float(sums['group_loss_sum'][k])
+                                     / max(float(sums['group_weight_sum'][k]), 1.0))
+    return result
 
   # ---- Loop ---------------------------------------------------------------------------------
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
@@ -172,8 +187,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         flush()
         last_eval = {'step': done, **evaluate()}
         writer.write(last_eval)
-        log(f'eval at step {done}: loss {last_eval["eval_loss"]:.4f}, perplexity '
-            f'{last_eval["eval_perplexity"]:.2f}, {last_eval["eval_bits_per_byte"]:.3f} bits/byte')
+        log(_eval_line(done, last_eval))
         clock['time'] = time.perf_counter()  # Evaluation time is not training time.
       if done % c.checkpoint.every == 0 or done == c.steps:
         flush()
@@ -197,6 +211,23 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           'peak_flops': peak, 'flops_per_step': flops_per_step, 'sample': text}
 
 
+def _eval_line(step: int, e: dict[str, float]) -> str:
+  parts = [f'loss {e["eval_loss"]:.4f}', f'perplexity {e["eval_perplexity"]:.2f}']
+  if 'eval_bits_per_byte' in e:
+    parts.append(f'{e["eval_bits_per_byte"]:.3f} bits/byte')
+  parts.append(f'accuracy {e["eval_accuracy"]:.3f} (most frequent token: '
+               f'{e["eval_baseline_accuracy"]:.3f})')
+  parts += [f'{k[len("eval_"):]} {v:.4f}' for k, v in e.items() if k.startswith('eval_loss_')]
+  return f'eval at step {step}: ' + ', '.join(parts)
+
+
+def _most_frequent_token(tokens: np.ndarray, tok: tokenizer_lib.Tokenizer) -> int:
+  """The most frequent non-special token of the training split, for the baseline accuracy."""
+  counts = np.bincount(tokens, minlength=tok.vocab_size)
+  counts[tok.special_ids()] = 0
+  return int(np.argmax(counts))
+
+
 def _tokenizer(c: ml_collections.ConfigDict, workdir: str,
                train_docs: list[str]) -> tokenizer_lib.Tokenizer:
   """The configured tokenizer, the one this run trained before, or a new one on the train split."""
@@ -208,7 +239,8 @@ def _tokenizer(c: ml_collections.ConfigDict, workdir: str,
   else:
     start = time.perf_counter()
     tok = tokenizer_lib.Tokenizer(tokenizer_lib.train(
-        train_docs, model_type=c.tokenizer.model_type, vocab_size=c.tokenizer.vocab_size))
+        train_docs, model_type=c.tokenizer.model_type, vocab_size=c.tokenizer.vocab_size,
+        num_sentinels=config_lib.num_sentinels(c)))
     log(f'trained a {c.tokenizer.model_type} tokenizer ({tok.vocab_size} pieces) in '
         f'{time.perf_counter() - start:.1f} s')
   if jax.process_index() == 0:

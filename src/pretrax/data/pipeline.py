@@ -1,4 +1,4 @@
-"""Grain pipelines: documents -> tokens -> shuffled windows -> packed sequences -> batches.
+"""Grain pipelines: documents -> tokens -> shuffled windows -> examples -> packed sequences -> batches.
 
 The corpus is tokenized once, in memory, when the pipeline is built (SentencePiece with threads,
 ~350k tokens/s on two cores); every later stage is a lazy Grain transformation, so the iterator's
@@ -9,10 +9,13 @@ A document of n tokens (EOS appended) becomes windows of at most L+1 tokens star
 tokens. With stride L (the default, and always for evaluation) consecutive windows overlap by one
 token, so every next-token pair is a target exactly once; a smaller stride gives more windows with
 different contexts (stride 1 is nanoGPT's sampling of windows at every offset). Windows are shuffled
-globally (re-shuffled each epoch), then packed first-fit into rows of L with segment ids (1-based,
-0 = padding) and positions, so that attention never crosses a document and nothing is truncated.
+globally (re-shuffled each epoch), turned into examples by the run's objective (`objectives.py`:
+causal, prefix LM, span corruption or masked LM, each example's randomness seeded by its identity),
+then packed first-fit into rows of L with segment ids (1-based, 0 = padding) and positions, so that
+attention never crosses a document and nothing is truncated.
 
-Batch keys, each (batch, L): inputs, targets, segment_ids, positions (int32) and weights (float32).
+Batch keys, each (batch, L): inputs, targets, segment_ids, positions, prefix, objective (int32) and
+weights (float32); see objectives.py for what each means.
 """
 
 import dataclasses
@@ -21,8 +24,9 @@ import grain
 import numpy as np
 
 from pretrax import tokenizer as tokenizer_lib
+from pretrax.data import objectives as objectives_lib
 
-BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights')
+BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights', 'prefix', 'objective')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +39,8 @@ class TokenWindows:
   def __len__(self) -> int:
     return len(self.starts)
 
-  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    window = self.tokens[self.starts[i]:self.ends[i]]
-    return {'inputs': window[:-1], 'targets': window[1:]}
+  def __getitem__(self, i: int) -> np.ndarray:
+    return self.tokens[self.starts[i]:self.ends[i]]
 
   @property
   def num_targets(self) -> int:
@@ -69,14 +72,10 @@ def tokenize_windows(documents: list[str], tok: tokenizer_lib.Tokenizer, seq_len
 
 
 def _finish(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-  """Renames the packer's keys, adds weights, and pads a short last batch with empty rows."""
-  out = {
-      'inputs': batch['inputs'],
-      'targets': batch['targets'],
-      'segment_ids': batch['targets_segment_ids'],
-      'positions': batch['targets_positions'],
-  }
-  out['weights'] = (out['segment_ids'] > 0).astype(np.float32)
+  """Renames the packer's keys and pads a short last batch with empty rows."""
+  out = {k: batch[k] for k in objectives_lib.EXAMPLE_KEYS}
+  out['segment_ids'] = batch['inputs_segment_ids']
+  out['positions'] = batch['inputs_positions']
   missing = batch_size - len(out['inputs'])
   if missing:
     out = {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)])
@@ -89,7 +88,7 @@ def _packed_batches(ds: grain.MapDataset, *, seq_len: int, batch_size: int,
   # Reading a window is a slice of an in-memory array: read-ahead threads would only poll.
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   it = grain.experimental.FirstFitPackIterDataset(
-      it, length_struct={'inputs': seq_len, 'targets': seq_len},
+      it, length_struct={k: seq_len for k in objectives_lib.EXAMPLE_KEYS},
       num_packing_bins=batch_size, shuffle_bins=False)
   it = it.batch(batch_size, drop_remainder=drop_remainder)
   it = it.map(lambda b: _finish(b, batch_size))
@@ -98,8 +97,8 @@ def _packed_batches(ds: grain.MapDataset, *, seq_len: int, batch_size: int,
   return it
 
 
-def train_dataset(windows: TokenWindows, *, seq_len: int, batch_size: int, seed: int,
-                  process_index: int = 0, process_count: int = 1,
+def train_dataset(windows: TokenWindows, objectives: objectives_lib.Objectives, *, seq_len: int,
+                  batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
                   worker_count: int = 0) -> grain.IterDataset:
   """An endless, seeded stream of this process's share of the training batches.
 
@@ -109,15 +108,26 @@ def train_dataset(windows: TokenWindows, *, seq_len: int, batch_size: int, seed:
     raise ValueError(f'the training split has {len(windows)} windows, fewer than '
                      f'{process_count} processes: use more text.')
   ds = grain.MapDataset.range(len(windows))[process_index::process_count]
-  ds = ds.shuffle(seed=seed).repeat().map(lambda i: windows[int(i)])
+  epoch_length = len(ds)
+
+  def example(k: int, i: int) -> objectives_lib.Example:  # k: position in the endless stream.
+    return objectives.build(windows[int(i)], seed=seed, stream=objectives_lib.TRAIN_STREAM,
+                            epoch=k // epoch_length, index=int(i))
+
+  ds = ds.shuffle(seed=seed).repeat().map_with_index(example)
   return _packed_batches(ds, seq_len=seq_len, batch_size=batch_size, drop_remainder=True,
                          worker_count=worker_count)
 
 
-def eval_dataset(windows: TokenWindows, *, seq_len: int, batch_size: int,
-                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """One ordered pass over this process's share of the held-out windows, padded to full batches."""
+def eval_dataset(windows: TokenWindows, objectives: objectives_lib.Objectives, *, seq_len: int,
+                 batch_size: int, seed: int, process_index: int = 0,
+                 process_count: int = 1) -> grain.IterDataset:
+  """One ordered pass over this process's share of the held-out windows, padded to full batches.
+
+  The examples (masks, spans, splits) are the same at every evaluation of the run.
+  """
   ds = grain.MapDataset.range(len(windows))[process_index::process_count]
-  ds = ds.map(lambda i: windows[int(i)])
+  ds = ds.map(lambda i: objectives.build(windows[int(i)], seed=seed,
+                                         stream=objectives_lib.EVAL_STREAM, epoch=0, index=int(i)))
   return _packed_batches(ds, seq_len=seq_len, batch_size=batch_size, drop_remainder=False,
                          worker_count=0)

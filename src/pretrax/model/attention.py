@@ -1,7 +1,10 @@
 """One attention function for every mask and backend.
 
 Shape suffixes: B batch, T query length, S key length, N query heads, K key/value heads, H head dim.
-Masks: `segment_ids` (1-based, 0 = padding) keep packed documents apart; `causal` hides the future.
+Masks: `segment_ids` (1-based, 0 = padding) keep packed documents apart; `causal` hides the future
+except, with `prefix` (1 on the tokens of a bidirectional prefix), the prefix: every token of a
+document sees its prefix whole. Causal alone is a decoder, causal with a prefix a prefix LM, and
+neither an encoder.
 
 Backends: accelerators use `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPUs). On CPU
 the same maths runs heads-major with an explicit softmax backward (`_attention_core`), which XLA:CPU
@@ -18,7 +21,8 @@ import jax.numpy as jnp
 _MASKED = -1e30
 
 
-def attention_mask(segment_ids_BT: jax.Array, *, causal: bool) -> jax.Array:
+def attention_mask(segment_ids_BT: jax.Array, *, causal: bool,
+                   prefix_BT: jax.Array | None = None) -> jax.Array:
   """Boolean (B, T, T): True where query t may attend to key s.
 
   Padding (segment 0) attends to padding only, so no row is empty and no NaN appears.
@@ -26,14 +30,18 @@ def attention_mask(segment_ids_BT: jax.Array, *, causal: bool) -> jax.Array:
   mask_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
   if causal:
     T = segment_ids_BT.shape[1]
-    mask_BTS = mask_BTS & jnp.tril(jnp.ones((T, T), jnp.bool_))[None]
+    visible_BTS = jnp.tril(jnp.ones((T, T), jnp.bool_))[None]
+    if prefix_BT is not None:  # Keys in the prefix are visible from anywhere in their document.
+      visible_BTS = visible_BTS | (prefix_BT[:, None, :] > 0)
+    mask_BTS = mask_BTS & visible_BTS
   return mask_BTS
 
 
 def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_ids_BT: jax.Array,
-              *, causal: bool, backend: str | None = None) -> jax.Array:
-  """Scaled dot-product attention with segment and causal masks; returns (B, T, N, H)."""
-  mask_BTS = attention_mask(segment_ids_BT, causal=causal)
+              *, causal: bool, prefix_BT: jax.Array | None = None,
+              backend: str | None = None) -> jax.Array:
+  """Scaled dot-product attention with segment, causal and prefix masks; returns (B, T, N, H)."""
+  mask_BTS = attention_mask(segment_ids_BT, causal=causal, prefix_BT=prefix_BT)
   if (backend or jax.default_backend()) != 'cpu':
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None])
   N, K, H = q_BTNH.shape[2], k_BSKH.shape[2], q_BTNH.shape[3]

@@ -1,6 +1,9 @@
-"""The decoder-only transformer, in a GPT-2 flavour and a Llama flavour.
+"""One transformer for every objective, in a GPT-2 flavour and a Llama flavour.
 
 gpt2: learned positions, LayerNorm, GELU MLP. llama: RoPE, RMSNorm, SwiGLU, grouped-query attention.
+`cfg.attention` makes it a decoder ('causal'), a prefix LM ('prefix': bidirectional over the tokens
+that batch['prefix'] marks) or an encoder ('bidirectional'); `cfg.mlm_head` adds BERT's prediction
+head (dense, GELU, norm, then the output projection with a bias) for masked LM.
 Shape suffixes: B batch, L length, D embed, N query heads, K key/value heads, H head dim, V vocab.
 """
 
@@ -47,8 +50,8 @@ class Attention(nnx.Module):
     else:
       self.q_bias = self.k_bias = self.v_bias = self.o_bias = None
 
-  def __call__(self, x_BLD: jax.Array, segment_ids_BL: jax.Array,
-               positions_BL: jax.Array) -> jax.Array:
+  def __call__(self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
+               prefix_BL: jax.Array | None) -> jax.Array:
     cfg = self.cfg
     cast = lambda p: p[...].astype(cfg.dtype)
     q_BLNH = jnp.einsum('BLD,DNH->BLNH', x_BLD, cast(self.q))
@@ -60,7 +63,9 @@ class Attention(nnx.Module):
     if cfg.flavour == 'llama':
       q_BLNH = layers.rope(q_BLNH, positions_BL, cfg.rope_theta)
       k_BLKH = layers.rope(k_BLKH, positions_BL, cfg.rope_theta)
-    out_BLNH = attention_lib.attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, causal=cfg.causal)
+    out_BLNH = attention_lib.attention(
+        q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, causal=cfg.attention != 'bidirectional',
+        prefix_BT=prefix_BL if cfg.attention == 'prefix' else None)
     y_BLD = jnp.einsum('BLNH,NHD->BLD', out_BLNH, cast(self.o))
     if self.o_bias is not None:
       y_BLD = y_BLD + cast(self.o_bias)
@@ -81,10 +86,10 @@ class Block(nnx.Module):
         param_dtype=_dtype(cfg.param_dtype), dtype=_dtype(cfg.dtype), rngs=rngs)
 
   def __call__(self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
-               dropout_rng: jax.Array | None) -> jax.Array:
+               prefix_BL: jax.Array | None, dropout_rng: jax.Array | None) -> jax.Array:
     rate = self.cfg.dropout
     attn_rng, mlp_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
-    h = self.attn(self.attn_norm(x_BLD), segment_ids_BL, positions_BL)
+    h = self.attn(self.attn_norm(x_BLD), segment_ids_BL, positions_BL, prefix_BL)
     x_BLD = x_BLD + layers.dropout(h, rate, attn_rng)
     h = self.mlp(self.mlp_norm(x_BLD))
     return x_BLD + layers.dropout(h, rate, mlp_rng)
@@ -110,11 +115,21 @@ class Transformer(nnx.Module):
     else:
       self.head = layers.param(rngs, layers.normal(cfg.init_std), (cfg.embed_dim, cfg.vocab_size),
                                ('embed', 'vocab'), pdt)
+    if cfg.mlm_head:
+      D = cfg.embed_dim
+      self.mlm_dense = layers.param(rngs, layers.normal(cfg.init_std), (D, D), ('embed', 'mlp'), pdt)
+      self.mlm_dense_bias = layers.param(rngs, layers.zeros, (D,), ('mlp',), pdt)
+      self.mlm_norm = _norm(cfg, rngs)
+      self.mlm_bias = layers.param(rngs, layers.zeros, (cfg.vocab_size,), ('vocab',), pdt)
+    else:
+      self.mlm_dense = self.mlm_dense_bias = self.mlm_norm = self.mlm_bias = None
 
   def __call__(self, ids_BL: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
-               *, dropout_rng: jax.Array | None = None) -> jax.Array:
+               prefix_BL: jax.Array | None = None, *,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Logits (B, L, V). `prefix_BL` marks bidirectional tokens when cfg.attention is 'prefix'."""
     x_BLD = layers.dropout(self.embed_tokens(ids_BL, positions_BL), self.cfg.dropout, dropout_rng)
-    return self.decode(x_BLD, segment_ids_BL, positions_BL, dropout_rng=dropout_rng)
+    return self.decode(x_BLD, segment_ids_BL, positions_BL, prefix_BL, dropout_rng=dropout_rng)
 
   def embed_tokens(self, ids_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
     x_BLD = self.embed(ids_BL)
@@ -123,20 +138,27 @@ class Transformer(nnx.Module):
     return x_BLD
 
   def decode(self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
-             *, dropout_rng: jax.Array | None = None) -> jax.Array:
+             prefix_BL: jax.Array | None = None, *,
+             dropout_rng: jax.Array | None = None) -> jax.Array:
     """The transformer stack and output head, from input embeddings to float32 logits."""
     cfg = self.cfg
     for i, block in enumerate(self.blocks):
       rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i + 1)
       if cfg.remat:
-        x_BLD = nnx.remat(type(block).__call__)(block, x_BLD, segment_ids_BL, positions_BL, rng)
+        x_BLD = nnx.remat(type(block).__call__)(block, x_BLD, segment_ids_BL, positions_BL,
+                                                prefix_BL, rng)
       else:
-        x_BLD = block(x_BLD, segment_ids_BL, positions_BL, rng)
+        x_BLD = block(x_BLD, segment_ids_BL, positions_BL, prefix_BL, rng)
     x_BLD = self.final_norm(x_BLD)
+    if self.mlm_dense is not None:
+      h_BLD = layers.dense(x_BLD, self.mlm_dense[...].astype(cfg.dtype))
+      x_BLD = self.mlm_norm(layers.gelu_tanh(h_BLD + self.mlm_dense_bias[...].astype(cfg.dtype)))
     if self.head is None:
       logits_BLV = self.embed.attend(x_BLD)
     else:
       logits_BLV = jnp.einsum('BLD,DV->BLV', x_BLD, self.head[...].astype(cfg.dtype))
+    if self.mlm_bias is not None:
+      logits_BLV = logits_BLV + self.mlm_bias[...].astype(cfg.dtype)
     return logits_BLV.astype(jnp.float32)
 
 
