@@ -28,7 +28,7 @@ from pretrax import state as state_lib
 from pretrax import step as step_lib
 from pretrax import tokenizer as tokenizer_lib
 from pretrax import train
-from pretrax.data import pipeline, sources
+from pretrax.data import objectives, pipeline, sources
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # For the optional PyTorch reference beside this file.
@@ -56,9 +56,11 @@ def step_timings(c) -> dict[str, float]:
   paths = sources.expand_paths(c.data.path)
   docs = sources.read_documents(paths) if paths else sources.read_stdlib_documents()
   tok = tokenizer_lib.Tokenizer(tokenizer_lib.train(docs, model_type='char'))
-  windows = pipeline.tokenize_windows(docs, tok, c.data.seq_len)
-  batch = next(iter(pipeline.train_dataset(windows, seq_len=c.data.seq_len,
-                                           batch_size=c.data.batch_size, seed=0)))
+  windows = pipeline.tokenize_windows(docs, tok, c.data.seq_len, c.data.window_stride)
+  batches = iter(pipeline.train_dataset(windows, objectives.Objectives.from_config(c, tok),
+                                        seq_len=c.data.seq_len, batch_size=c.data.batch_size,
+                                        seed=0))
+  batch = next(batches)
   batch = jax.tree.map(jnp.asarray, batch)
   run = state_lib.build(c, tok.vocab_size)
   state = run.init(c.seed)
@@ -89,6 +91,8 @@ def step_timings(c) -> dict[str, float]:
       'forward_backward_ms': lambda: jax.block_until_ready(
           forward_backward(holder['state']['params'])),
       'step_ms': lambda: jax.block_until_ready(one_step()),
+      # The host's share of a training step: window -> example -> packing -> batch.
+      'input_batch_ms': lambda: next(batches),
   }
   try:
     import torch_reference  # Optional: only where torch is installed.

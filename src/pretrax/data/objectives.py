@@ -70,9 +70,26 @@ class Objectives:
                random_token_fraction=m.random_token_fraction, whole_word=m.whole_word,
                noise_density=s.noise_density, mean_span_length=s.mean_span_length)
 
+  @property
+  def packed_keys(self) -> tuple[str, ...]:
+    """The example keys that carry information for this mixture; the pipeline packs only these
+    (packing costs per key) and fills the others with their constant values."""
+    keys = ['inputs', 'targets']
+    if self.names != ('causal_lm',):
+      keys.append('weights')
+    if set(self.names) & {'span_corruption', 'prefix_lm'}:
+      keys.append('prefix')
+    if len(self.names) > 1:
+      keys.append('objective')
+    return tuple(keys)
+
   def build(self, window: np.ndarray, *, seed: int, stream: int, epoch: int,
             index: int) -> Example:
     """The example for `window` (at most seq_len + 1 tokens), drawn from its own generator."""
+    if self.names == ('causal_lm',):  # Nothing random to draw: skip making a generator.
+      example = causal_lm(window)
+      example['objective'] = np.zeros(len(example['inputs']), np.int32)
+      return example
     rng = np.random.default_rng([seed, stream, epoch, index])
     k = 0 if len(self.names) == 1 else int(rng.choice(len(self.names), p=self.weights))
     name = self.names[k]

@@ -23,6 +23,7 @@ import dataclasses
 import grain
 import numpy as np
 
+from pretrax import config as config_lib
 from pretrax import tokenizer as tokenizer_lib
 from pretrax.data import objectives as objectives_lib
 
@@ -71,11 +72,20 @@ def tokenize_windows(documents: list[str], tok: tokenizer_lib.Tokenizer, seq_len
   return TokenWindows(tokens=tokens, starts=starts_all, ends=ends_all)
 
 
-def _finish(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
-  """Renames the packer's keys and pads a short last batch with empty rows."""
-  out = {k: batch[k] for k in objectives_lib.EXAMPLE_KEYS}
+def _finish(batch: dict[str, np.ndarray], batch_size: int,
+            objectives: objectives_lib.Objectives) -> dict[str, np.ndarray]:
+  """Renames the packer's keys, fills the keys that were not packed, and pads a short last batch
+  with empty rows."""
+  out = {k: batch[k] for k in objectives.packed_keys}
   out['segment_ids'] = batch['inputs_segment_ids']
   out['positions'] = batch['inputs_positions']
+  if 'weights' not in out:  # Plain causal LM: every real token is a target.
+    out['weights'] = (out['segment_ids'] > 0).astype(np.float32)
+  if 'prefix' not in out:  # No prefix objective: the model does not read it.
+    out['prefix'] = np.zeros_like(out['inputs'])
+  if 'objective' not in out:  # A single objective.
+    index = config_lib.OBJECTIVES.index(objectives.names[0])
+    out['objective'] = np.full_like(out['inputs'], index)
   missing = batch_size - len(out['inputs'])
   if missing:
     out = {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)])
@@ -83,15 +93,18 @@ def _finish(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarr
   return out
 
 
-def _packed_batches(ds: grain.MapDataset, *, seq_len: int, batch_size: int,
-                    drop_remainder: bool, worker_count: int) -> grain.IterDataset:
+def _packed_batches(ds: grain.MapDataset, objectives: objectives_lib.Objectives, *, seq_len: int,
+                    batch_size: int, drop_remainder: bool,
+                    worker_count: int) -> grain.IterDataset:
+  keys = objectives.packed_keys
+  ds = ds.map(lambda example: {k: example[k] for k in keys})
   # Reading a window is a slice of an in-memory array: read-ahead threads would only poll.
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   it = grain.experimental.FirstFitPackIterDataset(
-      it, length_struct={k: seq_len for k in objectives_lib.EXAMPLE_KEYS},
-      num_packing_bins=batch_size, shuffle_bins=False)
+      it, length_struct={k: seq_len for k in keys}, num_packing_bins=batch_size,
+      shuffle_bins=False)
   it = it.batch(batch_size, drop_remainder=drop_remainder)
-  it = it.map(lambda b: _finish(b, batch_size))
+  it = it.map(lambda b: _finish(b, batch_size, objectives))
   if worker_count > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return it
@@ -115,8 +128,8 @@ def train_dataset(windows: TokenWindows, objectives: objectives_lib.Objectives, 
                             epoch=k // epoch_length, index=int(i))
 
   ds = ds.shuffle(seed=seed).repeat().map_with_index(example)
-  return _packed_batches(ds, seq_len=seq_len, batch_size=batch_size, drop_remainder=True,
-                         worker_count=worker_count)
+  return _packed_batches(ds, objectives, seq_len=seq_len, batch_size=batch_size,
+                         drop_remainder=True, worker_count=worker_count)
 
 
 def eval_dataset(windows: TokenWindows, objectives: objectives_lib.Objectives, *, seq_len: int,
@@ -129,5 +142,5 @@ def eval_dataset(windows: TokenWindows, objectives: objectives_lib.Objectives, *
   ds = grain.MapDataset.range(len(windows))[process_index::process_count]
   ds = ds.map(lambda i: objectives.build(windows[int(i)], seed=seed,
                                          stream=objectives_lib.EVAL_STREAM, epoch=0, index=int(i)))
-  return _packed_batches(ds, seq_len=seq_len, batch_size=batch_size, drop_remainder=False,
-                         worker_count=0)
+  return _packed_batches(ds, objectives, seq_len=seq_len, batch_size=batch_size,
+                         drop_remainder=False, worker_count=0)
