@@ -163,7 +163,8 @@ def test_every_config_builds_abstractly(name):
   config_lib.validate(c, check_data=False)
   run = state_lib.build(c, vocab_size=c.tokenizer.vocab_size)
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.abstract['params']))
-  expected = {'gpt2_small': (124e6, 125e6), 'llama_1b': (1.0e9, 1.1e9)}
+  expected = {'gpt2_small': (124e6, 125e6), 'llama_1b': (1.0e9, 1.1e9),
+              'bert_base': (109e6, 112e6)}
   if name in expected:
     low, high = expected[name]
     assert low <= params <= high, params

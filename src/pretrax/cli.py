@@ -16,6 +16,7 @@ commands:
   train      --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
   sample     --workdir=DIR [--prompt=TEXT] [--length=N] [--temperature=T]
   tokenizer  --input=FILES --output=PATH.model [--model_type=char|bpe|unigram] [--vocab_size=N]
+             [--sentinels=N]
 """
 
 
@@ -41,6 +42,7 @@ def _define_tokenizer() -> None:
   flags.DEFINE_enum('model_type', 'bpe', ['char', 'bpe', 'unigram'], 'SentencePiece model type.')
   flags.DEFINE_integer('vocab_size', 8192, 'Vocabulary size (an upper bound for char).')
   flags.DEFINE_string('separator', '', 'Split files into documents on this string.')
+  flags.DEFINE_integer('sentinels', 0, 'Sentinel pieces to reserve for span corruption (T5: 100).')
 
 
 def _require_flags(*names: str) -> None:
@@ -79,7 +81,8 @@ def _run_tokenizer() -> None:
     raise FileNotFoundError(f'--input={FLAGS.input!r} matches no file: give text files or globs.')
   documents = sources.read_documents(files, FLAGS.separator)
   tok = tokenizer.Tokenizer(tokenizer.train(documents, model_type=FLAGS.model_type,
-                                            vocab_size=FLAGS.vocab_size))
+                                            vocab_size=FLAGS.vocab_size,
+                                            num_sentinels=FLAGS.sentinels))
   tok.save(FLAGS.output)
   print(f'wrote {FLAGS.output}: {FLAGS.model_type} model, {tok.vocab_size} pieces, '
         f'from {len(files)} file(s)')

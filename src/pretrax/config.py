@@ -14,7 +14,7 @@ import ml_collections
 # The order is fixed: an example's `objective` field is an index into it.
 OBJECTIVES = ('causal_lm', 'masked_lm', 'span_corruption', 'prefix_lm')
 FLAVOURS = ('gpt2', 'llama')
-SCHEDULES = ('cosine', 'wsd', 'constant')
+SCHEDULES = ('cosine', 'linear', 'wsd', 'constant')
 TOKENIZER_TYPES = ('char', 'bpe', 'unigram')
 DTYPES = ('float32', 'bfloat16', 'float16')
 # A corpus every machine has: the Python standard library's own sources.
@@ -129,7 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompt = ''
-  c.sample.length = 0  # Tokens to print at the end of training; 0 prints none.
+  # Tokens to print at the end of training; 0 prints none. A masked LM shows its predictions on
+  # this many held-out tokens instead of generating.
+  c.sample.length = 0
   c.sample.temperature = 0.8
   c.sample.top_k = 0
   return c
@@ -322,9 +324,6 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: 
            f'span_corruption.noise_density={sc.noise_density} must be strictly between 0 and 1.')
   _require(sc.mean_span_length >= 1.0,
            f'span_corruption.mean_span_length={sc.mean_span_length} must be at least 1.')
-  if c.objective == 'masked_lm':
-    _require(not c.sample.length, f'sample.length={c.sample.length}: a masked_lm encoder does not '
-             'generate text; set sample.length=0.')
   for name in ('log_every', 'eval_every'):
     _require(c[name] > 0, f'{name}={c[name]} must be positive.')
   _require(c.checkpoint.every > 0, f'checkpoint.every={c.checkpoint.every} must be positive.')

@@ -10,11 +10,13 @@ _EMBEDDING_NAMES = ('embedding', 'pos_embed')
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:
-  """Linear warmup from 0, then cosine to min_lr, warmup-stable-decay, or constant."""
+  """Linear warmup from 0, then cosine or linear decay to min_lr, warmup-stable-decay, or constant."""
   warmup = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
   rest = cfg.total_steps - cfg.warmup_steps
   if cfg.schedule == 'cosine':
     after = optax.cosine_decay_schedule(cfg.lr, max(rest, 1), alpha=cfg.min_lr / cfg.lr)
+  elif cfg.schedule == 'linear':  # BERT's.
+    after = optax.linear_schedule(cfg.lr, cfg.min_lr, max(rest, 1))
   elif cfg.schedule == 'wsd':
     decay_steps = max(int(round(cfg.total_steps * cfg.decay_fraction)), 1)
     after = optax.join_schedules(

@@ -60,6 +60,32 @@ def generate(model_def: nnx.GraphDef, params, tok: tokenizer_lib.Tokenizer, prom
   return prompt + tok.decode(generated)
 
 
+@functools.partial(jax.jit, static_argnames=('model_def',))
+def _predict(params, ids_1L: jax.Array, *, model_def: nnx.GraphDef) -> jax.Array:
+  L = ids_1L.shape[1]
+  model = nnx.merge(model_def, params)
+  logits = model(ids_1L, jnp.ones((1, L), jnp.int32), jnp.arange(L, dtype=jnp.int32)[None])
+  return jnp.argmax(logits[0], axis=-1)
+
+
+def fill_in(model_def: nnx.GraphDef, params, tok: tokenizer_lib.Tokenizer,
+            examples: list[dict[str, np.ndarray]]) -> str:
+  """A masked LM's predictions on masked examples, three lines each: the text, what the encoder
+  read (<mask> shown as _), and the text with its predictions at the chosen positions."""
+  show = lambda ids: ''.join(tok.decode([i]) if i != tokenizer_lib.MASK_ID else '_'
+                             for i in ids).replace('\n', '\u21b5')
+  lines, right, total = [], 0, 0
+  for e in examples:
+    predicted = np.asarray(_predict(params, jnp.asarray(e['inputs'])[None], model_def=model_def))
+    chosen = e['weights'] > 0
+    filled = np.where(chosen, predicted, e['targets'])
+    right += int(np.sum(predicted[chosen] == e['targets'][chosen]))
+    total += int(chosen.sum())
+    lines += [f'text:      {show(e["targets"])}', f'masked:    {show(e["inputs"])}',
+              f'predicted: {show(filled)}']
+  return '\n'.join(lines + [f'{right} of {total} chosen tokens right'])
+
+
 def from_workdir(workdir: str, prompt: str, *, length: int, temperature: float, top_k: int = 0,
                  seed: int = 0, step: int | None = None) -> str:
   """Generates from the latest (or the given) checkpoint of a training run."""

@@ -200,7 +200,16 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mngr.close()
   writer.close()
   text = ''
-  if c.sample.length:
+  if c.sample.length and c.objective == 'masked_lm':
+    examples = []
+    for i in range(len(eval_windows)):
+      if sum(len(e['inputs']) for e in examples) >= c.sample.length:
+        break
+      examples.append(objectives.build(eval_windows[i], seed=c.seed,
+                                       stream=objectives_lib.EVAL_STREAM, epoch=0, index=i))
+    text = sample_lib.fill_in(run.model_def, state['params'], tok, examples)
+    log(f'---- masked-token predictions on held-out text ----\n{text}\n----')
+  elif c.sample.length:
     text = sample_lib.generate(run.model_def, state['params'], tok, c.sample.prompt,
                                length=c.sample.length, seq_len=seq_len,
                                temperature=c.sample.temperature, top_k=c.sample.top_k, seed=c.seed)
