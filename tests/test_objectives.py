@@ -131,6 +131,7 @@ def test_masks_are_identical_after_a_resume(tok, windows):
     got = next(resumed)
     for key in pipeline.BATCH_KEYS:
       np.testing.assert_array_equal(got[key], want[key])
+    assert not np.any(got['weights'][got['segment_ids'] == 0]), 'padding was chosen'
 
 
 def test_span_corruption_reassembles_into_the_original(tok, windows):
