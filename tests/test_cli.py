@@ -1,14 +1,13 @@
-"""The command line as a user runs it: errors, the quickstart, sampling, and a killed run resuming."""
+"""The command line as a user runs it: errors, the quickstart, sampling, every objective.
 
-import signal
+Killed, stopped and misfed runs are in tests/faults/."""
+
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config, run_cli
+from conftest import load_config, run_cli
 from pretrax import config as config_lib
 from pretrax import metrics
 
@@ -101,37 +100,6 @@ def test_tokenizer_command(tmp_path, corpus_path):
 
 def test_sample_without_a_run_is_a_clear_error(tmp_path):
   _one_line_error(run_cli('sample', f'--workdir={tmp_path}'), 'no checkpoints', 'pretrax train')
-
-
-@pytest.mark.slow
-def test_killed_run_resumes_to_the_same_result(tmp_path, corpus_path):
-  args = [f'--config={TINY}', f'--config.data.path={corpus_path}', '--config.steps=40',
-          '--config.log_every=1', '--config.eval_every=20', '--config.checkpoint.every=10']
-  straight, killed = tmp_path / 'straight', tmp_path / 'killed'
-  assert run_cli('train', f'--workdir={straight}', *args).returncode == 0
-
-  proc = subprocess.Popen([sys.executable, '-m', 'pretrax.cli', 'train', f'--workdir={killed}',
-                           *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  # Kill it without warning once it has logged step 25: past a checkpoint, between two others.
-  while time.time() < deadline and proc.poll() is None:
-    path = killed / 'metrics.jsonl'
-    if path.exists() and any(r.get('step', 0) >= 25 for r in metrics.read_metrics(str(killed))):
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  logged = [r['step'] for r in metrics.read_metrics(str(killed)) if 'loss' in r]
-  assert logged and logged[-1] < 40, 'the run finished before it could be killed'
-
-  resumed = run_cli('train', f'--workdir={killed}', *args)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  a, b = metrics.read_metrics(str(straight)), metrics.read_metrics(str(killed))
-  assert [r['step'] for r in b if 'loss' in r] == list(range(1, 41))
-  assert [(r['step'], r['loss']) for r in a if 'loss' in r] == \
-         [(r['step'], r['loss']) for r in b if 'loss' in r]
-  assert [r['eval_loss'] for r in a if 'eval_loss' in r] == \
-         [r['eval_loss'] for r in b if 'eval_loss' in r]
 
 
 @pytest.mark.parametrize('objective', ['masked_lm', 'span_corruption', 'prefix_lm',

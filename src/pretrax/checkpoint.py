@@ -1,14 +1,20 @@
 """Orbax checkpoints holding the train state, the data iterator's position and the config.
 
 Layout: DIR/checkpoints/<step>/{state,data,config}. Saves are asynchronous: the loop goes on while
-the arrays are written, and a save is only visible once Orbax has committed it.
+the arrays are written into a temporary directory, renamed to <step> once complete, so a step
+directory is always a whole checkpoint.
 """
 
+import glob
 import os
+import shutil
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+
+_TMP_MARKER = '.orbax-checkpoint-tmp'
 
 
 def directory(workdir: str) -> str:
@@ -17,6 +23,8 @@ def directory(workdir: str) -> str:
 
 def manager(workdir: str, *, keep: int = 3, async_save: bool = True,
             read_only: bool = False) -> ocp.CheckpointManager:
+  if not read_only:
+    remove_partial(workdir)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
       enable_async_checkpointing=async_save,
@@ -24,6 +32,18 @@ def manager(workdir: str, *, keep: int = 3, async_save: bool = True,
       read_only=read_only,
   )
   return ocp.CheckpointManager(directory(workdir), options=options)
+
+
+def remove_partial(workdir: str) -> list[str]:
+  """Deletes what saves cut short (a killed process) left: `<step>.orbax-checkpoint-tmp*`
+  directories, never a step to restore from. Done here, synchronously, rather than by Orbax's
+  background clean-up, which races with a process that exits soon after starting."""
+  if jax.process_index() != 0:
+    return []
+  partial = glob.glob(os.path.join(glob.escape(directory(workdir)), f'*{_TMP_MARKER}*'))
+  for path in partial:
+    shutil.rmtree(path, ignore_errors=True)
+  return partial
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,

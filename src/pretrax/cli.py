@@ -4,6 +4,7 @@ Every expected failure (a bad config key or value, a missing file) ends with one
 naming the problem and the fix, and exit status 2.
 """
 
+import shlex
 import sys
 
 from absl import flags
@@ -126,11 +127,17 @@ def main(argv: list[str] | None = None) -> None:
     _fail(command, _unknown_key_message(argv, e))
   from pretrax.config import ConfigError
   from pretrax.data.sources import DataError
+  from pretrax import faults
   from pretrax.sharding import ShardingError
 
   try:
     run()
-  except (ConfigError, DataError, ShardingError, UsageError, FileNotFoundError) as e:
+  except faults.Stopped as e:
+    again = ' '.join(shlex.quote(a) for a in ['pretrax'] + argv[1:])
+    print(f'pretrax {command}: {e}. Resume with the same command: {again}', file=sys.stderr)
+    sys.exit(faults.STOPPED_EXIT_CODE)
+  except (ConfigError, DataError, ShardingError, UsageError, FileNotFoundError,
+          faults.WorkdirError, faults.NonFiniteError) as e:
     _fail(command, ' '.join(str(e).split()))
   except KeyboardInterrupt:
     _fail(command, 'interrupted')

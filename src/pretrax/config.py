@@ -78,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.path = ''  # A file, a directory or a glob; several separated by commas.
   c.data.fallback = ''  # Corpus to use when `path` is missing; STDLIB_CORPUS is the only one.
   c.data.separator = ''  # '': one document per file; else the string that splits documents.
+  c.data.skip_bad_files = False  # Skip (and count) empty, binary or non-UTF-8 files; else stop.
   c.data.seq_len = 64
   c.data.window_stride = 0  # Training windows start every this many tokens; 0: seq_len.
   c.data.batch_size = 12  # Global batch, in sequences, per optimizer step.
@@ -116,6 +117,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.clip_norm = 1.0  # 0 disables clipping.
   c.optim.grad_accum_steps = 1
   c.optim.z_loss = 0.0
+  # A non-finite loss or gradient stops the run (default) or, if true, skips that update.
+  c.optim.skip_nonfinite = False
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 500
@@ -126,6 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1: all devices not used by the other axes.
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+
+  c.fault = ml_collections.ConfigDict()
+  c.fault.poison_step = 0  # Testing: make the loss of this step (1-based) NaN; 0: never.
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompt = ''

@@ -30,6 +30,8 @@ class StepConfig:
   seed: int = 0
   # With several (a mixture), the loss of each is reported too, as loss_NAME / eval_loss_NAME.
   objectives: tuple[str, ...] = ('causal_lm',)
+  # Keep the old parameters and optimizer state when the loss or gradients are not finite.
+  skip_nonfinite: bool = False
 
 
 def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
@@ -101,14 +103,23 @@ def train_step(state: TrainState, batch: Batch, *, model_def: nnx.GraphDef,
   updates, opt_state = optimizer.update(grads, state['opt_state'], params)
   new_state = {'step': step + 1, 'params': optax.apply_updates(params, updates),
                'opt_state': opt_state}
+  grad_norm = optax.global_norm(grads)
+  skip_metrics = {}
+  if cfg.skip_nonfinite:
+    finite = jnp.isfinite(sums['loss_sum']) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jnp.where(finite, new, old)
+    new_state['params'] = jax.tree.map(keep, new_state['params'], params)
+    new_state['opt_state'] = jax.tree.map(keep, opt_state, state['opt_state'])
+    skip_metrics['skipped'] = 1 - finite.astype(jnp.int32)
   metrics = {
       'loss': sums['loss_sum'] / total_weight,
       'z_loss': sums['z_loss_sum'] / total_weight,
       'accuracy': sums['correct_sum'] / total_weight,
-      'grad_norm': optax.global_norm(grads),
+      'grad_norm': grad_norm,
       'lr': schedule(step),
       'tokens': sums['weight_sum'],
       **_objective_metrics(sums, cfg.objectives, ''),
+      **skip_metrics,
   }
   return new_state, metrics
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from pretrax import checkpoint
 from pretrax import config as config_lib
+from pretrax import faults
 from pretrax import metrics as metrics_lib
 from pretrax import sample as sample_lib
 from pretrax import sharding
@@ -28,7 +29,8 @@ from pretrax.data import sources
 
 # Fields that may change between a run and its resumption; any other change is refused.
 RESUMABLE_CHANGES = ('steps', 'log_every', 'eval_every', 'eval_batches', 'peak_flops',
-                     'checkpoint', 'sample', 'data.worker_count')
+                     'checkpoint', 'sample', 'data.worker_count', 'fault',
+                     'optim.skip_nonfinite')
 TOKENIZER_FILE = 'tokenizer.model'
 
 
@@ -38,11 +40,26 @@ def log(message: str) -> None:
 
 
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the run in `workdir`; returns the final train and eval metrics."""
-  # ---- Config -------------------------------------------------------------------------------
+  """Trains (or resumes) the run in `workdir`; returns the final train and eval metrics.
+
+  Raises faults.Stopped after saving when a SIGTERM or SIGINT asked it to stop.
+  """
   config_lib.validate(c, num_devices=jax.device_count())
-  os.makedirs(workdir, exist_ok=True)
-  mngr = checkpoint.manager(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
+  faults.check_writable(workdir)
+  with faults.WorkdirLock(workdir), faults.StopSignals() as stop:
+    mngr = checkpoint.manager(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
+    try:
+      return _train(c, workdir, stop, mngr)
+    finally:
+      # However the run ends (done, stopped, an error), a save in flight commits first and the
+      # manager's threads end: a checkpoint is complete or absent, never half-written.
+      mngr.wait_until_finished()
+      mngr.close()
+
+
+def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
+           mngr: checkpoint.ocp.CheckpointManager) -> dict[str, Any]:
+  # ---- Config -------------------------------------------------------------------------------
   latest = mngr.latest_step()
   if latest is not None:
     _check_resumable(c, checkpoint.restore_config(mngr, latest), latest)
@@ -50,7 +67,16 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # ---- Tokenizer and data -------------------------------------------------------------------
   files = sources.expand_paths(c.data.path) if c.data.path else []
   if files:
-    documents = sources.read_documents(files, c.data.separator)
+    bad_files: list[str] = []
+
+    def on_bad(path: str, reason: str) -> None:
+      bad_files.append(f'{path} {reason}')
+
+    documents = sources.read_documents(files, c.data.separator,
+                                       on_bad_file=on_bad if c.data.skip_bad_files else None)
+    if bad_files:
+      log(f'skipped {len(bad_files)} bad file(s) (data.skip_bad_files): {"; ".join(bad_files[:5])}'
+          + (' ...' if len(bad_files) > 5 else ''))
   else:  # validate() allowed this only with a fallback corpus.
     files = sources.stdlib_files()
     documents = sources.read_stdlib_documents()
@@ -89,6 +115,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state, _ = checkpoint.restore(mngr, latest, run.abstract, train_iter)
     start = int(state['step'])
     log(f'resumed from {checkpoint.directory(workdir)}/{latest} at step {start}')
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract))
+  faults.check_free_space(workdir, state_bytes, c.checkpoint.keep)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.abstract['params']))
   log(f'model: {c.model.flavour}, {num_params:,} parameters, mesh '
       f'{dict(run.mesh.shape)}')
@@ -97,7 +125,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   batch_sharding = sharding.batch_sharding(run.mesh)
   step_cfg = step_lib.StepConfig(grad_accum_steps=c.optim.grad_accum_steps, z_loss=c.optim.z_loss,
                                  dropout=c.model.dropout > 0, seed=c.seed,
-                                 objectives=objectives.names)
+                                 objectives=objectives.names,
+                                 skip_nonfinite=c.optim.skip_nonfinite)
   train_step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule, step_cfg,
                                        out_shardings=(run.shardings, None))
   eval_step = step_lib.jit_eval_step(run.model_def, len(objectives.names))
@@ -144,61 +173,81 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   compile_s = 0.0
   clock = {'time': time.perf_counter(), 'step': start}
 
+  skipped = 0  # Updates skipped for non-finite values since the last record.
+
   def flush() -> None:
-    nonlocal pending, last_train
+    """Fetches the pending step's metrics (every step: a non-finite loss must stop the run before
+    anything saves it); writes and prints them every log_every steps."""
+    nonlocal pending, last_train, skipped
     if pending is None:
       return
     step, device_metrics = pending
     pending = None
+    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    skipped += int(values.pop('skipped', 0))
+    bad = [k for k in ('loss', 'grad_norm') if not np.isfinite(values[k])]
+    if bad and not c.optim.skip_nonfinite:
+      raise faults.NonFiniteError(
+          f'{" and ".join(bad)} went non-finite at step {step} ({values[bad[0]]}); stopped '
+          f'without saving, the last checkpoint is step {mngr.latest_step()}. Fix the cause and '
+          'run the same command, or set --config.optim.skip_nonfinite=true to skip such steps.')
     if step % c.log_every and step != c.steps:
       return
-    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     now = time.perf_counter()
     seconds = (now - clock['time']) / max(step - clock['step'], 1)
     clock.update(time=now, step=step)
     record = {'step': step, **values, 'tokens_per_s': tokens_per_step / seconds,
               'mfu': flops_per_step / seconds / peak}
+    if c.optim.skip_nonfinite:
+      record['skipped_steps'] = skipped
+      skipped = 0
     writer.write(record)
     last_train = record
     log(metrics_lib.progress_line(step=step, total=c.steps, loss=values['loss'], lr=values['lr'],
                                   tokens_per_s=record['tokens_per_s'], mfu=record['mfu'],
                                   ms_per_step=1000 * seconds, eta_s=seconds * (c.steps - step)))
-    if not np.isfinite(values['loss']):
-      raise FloatingPointError(f'loss is {values["loss"]} at step {step}; the last checkpoint '
-                               f'is step {mngr.latest_step()}.')
 
-  if start < c.steps:
-    first_batch = to_global(next(train_iter))
-    compile_start = time.perf_counter()
-    train_step = train_step.lower(state, first_batch).compile()
-    compile_s = time.perf_counter() - compile_start
-    log(f'compiled the train step in {compile_s:.1f} s; '
-        f'MFU against {peak / 1e9:,.0f} GFLOP/s ({peak_source})')
-    clock['time'] = time.perf_counter()
-    batch = first_batch
-    for step in range(start, c.steps):
-      if step > start:
-        batch = to_global(next(train_iter))
-      state, device_metrics = train_step(state, batch)
+  try:
+    if start < c.steps:
+      first_batch = to_global(next(train_iter))
+      compile_start = time.perf_counter()
+      train_step = train_step.lower(state, first_batch).compile()
+      compile_s = time.perf_counter() - compile_start
+      log(f'compiled the train step in {compile_s:.1f} s; '
+          f'MFU against {peak / 1e9:,.0f} GFLOP/s ({peak_source})')
+      clock['time'] = time.perf_counter()
+      batch = first_batch
+      for step in range(start, c.steps):
+        if step > start:
+          batch = to_global(next(train_iter))
+        if step + 1 == c.fault.poison_step:  # Fault injection for tests: NaN in one batch.
+          batch = {**batch, 'weights': batch['weights'] * jnp.nan}
+        state, device_metrics = train_step(state, batch)
+        flush()
+        pending = (step + 1, device_metrics)
+        done = step + 1
+        if done % c.eval_every == 0 or done == c.steps:
+          flush()
+          last_eval = {'step': done, **evaluate()}
+          writer.write(last_eval)
+          log(_eval_line(done, last_eval))
+          clock['time'] = time.perf_counter()  # Evaluation time is not training time.
+        saving = done % c.checkpoint.every == 0 or done == c.steps
+        if saving:
+          flush()
+          checkpoint.save(mngr, done, state, train_iter, config_json)
+        if done < c.steps and stop.should_stop(done):
+          flush()
+          if not saving:
+            checkpoint.save(mngr, done, state, train_iter, config_json)
+          raise faults.Stopped(done, stop.received or 'a stop signal')
       flush()
-      pending = (step + 1, device_metrics)
-      done = step + 1
-      if done % c.eval_every == 0 or done == c.steps:
-        flush()
-        last_eval = {'step': done, **evaluate()}
-        writer.write(last_eval)
-        log(_eval_line(done, last_eval))
-        clock['time'] = time.perf_counter()  # Evaluation time is not training time.
-      if done % c.checkpoint.every == 0 or done == c.steps:
-        flush()
-        checkpoint.save(mngr, done, state, train_iter, config_json)
-    flush()
-  else:
-    log(f'already at step {start} of {c.steps}: nothing to train (raise --config.steps to go on).')
+    else:
+      log(f'already at step {start} of {c.steps}: nothing to train (raise --config.steps to go on).')
+  finally:
+    mngr.wait_until_finished()
+    writer.close()
 
-  mngr.wait_until_finished()
-  mngr.close()
-  writer.close()
   text = ''
   if c.sample.length and c.objective == 'masked_lm':
     examples = []

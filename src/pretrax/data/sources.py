@@ -1,5 +1,6 @@
 """Text sources: paths and globs to files, files to documents, documents to a train/eval split."""
 
+from collections.abc import Callable
 import glob
 import os
 import sysconfig
@@ -33,17 +34,33 @@ def stdlib_files() -> list[str]:
   return sorted(glob.glob(os.path.join(root, '*.py')))
 
 
-def read_documents(files: list[str], separator: str = '', max_chars: int = 0) -> list[str]:
-  """One document per file, or each file split on `separator`; empty documents are dropped."""
+def read_documents(files: list[str], separator: str = '', max_chars: int = 0,
+                   on_bad_file: Callable[[str, str], None] | None = None) -> list[str]:
+  """One document per file, or each file split on `separator`; empty documents are dropped.
+
+  An empty, binary or non-UTF-8 file raises DataError naming it, or, with `on_bad_file`, is
+  reported to it as (path, reason) and skipped.
+  """
   documents: list[str] = []
   total = 0
   for path in files:
+    reason = None
     try:
       with open(path, encoding='utf-8') as f:
         text = f.read()
     except UnicodeDecodeError as e:
-      raise DataError(f'{path} is not UTF-8 text ({e.reason} at byte {e.start}): '
-                       'convert it or leave it out of data.path.') from None
+      reason = f'is not UTF-8 text ({e.reason} at byte {e.start})'
+    else:
+      if not text:
+        reason = 'is empty'
+      elif '\x00' in text:
+        reason = 'is binary (it holds NUL bytes)'
+    if reason:
+      if on_bad_file is None:
+        raise DataError(f'{path} {reason}: fix it, leave it out of data.path, or set '
+                        '--config.data.skip_bad_files=true to skip such files.')
+      on_bad_file(path, reason)
+      continue
     parts = text.split(separator) if separator else [text]
     for part in parts:
       if part:
@@ -55,7 +72,9 @@ def read_documents(files: list[str], separator: str = '', max_chars: int = 0) ->
 
 
 def read_stdlib_documents() -> list[str]:
-  return read_documents(stdlib_files(), max_chars=_STDLIB_MAX_CHARS)
+  # Some standard-library files are empty (package markers) or not UTF-8: not ours to fix.
+  return read_documents(stdlib_files(), max_chars=_STDLIB_MAX_CHARS,
+                        on_bad_file=lambda path, reason: None)
 
 
 def split_by_position(documents: list[str], eval_fraction: float) -> tuple[list[str], list[str]]:

@@ -1,0 +1,214 @@
+"""Real `pretrax train` processes, hurt on purpose. After each fault the same command resumes to the
+parameters of a run that was never hurt (bit for bit on CPU), or the run fails with the expected
+one-line error."""
+
+import glob
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from conftest import REPO, run_cli
+from pretrax import checkpoint, metrics
+from pretrax import state as state_lib
+from pretrax import tokenizer
+
+TINY = os.path.join(REPO, 'configs', 'tiny.py')
+STOPPED = 75  # faults.STOPPED_EXIT_CODE
+
+
+def train_args(workdir, corpus_path, *overrides: str) -> list[str]:
+  return ['train', f'--config={TINY}', f'--workdir={workdir}', f'--config.data.path={corpus_path}',
+          '--config.data.fallback=', '--config.log_every=1', '--config.eval_every=1000',
+          *overrides]
+
+
+def start(args: list[str]) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, '-m', 'pretrax.cli', *args], cwd=REPO, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_until(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    if condition():
+      return
+    time.sleep(0.01)
+  raise AssertionError(f'condition not reached; exit {proc.poll()}')
+
+
+def logged_steps(workdir) -> list[int]:
+  if not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+    return []
+  return [r['step'] for r in metrics.read_metrics(str(workdir)) if 'loss' in r]
+
+
+def final_params(workdir, step: int):
+  mngr = checkpoint.manager(str(workdir), read_only=True)
+  c = ml_collections.ConfigDict(checkpoint.restore_config(mngr, step))
+  tok = tokenizer.Tokenizer.load(os.path.join(workdir, 'tokenizer.model'))
+  run = state_lib.build(c, tok.vocab_size)
+  state, _ = checkpoint.restore(mngr, step, run.abstract)
+  mngr.close()
+  return jax.device_get(state['params'])
+
+
+def assert_same_run(a, b, steps: int) -> None:
+  """Same losses at every step and the same final parameters, bit for bit."""
+  losses = lambda w: {r['step']: r['loss'] for r in metrics.read_metrics(str(w)) if 'loss' in r}
+  assert losses(a) == losses(b)
+  assert sorted(losses(b)) == list(range(1, steps + 1)), 'a step is missing or logged twice'
+  for x, y in zip(jax.tree.leaves(final_params(a, steps)), jax.tree.leaves(final_params(b, steps))):
+    np.testing.assert_array_equal(x, y)
+
+
+def one_line_error(result, *fragments: str) -> None:
+  assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+  lines = [l for l in result.stderr.strip().splitlines() if l.startswith('pretrax ')]
+  assert len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
+  for fragment in fragments:
+    assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory, corpus_path):
+  """A 40-step run that nothing interrupts, to compare the hurt runs with."""
+  workdir = tmp_path_factory.mktemp('straight')
+  result = run_cli(*train_args(workdir, corpus_path, '--config.steps=40',
+                               '--config.checkpoint.every=10'))
+  assert result.returncode == 0, result.stderr[-2000:]
+  return workdir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_stop_signal_saves_and_the_same_command_resumes_exactly(straight, tmp_path, corpus_path,
+                                                                signum):
+  at = random.Random().randint(3, 30)
+  args = train_args(tmp_path, corpus_path, '--config.steps=40', '--config.checkpoint.every=10')
+  proc = start(args)
+  wait_until(lambda: any(s >= at for s in logged_steps(tmp_path)), proc)
+  proc.send_signal(signum)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == STOPPED, (at, err[-2000:])
+  line = [l for l in err.splitlines() if l.startswith('pretrax train:')][-1]
+  stopped = int(line.split('after step ')[1].split(';')[0])
+  assert at <= stopped < 40 and 'Resume with the same command: pretrax train' in line, line
+  assert stopped in checkpoint.manager(str(tmp_path), read_only=True).all_steps()
+
+  resumed = run_cli(*args)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f'at step {stopped}' in resumed.stdout
+  assert_same_run(straight, tmp_path, 40)
+
+
+@pytest.mark.slow
+def test_a_live_workdir_is_locked_and_a_killed_run_leaves_no_lock(straight, tmp_path, corpus_path):
+  args = train_args(tmp_path, corpus_path, '--config.steps=40', '--config.checkpoint.every=10')
+  proc = start(args)
+  wait_until(lambda: any(s >= 12 for s in logged_steps(tmp_path)), proc)
+  one_line_error(run_cli(*args), 'in use by a live run', f'pid {proc.pid}')
+  proc.kill()
+  proc.wait()
+  resumed = run_cli(*args)  # The kernel released the dead run's lock.
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert_same_run(straight, tmp_path, 40)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_naming_step_and_metric_then_resumes(straight, tmp_path,
+                                                                  corpus_path):
+  args = train_args(tmp_path, corpus_path, '--config.steps=40', '--config.checkpoint.every=10')
+  one_line_error(run_cli(*args, '--config.fault.poison_step=17'),
+                 'loss', 'non-finite at step 17', 'last checkpoint is step 10')
+  assert checkpoint.manager(str(tmp_path), read_only=True).all_steps() == [10]
+  resumed = run_cli(*args)  # The bad batch is gone: the run goes on from step 10.
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert_same_run(straight, tmp_path, 40)
+
+
+@pytest.mark.slow
+def test_non_finite_updates_are_skipped_and_counted_when_asked(tmp_path, corpus_path):
+  result = run_cli(*train_args(tmp_path, corpus_path, '--config.steps=12',
+                               '--config.fault.poison_step=5', '--config.optim.skip_nonfinite=true'))
+  assert result.returncode == 0, result.stderr[-2000:]
+  records = {r['step']: r for r in metrics.read_metrics(str(tmp_path)) if 'loss' in r}
+  assert [s for s, r in records.items() if r['skipped_steps']] == [5]
+  assert np.isnan(records[5]['loss']) and np.isfinite(records[12]['loss'])
+  for leaf in jax.tree.leaves(final_params(tmp_path, 12)):
+    assert np.all(np.isfinite(leaf))
+
+
+@pytest.mark.slow
+def test_killed_during_an_async_save_resumes_from_the_last_complete_one(tmp_path, corpus_path):
+  # A model large enough (~14M parameters, ~170 MB of state) that a save takes a while.
+  big = ['--config.model.embed_dim=384', '--config.model.num_layers=8', '--config.steps=12',
+         '--config.checkpoint.every=4', '--config.checkpoint.keep=5']
+  straight_dir = tmp_path / 'straight'
+  assert run_cli(*train_args(straight_dir, corpus_path, *big)).returncode == 0
+  hurt = tmp_path / 'hurt'
+  args = train_args(hurt, corpus_path, *big)
+  proc = start(args)
+  partial = lambda: glob.glob(str(hurt / 'checkpoints' / '8.orbax-checkpoint-tmp*'))
+  wait_until(partial, proc)
+  proc.kill()  # SIGKILL while step 8's checkpoint is being written.
+  proc.wait()
+  assert partial(), 'the save finished before the kill: the window was not hit'
+  assert checkpoint.manager(str(hurt), read_only=True).all_steps() == [4]
+
+  resumed = run_cli(*args)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert 'at step 4' in resumed.stdout
+  assert not partial(), 'the partial checkpoint was not cleaned up'
+  assert_same_run(straight_dir, hurt, 12)
+
+
+@pytest.mark.parametrize('name, content, fragment', [
+    ('empty.txt', b'', 'is empty'),
+    ('latin1.txt', 'caf\u00e9'.encode('latin-1') * 50, 'is not UTF-8'),
+    ('binary.bin', bytes(range(256)) * 4, 'is not UTF-8'),
+    ('zeros.bin', b'\x00' * 500, 'is binary'),
+])
+def test_bad_data_files_fail_before_training(tmp_path, corpus_path, name, content, fragment):
+  bad = tmp_path / name
+  bad.write_bytes(content)
+  result = run_cli(*train_args(tmp_path / 'run', f'{corpus_path},{bad}', '--config.steps=2'))
+  one_line_error(result, str(bad), fragment, 'skip_bad_files')
+  assert not glob.glob(str(tmp_path / 'run' / 'checkpoints' / '*')), 'it trained anyway'
+
+
+def test_bad_files_are_skipped_and_counted_when_asked(tmp_path, corpus_path):
+  (tmp_path / 'empty.txt').write_bytes(b'')
+  (tmp_path / 'zeros.bin').write_bytes(b'\x00' * 10)
+  result = run_cli(*train_args(tmp_path / 'run', f'{corpus_path},{tmp_path}/empty.txt,'
+                               f'{tmp_path}/zeros.bin', '--config.steps=2',
+                               '--config.data.skip_bad_files=true'))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'skipped 2 bad file(s)' in result.stdout
+
+
+def test_a_glob_that_matches_nothing_fails_before_training(tmp_path):
+  one_line_error(run_cli(*train_args(tmp_path, str(tmp_path / 'nothing' / '*.txt'))),
+                 'matches no file')
+
+
+def test_an_unwritable_workdir_fails_before_training(tmp_path, corpus_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  one_line_error(run_cli(*train_args(blocker / 'run', corpus_path)), 'is not writable',
+                 '--workdir')
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root writes into read-only directories')
+def test_a_read_only_workdir_fails_before_training(tmp_path, corpus_path):
+  workdir = tmp_path / 'ro'
+  workdir.mkdir()
+  workdir.chmod(0o500)
+  one_line_error(run_cli(*train_args(workdir, corpus_path)), 'is not writable')
