@@ -12,6 +12,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 _TMP_MARKER = '.orbax-checkpoint-tmp'
@@ -46,6 +47,25 @@ def remove_partial(workdir: str) -> list[str]:
   return partial
 
 
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be trusted; the message names the step and the damage."""
+
+
+def fingerprint(state: Any) -> list[int]:
+  """Per array, the wrapping uint32 sum of its bit patterns: exact, independent of how the array
+  is sharded or summed, and changed by any damage a restore could silently turn into zeros."""
+  return [int(x) for x in jax.device_get(_bit_sums(jax.tree.leaves(state)))]
+
+
+@jax.jit
+def _bit_sums(leaves: list[jax.Array]) -> list[jax.Array]:
+  def bits(x: jax.Array) -> jax.Array:
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+
+  return [jnp.sum(bits(x), dtype=jnp.uint32) for x in leaves]
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
          config: dict[str, Any]) -> None:
   """Starts saving; the previous save is waited for first, so at most one is in flight."""
@@ -53,20 +73,46 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
       state=ocp.args.StandardSave(state),
       data=grain.checkpoint.CheckpointSave(data_iterator),
       config=ocp.args.JsonSave(config),
+      fingerprint=ocp.args.JsonSave({'bit_sums': fingerprint(state)}),
   ), force=True)
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
             data_iterator: Any | None = None) -> tuple[Any, dict[str, Any]]:
-  """Restores the state onto the shardings in `abstract_state`, and the iterator in place."""
+  """Restores the state onto the shardings in `abstract_state`, and the iterator in place, then
+  checks the arrays against the fingerprint taken when they were saved.
+
+  Raises CheckpointError naming the step and the damage.
+  """
   items = {
       'state': ocp.args.StandardRestore(abstract_state),
       'config': ocp.args.JsonRestore(),
+      'fingerprint': ocp.args.JsonRestore(),
   }
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-  restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  where = f'checkpoint {step} in {mngr.directory}'
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(**items))
+  except Exception as e:  # Orbax and TensorStore raise many kinds; all mean "unreadable".
+    detail = ' '.join(str(e).split())[:300]
+    raise CheckpointError(f'{where} is damaged ({type(e).__name__}: {detail})') from None
+  expected = restored['fingerprint']['bit_sums']
+  actual = fingerprint(restored['state'])
+  bad = sum(a != b for a, b in zip(actual, expected)) + abs(len(actual) - len(expected))
+  if bad:
+    raise CheckpointError(f'{where} is damaged: {bad} of {len(expected)} arrays differ from what '
+                          'was saved')
   return restored['state'], restored['config']
+
+
+def set_aside(workdir: str, step: int) -> str:
+  """Moves a damaged step out of the way (to WORKDIR/damaged_checkpoints/), keeping it to study."""
+  target = os.path.join(os.path.abspath(workdir), 'damaged_checkpoints', str(step))
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  shutil.rmtree(target, ignore_errors=True)
+  shutil.move(os.path.join(directory(workdir), str(step)), target)
+  return target
 
 
 def restore_config(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:

@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     _fail(command, ' '.join(str(e).split()))
   except (AttributeError, KeyError) as e:  # ml_collections: an override names no config field.
     _fail(command, _unknown_key_message(argv, e))
+  from pretrax.checkpoint import CheckpointError
   from pretrax.config import ConfigError
   from pretrax.data.sources import DataError
   from pretrax import faults
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f'pretrax {command}: {e}. Resume with the same command: {again}', file=sys.stderr)
     sys.exit(faults.STOPPED_EXIT_CODE)
   except (ConfigError, DataError, ShardingError, UsageError, FileNotFoundError,
-          faults.WorkdirError, faults.NonFiniteError) as e:
+          faults.WorkdirError, faults.NonFiniteError, CheckpointError) as e:
     _fail(command, ' '.join(str(e).split()))
   except KeyboardInterrupt:
     _fail(command, 'interrupted')

@@ -124,6 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every = 500
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
+  c.checkpoint.fallback = False  # Resume from the newest intact checkpoint if the latest is damaged.
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes.

@@ -62,7 +62,12 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
   # ---- Config -------------------------------------------------------------------------------
   latest = mngr.latest_step()
   if latest is not None:
-    _check_resumable(c, checkpoint.restore_config(mngr, latest), latest)
+    try:
+      saved_config = checkpoint.restore_config(mngr, latest)
+    except Exception:  # Damaged: the restore below names the damage (and may fall back).
+      saved_config = None
+    if saved_config is not None:
+      _check_resumable(c, saved_config, latest)
 
   # ---- Tokenizer and data -------------------------------------------------------------------
   files = sources.expand_paths(c.data.path) if c.data.path else []
@@ -112,9 +117,9 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
     state = run.init(c.seed)
     start = 0
   else:
-    state, _ = checkpoint.restore(mngr, latest, run.abstract, train_iter)
+    state = _restore_newest_intact(c, workdir, mngr, run.abstract, train_iter)
     start = int(state['step'])
-    log(f'resumed from {checkpoint.directory(workdir)}/{latest} at step {start}')
+    log(f'resumed from {checkpoint.directory(workdir)}/{start} at step {start}')
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract))
   faults.check_free_space(workdir, state_bytes, c.checkpoint.keep)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.abstract['params']))
@@ -267,6 +272,26 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
       f'{TOKENIZER_FILE}')
   return {'train': last_train, 'eval': last_eval, 'state': state, 'compile_s': compile_s,
           'peak_flops': peak, 'flops_per_step': flops_per_step, 'sample': text}
+
+
+def _restore_newest_intact(c: ml_collections.ConfigDict, workdir: str, mngr, abstract,
+                           train_iter) -> Any:
+  """The newest checkpoint's state; with checkpoint.fallback, damaged ones are set aside and the
+  next older one is tried. Never returns a state that differs from what was saved."""
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      state, _ = checkpoint.restore(mngr, step, abstract, train_iter)
+      return state
+    except checkpoint.CheckpointError as e:
+      if not c.checkpoint.fallback:
+        raise checkpoint.CheckpointError(
+            f'{e}: set --config.checkpoint.fallback=true to resume from the newest intact '
+            'checkpoint instead.') from None
+      moved = checkpoint.set_aside(workdir, step) if jax.process_index() == 0 else ''
+      log(f'{e}; moved it to {moved} and trying the one before (checkpoint.fallback)')
+      mngr.reload()
+  raise checkpoint.CheckpointError(f'no intact checkpoint in {checkpoint.directory(workdir)}: '
+                                   'use a new --workdir to start over.')
 
 
 def _eval_line(step: int, e: dict[str, float]) -> str:

@@ -11,6 +11,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -168,6 +169,45 @@ def test_killed_during_an_async_save_resumes_from_the_last_complete_one(tmp_path
   assert 'at step 4' in resumed.stdout
   assert not partial(), 'the partial checkpoint was not cleaned up'
   assert_same_run(straight_dir, hurt, 12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('damage', ['truncate', 'delete'])
+def test_a_damaged_checkpoint_is_named_and_fallback_resumes_from_an_intact_one(
+    straight, tmp_path, corpus_path, damage):
+  args = train_args(tmp_path, corpus_path, '--config.steps=40', '--config.checkpoint.every=10')
+  # Stop at 30 on the straight run's schedule, then damage checkpoint 30's arrays.
+  assert run_cli(*args[:-1], '--config.steps=30', '--config.optim.schedule_steps=40',
+                 '--config.checkpoint.every=10').returncode == 0
+  arrays = sorted(glob.glob(str(tmp_path / 'checkpoints' / '30' / 'state' / '*' / 'd' / '*')),
+                  key=os.path.getsize)
+  assert arrays
+  for path in arrays if damage == 'delete' else arrays[-1:]:
+    if damage == 'delete':
+      os.remove(path)
+    else:
+      os.truncate(path, os.path.getsize(path) // 2)
+  resume = [*args, '--config.optim.schedule_steps=40']
+
+  failed = run_cli(*resume)
+  assert failed.returncode == 2, failed.stderr[-2000:]
+  line = [l for l in failed.stderr.splitlines() if l.startswith('pretrax train:')][-1]
+  assert 'checkpoint 30' in line and 'is damaged' in line and 'checkpoint.fallback=true' in line
+
+  resumed = run_cli(*resume, '--config.checkpoint.fallback=true')
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert 'at step 20' in resumed.stdout and os.path.isdir(tmp_path / 'damaged_checkpoints' / '30')
+  assert_same_run(straight, tmp_path, 40)
+
+
+def test_a_checkpoint_fingerprint_catches_changed_arrays(tmp_path):
+  """What Orbax reads back as fill values instead of failing must not pass as the saved state."""
+  state = {'w': jnp.arange(6, dtype=jnp.float32), 'b': jnp.ones(3, jnp.bfloat16),
+           'step': jnp.int32(7)}
+  before = checkpoint.fingerprint(state)
+  assert before == checkpoint.fingerprint(jax.tree.map(jnp.copy, state))
+  assert before != checkpoint.fingerprint({**state, 'w': state['w'].at[3].set(0.0)})
+  assert before != checkpoint.fingerprint({**state, 'b': jnp.zeros(3, jnp.bfloat16)})
 
 
 @pytest.mark.parametrize('name, content, fragment', [
