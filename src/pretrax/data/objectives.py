@@ -43,6 +43,7 @@ class Objectives:
   seq_len: int
   vocab_size: int
   special: np.ndarray  # bool per id: never chosen for masking, never a random replacement.
+  regular: np.ndarray  # int32 ids that are not special: the random replacements.
   word_starts: np.ndarray  # bool per id: a piece that begins a word.
   sentinels: np.ndarray  # int32 ids of <sentinel_0>, <sentinel_1>, ...
   mask_rate: float = 0.15
@@ -63,8 +64,10 @@ class Objectives:
           'tokenizer.path empty to train one with them, or make one with `pretrax tokenizer '
           '--sentinels=100`.')
     m, s = c.masked_lm, c.span_corruption
+    special = tok.special_ids()
     return cls(names=names, weights=np.array([w for _, w in mixture]), seq_len=c.data.seq_len,
-               vocab_size=tok.vocab_size, special=tok.special_ids(),
+               vocab_size=tok.vocab_size, special=special,
+               regular=np.flatnonzero(~special).astype(np.int32),
                word_starts=tok.word_starts(), sentinels=tok.sentinel_ids,
                mask_rate=m.rate, mask_token_fraction=m.mask_token_fraction,
                random_token_fraction=m.random_token_fraction, whole_word=m.whole_word,
@@ -157,8 +160,7 @@ def masked_lm(tokens: np.ndarray, rng: np.random.Generator, o: Objectives) -> Ex
   to_random = where[(action >= o.mask_token_fraction)
                     & (action < o.mask_token_fraction + o.random_token_fraction)]
   inputs[to_mask] = tokenizer_lib.MASK_ID
-  regular = np.flatnonzero(~o.special)
-  inputs[to_random] = regular[rng.integers(0, len(regular), len(to_random))]
+  inputs[to_random] = o.regular[rng.integers(0, len(o.regular), len(to_random))]
   n = len(tokens)
   return _example(inputs, tokens, chosen, np.ones(n))
 
