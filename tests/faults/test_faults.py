@@ -115,6 +115,9 @@ def test_a_live_workdir_is_locked_and_a_killed_run_leaves_no_lock(straight, tmp_
   args = train_args(tmp_path, corpus_path, '--config.steps=40', '--config.checkpoint.every=10')
   proc = start(args)
   wait_until(lambda: any(s >= 12 for s in logged_steps(tmp_path)), proc)
+  # Freeze the run so it is still alive, holding the lock, when the second process gets there:
+  # a fast machine would otherwise finish all 40 steps while the second one imports JAX.
+  proc.send_signal(signal.SIGSTOP)
   one_line_error(run_cli(*args), 'in use by a live run', f'pid {proc.pid}')
   proc.kill()
   proc.wait()
