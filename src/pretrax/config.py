@@ -127,9 +127,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.fallback = False  # Resume from the newest intact checkpoint if the latest is damaged.
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1: all devices not used by the other axes.
+  # Devices per axis within one TPU slice / GPU node; -1: all devices not used by the others.
+  # Small models want `data` (replicated weights, no gathers), large ones `fsdp`.
+  c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # Slices / nodes spanned over the data-centre network by each data-parallel axis (hybrid mesh).
+  c.mesh.dcn_data = 1
+  c.mesh.dcn_fsdp = 1
+  # Overrides of sharding.DEFAULT_RULES: 'LOGICAL=AXIS[+AXIS],...'; an empty AXIS replicates.
+  c.mesh.rules = ''
 
   c.fault = ml_collections.ConfigDict()
   c.fault.poison_step = 0  # Testing: make the loss of this step (1-based) NaN; 0: never.

@@ -13,10 +13,19 @@ import ml_collections
 import optax
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
+# Axes that may also span the data-centre network (between TPU slices or GPU nodes): only data
+# parallelism, whose one all-reduce per step tolerates the slower links.
+DCN_AXES = ('data', 'fsdp')
 
 # Logical axis -> mesh axis (or axes, or None to replicate). Every logical name must appear here.
+# Parameters: vocab, embed, mlp, heads, kv_heads, head_dim, position, norm. Activations: batch,
+# length, activation_embed, activation_vocab (the embedding dim of activations is not `embed`: the
+# batch already uses fsdp, and one mesh axis cannot shard two dims of an array).
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     'batch': ('data', 'fsdp'),
+    'length': None,
+    'activation_embed': None,
+    'activation_vocab': 'tensor',
     'vocab': 'tensor',
     'embed': 'fsdp',
     'mlp': 'tensor',
@@ -32,34 +41,89 @@ class ShardingError(ValueError):
   """A mesh or rule that cannot work; the message names it and the fix."""
 
 
-def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
-  """Sizes of (data, fsdp, tensor); one of them may be -1 to take the remaining devices."""
-  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+def rules(mesh_cfg: ml_collections.ConfigDict) -> dict[str, str | tuple[str, ...] | None]:
+  """The rules table with the config's overrides, `mesh.rules='NAME=AXIS[+AXIS],...'` (an empty
+  AXIS replicates), e.g. `--config.mesh.rules=embed=,mlp=fsdp+tensor`."""
+  table = dict(DEFAULT_RULES)
+  for entry in filter(None, (e.strip() for e in mesh_cfg.rules.split(','))):
+    name, sep, axes = entry.partition('=')
+    name = name.strip()
+    if not sep or name not in table:
+      raise ShardingError(
+          f'mesh.rules entry {entry!r}: expected LOGICAL=AXIS[+AXIS] with LOGICAL one of '
+          f'{", ".join(table)}.')
+    names = tuple(a.strip() for a in axes.split('+') if a.strip())
+    unknown = [a for a in names if a not in MESH_AXES]
+    if unknown:
+      raise ShardingError(f'mesh.rules entry {entry!r}: unknown mesh axis {unknown[0]!r} '
+                          f'(the mesh has {", ".join(MESH_AXES)}).')
+    table[name] = names[0] if len(names) == 1 else (names or None)
+  return table
+
+
+def _resolve(sizes: list[int], num_devices: int, what: str) -> list[int]:
   free = [i for i, s in enumerate(sizes) if s == -1]
   if len(free) > 1:
-    raise ShardingError(f'mesh: only one of {", ".join(MESH_AXES)} may be -1, got {sizes}.')
+    raise ShardingError(f'{what}: only one of {", ".join(MESH_AXES)} may be -1, got {sizes}.')
   fixed = 1
   for s in sizes:
+    if s == 0 or s < -1:
+      raise ShardingError(f'{what}: axis sizes must be positive or -1, got {sizes}.')
     fixed *= s if s != -1 else 1
   if free:
     if num_devices % fixed:
-      raise ShardingError(f'mesh {sizes} cannot use {num_devices} devices: the fixed axes '
+      raise ShardingError(f'{what} {sizes} cannot use {num_devices} devices: the fixed axes '
                           f'({fixed}) must divide the device count.')
     sizes[free[0]] = num_devices // fixed
   if sizes[0] * sizes[1] * sizes[2] != num_devices:
-    raise ShardingError(f'mesh {dict(zip(MESH_AXES, sizes))} needs '
+    raise ShardingError(f'{what} {dict(zip(MESH_AXES, sizes))} needs '
                         f'{sizes[0] * sizes[1] * sizes[2]} devices but there are {num_devices}: '
                         'set one axis to -1.')
-  return tuple(sizes)
+  return sizes
+
+
+def mesh_shapes(mesh_cfg: ml_collections.ConfigDict,
+                num_devices: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+  """(per-granule shape, DCN shape) of (data, fsdp, tensor). A granule is a TPU slice or a GPU
+  node (process); `mesh.dcn_data` and `mesh.dcn_fsdp` say how many granules each axis spans, and
+  the per-granule sizes (`mesh.data`, ...) cover the devices of one granule."""
+  dcn = [int(mesh_cfg.dcn_data), int(mesh_cfg.dcn_fsdp), 1]
+  if min(dcn) < 1:
+    raise ShardingError(f'mesh.dcn_data={dcn[0]} and mesh.dcn_fsdp={dcn[1]} must be >= 1.')
+  granules = dcn[0] * dcn[1]
+  if num_devices % granules:
+    raise ShardingError(f'mesh.dcn_data x mesh.dcn_fsdp = {granules} slices/nodes do not divide '
+                        f'{num_devices} devices.')
+  what = 'mesh per slice/node' if granules > 1 else 'mesh'
+  ici = _resolve([int(mesh_cfg[a]) for a in MESH_AXES], num_devices // granules, what)
+  return tuple(ici), tuple(dcn)
+
+
+def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  """Sizes of the (data, fsdp, tensor) mesh axes over all devices."""
+  ici, dcn = mesh_shapes(mesh_cfg, num_devices)
+  return tuple(i * d for i, d in zip(ici, dcn))
 
 
 def make_mesh(mesh_cfg: ml_collections.ConfigDict,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = list(devices if devices is not None else jax.devices())
-  shape = mesh_shape(mesh_cfg, len(devices))
+  ici, dcn = mesh_shapes(mesh_cfg, len(devices))
   # Auto axes: the compiler propagates shardings between our explicit constraints.
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
-                       devices=devices)
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if dcn == (1, 1, 1):
+    return jax.make_mesh(ici, MESH_AXES, axis_types=auto, devices=devices)
+  # Hybrid: the DCN part of each axis is outermost, so it crosses granules and the rest stays on
+  # the fast links inside one. TPU devices know their slice; elsewhere a process is a node.
+  from jax.experimental import mesh_utils
+  by_process = not hasattr(devices[0], 'slice_index')
+  granules = len({d.process_index if by_process else d.slice_index for d in devices})
+  if granules != dcn[0] * dcn[1]:
+    raise ShardingError(
+        f'mesh.dcn_data x mesh.dcn_fsdp = {dcn[0] * dcn[1]} but the devices are in {granules} '
+        f'{"processes" if by_process else "slices"}: make the product {granules}.')
+  array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
+  return Mesh(array, MESH_AXES, axis_types=auto)
 
 
 def logical_to_spec(names: Sequence[str | None], rules: Mapping[str, object]) -> P:
@@ -100,4 +164,9 @@ def state_shardings(abstract_state, params_shardings, mesh: Mesh,
 
 
 def batch_sharding(mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RULES) -> NamedSharding:
-  return NamedSharding(mesh, logical_to_spec(('batch', None), rules))
+  return NamedSharding(mesh, logical_to_spec(('batch', 'length'), rules))
+
+
+def activation_sharding(mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RULES):
+  """Logical activation names -> NamedSharding, for the model's `layers.constrain`."""
+  return lambda names: NamedSharding(mesh, logical_to_spec(names, rules))

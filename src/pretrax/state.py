@@ -28,8 +28,18 @@ class RunState:
   optimizer: optax.GradientTransformation
   schedule: optax.Schedule
   mesh: jax.sharding.Mesh
+  rules: dict[str, Any]  # Logical axis name -> mesh axes (sharding.rules).
+  logical_axes: Any  # Each parameter's logical axis names, shaped like the params.
   shardings: Any  # NamedShardings shaped like the train state.
   abstract: Any  # jax.ShapeDtypeStructs with shardings: the restore target.
+
+  @property
+  def batch_sharding(self) -> jax.sharding.NamedSharding:
+    return sharding.batch_sharding(self.mesh, self.rules)
+
+  @property
+  def activation_sharding(self):
+    return sharding.activation_sharding(self.mesh, self.rules)
 
   def init(self, seed: int) -> step_lib.TrainState:
     """A freshly initialised train state, created directly in its shardings."""
@@ -50,11 +60,16 @@ def build(c: ml_collections.ConfigDict, vocab_size: int,
   optimizer = optim.optimizer(optim_cfg)
   model_def, abstract_params = nnx.split(nnx.eval_shape(lambda: transformer.build(model_cfg, 0)))
   mesh = sharding.make_mesh(c.mesh, devices)
-  params_shardings = sharding.param_shardings(abstract_params, mesh)
+  rules = sharding.rules(c.mesh)
+  params_shardings = sharding.param_shardings(abstract_params, mesh, rules)
+  logical_axes = nnx.to_pure_dict(jax.tree.map(
+      lambda v: tuple(getattr(v, 'out_sharding', None) or (None,) * v[...].ndim), abstract_params,
+      is_leaf=lambda x: isinstance(x, nnx.Variable)))
   abstract_state = jax.eval_shape(lambda: _init(model_cfg, optimizer, 0))
   shardings = sharding.state_shardings(abstract_state, params_shardings, mesh, optimizer)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_state, shardings)
   return RunState(model_cfg=model_cfg, model_def=model_def, optimizer=optimizer,
-                  schedule=optim.schedule(optim_cfg), mesh=mesh, shardings=shardings,
+                  schedule=optim.schedule(optim_cfg), mesh=mesh, rules=rules,
+                  logical_axes=logical_axes, shardings=shardings,
                   abstract=abstract)

@@ -16,6 +16,7 @@ import optax
 
 from pretrax import config as config_lib
 from pretrax import loss as loss_lib
+from pretrax.model import layers
 
 TrainState = dict[str, Any]
 Batch = dict[str, jax.Array]
@@ -137,13 +138,29 @@ def eval_step(params, batch: Batch, bytes_per_token: jax.Array, baseline_id: jax
   return sums
 
 
+def _traced_with(fn, activation_sharding):
+  """`fn`, tracing the model with activation sharding constraints from `activation_sharding`
+  (logical names -> sharding; None leaves activations to the compiler)."""
+  if activation_sharding is None:
+    return fn
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with layers.activation_sharding(activation_sharding):
+      return fn(*args, **kwargs)
+
+  return traced
+
+
 def jit_train_step(model_def: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                   schedule: optax.Schedule, cfg: StepConfig, **jit_kwargs):
+                   schedule: optax.Schedule, cfg: StepConfig, *, activation_sharding=None,
+                   **jit_kwargs):
   step_fn = functools.partial(train_step, model_def=model_def, optimizer=optimizer,
                               schedule=schedule, cfg=cfg)
-  return jax.jit(step_fn, donate_argnums=0, **jit_kwargs)
+  return jax.jit(_traced_with(step_fn, activation_sharding), donate_argnums=0, **jit_kwargs)
 
 
-def jit_eval_step(model_def: nnx.GraphDef, num_objectives: int = 1, **jit_kwargs):
-  return jax.jit(functools.partial(eval_step, model_def=model_def, num_objectives=num_objectives),
-                 **jit_kwargs)
+def jit_eval_step(model_def: nnx.GraphDef, num_objectives: int = 1, *, activation_sharding=None,
+                  **jit_kwargs):
+  step_fn = functools.partial(eval_step, model_def=model_def, num_objectives=num_objectives)
+  return jax.jit(_traced_with(step_fn, activation_sharding), **jit_kwargs)

@@ -30,7 +30,7 @@ from pretrax.data import sources
 # Fields that may change between a run and its resumption; any other change is refused.
 RESUMABLE_CHANGES = ('steps', 'log_every', 'eval_every', 'eval_batches', 'peak_flops',
                      'checkpoint', 'sample', 'data.worker_count', 'fault',
-                     'optim.skip_nonfinite')
+                     'optim.skip_nonfinite', 'mesh')
 TOKENIZER_FILE = 'tokenizer.model'
 
 
@@ -127,14 +127,16 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
       f'{dict(run.mesh.shape)}')
 
   # ---- Steps --------------------------------------------------------------------------------
-  batch_sharding = sharding.batch_sharding(run.mesh)
+  batch_sharding = run.batch_sharding
   step_cfg = step_lib.StepConfig(grad_accum_steps=c.optim.grad_accum_steps, z_loss=c.optim.z_loss,
                                  dropout=c.model.dropout > 0, seed=c.seed,
                                  objectives=objectives.names,
                                  skip_nonfinite=c.optim.skip_nonfinite)
   train_step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule, step_cfg,
+                                       activation_sharding=run.activation_sharding,
                                        out_shardings=(run.shardings, None))
-  eval_step = step_lib.jit_eval_step(run.model_def, len(objectives.names))
+  eval_step = step_lib.jit_eval_step(run.model_def, len(objectives.names),
+                                     activation_sharding=run.activation_sharding)
   bytes_per_token = jnp.asarray(tok.bytes_per_token())
   baseline_id = jnp.int32(_most_frequent_token(train_windows.tokens, tok))
 

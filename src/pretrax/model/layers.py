@@ -2,10 +2,14 @@
 
 Shape suffixes: B batch, L length, D embed, F mlp hidden, V vocab, N query heads, H head dim.
 Logical axis names (mapped to mesh axes by one rules table in `pretrax.sharding`): vocab, embed,
-position, mlp, heads, kv_heads, head_dim, norm. The model never mentions the mesh.
+position, mlp, heads, kv_heads, head_dim, norm on parameters; batch, length, activation_embed and
+activation_vocab on activations. The model never mentions the mesh: `constrain` asks whoever traces
+it (the train step, under `activation_sharding`) for the sharding of a logical name tuple.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+import contextlib
+import contextvars
 import functools
 import math
 
@@ -14,6 +18,27 @@ import jax
 import jax.numpy as jnp
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
+
+# Logical names -> a jax.sharding.Sharding, set while a sharded step is traced; None: unsharded.
+_ACTIVATION_SHARDING: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+    'activation_sharding', default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(to_sharding: Callable[[tuple[str, ...]], object] | None) -> Iterator[None]:
+  """While a model is traced inside, `constrain` pins activations to `to_sharding(names)`."""
+  token = _ACTIVATION_SHARDING.set(to_sharding)
+  try:
+    yield
+  finally:
+    _ACTIVATION_SHARDING.reset(token)
+
+
+def constrain(x: jax.Array, names: tuple[str, ...]) -> jax.Array:
+  """`x` with its sharding fixed to its logical axes, so the compiler does not have to guess where
+  the batch and model dimensions live between blocks; unchanged when nothing is sharded."""
+  to_sharding = _ACTIVATION_SHARDING.get()
+  return x if to_sharding is None else jax.lax.with_sharding_constraint(x, to_sharding(names))
 
 
 def param(rngs: nnx.Rngs, init: Initializer, shape: tuple[int, ...], names: tuple[str, ...],

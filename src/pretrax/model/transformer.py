@@ -142,6 +142,8 @@ class Transformer(nnx.Module):
              dropout_rng: jax.Array | None = None) -> jax.Array:
     """The transformer stack and output head, from input embeddings to float32 logits."""
     cfg = self.cfg
+    activation = ('batch', 'length', 'activation_embed')
+    x_BLD = layers.constrain(x_BLD, activation)
     for i, block in enumerate(self.blocks):
       rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i + 1)
       if cfg.remat:
@@ -149,6 +151,7 @@ class Transformer(nnx.Module):
                                                 prefix_BL, rng)
       else:
         x_BLD = block(x_BLD, segment_ids_BL, positions_BL, prefix_BL, rng)
+      x_BLD = layers.constrain(x_BLD, activation)
     x_BLD = self.final_norm(x_BLD)
     if self.mlm_dense is not None:
       h_BLD = layers.dense(x_BLD, self.mlm_dense[...].astype(cfg.dtype))
@@ -159,7 +162,7 @@ class Transformer(nnx.Module):
       logits_BLV = jnp.einsum('BLD,DV->BLV', x_BLD, self.head[...].astype(cfg.dtype))
     if self.mlm_bias is not None:
       logits_BLV = logits_BLV + self.mlm_bias[...].astype(cfg.dtype)
-    return logits_BLV.astype(jnp.float32)
+    return layers.constrain(logits_BLV.astype(jnp.float32), ('batch', 'length', 'activation_vocab'))
 
 
 def build(cfg: ModelConfig, seed: int) -> Transformer:
