@@ -66,15 +66,28 @@ def _bit_sums(leaves: list[jax.Array]) -> list[jax.Array]:
   return [jnp.sum(bits(x), dtype=jnp.uint32) for x in leaves]
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any,
+def topology() -> dict[str, int]:
+  """What a restore must know about the processes that saved: Grain writes one iterator state
+  per process, so the text pipeline's position only means something for the same count."""
+  return {'process_count': jax.process_count(), 'device_count': jax.device_count()}
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any | None,
          config: dict[str, Any]) -> None:
-  """Starts saving; the previous save is waited for first, so at most one is in flight."""
-  mngr.save(step, args=ocp.args.Composite(
+  """Starts saving; the previous save is waited for first, so at most one is in flight.
+
+  `data_iterator` is the Grain iterator whose position to keep, or None when the step alone
+  determines the data (prepared data).
+  """
+  items = dict(
       state=ocp.args.StandardSave(state),
-      data=grain.checkpoint.CheckpointSave(data_iterator),
       config=ocp.args.JsonSave(config),
       fingerprint=ocp.args.JsonSave({'bit_sums': fingerprint(state)}),
-  ), force=True)
+      topology=ocp.args.JsonSave(topology()),
+  )
+  if data_iterator is not None:
+    items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+  mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
@@ -117,3 +130,10 @@ def set_aside(workdir: str, step: int) -> str:
 
 def restore_config(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+
+
+def restore_topology(mngr: ocp.CheckpointManager, step: int) -> dict[str, int] | None:
+  """The processes and devices that saved `step`; None for a checkpoint from before we kept it."""
+  if not os.path.isdir(os.path.join(str(mngr.directory), str(step), 'topology')):
+    return None
+  return mngr.restore(step, args=ocp.args.Composite(topology=ocp.args.JsonRestore()))['topology']

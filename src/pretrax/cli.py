@@ -1,4 +1,4 @@
-"""`pretrax COMMAND --flags`: train | sample | tokenizer. Thin: parse the flags, call, report.
+"""`pretrax COMMAND --flags`: train | plan | sample | tokenizer. Thin: parse flags, call, report.
 
 Every expected failure (a bad config key or value, a missing file) ends with one line on stderr
 naming the problem and the fix, and exit status 2.
@@ -15,6 +15,10 @@ USAGE = """usage: pretrax COMMAND [--flags]
 
 commands:
   train      --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
+             [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
+  plan       --config=configs/NAME.py[:ARG] [--devices=N] [--device_memory_gib=GIB]
+             [--config.KEY=VALUE ...]
+  prepare    --config=configs/NAME.py[:ARG] --output=DIR [--workers=N] [--config.KEY=VALUE ...]
   sample     --workdir=DIR [--prompt=TEXT] [--length=N] [--temperature=T]
   tokenizer  --input=FILES --output=PATH.model [--model_type=char|bpe|unigram] [--vocab_size=N]
              [--sentinels=N]
@@ -25,6 +29,40 @@ def _define_train() -> None:
   config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/NAME.py[:ARG]).',
                                   lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.')
+  _define_hosts()
+
+
+def _define_hosts() -> None:
+  flags.DEFINE_string('coordinator_address', '', 'Multi-process: HOST:PORT of process 0 '
+                      '(not needed on TPU VMs and SLURM, where JAX finds it).')
+  flags.DEFINE_integer('num_processes', 0, 'Multi-process: how many processes the job has.')
+  flags.DEFINE_integer('process_id', -1, 'Multi-process: this process\'s index, 0 to N-1.')
+  flags.DEFINE_integer('distributed_timeout', 300,
+                       'Seconds to wait for the coordinator and the other processes.')
+
+
+def _join_hosts() -> None:
+  from pretrax import hosts
+
+  hosts.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                   FLAGS.distributed_timeout)
+
+
+def _define_plan() -> None:
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/NAME.py[:ARG]).',
+                                  lock_config=True)
+  flags.DEFINE_integer('devices', None, 'Plan for this many fake CPU devices; default: the real '
+                       'devices.', lower_bound=1)
+  flags.DEFINE_float('device_memory_gib', None, 'Memory per device, to say whether it fits.')
+
+
+def _define_prepare() -> None:
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file: its data.*, '
+                                  'tokenizer.* and data.seq_len say what to prepare.',
+                                  lock_config=True)
+  flags.DEFINE_string('output', None, 'Directory to write the ArrayRecord shards into.')
+  flags.DEFINE_integer('workers', 0, 'Tokenizing processes (and shards per split); 0: one per '
+                       'CPU core.')
 
 
 def _define_sample() -> None:
@@ -60,7 +98,28 @@ def _run_train() -> None:
   from pretrax import train
 
   _require_flags('config', 'workdir')
+  _join_hosts()
   train.train(FLAGS.config, FLAGS.workdir)
+
+
+def _run_plan() -> None:
+  from pretrax import plan
+
+  _require_flags('config')
+  if FLAGS.devices:
+    plan.use_fake_cpu_devices(FLAGS.devices)
+  result = plan.plan(FLAGS.config, plan.vocab_size(FLAGS.config))
+  print(plan.format_plan(result, FLAGS.device_memory_gib))
+
+
+def _run_prepare() -> None:
+  import os
+
+  from pretrax.data import prepare
+
+  _require_flags('config', 'output')
+  prepare.prepare(FLAGS.config, FLAGS.output, FLAGS.workers or os.cpu_count() or 1)
+  print(f'train on it with: pretrax train --config=... --config.data.prepared={FLAGS.output}')
 
 
 def _run_sample() -> None:
@@ -91,6 +150,8 @@ def _run_tokenizer() -> None:
 
 COMMANDS = {
     'train': (_define_train, _run_train),
+    'plan': (_define_plan, _run_plan),
+    'prepare': (_define_prepare, _run_prepare),
     'sample': (_define_sample, _run_sample),
     'tokenizer': (_define_tokenizer, _run_tokenizer),
 }
@@ -129,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
   from pretrax.config import ConfigError
   from pretrax.data.sources import DataError
   from pretrax import faults
+  from pretrax.hosts import HostsError
   from pretrax.sharding import ShardingError
 
   try:
@@ -138,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f'pretrax {command}: {e}. Resume with the same command: {again}', file=sys.stderr)
     sys.exit(faults.STOPPED_EXIT_CODE)
   except (ConfigError, DataError, ShardingError, UsageError, FileNotFoundError,
-          faults.WorkdirError, faults.NonFiniteError, CheckpointError) as e:
+          faults.WorkdirError, faults.NonFiniteError, CheckpointError, HostsError) as e:
     _fail(command, ' '.join(str(e).split()))
   except KeyboardInterrupt:
     _fail(command, 'interrupted')

@@ -84,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.batch_size = 12  # Global batch, in sequences, per optimizer step.
   c.data.eval_fraction = 0.1  # Held out from the end of the corpus, by position.
   c.data.worker_count = 0  # Grain multiprocessing workers; 0 reads in the main process.
+  # A directory from `pretrax prepare`: train on its rows instead of reading data.path. Batches are
+  # then a function of (seed, step), so a run may resume on another number of processes.
+  c.data.prepared = ''
 
   c.masked_lm = ml_collections.ConfigDict()
   c.masked_lm.rate = 0.15  # Share of non-special tokens chosen for prediction.
@@ -342,7 +345,7 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: 
     _require(c[name] > 0, f'{name}={c[name]} must be positive.')
   _require(c.checkpoint.every > 0, f'checkpoint.every={c.checkpoint.every} must be positive.')
   _require(c.checkpoint.keep > 0, f'checkpoint.keep={c.checkpoint.keep} must be positive.')
-  if check_data:
+  if check_data and not c.data.prepared:
     resolve_data_paths(c)
     if c.tokenizer.path:
       _require(os.path.isfile(c.tokenizer.path),

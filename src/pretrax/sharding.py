@@ -116,7 +116,7 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict,
   # Hybrid: the DCN part of each axis is outermost, so it crosses granules and the rest stays on
   # the fast links inside one. TPU devices know their slice; elsewhere a process is a node.
   from jax.experimental import mesh_utils
-  by_process = not hasattr(devices[0], 'slice_index')
+  by_process = devices[0].platform != 'tpu'
   granules = len({d.process_index if by_process else d.slice_index for d in devices})
   if granules != dcn[0] * dcn[1]:
     raise ShardingError(
@@ -151,6 +151,28 @@ def param_shardings(abstract_params, mesh: Mesh, rules: Mapping[str, object] = D
   shardings = jax.tree.map(to_sharding, abstract_params,
                            is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.to_pure_dict(shardings)
+
+
+def check_divisible(abstract_params, shardings, logical_axes) -> None:
+  """Raises ShardingError naming the first parameter whose dims the mesh does not divide evenly
+  (JAX needs even shards), with the logical axis at fault and the ways out."""
+  paths = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  for (path, x), s, names in zip(paths, jax.tree.leaves(shardings),
+                                 jax.tree.leaves(logical_axes, is_leaf=lambda n: isinstance(n, tuple))):
+    for dim, (size, axes) in enumerate(zip(x.shape, s.spec)):
+      if axes is None:
+        continue
+      parts = 1
+      for axis in (axes if isinstance(axes, tuple) else (axes,)):
+        parts *= s.mesh.shape[axis]
+      if size % parts:
+        name = names[dim]
+        fix = ('set --config.model.vocab_multiple to a multiple of it' if name == 'vocab' else
+               'change the model size or the mesh')
+        raise ShardingError(
+            f'parameter {jax.tree_util.keystr(path, simple=True, separator=".")} dim {dim} '
+            f'({name}, size {size}) cannot be split {parts} ways over mesh axes {axes}: {fix}, '
+            f'or replicate it with --config.mesh.rules={name}=')
 
 
 def state_shardings(abstract_state, params_shardings, mesh: Mesh,

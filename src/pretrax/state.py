@@ -65,6 +65,7 @@ def build(c: ml_collections.ConfigDict, vocab_size: int,
   logical_axes = nnx.to_pure_dict(jax.tree.map(
       lambda v: tuple(getattr(v, 'out_sharding', None) or (None,) * v[...].ndim), abstract_params,
       is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  sharding.check_divisible(nnx.to_pure_dict(abstract_params), params_shardings, logical_axes)
   abstract_state = jax.eval_shape(lambda: _init(model_cfg, optimizer, 0))
   shardings = sharding.state_shardings(abstract_state, params_shardings, mesh, optimizer)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -4,6 +4,8 @@ Running `train` again on the same workdir resumes from the latest checkpoint: th
 optimizer state, data position and step, so the run continues as if it had never stopped.
 """
 
+from collections.abc import Callable, Iterable, Iterator
+import dataclasses
 import json
 import os
 import time
@@ -19,12 +21,12 @@ from pretrax import config as config_lib
 from pretrax import faults
 from pretrax import metrics as metrics_lib
 from pretrax import sample as sample_lib
-from pretrax import sharding
 from pretrax import state as state_lib
 from pretrax import step as step_lib
 from pretrax import tokenizer as tokenizer_lib
 from pretrax.data import objectives as objectives_lib
 from pretrax.data import pipeline
+from pretrax.data import prepare as prepare_lib
 from pretrax.data import sources
 
 # Fields that may change between a run and its resumption; any other change is refused.
@@ -68,46 +70,13 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
       saved_config = None
     if saved_config is not None:
       _check_resumable(c, saved_config, latest)
+    saved_topology = checkpoint.restore_topology(mngr, latest)
+    if saved_topology and not c.data.prepared:
+      _check_same_process_count(saved_topology, latest)
 
   # ---- Tokenizer and data -------------------------------------------------------------------
-  files = sources.expand_paths(c.data.path) if c.data.path else []
-  if files:
-    bad_files: list[str] = []
-
-    def on_bad(path: str, reason: str) -> None:
-      bad_files.append(f'{path} {reason}')
-
-    documents = sources.read_documents(files, c.data.separator,
-                                       on_bad_file=on_bad if c.data.skip_bad_files else None)
-    if bad_files:
-      log(f'skipped {len(bad_files)} bad file(s) (data.skip_bad_files): {"; ".join(bad_files[:5])}'
-          + (' ...' if len(bad_files) > 5 else ''))
-  else:  # validate() allowed this only with a fallback corpus.
-    files = sources.stdlib_files()
-    documents = sources.read_stdlib_documents()
-    log(f'data.path={c.data.path!r} not found: training on the Python standard library\'s '
-        f'sources instead; point --config.data.path at any text file.')
-  if not documents:
-    raise config_lib.ConfigError(f'data.path={c.data.path!r} holds no text: give it a non-empty file.')
-  train_docs, eval_docs = sources.split_by_position(documents, c.data.eval_fraction)
-  tok = _tokenizer(c, workdir, train_docs)
-  seq_len = c.data.seq_len
-  train_windows = pipeline.tokenize_windows(train_docs, tok, seq_len, c.data.window_stride)
-  eval_windows = pipeline.tokenize_windows(eval_docs, tok, seq_len)
-  if not eval_windows.num_targets or not train_windows.num_targets:
-    raise config_lib.ConfigError(
-        f'data.eval_fraction={c.data.eval_fraction} leaves an empty train or held-out split of '
-        f'{sum(len(d) for d in documents)} characters: use more text or change the fraction.')
-  log(f'data: {len(files)} file(s), {len(documents)} document(s); '
-      f'{len(train_windows.tokens):,} train / {len(eval_windows.tokens):,} eval tokens, '
-      f'{len(train_windows):,} training windows; '
-      f'vocab {tok.vocab_size}')
-  objectives = objectives_lib.Objectives.from_config(c, tok)
-  per_process_batch = c.data.batch_size // jax.process_count()
-  train_iter = iter(pipeline.train_dataset(
-      train_windows, objectives, seq_len=seq_len, batch_size=per_process_batch, seed=c.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      worker_count=c.data.worker_count))
+  data = _prepared_data(c, workdir) if c.data.prepared else _text_data(c, workdir)
+  tok, objectives, seq_len = data.tok, data.objectives, c.data.seq_len
   if c.objective != 'causal_lm':
     log(f'objective: {c.objective}')
 
@@ -117,9 +86,10 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
     state = run.init(c.seed)
     start = 0
   else:
-    state = _restore_newest_intact(c, workdir, mngr, run.abstract, train_iter)
+    state = _restore_newest_intact(c, workdir, mngr, run.abstract, data.iterator)
     start = int(state['step'])
     log(f'resumed from {checkpoint.directory(workdir)}/{start} at step {start}')
+  train_iter = data.train_batches(start)
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract))
   faults.check_free_space(workdir, state_bytes, c.checkpoint.keep)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.abstract['params']))
@@ -138,17 +108,14 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
   eval_step = step_lib.jit_eval_step(run.model_def, len(objectives.names),
                                      activation_sharding=run.activation_sharding)
   bytes_per_token = jnp.asarray(tok.bytes_per_token())
-  baseline_id = jnp.int32(_most_frequent_token(train_windows.tokens, tok))
+  baseline_id = jnp.int32(data.baseline_id)
 
   def to_global(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
 
   def evaluate() -> dict[str, float]:
     sums = None
-    eval_iter = iter(pipeline.eval_dataset(
-        eval_windows, objectives, seq_len=seq_len, batch_size=per_process_batch, seed=c.seed,
-        process_index=jax.process_index(), process_count=jax.process_count()))
-    for i, batch in enumerate(eval_iter):
+    for i, batch in enumerate(data.eval_batches()):
       if c.eval_batches and i >= c.eval_batches:
         break
       out = jax.device_get(eval_step(state['params'], to_global(batch), bytes_per_token,
@@ -242,11 +209,11 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
         saving = done % c.checkpoint.every == 0 or done == c.steps
         if saving:
           flush()
-          checkpoint.save(mngr, done, state, train_iter, config_json)
+          checkpoint.save(mngr, done, state, data.iterator, config_json)
         if done < c.steps and stop.should_stop(done):
           flush()
           if not saving:
-            checkpoint.save(mngr, done, state, train_iter, config_json)
+            checkpoint.save(mngr, done, state, data.iterator, config_json)
           raise faults.Stopped(done, stop.received or 'a stop signal')
       flush()
     else:
@@ -258,11 +225,11 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
   text = ''
   if c.sample.length and c.objective == 'masked_lm':
     examples = []
-    for i in range(len(eval_windows)):
+    for i, window in enumerate(data.held_out_windows()):
       if sum(len(e['inputs']) for e in examples) >= c.sample.length:
         break
-      examples.append(objectives.build(eval_windows[i], seed=c.seed,
-                                       stream=objectives_lib.EVAL_STREAM, epoch=0, index=i))
+      examples.append(objectives.build(window, seed=c.seed, stream=objectives_lib.EVAL_STREAM,
+                                       epoch=0, index=i))
     text = sample_lib.fill_in(run.model_def, state['params'], tok, examples)
     log(f'---- masked-token predictions on held-out text ----\n{text}\n----')
   elif c.sample.length:
@@ -274,6 +241,81 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
       f'{TOKENIZER_FILE}')
   return {'train': last_train, 'eval': last_eval, 'state': state, 'compile_s': compile_s,
           'peak_flops': peak, 'flops_per_step': flops_per_step, 'sample': text}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Data:
+  """A run's data, from text on the fly or from a prepared directory."""
+  tok: tokenizer_lib.Tokenizer
+  objectives: objectives_lib.Objectives
+  baseline_id: int  # The most frequent non-special training token: the accuracy floor.
+  train_batches: Callable[[int], Iterator[dict[str, np.ndarray]]]  # Start step -> batches.
+  eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]]
+  held_out_windows: Callable[[], Iterable[np.ndarray]]
+  iterator: Any  # The Grain iterator whose position checkpoints hold; None: the step is enough.
+
+
+def _text_data(c: ml_collections.ConfigDict, workdir: str) -> _Data:
+  """Text read, tokenized and packed on the fly; the iterator's state is saved with the model."""
+  files, documents = sources.read_configured(c, log)
+  train_docs, eval_docs = sources.split_by_position(documents, c.data.eval_fraction)
+  tok = _tokenizer(c, workdir, train_docs)
+  seq_len = c.data.seq_len
+  train_windows = pipeline.tokenize_windows(train_docs, tok, seq_len, c.data.window_stride)
+  eval_windows = pipeline.tokenize_windows(eval_docs, tok, seq_len)
+  if not eval_windows.num_targets or not train_windows.num_targets:
+    raise config_lib.ConfigError(
+        f'data.eval_fraction={c.data.eval_fraction} leaves an empty train or held-out split of '
+        f'{sum(len(d) for d in documents)} characters: use more text or change the fraction.')
+  log(f'data: {len(files)} file(s), {len(documents)} document(s); '
+      f'{len(train_windows.tokens):,} train / {len(eval_windows.tokens):,} eval tokens, '
+      f'{len(train_windows):,} training windows; vocab {tok.vocab_size}')
+  objectives = objectives_lib.Objectives.from_config(c, tok)
+  per_process_batch = c.data.batch_size // jax.process_count()
+  where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  train_iter = iter(pipeline.train_dataset(
+      train_windows, objectives, seq_len=seq_len, batch_size=per_process_batch, seed=c.seed,
+      worker_count=c.data.worker_count, **where))
+  return _Data(
+      tok=tok, objectives=objectives,
+      baseline_id=_most_frequent_token(train_windows.tokens, tok),
+      train_batches=lambda start: train_iter,  # Restored in place by the checkpoint.
+      eval_batches=lambda: pipeline.eval_dataset(eval_windows, objectives, seq_len=seq_len,
+                                                 batch_size=per_process_batch, seed=c.seed,
+                                                 **where),
+      held_out_windows=lambda: (eval_windows[i] for i in range(len(eval_windows))),
+      iterator=train_iter)
+
+
+def _prepared_data(c: ml_collections.ConfigDict, workdir: str) -> _Data:
+  """Rows that `pretrax prepare` wrote, read by index: batches depend on (seed, step) only."""
+  prepared = prepare_lib.PreparedData(c.data.prepared)
+  if prepared.seq_len != c.data.seq_len:
+    raise config_lib.ConfigError(
+        f'data.prepared={c.data.prepared!r} holds rows of {prepared.seq_len} tokens but '
+        f'data.seq_len={c.data.seq_len}: set --config.data.seq_len={prepared.seq_len} or prepare '
+        'the corpus again.')
+  if c.tokenizer.path:
+    log(f'tokenizer.path is ignored: prepared data comes with its tokenizer '
+        f'({prepared.tokenizer_path})')
+  tok = tokenizer_lib.Tokenizer.load(prepared.tokenizer_path)
+  if jax.process_index() == 0:
+    tok.save(os.path.join(workdir, TOKENIZER_FILE))
+  train_rows, eval_rows = prepared.rows('train'), prepared.rows('eval')
+  splits = prepared.meta['splits']
+  log(f'data: prepared {c.data.prepared}: {splits["train"]["rows"]:,} train / '
+      f'{splits["eval"]["rows"]:,} eval rows of {prepared.seq_len}; vocab {tok.vocab_size}')
+  objectives = objectives_lib.Objectives.from_config(c, tok)
+  where = dict(global_batch=c.data.batch_size, seed=c.seed, process_index=jax.process_index(),
+               process_count=jax.process_count())
+  return _Data(
+      tok=tok, objectives=objectives, baseline_id=prepared.meta['most_frequent_token'],
+      train_batches=lambda start: iter(pipeline.prepared_train_dataset(
+          train_rows, objectives, start_step=start, **where)),
+      eval_batches=lambda: pipeline.prepared_eval_batches(eval_rows, objectives, **where),
+      held_out_windows=lambda: (w for i in range(len(eval_rows))
+                                for _, w in prepare_lib.row_windows(eval_rows[i])),
+      iterator=None)
 
 
 def _restore_newest_intact(c: ml_collections.ConfigDict, workdir: str, mngr, abstract,
@@ -294,6 +336,17 @@ def _restore_newest_intact(c: ml_collections.ConfigDict, workdir: str, mngr, abs
       mngr.reload()
   raise checkpoint.CheckpointError(f'no intact checkpoint in {checkpoint.directory(workdir)}: '
                                    'use a new --workdir to start over.')
+
+
+def _check_same_process_count(saved: dict[str, int], step: int) -> None:
+  if saved['process_count'] != jax.process_count():
+    raise config_lib.ConfigError(
+        f'the checkpoint at step {step} was written by {saved["process_count"]} process(es) and '
+        f'this run has {jax.process_count()}: the on-the-fly text pipeline\'s position cannot move '
+        'between process counts without repeating or skipping data. Resume with '
+        f'{saved["process_count"]} process(es), or prepare the corpus once with `pretrax prepare '
+        '--config=... --output=DIR` and train on --config.data.prepared=DIR, whose batches do not '
+        'depend on the process count.')
 
 
 def _eval_line(step: int, e: dict[str, float]) -> str:

@@ -54,8 +54,12 @@ def tokenize_windows(documents: list[str], tok: tokenizer_lib.Tokenizer, seq_len
 
   `stride` 0 means seq_len: every next-token pair is then in exactly one window.
   """
+  return windows_of(tok.encode_batch(documents) if documents else [], seq_len, stride)
+
+
+def windows_of(encoded: list[list[int]], seq_len: int, stride: int = 0) -> TokenWindows:
+  """Windows of already-encoded documents (see tokenize_windows)."""
   stride = stride or seq_len
-  encoded = tok.encode_batch(documents) if documents else []
   lengths = np.array([len(ids) + 1 for ids in encoded], np.int64)
   tokens = np.empty(int(lengths.sum()), np.int32)
   doc_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
@@ -144,3 +148,75 @@ def eval_dataset(windows: TokenWindows, objectives: objectives_lib.Objectives, *
                                          stream=objectives_lib.EVAL_STREAM, epoch=0, index=int(i)))
   return _packed_batches(ds, objectives, seq_len=seq_len, batch_size=batch_size,
                          drop_remainder=False, worker_count=0)
+
+
+# ---- Prepared data: rows read by index --------------------------------------------------------
+
+
+def row_example(row: np.ndarray, objectives: objectives_lib.Objectives, *, seed: int, stream: int,
+                epoch: int, row_id: int) -> dict[str, np.ndarray]:
+  """One packed row of BATCH_KEYS from a prepared (4, L) record (see prepare.py): the objective's
+  example of each window, laid where the window was, seeded by the window's place in the data."""
+  inputs, targets, segment_ids, positions = row
+  if objectives.names == ('causal_lm',):
+    return {'inputs': inputs, 'targets': targets, 'segment_ids': segment_ids,
+            'positions': positions, 'weights': (segment_ids > 0).astype(np.float32),
+            'prefix': np.zeros_like(inputs),
+            'objective': np.full_like(inputs, config_lib.OBJECTIVES.index('causal_lm'))}
+  from pretrax.data import prepare  # prepare imports this module.
+
+  seq_len = len(inputs)
+  out = {k: np.zeros(seq_len, np.float32 if k == 'weights' else np.int32) for k in BATCH_KEYS}
+  for segment, (offset, window) in enumerate(prepare.row_windows(row), start=1):
+    example = objectives.build(window, seed=seed, stream=stream, epoch=epoch,
+                               index=row_id * (seq_len + 1) + offset)
+    n = len(example['inputs'])
+    for k in ('inputs', 'targets', 'weights', 'prefix', 'objective'):
+      out[k][offset:offset + n] = example[k]
+    out['segment_ids'][offset:offset + n] = segment
+    out['positions'][offset:offset + n] = np.arange(n)
+  return out
+
+
+def _stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {k: np.stack([e[k] for e in examples]) for k in BATCH_KEYS}
+
+
+def prepared_train_dataset(rows: grain.MapDataset, objectives: objectives_lib.Objectives, *,
+                           global_batch: int, seed: int, start_step: int, process_index: int = 0,
+                           process_count: int = 1) -> grain.IterDataset:
+  """This process's slice of the global batch of every step from `start_step` on.
+
+  The global batch of step k is rows k*B .. k*B+B-1 of a seeded shuffle of all rows (re-shuffled
+  each epoch): a function of (seed, k) only, so the process count may change between runs.
+  """
+  n = len(rows)
+  order = grain.MapDataset.range(n).shuffle(seed=seed).repeat()
+  local = global_batch // process_count
+
+  def batch_at(step: int) -> dict[str, np.ndarray]:
+    first = step * global_batch + process_index * local
+    examples = []
+    for j in range(first, first + local):
+      row_id = int(order[j])
+      examples.append(row_example(rows[row_id], objectives, seed=seed,
+                                  stream=objectives_lib.TRAIN_STREAM, epoch=j // n, row_id=row_id))
+    return _stack(examples)
+
+  steps = grain.MapDataset.range(start_step, 2**62).map(batch_at)
+  # Threads read ahead: the records come from files now, not from memory.
+  return steps.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+
+
+def prepared_eval_batches(rows: grain.MapDataset, objectives: objectives_lib.Objectives, *,
+                          global_batch: int, seed: int, process_index: int = 0,
+                          process_count: int = 1):
+  """One ordered pass over the held-out rows: this process's slice of each global batch, the last
+  one padded with empty rows."""
+  n, local = len(rows), global_batch // process_count
+  empty = {k: np.zeros_like(v) for k, v in row_example(
+      rows[0], objectives, seed=seed, stream=objectives_lib.EVAL_STREAM, epoch=0, row_id=0).items()}
+  for first in range(0, n, global_batch):
+    ids = range(first + process_index * local, first + (process_index + 1) * local)
+    yield _stack([row_example(rows[i], objectives, seed=seed, stream=objectives_lib.EVAL_STREAM,
+                              epoch=0, row_id=i) if i < n else empty for i in ids])

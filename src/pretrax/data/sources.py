@@ -96,3 +96,28 @@ def split_by_position(documents: list[str], eval_fraction: float) -> tuple[list[
       held_out.append(doc[cut:])
     seen += len(doc)
   return [d for d in train if d], [d for d in held_out if d]
+
+
+def read_configured(c, log: Callable[[str], None]) -> tuple[list[str], list[str]]:
+  """(files, documents) of `c.data`: its paths, or the fallback corpus when they match nothing
+  (validate() allows that only with a fallback). Raises DataError for a corpus without text."""
+  files = expand_paths(c.data.path) if c.data.path else []
+  if files:
+    bad_files: list[str] = []
+
+    def on_bad(path: str, reason: str) -> None:
+      bad_files.append(f'{path} {reason}')
+
+    documents = read_documents(files, c.data.separator,
+                               on_bad_file=on_bad if c.data.skip_bad_files else None)
+    if bad_files:
+      log(f'skipped {len(bad_files)} bad file(s) (data.skip_bad_files): {"; ".join(bad_files[:5])}'
+          + (' ...' if len(bad_files) > 5 else ''))
+  else:
+    files = stdlib_files()
+    documents = read_stdlib_documents()
+    log(f'data.path={c.data.path!r} not found: training on the Python standard library\'s '
+        f'sources instead; point --config.data.path at any text file.')
+  if not documents:
+    raise DataError(f'data.path={c.data.path!r} holds no text: give it a non-empty file.')
+  return files, documents

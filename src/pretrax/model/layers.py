@@ -82,7 +82,10 @@ class Embed(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, ids_BL: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding[...], ids_BL, axis=0).astype(self.dtype)
+    # Gather the table's embed dim first (as FSDP does for every weight): a lookup from a table
+    # sharded on both dims has no efficient partitioning and XLA would replicate the whole table.
+    table = constrain(self.embedding[...], ('vocab', 'activation_embed'))
+    return jnp.take(table, ids_BL, axis=0).astype(self.dtype)
 
   def attend(self, x_BLD: jax.Array) -> jax.Array:
     return dense(x_BLD, self.embedding[...].T.astype(self.dtype))

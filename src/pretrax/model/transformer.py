@@ -134,7 +134,8 @@ class Transformer(nnx.Module):
   def embed_tokens(self, ids_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
     x_BLD = self.embed(ids_BL)
     if self.pos_embed is not None:
-      x_BLD = x_BLD + jnp.take(self.pos_embed[...], positions_BL, axis=0).astype(self.cfg.dtype)
+      table = layers.constrain(self.pos_embed[...], ('position', 'activation_embed'))  # See Embed.
+      x_BLD = x_BLD + jnp.take(table, positions_BL, axis=0).astype(self.cfg.dtype)
     return x_BLD
 
   def decode(self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,

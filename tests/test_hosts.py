@@ -1,0 +1,143 @@
+"""Several real JAX processes on this machine, joined through `jax.distributed` on localhost, each
+with 4 fake CPU devices: what a TPU pod or a GPU cluster runs, proven on one CPU."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import portpicker
+import pytest
+
+from conftest import REPO, run_cli
+from pretrax import checkpoint, metrics
+
+TINY = os.path.join(REPO, 'configs', 'tiny.py')
+STEPS, HALF = 12, 6
+
+
+def _env(devices: int) -> dict[str, str]:
+  flags = os.environ.get('XLA_FLAGS', '')
+  return dict(os.environ, JAX_PLATFORMS='cpu',
+              XLA_FLAGS=f'{flags} --xla_force_host_platform_device_count={devices}'.strip())
+
+
+def run_processes(num_processes: int, args: list[str], devices_each: int = 4,
+                  timeout: int = 400) -> list[subprocess.CompletedProcess]:
+  """`pretrax ARGS` as one job of `num_processes` processes; waits for all of them."""
+  if num_processes == 1:
+    return [subprocess.run([sys.executable, '-m', 'pretrax.cli', *args], cwd=REPO, text=True,
+                           capture_output=True, timeout=timeout, env=_env(devices_each))]
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'pretrax.cli', *args, f'--coordinator_address=127.0.0.1:{port}',
+       f'--num_processes={num_processes}', f'--process_id={i}', '--distributed_timeout=120'],
+      cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(devices_each))
+      for i in range(num_processes)]
+  results = []
+  for proc in procs:
+    out, err = proc.communicate(timeout=timeout)
+    results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+  return results
+
+
+def assert_ok(results: list[subprocess.CompletedProcess]) -> None:
+  for i, r in enumerate(results):
+    assert r.returncode == 0, (i, r.stderr[-3000:])
+
+
+def losses(workdir) -> dict[int, float]:
+  return {r['step']: r['loss'] for r in metrics.read_metrics(str(workdir)) if 'loss' in r}
+
+
+@pytest.fixture(scope='module')
+def prepared(tmp_path_factory, corpus_path) -> str:
+  out = tmp_path_factory.mktemp('prepared')
+  result = run_cli('prepare', f'--config={TINY}', f'--config.data.path={corpus_path}',
+                   '--config.data.fallback=', f'--output={out}', '--workers=2')
+  assert result.returncode == 0, result.stderr[-2000:]
+  return str(out)
+
+
+def train_args(workdir, prepared: str, steps: int, *overrides: str) -> list[str]:
+  return ['train', f'--config={TINY}', f'--workdir={workdir}', f'--config.data.prepared={prepared}',
+          f'--config.steps={steps}', f'--config.optim.schedule_steps={STEPS}',
+          '--config.log_every=1', '--config.eval_every=1000', f'--config.checkpoint.every={HALF}',
+          '--config.mesh.fsdp=2', *overrides]
+
+
+@pytest.fixture(scope='module')
+def one_process(tmp_path_factory, prepared) -> str:
+  """The reference: all 12 steps in one process with 8 devices."""
+  workdir = tmp_path_factory.mktemp('one_process')
+  assert_ok(run_processes(1, train_args(workdir, prepared, STEPS), devices_each=8))
+  assert sorted(losses(workdir)) == list(range(1, STEPS + 1))
+  return str(workdir)
+
+
+def assert_same_losses(workdir, reference) -> None:
+  got, want = losses(workdir), losses(reference)
+  assert sorted(got) == sorted(want), (sorted(got), sorted(want))
+  # Other device counts sum in other orders: equal to float32 rounding, not bit for bit.
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                             rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path, prepared, one_process):
+  # Each process a node: the outer data axis crosses processes (a hybrid DCN mesh).
+  hybrid = ('--config.mesh.dcn_data=2',)
+  results = run_processes(2, train_args(tmp_path, prepared, HALF, *hybrid))
+  assert_ok(results)
+  assert 'joined 2 processes, 8 devices (4 here)' in results[0].stdout
+  assert "mesh {'data': 4, 'fsdp': 2, 'tensor': 1}" in results[0].stdout
+  assert not results[1].stdout.strip() or 'step' not in results[1].stdout  # Only process 0 logs.
+  assert checkpoint.manager(str(tmp_path), read_only=True).all_steps() == [HALF]
+  saved_at_half = tmp_path.parent / 'two_then_one'
+  shutil.copytree(tmp_path, saved_at_half)
+
+  assert_ok(run_processes(2, train_args(tmp_path, prepared, STEPS, *hybrid)))
+  assert_same_losses(tmp_path, one_process)
+
+  # Saved by two processes, resumed by one: the same global batches, the same losses.
+  assert_ok(run_processes(1, train_args(saved_at_half, prepared, STEPS), devices_each=8))
+  assert_same_losses(saved_at_half, one_process)
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_on_two(tmp_path, prepared, one_process):
+  workdir = tmp_path / 'run'
+  shutil.copytree(one_process, workdir)
+  shutil.rmtree(workdir / 'checkpoints' / str(STEPS))  # Back to the checkpoint at HALF.
+  result = run_processes(2, train_args(workdir, prepared, STEPS))
+  assert_ok(result)
+  assert f'at step {HALF}' in result[0].stdout
+  assert_same_losses(workdir, one_process)
+
+
+@pytest.mark.slow
+def test_text_pipeline_refuses_another_process_count_naming_prepare(tmp_path, corpus_path):
+  args = ['train', f'--config={TINY}', f'--workdir={tmp_path}', f'--config.data.path={corpus_path}',
+          '--config.data.fallback=', '--config.steps=2', '--config.checkpoint.every=2',
+          '--config.eval_every=1000']
+  assert_ok(run_processes(2, args, devices_each=1))
+  result = run_processes(1, args[:-3] + ['--config.steps=4', '--config.checkpoint.every=2',
+                                         '--config.eval_every=1000'], devices_each=2)[0]
+  assert result.returncode == 2, result.stderr[-2000:]
+  line = result.stderr.strip().splitlines()[-1]
+  assert 'written by 2 process(es)' in line and 'pretrax prepare' in line, line
+
+
+def test_unreachable_coordinator_fails_fast_with_one_line(tmp_path):
+  port = portpicker.pick_unused_port()
+  start = time.monotonic()
+  result = subprocess.run(
+      [sys.executable, '-m', 'pretrax.cli', 'train', f'--config={TINY}', f'--workdir={tmp_path}',
+       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', '--process_id=1',
+       '--distributed_timeout=3'], cwd=REPO, text=True, capture_output=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert f'cannot reach the coordinator at 127.0.0.1:{port} within 3 s' in result.stderr
+  assert 'Traceback' not in result.stderr
+  assert time.monotonic() - start < 60
