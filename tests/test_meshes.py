@@ -1,0 +1,96 @@
+"""One model trained on many meshes of 8 fake CPU devices: the same losses on each, and checkpoints
+that move between meshes and device counts and go on as if nothing had changed."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from pretrax import metrics
+
+TINY = os.path.join(REPO, 'configs', 'tiny.py')
+STEPS, HALF = 10, 5
+MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
+# Four heads and a vocabulary padded to a multiple of 8, so that every mesh divides the weights.
+MODEL = ['--config.model.num_heads=4', '--config.model.vocab_multiple=8']
+
+
+def _env(devices: int) -> dict[str, str]:
+  python_path = os.pathsep.join(filter(None, [os.path.join(REPO, 'tests'),
+                                              os.environ.get('PYTHONPATH')]))
+  flags = os.environ.get('XLA_FLAGS', '')
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=python_path,
+              XLA_FLAGS=f'{flags} --xla_force_host_platform_device_count={devices}'.strip())
+
+
+def train_args(workdir, corpus_path, mesh=None) -> list[str]:
+  args = ['train', f'--config={TINY}', f'--workdir={workdir}', f'--config.data.path={corpus_path}',
+          '--config.data.fallback=', f'--config.steps={STEPS}', '--config.log_every=1',
+          '--config.eval_every=1000', f'--config.checkpoint.every={HALF}', *MODEL]
+  if mesh:
+    args += [f'--config.mesh.{axis}={size}' for axis, size in zip(('data', 'fsdp', 'tensor'), mesh)]
+  return args
+
+
+def run_on(devices: int, args: list[str]) -> None:
+  result = subprocess.run([sys.executable, '-m', 'pretrax.cli', *args], cwd=REPO, text=True,
+                          capture_output=True, timeout=600, env=_env(devices))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Involuntary full rematerialization' not in result.stderr  # Shardings that XLA can follow.
+
+
+def losses(workdir) -> list[float]:
+  by_step = {r['step']: r['loss'] for r in metrics.read_metrics(str(workdir)) if 'loss' in r}
+  assert sorted(by_step) == list(range(1, STEPS + 1))
+  return [by_step[s] for s in range(1, STEPS + 1)]
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory, corpus_path) -> dict:
+  """Every mesh's run, in one process of 8 devices (one start-up for all four); the single-device
+  run goes through the CLI, with the same settings as these."""
+  root = tmp_path_factory.mktemp('meshes')
+  workdirs = {mesh: root / 'x'.join(map(str, mesh)) for mesh in MESHES}
+  script = textwrap.dedent(f'''
+      from conftest import load_config
+      from pretrax import train
+      for mesh, workdir in {[(m, str(w)) for m, w in workdirs.items()]!r}:
+        c = load_config('tiny')
+        c.data.path, c.data.fallback = {corpus_path!r}, ''
+        c.steps, c.log_every, c.eval_every, c.checkpoint.every = {STEPS}, 1, 1000, {HALF}
+        c.model.num_heads, c.model.vocab_multiple = 4, 8
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+        train.train(c, workdir)
+  ''')
+  result = subprocess.run([sys.executable, '-c', script], cwd=REPO, text=True,
+                          capture_output=True, timeout=900, env=_env(8))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Involuntary full rematerialization' not in result.stderr
+  single = root / '1x1x1'
+  run_on(1, train_args(single, corpus_path))
+  return {'single': single, **workdirs}
+
+
+@pytest.mark.slow
+def test_every_mesh_trains_to_the_same_losses(runs):
+  reference = losses(runs['single'])
+  assert reference[-1] < reference[0] - 1.0  # It learns.
+  for mesh in MESHES:
+    np.testing.assert_allclose(losses(runs[mesh]), reference, rtol=1e-5, err_msg=str(mesh))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('devices,mesh', [(4, (1, 4, 1)), (1, None)],
+                         ids=['to_1x4x1_on_4_devices', 'to_one_device'])
+def test_a_checkpoint_from_2x2x2_resumes_on_another_mesh(runs, tmp_path, corpus_path, devices,
+                                                         mesh):
+  workdir = tmp_path / 'run'
+  shutil.copytree(runs[(2, 2, 2)], workdir)
+  shutil.rmtree(workdir / 'checkpoints' / str(STEPS))  # Back to the checkpoint at HALF.
+  run_on(devices, train_args(workdir, corpus_path, mesh))
+  np.testing.assert_allclose(losses(workdir), losses(runs[(2, 2, 2)]), rtol=1e-5)
