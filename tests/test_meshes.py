@@ -37,11 +37,12 @@ def train_args(workdir, corpus_path, mesh=None) -> list[str]:
   return args
 
 
-def run_on(devices: int, args: list[str]) -> None:
+def run_on(devices: int, args: list[str]) -> str:
   result = subprocess.run([sys.executable, '-m', 'pretrax.cli', *args], cwd=REPO, text=True,
                           capture_output=True, timeout=600, env=_env(devices))
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Involuntary full rematerialization' not in result.stderr  # Shardings that XLA can follow.
+  return result.stdout
 
 
 def losses(workdir) -> list[float]:
@@ -94,3 +95,9 @@ def test_a_checkpoint_from_2x2x2_resumes_on_another_mesh(runs, tmp_path, corpus_
   shutil.rmtree(workdir / 'checkpoints' / str(STEPS))  # Back to the checkpoint at HALF.
   run_on(devices, train_args(workdir, corpus_path, mesh))
   np.testing.assert_allclose(losses(workdir), losses(runs[(2, 2, 2)]), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_sample_from_a_2x2x2_run_on_one_device(runs):
+  text = run_on(1, ['sample', f'--workdir={runs[(2, 2, 2)]}', '--prompt=The', '--length=20'])
+  assert text.startswith('The') and len(text.strip()) > len('The')

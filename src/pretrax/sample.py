@@ -101,7 +101,12 @@ def from_workdir(workdir: str, prompt: str, *, length: int, temperature: float, 
     mngr.close()
     raise config_lib.ConfigError(f'the run in {workdir} trained a masked_lm encoder, which does '
                                  'not generate text: sample from a decoder objective\'s run.')
-  tok = tokenizer_lib.Tokenizer.load(c.tokenizer.path or os.path.join(workdir, 'tokenizer.model'))
+  saved_tokenizer = os.path.join(workdir, 'tokenizer.model')
+  tok = tokenizer_lib.Tokenizer.load(saved_tokenizer if os.path.exists(saved_tokenizer)
+                                     else c.tokenizer.path)
+  # Whatever mesh the run trained on, sampling uses this machine's devices: all on `data`.
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.dcn_data, c.mesh.dcn_fsdp = -1, 1, 1, 1, 1
+  c.mesh.rules = c.mesh.get('rules', '')  # Absent from checkpoints of older versions.
   run = state_lib.build(c, tok.vocab_size)
   state, _ = checkpoint.restore(mngr, step, run.abstract)
   mngr.close()

@@ -399,8 +399,11 @@ def _flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 
 def _check_resumable(c: ml_collections.ConfigDict, saved: dict[str, Any], step: int) -> None:
   now, before = _flatten(json.loads(c.to_json())), _flatten(saved)
+  # A field that a newer version added is absent from older checkpoints: fine at its default.
+  defaults = _flatten(json.loads(config_lib.base_config().to_json()))
   changed = [k for k in sorted(set(now) | set(before))
              if now.get(k) != before.get(k)
+             and not (k not in before and k in defaults and now.get(k) == defaults[k])
              and not any(k == f or k.startswith(f + '.') for f in RESUMABLE_CHANGES)]
   if changed:
     detail = ', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in changed)

@@ -1,0 +1,225 @@
+"""`pretrax plan`: what one device will hold for a config and its mesh, before paying for any.
+
+  pretrax plan --config=configs/llama_1b.py --devices=8 --device_memory_gib=16
+
+Per parameter: its logical axes, the PartitionSpec the rules give it and the bytes of one device's
+shard. Per device: parameters, optimizer state, and XLA's own memory analysis of the real jitted
+train step (lowered on abstract inputs, so nothing is allocated), whose temporaries are the
+activations kept for the backward pass plus the step's scratch space.
+"""
+
+from collections.abc import Sequence
+import dataclasses
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from pretrax import config as config_lib
+from pretrax import state as state_lib
+from pretrax import step as step_lib
+from pretrax.data import pipeline
+
+GiB = 1024 ** 3
+# A replicated parameter earns a warning from this size, or from this share of all parameters
+# (small models: a replicated table there is as much a mistake as a 1 GiB one in a large model).
+REPLICATED_WARN_BYTES = 1024 ** 2
+REPLICATED_WARN_SHARE = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamPlan:
+  path: str  # e.g. blocks.0.attn.q
+  shape: tuple[int, ...]
+  dtype: str
+  logical_axes: tuple[str | None, ...]
+  spec: jax.sharding.PartitionSpec
+  bytes_per_device: int  # One device's shard.
+  replicated: bool  # Held whole by every device of a mesh of more than one.
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Bytes are per device. `xla` is the compiled train step's memory analysis."""
+  flavour: str
+  num_params: int
+  mesh: dict[str, int]
+  platform: str
+  params: tuple[ParamPlan, ...]
+  param_bytes: int
+  opt_state_bytes: int
+  batch_bytes: int
+  xla: dict[str, int]
+  compile_s: float
+  warnings: tuple[str, ...]
+
+  @property
+  def temp_bytes(self) -> int:
+    return self.xla['temp_size_in_bytes']
+
+  @property
+  def peak_bytes(self) -> int:
+    """Inputs + outputs + temporaries + code; the donated state is an input and an output in the
+    same buffers (the alias), so it counts once."""
+    x = self.xla
+    return (x['argument_size_in_bytes'] + x['output_size_in_bytes'] - x['alias_size_in_bytes']
+            + x['temp_size_in_bytes'] + x['generated_code_size_in_bytes'])
+
+
+_XLA_FIELDS = ('argument_size_in_bytes', 'output_size_in_bytes', 'alias_size_in_bytes',
+               'temp_size_in_bytes', 'generated_code_size_in_bytes')
+
+
+def vocab_size(c: ml_collections.ConfigDict) -> int:
+  """The vocabulary the model will have without training a tokenizer: model.vocab_size, else the
+  tokenizer file's size, else tokenizer.vocab_size (an upper bound for char tokenizers)."""
+  if c.model.vocab_size:
+    return c.model.vocab_size
+  if c.tokenizer.path and os.path.isfile(c.tokenizer.path):
+    from pretrax import tokenizer
+    return tokenizer.Tokenizer.load(c.tokenizer.path).vocab_size
+  return c.tokenizer.vocab_size
+
+
+def use_fake_cpu_devices(n: int) -> None:
+  """Plan on `n` CPU devices; call before anything starts a JAX backend (devices are fixed then).
+
+  XLA:CPU's default scheduler orders work for concurrency, not memory, and so keeps everything that
+  remat would recompute alive: its temporaries ignore `model.remat`. Accelerators schedule for
+  memory; so must we, for the plan to mean something.
+  """
+  flag = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {flag}'.strip()
+  jax.config.update('jax_platforms', 'cpu')
+  jax.config.update('jax_num_cpu_devices', n)
+
+
+def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
+  return math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+
+
+def _abstract_batch(c: ml_collections.ConfigDict, run: state_lib.RunState):
+  shape = (c.data.batch_size, c.data.seq_len)
+  return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == 'weights' else jnp.int32,
+                                  sharding=run.batch_sharding) for k in pipeline.BATCH_KEYS}
+
+
+def _compile_train_step(c: ml_collections.ConfigDict, run: state_lib.RunState, batch):
+  """The train step exactly as `train` jits it, compiled for the abstract state and batch."""
+  objectives = tuple(name for name, _ in config_lib.objective_mixture(c.objective))
+  cfg = step_lib.StepConfig(grad_accum_steps=c.optim.grad_accum_steps, z_loss=c.optim.z_loss,
+                            dropout=c.model.dropout > 0, seed=c.seed, objectives=objectives,
+                            skip_nonfinite=c.optim.skip_nonfinite)
+  train_step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule, cfg,
+                                       activation_sharding=run.activation_sharding,
+                                       out_shardings=(run.shardings, None))
+  return train_step.lower(run.abstract, batch).compile()
+
+
+def _warnings(params: Sequence[ParamPlan], mesh: dict[str, int], state_bytes: int) -> list[str]:
+  num_devices = math.prod(mesh.values())
+  if num_devices == 1:
+    return []
+  if mesh['fsdp'] * mesh['tensor'] == 1:  # Pure data parallelism replicates by design: say so once.
+    return [f'the mesh shards no parameter (fsdp=1, tensor=1): each of the {num_devices} devices '
+            f'holds all parameters and optimizer state ({_human(state_bytes)}); set '
+            '--config.mesh.fsdp=-1 --config.mesh.data=1 if that is too much.']
+  total = sum(math.prod(p.shape) * jnp.dtype(p.dtype).itemsize for p in params)
+  out = []
+  for p in params:
+    if p.replicated and (p.bytes_per_device >= REPLICATED_WARN_BYTES
+                         or p.bytes_per_device >= REPLICATED_WARN_SHARE * total):
+      out.append(f'{p.path} {p.shape} ({_human(p.bytes_per_device)}) is replicated on all '
+                 f'{num_devices} devices: its logical axes ({_axes(p.logical_axes)}) map to no '
+                 'mesh axis of size > 1; map one to fsdp or tensor with --config.mesh.rules.')
+  return out
+
+
+def plan(c: ml_collections.ConfigDict, vocab_size: int,
+         devices: Sequence[jax.Device] | None = None) -> Plan:
+  """The per-device memory plan of `c` on `devices` (default: all); compiles, allocates nothing."""
+  devices = list(devices if devices is not None else jax.devices())
+  config_lib.validate(c, num_devices=len(devices), check_data=False)
+  run = state_lib.build(c, vocab_size, devices)
+  mesh = dict(run.mesh.shape)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(run.abstract['params'])
+  params = tuple(
+      ParamPlan(path=jax.tree_util.keystr(path, simple=True, separator='.'), shape=x.shape,
+                dtype=str(x.dtype), logical_axes=axes, spec=x.sharding.spec,
+                bytes_per_device=_shard_bytes(x),
+                replicated=len(devices) > 1 and x.sharding.shard_shape(x.shape) == x.shape)
+      for (path, x), axes in zip(leaves, treedef.flatten_up_to(run.logical_axes)))
+  param_bytes = sum(p.bytes_per_device for p in params)
+  opt_state_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(run.abstract['opt_state']))
+  batch = _abstract_batch(c, run)
+
+  start = time.perf_counter()
+  analysis = _compile_train_step(c, run, batch).memory_analysis()
+  compile_s = time.perf_counter() - start
+  if analysis is None:
+    raise RuntimeError(f'XLA gave no memory analysis on {devices[0].platform}; plan on CPU with '
+                       '--devices=N instead.')
+  return Plan(
+      flavour=c.model.flavour, num_params=sum(math.prod(p.shape) for p in params), mesh=mesh,
+      platform=devices[0].platform, params=params, param_bytes=param_bytes,
+      opt_state_bytes=opt_state_bytes,
+      batch_bytes=sum(_shard_bytes(x) for x in batch.values()),
+      xla={k: int(getattr(analysis, k)) for k in _XLA_FIELDS}, compile_s=compile_s,
+      warnings=tuple(_warnings(params, mesh, param_bytes + opt_state_bytes)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The table.
+
+
+def _human(n: float) -> str:
+  for unit in ('B', 'KiB', 'MiB'):
+    if abs(n) < 1024:
+      return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+    n /= 1024
+  return f'{n:.2f} GiB'
+
+
+def _axes(names) -> str:
+  """Mesh or logical axes as the rules write them: `-` for none, `a+b` for several."""
+  return ', '.join('-' if a is None else '+'.join(a) if isinstance(a, tuple) else a for a in names)
+
+
+def verdict(p: Plan, device_memory_gib: float) -> str:
+  need, have = p.peak_bytes / GiB, device_memory_gib
+  if p.peak_bytes <= have * GiB:
+    return f'fits: {need:.2f} of {have:.1f} GiB per device ({need / have:.0%})'
+  return f'does NOT fit: {need:.2f} GiB per device needed, {have:.1f} GiB available'
+
+
+def format_plan(p: Plan, device_memory_gib: float | None = None) -> str:
+  mesh = ' '.join(f'{k}={v}' for k, v in p.mesh.items())
+  rows = [('parameter', 'shape', 'logical axes', 'mesh axes', 'per device')]
+  rows += [(q.path, 'x'.join(map(str, q.shape)) or 'scalar', _axes(q.logical_axes),
+            _axes(q.spec) or '(replicated)', _human(q.bytes_per_device)) for q in p.params]
+  widths = [max(len(r[i]) for r in rows) for i in range(5)]
+  n = math.prod(p.mesh.values())
+  lines = [f'{p.flavour}, {p.num_params:,} parameters; mesh {mesh} '
+           f'({n} {p.platform} device{"s" if n > 1 else ""})', '']
+  lines += ['  '.join(f'{v:<{w}}' if i < 4 else f'{v:>{w}}'
+                      for i, (v, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
+  x = p.xla
+  totals = [('parameters', p.param_bytes), ('optimizer state', p.opt_state_bytes),
+            ('batch', p.batch_bytes), ('activations + temporaries (XLA)', p.temp_bytes),
+            ('peak estimate', p.peak_bytes)]
+  lines += ['', 'per device:'] + [f'  {name:<33}{_human(n):>12}' for name, n in totals]
+  lines.append(f'  (XLA: arguments {_human(x["argument_size_in_bytes"])}, outputs '
+               f'{_human(x["output_size_in_bytes"])}, donated {_human(x["alias_size_in_bytes"])}, '
+               f'code {_human(x["generated_code_size_in_bytes"])}; '
+               f'compiled in {p.compile_s:.1f} s)')
+  if p.platform == 'cpu':
+    lines.append('  (compiled by XLA:CPU, which keeps float32 attention scores that a fused '
+                 'kernel (cuDNN on GPUs) never stores: for GPUs, an upper bound)')
+  if device_memory_gib:
+    lines += ['', verdict(p, device_memory_gib)]
+  if p.warnings:
+    lines += ['', 'warnings:'] + [f'  {w}' for w in p.warnings]
+  return '\n'.join(lines)
