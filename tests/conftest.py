@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -11,6 +12,13 @@ import pytest
 _DETERMINISTIC = '--xla_gpu_deterministic_ops=true'
 if _DETERMINISTIC not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_DETERMINISTIC}'.strip()
+
+# The suite runs the same few tiny programs in many processes: compile each once, on disk (keyed by
+# the program, JAX version and flags, so a stale entry is never used). Inherited by subprocesses.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'pretrax-tests-jax-cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.normpath(os.path.join(REPO, '..', 'shared', 'data', 'tinyshakespeare.txt'))

@@ -152,8 +152,8 @@ def test_non_finite_updates_are_skipped_and_counted_when_asked(tmp_path, corpus_
 
 @pytest.mark.slow
 def test_killed_during_an_async_save_resumes_from_the_last_complete_one(tmp_path, corpus_path):
-  # A model large enough (~14M parameters, ~170 MB of state) that a save takes a while.
-  big = ['--config.model.embed_dim=384', '--config.model.num_layers=8', '--config.steps=12',
+  # A model large enough (~5M parameters, ~60 MB of state) that a save takes a while.
+  big = ['--config.model.embed_dim=256', '--config.model.num_layers=6', '--config.steps=12',
          '--config.checkpoint.every=4', '--config.checkpoint.keep=5']
   straight_dir = tmp_path / 'straight'
   assert run_cli(*train_args(straight_dir, corpus_path, *big)).returncode == 0
