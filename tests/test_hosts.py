@@ -3,6 +3,7 @@ with 4 fake CPU devices: what a TPU pod or a GPU cluster runs, proven on one CPU
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -141,3 +142,36 @@ def test_unreachable_coordinator_fails_fast_with_one_line(tmp_path):
   assert f'cannot reach the coordinator at 127.0.0.1:{port} within 3 s' in result.stderr
   assert 'Traceback' not in result.stderr
   assert time.monotonic() - start < 60
+
+
+@pytest.mark.slow
+def test_sigterm_on_every_host_stops_all_processes_at_one_step_with_a_checkpoint(tmp_path,
+                                                                               prepared):
+  """A preemption: the cluster sends SIGTERM to every process. JAX's coordination service agrees
+  on one step; every process saves its shards there and exits 75."""
+  port = portpicker.pick_unused_port()
+  args = train_args(tmp_path, prepared, 5000) + ["--config.optim.schedule_steps=5000"]
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'pretrax.cli', *args, f'--coordinator_address=127.0.0.1:{port}',
+       '--num_processes=2', f'--process_id={i}', '--distributed_timeout=120'],
+      cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(4))
+      for i in range(2)]
+  deadline = time.time() + 300
+  metrics_file = tmp_path / 'metrics.jsonl'
+  while time.time() < deadline and not (metrics_file.exists()
+                                        and metrics_file.read_text().count('"loss"') >= 3):
+    assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+    time.sleep(0.05)
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=300) for p in procs]
+  lines = []
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 75, err[-3000:]
+    lines.append([l for l in err.splitlines() if l.startswith('pretrax train:')][-1])
+  steps = {int(l.split('after step ')[1].split(';')[0]) for l in lines}
+  assert len(steps) == 1, lines  # The same step on both.
+  stopped = steps.pop()
+  assert 3 <= stopped < 5000
+  assert checkpoint.manager(str(tmp_path), read_only=True).latest_step() == stopped
+  assert max(losses(tmp_path)) == stopped
