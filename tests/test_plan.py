@@ -81,8 +81,8 @@ def test_plan_bytes_equal_the_shards_of_a_real_state_on_8_devices():
 
 
 def test_plan_command_prints_the_table_and_a_verdict():
-  result = run_cli('plan', '--config=configs/tiny.py', '--devices=8', '--config.mesh.fsdp=8',
-                   '--config.mesh.data=1', '--device_memory_gib=16')
+  result = run_cli('plan', '--config=configs/tiny.py', '--devices=8', '--mesh=1,-1,1',
+                   '--device_memory_gib=16')
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
   assert 'mesh data=1 fsdp=8 tensor=1 (8 cpu devices)' in out, out

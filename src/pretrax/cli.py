@@ -16,7 +16,8 @@ USAGE = """usage: pretrax COMMAND [--flags]
 commands:
   train      --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
              [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
-  plan       --config=configs/NAME.py[:ARG] [--devices=N] [--device_memory_gib=GIB]
+  plan       --config=configs/NAME.py[:ARG] [--devices=N] [--mesh=DATA,FSDP,TENSOR]
+             [--device_memory_gib=GIB]
              [--config.KEY=VALUE ...]
   prepare    --config=configs/NAME.py[:ARG] --output=DIR [--workers=N] [--config.KEY=VALUE ...]
   sample     --workdir=DIR [--prompt=TEXT] [--length=N] [--temperature=T]
@@ -54,6 +55,8 @@ def _define_plan() -> None:
   flags.DEFINE_integer('devices', None, 'Plan for this many fake CPU devices; default: the real '
                        'devices.', lower_bound=1)
   flags.DEFINE_float('device_memory_gib', None, 'Memory per device, to say whether it fits.')
+  flags.DEFINE_string('mesh', '', 'DATA,FSDP,TENSOR sizes (one may be -1), short for '
+                      '--config.mesh.data=... --config.mesh.fsdp=... --config.mesh.tensor=...')
 
 
 def _define_prepare() -> None:
@@ -106,6 +109,12 @@ def _run_plan() -> None:
   from pretrax import plan
 
   _require_flags('config')
+  if FLAGS.mesh:
+    sizes = FLAGS.mesh.split(',')
+    if len(sizes) != 3 or not all(x.strip().lstrip('-').isdigit() for x in sizes):
+      raise UsageError(f'--mesh={FLAGS.mesh!r}: give three sizes DATA,FSDP,TENSOR, e.g. 1,8,1.')
+    c = FLAGS.config
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = (int(x) for x in sizes)
   if FLAGS.devices:
     plan.use_fake_cpu_devices(FLAGS.devices)
   result = plan.plan(FLAGS.config, plan.vocab_size(FLAGS.config))
