@@ -57,3 +57,23 @@ def run_cli(*args: str, cwd: str = REPO, timeout: int = 600) -> subprocess.Compl
   """Runs `pretrax ARGS` in a subprocess, as a user would."""
   return subprocess.run([sys.executable, '-m', 'pretrax.cli', *args], cwd=cwd, text=True,
                         capture_output=True, timeout=timeout)
+
+
+def fake_devices_env(devices: int) -> dict[str, str]:
+  """The environment of a process with `devices` fake CPU devices (fixed when JAX starts) that can
+  import the tests' helpers."""
+  python_path = os.pathsep.join(filter(None, [os.path.join(REPO, 'tests'),
+                                              os.environ.get('PYTHONPATH')]))
+  flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={devices}'
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=python_path, XLA_FLAGS=flags.strip())
+
+
+def run_python(script: str, devices: int, timeout: int = 600) -> str:
+  """Runs `script` in a fresh Python with `devices` fake CPU devices; returns its stdout."""
+  import textwrap
+
+  result = subprocess.run([sys.executable, '-c', textwrap.dedent(script)], cwd=REPO, text=True,
+                          capture_output=True, timeout=timeout, env=fake_devices_env(devices))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Involuntary full rematerialization' not in result.stderr  # Shardings XLA can follow.
+  return result.stdout

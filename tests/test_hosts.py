@@ -12,17 +12,11 @@ import numpy as np
 import portpicker
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, fake_devices_env, run_cli
 from pretrax import checkpoint, metrics
 
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
 STEPS, HALF = 12, 6
-
-
-def _env(devices: int) -> dict[str, str]:
-  flags = os.environ.get('XLA_FLAGS', '')
-  return dict(os.environ, JAX_PLATFORMS='cpu',
-              XLA_FLAGS=f'{flags} --xla_force_host_platform_device_count={devices}'.strip())
 
 
 def run_processes(num_processes: int, args: list[str], devices_each: int = 4,
@@ -30,12 +24,12 @@ def run_processes(num_processes: int, args: list[str], devices_each: int = 4,
   """`pretrax ARGS` as one job of `num_processes` processes; waits for all of them."""
   if num_processes == 1:
     return [subprocess.run([sys.executable, '-m', 'pretrax.cli', *args], cwd=REPO, text=True,
-                           capture_output=True, timeout=timeout, env=_env(devices_each))]
+                           capture_output=True, timeout=timeout, env=fake_devices_env(devices_each))]
   port = portpicker.pick_unused_port()
   procs = [subprocess.Popen(
       [sys.executable, '-m', 'pretrax.cli', *args, f'--coordinator_address=127.0.0.1:{port}',
        f'--num_processes={num_processes}', f'--process_id={i}', '--distributed_timeout=120'],
-      cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(devices_each))
+      cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=fake_devices_env(devices_each))
       for i in range(num_processes)]
   results = []
   for proc in procs:
@@ -154,7 +148,7 @@ def test_sigterm_on_every_host_stops_all_processes_at_one_step_with_a_checkpoint
   procs = [subprocess.Popen(
       [sys.executable, '-m', 'pretrax.cli', *args, f'--coordinator_address=127.0.0.1:{port}',
        '--num_processes=2', f'--process_id={i}', '--distributed_timeout=120'],
-      cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(4))
+      cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=fake_devices_env(4))
       for i in range(2)]
   deadline = time.time() + 300
   metrics_file = tmp_path / 'metrics.jsonl'

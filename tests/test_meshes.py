@@ -5,12 +5,11 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, fake_devices_env, run_python
 from pretrax import metrics
 
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
@@ -18,14 +17,6 @@ STEPS, HALF = 10, 5
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 # Four heads and a vocabulary padded to a multiple of 8, so that every mesh divides the weights.
 MODEL = ['--config.model.num_heads=4', '--config.model.vocab_multiple=8']
-
-
-def _env(devices: int) -> dict[str, str]:
-  python_path = os.pathsep.join(filter(None, [os.path.join(REPO, 'tests'),
-                                              os.environ.get('PYTHONPATH')]))
-  flags = os.environ.get('XLA_FLAGS', '')
-  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=python_path,
-              XLA_FLAGS=f'{flags} --xla_force_host_platform_device_count={devices}'.strip())
 
 
 def train_args(workdir, corpus_path, mesh=None) -> list[str]:
@@ -39,7 +30,7 @@ def train_args(workdir, corpus_path, mesh=None) -> list[str]:
 
 def run_on(devices: int, args: list[str]) -> str:
   result = subprocess.run([sys.executable, '-m', 'pretrax.cli', *args], cwd=REPO, text=True,
-                          capture_output=True, timeout=600, env=_env(devices))
+                          capture_output=True, timeout=600, env=fake_devices_env(devices))
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Involuntary full rematerialization' not in result.stderr  # Shardings that XLA can follow.
   return result.stdout
@@ -57,7 +48,7 @@ def runs(tmp_path_factory, corpus_path) -> dict:
   run goes through the CLI, with the same settings as these."""
   root = tmp_path_factory.mktemp('meshes')
   workdirs = {mesh: root / 'x'.join(map(str, mesh)) for mesh in MESHES}
-  script = textwrap.dedent(f'''
+  script = f'''
       from conftest import load_config
       from pretrax import train
       for mesh, workdir in {[(m, str(w)) for m, w in workdirs.items()]!r}:
@@ -67,11 +58,8 @@ def runs(tmp_path_factory, corpus_path) -> dict:
         c.model.num_heads, c.model.vocab_multiple = 4, 8
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
         train.train(c, workdir)
-  ''')
-  result = subprocess.run([sys.executable, '-c', script], cwd=REPO, text=True,
-                          capture_output=True, timeout=900, env=_env(8))
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'Involuntary full rematerialization' not in result.stderr
+  '''
+  run_python(script, devices=8, timeout=900)
   single = root / '1x1x1'
   run_on(1, train_args(single, corpus_path))
   return {'single': single, **workdirs}

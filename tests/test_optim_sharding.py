@@ -1,15 +1,12 @@
 """The optimizer's decay mask and schedules, and parameter shardings that follow the rules table."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config
+from conftest import load_config, run_python
 from pretrax import config as config_lib
 from pretrax import optim, sharding
 from pretrax import state as state_lib
@@ -93,11 +90,5 @@ def test_params_and_moments_are_sharded_as_the_rules_say_on_8_devices():
       assert len(attn['q'].addressable_shards) == 8
       print('ok', jax.device_count())
   ''')
-  python_path = os.pathsep.join(filter(None, [os.path.join(REPO, 'tests'),
-                                              os.environ.get('PYTHONPATH')]))
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu', PYTHONPATH=python_path)
-  result = subprocess.run([sys.executable, '-c', script], env=env, text=True,
-                          capture_output=True, timeout=300, cwd=REPO)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stdout.strip().endswith('ok 8')
+  stdout = run_python(script, devices=8, timeout=300)
+  assert stdout.strip().endswith('ok 8')

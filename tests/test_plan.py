@@ -8,11 +8,8 @@ Regenerate the golden specs after an intended change to the rules or the model's
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_python
 
 GOLDEN = os.path.join(REPO, 'tests', 'golden', 'partition_specs.json')
 CONFIGS = ('tiny', 'tiny:llama', 'shakespeare_char', 'shakespeare_mlm', 'bert_base', 'gpt2_small',
@@ -20,15 +17,7 @@ CONFIGS = ('tiny', 'tiny:llama', 'shakespeare_char', 'shakespeare_mlm', 'bert_ba
 
 
 def _on_8_devices(script: str) -> str:
-  """Runs `script` in a fresh Python with 8 fake CPU devices (fixed when JAX starts); its stdout."""
-  python_path = os.pathsep.join(filter(None, [os.path.join(REPO, 'tests'),
-                                              os.environ.get('PYTHONPATH')]))
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu', PYTHONPATH=python_path)
-  result = subprocess.run([sys.executable, '-c', textwrap.dedent(script)], env=env, text=True,
-                          capture_output=True, timeout=300, cwd=REPO)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result.stdout
+  return run_python(script, devices=8, timeout=300)
 
 
 def test_plan_bytes_equal_the_shards_of_a_real_state_on_8_devices():
