@@ -87,7 +87,32 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any 
   )
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
-  mngr.save(step, args=ocp.args.Composite(**items), force=True)
+  try:  # Waits for the previous save first: its failure surfaces here.
+    mngr.save(step, args=ocp.args.Composite(**items), force=True)
+  except Exception as e:
+    raise _save_failed(mngr, e) from None
+
+
+def _shorten(text: str, keep: int = 300) -> str:
+  """Both ends of a long message: storage errors say what failed first and why (disk full, file
+  too large, permission) last."""
+  return text if len(text) <= keep else f'{text[:keep // 3]} ... {text[-2 * keep // 3:]}'
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+  """Blocks until the save in flight has committed; a failed one raises CheckpointError."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:
+    raise _save_failed(mngr, e) from None
+
+
+def _save_failed(mngr: ocp.CheckpointManager, error: Exception) -> CheckpointError:
+  detail = _shorten(' '.join(str(error).split()))
+  return CheckpointError(
+      f'saving a checkpoint failed ({type(error).__name__}: {detail}); the newest complete '
+      f'checkpoint, step {mngr.latest_step()}, is untouched: free disk space or fix the storage, '
+      'then run the same command to resume from it.')
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
@@ -108,7 +133,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # Orbax and TensorStore raise many kinds; all mean "unreadable".
-    detail = ' '.join(str(e).split())[:300]
+    detail = _shorten(' '.join(str(e).split()))
     raise CheckpointError(f'{where} is damaged ({type(e).__name__}: {detail})') from None
   expected = restored['fingerprint']['bit_sums']
   actual = fingerprint(restored['state'])

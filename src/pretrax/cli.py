@@ -4,6 +4,7 @@ Every expected failure (a bad config key or value, a missing file) ends with one
 naming the problem and the fix, and exit status 2.
 """
 
+import os
 import shlex
 import sys
 
@@ -122,8 +123,6 @@ def _run_plan() -> None:
 
 
 def _run_prepare() -> None:
-  import os
-
   from pretrax.data import prepare
 
   _require_flags('config', 'output')
@@ -177,12 +176,30 @@ def _unknown_key_message(argv: list[str], error: Exception) -> str:
 
 
 def _fail(command: str, message: str) -> None:
-  print(f'pretrax {command}: error: {message}', file=sys.stderr)
+  print(f'pretrax {command}: error: {message}', file=sys.stderr, flush=True)
+  # The line above is the whole report: background writers that die with the interpreter (Orbax's
+  # asyncio tasks after a failed save) would otherwise print pages of tracebacks after it.
+  os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
   sys.exit(2)
+
+
+def _quiet_closed_loops() -> None:
+  """Drops one harmless traceback: TensorStore completing a write for an Orbax event loop that
+  already closed (after a save failed, or at exit) prints 'RuntimeError: Event loop is closed',
+  possibly many times, burying the one line that says what happened."""
+  default = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == 'Event loop is closed'):
+      default(unraisable)
+
+  sys.unraisablehook = hook
 
 
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
+  _quiet_closed_loops()
   if len(argv) < 2 or argv[1] not in COMMANDS:
     print(USAGE, file=sys.stderr)
     sys.exit(2)

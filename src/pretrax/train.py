@@ -55,8 +55,10 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     finally:
       # However the run ends (done, stopped, an error), a save in flight commits first and the
       # manager's threads end: a checkpoint is complete or absent, never half-written.
-      mngr.wait_until_finished()
-      mngr.close()
+      try:
+        checkpoint.wait(mngr)
+      finally:
+        mngr.close()
 
 
 def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
@@ -219,8 +221,10 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
     else:
       log(f'already at step {start} of {c.steps}: nothing to train (raise --config.steps to go on).')
   finally:
-    mngr.wait_until_finished()
-    writer.close()
+    try:
+      checkpoint.wait(mngr)
+    finally:
+      writer.close()
 
   text = ''
   if c.sample.length and c.objective == 'masked_lm':

@@ -5,6 +5,7 @@ one-line error."""
 import glob
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -172,6 +173,39 @@ def test_killed_during_an_async_save_resumes_from_the_last_complete_one(tmp_path
   assert 'at step 4' in resumed.stdout
   assert not partial(), 'the partial checkpoint was not cleaned up'
   assert_same_run(straight_dir, hurt, 12)
+
+
+def _file_size_limit(limit: int):
+  """For a child process: writes that would grow a file past `limit` bytes fail with EFBIG, as
+  writes to a full disk fail with ENOSPC (the kernel's limit, not a simulation in our code)."""
+  def apply() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+  return apply
+
+
+@pytest.mark.slow
+def test_a_save_that_cannot_write_stops_the_run_and_keeps_the_previous_checkpoint(
+    straight, tmp_path, corpus_path):
+  args = train_args(tmp_path, corpus_path, '--config.steps=40', '--config.checkpoint.every=10')
+  assert run_cli(*args[:-2], '--config.steps=10', '--config.optim.schedule_steps=40',
+                 '--config.checkpoint.every=10').returncode == 0
+  # Resumed with a disk that takes no file larger than a fifth of the state: the save at 20 fails.
+  result = subprocess.run([sys.executable, '-m', 'pretrax.cli', *args,
+                           '--config.optim.schedule_steps=40'], cwd=REPO, text=True,
+                          capture_output=True, timeout=600, preexec_fn=_file_size_limit(200_000))
+  # Orbax logs the failure from its threads (with tracebacks); the last line is ours.
+  assert result.returncode == 2, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  for fragment in ('pretrax train: error: saving a checkpoint failed', 'File too large',
+                   'step 10, is untouched', 'run the same command'):
+    assert fragment in last, (fragment, last)
+  assert 'Event loop is closed' not in result.stderr
+  assert checkpoint.manager(str(tmp_path), read_only=True).all_steps() == [10]
+  resumed = run_cli(*args, '--config.optim.schedule_steps=40')  # Space again: on from step 10.
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert 'at step 10' in resumed.stdout
+  assert_same_run(straight, tmp_path, 40)
 
 
 @pytest.mark.slow
