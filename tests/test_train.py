@@ -9,6 +9,7 @@ import pytest
 from conftest import SHAKESPEARE, load_config
 from pretrax import checkpoint, metrics
 from pretrax import state as state_lib
+from pretrax import step as step_lib
 from pretrax import tokenizer
 from pretrax import train
 
@@ -99,3 +100,35 @@ def test_masked_lm_learns_well_beyond_the_most_frequent_token(corpus_path, tmp_p
   # is twice as high; 400 steps reach 1.8-1.9 times it there.
   bar = 2.0 if os.path.exists(SHAKESPEARE) else 1.5
   assert result['eval_accuracy'] > bar * result['eval_baseline_accuracy'], result
+
+
+def test_a_loss_spike_is_skipped_and_kept_out_of_the_window():
+  c = load_config('tiny')
+  c.optim.spike_window, c.optim.spike_threshold = 4, 3.0
+  c.optim.warmup_steps, c.steps = 0, 100
+  run = state_lib.build(c, vocab_size=64)
+  step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule,
+                                 step_lib.step_config(c))
+  rng = np.random.default_rng(0)
+  B, L = c.data.batch_size, c.data.seq_len
+  inputs = rng.integers(5, 64, (B, L)).astype(np.int32)
+  batch = {'inputs': inputs, 'targets': np.roll(inputs, -1, axis=1),
+           'segment_ids': np.ones((B, L), np.int32),
+           'positions': np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
+           'weights': np.ones((B, L), np.float32), 'prefix': np.zeros((B, L), np.int32),
+           'objective': np.zeros((B, L), np.int32)}
+  state = run.init(0)
+  for _ in range(20):  # Memorise one batch: the window fills with low, steady losses.
+    state, m = step(state, batch)
+    assert int(m['skipped']) == 0
+  before = jax.device_get(state)
+  surprise = {**batch, 'targets': rng.integers(5, 64, (B, L)).astype(np.int32)}
+  state, m = step(state, surprise)
+  assert int(m['spike']) == 1 and int(m['skipped']) == 1, jax.device_get(m)
+  after = jax.device_get(state)
+  for x, y in zip(jax.tree.leaves(before['params']), jax.tree.leaves(after['params'])):
+    np.testing.assert_array_equal(x, y)
+  np.testing.assert_array_equal(before['loss_window']['losses'], after['loss_window']['losses'])
+  assert int(after['loss_window']['count']) == 20 and int(after['step']) == 21
+  state, m = step(state, batch)  # An ordinary loss is taken again and enters the window.
+  assert int(m['skipped']) == 0 and int(jax.device_get(state)['loss_window']['count']) == 21

@@ -122,6 +122,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.z_loss = 0.0
   # A non-finite loss or gradient stops the run (default) or, if true, skips that update.
   c.optim.skip_nonfinite = False
+  # Loss-spike skipping: skip an update whose loss is more than spike_threshold standard deviations
+  # above the mean of the last spike_window accepted losses; 0 (default) never skips.
+  c.optim.spike_window = 0
+  c.optim.spike_threshold = 6.0
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 500
@@ -325,6 +329,9 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: 
   _require(d.batch_size % per_step == 0,
            f'data.batch_size={d.batch_size} is not divisible by {num_devices} device(s) x '
            f'optim.grad_accum_steps={o.grad_accum_steps}: make it a multiple of {per_step}.')
+  _require(o.spike_window >= 0, f'optim.spike_window={o.spike_window} must be >= 0 (0: off).')
+  _require(o.spike_threshold > 0,
+           f'optim.spike_threshold={o.spike_threshold} must be positive (standard deviations).')
   _require(o.warmup_steps >= 0, f'optim.warmup_steps={o.warmup_steps} must be >= 0.')
   _require(o.schedule_steps >= 0, f'optim.schedule_steps={o.schedule_steps} must be >= 0.')
   _require(0 <= o.min_lr <= o.lr, f'optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}.')

@@ -109,11 +109,8 @@ def _abstract_batch(c: ml_collections.ConfigDict, run: state_lib.RunState):
 
 def _compile_train_step(c: ml_collections.ConfigDict, run: state_lib.RunState, batch):
   """The train step exactly as `train` jits it, compiled for the abstract state and batch."""
-  objectives = tuple(name for name, _ in config_lib.objective_mixture(c.objective))
-  cfg = step_lib.StepConfig(grad_accum_steps=c.optim.grad_accum_steps, z_loss=c.optim.z_loss,
-                            dropout=c.model.dropout > 0, seed=c.seed, objectives=objectives,
-                            skip_nonfinite=c.optim.skip_nonfinite)
-  train_step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule, cfg,
+  train_step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule,
+                                       step_lib.step_config(c),
                                        activation_sharding=run.activation_sharding,
                                        out_shardings=(run.shardings, None))
   return train_step.lower(run.abstract, batch).compile()

@@ -182,7 +182,10 @@ def state_shardings(abstract_state, params_shardings, mesh: Mesh,
   opt = optax.tree_map_params(
       optimizer, lambda _, s: s, abstract_state['opt_state'], params_shardings,
       transform_non_params=lambda _: replicated)
-  return {'step': replicated, 'params': params_shardings, 'opt_state': opt}
+  # Anything else in the state (the step, loss-spike statistics) is small: every device has it.
+  others = {k: jax.tree.map(lambda _: replicated, v) for k, v in abstract_state.items()
+            if k not in ('params', 'opt_state')}
+  return {**others, 'params': params_shardings, 'opt_state': opt}
 
 
 def batch_sharding(mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RULES) -> NamedSharding:

@@ -32,6 +32,7 @@ class RunState:
   logical_axes: Any  # Each parameter's logical axis names, shaped like the params.
   shardings: Any  # NamedShardings shaped like the train state.
   abstract: Any  # jax.ShapeDtypeStructs with shardings: the restore target.
+  spike_window: int = 0  # Losses the state keeps for loss-spike skipping.
 
   @property
   def batch_sharding(self) -> jax.sharding.NamedSharding:
@@ -43,14 +44,14 @@ class RunState:
 
   def init(self, seed: int) -> step_lib.TrainState:
     """A freshly initialised train state, created directly in its shardings."""
-    return jax.jit(lambda: _init(self.model_cfg, self.optimizer, seed),
+    return jax.jit(lambda: _init(self.model_cfg, self.optimizer, seed, self.spike_window),
                    out_shardings=self.shardings)()
 
 
 def _init(model_cfg: config_lib.ModelConfig, optimizer: optax.GradientTransformation,
-          seed: int) -> step_lib.TrainState:
+          seed: int, spike_window: int) -> step_lib.TrainState:
   params = nnx.to_pure_dict(nnx.split(transformer.build(model_cfg, seed))[1])
-  return step_lib.init_state(params, optimizer)
+  return step_lib.init_state(params, optimizer, spike_window)
 
 
 def build(c: ml_collections.ConfigDict, vocab_size: int,
@@ -66,11 +67,12 @@ def build(c: ml_collections.ConfigDict, vocab_size: int,
       lambda v: tuple(getattr(v, 'out_sharding', None) or (None,) * v[...].ndim), abstract_params,
       is_leaf=lambda x: isinstance(x, nnx.Variable)))
   sharding.check_divisible(nnx.to_pure_dict(abstract_params), params_shardings, logical_axes)
-  abstract_state = jax.eval_shape(lambda: _init(model_cfg, optimizer, 0))
+  abstract_state = jax.eval_shape(lambda: _init(model_cfg, optimizer, 0, c.optim.spike_window))
   shardings = sharding.state_shardings(abstract_state, params_shardings, mesh, optimizer)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_state, shardings)
   return RunState(model_cfg=model_cfg, model_def=model_def, optimizer=optimizer,
                   schedule=optim.schedule(optim_cfg), mesh=mesh, rules=rules,
                   logical_axes=logical_axes, shardings=shardings,
+                  spike_window=c.optim.spike_window,
                   abstract=abstract)

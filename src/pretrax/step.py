@@ -33,10 +33,29 @@ class StepConfig:
   objectives: tuple[str, ...] = ('causal_lm',)
   # Keep the old parameters and optimizer state when the loss or gradients are not finite.
   skip_nonfinite: bool = False
+  # Also keep them when the loss exceeds the mean of the last `spike_window` accepted (finite,
+  # not skipped) losses by `spike_threshold` standard deviations; 0 turns this off. The window
+  # lives in the train state, so a resumed run judges spikes exactly as before.
+  spike_window: int = 0
+  spike_threshold: float = 6.0
 
 
-def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
-  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': optimizer.init(params)}
+def step_config(c) -> StepConfig:
+  """The step's settings from a run's ConfigDict."""
+  return StepConfig(grad_accum_steps=c.optim.grad_accum_steps, z_loss=c.optim.z_loss,
+                    dropout=c.model.dropout > 0, seed=c.seed,
+                    objectives=tuple(name for name, _ in config_lib.objective_mixture(c.objective)),
+                    skip_nonfinite=c.optim.skip_nonfinite, spike_window=c.optim.spike_window,
+                    spike_threshold=c.optim.spike_threshold)
+
+
+def init_state(params, optimizer: optax.GradientTransformation,
+               spike_window: int = 0) -> TrainState:
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': optimizer.init(params)}
+  if spike_window:
+    state['loss_window'] = {'losses': jnp.zeros((spike_window,), jnp.float32),
+                            'count': jnp.zeros((), jnp.int32)}
+  return state
 
 
 def _forward_sums(params, batch: Batch, model_def: nnx.GraphDef, z_loss: float,
@@ -105,15 +124,31 @@ def train_step(state: TrainState, batch: Batch, *, model_def: nnx.GraphDef,
   new_state = {'step': step + 1, 'params': optax.apply_updates(params, updates),
                'opt_state': opt_state}
   grad_norm = optax.global_norm(grads)
+  loss = sums['loss_sum'] / total_weight
   skip_metrics = {}
+  accept = jnp.bool_(True)
   if cfg.skip_nonfinite:
-    finite = jnp.isfinite(sums['loss_sum']) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jnp.where(finite, new, old)
+    accept &= jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  if cfg.spike_window:
+    window = state['loss_window']
+    mean, std = jnp.mean(window['losses']), jnp.std(window['losses'])
+    # Judged only once the window is full; a floor on the spread keeps a flat window sane.
+    spike = ((window['count'] >= cfg.spike_window)
+             & (loss > mean + cfg.spike_threshold * jnp.maximum(std, 1e-3 * jnp.abs(mean))))
+    accept &= ~spike
+    enters = accept & jnp.isfinite(loss)  # Non-finite and skipped losses never enter.
+    slot = window['count'] % cfg.spike_window
+    new_state['loss_window'] = {
+        'losses': jnp.where(enters, window['losses'].at[slot].set(loss), window['losses']),
+        'count': window['count'] + enters.astype(jnp.int32)}
+    skip_metrics['spike'] = spike.astype(jnp.int32)
+  if cfg.skip_nonfinite or cfg.spike_window:
+    keep = lambda new, old: jnp.where(accept, new, old)
     new_state['params'] = jax.tree.map(keep, new_state['params'], params)
     new_state['opt_state'] = jax.tree.map(keep, opt_state, state['opt_state'])
-    skip_metrics['skipped'] = 1 - finite.astype(jnp.int32)
+    skip_metrics['skipped'] = 1 - accept.astype(jnp.int32)
   metrics = {
-      'loss': sums['loss_sum'] / total_weight,
+      'loss': loss,
       'z_loss': sums['z_loss_sum'] / total_weight,
       'accuracy': sums['correct_sum'] / total_weight,
       'grad_norm': grad_norm,

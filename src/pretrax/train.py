@@ -100,11 +100,8 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
 
   # ---- Steps --------------------------------------------------------------------------------
   batch_sharding = run.batch_sharding
-  step_cfg = step_lib.StepConfig(grad_accum_steps=c.optim.grad_accum_steps, z_loss=c.optim.z_loss,
-                                 dropout=c.model.dropout > 0, seed=c.seed,
-                                 objectives=objectives.names,
-                                 skip_nonfinite=c.optim.skip_nonfinite)
-  train_step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule, step_cfg,
+  train_step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule,
+                                       step_lib.step_config(c),
                                        activation_sharding=run.activation_sharding,
                                        out_shardings=(run.shardings, None))
   eval_step = step_lib.jit_eval_step(run.model_def, len(objectives.names),
@@ -149,18 +146,19 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
   compile_s = 0.0
   clock = {'time': time.perf_counter(), 'step': start}
 
-  skipped = 0  # Updates skipped for non-finite values since the last record.
+  skipped = spikes = 0  # Updates skipped (non-finite values, loss spikes) since the last record.
 
   def flush() -> None:
     """Fetches the pending step's metrics (every step: a non-finite loss must stop the run before
     anything saves it); writes and prints them every log_every steps."""
-    nonlocal pending, last_train, skipped
+    nonlocal pending, last_train, skipped, spikes
     if pending is None:
       return
     step, device_metrics = pending
     pending = None
     values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
     skipped += int(values.pop('skipped', 0))
+    spikes += int(values.pop('spike', 0))
     bad = [k for k in ('loss', 'grad_norm') if not np.isfinite(values[k])]
     if bad and not c.optim.skip_nonfinite:
       raise faults.NonFiniteError(
@@ -174,9 +172,12 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
     clock.update(time=now, step=step)
     record = {'step': step, **values, 'tokens_per_s': tokens_per_step / seconds,
               'mfu': flops_per_step / seconds / peak}
-    if c.optim.skip_nonfinite:
+    if c.optim.skip_nonfinite or c.optim.spike_window:
       record['skipped_steps'] = skipped
       skipped = 0
+    if c.optim.spike_window:
+      record['spike_steps'] = spikes
+      spikes = 0
     writer.write(record)
     last_train = record
     log(metrics_lib.progress_line(step=step, total=c.steps, loss=values['loss'], lr=values['lr'],
