@@ -7,9 +7,12 @@ with them. Byte fallback means no text is ever unknown.
 
 from collections.abc import Iterable, Iterator
 import io
+import time
 
 import numpy as np
 import sentencepiece as spm
+
+from pretrax import config as config_lib
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3, 4
 MASK_PIECE = '<mask>'
@@ -125,3 +128,17 @@ class Tokenizer:
       else:
         sizes[i] = len(self._sp.id_to_piece(i).replace('\u2581', ' ').encode('utf-8'))
     return sizes
+
+
+def from_config(c, train_docs: list[str], log=print) -> Tokenizer:
+  """The model at `c.tokenizer.path`, or a new one trained on `train_docs` as `c.tokenizer` says
+  (with the sentinels the run's objectives need)."""
+  if c.tokenizer.path:
+    return Tokenizer.load(c.tokenizer.path)
+  start = time.perf_counter()
+  tok = Tokenizer(train(train_docs, model_type=c.tokenizer.model_type,
+                        vocab_size=c.tokenizer.vocab_size,
+                        num_sentinels=config_lib.num_sentinels(c)))
+  log(f'trained a {c.tokenizer.model_type} tokenizer ({tok.vocab_size} pieces) in '
+      f'{time.perf_counter() - start:.1f} s')
+  return tok

@@ -375,17 +375,9 @@ def _tokenizer(c: ml_collections.ConfigDict, workdir: str,
                train_docs: list[str]) -> tokenizer_lib.Tokenizer:
   """The configured tokenizer, the one this run trained before, or a new one on the train split."""
   path = os.path.join(workdir, TOKENIZER_FILE)
-  if c.tokenizer.path:
-    tok = tokenizer_lib.Tokenizer.load(c.tokenizer.path)
-  elif os.path.exists(path):
+  if not c.tokenizer.path and os.path.exists(path):
     return tokenizer_lib.Tokenizer.load(path)
-  else:
-    start = time.perf_counter()
-    tok = tokenizer_lib.Tokenizer(tokenizer_lib.train(
-        train_docs, model_type=c.tokenizer.model_type, vocab_size=c.tokenizer.vocab_size,
-        num_sentinels=config_lib.num_sentinels(c)))
-    log(f'trained a {c.tokenizer.model_type} tokenizer ({tok.vocab_size} pieces) in '
-        f'{time.perf_counter() - start:.1f} s')
+  tok = tokenizer_lib.from_config(c, train_docs, log)
   if jax.process_index() == 0:
     tok.save(path)
   return tok

@@ -159,14 +159,7 @@ def prepare(c, out_dir: str, workers: int, log: Callable[[str], None] = print) -
   started = time.perf_counter()
   files, documents = sources.read_configured(c, log)
   train_docs, eval_docs = sources.split_by_position(documents, c.data.eval_fraction)
-  if c.tokenizer.path:
-    tok = tokenizer_lib.Tokenizer.load(c.tokenizer.path)
-  else:
-    from pretrax import config as config_lib
-    tok = tokenizer_lib.Tokenizer(tokenizer_lib.train(
-        train_docs, model_type=c.tokenizer.model_type, vocab_size=c.tokenizer.vocab_size,
-        num_sentinels=config_lib.num_sentinels(c)))
-    log(f'trained a {c.tokenizer.model_type} tokenizer ({tok.vocab_size} pieces)')
+  tok = tokenizer_lib.from_config(c, train_docs, log)
   tok.save(os.path.join(out_dir, TOKENIZER_FILE))
   seq_len = c.data.seq_len
   meta = {'format': FORMAT_VERSION, 'seq_len': seq_len, 'vocab_size': tok.vocab_size,
