@@ -5,6 +5,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from conftest import load_config, run_python
 from pretrax import config as config_lib
@@ -52,6 +53,22 @@ def test_schedules_warm_up_then_follow_their_shape(schedule):
 def test_unknown_logical_axis_is_an_error():
   with pytest.raises(sharding.ShardingError, match="'experts' has no rule"):
     sharding.logical_to_spec(('embed', 'experts'), sharding.DEFAULT_RULES)
+
+
+def test_rules_from_config_override_the_table_and_reject_impossible_entries():
+  c = load_config('tiny')
+  c.mesh.rules = 'embed=, mlp=fsdp+tensor'
+  rules = sharding.rules(c.mesh)
+  assert rules['embed'] is None and rules['mlp'] == ('fsdp', 'tensor')
+  assert sharding.logical_to_spec(('embed', 'mlp'), rules) == P(None, ('fsdp', 'tensor'))
+  c.mesh.rules = 'mlp=fsdp+tensor'  # embed is on fsdp too: one axis, two dims.
+  with pytest.raises(sharding.ShardingError, match="map mesh axis 'fsdp' to two dimensions"):
+    sharding.logical_to_spec(('embed', 'mlp'), sharding.rules(c.mesh))
+  for bad, message in (('embd=fsdp', 'expected LOGICAL=AXIS'),
+                       ('embed=model', "unknown mesh axis 'model'")):
+    c.mesh.rules = bad
+    with pytest.raises(sharding.ShardingError, match=message):
+      sharding.rules(c.mesh)
 
 
 def test_mesh_shape_resolves_minus_one_and_rejects_bad_shapes():

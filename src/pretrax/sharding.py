@@ -137,6 +137,13 @@ def logical_to_spec(names: Sequence[str | None], rules: Mapping[str, object]) ->
       raise ShardingError(f'logical axis {name!r} has no rule: add it to the sharding rules '
                           f'(known: {", ".join(sorted(rules))}).')
     axes.append(rules[name])
+  used = [a for entry in axes if entry for a in (entry if isinstance(entry, tuple) else (entry,))]
+  for axis in set(used):
+    if used.count(axis) > 1:
+      raise ShardingError(
+          f'logical axes {tuple(names)} map mesh axis {axis!r} to two dimensions of one array '
+          f'({", ".join(f"{n}={rules.get(n)}" for n in names if n)}): change mesh.rules so that '
+          'each mesh axis shards at most one of them.')
   return P(*axes)
 
 
@@ -157,8 +164,8 @@ def check_divisible(abstract_params, shardings, logical_axes) -> None:
   """Raises ShardingError naming the first parameter whose dims the mesh does not divide evenly
   (JAX needs even shards), with the logical axis at fault and the ways out."""
   paths = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-  for (path, x), s, names in zip(paths, jax.tree.leaves(shardings),
-                                 jax.tree.leaves(logical_axes, is_leaf=lambda n: isinstance(n, tuple))):
+  all_names = jax.tree.leaves(logical_axes, is_leaf=lambda n: isinstance(n, tuple))
+  for (path, x), s, names in zip(paths, jax.tree.leaves(shardings), all_names):
     for dim, (size, axes) in enumerate(zip(x.shape, s.spec)):
       if axes is None:
         continue
