@@ -50,7 +50,7 @@ def test_masked_examples_fit_where_their_windows_were():
   objectives = objectives_lib.Objectives.from_config(c, tok)
   for row_id, row in enumerate(rows):
     array = prepare.row_array(windows, row, seq_len)
-    example = pipeline.row_example(array, objectives, seed=0, stream=0, epoch=0, row_id=row_id)
+    example = prepare.row_example(array, objectives, seed=0, stream=0, epoch=0, row_id=row_id)
     segments = [s for s in np.unique(example['segment_ids']) if s]
     assert len(segments) == len(row)
     # Masked LM keeps every token of a window: the targets are the windows themselves.
@@ -76,7 +76,7 @@ def test_global_batches_depend_on_seed_and_step_only(tmp_path, corpus_path):
   objectives = objectives_lib.Objectives.from_config(c, tokenizer.Tokenizer.load(data.tokenizer_path))
 
   def batches(start: int, process_index: int, process_count: int, count: int = 3):
-    it = iter(pipeline.prepared_train_dataset(rows, objectives, global_batch=8, seed=3,
+    it = iter(prepare.prepared_train_dataset(rows, objectives, global_batch=8, seed=3,
                                               start_step=start, process_index=process_index,
                                               process_count=process_count))
     return [next(it) for _ in range(count)]

@@ -315,9 +315,9 @@ def _prepared_data(c: ml_collections.ConfigDict, workdir: str) -> _Data:
                process_count=jax.process_count())
   return _Data(
       tok=tok, objectives=objectives, baseline_id=prepared.meta['most_frequent_token'],
-      train_batches=lambda start: iter(pipeline.prepared_train_dataset(
+      train_batches=lambda start: iter(prepare_lib.prepared_train_dataset(
           train_rows, objectives, start_step=start, **where)),
-      eval_batches=lambda: pipeline.prepared_eval_batches(eval_rows, objectives, **where),
+      eval_batches=lambda: prepare_lib.prepared_eval_batches(eval_rows, objectives, **where),
       held_out_windows=lambda: (w for i in range(len(eval_rows))
                                 for _, w in prepare_lib.row_windows(eval_rows[i])),
       iterator=None)

@@ -23,9 +23,12 @@ import os
 import time
 from collections.abc import Callable
 
+import grain
 import numpy as np
 
+from pretrax import config as config_lib
 from pretrax import tokenizer as tokenizer_lib
+from pretrax.data import objectives as objectives_lib
 from pretrax.data import pipeline
 
 META_FILE = 'meta.json'
@@ -90,6 +93,80 @@ def row_windows(row: np.ndarray) -> list[tuple[int, np.ndarray]]:
     out.append((int(start), np.concatenate([inputs[start:end], targets[end - 1:end]])))
   return out
 
+
+# ---- Reading rows into batches ----------------------------------------------------------------
+
+
+def row_example(row: np.ndarray, objectives: objectives_lib.Objectives, *, seed: int, stream: int,
+                epoch: int, row_id: int) -> dict[str, np.ndarray]:
+  """One packed row of pipeline.BATCH_KEYS from a (4, L) record: the objective's example of each
+  window, laid where the window was, seeded by the window's place in the data."""
+  inputs, targets, segment_ids, positions = row
+  if objectives.names == ('causal_lm',):
+    return {'inputs': inputs, 'targets': targets, 'segment_ids': segment_ids,
+            'positions': positions, 'weights': (segment_ids > 0).astype(np.float32),
+            'prefix': np.zeros_like(inputs),
+            'objective': np.full_like(inputs, config_lib.OBJECTIVES.index('causal_lm'))}
+  seq_len = len(inputs)
+  out = _empty_row(seq_len)
+  for segment, (offset, window) in enumerate(row_windows(row), start=1):
+    example = objectives.build(window, seed=seed, stream=stream, epoch=epoch,
+                               index=row_id * (seq_len + 1) + offset)
+    n = len(example['inputs'])
+    for k in ('inputs', 'targets', 'weights', 'prefix', 'objective'):
+      out[k][offset:offset + n] = example[k]
+    out['segment_ids'][offset:offset + n] = segment
+    out['positions'][offset:offset + n] = np.arange(n)
+  return out
+
+
+def _empty_row(seq_len: int) -> dict[str, np.ndarray]:
+  """A row of padding: segment 0, weight 0."""
+  return {k: np.zeros(seq_len, np.float32 if k == 'weights' else np.int32)
+          for k in pipeline.BATCH_KEYS}
+
+
+def _stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {k: np.stack([e[k] for e in examples]) for k in pipeline.BATCH_KEYS}
+
+
+def prepared_train_dataset(rows: grain.MapDataset, objectives: objectives_lib.Objectives, *,
+                           global_batch: int, seed: int, start_step: int, process_index: int = 0,
+                           process_count: int = 1) -> grain.IterDataset:
+  """This process's slice of the global batch of every step from `start_step` on.
+
+  The global batch of step k is rows k*B .. k*B+B-1 of a seeded shuffle of all rows (re-shuffled
+  each epoch): a function of (seed, k) only, so the process count may change between runs.
+  """
+  n = len(rows)
+  order = grain.MapDataset.range(n).shuffle(seed=seed).repeat()
+  local = global_batch // process_count
+
+  def batch_at(step: int) -> dict[str, np.ndarray]:
+    first = step * global_batch + process_index * local
+    examples = []
+    for j in range(first, first + local):
+      row_id = int(order[j])
+      examples.append(row_example(rows[row_id], objectives, seed=seed,
+                                  stream=objectives_lib.TRAIN_STREAM, epoch=j // n, row_id=row_id))
+    return _stack(examples)
+
+  steps = grain.MapDataset.range(start_step, 2**62).map(batch_at)
+  # Threads read ahead: the records come from files now, not from memory.
+  return steps.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+
+
+def prepared_eval_batches(rows: grain.MapDataset, objectives: objectives_lib.Objectives, *,
+                          global_batch: int, seed: int, process_index: int = 0,
+                          process_count: int = 1):
+  """One ordered pass over the held-out rows: this process's slice of each global batch, the last
+  one padded with empty rows."""
+  n, local = len(rows), global_batch // process_count
+  empty = _empty_row(rows[0].shape[1])
+  for first in range(0, n, global_batch):
+    ids = range(first + process_index * local, first + (process_index + 1) * local)
+    yield _stack([row_example(rows[i], objectives, seed=seed, stream=objectives_lib.EVAL_STREAM,
+                              epoch=0, row_id=i) if i < n else empty for i in ids])
 
 # ---- Tokenizing in worker processes ------------------------------------------------------------
 
@@ -201,8 +278,6 @@ class PreparedData:
 
   def rows(self, split: str):
     """A random-access source of (4, seq_len) int32 rows."""
-    import grain
-
     paths = [os.path.join(self.path, name) for name in self.meta['splits'][split]['shards']]
     source = grain.sources.ArrayRecordDataSource(paths)
     seq_len = self.seq_len
