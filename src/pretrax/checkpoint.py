@@ -127,7 +127,9 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
       'config': ocp.args.JsonRestore(),
       'fingerprint': ocp.args.JsonRestore(),
   }
-  if data_iterator is not None:
+  # A checkpoint made by `pretrax import` has no data position: the data starts from the start.
+  if data_iterator is not None and os.path.isdir(os.path.join(str(mngr.directory), str(step),
+                                                              'data')):
     items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
   where = f'checkpoint {step} in {mngr.directory}'
   try:

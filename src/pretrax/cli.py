@@ -1,4 +1,4 @@
-"""`pretrax COMMAND --flags`: train | plan | sample | tokenizer. Thin: parse flags, call, report.
+"""`pretrax COMMAND --flags`: train | plan | prepare | sample | tokenizer | export | import. Thin: parse flags, call, report.
 
 Every expected failure (a bad config key or value, a missing file) ends with one line on stderr
 naming the problem and the fix, and exit status 2.
@@ -9,6 +9,7 @@ import shlex
 import sys
 
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -24,6 +25,9 @@ commands:
   sample     --workdir=DIR [--prompt=TEXT] [--length=N] [--temperature=T]
   tokenizer  --input=FILES --output=PATH.model [--model_type=char|bpe|unigram] [--vocab_size=N]
              [--sentinels=N]
+  export     --workdir=DIR --out=HF_DIR [--step=N] [--dtype=float32|bfloat16]
+             [--max_shard_size=5GB]
+  import     --hf=HF_DIR --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
 """
 
 
@@ -86,6 +90,32 @@ def _define_tokenizer() -> None:
   flags.DEFINE_integer('vocab_size', 8192, 'Vocabulary size (an upper bound for char).')
   flags.DEFINE_string('separator', '', 'Split files into documents on this string.')
   flags.DEFINE_integer('sentinels', 0, 'Sentinel pieces to reserve for span corruption (T5: 100).')
+
+
+def _define_export() -> None:
+  flags.DEFINE_string('workdir', None, 'A training run\'s directory.')
+  flags.DEFINE_string('out', None, 'The Hugging Face model directory to write (new or empty).')
+  flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Dtype of the exported weights.')
+  flags.DEFINE_string('max_shard_size', '5GB', 'Split the weights into files of at most this '
+                      'size (B, KB, MB or GB), listed in model.safetensors.index.json.')
+
+
+def _define_import() -> None:
+  flags.DEFINE_string('hf', None, 'A local Hugging Face model directory (config.json and '
+                      'safetensors weights); nothing is downloaded.')
+  config_flags.DEFINE_config_file('config', None, 'The config to continue pre-training with; its '
+                                  'model must match config.json.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'A new run directory for the step-0 checkpoint.')
+
+
+def _bytes(size: str) -> int:
+  units = {'GB': 1 << 30, 'MB': 1 << 20, 'KB': 1 << 10, 'B': 1}
+  for unit, scale in units.items():
+    number = size.upper().removesuffix(unit)
+    if number != size.upper() and number.replace('.', '', 1).isdigit():
+      return int(float(number) * scale)
+  raise UsageError(f'--max_shard_size={size!r}: give a size such as 5GB, 500MB or 1000000B.')
 
 
 def _require_flags(*names: str) -> None:
@@ -156,12 +186,34 @@ def _run_tokenizer() -> None:
         f'from {len(files)} file(s)')
 
 
+def _run_export() -> None:
+  from pretrax.interop import hf
+
+  _require_flags('workdir', 'out')
+  logging.set_verbosity(logging.ERROR)  # Orbax warns once per array read from a read-only dir.
+  arch = hf.export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
+                   max_shard_bytes=_bytes(FLAGS.max_shard_size))
+  print(f'load it with: transformers.{arch}.from_pretrained({FLAGS.out!r}) and '
+        f'transformers.AutoTokenizer.from_pretrained({FLAGS.out!r})')
+
+
+def _run_import() -> None:
+  from pretrax.interop import hf
+
+  _require_flags('hf', 'config', 'workdir')
+  hf.import_model(FLAGS.hf, FLAGS.config, FLAGS.workdir)
+  print(f'continue pre-training with: pretrax train --config=... --workdir={FLAGS.workdir} '
+        '(the same config and overrides)')
+
+
 COMMANDS = {
     'train': (_define_train, _run_train),
     'plan': (_define_plan, _run_plan),
     'prepare': (_define_prepare, _run_prepare),
     'sample': (_define_sample, _run_sample),
     'tokenizer': (_define_tokenizer, _run_tokenizer),
+    'export': (_define_export, _run_export),
+    'import': (_define_import, _run_import),
 }
 
 

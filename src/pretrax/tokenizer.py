@@ -91,6 +91,9 @@ class Tokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
 
+  def piece(self, i: int) -> str:
+    return self._sp.id_to_piece(i)
+
   @property
   def sentinel_ids(self) -> np.ndarray:
     """Ids of `<sentinel_0>`, `<sentinel_1>`, ... in order; empty if trained without them."""

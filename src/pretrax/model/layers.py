@@ -166,6 +166,7 @@ class Mlp(nnx.Module):
     self.wi_gate = param(rngs, normal(std), (D, F), ('embed', 'mlp'), param_dtype) if gated else None
     self.wo = param(rngs, normal(out_std), (F, D), ('mlp', 'embed'), param_dtype)
     self.bi = param(rngs, zeros, (F,), ('mlp',), param_dtype) if use_bias else None
+    self.bi_gate = param(rngs, zeros, (F,), ('mlp',), param_dtype) if use_bias and gated else None
     self.bo = param(rngs, zeros, (D,), ('embed',), param_dtype) if use_bias else None
 
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
@@ -174,7 +175,10 @@ class Mlp(nnx.Module):
     if self.bi is not None:
       h_BLF = h_BLF + cast(self.bi)
     if self.gated:
-      h_BLF = jax.nn.silu(dense(x_BLD, cast(self.wi_gate))) * h_BLF
+      gate_BLF = dense(x_BLD, cast(self.wi_gate))
+      if self.bi_gate is not None:
+        gate_BLF = gate_BLF + cast(self.bi_gate)
+      h_BLF = jax.nn.silu(gate_BLF) * h_BLF
     else:
       h_BLF = gelu_tanh(h_BLF)
     y_BLD = dense(h_BLF, cast(self.wo))

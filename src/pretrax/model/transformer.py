@@ -3,7 +3,7 @@
 gpt2: learned positions, LayerNorm, GELU MLP. llama: RoPE, RMSNorm, SwiGLU, grouped-query attention.
 `cfg.attention` makes it a decoder ('causal'), a prefix LM ('prefix': bidirectional over the tokens
 that batch['prefix'] marks) or an encoder ('bidirectional'); `cfg.mlm_head` adds BERT's prediction
-head (dense, GELU, norm, then the output projection with a bias) for masked LM.
+head (dense, exact GELU, norm, then the output projection with a bias) for masked LM.
 Shape suffixes: B batch, L length, D embed, N query heads, K key/value heads, H head dim, V vocab.
 """
 
@@ -156,7 +156,9 @@ class Transformer(nnx.Module):
     x_BLD = self.final_norm(x_BLD)
     if self.mlm_dense is not None:
       h_BLD = layers.dense(x_BLD, self.mlm_dense[...].astype(cfg.dtype))
-      x_BLD = self.mlm_norm(layers.gelu_tanh(h_BLD + self.mlm_dense_bias[...].astype(cfg.dtype)))
+      # Exact (erf) GELU, as BERT's and RoBERTa's heads, so that the head exports exactly.
+      h_BLD = jax.nn.gelu(h_BLD + self.mlm_dense_bias[...].astype(cfg.dtype), approximate=False)
+      x_BLD = self.mlm_norm(h_BLD)
     if self.head is None:
       logits_BLV = self.embed.attend(x_BLD)
     else:
