@@ -89,3 +89,35 @@ def test_a_checkpoint_from_2x2x2_resumes_on_another_mesh(runs, tmp_path, corpus_
 def test_sample_from_a_2x2x2_run_on_one_device(runs):
   text = run_on(1, ['sample', f'--workdir={runs[(2, 2, 2)]}', '--prompt=The', '--length=20'])
   assert text.startswith('The') and len(text.strip()) > len('The')
+
+
+@pytest.mark.slow
+def test_export_a_2x2x2_checkpoint_to_transformers(runs, tmp_path):
+  """Export reads a checkpoint that 8 devices wrote in shards, one parameter at a time, on this
+  one-device process; transformers then computes what pretrax computes from that checkpoint."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  import jax.numpy as jnp
+  import ml_collections
+  from flax import nnx
+  from pretrax import checkpoint, state as state_lib, tokenizer as tokenizer_lib
+  from pretrax.interop import hf
+
+  workdir = str(runs[(2, 2, 2)])
+  hf.export(workdir, str(tmp_path / 'hf'), log=lambda _: None)
+  model = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / 'hf')).eval()
+
+  mngr = checkpoint.manager(workdir, read_only=True)
+  c = ml_collections.ConfigDict(checkpoint.restore_config(mngr, STEPS))
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
+  tok = tokenizer_lib.Tokenizer.load(os.path.join(workdir, 'tokenizer.model'))
+  run = state_lib.build(c, tok.vocab_size)
+  state, _ = checkpoint.restore(mngr, STEPS, run.abstract)
+  mngr.close()
+  ids = tok.encode('To be, or not to be')
+  L = len(ids)
+  ours = np.asarray(nnx.merge(run.model_def, state['params'])(
+      jnp.asarray([ids]), jnp.ones((1, L), jnp.int32), jnp.arange(L)[None]))[0]
+  with torch.no_grad():
+    theirs = model(torch.tensor([ids])).logits[0].numpy()
+  assert np.abs(ours - theirs).max() < 1e-4
