@@ -1,4 +1,6 @@
-"""`pretrax COMMAND --flags`: train | plan | sample | tokenizer. Thin: parse flags, call, report.
+"""`pretrax COMMAND --flags`: train | plan | prepare | sample | tokenizer | sweep.
+
+Thin: parse flags, call, report.
 
 Every expected failure (a bad config key or value, a missing file) ends with one line on stderr
 naming the problem and the fix, and exit status 2.
@@ -24,6 +26,8 @@ commands:
   sample     --workdir=DIR [--prompt=TEXT] [--length=N] [--temperature=T]
   tokenizer  --input=FILES --output=PATH.model [--model_type=char|bpe|unigram] [--vocab_size=N]
              [--sentinels=N]
+  sweep      --config=configs/NAME.py[:ARG] --workdir=DIR [--sweep=FILE.py[:ARG]] [--parallel=N]
+             [--print] [--config.KEY=VALUE ...]
 """
 
 
@@ -86,6 +90,17 @@ def _define_tokenizer() -> None:
   flags.DEFINE_integer('vocab_size', 8192, 'Vocabulary size (an upper bound for char).')
   flags.DEFINE_string('separator', '', 'Split files into documents on this string.')
   flags.DEFINE_integer('sentinels', 0, 'Sentinel pieces to reserve for span corruption (T5: 100).')
+
+
+def _define_sweep() -> None:
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/NAME.py[:ARG]); '
+                                  'its get_sweep(ARG) declares the sweep.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for the sweep: one subdirectory per trial, and '
+                      'the results table and plot.')
+  flags.DEFINE_string('sweep', None, 'A Python file whose get_sweep(ARG) declares the sweep '
+                      '(FILE.py[:ARG]), instead of the config file\'s.')
+  flags.DEFINE_integer('parallel', 1, 'Trials to run at a time.', lower_bound=1)
+  flags.DEFINE_bool('print', False, 'Print each trial\'s command, one per line, and run nothing.')
 
 
 def _require_flags(*names: str) -> None:
@@ -156,12 +171,25 @@ def _run_tokenizer() -> None:
         f'from {len(files)} file(s)')
 
 
+def _run_sweep() -> None:
+  from pretrax import sweep
+
+  _require_flags('config', 'workdir')
+  spec = config_flags.get_config_filename(FLAGS['config'])
+  # The sweep passes the command line's --config.* overrides on to every trial.
+  shared = dict(config_flags.get_override_values(FLAGS['config']))
+  status = sweep.run_sweep(FLAGS.config, spec, FLAGS.workdir, shared=shared,
+                           sweep_spec=FLAGS.sweep, parallel=FLAGS.parallel, print_only=FLAGS.print)
+  sys.exit(status)
+
+
 COMMANDS = {
     'train': (_define_train, _run_train),
     'plan': (_define_plan, _run_plan),
     'prepare': (_define_prepare, _run_prepare),
     'sample': (_define_sample, _run_sample),
     'tokenizer': (_define_tokenizer, _run_tokenizer),
+    'sweep': (_define_sweep, _run_sweep),
 }
 
 
@@ -218,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
   from pretrax import faults
   from pretrax.hosts import HostsError
   from pretrax.sharding import ShardingError
+  from pretrax.sweep import SweepError
 
   try:
     run()
@@ -226,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f'pretrax {command}: {e}. Resume with the same command: {again}', file=sys.stderr)
     sys.exit(faults.STOPPED_EXIT_CODE)
   except (ConfigError, DataError, ShardingError, UsageError, FileNotFoundError,
-          faults.WorkdirError, faults.NonFiniteError, CheckpointError, HostsError) as e:
+          faults.WorkdirError, faults.NonFiniteError, CheckpointError, HostsError, SweepError) as e:
     _fail(command, ' '.join(str(e).split()))
   except KeyboardInterrupt:
     _fail(command, 'interrupted')
