@@ -10,12 +10,12 @@ overrides keyed as on the command line without `--config.` (`{'optim.lr': 1e-3}`
   random(key, dist, n, seed)          n values drawn from log_uniform(lo, hi), uniform(lo, hi) or
                                       choice([...]), the same n for the same seed
 
-A sweep is a plain list, so `s1 + s2` runs both. For example, in configs/tiny.py:
+A sweep is a plain list, so `s1 + s2` runs both. For example, beside get_config:
 
   def get_sweep(arg):
     return sweep.product(sweep.values('optim.lr', [1e-3, 3e-3, 1e-2]), sweep.values('seed', [0, 1]))
 
-  pretrax sweep --config=configs/tiny.py --workdir=runs/tiny-lr [--parallel=2] [--print]
+  pretrax sweep --config=configs/NAME.py --workdir=runs/lr [--parallel=2] [--print]
 
 Each trial is named after its overrides (`lr=0.001,seed=1`: the last part of each key, the whole key
 where two would clash), trains in WORKDIR/<name> with `pretrax train` and the same `--config.*`
@@ -24,6 +24,8 @@ sweep writes WORKDIR/<name>/result.json (exit code, seconds, command, error); a 
 result.json records exit 0 for the same command is finished and skipped next time. A trial that was
 killed has none, so it runs again and `pretrax train` resumes it from its latest checkpoint.
 Results: WORKDIR/results.md, results.csv and loss_curves.png, read from the trials' metrics.jsonl.
+The sweep exits 1 if any trial failed or stopped (after running all of them), 2 if the sweep itself
+is wrong (an unknown key, a value of the wrong type), before anything runs.
 """
 
 from collections.abc import Callable, Sequence
