@@ -8,6 +8,9 @@ Expect the loss to fall from ~5.8 to ~3 in 50 steps (a few seconds after compili
 Sweep the learning rate (3 trials, one after another; see get_sweep):
 
   pretrax sweep --config=configs/tiny.py --workdir=runs/tiny-lr
+
+Expect about 2 minutes on 2 CPU cores and eval losses of ~3.39, ~3.36 and ~3.35 for lr 2e-3, 5e-3
+and 1e-2, in runs/tiny-lr/results.md.
 """
 
 from pretrax import sweep

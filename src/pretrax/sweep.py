@@ -263,6 +263,9 @@ def run(trials: Sequence[Trial], parallel: int = 1, log: Callable[[str], None] =
     # Several JAX processes on one accelerator: each would otherwise take 75% of its memory.
     env.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   running: dict[subprocess.Popen, tuple[int, Trial, float, int]] = {}
+  # SIGTERM (a scheduler ending the sweep) is handled as Ctrl-C is; and Ctrl-C is handled even where
+  # the sweep was started with it ignored (a background job of a script).
+  previous = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
   try:
     while todo or running:
       while todo and len(running) < parallel:
@@ -283,6 +286,14 @@ def run(trials: Sequence[Trial], parallel: int = 1, log: Callable[[str], None] =
       process.wait()
       log(f'[{i}/{n}] {trial.name}: ' + _finish(trial, process.returncode, start, offset))
     raise
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+  del signum, frame
+  raise KeyboardInterrupt
 
 
 def _start(trial: Trial, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
@@ -323,7 +334,8 @@ def _error_line(trial: Trial, exit_code: int, offset: int) -> str:
     lines = [line.strip() for line in f.read().splitlines() if line.strip()]
   ours = [line for line in lines if line.startswith('pretrax train:')]
   raised = [line for line in lines if re.match(r'^[\w.]*(Error|Exception|Interrupt)\b', line)]
-  line = (ours or raised or lines or [''])[-1].removeprefix('pretrax train: error: ')
+  line = (ours or raised or lines or [''])[-1].removeprefix('pretrax train: ')
+  line = line.removeprefix('error: ').split('. Resume with the same command')[0]
   if exit_code < 0:  # Killed by a signal: say which.
     line = f'killed by {signal.Signals(-exit_code).name}' + (f'; {line}' if line else '')
   return line[:300]
