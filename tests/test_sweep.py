@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import load_config, run_cli
+from conftest import REPO, load_config, run_cli
 from pretrax import sweep
 
 TINY = 'configs/tiny.py'
@@ -38,6 +38,15 @@ def test_product_zip_and_values_count_and_name_trials():
     sweep.zip_(sweep.values('seed', [0, 1]), sweep.values('optim.lr', [1e-3]))
   with pytest.raises(sweep.SweepError, match='seed is swept twice'):
     sweep.product(sweep.values('seed', [0]), sweep.values('seed', [1]))
+
+
+@pytest.mark.parametrize('name', ['tiny', 'shakespeare_char'])
+def test_the_configs_sweeps_expand(name):
+  path = os.path.join(REPO, 'configs', f'{name}.py')
+  trials = sweep.expand(sweep.load_sweep(path, None), load_config(name), path, 'runs/s', {})
+  assert [t.name for t in trials] == [f'lr={v}' for v in
+                                      {'tiny': ('0.002', '0.005', '0.01'),
+                                       'shakespeare_char': ('0.0005', '0.001', '0.002')}[name]]
 
 
 def test_names_are_filesystem_safe_and_unique():
