@@ -12,8 +12,13 @@ two CPU cores, then a sample of generated text.
 
 Without ../shared/data/tinyshakespeare.txt (a fresh clone) it trains on the Python standard
 library's sources instead; point --config.data.path at any text file to train on your own.
+
+Sweep the peak learning rate around nanoGPT's 1e-3 (3 full runs; see get_sweep):
+
+  pretrax sweep --config=configs/shakespeare_char.py --workdir=runs/shakespeare-lr
 """
 
+from pretrax import sweep
 from pretrax.config import STDLIB_CORPUS, base_config, shared_data
 
 
@@ -48,3 +53,8 @@ def get_config(arg: str | None = None):
   c.sample.prompt = '\n'
   c.sample.length = 300
   return c
+
+
+def get_sweep(arg: str | None = None):
+  del arg
+  return sweep.values('optim.lr', [5e-4, 1e-3, 2e-3])

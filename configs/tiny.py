@@ -4,8 +4,16 @@
 
 Expect the loss to fall from ~5.8 to ~3 in 50 steps (a few seconds after compiling). Variants:
 `configs/tiny.py:llama` for the Llama flavour (RoPE, RMSNorm, SwiGLU, 2 KV heads).
+
+Sweep the learning rate (3 trials, one after another; see get_sweep):
+
+  pretrax sweep --config=configs/tiny.py --workdir=runs/tiny-lr
+
+Expect about 2 minutes on 2 CPU cores and eval losses of ~3.39, ~3.36 and ~3.35 for lr 2e-3, 5e-3
+and 1e-2, in runs/tiny-lr/results.md.
 """
 
+from pretrax import sweep
 from pretrax.config import STDLIB_CORPUS, base_config, shared_data
 
 
@@ -33,3 +41,8 @@ def get_config(arg: str | None = None):
   elif arg:
     raise ValueError(f'configs/tiny.py: unknown variant {arg!r}; use nothing or "llama".')
   return c
+
+
+def get_sweep(arg: str | None = None):
+  del arg  # The same sweep for both variants.
+  return sweep.values('optim.lr', [2e-3, 5e-3, 1e-2])

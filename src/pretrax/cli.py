@@ -1,4 +1,6 @@
-"""`pretrax COMMAND --flags`: train | plan | prepare | sample | tokenizer | export | import. Thin: parse flags, call, report.
+"""`pretrax COMMAND --flags`: train | plan | prepare | sample | tokenizer | export | import | sweep.
+
+Thin: parse flags, call, report.
 
 Every expected failure (a bad config key or value, a missing file) ends with one line on stderr
 naming the problem and the fix, and exit status 2.
@@ -28,6 +30,8 @@ commands:
   export     --workdir=DIR --out=HF_DIR [--step=N] [--dtype=float32|bfloat16]
              [--max_shard_size=5GB]
   import     --hf=HF_DIR --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
+  sweep      --config=configs/NAME.py[:ARG] --workdir=DIR [--sweep=FILE.py[:ARG]] [--parallel=N]
+             [--print] [--config.KEY=VALUE ...]
 """
 
 
@@ -118,6 +122,17 @@ def _bytes(size: str) -> int:
   raise UsageError(f'--max_shard_size={size!r}: give a size such as 5GB, 500MB or 1000000B.')
 
 
+def _define_sweep() -> None:
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/NAME.py[:ARG]); '
+                                  'its get_sweep(ARG) declares the sweep.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for the sweep: one subdirectory per trial, and '
+                      'the results table and plot.')
+  flags.DEFINE_string('sweep', None, 'A Python file whose get_sweep(ARG) declares the sweep '
+                      '(FILE.py[:ARG]), instead of the config file\'s.')
+  flags.DEFINE_integer('parallel', 1, 'Trials to run at a time.', lower_bound=1)
+  flags.DEFINE_bool('print', False, 'Print each trial\'s command, one per line, and run nothing.')
+
+
 def _require_flags(*names: str) -> None:
   for name in names:
     if FLAGS[name].value is None:
@@ -206,6 +221,18 @@ def _run_import() -> None:
         '(the same config and overrides)')
 
 
+def _run_sweep() -> None:
+  from pretrax import sweep
+
+  _require_flags('config', 'workdir')
+  spec = config_flags.get_config_filename(FLAGS['config'])
+  # The sweep passes the command line's --config.* overrides on to every trial.
+  shared = dict(config_flags.get_override_values(FLAGS['config']))
+  status = sweep.run_sweep(FLAGS.config, spec, FLAGS.workdir, shared=shared,
+                           sweep_spec=FLAGS.sweep, parallel=FLAGS.parallel, print_only=FLAGS.print)
+  sys.exit(status)
+
+
 COMMANDS = {
     'train': (_define_train, _run_train),
     'plan': (_define_plan, _run_plan),
@@ -214,6 +241,7 @@ COMMANDS = {
     'tokenizer': (_define_tokenizer, _run_tokenizer),
     'export': (_define_export, _run_export),
     'import': (_define_import, _run_import),
+    'sweep': (_define_sweep, _run_sweep),
 }
 
 
@@ -270,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
   from pretrax import faults
   from pretrax.hosts import HostsError
   from pretrax.sharding import ShardingError
+  from pretrax.sweep import SweepError
 
   try:
     run()
@@ -278,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f'pretrax {command}: {e}. Resume with the same command: {again}', file=sys.stderr)
     sys.exit(faults.STOPPED_EXIT_CODE)
   except (ConfigError, DataError, ShardingError, UsageError, FileNotFoundError,
-          faults.WorkdirError, faults.NonFiniteError, CheckpointError, HostsError) as e:
+          faults.WorkdirError, faults.NonFiniteError, CheckpointError, HostsError, SweepError) as e:
     _fail(command, ' '.join(str(e).split()))
   except KeyboardInterrupt:
     _fail(command, 'interrupted')

@@ -8,6 +8,7 @@ only happen in one place and is caught by the locked ConfigDict.
 import dataclasses
 import importlib.util
 import os
+import types
 
 import ml_collections
 
@@ -23,11 +24,16 @@ STDLIB_CORPUS = 'python-stdlib'
 
 def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """`get_config(arg)` of a config file, as `--config=PATH[:ARG]` loads it (for scripts and tests)."""
+  return load_module(path).get_config(arg)
+
+
+def load_module(path: str) -> types.ModuleType:
+  """A config (or sweep) file as a module, imported from its path."""
   name = os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(f'pretrax_config_{name}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return module
 
 
 def shared_data(config_file: str, name: str) -> str:
