@@ -20,10 +20,7 @@
 #                several words, e.g. PRETRAX='python -m pretrax.cli'.
 set -euo pipefail
 
-# The header comment above, without its '# '.
-usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
-# The exact command, quoted so that it can be pasted back into a shell.
-show() { local line; line=$(printf ' %q' "$@"); echo "+${line}"; }
+source "$(dirname "$0")/lib.sh"
 
 positional=() devices="" processes=1 cores="" dry_run=0 rest=()
 for arg in "$@"; do
@@ -78,20 +75,12 @@ else
   port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   mkdir -p "$workdir/logs"
 fi
-# Signal every process still running.
 running=()
-signal_all() {
+# Reaches every local process still running (see supervise in lib.sh).
+stop_all() {
   local pid
   for pid in ${running[@]+"${running[@]}"}; do kill -s "$1" "$pid" 2>/dev/null || true; done
 }
-interrupts=0
-on_interrupt() {
-  interrupts=$((interrupts + 1))
-  # First: SIGTERM, which JAX's preemption sync turns into one agreed step and a checkpoint.
-  if ((interrupts == 1)); then signal_all TERM; else signal_all KILL; fi
-}
-trap on_interrupt INT TERM
-
 for ((i = 0; i < processes; i++)); do
   one=("${command[@]}" --coordinator_address="127.0.0.1:$port" --num_processes="$processes"
        --process_id="$i")
@@ -106,27 +95,7 @@ for ((i = 0; i < processes; i++)); do
 done
 if ((dry_run)); then exit 0; fi
 
-# Poll rather than `wait -n`: it works with the bash 3.2 that macOS ships, and lets the trap run.
-status=0 kill_at=0
-while ((${#running[@]})); do
-  still=()
-  for pid in "${running[@]}"; do
-    if kill -0 "$pid" 2>/dev/null; then still+=("$pid"); continue; fi
-    rc=0
-    wait "$pid" || rc=$?
-    if ((rc != 0 && status == 0)); then
-      status=$rc
-      if ((interrupts == 0)); then
-        echo "local.sh: process $pid exited with status $rc; stopping the others" \
-             "(their logs: $workdir/logs/)." >&2
-      fi
-      # The others would wait for the lost process in their next collective: TERM, then KILL.
-      signal_all TERM
-      kill_at=$((SECONDS + 10))
-    fi
-  done
-  running=(${still[@]+"${still[@]}"})
-  if ((kill_at && SECONDS >= kill_at)); then signal_all KILL; fi
-  if ((${#running[@]})); then sleep 0.2; fi
-done
+status=0
+supervise || status=$?
+if ((status)); then echo "local.sh: exit status $status; the other processes' logs: $workdir/logs/" >&2; fi
 exit "$status"
