@@ -162,7 +162,12 @@ case $subcommand in
 
   setup)
     ((${#args[@]} == 0)) || die "unexpected arguments: ${args[*]}"
-    install="cd $(quote_words "$dir") && $(quote_words "$python") -m venv .venv"
+    py=$(quote "$python")
+    # Ubuntu 22.04 TPU images ship Python 3.10; say so plainly rather than fail inside pip.
+    install="if ! $py -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then"
+    install+=" echo \"\$(hostname): pretrax needs Python 3.11+; $py is older or missing. Install one"
+    install+=" (e.g. sudo apt-get install -y python3.11-venv) and run setup --python=python3.11.\"; exit 1; fi;"
+    install+=" cd $(quote "$dir") && $py -m venv .venv"
     install+=" && .venv/bin/pip install -q -U pip && .venv/bin/pip install -e '.[tpu]'"
     if [[ -n $git_url ]]; then
       fetch="if [ -d $(quote_words "$dir")/.git ]; then git -C $(quote_words "$dir") fetch -q;"

@@ -156,6 +156,20 @@ def test_tpu_setup_installs_the_tpu_extra_on_every_worker(standins, tmp_path):
   assert ".venv/bin/pip install -e '.[tpu]'" in install
 
 
+def test_tpu_setup_on_a_worker_with_old_python_says_what_to_do(standins, tmp_path):
+  old_python = _write_executable(tmp_path / 'python3.10', '#!/bin/sh\nexit 1\n')
+  (_, ssh) = tpu(standins, 'setup', f'--python={old_python}')
+  home = tmp_path / 'worker'
+  home.mkdir()
+  os.replace(tmp_path / 'pretrax-pod.tar.gz', home / 'pretrax.tar.gz')  # What scp put there.
+  result = subprocess.run(['bash', '-c', remote_command(ssh)], cwd=home, text=True,
+                          capture_output=True)
+  assert result.returncode == 1
+  assert 'pretrax needs Python 3.11+' in result.stdout and 'setup --python=' in result.stdout
+  assert (home / 'pretrax' / 'pyproject.toml').exists()  # The checkout arrived ...
+  assert not (home / 'pretrax' / '.venv').exists()  # ... and nothing half-installed.
+
+
 def test_tpu_setup_from_git_on_every_slice(standins):
   calls = tpu(standins, 'setup', '--git=https://example.com/pretrax.git', '--ref=v1',
               '--slices=2', '--python=python3.11')
