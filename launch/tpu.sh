@@ -9,6 +9,7 @@
 #           worker and pip install it with the [tpu] extra
 #   run     CONFIG WORKDIR [--config.KEY=VALUE ...]   the same `pretrax train` on every worker;
 #           worker 0's output streams here, each worker also logs to DIR/logs/ on itself
+#   logs    stream worker 0's log again (after Ctrl-C or a lost connection: the run goes on)
 #   copy    SRC DEST   scp; write a path on the workers as tpu:PATH
 #   status  the TPU VM's (or queued resource's) state
 #   stop    [--vm]   SIGTERM pretrax on every worker (it saves a checkpoint and exits 75);
@@ -60,8 +61,9 @@ launch/tpu.sh run CONFIG WORKDIR [--config.KEY=VALUE ...] [other pretrax train f
 Runs `DIR/.venv/bin/pretrax train --config=CONFIG --workdir=WORKDIR ...` on every worker of every
 slice at once (--worker=all). JAX finds the other workers (and slices) by itself: no coordinator
 flags. Worker 0 of slice 0 streams its output here; every worker appends its output to
-DIR/logs/train-slice<K>-worker<W>.log on itself. WORKDIR may be a bucket (gs://...) or a path
-every worker shares. The command is the same every time: run it again to resume.
+DIR/logs/train-slice<K>-worker<W>.log on itself. Ctrl-C (or a lost connection) ends only the
+streaming: pretrax goes on (`logs` streams again; `stop` stops it). WORKDIR must be a path every
+worker shares. The command is the same every time: run it again to resume.
 EOF
       ;;
     copy) cat <<'EOF'
@@ -73,6 +75,7 @@ scp between here and the workers; write the workers' side as tpu:PATH (relative 
 --worker=W picks the workers (0, 1,3, all); directories are copied recursively.
 EOF
       ;;
+    logs) echo 'launch/tpu.sh logs   the last 100 lines of worker 0'"'"'s log, then new ones until pretrax exits' ;;
     status) echo 'launch/tpu.sh status   describes the TPU VM(s), or the queued resource with --queued/--slices' ;;
     stop) cat <<'EOF'
 launch/tpu.sh stop [--vm]
@@ -89,7 +92,7 @@ die() { echo "tpu.sh${subcommand:+ $subcommand}: $*" >&2; exit 2; }
 
 subcommand=""
 case ${1:-} in
-  create|setup|run|copy|status|stop|delete) subcommand=$1; shift ;;
+  create|setup|run|logs|copy|status|stop|delete) subcommand=$1; shift ;;
   -h|--help|help) usage; exit 0 ;;
   *) usage >&2; exit 2 ;;
 esac
@@ -200,20 +203,25 @@ case $subcommand in
     ((${#positional[@]} == 2)) || die "give CONFIG and WORKDIR (see launch/tpu.sh run --help)."
     train=(.venv/bin/pretrax train --config="${positional[0]}" --workdir="${positional[1]}"
            ${train_flags[@]+"${train_flags[@]}"})
+    # On each worker, pretrax writes only to its log and ignores SIGHUP, so a lost connection or a
+    # Ctrl-C here ends the streaming, not the run (`logs` streams again, `stop` stops it).
     # `sh -c` records the pid that `stop` signals, then becomes pretrax.
-    started="sh -c 'echo \$\$ > logs/train.pid; exec \"\$@\"' pretrax $(quote_words "${train[@]}")"
+    started="nohup sh -c 'echo \$\$ > logs/train.pid; exec \"\$@\"' pretrax $(quote_words "${train[@]}")"
     worker_number='$(curl -sf -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number || echo 0)'
     pids=()
     for ((k = slices - 1; k >= 0; k--)); do
-      remote="set -o pipefail; cd $(quote_words "$dir") && mkdir -p logs && w=$worker_number"
-      remote+=" && log=logs/train-slice$k-worker\$w.log && echo \"=== \$(date)\" >> \$log"
+      remote="cd $(quote "$dir") && mkdir -p logs || exit 1; w=$worker_number; log=logs/train-slice$k-worker\$w.log"
+      remote+="; touch \$log || exit 1; from=\$((\$(wc -c < \$log) + 1)); echo \"=== \$(date)\" >> \$log"
+      remote+="; $started >> \$log 2>&1 < /dev/null & train=\$!"
+      if ((k == 0)); then  # Worker 0 of slice 0 streams its log here.
+        remote+="; if [ \"\$w\" = 0 ]; then tail -c +\$from -f --pid=\$train \$log & fi"
+      fi
+      remote+="; wait \$train; status=\$?; wait; exit \$status"
       if ((k == 0)); then
-        remote+=" && if [ \"\$w\" = 0 ]; then $started 2>&1 | tee -a \$log; else $started >> \$log 2>&1; fi"
         rc=0
         run_cmd gcloud compute tpus tpu-vm ssh "${nodes[0]}" "${where[@]}" --worker=all \
           --command="$remote" || rc=$?
       else
-        remote+=" && $started >> \$log 2>&1"
         run_cmd gcloud compute tpus tpu-vm ssh "${nodes[k]}" "${where[@]}" --worker=all \
           --command="$remote" &
         pids+=($!)
@@ -221,6 +229,12 @@ case $subcommand in
     done
     for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid" || ((rc)) || rc=$?; done
     exit "$rc"
+    ;;
+
+  logs)
+    follow="cd $(quote "$dir") && log=logs/train-slice0-worker0.log && pid=\$(cat logs/train.pid 2>/dev/null);"
+    follow+=" if kill -0 \"\$pid\" 2>/dev/null; then tail -n 100 -f --pid=\$pid \$log; else tail -n 100 \$log; fi"
+    run_cmd gcloud compute tpus tpu-vm ssh "${nodes[0]}" "${where[@]}" --worker=0 --command="$follow"
     ;;
 
   copy)

@@ -194,7 +194,7 @@ def test_tpu_run_is_the_same_train_command_on_all_workers_every_time(standins):
   assert ('.venv/bin/pretrax train --config=configs/gpt2_small.py '
           '--workdir=gs://my-bucket/runs/gpt2 --config.steps=1000') in remote
   assert 'coordinator' not in remote and 'process_id' not in remote  # JAX finds the workers.
-  assert 'tee -a' in remote  # Worker 0 streams back.
+  assert 'tail -c +$from -f --pid=$train $log' in remote  # Worker 0 streams back.
 
   # A stop (SIGTERM: checkpoint, exit 75), then the same `run`: the identical command resumes.
   standins.clear()
@@ -213,7 +213,7 @@ def test_tpu_multislice_run_starts_every_slice_and_sets_nothing_jax_finds(standi
     assert '--config.mesh.dcn_data=2' in remote
     assert 'MEGASCALE' not in remote and 'coordinator' not in remote
   by_node = {c[4]: remote_command(c) for c in calls}
-  assert 'tee' in by_node['pod-0'] and 'tee' not in by_node['pod-1']  # One stream: slice 0.
+  assert 'tail' in by_node['pod-0'] and 'tail' not in by_node['pod-1']  # One stream: slice 0.
 
 
 def test_tpu_stop_vm_copy_status_delete(standins):
@@ -280,11 +280,22 @@ def test_tpu_worker_snippets_run_log_and_stop(standins, tmp_path):
   while time.time() < deadline and not all(
       p.exists() and 'fake pretrax: train' in p.read_text() for p in logs.values()):
     time.sleep(0.05)
+  # Worker 1's connection dies: its pretrax goes on, writing only to its log.
+  workers['1'].kill()
+  workers['1'].wait()
+  pid = int((homes['1'] / 'pretrax' / 'logs' / 'train.pid').read_text())
+  os.kill(pid, 0)  # Still running.
+  standins.clear()
+  follow = remote_command(tpu(standins, 'logs')[0])
+  assert 'tail -n 100 -f --pid=$pid $log' in follow
+  followed = subprocess.Popen(['bash', '-c', follow], cwd=homes['0'], text=True,
+                              stdout=subprocess.PIPE)
   for where in homes.values():
     stopped = subprocess.run(['bash', '-c', stop], cwd=where, text=True, capture_output=True)
     assert 'sent SIGTERM to pretrax' in stopped.stdout, stopped.stdout + stopped.stderr
   out = {w: p.communicate(timeout=30)[0] for w, p in workers.items()}
-  assert workers['0'].returncode == 75 and workers['1'].returncode == 75  # pipefail: pretrax's.
+  assert workers['0'].returncode == 75  # pretrax's status, through `wait`.
+  assert 'saved a checkpoint' in followed.communicate(timeout=30)[0]  # `logs` ends with the run.
   assert 'fake pretrax: train --config=configs/gpt2_small.py --workdir=gs://my-bucket' in out['0']
   assert out['1'] == ''  # Only worker 0 streams back ...
   for log in logs.values():  # ... and every worker keeps its own log.
@@ -488,7 +499,7 @@ def test_every_script_has_help_and_parses(script):
   assert result.returncode == 0 and script in result.stdout
 
 
-@pytest.mark.parametrize('command', ['create', 'setup', 'run', 'copy', 'status', 'stop', 'delete'])
+@pytest.mark.parametrize('command', ['create', 'setup', 'run', 'logs', 'copy', 'status', 'stop', 'delete'])
 def test_every_tpu_command_has_help(command):
   result = subprocess.run([TPU, command, '--help'], text=True, capture_output=True,
                           env={'PATH': os.environ['PATH']})
