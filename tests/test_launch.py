@@ -378,7 +378,8 @@ def test_multinode_ssh_commands_carry_coordinator_count_and_rank(standins, tmp_p
                         'configs/gpt2_small.py', '/shared/runs/gpt2', '--config.mesh.dcn_data=3',
                         f'--logs={tmp_path / "logs"}')
   assert result.returncode == 0, result.stderr
-  calls = [c['argv'] for c in standins.calls('ssh')]
+  # The hosts start at once: their calls come in any order.
+  calls = sorted((c['argv'] for c in standins.calls('ssh')), key=lambda argv: argv[2])
   assert [c[:3] for c in calls] == [['-o', 'BatchMode=yes', h] for h in ('gpu-a', 'gpu-b', 'gpu-c')]
   for i, call in enumerate(calls):
     remote = call[-1]
