@@ -50,8 +50,8 @@ EOF
 launch/tpu.sh setup [--git=URL [--ref=REF]] [--python=PY]
 
 Copies the last commit of this checkout (git archive HEAD; uncommitted changes are not copied)
-to DIR on every worker of every slice (--worker=all), or with --git clones URL there (and checks
-out REF), then makes DIR/.venv with PY (default python3; pretrax needs Python 3.11+) and runs
+to DIR on every worker of every slice (--worker=all), or with --git clones (or fetches) URL there
+and checks out REF (a commit, a tag or origin/BRANCH; default origin/HEAD), then makes DIR/.venv with PY (default python3; pretrax needs Python 3.11+) and runs
 `pip install -e 'DIR[tpu]'`, which pulls JAX's TPU build.
 EOF
       ;;
@@ -173,9 +173,10 @@ case $subcommand in
     install+=" cd $(quote "$dir") && $py -m venv .venv"
     install+=" && .venv/bin/pip install -q -U pip && .venv/bin/pip install -e '.[tpu]'"
     if [[ -n $git_url ]]; then
-      fetch="if [ -d $(quote_words "$dir")/.git ]; then git -C $(quote_words "$dir") fetch -q;"
+      # Fetch, then check out REF detached: a second setup moves every worker to the same commit.
+      fetch="if [ -d $(quote "$dir")/.git ]; then git -C $(quote "$dir") fetch -q --tags origin;"
       fetch+=" else git clone -q $(quote_words "$git_url" "$dir"); fi"
-      [[ -z $git_ref ]] || fetch+=" && git -C $(quote_words "$dir") checkout -q $(quote_words "$git_ref")"
+      fetch+="; git -C $(quote "$dir") checkout -q --detach $(quote "${git_ref:-origin/HEAD}")"
       remote="set -e; $fetch; $install"
     else
       repo=$(cd "$(dirname "$0")/.." && pwd)

@@ -170,6 +170,19 @@ def test_tpu_setup_on_a_worker_with_old_python_says_what_to_do(standins, tmp_pat
   assert not (home / 'pretrax' / '.venv').exists()  # ... and nothing half-installed.
 
 
+def test_tpu_setup_from_git_clones_then_fetches(standins, tmp_path):
+  """The --git snippet on a stand-in worker, from this repository, up to the Python check."""
+  old_python = _write_executable(tmp_path / 'python3.10', '#!/bin/sh\nexit 1\n')
+  (ssh,) = tpu(standins, 'setup', f'--git={REPO}', f'--python={old_python}')
+  home = tmp_path / 'worker'
+  home.mkdir()
+  for _ in range(2):  # A clone, then a fetch into the existing clone.
+    result = subprocess.run(['bash', '-c', remote_command(ssh)], cwd=home, text=True,
+                            capture_output=True)
+    assert result.returncode == 1 and 'pretrax needs Python 3.11+' in result.stdout, result.stderr
+    assert (home / 'pretrax' / 'launch' / 'tpu.sh').exists()
+
+
 def test_tpu_setup_from_git_on_every_slice(standins):
   calls = tpu(standins, 'setup', '--git=https://example.com/pretrax.git', '--ref=v1',
               '--slices=2', '--python=python3.11')
@@ -178,7 +191,7 @@ def test_tpu_setup_from_git_on_every_slice(standins):
     assert call[3] == 'ssh' and '--worker=all' in call
     install = remote_command(call)
     assert 'git clone -q https://example.com/pretrax.git pretrax' in install
-    assert 'checkout -q v1' in install
+    assert 'checkout -q --detach v1' in install
     assert "python3.11 -m venv .venv" in install and "'.[tpu]'" in install
 
 
