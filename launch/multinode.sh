@@ -66,11 +66,11 @@ remote_command() {
 running=()
 # Signals pretrax on every host through its pid file; KILL also ends the local ssh sessions.
 stop_all() {
-  local i pid
+  local i pid signal
   for ((i = 0; i < num; i++)); do
     # Only a live pretrax: the recorded pid may be stale and belong to something else by now.
-    "${ssh_words[@]}" -o BatchMode=yes "${host_list[i]}" "pid=\$(cat $(pidfile "$i") 2>/dev/null) &&"\
-" grep -qa pretrax /proc/\$pid/cmdline && kill -$1 \$pid" < /dev/null > /dev/null 2>&1 &
+    signal="pid=\$(cat $(pidfile "$i") 2>/dev/null) && grep -qa pretrax /proc/\$pid/cmdline && kill -$1 \$pid"
+    "${ssh_words[@]}" -o BatchMode=yes "${host_list[i]}" "$signal" < /dev/null > /dev/null 2>&1 &
   done
   if [[ $1 == KILL ]]; then
     for pid in ${running[@]+"${running[@]}"}; do kill "$pid" 2>/dev/null || true; done

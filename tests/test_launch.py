@@ -372,6 +372,25 @@ def test_slurm_stopped_run_requeues_the_same_job(standins):
   assert standins.calls('srun')[0]['argv'] == first
 
 
+def test_slurm_preemption_sigterm_waits_for_the_checkpoint_then_requeues(standins, tmp_path):
+  """SLURM signals the whole job: the batch script must outlive the tasks' checkpoint save."""
+  slow_bin = tmp_path / 'slow'
+  slow_bin.mkdir()
+  _write_executable(slow_bin / 'srun', '#!/bin/sh\n'
+                    'trap \'sleep 1; echo "task: saved a checkpoint"; exit 75\' TERM\n'
+                    'echo "task: training"\n'
+                    'i=0; while [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done\n')
+  env = {**standins.env, **SLURM_ENV, 'PATH': f'{slow_bin}{os.pathsep}{standins.env["PATH"]}'}
+  proc = subprocess.Popen(['bash', SBATCH, 'configs/tiny.py', 'runs/x'], env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+  assert proc.stdout.readline() == 'task: training\n'
+  os.killpg(proc.pid, signal.SIGTERM)  # What SLURM does when it preempts the job.
+  out, err = proc.communicate(timeout=30)
+  assert proc.returncode == 75, err
+  assert 'saved a checkpoint' in out and 'waiting for pretrax to save' in err
+  assert [c['argv'] for c in standins.calls('scontrol')] == [['requeue', '4242']]
+
+
 def test_slurm_dry_run_and_missing_arguments(standins):
   result = standins.run('bash', SBATCH, '--dry-run', 'configs/tiny.py', 'runs/x', env=SLURM_ENV)
   assert result.returncode == 0 and result.stdout.startswith('+ env JAX_COMPILATION_CACHE_DIR=')
