@@ -4,7 +4,6 @@ import csv
 import json
 import os
 import shlex
-import time
 
 import pytest
 
