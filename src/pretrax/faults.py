@@ -39,6 +39,10 @@ class Stopped(Exception):
 
 def check_writable(workdir: str) -> None:
   """Fails now, not at the first checkpoint, if the workdir cannot be created or written."""
+  if '://' in workdir:  # The lock, disk checks and outputs use local file operations.
+    raise WorkdirError(f'--workdir={workdir}: bucket paths are not supported yet; use a '
+                       'directory on a filesystem every process can reach (e.g. the bucket '
+                       'mounted with gcsfuse).')
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f'.write-probe-{os.getpid()}')
