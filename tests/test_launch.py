@@ -391,8 +391,10 @@ def test_slurm_preemption_sigterm_waits_for_the_checkpoint_then_requeues(standin
   assert [c['argv'] for c in standins.calls('scontrol')] == [['requeue', '4242']]
 
 
-def test_slurm_dry_run_and_missing_arguments(standins):
-  result = standins.run('bash', SBATCH, '--dry-run', 'configs/tiny.py', 'runs/x', env=SLURM_ENV)
+def test_slurm_dry_run_and_missing_arguments(standins, tmp_path):
+  # Submitted from a directory without .venv/bin/pretrax, so `pretrax` comes from PATH.
+  result = standins.run('bash', SBATCH, '--dry-run', 'configs/tiny.py', 'runs/x',
+                        env={**SLURM_ENV, 'SLURM_SUBMIT_DIR': str(tmp_path)})
   assert result.returncode == 0 and result.stdout.startswith('+ env JAX_COMPILATION_CACHE_DIR=')
   assert 'srun --kill-on-bad-exit=1 pretrax train --config=configs/tiny.py' in result.stdout
   assert standins.calls() == []
