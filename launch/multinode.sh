@@ -54,8 +54,12 @@ coordinator=${coordinator:-${host_list[0]#*@}}:$port
 pidfile() { echo "/tmp/pretrax-multinode-$port-$1.pid"; }
 
 # The command line one host runs; `sh -c` records its pid, then becomes pretrax.
+# GPU XLA flags, each for a reason (as launch/slurm.sbatch):
+#   latency-hiding scheduler: FSDP's all-gathers and reduce-scatters overlap the matmuls.
+xla_flags=--xla_gpu_enable_latency_hiding_scheduler=true
+
 remote_command() {
-  local train=("${pretrax_words[@]}" train --config="${positional[0]}" --workdir="${positional[1]}"
+  local train=(env "XLA_FLAGS=$xla_flags" "${pretrax_words[@]}" train --config="${positional[0]}" --workdir="${positional[1]}"
                ${rest[@]+"${rest[@]}"} --coordinator_address="$coordinator" --num_processes="$num"
                --process_id="$1")
   local line="sh -c 'echo \$\$ > $(pidfile "$1"); exec \"\$@\"' pretrax $(quote_words "${train[@]}")"

@@ -397,7 +397,14 @@ def test_slurm_dry_run_and_missing_arguments(standins, tmp_path):
                         env={**SLURM_ENV, 'SLURM_SUBMIT_DIR': str(tmp_path)})
   assert result.returncode == 0 and result.stdout.startswith('+ env JAX_COMPILATION_CACHE_DIR=')
   assert 'srun --kill-on-bad-exit=1 pretrax train --config=configs/tiny.py' in result.stdout
+  assert ' XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true' in result.stdout
   assert standins.calls() == []
+  # The submitter's own XLA flags come after ours, so theirs win.
+  result = standins.run('bash', SBATCH, '--dry-run', 'configs/tiny.py', 'runs/x',
+                        env={**SLURM_ENV, 'SLURM_SUBMIT_DIR': str(tmp_path),
+                             'XLA_FLAGS': '--xla_dump_to=/tmp/d'})
+  assert (r' XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true\ --xla_dump_to=/tmp/d srun'
+          in result.stdout), result.stdout
   result = standins.run('bash', SBATCH, 'configs/tiny.py')
   assert result.returncode == 2 and 'give CONFIG and WORKDIR' in result.stderr
 
@@ -419,6 +426,7 @@ def test_multinode_ssh_commands_carry_coordinator_count_and_rank(standins, tmp_p
     remote = call[-1]
     assert remote.startswith('cd /srv/pretrax && ')
     assert remote.endswith(
+        'env XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true '
         '.venv/bin/pretrax train --config=configs/gpt2_small.py --workdir=/shared/runs/gpt2 '
         '--config.mesh.dcn_data=3 --coordinator_address=gpu-a:4321 --num_processes=3 '
         f'--process_id={i}')

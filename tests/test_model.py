@@ -126,7 +126,8 @@ def test_attention_mask_pattern():
   np.testing.assert_array_equal(mask, expected)
 
 
-def test_remat_changes_nothing():
+@pytest.mark.parametrize('policy', ['dots', 'full', 'offload'])
+def test_remat_changes_nothing(policy):
   ids = jnp.arange(2 * L, dtype=jnp.int32).reshape(2, L) % 50
   seg = jnp.ones((2, L), jnp.int32)
   pos = jnp.tile(jnp.arange(L, dtype=jnp.int32), (2, 1))
@@ -136,7 +137,7 @@ def test_remat_changes_nothing():
     f = lambda p: jnp.mean(nnx.merge(graphdef, p)(ids, seg, pos) ** 2)
     return jax.jit(jax.value_and_grad(f))(params)
 
-  (v0, g0), (v1, g1) = loss_and_grads(False), loss_and_grads(True)
+  (v0, g0), (v1, g1) = loss_and_grads('none'), loss_and_grads(policy)
   np.testing.assert_allclose(v0, v1, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

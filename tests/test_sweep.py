@@ -24,11 +24,11 @@ def test_product_zip_and_values_count_and_name_trials():
                       sweep.values('optim.min_lr', [1e-4, 2e-4]))
   assert paired == [{'optim.lr': 1e-3, 'optim.min_lr': 1e-4}, {'optim.lr': 2e-3, 'optim.min_lr': 2e-4}]
   nested = sweep.product(paired, sweep.values('model.flavour', ['gpt2', 'llama']))
-  trials = _expand(grid + nested + sweep.values('model.remat', [True]))
+  trials = _expand(grid + nested + sweep.values('model.remat', ['full']))
   names = [t.name for t in trials]
   assert len(names) == len(set(names)) == 11
   assert names[:2] == ['lr=0.001,seed=0', 'lr=0.001,seed=1']
-  assert names[-1] == 'remat=true'
+  assert names[-1] == 'remat=full'
   assert trials[0].workdir == os.path.join('runs/s', 'lr=0.001,seed=0')
   assert trials[0].command == ('pretrax train --config=configs/tiny.py '
                                '--workdir=runs/s/lr=0.001,seed=0 --config.optim.lr=0.001 '

@@ -132,3 +132,23 @@ def test_a_loss_spike_is_skipped_and_kept_out_of_the_window():
   assert int(after['loss_window']['count']) == 20 and int(after['step']) == 21
   state, m = step(state, batch)  # An ordinary loss is taken again and enters the window.
   assert int(m['skipped']) == 0 and int(jax.device_get(state)['loss_window']['count']) == 21
+
+
+def test_bfloat16_compute_tracks_float32(tiny_config, tmp_path):
+  """Mixed precision as accelerators run it (float32 parameters and optimizer state, bfloat16
+  matmuls and attention, float32 logits and loss) follows the float32 loss curve."""
+  c = tiny_config
+  c.steps, c.log_every, c.eval_every = 40, 1, 40
+  losses = {}
+  for dtype in ('float32', 'bfloat16'):
+    c.model.dtype = dtype
+    result = train.train(c, str(tmp_path / dtype))
+    losses[dtype] = np.array([r['loss'] for r in metrics.read_metrics(str(tmp_path / dtype))
+                              if 'loss' in r])
+    losses[dtype + '_eval'] = result['eval']['eval_loss']
+  f32, bf16 = losses['float32'], losses['bfloat16']
+  assert f32[-1] < f32[0] - 1.5  # Both learn...
+  np.testing.assert_allclose(bf16, f32, rtol=0.03)  # ...along the same curve, step by step.
+  assert abs(losses['bfloat16_eval'] - losses['float32_eval']) < 0.05
+  params = _final_params(str(tmp_path / 'bfloat16'), c, 40)
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))  # Master weights stay f32.

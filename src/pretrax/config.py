@@ -78,7 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.init_std = 0.02
   c.model.param_dtype = 'float32'
   c.model.dtype = 'float32'  # Compute dtype; bfloat16 on accelerators.
-  c.model.remat = False
+  # Rematerialisation per block: none | dots (keep matmul outputs, recompute the rest) | full
+  # (keep only block inputs) | offload (matmul outputs to host memory).
+  c.model.remat = 'none'
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ''  # A file, a directory or a glob; several separated by commas.
@@ -187,7 +189,7 @@ class ModelConfig:
   init_std: float
   param_dtype: str
   dtype: str
-  remat: bool
+  remat: str  # none | dots | full | offload
   attention: str = 'causal'  # causal | prefix (bidirectional over batch['prefix']) | bidirectional
   mlm_head: bool = False  # BERT's head: dense, GELU, norm, then the (tied) projection with a bias.
 
@@ -233,10 +235,20 @@ def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
       init_std=m.init_std,
       param_dtype=m.param_dtype,
       dtype=m.dtype,
-      remat=m.remat,
+      remat=remat_policy(m.remat),
       attention=attention_kind(c.objective),
       mlm_head=c.objective == 'masked_lm',
   )
+
+
+REMAT_POLICIES = ('none', 'dots', 'full', 'offload')
+
+
+def remat_policy(value) -> str:
+  """model.remat as a policy name; checkpoints of older versions saved a bool (True: full)."""
+  if isinstance(value, bool):
+    return 'full' if value else 'none'
+  return value
 
 
 def objective_mixture(spec: str) -> tuple[tuple[str, float], ...]:
@@ -307,6 +319,7 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: 
   _one_of('tokenizer.model_type', c.tokenizer.model_type, TOKENIZER_TYPES)
   _one_of('model.param_dtype', m.param_dtype, DTYPES)
   _one_of('model.dtype', m.dtype, DTYPES)
+  _one_of('model.remat', remat_policy(m.remat), REMAT_POLICIES)
   _require(c.steps > 0, f'steps={c.steps} must be positive.')
   for name in ('num_layers', 'num_heads', 'embed_dim'):
     _require(m[name] > 0, f'model.{name}={m[name]} must be positive.')

@@ -147,9 +147,9 @@ class Transformer(nnx.Module):
     x_BLD = layers.constrain(x_BLD, activation)
     for i, block in enumerate(self.blocks):
       rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i + 1)
-      if cfg.remat:
-        x_BLD = nnx.remat(type(block).__call__)(block, x_BLD, segment_ids_BL, positions_BL,
-                                                prefix_BL, rng)
+      if cfg.remat != 'none':
+        remat_call = nnx.remat(type(block).__call__, policy=_REMAT_POLICIES[cfg.remat]())
+        x_BLD = remat_call(block, x_BLD, segment_ids_BL, positions_BL, prefix_BL, rng)
       else:
         x_BLD = block(x_BLD, segment_ids_BL, positions_BL, prefix_BL, rng)
       x_BLD = layers.constrain(x_BLD, activation)
@@ -166,6 +166,18 @@ class Transformer(nnx.Module):
     if self.mlm_bias is not None:
       logits_BLV = logits_BLV + self.mlm_bias[...].astype(cfg.dtype)
     return layers.constrain(logits_BLV.astype(jnp.float32), ('batch', 'length', 'activation_vocab'))
+
+
+# What each block keeps for the backward pass; the rest is recomputed. Matmuls over flattened
+# tokens (layers.dense) have no batch dims, so 'dots' keeps every projection's output and
+# recomputes norms, activations and the attention scores; 'offload' keeps the same outputs in
+# host memory instead of device memory.
+_REMAT_POLICIES = {
+    'dots': lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'full': lambda: jax.checkpoint_policies.nothing_saveable,
+    'offload': lambda: jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+        offload_src='device', offload_dst='pinned_host'),
+}
 
 
 def build(cfg: ModelConfig, seed: int) -> Transformer:
