@@ -194,3 +194,19 @@ def test_learning_rate_sweep_runs_tables_plots_and_skips_finished_trials(tmp_pat
   assert log.count('==== pretrax sweep') == 2 and 'already at step 4 of 4' in log
   with open(workdir / names[0] / 'result.json') as f:
     assert json.load(f)['exit_code'] == 0
+
+
+def test_collect_counts_trials_run_elsewhere(tmp_path):
+  """A launcher ran the printed commands: no result.json, only each trial's metrics."""
+  trials = sweep.expand(sweep.values('optim.lr', [1e-3, 2e-3]), load_config('tiny'), TINY,
+                        str(tmp_path), {})
+  for trial, last_step in zip(trials, (50, 20)):  # tiny trains 50 steps: the second stopped short.
+    os.makedirs(trial.workdir)
+    with open(os.path.join(trial.workdir, 'metrics.jsonl'), 'w') as f:
+      for step in range(10, last_step + 1, 10):
+        f.write(json.dumps({'step': step, 'loss': 5.0 - step / 20, 'tokens_per_s': 1000.0}) + '\n')
+      f.write(json.dumps({'step': last_step, 'eval_loss': 3.5}) + '\n')
+  rows, _ = sweep.write_results(trials, str(tmp_path))
+  assert [r['status'] for r in rows] == ['ok', 'incomplete']
+  assert rows[0]['train_loss'] == 2.5 and rows[0]['steps'] == 50 and rows[0]['eval_loss'] == 3.5
+  assert os.path.getsize(tmp_path / 'loss_curves.png') > 1000

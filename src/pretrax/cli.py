@@ -31,7 +31,7 @@ commands:
              [--max_shard_size=5GB]
   import     --hf=HF_DIR --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
   sweep      --config=configs/NAME.py[:ARG] --workdir=DIR [--sweep=FILE.py[:ARG]] [--parallel=N]
-             [--print] [--config.KEY=VALUE ...]
+             [--print | --collect] [--config.KEY=VALUE ...]
 """
 
 
@@ -131,6 +131,8 @@ def _define_sweep() -> None:
                       '(FILE.py[:ARG]), instead of the config file\'s.')
   flags.DEFINE_integer('parallel', 1, 'Trials to run at a time.', lower_bound=1)
   flags.DEFINE_bool('print', False, 'Print each trial\'s command, one per line, and run nothing.')
+  flags.DEFINE_bool('collect', False, 'Run nothing: write the results table and plot from the '
+                    'trials\' metrics (after a launcher ran the printed commands).')
 
 
 def _require_flags(*names: str) -> None:
@@ -229,7 +231,8 @@ def _run_sweep() -> None:
   # The sweep passes the command line's --config.* overrides on to every trial.
   shared = dict(config_flags.get_override_values(FLAGS['config']))
   status = sweep.run_sweep(FLAGS.config, spec, FLAGS.workdir, shared=shared,
-                           sweep_spec=FLAGS.sweep, parallel=FLAGS.parallel, print_only=FLAGS.print)
+                           sweep_spec=FLAGS.sweep, parallel=FLAGS.parallel, print_only=FLAGS.print,
+                           collect=FLAGS.collect)
   sys.exit(status)
 
 

@@ -15,7 +15,7 @@ A sweep is a plain list, so `s1 + s2` runs both. For example, beside get_config:
   def get_sweep(arg):
     return sweep.product(sweep.values('optim.lr', [1e-3, 3e-3, 1e-2]), sweep.values('seed', [0, 1]))
 
-  pretrax sweep --config=configs/NAME.py --workdir=runs/lr [--parallel=2] [--print]
+  pretrax sweep --config=configs/NAME.py --workdir=runs/lr [--parallel=2] [--print | --collect]
 
 Each trial is named after its overrides (`lr=0.001,seed=1`: the last part of each key, the whole key
 where two would clash), trains in WORKDIR/<name> with `pretrax train` and the same `--config.*`
@@ -128,6 +128,7 @@ class Trial:
   overrides: dict[str, Any]  # The swept values only.
   workdir: str
   args: tuple[str, ...]  # After `pretrax`: ('train', '--config=...', '--workdir=...', ...).
+  steps: int = 0  # The step it trains to: its metrics reaching it mean it finished.
 
   @property
   def command(self) -> str:
@@ -169,7 +170,8 @@ def expand(sweep: Sweep, config: ml_collections.ConfigDict, config_spec: str, wo
     trial_dir = os.path.join(workdir, name)
     args = ('train', common[0], f'--workdir={trial_dir}', *common[1:],
             *(_flag(k, v) for k, v in overrides.items()))
-    trials.append(Trial(name, overrides, trial_dir, args))
+    trials.append(Trial(name, overrides, trial_dir, args,
+                        steps=int(overrides.get('steps', config.steps))))
   return trials
 
 
@@ -391,8 +393,10 @@ def summarize(trial: Trial) -> dict[str, Any]:
   result = _read_result(trial) or {}
   exit_code = result.get('exit_code')
   status = _status(exit_code)
-  if exit_code is None and records:
-    status = 'incomplete'  # Metrics but no recorded exit: running, killed, or run elsewhere.
+  if exit_code is None and train and trial.steps and train[-1]['step'] >= trial.steps:
+    status = 'ok'  # Run to the end elsewhere (a launcher ran the printed command).
+  elif exit_code is None and records:
+    status = 'incomplete'  # Metrics but no recorded exit: running, killed, or stopped early.
   speeds = [r['tokens_per_s'] for r in train if 'tokens_per_s' in r]
   return {
       'trial': trial.name, **trial.overrides, 'status': status,
@@ -473,8 +477,10 @@ def plot_losses(trials: Sequence[Trial], path: str) -> None:
 
 def run_sweep(config: ml_collections.ConfigDict, config_spec: str, workdir: str, *,
               shared: dict[str, Any], sweep_spec: str | None = None, parallel: int = 1,
-              print_only: bool = False, log: Callable[[str], None] = print) -> int:
+              print_only: bool = False, collect: bool = False,
+              log: Callable[[str], None] = print) -> int:
   """`pretrax sweep`: expands, then prints the commands or runs the trials and writes the results.
+  With `collect`, runs nothing and writes the results of trials run elsewhere (`print_only`).
 
   Returns the exit status: 0, or 1 if any trial did not finish.
   """
@@ -487,7 +493,8 @@ def run_sweep(config: ml_collections.ConfigDict, config_spec: str, workdir: str,
   start = time.time()
   interrupted = False
   try:
-    run(trials, parallel, log)
+    if not collect:
+      run(trials, parallel, log)
   except KeyboardInterrupt:
     interrupted = True
   rows, table = write_results(trials, workdir)
