@@ -18,6 +18,7 @@ FLAVOURS = ('gpt2', 'llama')
 SCHEDULES = ('cosine', 'linear', 'wsd', 'constant')
 TOKENIZER_TYPES = ('char', 'bpe', 'unigram')
 DTYPES = ('float32', 'bfloat16', 'float16')
+ATTENTION_BACKENDS = ('auto', 'xla', 'cudnn', 'splash', 'cpu')  # = model.attention.BACKENDS
 # A corpus every machine has: the Python standard library's own sources.
 STDLIB_CORPUS = 'python-stdlib'
 
@@ -79,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = 'float32'
   c.model.dtype = 'float32'  # Compute dtype; bfloat16 on accelerators.
   c.model.remat = False
+  # auto: cuDNN on NVIDIA GPUs, splash on TPUs, the CPU kernel on CPUs, xla elsewhere; a shape,
+  # dtype or mask a kernel cannot take falls back to xla with a logged reason.
+  c.model.attention_backend = 'auto'
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ''  # A file, a directory or a glob; several separated by commas.
@@ -190,6 +194,7 @@ class ModelConfig:
   remat: bool
   attention: str = 'causal'  # causal | prefix (bidirectional over batch['prefix']) | bidirectional
   mlm_head: bool = False  # BERT's head: dense, GELU, norm, then the (tied) projection with a bias.
+  attention_backend: str = 'auto'  # auto | xla | cudnn | splash | cpu (see model/attention.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +241,7 @@ def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
       remat=m.remat,
       attention=attention_kind(c.objective),
       mlm_head=c.objective == 'masked_lm',
+      attention_backend=m.attention_backend,
   )
 
 
@@ -307,6 +313,7 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: 
   _one_of('tokenizer.model_type', c.tokenizer.model_type, TOKENIZER_TYPES)
   _one_of('model.param_dtype', m.param_dtype, DTYPES)
   _one_of('model.dtype', m.dtype, DTYPES)
+  _one_of('model.attention_backend', m.attention_backend, ATTENTION_BACKENDS)
   _require(c.steps > 0, f'steps={c.steps} must be positive.')
   for name in ('num_layers', 'num_heads', 'embed_dim'):
     _require(m[name] > 0, f'model.{name}={m[name]} must be positive.')

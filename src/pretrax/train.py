@@ -32,7 +32,7 @@ from pretrax.data import sources
 # Fields that may change between a run and its resumption; any other change is refused.
 RESUMABLE_CHANGES = ('steps', 'log_every', 'eval_every', 'eval_batches', 'peak_flops',
                      'checkpoint', 'sample', 'data.worker_count', 'fault',
-                     'optim.skip_nonfinite', 'mesh')
+                     'optim.skip_nonfinite', 'mesh', 'model.attention_backend')
 TOKENIZER_FILE = 'tokenizer.model'
 
 
