@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import load_config, run_python
 from pretrax import config as config_lib
 from pretrax import metrics
 from pretrax import train
@@ -72,6 +72,43 @@ def test_cudnn_falls_back_to_xla_off_nvidia_once(caplog):
     _assert_matches_xla('cudnn', 'causal', 2)
     _assert_matches_xla('cudnn', 'bidirectional', 2)
   assert caplog.text.count('cuDNN needs an NVIDIA GPU, not cpu') == 1, caplog.text
+
+
+def test_splash_under_a_data_and_tensor_mesh_runs_per_shard():
+  """Under the step's activation sharding, splash runs in shard_map over batch and heads (GQA
+  groups stay whole on a device) and still matches xla; 4 fake CPU devices."""
+  out = run_python("""
+    import jax, jax.numpy as jnp, numpy as np
+    from pretrax import sharding
+    from pretrax.model import attention, layers
+    mesh = jax.make_mesh((2, 1, 2), ('data', 'fsdp', 'tensor'),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    to_sharding = sharding.activation_sharding(mesh)
+    B, L, N, K, H = 4, 128, 4, 2, 16
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (B, L, N, H))
+    k, v = (jax.random.normal(key, (B, L, K, H)) for key in keys[1:3])
+    d_out = jax.random.normal(keys[3], (B, L, N, H))
+    seg = jnp.array([[1] * 50 + [2] * 60 + [0] * 18] * 2 + [[1] * L] * 2, jnp.int32)
+
+    def loss_and_grads(backend, q, k, v):
+      f = lambda q, k, v: jnp.sum(d_out * attention.attention(
+          q, k, v, seg, causal=True, backend=backend, platform='tpu', interpret=True))
+      with layers.activation_sharding(to_sharding):
+        return jax.value_and_grad(f, argnums=(0, 1, 2))(q, k, v)
+
+    with jax.set_mesh(mesh):
+      q = jax.device_put(q, to_sharding(('batch', 'length', 'heads', 'head_dim')))
+      splash = lambda *a: loss_and_grads('splash', *a)
+      assert 'shard_map' in str(jax.make_jaxpr(splash)(q, k, v))
+      (a, grads_a), (b, grads_b) = jax.jit(splash)(q, k, v), jax.jit(
+          lambda *a: loss_and_grads('xla', *a))(q, k, v)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    for x, y in zip(grads_a, grads_b):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=2e-5)
+    print('matched')
+  """, devices=4)
+  assert 'matched' in out
 
 
 @pytest.mark.parametrize('dtype, q_shape, capability, expected', [
