@@ -141,6 +141,8 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_i
     reason = splash_unsupported_reason(q_BTNH.shape, platform=platform,
                                        prefix=causal and prefix_BT is not None,
                                        interpret=interpret, sequence_sharded=_sequence_sharded())
+    if not reason and _import_splash() is None:
+      reason = 'this JAX has no Pallas splash kernel'
   else:
     reason = None
   if reason:
@@ -182,13 +184,21 @@ def _splash_sharded(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
   return per_shard(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
 
 
+def _import_splash():
+  """The splash kernel's module, or None where this JAX does not ship it. Imported on first use:
+  it pulls in Pallas's Mosaic lowering, which nothing else needs."""
+  try:
+    # pylint: disable-next=import-outside-toplevel
+    from jax.experimental.pallas.ops.tpu import splash_attention
+  except ImportError:
+    return None
+  return splash_attention
+
+
 def _splash(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_ids_BT: jax.Array,
             *, causal: bool, interpret: bool) -> jax.Array:
   """The splash kernel: MQA per key/value head (so GQA and MHA are one path), vmapped over K, B."""
-  # Local: the TPU kernels pull in Pallas's Mosaic lowering, which only splash needs.
-  # pylint: disable-next=import-outside-toplevel
-  from jax.experimental.pallas.ops.tpu import splash_attention as splash
-
+  splash = _import_splash()
   B, T, N, H = q_BTNH.shape
   K = k_BSKH.shape[2]
   G = N // K
