@@ -193,7 +193,7 @@ def test_cpu_attention_matches_the_generic_path(num_kv_heads):
                                                       prefix_BT=prefix_BT,
                                                       backend=backend) * d_out)
       return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
-    (value_cpu, grads_cpu), (value_ref, grads_ref) = run('cpu'), run('gpu')
+    (value_cpu, grads_cpu), (value_ref, grads_ref) = run('cpu'), run('xla')
     np.testing.assert_allclose(value_cpu, value_ref, rtol=1e-5)
     for a, b in zip(grads_cpu, grads_ref):
       np.testing.assert_allclose(a, b, atol=2e-5)

@@ -18,6 +18,7 @@ FLAVOURS = ('gpt2', 'llama')
 SCHEDULES = ('cosine', 'linear', 'wsd', 'constant')
 TOKENIZER_TYPES = ('char', 'bpe', 'unigram')
 DTYPES = ('float32', 'bfloat16', 'float16')
+ATTENTION_BACKENDS = ('auto', 'xla', 'cudnn', 'splash', 'cpu')  # = model.attention.BACKENDS
 # A corpus every machine has: the Python standard library's own sources.
 STDLIB_CORPUS = 'python-stdlib'
 
@@ -81,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Rematerialisation per block: none | dots (keep matmul outputs, recompute the rest) | full
   # (keep only block inputs) | offload (matmul outputs to host memory).
   c.model.remat = 'none'
+  # auto: cuDNN on NVIDIA GPUs, splash on TPUs, the CPU kernel on CPUs, xla elsewhere; a shape,
+  # dtype or mask a kernel cannot take falls back to xla with a logged reason.
+  c.model.attention_backend = 'auto'
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ''  # A file, a directory or a glob; several separated by commas.
@@ -192,6 +196,7 @@ class ModelConfig:
   remat: str  # none | dots | full | offload
   attention: str = 'causal'  # causal | prefix (bidirectional over batch['prefix']) | bidirectional
   mlm_head: bool = False  # BERT's head: dense, GELU, norm, then the (tied) projection with a bias.
+  attention_backend: str = 'auto'  # auto | xla | cudnn | splash | cpu (see model/attention.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,6 +243,7 @@ def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
       remat=remat_policy(m.remat),
       attention=attention_kind(c.objective),
       mlm_head=c.objective == 'masked_lm',
+      attention_backend=m.attention_backend,
   )
 
 
@@ -320,6 +326,7 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: 
   _one_of('model.param_dtype', m.param_dtype, DTYPES)
   _one_of('model.dtype', m.dtype, DTYPES)
   _one_of('model.remat', remat_policy(m.remat), REMAT_POLICIES)
+  _one_of('model.attention_backend', m.attention_backend, ATTENTION_BACKENDS)
   _require(c.steps > 0, f'steps={c.steps} must be positive.')
   for name in ('num_layers', 'num_heads', 'embed_dim'):
     _require(m[name] > 0, f'model.{name}={m[name]} must be positive.')

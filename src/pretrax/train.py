@@ -32,8 +32,8 @@ from pretrax.data import sources
 # Fields that may change between a run and its resumption; any other change is refused.
 RESUMABLE_CHANGES = ('steps', 'log_every', 'eval_every', 'eval_batches', 'peak_flops',
                      'checkpoint', 'sample', 'data.worker_count', 'fault',
-                     'optim.skip_nonfinite', 'mesh',
-                     'model.remat')  # Recomputation trades memory for time; the maths is the same.
+                     'optim.skip_nonfinite', 'mesh', 'model.attention_backend',
+                     'model.remat')  # Backends and recomputation change speed and memory only.
 TOKENIZER_FILE = 'tokenizer.model'
 
 

@@ -1,24 +1,111 @@
-"""One attention function for every mask and backend.
+"""One attention function for every mask, with a backend per platform.
 
-Shape suffixes: B batch, T query length, S key length, N query heads, K key/value heads, H head dim.
+Shape suffixes: B batch, T query length, S key length, N query heads, K key/value heads, G query
+heads per key/value head (N // K), H head dim.
 Masks: `segment_ids` (1-based, 0 = padding) keep packed documents apart; `causal` hides the future
 except, with `prefix` (1 on the tokens of a bidirectional prefix), the prefix: every token of a
 document sees its prefix whole. Causal alone is a decoder, causal with a prefix a prefix LM, and
 neither an encoder.
 
-Backends: accelerators use `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPUs). On CPU
-the same maths runs heads-major with an explicit softmax backward (`_attention_core`), which XLA:CPU
-compiles into fewer, cheaper loops than the autodiff of the generic path; a test holds the two
-paths to the same values and gradients.
+Backends (`backend=`, from `model.attention_backend`; 'auto' picks by platform):
+- 'cudnn' (auto on NVIDIA GPUs): `jax.nn.dot_product_attention(implementation='cudnn')`, cuDNN's
+  fused flash kernel. Our masks reach it as a boolean mask (an additive bias inside cuDNN) because
+  packed segments are data, not a shape; causal masks also set `is_causal` so cuDNN skips the blocks
+  above the diagonal. Unsupported dtypes and shapes fall back to 'xla' (`cudnn_unsupported_reason`).
+- 'splash' (auto on TPUs): the Pallas splash-attention kernel, with segment ids and a static causal
+  or full mask; a per-example prefix is not static, so prefix LMs fall back to 'xla'
+  (`splash_unsupported_reason`). `interpret=True` runs the kernel on CPU for tests.
+- 'cpu' (auto on CPUs): the same maths heads-major with an explicit softmax backward
+  (`_attention_core`), which XLA:CPU compiles into fewer, cheaper loops than the generic autodiff.
+- 'xla' (auto elsewhere, and the reference): `jax.nn.dot_product_attention(implementation='xla')`.
+A fallback is logged once per reason. Tests hold every backend to the 'xla' values and gradients.
 """
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 
+from pretrax.model import layers
+
+BACKENDS = ('auto', 'xla', 'cudnn', 'splash', 'cpu')
 # Finite, so that masked scores never produce inf - inf = NaN; exp() of it is exactly 0.
 _MASKED = -1e30
+# Splash tiles the sequence in blocks of at least one TPU lane row (128); bigger ones are faster.
+_SPLASH_BLOCKS = (512, 256, 128)
+_warned: set[str] = set()
+
+
+def current_platform() -> str:
+  """'cuda' on NVIDIA GPUs (where cuDNN exists), else JAX's platform name ('tpu', 'cpu', 'gpu')."""
+  device = jax.devices()[0]
+  if device.platform == 'gpu' and hasattr(device, 'compute_capability'):
+    from jax.extend import backend as jax_backend  # pylint: disable=import-outside-toplevel
+
+    if 'cuda' in jax_backend.get_backend().platform_version.lower():  # Not ROCm.
+      return 'cuda'
+  return device.platform
+
+
+def resolve_backend(backend: str, platform: str) -> str:
+  """The backend 'auto' means on `platform`; any other name is returned as it is."""
+  if backend not in BACKENDS:
+    raise ValueError(f'attention backend {backend!r} is not one of {", ".join(BACKENDS)}.')
+  if backend != 'auto':
+    return backend
+  return {'cuda': 'cudnn', 'tpu': 'splash', 'cpu': 'cpu'}.get(platform, 'xla')
+
+
+def _compute_capability() -> tuple[int, int] | None:
+  capability = getattr(jax.devices()[0], 'compute_capability', None)
+  return tuple(int(x) for x in capability.split('.')[:2]) if capability else None
+
+
+def cudnn_unsupported_reason(dtype: jnp.dtype, q_shape: tuple[int, ...], k_shape: tuple[int, ...],
+                             *, platform: str,
+                             compute_capability: tuple[int, int] | None) -> str | None:
+  """Why cuDNN's fused attention cannot take these inputs (None: it can).
+
+  Mirrors the checks in JAX's cuDNN wrapper, so that we fall back before it raises. Every mask
+  kind is supported: all reach cuDNN as a bias, which is why sequence lengths must be even.
+  """
+  _, T, N, H = q_shape
+  S = k_shape[1]
+  if platform != 'cuda':
+    return f'cuDNN needs an NVIDIA GPU, not {platform}'
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16)):
+    return f'cuDNN attention takes float16/bfloat16, not {jnp.dtype(dtype).name}'
+  if compute_capability is None or compute_capability < (8, 0):
+    return f'cuDNN flash attention needs compute capability >= 8.0, not {compute_capability}'
+  max_head_dim = 256 if compute_capability >= (9, 0) else 128
+  if H % 8 or H > max_head_dim:
+    return f'cuDNN needs a head dim that is a multiple of 8 and <= {max_head_dim}, not {H}'
+  if T % 2 or S % 2:
+    return f'cuDNN with a mask (bias) needs even sequence lengths, not {T} and {S}'
+  return None
+
+
+def splash_unsupported_reason(q_shape: tuple[int, ...], *, platform: str, prefix: bool,
+                              interpret: bool = False,
+                              sequence_sharded: bool = False) -> str | None:
+  """Why the splash kernel cannot take these inputs (None: it can)."""
+  T = q_shape[1]
+  if platform != 'tpu' and not interpret:
+    return f'splash attention is a TPU kernel, not for {platform} (interpret=True runs it anywhere)'
+  if prefix:
+    return 'splash takes a static mask, and a prefix LM\'s prefix differs per example'
+  if sequence_sharded:
+    return 'splash runs per batch and head shard; a sharded sequence needs ring attention'
+  if T % _SPLASH_BLOCKS[-1]:
+    return f'splash needs a sequence length that is a multiple of {_SPLASH_BLOCKS[-1]}, not {T}'
+  return None
+
+
+def _warn_once(backend: str, reason: str) -> None:
+  if reason not in _warned:
+    _warned.add(reason)
+    logging.getLogger(__name__).warning('attention: %s, using xla instead of %s.', reason, backend)
 
 
 def attention_mask(segment_ids_BT: jax.Array, *, causal: bool,
@@ -38,12 +125,105 @@ def attention_mask(segment_ids_BT: jax.Array, *, causal: bool,
 
 
 def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_ids_BT: jax.Array,
-              *, causal: bool, prefix_BT: jax.Array | None = None,
-              backend: str | None = None) -> jax.Array:
-  """Scaled dot-product attention with segment, causal and prefix masks; returns (B, T, N, H)."""
+              *, causal: bool, prefix_BT: jax.Array | None = None, backend: str = 'auto',
+              platform: str | None = None, interpret: bool = False) -> jax.Array:
+  """Scaled dot-product attention with segment, causal and prefix masks; returns (B, T, N, H).
+
+  `platform` (default: this process's) decides what 'auto' means and what is supported;
+  `interpret` runs the splash kernel in Pallas interpret mode (tests on CPU).
+  """
+  platform = platform or current_platform()
+  name = resolve_backend(backend, platform)
+  if name == 'cudnn':
+    reason = cudnn_unsupported_reason(q_BTNH.dtype, q_BTNH.shape, k_BSKH.shape, platform=platform,
+                                      compute_capability=_compute_capability())
+  elif name == 'splash':
+    reason = splash_unsupported_reason(q_BTNH.shape, platform=platform,
+                                       prefix=causal and prefix_BT is not None,
+                                       interpret=interpret, sequence_sharded=_sequence_sharded())
+    if not reason and _import_splash() is None:
+      reason = 'this JAX has no Pallas splash kernel'
+  else:
+    reason = None
+  if reason:
+    _warn_once(name, reason)
+    name = 'xla'
+  if name == 'splash':
+    return _splash_sharded(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal=causal,
+                           interpret=interpret)
   mask_BTS = attention_mask(segment_ids_BT, causal=causal, prefix_BT=prefix_BT)
-  if (backend or jax.default_backend()) != 'cpu':
-    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None])
+  if name == 'cpu':
+    return _cpu_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+  # The mask already holds causality; is_causal lets cuDNN skip whole blocks above the diagonal.
+  # A prefix makes some keys above the diagonal visible, so it cannot be set then.
+  return jax.nn.dot_product_attention(
+      q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], implementation=name,
+      is_causal=name == 'cudnn' and causal and prefix_BT is None)
+
+
+def _sequence_sharded() -> bool:
+  to_sharding = layers.current_activation_sharding()
+  return to_sharding is not None and to_sharding(('batch', 'length')).spec[1:2] not in ((), (None,))
+
+
+def _splash_sharded(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+                    segment_ids_BT: jax.Array, *, causal: bool, interpret: bool) -> jax.Array:
+  """`_splash` per shard: a Pallas kernel is opaque to the partitioner, which would otherwise
+  gather it whole onto every device. Examples and heads are independent, so each device runs the
+  kernel on its own batch and head shards (the sequence is never sharded here)."""
+  kernel = functools.partial(_splash, causal=causal, interpret=interpret)
+  to_sharding = layers.current_activation_sharding()
+  if to_sharding is None:
+    return kernel(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+  q_sharding = to_sharding(('batch', 'length', 'heads', 'head_dim'))
+  kv_spec = to_sharding(('batch', 'length', 'kv_heads', 'head_dim')).spec
+  ids_spec = to_sharding(('batch', 'length')).spec
+  per_shard = jax.shard_map(kernel, mesh=q_sharding.mesh,
+                            in_specs=(q_sharding.spec, kv_spec, kv_spec, ids_spec),
+                            out_specs=q_sharding.spec, check_vma=False)
+  return per_shard(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
+
+
+def _import_splash():
+  """The splash kernel's module, or None where this JAX does not ship it. Imported on first use:
+  it pulls in Pallas's Mosaic lowering, which nothing else needs."""
+  try:
+    # pylint: disable-next=import-outside-toplevel
+    from jax.experimental.pallas.ops.tpu import splash_attention
+  except ImportError:
+    return None
+  return splash_attention
+
+
+def _splash(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_ids_BT: jax.Array,
+            *, causal: bool, interpret: bool) -> jax.Array:
+  """The splash kernel: MQA per key/value head (so GQA and MHA are one path), vmapped over K, B."""
+  splash = _import_splash()
+  B, T, N, H = q_BTNH.shape
+  K = k_BSKH.shape[2]
+  G = N // K
+  block = next(b for b in _SPLASH_BLOCKS if T % b == 0)
+  sizes = splash.BlockSizes(
+      block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
+      block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  head_mask = splash.CausalMask((T, T)) if causal else splash.FullMask((T, T))
+  kernel = splash.make_splash_mqa_single_device(
+      splash.MultiHeadMask([head_mask] * G), block_sizes=sizes, interpret=interpret)
+  # Splash does not scale the scores: scale q as jax.nn.dot_product_attention does.
+  q_BKGTH = (q_BTNH * jnp.asarray(H ** -0.5, q_BTNH.dtype)).reshape(B, T, K, G, H)
+  q_BKGTH = q_BKGTH.transpose(0, 2, 3, 1, 4)
+  k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+
+  def one_example(q_KGTH, k_KSH, v_KSH, ids_T):
+    ids = splash.SegmentIds(q=ids_T, kv=ids_T)
+    return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q_KGTH, k_KSH, v_KSH)
+
+  out_BKGTH = jax.vmap(one_example)(q_BKGTH, k_BKSH, v_BKSH, segment_ids_BT)
+  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def _cpu_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+                   mask_BTS: jax.Array) -> jax.Array:
   N, K, H = q_BTNH.shape[2], k_BSKH.shape[2], q_BTNH.shape[3]
   if K != N:  # Grouped-query: each key/value head serves N // K query heads.
     k_BSKH = jnp.repeat(k_BSKH, N // K, axis=2)

@@ -34,6 +34,11 @@ def activation_sharding(to_sharding: Callable[[tuple[str, ...]], object] | None)
     _ACTIVATION_SHARDING.reset(token)
 
 
+def current_activation_sharding() -> Callable[[tuple[str, ...]], object] | None:
+  """The logical names -> sharding map of the step being traced; None when nothing is sharded."""
+  return _ACTIVATION_SHARDING.get()
+
+
 def constrain(x: jax.Array, names: tuple[str, ...]) -> jax.Array:
   """`x` with its sharding fixed to its logical axes, so the compiler does not have to guess where
   the batch and model dimensions live between blocks; unchanged when nothing is sharded."""

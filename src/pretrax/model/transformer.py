@@ -65,7 +65,7 @@ class Attention(nnx.Module):
       k_BLKH = layers.rope(k_BLKH, positions_BL, cfg.rope_theta)
     out_BLNH = attention_lib.attention(
         q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, causal=cfg.attention != 'bidirectional',
-        prefix_BT=prefix_BL if cfg.attention == 'prefix' else None)
+        prefix_BT=prefix_BL if cfg.attention == 'prefix' else None, backend=cfg.attention_backend)
     y_BLD = jnp.einsum('BLNH,NHD->BLD', out_BLNH, cast(self.o))
     if self.o_bias is not None:
       y_BLD = y_BLD + cast(self.o_bias)
