@@ -123,18 +123,23 @@ def benchmark(c, config_name: str, steps: int, warmup: int, pipeline_batches: in
 
   seq_len = c.data.seq_len
   tokens_per_s = c.data.batch_size * seq_len / step_s
-  model_flops = metrics.flops_per_token(run.model_cfg, seq_len) * tokens_per_s
+  flops_per_step = metrics.flops_per_token(run.model_cfg, seq_len) * c.data.batch_size * seq_len
   peak, peak_source = metrics.peak_flops(c.peak_flops)
   memory, memory_source = peak_memory(compiled)
+  cost = compiled.cost_analysis()  # A dict; a list of one per program in older JAX.
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   pipeline_tokens_per_s = local_rows * seq_len / pipeline_s
-  device = jax.devices()[0]
   return {
-      'device_kind': device.device_kind, 'device_count': jax.device_count(),
+      'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
       'jax': jax.__version__, 'jaxlib': jaxlib.__version__, 'config': config_name,
       'batch_size': c.data.batch_size, 'seq_len': seq_len, 'compile_s': compile_s,
       'step_ms': 1000 * step_s, 'steps': steps, 'warmup': warmup, 'tokens_per_s': tokens_per_s,
-      'model_flops_per_s': model_flops, 'peak_flops': peak, 'peak_source': peak_source,
-      'mfu': model_flops / peak, 'peak_memory_bytes': memory, 'memory_source': memory_source,
+      'model_flops_per_s': flops_per_step / step_s, 'peak_flops': peak,
+      'peak_source': peak_source, 'mfu': flops_per_step / step_s / peak,
+      'peak_memory_bytes': memory, 'memory_source': memory_source,
+      # XLA's own count of the compiled step beside the formula's, as a sanity check only: it
+      # counts what was compiled (the optimizer, elementwise work, no halving or doubling rules).
+      'flops_per_step': flops_per_step, 'xla_flops_per_step': cost.get('flops'),
       'pipeline': 'prepared' if c.data.prepared else 'text',
       'pipeline_tokens_per_s': pipeline_tokens_per_s,
       # This process's pipeline against this process's share of the step's tokens.
@@ -160,7 +165,8 @@ def main(argv: list[str]) -> None:
   if FLAGS.config is None:
     sys.exit('benchmarks/throughput.py: --config=configs/NAME.py[:ARG] is required.')
   name = config_flags.get_config_filename(FLAGS['config'])
-  overrides = ' '.join(f'{k}={v}' for k, v in config_flags.get_override_values(FLAGS['config']).items())
+  overrides = config_flags.get_override_values(FLAGS['config'])
+  overrides = ' '.join(f'{k}={v}' for k, v in overrides.items())
   row = benchmark(FLAGS.config, f'{name} {overrides}'.strip(), FLAGS.steps, FLAGS.warmup,
                   FLAGS.pipeline_batches)
   print(table(row), flush=True)

@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO, load_config, run_cli
 from pretrax import config as config_lib
 from pretrax import metrics
+from pretrax.data import prepare
 
 
 @pytest.mark.parametrize('kind,peak', [
@@ -33,12 +34,18 @@ def test_unknown_device_kind_has_no_peak():
   assert metrics.device_peak_flops('Tesla T4') is None
 
 
-def test_benchmark_prints_a_table_and_json(tmp_path, corpus_path):
+@pytest.mark.parametrize('pipeline', ['text', 'prepared'])
+def test_benchmark_prints_a_table_and_json(tmp_path, corpus_path, pipeline):
   out = tmp_path / 'row.json'
+  args = [f'--config.data.path={corpus_path}', '--config.data.fallback=']
+  if pipeline == 'prepared':
+    c = load_config('tiny')
+    c.data.path, c.data.fallback = corpus_path, ''
+    prepare.prepare(c, str(tmp_path / 'prepared'), workers=1, log=lambda _: None)
+    args.append(f'--config.data.prepared={tmp_path / "prepared"}')
   result = subprocess.run(
       [sys.executable, 'benchmarks/throughput.py', '--config=configs/tiny.py', '--steps=3',
-       '--warmup=1', '--pipeline_batches=5', f'--config.data.path={corpus_path}',
-       '--config.data.fallback=', f'--json={out}'],
+       '--warmup=1', '--pipeline_batches=5', f'--json={out}', *args],
       cwd=REPO, text=True, capture_output=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   lines = [l for l in result.stdout.splitlines() if l.startswith('|')]
@@ -52,9 +59,11 @@ def test_benchmark_prints_a_table_and_json(tmp_path, corpus_path):
   assert re.fullmatch(number + 'x', cells['pipeline / step']), cells
   assert cells['batch x seq'] == '8 x 32'
   assert 'measured CPU matmul' in cells['peak FLOP/s (source)']
+  assert cells['pipeline tokens/s'].endswith(f'({pipeline})')
   row = json.loads(out.read_text())
   assert row['step_ms'] > 0 and 0 < row['mfu'] < 1.5 and row['pipeline_ratio'] > 0
   assert row['tokens_per_s'] == pytest.approx(8 * 32 / (row['step_ms'] / 1000))
+  assert row['xla_flops_per_step'] > 0
 
 
 def test_profile_steps_writes_a_trace(tmp_path, corpus_path):
