@@ -45,7 +45,8 @@ config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs
                                 lock_config=True)
 flags.DEFINE_integer('steps', 20, 'Timed steps (after the warmup).', lower_bound=1)
 flags.DEFINE_integer('warmup', 3, 'Untimed steps after compiling.', lower_bound=0)
-flags.DEFINE_integer('pipeline_batches', 50, 'Batches to time the input pipeline over.',
+flags.DEFINE_integer('pipeline_batches', 50, 'Batches (and at least 2 s) to time the input '
+                     'pipeline over.',
                      lower_bound=1)
 flags.DEFINE_string('json', '', 'Also write the row as JSON to this path.')
 FLAGS = flags.FLAGS
@@ -68,13 +69,16 @@ def synthetic_batch(c, vocab_size: int, rows: int, rng: np.random.Generator) -> 
           'objective': np.full(shape, objective, np.int32)}
 
 
-def time_pipeline(batches, count: int) -> float:
-  """Seconds per batch of `batches`, after one batch that pays for start-up (threads, files)."""
+def time_pipeline(batches, count: int, min_seconds: float = 2.0) -> float:
+  """Seconds per batch of `batches` over at least `count` batches and `min_seconds` (small batches
+  take microseconds each), after one batch that pays for start-up (threads, files)."""
   next(batches)
   start = time.perf_counter()
-  for _ in range(count):
+  done = 0
+  while done < count or time.perf_counter() - start < min_seconds:
     next(batches)
-  return (time.perf_counter() - start) / count
+    done += 1
+  return (time.perf_counter() - start) / done
 
 
 def peak_memory(compiled) -> tuple[int, str]:
