@@ -39,7 +39,6 @@ from pretrax import metrics
 from pretrax import state as state_lib
 from pretrax import step as step_lib
 from pretrax import train
-from pretrax.data import pipeline
 
 config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/NAME.py[:ARG]).',
                                 lock_config=True)
@@ -85,7 +84,9 @@ def peak_memory(compiled) -> tuple[int, str]:
   stats = jax.devices()[0].memory_stats()  # None on CPU.
   if stats and 'peak_bytes_in_use' in stats:
     return max(d.memory_stats()['peak_bytes_in_use'] for d in jax.local_devices()), 'allocator'
-  m = compiled.memory_analysis()
+  m = compiled.memory_analysis()  # May be None where a backend has no analysis.
+  if m is None:
+    return 0, 'unknown'
   return m.argument_size_in_bytes + m.temp_size_in_bytes, 'XLA est.'
 
 
