@@ -59,6 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 250
   c.eval_batches = 0  # 0: the whole held-out split.
   c.peak_flops = 0.0  # Peak FLOP/s per device for MFU; 0: data sheets for accelerators, measured on CPU.
+  # 'START:COUNT': write a jax.profiler trace of steps START..START+COUNT-1 (numbered from 1, as in
+  # the logs) to WORKDIR/profile/; '' traces nothing.
+  c.profile_steps = ''
 
   c.model = ml_collections.ConfigDict()
   c.model.flavour = 'gpt2'  # gpt2: learned positions, LayerNorm, GELU. llama: RoPE, RMSNorm, SwiGLU.
@@ -303,6 +306,17 @@ def optim_config(c: ml_collections.ConfigDict) -> OptimConfig:
       decay_norms_and_biases=o.decay_norms_and_biases, clip_norm=o.clip_norm)
 
 
+def profile_steps(spec: str) -> tuple[int, int] | None:
+  """'START:COUNT' -> (first, last) step to trace, both included; '' -> None."""
+  if not spec:
+    return None
+  start, _, count = spec.partition(':')
+  ok = start.strip().isdigit() and count.strip().isdigit() and int(start) >= 1 and int(count) >= 1
+  _require(ok, f'profile_steps={spec!r} must be START:COUNT with START >= 1 and COUNT >= 1, '
+           'e.g. --config.profile_steps=10:3 traces steps 10 to 12.')
+  return int(start), int(start) + int(count) - 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Validation: every impossible combination fails here, before anything compiles.
 
@@ -378,6 +392,7 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: 
     _require(c[name] > 0, f'{name}={c[name]} must be positive.')
   _require(c.checkpoint.every > 0, f'checkpoint.every={c.checkpoint.every} must be positive.')
   _require(c.checkpoint.keep > 0, f'checkpoint.keep={c.checkpoint.keep} must be positive.')
+  profile_steps(c.profile_steps)
   if check_data and not c.data.prepared:
     resolve_data_paths(c)
     if c.tokenizer.path:

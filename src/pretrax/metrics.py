@@ -11,7 +11,8 @@ import jax.numpy as jnp
 
 from pretrax.config import ModelConfig
 
-# Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
+# Dense bf16 peak FLOP/s per device, from the vendors' data sheets, keyed by the start of JAX's
+# `device_kind` (e.g. 'NVIDIA H100 80GB HBM3', 'TPU v5 lite' for v5e, 'TPU v6 lite' for v6e).
 PEAK_FLOPS = {
     'TPU v4': 275e12,
     'TPU v5 lite': 197e12,
@@ -20,7 +21,8 @@ PEAK_FLOPS = {
     'TPU v5': 459e12,
     'TPU v6 lite': 918e12,
     'TPU v6e': 918e12,
-    'NVIDIA H100': 989e12,
+    'NVIDIA H100': 989e12,  # SXM; the PCIe card is slower (below).
+    'NVIDIA H100 PCIe': 756e12,
     'NVIDIA H200': 989e12,
     'NVIDIA A100': 312e12,
 }
@@ -53,6 +55,13 @@ def measure_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
   return 2.0 * size ** 3 / best
 
 
+def device_peak_flops(device_kind: str) -> float | None:
+  """The data-sheet peak of one device of this kind, or None; the longest matching key wins, so
+  'NVIDIA H100 PCIe' is not read as an H100 SXM."""
+  keys = [k for k in PEAK_FLOPS if device_kind.startswith(k)]
+  return PEAK_FLOPS[max(keys, key=len)] if keys else None
+
+
 def peak_flops(configured: float = 0.0) -> tuple[float, str]:
   """(FLOP/s of all the job's devices together, where the figure comes from).
 
@@ -65,9 +74,9 @@ def peak_flops(configured: float = 0.0) -> tuple[float, str]:
   count = jax.device_count()
   if configured:
     return configured * count, f'config x {count}'
-  for name, flops in PEAK_FLOPS.items():
-    if device.device_kind.startswith(name):
-      return flops * count, f'{device.device_kind} data sheet x {count}'
+  flops = device_peak_flops(device.device_kind)
+  if flops:
+    return flops * count, f'{device.device_kind} data sheet x {count}'
   return measure_matmul_peak() * count, f'measured {device.device_kind} matmul x {count}'
 
 

@@ -32,8 +32,9 @@ from pretrax.data import sources
 # Fields that may change between a run and its resumption; any other change is refused.
 RESUMABLE_CHANGES = ('steps', 'log_every', 'eval_every', 'eval_batches', 'peak_flops',
                      'checkpoint', 'sample', 'data.worker_count', 'fault',
-                     'optim.skip_nonfinite', 'mesh', 'model.attention_backend',
-                     'model.remat')  # Backends and recomputation change speed and memory only.
+                     'optim.skip_nonfinite', 'mesh', 'profile_steps',
+                     # Attention backends and recomputation change speed and memory only.
+                     'model.attention_backend', 'model.remat')
 TOKENIZER_FILE = 'tokenizer.model'
 
 
@@ -78,7 +79,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
       _check_same_process_count(saved_topology, latest)
 
   # ---- Tokenizer and data -------------------------------------------------------------------
-  data = _prepared_data(c, workdir) if c.data.prepared else _text_data(c, workdir)
+  data = load_data(c, workdir)
   tok, objectives, seq_len = data.tok, data.objectives, c.data.seq_len
   if c.objective != 'causal_lm':
     log(f'objective: {c.objective}')
@@ -146,6 +147,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
   pending: tuple[int, Any] | None = None  # (step, device metrics): fetched a step late.
   compile_s = 0.0
   clock = {'time': time.perf_counter(), 'step': start}
+  trace = _StepTrace(c.profile_steps, workdir)
 
   skipped = spikes = 0  # Updates skipped (non-finite values, loss spikes) since the last record.
 
@@ -200,7 +202,9 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
           batch = to_global(next(train_iter))
         if step + 1 == c.fault.poison_step:  # Fault injection for tests: NaN in one batch.
           batch = {**batch, 'weights': batch['weights'] * jnp.nan}
+        trace.before(step + 1, state)
         state, device_metrics = train_step(state, batch)
+        trace.after(step + 1, state)
         flush()
         pending = (step + 1, device_metrics)
         done = step + 1
@@ -223,6 +227,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
     else:
       log(f'already at step {start} of {c.steps}: nothing to train (raise --config.steps to go on).')
   finally:
+    trace.close()
     try:
       checkpoint.wait(mngr)
     finally:
@@ -249,6 +254,37 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
           'peak_flops': peak, 'flops_per_step': flops_per_step, 'sample': text}
 
 
+class _StepTrace:
+  """A jax.profiler trace of the steps `profile_steps` names (1-based, as logged), into
+  WORKDIR/profile (one subdirectory per process when there are several)."""
+
+  def __init__(self, spec: str, workdir: str):
+    self.steps = config_lib.profile_steps(spec)
+    self.dir = os.path.join(workdir, 'profile')
+    if jax.process_count() > 1:  # Processes on one host would otherwise share a file name.
+      self.dir = os.path.join(self.dir, f'process_{jax.process_index()}')
+    self.active = False
+
+  def before(self, step: int, state: Any) -> None:
+    if self.steps and step == self.steps[0]:
+      jax.block_until_ready(state)  # The earlier steps finish outside the trace.
+      jax.profiler.start_trace(self.dir)
+      self.active = True
+
+  def after(self, step: int, state: Any) -> None:
+    if self.active and step == self.steps[1]:
+      jax.block_until_ready(state)  # The last traced step finishes inside the trace.
+      self.close()
+      log(f'profile of steps {self.steps[0]}-{step} in {os.path.abspath(self.dir)} '
+          '(open with TensorBoard\'s profile plugin or xprof)')
+
+  def close(self) -> None:
+    """Ends a trace still open (a run that ended or failed inside the traced steps)."""
+    if self.active:
+      self.active = False
+      jax.profiler.stop_trace()
+
+
 @dataclasses.dataclass(frozen=True)
 class _Data:
   """A run's data, from text on the fly or from a prepared directory."""
@@ -259,6 +295,12 @@ class _Data:
   eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]]
   held_out_windows: Callable[[], Iterable[np.ndarray]]
   iterator: Any  # The Grain iterator whose position checkpoints hold; None: the step is enough.
+
+
+def load_data(c: ml_collections.ConfigDict, workdir: str) -> _Data:
+  """The run's tokenizer and data: prepared rows if `data.prepared`, else text on the fly.
+  (Also used by benchmarks/throughput.py to time the input pipeline alone.)"""
+  return _prepared_data(c, workdir) if c.data.prepared else _text_data(c, workdir)
 
 
 def _text_data(c: ml_collections.ConfigDict, workdir: str) -> _Data:

@@ -1,0 +1,184 @@
+"""Benchmark: the jitted train step of any config alone, and its input pipeline alone.
+
+  python benchmarks/throughput.py --config=configs/NAME.py[:ARG] [--steps=20] [--warmup=3]
+      [--pipeline_batches=50] [--json=PATH] [--config.KEY=VALUE ...]
+
+The run's state and step are built as `pretrax train` builds them (state.build, step.jit_train_step
+with the same shardings); the step is fed one synthetic batch of the configured shape (random token
+ids, one full segment per row) that stays on the device, so only the step is timed. Prints one
+markdown table row:
+
+- step ms: median over --steps steps after --warmup, each ended by block_until_ready.
+- tokens/s: batch x seq_len / step time (every slot is a real token).
+- model FLOP/s: metrics.flops_per_token (6 x matmul parameters + 12 x layers x heads x head_dim x
+  seq_len; causal attention not halved) x tokens/s.
+- peak: the data-sheet bf16 figure per device kind times the device count, or on CPU the measured
+  float32 matmul rate (config.peak_flops overrides either); MFU = model FLOP/s / peak.
+- memory: the allocator's peak_bytes_in_use where the device reports it (GPU, TPU), else XLA's
+  compile-time estimate (arguments + temporaries of the compiled step), marked 'XLA est.'.
+- pipeline tokens/s: the real data path alone (prepared rows if data.prepared, else the text
+  pipeline) producing this process's batches of the same shape; 'pipeline / step' divides it by
+  the tokens/s the step consumes on this process. Issue 9 wants at least 2.
+"""
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jaxlib
+import numpy as np
+from ml_collections import config_flags
+
+from pretrax import config as config_lib
+from pretrax import metrics
+from pretrax import state as state_lib
+from pretrax import step as step_lib
+from pretrax import train
+
+config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/NAME.py[:ARG]).',
+                                lock_config=True)
+flags.DEFINE_integer('steps', 20, 'Timed steps (after the warmup).', lower_bound=1)
+flags.DEFINE_integer('warmup', 3, 'Untimed steps after compiling.', lower_bound=0)
+flags.DEFINE_integer('pipeline_batches', 50, 'Batches (and at least 2 s) to time the input '
+                     'pipeline over.',
+                     lower_bound=1)
+flags.DEFINE_string('json', '', 'Also write the row as JSON to this path.')
+FLAGS = flags.FLAGS
+
+COLUMNS = ('device', 'jax / jaxlib', 'config', 'batch x seq', 'compile s', 'step ms', 'tokens/s',
+           'model FLOP/s', 'peak FLOP/s (source)', 'MFU', 'peak memory', 'pipeline tokens/s',
+           'pipeline / step')
+
+
+def synthetic_batch(c, vocab_size: int, rows: int, rng: np.random.Generator) -> dict:
+  """A host batch of pipeline.BATCH_KEYS: random tokens, every row one full causal segment."""
+  shape = (rows, c.data.seq_len)
+  objective = config_lib.OBJECTIVES.index(config_lib.objective_mixture(c.objective)[0][0])
+  return {'inputs': rng.integers(0, vocab_size, shape, dtype=np.int32),
+          'targets': rng.integers(0, vocab_size, shape, dtype=np.int32),
+          'segment_ids': np.ones(shape, np.int32),
+          'positions': np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
+          'weights': np.ones(shape, np.float32),
+          'prefix': np.zeros(shape, np.int32),
+          'objective': np.full(shape, objective, np.int32)}
+
+
+def time_pipeline(batches, count: int, min_seconds: float = 2.0) -> float:
+  """Seconds per batch of `batches` over at least `count` batches and `min_seconds` (small batches
+  take microseconds each), after one batch that pays for start-up (threads, files)."""
+  next(batches)
+  start = time.perf_counter()
+  done = 0
+  while done < count or time.perf_counter() - start < min_seconds:
+    next(batches)
+    done += 1
+  return (time.perf_counter() - start) / done
+
+
+def peak_memory(compiled) -> tuple[int, str]:
+  stats = jax.devices()[0].memory_stats()  # None on CPU.
+  if stats and 'peak_bytes_in_use' in stats:
+    return max(d.memory_stats()['peak_bytes_in_use'] for d in jax.local_devices()), 'allocator'
+  m = compiled.memory_analysis()  # May be None where a backend has no analysis.
+  if m is None:
+    return 0, 'unknown'
+  return m.argument_size_in_bytes + m.temp_size_in_bytes, 'XLA est.'
+
+
+def _flops(x: float) -> str:
+  return f'{x / 1e12:.1f} T' if x >= 1e12 else f'{x / 1e9:.1f} G'
+
+
+def benchmark(c, config_name: str, steps: int, warmup: int, pipeline_batches: int) -> dict:
+  config_lib.validate(c, num_devices=jax.device_count())
+  with tempfile.TemporaryDirectory(prefix='pretrax-throughput-') as workdir:
+    data = train.load_data(c, workdir)  # Writes the tokenizer into the throwaway workdir.
+    # ---- Input pipeline alone, first: nothing else competes for the host yet.
+    pipeline_s = time_pipeline(data.train_batches(0), pipeline_batches)
+
+  # ---- State and step, as train.py builds them.
+  run = state_lib.build(c, data.tok.vocab_size)
+  state = run.init(c.seed)
+  train_step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule,
+                                       step_lib.step_config(c),
+                                       activation_sharding=run.activation_sharding,
+                                       out_shardings=(run.shardings, None))
+  local_rows = c.data.batch_size // jax.process_count()
+  host = synthetic_batch(c, run.model_cfg.vocab_size, local_rows,
+                         np.random.default_rng(c.seed + jax.process_index()))
+  batch = {k: jax.make_array_from_process_local_data(run.batch_sharding, v)
+           for k, v in host.items()}
+  start = time.perf_counter()
+  compiled = train_step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+
+  times = []
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    state, step_metrics = compiled(state, batch)
+    jax.block_until_ready((state, step_metrics))
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+  step_s = statistics.median(times)
+
+  seq_len = c.data.seq_len
+  tokens_per_s = c.data.batch_size * seq_len / step_s
+  flops_per_step = metrics.flops_per_token(run.model_cfg, seq_len) * c.data.batch_size * seq_len
+  peak, peak_source = metrics.peak_flops(c.peak_flops)
+  memory, memory_source = peak_memory(compiled)
+  cost = compiled.cost_analysis()  # A dict; a list of one per program in older JAX.
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  pipeline_tokens_per_s = local_rows * seq_len / pipeline_s
+  return {
+      'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
+      'jax': jax.__version__, 'jaxlib': jaxlib.__version__, 'config': config_name,
+      'batch_size': c.data.batch_size, 'seq_len': seq_len, 'compile_s': compile_s,
+      'step_ms': 1000 * step_s, 'steps': steps, 'warmup': warmup, 'tokens_per_s': tokens_per_s,
+      'model_flops_per_s': flops_per_step / step_s, 'peak_flops': peak,
+      'peak_source': peak_source, 'mfu': flops_per_step / step_s / peak,
+      'peak_memory_bytes': memory, 'memory_source': memory_source,
+      # XLA's own count of the compiled step beside the formula's, as a sanity check only: it
+      # counts what was compiled (the optimizer, elementwise work, no halving or doubling rules).
+      'flops_per_step': flops_per_step, 'xla_flops_per_step': cost.get('flops'),
+      'pipeline': 'prepared' if c.data.prepared else 'text',
+      'pipeline_tokens_per_s': pipeline_tokens_per_s,
+      # This process's pipeline against this process's share of the step's tokens.
+      'pipeline_ratio': pipeline_tokens_per_s / (tokens_per_s / jax.process_count()),
+  }
+
+
+def table(row: dict) -> str:
+  cells = (f'{row["device_kind"]} x{row["device_count"]}', f'{row["jax"]} / {row["jaxlib"]}',
+           row['config'], f'{row["batch_size"]} x {row["seq_len"]}', f'{row["compile_s"]:.1f}',
+           f'{row["step_ms"]:.2f}', f'{row["tokens_per_s"]:,.0f}',
+           _flops(row['model_flops_per_s']),
+           f'{_flops(row["peak_flops"])} ({row["peak_source"]})', f'{row["mfu"]:.1%}',
+           f'{row["peak_memory_bytes"] / 2**20:,.1f} MiB ({row["memory_source"]})',
+           f'{row["pipeline_tokens_per_s"]:,.0f} ({row["pipeline"]})',
+           f'{row["pipeline_ratio"]:.1f}x')
+  return '\n'.join(['| ' + ' | '.join(COLUMNS) + ' |', '|' + ' --- |' * len(COLUMNS),
+                    '| ' + ' | '.join(cells) + ' |'])
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  if FLAGS.config is None:
+    sys.exit('benchmarks/throughput.py: --config=configs/NAME.py[:ARG] is required.')
+  name = config_flags.get_config_filename(FLAGS['config'])
+  overrides = config_flags.get_override_values(FLAGS['config'])
+  overrides = ' '.join(f'{k}={v}' for k, v in overrides.items())
+  row = benchmark(FLAGS.config, f'{name} {overrides}'.strip(), FLAGS.steps, FLAGS.warmup,
+                  FLAGS.pipeline_batches)
+  print(table(row), flush=True)
+  if FLAGS.json:
+    with open(FLAGS.json, 'w') as f:
+      json.dump(row, f, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)
