@@ -154,11 +154,17 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_i
   mask_BTS = attention_mask(segment_ids_BT, causal=causal, prefix_BT=prefix_BT)
   if name == 'cpu':
     return _cpu_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
-  # The mask already holds causality; is_causal lets cuDNN skip whole blocks above the diagonal.
-  # A prefix makes some keys above the diagonal visible, so it cannot be set then.
-  return jax.nn.dot_product_attention(
-      q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], implementation=name,
-      is_causal=name == 'cudnn' and causal and prefix_BT is None)
+  if name == 'cudnn':
+    # The mask already holds causality; is_causal lets cuDNN skip whole blocks above the diagonal.
+    # A prefix makes some keys above the diagonal visible, so it cannot be set then.
+    try:
+      return jax.nn.dot_product_attention(
+          q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], implementation='cudnn',
+          is_causal=causal and prefix_BT is None)
+    except (ValueError, NotImplementedError, RuntimeError) as e:  # Checks newer than ours.
+      _warn_once('cudnn', f'cuDNN refused these inputs ({type(e).__name__}: {e})')
+  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
+                                      implementation='xla')
 
 
 def _sequence_sharded() -> bool:
