@@ -73,9 +73,43 @@ def test_quickstart_runs_end_to_end_then_samples(tmp_path):
   records = metrics.read_metrics(str(workdir))
   assert [r['step'] for r in records if 'loss' in r] == [10, 20, 30]
   assert [r['step'] for r in records if 'eval_loss' in r] == [30]
-  sampled = run_cli('sample', f'--workdir={workdir}', '--prompt=ROMEO:', '--length=25')
+  prompt, length = 'ROMEO:\nWhat', 40  # Prompt + generation fit the 64-token context.
+  sampled = run_cli('sample', f'--workdir={workdir}', f'--prompt={prompt}', f'--length={length}',
+                    '--temperature=0')
   assert sampled.returncode == 0, sampled.stderr[-3000:]
-  assert sampled.stdout.startswith('ROMEO:') and len(sampled.stdout.strip()) > len('ROMEO:')
+  assert sampled.stdout.startswith(prompt) and len(sampled.stdout.strip()) > len(prompt)
+  _same_greedy_text_in_transformers(workdir, tmp_path, prompt, length, sampled.stdout.rstrip('\n'))
+
+
+def _same_greedy_text_in_transformers(workdir, tmp_path, prompt: str, length: int,
+                                      ours: str) -> None:
+  """The quickstart run, exported, greedy-decodes in transformers what `pretrax sample
+  --temperature=0` printed; imported back, `pretrax train` continues where it left off."""
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  out = tmp_path / 'hf'
+  exported = run_cli('export', f'--workdir={workdir}', f'--out={out}')
+  assert exported.returncode == 0, exported.stderr[-2000:]
+  model = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+  tok = transformers.AutoTokenizer.from_pretrained(str(out))
+  ids = tok(prompt, add_special_tokens=False, return_tensors='pt').input_ids
+  with torch.no_grad():
+    generated = model.generate(ids, max_new_tokens=length, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)
+  assert tok.decode(generated[0], skip_special_tokens=False) == ours
+
+  again = tmp_path / 'again'
+  imported = run_cli('import', f'--hf={out}', '--config=configs/shakespeare_char.py',
+                     f'--workdir={again}')
+  assert imported.returncode == 0, imported.stderr[-2000:]
+  resumed = run_cli('train', '--config=configs/shakespeare_char.py', f'--workdir={again}',
+                    '--config.steps=3', '--config.log_every=1', '--config.eval_every=3',
+                    '--config.eval_batches=1', '--config.sample.length=0')
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  first = [r for r in metrics.read_metrics(str(again)) if 'loss' in r][0]
+  last = [r for r in metrics.read_metrics(str(workdir)) if 'loss' in r][-1]
+  # A fresh model starts near ln(vocab) ~ 5.8; the imported one where the export left off.
+  assert first['step'] == 1 and first['loss'] < last['loss'] + 0.3, (first, last)
 
 
 @pytest.mark.slow

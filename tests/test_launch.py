@@ -475,8 +475,14 @@ def test_local_dry_run_prints_each_process_and_runs_nothing(standins, tmp_path):
 
 
 def test_local_first_failure_is_the_exit_status_and_stops_the_others(standins, tmp_path):
+  # Process 1 fails once the others are up (their trap set), however slowly this machine starts
+  # them: it waits for process 2's first line in its log.
+  fails_later = ('case "$*" in *process_id=1) i=0; until grep -q "fake pretrax" '
+                 f'{tmp_path}/run/logs/process_2.log 2>/dev/null || [ $i -gt 100 ]; do '
+                 'sleep 0.1; i=$((i + 1)); done; sleep 0.2; exit 3;; esac')
   fake = _write_executable(tmp_path / 'pretrax', FAKE_PRETRAX.replace(
-      'echo "fake pretrax: $*"', 'echo "fake pretrax: $*"\ncase "$*" in *process_id=1) exit 3;; esac'))
+      "trap 'echo \"fake pretrax: saved a checkpoint\"; exit 75' TERM",
+      "trap 'echo \"fake pretrax: saved a checkpoint\"; exit 75' TERM\n" + fails_later))
   start = time.monotonic()
   result = standins.run(LOCAL, 'configs/tiny.py', str(tmp_path / 'run'), '--processes=3',
                         env={'PRETRAX': fake})
