@@ -37,6 +37,20 @@ run_cmd() {
 # lost process in their next collective) or on this script's first SIGINT/SIGTERM (JAX's preemption
 # sync turns SIGTERM into one agreed step and a checkpoint), and with KILL 10 s after a failure or
 # on a second interrupt.
+# Starts process I of a job in the background, remembered in `running`: process 0 prints to the
+# terminal, the others to LOGS/process_I.log.
+start_process() {
+  local i=$1 logs=$2
+  shift 2
+  show "$@" >&2
+  if ((i == 0)); then
+    "$@" < /dev/null &
+  else
+    "$@" < /dev/null > "$logs/process_$i.log" 2>&1 &
+  fi
+  running+=($!)
+}
+
 supervise() {
   local status=0 kill_at=0 pid rc still
   interrupts=0

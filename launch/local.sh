@@ -85,13 +85,7 @@ for ((i = 0; i < processes; i++)); do
   one=("${command[@]}" --coordinator_address="127.0.0.1:$port" --num_processes="$processes"
        --process_id="$i")
   if ((dry_run)); then show "${one[@]}"; continue; fi
-  show "${one[@]}" >&2
-  if ((i == 0)); then
-    "${one[@]}" &
-  else
-    "${one[@]}" > "$workdir/logs/process_$i.log" 2>&1 &
-  fi
-  running+=($!)
+  start_process "$i" "$workdir/logs" "${one[@]}"
 done
 if ((dry_run)); then exit 0; fi
 

@@ -85,13 +85,7 @@ if ((!dry_run)); then mkdir -p "$logs"; fi
 for ((i = 0; i < num; i++)); do
   one=("${ssh_words[@]}" -o BatchMode=yes "${host_list[i]}" "$(remote_command "$i")")
   if ((dry_run)); then show "${one[@]}"; continue; fi
-  show "${one[@]}" >&2
-  if ((i == 0)); then
-    "${one[@]}" < /dev/null &
-  else
-    "${one[@]}" < /dev/null > "$logs/process_$i.log" 2>&1 &
-  fi
-  running+=($!)
+  start_process "$i" "$logs" "${one[@]}"
 done
 if ((dry_run)); then exit 0; fi
 
