@@ -163,10 +163,13 @@ def mismatches(m: config_lib.ModelConfig, hf: dict[str, Any]) -> list[str]:
   for field, theirs in model_fields(hf).items():
     ours = getattr(m, field)
     if ours != theirs and not (isinstance(ours, float) and np.isclose(ours, theirs)):
-      hf_key = _HF_KEY[arch].get(field, {'vocab_size': 'vocab_size',
-                                         'tie_embeddings': 'tie_word_embeddings'}.get(field, arch))
-      out.append(f'{_OUR_KEY.get(field, "model." + field)}={ours!r} but config.json has '
-                 f'{hf_key}={theirs!r}')
+      ours_named = f'{_OUR_KEY.get(field, "model." + field)}={ours!r}'
+      hf_key = {'vocab_size': 'vocab_size', 'tie_embeddings': 'tie_word_embeddings',
+                **_HF_KEY[arch]}.get(field)
+      if hf_key:
+        out.append(f'{ours_named} but config.json has {hf_key}={theirs!r}')
+      else:  # Implied by the architecture (flavour, attention) or derived (head_dim).
+        out.append(f'{ours_named} but config.json\'s {arch} means {field}={theirs!r}')
   return out
 
 
