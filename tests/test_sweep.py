@@ -109,6 +109,15 @@ def test_print_gives_one_runnable_command_per_trial(tmp_path):
                                  f'--config.optim.lr={lr}']
 
 
+def test_a_bucket_sweep_prints_bucket_workdirs_but_runs_only_locally(capsys):
+  config = load_config('tiny')
+  assert sweep.run_sweep(config, TINY, 'gs://b/lr', shared={}, print_only=True) == 0
+  workdirs = [shlex.split(line)[3] for line in capsys.readouterr().out.splitlines()]
+  assert workdirs == [f'--workdir=gs://b/lr/lr={lr}' for lr in ('0.002', '0.005', '0.01')]
+  with pytest.raises(sweep.SweepError, match='runs and collects its trials in a local directory'):
+    sweep.run_sweep(config, TINY, 'gs://b/lr', shared={}, collect=True)
+
+
 @pytest.mark.parametrize('args,fragments', [
     (['--config=configs/gpt2_small.py'], ('gpt2_small.py defines no get_sweep', '--sweep=')),
     ([f'--config={TINY}', '--sweep=BAD'], ('sweep.values("optim.lrr"',)),

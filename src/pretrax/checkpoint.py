@@ -2,12 +2,10 @@
 
 Layout: DIR/checkpoints/<step>/{state,data,config}. Saves are asynchronous: the loop goes on while
 the arrays are written into a temporary directory, renamed to <step> once complete, so a step
-directory is always a whole checkpoint.
+directory is always a whole checkpoint. DIR may be a bucket (gs://...): there Orbax writes <step>
+in place and marks it whole with a commit file (see `remove_partial`).
 """
 
-import glob
-import os
-import shutil
 from typing import Any
 
 import grain
@@ -15,11 +13,15 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from pretrax import paths
+
 _TMP_MARKER = '.orbax-checkpoint-tmp'
+_COMMIT_FILE = 'commit_success.txt'  # Orbax's mark of a whole checkpoint on a bucket.
 
 
 def directory(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  """WORKDIR/checkpoints: absolute when local, as written for a bucket (gs://...)."""
+  return paths.join(workdir, 'checkpoints')
 
 
 def manager(workdir: str, *, keep: int = 3, async_save: bool = True,
@@ -36,15 +38,27 @@ def manager(workdir: str, *, keep: int = 3, async_save: bool = True,
 
 
 def remove_partial(workdir: str) -> list[str]:
-  """Deletes what saves cut short (a killed process) left: `<step>.orbax-checkpoint-tmp*`
-  directories, never a step to restore from. Done here, synchronously, rather than by Orbax's
-  background clean-up, which races with a process that exits soon after starting."""
+  """Deletes what saves cut short (a killed process) left, never a step to restore from. Done
+  here, synchronously, rather than by Orbax's background clean-up, which races with a process that
+  exits soon after starting.
+
+  On a disk Orbax writes `<step>.orbax-checkpoint-tmp*` and renames it when whole. A bucket has no
+  rename: Orbax writes `<step>` in place and writes `commit_success.txt` into it last, so there a
+  step without that file is partial.
+  """
   if jax.process_index() != 0:
     return []
-  partial = glob.glob(os.path.join(glob.escape(directory(workdir)), f'*{_TMP_MARKER}*'))
+  where = paths.path(directory(workdir))
+  if not where.exists():
+    return []
+  if paths.is_remote(workdir):
+    partial = [p for p in where.iterdir()
+               if p.name.isdigit() and not (p / _COMMIT_FILE).exists()]
+  else:
+    partial = [p for p in where.iterdir() if _TMP_MARKER in p.name]
   for path in partial:
-    shutil.rmtree(path, ignore_errors=True)
-  return partial
+    path.rmtree(missing_ok=True)
+  return [str(p) for p in partial]
 
 
 class CheckpointError(RuntimeError):
@@ -128,8 +142,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
       'fingerprint': ocp.args.JsonRestore(),
   }
   # A checkpoint made by `pretrax import` has no data position: the data starts from the start.
-  if data_iterator is not None and os.path.isdir(os.path.join(str(mngr.directory), str(step),
-                                                              'data')):
+  if data_iterator is not None and _has_item(mngr, step, 'data'):
     items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
   where = f'checkpoint {step} in {mngr.directory}'
   try:
@@ -148,11 +161,11 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
 
 def set_aside(workdir: str, step: int) -> str:
   """Moves a damaged step out of the way (to WORKDIR/damaged_checkpoints/), keeping it to study."""
-  target = os.path.join(os.path.abspath(workdir), 'damaged_checkpoints', str(step))
-  os.makedirs(os.path.dirname(target), exist_ok=True)
-  shutil.rmtree(target, ignore_errors=True)
-  shutil.move(os.path.join(directory(workdir), str(step)), target)
-  return target
+  target = paths.path(workdir) / 'damaged_checkpoints' / str(step)
+  if target.exists():
+    target.rmtree()
+  paths.move_tree(paths.join(directory(workdir), str(step)), target)
+  return str(target)
 
 
 def restore_config(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
@@ -161,6 +174,10 @@ def restore_config(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 
 def restore_topology(mngr: ocp.CheckpointManager, step: int) -> dict[str, int] | None:
   """The processes and devices that saved `step`; None for a checkpoint from before we kept it."""
-  if not os.path.isdir(os.path.join(str(mngr.directory), str(step), 'topology')):
+  if not _has_item(mngr, step, 'topology'):
     return None
   return mngr.restore(step, args=ocp.args.Composite(topology=ocp.args.JsonRestore()))['topology']
+
+
+def _has_item(mngr: ocp.CheckpointManager, step: int, item: str) -> bool:
+  return paths.path(str(mngr.directory)).joinpath(str(step), item).exists()

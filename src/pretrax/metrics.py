@@ -2,13 +2,13 @@
 
 import json
 import math
-import os
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from pretrax import paths
 from pretrax.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets, keyed by the start of JAX's
@@ -85,33 +85,72 @@ class MetricsWriter:
 
   On resume from step k, records after k (written by the run that died) are dropped first, so the
   file never holds a step twice: the resumed run writes them again, with the same values.
+
+  A bucket object cannot be appended to, so there the file is kept in memory and rewritten whole:
+  at most every UPLOAD_EVERY_S seconds, and at every `flush()`. The loop flushes when it saves a
+  checkpoint, so a resumed run finds the records of every step up to the one it resumes from.
   """
+
+  UPLOAD_EVERY_S = 30.0
 
   def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = paths.path(workdir) / 'metrics.jsonl'
+    self.remote = paths.is_remote(workdir)
     self._tb = None
+    self._lines: list[str] = []
+    self._uploaded_at = time.monotonic()
+    self._unsaved = False
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    _truncate_after(self.path, resume_step)
-    from tensorboardX import SummaryWriter  # Pure Python; no TensorFlow.
-    self._tb = SummaryWriter(logdir=workdir, purge_step=resume_step + 1 if resume_step else None)
+    if not self.remote:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+    lines = _lines(self.path)
+    kept = [line for line in lines if json.loads(line).get('step', 0) <= resume_step]
+    if self.remote:
+      self._lines = kept
+    if len(kept) != len(lines):
+      self.path.write_text(''.join(kept))
+    from tensorboardX import SummaryWriter  # Pure Python; no TensorFlow. gs:// through GCS.
+    self._tb = SummaryWriter(logdir=str(self.path.parent),
+                             purge_step=resume_step + 1 if resume_step else None)
 
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
       return
     clean = {k: _plain(v) for k, v in record.items()}
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(clean) + '\n')
+    line = json.dumps(clean) + '\n'
+    if self.remote:
+      self._lines.append(line)
+      self._unsaved = True
+      if time.monotonic() - self._uploaded_at >= self.UPLOAD_EVERY_S:
+        self._upload()
+    else:
+      with open(self.path, 'a') as f:
+        f.write(line)
     step = clean['step']
     for key, value in clean.items():
       if key != 'step' and isinstance(value, (int, float)):
         self._tb.add_scalar(key, value, step)
 
+  def _upload(self) -> None:
+    self.path.write_text(''.join(self._lines))
+    self._uploaded_at = time.monotonic()
+    self._unsaved = False
+
+  def flush(self) -> None:
+    """Everything written so far reaches the workdir (on a bucket, one upload of each file)."""
+    if not self.enabled:
+      return
+    if self._unsaved:
+      self._upload()
+    self._tb.flush()
+
   def close(self) -> None:
     if self._tb is not None:
+      self.flush()
       self._tb.close()
+      self._tb = None
 
 
 def _plain(value: Any) -> Any:
@@ -120,20 +159,19 @@ def _plain(value: Any) -> Any:
   return value
 
 
-def _truncate_after(path: str, step: int) -> None:
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
-  kept = [line for line in lines if json.loads(line).get('step', 0) <= step]
-  if len(kept) != len(lines):
-    with open(path, 'w') as f:
-      f.writelines(kept)
+def _lines(path) -> list[str]:
+  if not path.exists():
+    return []
+  return [line if line.endswith('\n') else line + '\n'
+          for line in path.read_text().splitlines() if line.strip()]
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The records of a run's metrics.jsonl; FileNotFoundError when the run wrote none."""
+  path = paths.path(workdir) / 'metrics.jsonl'
+  if not path.exists():
+    raise FileNotFoundError(f'no metrics in {workdir}: {path} does not exist.')
+  return [json.loads(line) for line in _lines(path)]
 
 
 def format_duration(seconds: float) -> str:

@@ -6,7 +6,6 @@ for samples on a CPU.
 """
 
 import functools
-import os
 
 from flax import nnx
 import jax
@@ -16,6 +15,7 @@ import numpy as np
 
 from pretrax import checkpoint
 from pretrax import config as config_lib
+from pretrax import paths
 from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
 
@@ -89,7 +89,7 @@ def fill_in(model_def: nnx.GraphDef, params, tok: tokenizer_lib.Tokenizer,
 def from_workdir(workdir: str, prompt: str, *, length: int, temperature: float, top_k: int = 0,
                  seed: int = 0, step: int | None = None) -> str:
   """Generates from the latest (or the given) checkpoint of a training run."""
-  if not os.path.isdir(checkpoint.directory(workdir)):
+  if not paths.path(checkpoint.directory(workdir)).exists():
     raise FileNotFoundError(f'no checkpoints in {workdir}: train there first with '
                             '`pretrax train --workdir=...`.')
   mngr = checkpoint.manager(workdir, read_only=True)
@@ -101,8 +101,8 @@ def from_workdir(workdir: str, prompt: str, *, length: int, temperature: float, 
     mngr.close()
     raise config_lib.ConfigError(f'the run in {workdir} trained a masked_lm encoder, which does '
                                  'not generate text: sample from a decoder objective\'s run.')
-  saved_tokenizer = os.path.join(workdir, 'tokenizer.model')
-  tok = tokenizer_lib.Tokenizer.load(saved_tokenizer if os.path.exists(saved_tokenizer)
+  saved_tokenizer = paths.join(workdir, 'tokenizer.model')
+  tok = tokenizer_lib.Tokenizer.load(saved_tokenizer if paths.path(saved_tokenizer).exists()
                                      else c.tokenizer.path)
   # Whatever mesh the run trained on, sampling uses this machine's devices: all on `data`.
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.dcn_data, c.mesh.dcn_fsdp = -1, 1, 1, 1, 1

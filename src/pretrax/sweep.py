@@ -489,6 +489,10 @@ def run_sweep(config: ml_collections.ConfigDict, config_spec: str, workdir: str,
     for trial in trials:
       print(trial.command)
     return 0
+  if '://' in workdir:  # Trials' logs and results, and the table, are local files.
+    raise SweepError(f'--workdir={workdir}: a sweep runs and collects its trials in a local '
+                     'directory; for trials on a bucket, pass --print and start the commands '
+                     'with a launcher.')
   log(f'sweep of {len(trials)} trials in {workdir}, {parallel} at a time')
   start = time.time()
   interrupted = False

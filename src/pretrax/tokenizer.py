@@ -13,6 +13,7 @@ import numpy as np
 import sentencepiece as spm
 
 from pretrax import config as config_lib
+from pretrax import paths
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3, 4
 MASK_PIECE = '<mask>'
@@ -71,12 +72,10 @@ class Tokenizer:
 
   @classmethod
   def load(cls, path: str) -> 'Tokenizer':
-    with open(path, 'rb') as f:
-      return cls(f.read())
+    return cls(paths.path(path).read_bytes())
 
   def save(self, path: str) -> None:
-    with open(path, 'wb') as f:
-      f.write(self.model_proto)
+    paths.path(path).write_bytes(self.model_proto)
 
   @property
   def vocab_size(self) -> int:

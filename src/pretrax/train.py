@@ -7,7 +7,8 @@ optimizer state, data position and step, so the run continues as if it had never
 from collections.abc import Callable, Iterable, Iterator
 import dataclasses
 import json
-import os
+import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ from pretrax import checkpoint
 from pretrax import config as config_lib
 from pretrax import faults
 from pretrax import metrics as metrics_lib
+from pretrax import paths
 from pretrax import sample as sample_lib
 from pretrax import state as state_lib
 from pretrax import step as step_lib
@@ -218,6 +220,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
         if saving:
           flush()
           checkpoint.save(mngr, done, state, data.iterator, config_json)
+          writer.flush()  # On a bucket, metrics.jsonl is uploaded now, with the saved step's.
         if done < c.steps and stop.should_stop(done):
           flush()
           if not saving:
@@ -248,7 +251,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
                                length=c.sample.length, seq_len=seq_len,
                                temperature=c.sample.temperature, top_k=c.sample.top_k, seed=c.seed)
     log(f'---- sample (temperature {c.sample.temperature}) ----\n{text}\n----')
-  log(f'outputs in {os.path.abspath(workdir)}: metrics.jsonl, TensorBoard events, checkpoints/, '
+  log(f'outputs in {paths.path(workdir)}: metrics.jsonl, TensorBoard events, checkpoints/, '
       f'{TOKENIZER_FILE}')
   return {'train': last_train, 'eval': last_eval, 'state': state, 'compile_s': compile_s,
           'peak_flops': peak, 'flops_per_step': flops_per_step, 'sample': text}
@@ -256,26 +259,30 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
 
 class _StepTrace:
   """A jax.profiler trace of the steps `profile_steps` names (1-based, as logged), into
-  WORKDIR/profile (one subdirectory per process when there are several)."""
+  WORKDIR/profile (one subdirectory per process when there are several). The profiler writes
+  local files: for a bucket workdir it writes to a temporary directory, uploaded when it ends."""
 
   def __init__(self, spec: str, workdir: str):
     self.steps = config_lib.profile_steps(spec)
-    self.dir = os.path.join(workdir, 'profile')
+    self.dir = paths.join(workdir, 'profile')
     if jax.process_count() > 1:  # Processes on one host would otherwise share a file name.
-      self.dir = os.path.join(self.dir, f'process_{jax.process_index()}')
+      self.dir = paths.join(self.dir, f'process_{jax.process_index()}')
+    self.local_dir = self.dir
+    if self.steps and paths.is_remote(workdir):
+      self.local_dir = tempfile.mkdtemp(prefix='pretrax-profile-')
     self.active = False
 
   def before(self, step: int, state: Any) -> None:
     if self.steps and step == self.steps[0]:
       jax.block_until_ready(state)  # The earlier steps finish outside the trace.
-      jax.profiler.start_trace(self.dir)
+      jax.profiler.start_trace(self.local_dir)
       self.active = True
 
   def after(self, step: int, state: Any) -> None:
     if self.active and step == self.steps[1]:
       jax.block_until_ready(state)  # The last traced step finishes inside the trace.
       self.close()
-      log(f'profile of steps {self.steps[0]}-{step} in {os.path.abspath(self.dir)} '
+      log(f'profile of steps {self.steps[0]}-{step} in {self.dir} '
           '(open with TensorBoard\'s profile plugin or xprof)')
 
   def close(self) -> None:
@@ -283,6 +290,9 @@ class _StepTrace:
     if self.active:
       self.active = False
       jax.profiler.stop_trace()
+      if self.local_dir != self.dir:
+        paths.upload_tree(self.local_dir, self.dir)
+        shutil.rmtree(self.local_dir, ignore_errors=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,7 +358,7 @@ def _prepared_data(c: ml_collections.ConfigDict, workdir: str) -> _Data:
         f'({prepared.tokenizer_path})')
   tok = tokenizer_lib.Tokenizer.load(prepared.tokenizer_path)
   if jax.process_index() == 0:
-    tok.save(os.path.join(workdir, TOKENIZER_FILE))
+    tok.save(paths.join(workdir, TOKENIZER_FILE))
   train_rows, eval_rows = prepared.rows('train'), prepared.rows('eval')
   splits = prepared.meta['splits']
   log(f'data: prepared {c.data.prepared}: {splits["train"]["rows"]:,} train / '
@@ -417,8 +427,8 @@ def _most_frequent_token(tokens: np.ndarray, tok: tokenizer_lib.Tokenizer) -> in
 def _tokenizer(c: ml_collections.ConfigDict, workdir: str,
                train_docs: list[str]) -> tokenizer_lib.Tokenizer:
   """The configured tokenizer, the one this run trained before, or a new one on the train split."""
-  path = os.path.join(workdir, TOKENIZER_FILE)
-  if not c.tokenizer.path and os.path.exists(path):
+  path = paths.join(workdir, TOKENIZER_FILE)
+  if not c.tokenizer.path and paths.path(path).exists():
     return tokenizer_lib.Tokenizer.load(path)
   tok = tokenizer_lib.from_config(c, train_docs, log)
   if jax.process_index() == 0:

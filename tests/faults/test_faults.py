@@ -280,12 +280,6 @@ def test_an_unwritable_workdir_fails_before_training(tmp_path, corpus_path):
                  '--workdir')
 
 
-def test_a_bucket_workdir_is_refused_not_made_locally(tmp_path, corpus_path):
-  result = run_cli(*train_args('gs://bucket/run', corpus_path), cwd=str(tmp_path))
-  one_line_error(result, 'bucket paths are not supported yet', 'gcsfuse')
-  assert not os.path.exists(tmp_path / 'gs:')
-
-
 def test_a_read_only_workdir_fails_before_training(tmp_path, corpus_path):
   workdir = tmp_path / 'ro'
   workdir.mkdir()

@@ -32,6 +32,7 @@ import numpy as np
 
 from pretrax import checkpoint
 from pretrax import config as config_lib
+from pretrax import paths
 from pretrax import tokenizer as tokenizer_lib
 from pretrax.interop import hf_tokenizer
 from pretrax.interop import safetensors
@@ -379,12 +380,12 @@ class CheckpointParams:
 def _tokenizer_path(c: ml_collections.ConfigDict, workdir: str) -> str:
   from pretrax.data import prepare  # Only for a run trained on prepared data.
 
-  candidates = [os.path.join(workdir, hf_tokenizer.SENTENCEPIECE_FILE)]
+  candidates = [paths.join(workdir, hf_tokenizer.SENTENCEPIECE_FILE)]
   if c.data.get('prepared'):
     candidates.append(prepare.PreparedData(c.data.prepared).tokenizer_path)
   candidates.append(c.tokenizer.path)
   for path in candidates:
-    if path and os.path.exists(path):
+    if path and paths.path(path).exists():
       return path
   raise FileNotFoundError(f'no tokenizer for the run in {workdir} (looked for '
                           f'{", ".join(p for p in candidates if p)}).')
@@ -398,7 +399,7 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, dtype: str = 
     raise ConversionError(f'--dtype={dtype} is not one of {", ".join(DTYPES)}.')
   if os.path.exists(out_dir) and os.listdir(out_dir):
     raise ConversionError(f'{out_dir} is not empty: export into a new --out directory.')
-  if not os.path.isdir(checkpoint.directory(workdir)):
+  if not paths.path(checkpoint.directory(workdir)).exists():
     raise FileNotFoundError(f'no checkpoints in {workdir}: train there first with '
                             '`pretrax train --workdir=...`.')
   mngr = checkpoint.manager(workdir, read_only=True)
@@ -412,7 +413,7 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, dtype: str = 
   finally:
     mngr.close()
   c = ml_collections.ConfigDict(saved['config'])
-  params = CheckpointParams(os.path.join(checkpoint.directory(workdir), str(step), 'state'),
+  params = CheckpointParams(paths.join(checkpoint.directory(workdir), str(step), 'state'),
                             saved['fingerprint']['bit_sums'])
   m = config_lib.model_config(c, params.shape('embed/embedding')[0])
   arch = architecture(m)
@@ -435,10 +436,10 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, dtype: str = 
     files = safetensors.write(partial, specs, max_shard_bytes=max_shard_bytes)
     with open(os.path.join(partial, 'config.json'), 'w') as f:
       json.dump(hf_config(m, arch, dtype), f, indent=2)
-    with open(tokenizer_path, 'rb') as f:
-      files += hf_tokenizer.save(f.read(), partial, model_max_length=m.max_len)
+    files += hf_tokenizer.save(paths.path(tokenizer_path).read_bytes(), partial,
+                               model_max_length=m.max_len)
     with open(os.path.join(partial, 'pretrax.json'), 'w') as f:
-      json.dump({'workdir': os.path.abspath(workdir), 'step': step, 'config': saved['config']},
+      json.dump({'workdir': str(paths.path(workdir)), 'step': step, 'config': saved['config']},
                 f, indent=2)
     if os.path.exists(out_dir):
       os.rmdir(out_dir)  # Empty, checked above.

@@ -1,0 +1,135 @@
+"""A workdir on a bucket (gs://...), against a local GCS (tests/gcs_server.py): the same real
+`pretrax train` processes as on a disk write their checkpoints through Orbax/TensorStore and the rest
+through etils/gcsfs; a stop and a resume give the run a local disk gives, bit for bit."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+from etils import epath
+import portpicker
+import pytest
+
+from conftest import REPO, run_cli
+from faults.test_faults import (STOPPED, assert_same_run, one_line_error, start, train_args,
+                                wait_until)
+from pretrax import faults, sample, train
+from pretrax.interop import hf
+
+BUCKET = 'pretrax-test'
+
+
+@pytest.fixture(scope='module')
+def gcs():
+  """gs://pretrax-test on a local server, reachable from this process and its children."""
+  port = portpicker.pick_unused_port()
+  server = subprocess.Popen([sys.executable, os.path.join(REPO, 'tests', 'gcs_server.py'),
+                             str(port), BUCKET],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  url = f'http://127.0.0.1:{port}'
+  deadline = time.time() + 30
+  while True:
+    try:
+      urllib.request.urlopen(url + '/', timeout=1).read()
+      break
+    except OSError:
+      assert server.poll() is None and time.time() < deadline, 'the GCS test server did not start'
+      time.sleep(0.1)
+  saved = {k: os.environ.get(k) for k in ('STORAGE_EMULATOR_HOST', 'TENSORSTORE_GCS_HTTP_URL')}
+  os.environ['STORAGE_EMULATOR_HOST'] = url  # gcsfs and google-cloud-storage (TensorBoard).
+  os.environ['TENSORSTORE_GCS_HTTP_URL'] = url  # Orbax's TensorStore.
+  logging.getLogger('gcsfs').setLevel(logging.ERROR)  # "No credentials": none are needed here.
+  yield f'gs://{BUCKET}'
+  server.terminate()
+  server.wait()
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+
+
+@pytest.mark.slow
+def test_a_bucket_run_is_locked_stops_resumes_and_matches_a_local_run(gcs, tmp_path,
+                                                                      corpus_path):
+  local, workdir = tmp_path / 'local', f'{gcs}/run'
+  overrides = ('--config.steps=40', '--config.checkpoint.every=10')
+  straight = run_cli(*train_args(local, corpus_path, *overrides))
+  assert straight.returncode == 0, straight.stderr[-2000:]
+
+  args = train_args(workdir, corpus_path, *overrides)
+  proc = start(args)
+  wait_until(lambda: epath.Path(f'{workdir}/checkpoints/10/commit_success.txt').exists(), proc)
+  # Frozen, the run holds its lease without renewing it: a second run must still be refused.
+  proc.send_signal(signal.SIGSTOP)
+  one_line_error(run_cli(*args, timeout=120), 'in use by a live run', f'pid {proc.pid}',
+                 'heartbeat')
+  proc.send_signal(signal.SIGTERM)  # Preemption: save, release the lease, exit 75.
+  proc.send_signal(signal.SIGCONT)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == STOPPED, err[-2000:]
+  line = [l for l in err.splitlines() if l.startswith('pretrax train:')][-1]
+  stopped = int(line.split('after step ')[1].split(';')[0])
+  assert 10 <= stopped < 40, line
+  assert not epath.Path(f'{workdir}/lock').exists()
+
+  # What a save cut short leaves on a bucket: a step directory without Orbax's commit file.
+  partial = epath.Path(f'{workdir}/checkpoints/99')
+  (partial / 'state').mkdir(parents=True, exist_ok=True)
+  (partial / 'state' / 'junk').write_text('half a checkpoint')
+
+  resumed = run_cli(*args)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f'resumed from {workdir}/checkpoints/{stopped} at step {stopped}' in resumed.stdout
+  assert f'outputs in {workdir}:' in resumed.stdout
+  assert not partial.exists()
+  assert_same_run(local, workdir, 40)  # Same losses at every step, same final parameters.
+  names = [p.name for p in epath.Path(workdir).iterdir()]
+  assert 'tokenizer.model' in names and not 'lock' in names
+  assert sum(n.startswith('events.out.tfevents') for n in names) == 2  # One per process.
+
+  # Reading a bucket run back: greedy samples and Hugging Face exports equal the local run's.
+  greedy = lambda w: sample.from_workdir(str(w), 'ROMEO:', length=20, temperature=0.0)
+  assert greedy(workdir) == greedy(local)
+  for run in (local, workdir):
+    hf.export(str(run), str(tmp_path / f'hf_{run is local}'), log=lambda _: None)
+  exported = lambda name: (tmp_path / name / 'model.safetensors').read_bytes()
+  assert exported('hf_True') == exported('hf_False')
+
+
+def test_a_lease_refuses_a_live_owner_and_takes_over_a_stale_one(gcs, monkeypatch):
+  workdir = f'{gcs}/lease'
+  held = faults.BucketLease(workdir).acquire()
+  try:
+    with pytest.raises(faults.WorkdirError, match=f'in use by a live run \\({held.owner}'):
+      faults.BucketLease(workdir).acquire()
+  finally:
+    held.release()
+  assert held.read() is None  # Released: the lock object is gone.
+
+  # A run that died without releasing: its heartbeat stops, and after STALE_S the lease is free.
+  dead = faults.BucketLease(workdir)
+  dead.path.write_text(
+      f'{{"owner": "pid 1 on lost-vm", "token": "x", "heartbeat": {time.time() - 61}}}')
+  taker = faults.BucketLease(workdir).acquire()
+  assert taker.read()['token'] == taker.token
+  taker.release()
+
+  monkeypatch.setattr(faults.BucketLease, 'HEARTBEAT_S', 0.05)
+  beating = faults.BucketLease(workdir).acquire()
+  first = beating.read()['heartbeat']
+  time.sleep(0.5)
+  assert beating.read()['heartbeat'] > first  # Renewed while the run lives.
+  beating.release()
+
+
+def test_a_missing_bucket_fails_before_training_and_makes_nothing_locally(
+    gcs, tiny_config, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(faults.WorkdirError, match='gs://no-such-bucket/run is not writable'):
+    train.train(tiny_config, 'gs://no-such-bucket/run')
+  assert os.listdir(tmp_path) == []  # No local "gs:" directory.
