@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO, run_cli
 from faults.test_faults import (STOPPED, assert_same_run, one_line_error, start, train_args,
                                 wait_until)
-from pretrax import faults, sample, train
+from pretrax import faults, metrics, sample, train
 from pretrax.interop import hf
 
 BUCKET = 'pretrax-test'
@@ -133,3 +133,25 @@ def test_a_missing_bucket_fails_before_training_and_makes_nothing_locally(
   with pytest.raises(faults.WorkdirError, match='gs://no-such-bucket/run is not writable'):
     train.train(tiny_config, 'gs://no-such-bucket/run')
   assert os.listdir(tmp_path) == []  # No local "gs:" directory.
+
+
+@pytest.mark.slow
+def test_two_local_processes_train_and_resume_on_a_bucket(gcs, tmp_path, corpus_path):
+  """Both processes write their checkpoint shards and Grain positions to the bucket; process 0
+  writes the rest. Logs of process 1 stay local (local-logs/), the bucket is not a directory."""
+  workdir = f'{gcs}/two'
+  env = dict(os.environ, PRETRAX=f'{sys.executable} -m pretrax.cli', JAX_PLATFORMS='cpu')
+  for steps in (3, 5):  # Then resumed, by the same two processes.
+    result = subprocess.run(
+        [os.path.join(REPO, 'launch', 'local.sh'), os.path.join(REPO, 'configs', 'tiny.py'),
+         workdir, '--processes=2', f'--config.data.path={corpus_path}', '--config.data.fallback=',
+         f'--config.steps={steps}', '--config.log_every=1', '--config.eval_every=1000',
+         '--config.checkpoint.every=3'],
+        cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+  assert 'resumed from' in result.stdout and 'at step 3' in result.stdout
+  assert [r['step'] for r in metrics.read_metrics(workdir) if 'loss' in r] == [1, 2, 3, 4, 5]
+  steps = sorted(p.name for p in epath.Path(f'{workdir}/checkpoints').iterdir())
+  assert steps == ['3', '5']
+  assert (tmp_path / 'local-logs' / 'process_1.log').exists()
+  assert not (tmp_path / 'gs:').exists()
