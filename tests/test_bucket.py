@@ -155,3 +155,14 @@ def test_two_local_processes_train_and_resume_on_a_bucket(gcs, tmp_path, corpus_
   assert steps == ['3', '5']
   assert (tmp_path / 'local-logs' / 'process_1.log').exists()
   assert not (tmp_path / 'gs:').exists()
+
+
+def test_a_profile_of_a_bucket_run_is_uploaded(gcs, corpus_path):
+  """jax.profiler writes local files; a bucket run's trace lands in WORKDIR/profile all the same."""
+  workdir = f'{gcs}/profiled'
+  result = run_cli(*train_args(workdir, corpus_path, '--config.steps=3',
+                               '--config.profile_steps=2:1'))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f'profile of steps 2-2 in {workdir}/profile' in result.stdout
+  traces = list(epath.Path(f'{workdir}/profile').glob('plugins/profile/*/*.xplane.pb'))
+  assert len(traces) == 1 and traces[0].stat().length > 0, traces
