@@ -14,7 +14,7 @@ from etils import epath
 import portpicker
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, load_config, run_cli
 from faults.test_faults import (STOPPED, assert_same_run, one_line_error, start, train_args,
                                 wait_until)
 from pretrax import faults, metrics, sample, train
@@ -92,13 +92,20 @@ def test_a_bucket_run_is_locked_stops_resumes_and_matches_a_local_run(gcs, tmp_p
   assert 'tokenizer.model' in names and not 'lock' in names
   assert sum(n.startswith('events.out.tfevents') for n in names) == 2  # One per process.
 
-  # Reading a bucket run back: greedy samples and Hugging Face exports equal the local run's.
+  # Reading a bucket run back: greedy samples and Hugging Face exports equal the local run's, and
+  # an export imports into a bucket workdir.
   greedy = lambda w: sample.from_workdir(str(w), 'ROMEO:', length=20, temperature=0.0)
   assert greedy(workdir) == greedy(local)
   for run in (local, workdir):
     hf.export(str(run), str(tmp_path / f'hf_{run is local}'), log=lambda _: None)
   exported = lambda name: (tmp_path / name / 'model.safetensors').read_bytes()
   assert exported('hf_True') == exported('hf_False')
+  c = load_config('tiny')
+  c.data.path, c.data.fallback = corpus_path, ''
+  hf.import_model(str(tmp_path / 'hf_False'), c, f'{gcs}/imported', log=lambda _: None)
+  assert epath.Path(f'{gcs}/imported/checkpoints/0/commit_success.txt').exists()
+  assert epath.Path(f'{gcs}/imported/tokenizer.model').read_bytes() == \
+      epath.Path(f'{workdir}/tokenizer.model').read_bytes()
 
 
 def test_a_lease_refuses_a_live_owner_and_takes_over_a_stale_one(gcs, monkeypatch):

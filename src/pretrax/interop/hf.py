@@ -477,7 +477,8 @@ def import_model(hf_dir: str, c: ml_collections.ConfigDict, workdir: str,
     hf = json.load(f)
   model_fields(hf)  # Refuses an architecture we do not convert.
   arch = hf['architectures'][0]
-  if os.path.isdir(checkpoint.directory(workdir)) and os.listdir(checkpoint.directory(workdir)):
+  existing = paths.path(checkpoint.directory(workdir))
+  if existing.exists() and any(existing.iterdir()):
     raise ConversionError(f'{workdir} already has checkpoints: import into a new --workdir.')
   sp_path = os.path.join(hf_dir, hf_tokenizer.SENTENCEPIECE_FILE)
   tok = None
@@ -537,7 +538,8 @@ def import_model(hf_dir: str, c: ml_collections.ConfigDict, workdir: str,
   params = jax.tree_util.tree_unflatten(treedef, leaves)
   state = jax.jit(lambda p: step_lib.init_state(p, run.optimizer, run.spike_window),
                   out_shardings=run.shardings)(params)
-  os.makedirs(workdir, exist_ok=True)
+  if not paths.is_remote(workdir):
+    os.makedirs(workdir, exist_ok=True)
   mngr = checkpoint.manager(workdir, async_save=False)
   try:
     checkpoint.save(mngr, 0, state, None, json.loads(c.to_json()))
@@ -545,7 +547,8 @@ def import_model(hf_dir: str, c: ml_collections.ConfigDict, workdir: str,
   finally:
     mngr.close()
   if tok is not None and not c.tokenizer.path:
-    shutil.copyfile(sp_path, os.path.join(workdir, hf_tokenizer.SENTENCEPIECE_FILE))
+    paths.path(workdir).joinpath(hf_tokenizer.SENTENCEPIECE_FILE).write_bytes(
+        paths.path(sp_path).read_bytes())
   unused = sorted(set(reader.names()) - {t.name for t in tensor_map(m, arch)})
   log(f'imported {arch} from {hf_dir} ({sum(v.size for v in values.values()):,} parameters) as '
       f'step 0 in {workdir}' + (f'; ignored {len(unused)} tensors: {", ".join(unused[:4])}'
