@@ -173,3 +173,18 @@ def test_a_profile_of_a_bucket_run_is_uploaded(gcs, corpus_path):
   assert f'profile of steps 2-2 in {workdir}/profile' in result.stdout
   traces = list(epath.Path(f'{workdir}/profile').glob('plugins/profile/*/*.xplane.pb'))
   assert len(traces) == 1 and traces[0].stat().length > 0, traces
+
+
+def test_a_bucket_workdir_without_the_gcs_extra_names_it(tmp_path, corpus_path):
+  """What a user of the plain install (no gcsfs) sees: one line naming the extra to install."""
+  stub = tmp_path / 'stub' / 'gcsfs'
+  stub.mkdir(parents=True)
+  (stub / '__init__.py').write_text('raise ImportError("No module named gcsfs")\n')
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
+      str(stub.parent), os.environ.get('PYTHONPATH')])))
+  result = subprocess.run([sys.executable, '-m', 'pretrax.cli',
+                           *train_args('gs://bucket/run', corpus_path)],
+                          cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
+  one_line_error(result, 'gs://bucket/run needs a package that is not installed',
+                 'pip install "pretrax[gcs]"')
+  assert not (tmp_path / 'gs:').exists()
