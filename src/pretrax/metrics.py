@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 import time
 from typing import Any
 
@@ -111,9 +112,7 @@ class MetricsWriter:
       self._lines = kept
     if len(kept) != len(lines):
       self.path.write_text(''.join(kept))
-    from tensorboardX import SummaryWriter  # Pure Python; no TensorFlow. gs:// through GCS.
-    self._tb = SummaryWriter(logdir=str(self.path.parent),
-                             purge_step=resume_step + 1 if resume_step else None)
+    self._tb = _summary_writer(str(self.path.parent), resume_step + 1 if resume_step else None)
 
   def write(self, record: dict[str, Any]) -> None:
     if not self.enabled:
@@ -151,6 +150,23 @@ class MetricsWriter:
       self.flush()
       self._tb.close()
       self._tb = None
+
+
+def _summary_writer(logdir: str, purge_step: int | None):
+  """tensorboardX's SummaryWriter (pure Python, no TensorFlow; gs:// through google-cloud-storage).
+
+  tensorboardX imports torch whenever it is installed, to accept torch tensors: 2-5 s at every
+  start. pretrax passes it floats, so torch is kept out of that import unless already loaded.
+  """
+  hide_torch = 'torch' not in sys.modules
+  if hide_torch:
+    sys.modules['torch'] = None  # `import torch` raises ImportError, as if it were not installed.
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hide_torch:
+      del sys.modules['torch']
+  return SummaryWriter(logdir=logdir, purge_step=purge_step)
 
 
 def _plain(value: Any) -> Any:
