@@ -12,7 +12,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from conftest import REPO, fake_devices_env, run_cli
+from conftest import PEAK_FLOPS_ARG, REPO, fake_devices_env, run_cli
 from pretrax import checkpoint, metrics
 
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
@@ -60,7 +60,7 @@ def train_args(workdir, prepared: str, steps: int, *overrides: str) -> list[str]
   return ['train', f'--config={TINY}', f'--workdir={workdir}', f'--config.data.prepared={prepared}',
           f'--config.steps={steps}', f'--config.optim.schedule_steps={STEPS}',
           '--config.log_every=1', '--config.eval_every=1000', f'--config.checkpoint.every={HALF}',
-          '--config.mesh.fsdp=2', *overrides]
+          '--config.mesh.fsdp=2', PEAK_FLOPS_ARG, *overrides]
 
 
 @pytest.fixture(scope='module')
@@ -115,8 +115,8 @@ def test_one_process_checkpoint_resumes_on_two(tmp_path, prepared, one_process):
 @pytest.mark.slow
 def test_text_pipeline_refuses_another_process_count_naming_prepare(tmp_path, corpus_path):
   args = ['train', f'--config={TINY}', f'--workdir={tmp_path}', f'--config.data.path={corpus_path}',
-          '--config.data.fallback=', '--config.steps=2', '--config.checkpoint.every=2',
-          '--config.eval_every=1000']
+          '--config.data.fallback=', PEAK_FLOPS_ARG, '--config.steps=2',
+          '--config.checkpoint.every=2', '--config.eval_every=1000']
   assert_ok(run_processes(2, args, devices_each=1))
   result = run_processes(1, args[:-3] + ['--config.steps=4', '--config.checkpoint.every=2',
                                          '--config.eval_every=1000'], devices_each=2)[0]

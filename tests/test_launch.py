@@ -17,7 +17,7 @@ import time
 import portpicker
 import pytest
 
-from conftest import REPO
+from conftest import PEAK_FLOPS_ARG, REPO
 from pretrax import metrics
 
 LAUNCH = os.path.join(REPO, 'launch')
@@ -515,7 +515,7 @@ def _pretrax_env() -> dict[str, str]:
 def _tiny(corpus_path: str, steps: int) -> list[str]:
   return [os.path.join(REPO, 'configs', 'tiny.py'), f'--config.data.path={corpus_path}',
           '--config.data.fallback=', f'--config.steps={steps}', '--config.log_every=1',
-          '--config.eval_every=1000', f'--config.checkpoint.every={steps}']
+          '--config.eval_every=1000', f'--config.checkpoint.every={steps}', PEAK_FLOPS_ARG]
 
 
 @pytest.mark.slow

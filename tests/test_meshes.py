@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, fake_devices_env, run_python
+from conftest import PEAK_FLOPS, PEAK_FLOPS_ARG, REPO, fake_devices_env, run_python
 from pretrax import metrics
 
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
@@ -22,7 +22,7 @@ MODEL = ['--config.model.num_heads=4', '--config.model.vocab_multiple=8']
 def train_args(workdir, corpus_path, mesh=None) -> list[str]:
   args = ['train', f'--config={TINY}', f'--workdir={workdir}', f'--config.data.path={corpus_path}',
           '--config.data.fallback=', f'--config.steps={STEPS}', '--config.log_every=1',
-          '--config.eval_every=1000', f'--config.checkpoint.every={HALF}', *MODEL]
+          '--config.eval_every=1000', f'--config.checkpoint.every={HALF}', PEAK_FLOPS_ARG, *MODEL]
   if mesh:
     args += [f'--config.mesh.{axis}={size}' for axis, size in zip(('data', 'fsdp', 'tensor'), mesh)]
   return args
@@ -56,6 +56,7 @@ def runs(tmp_path_factory, corpus_path) -> dict:
         c.data.path, c.data.fallback = {corpus_path!r}, ''
         c.steps, c.log_every, c.eval_every, c.checkpoint.every = {STEPS}, 1, 1000, {HALF}
         c.model.num_heads, c.model.vocab_multiple = 4, 8
+        c.peak_flops = {PEAK_FLOPS!r}
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
         train.train(c, workdir)
   '''

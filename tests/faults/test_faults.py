@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import PEAK_FLOPS_ARG, REPO, run_cli
 from pretrax import checkpoint, metrics
 from pretrax import state as state_lib
 from pretrax import tokenizer
@@ -30,7 +30,7 @@ STOPPED = 75  # faults.STOPPED_EXIT_CODE
 def train_args(workdir, corpus_path, *overrides: str) -> list[str]:
   return ['train', f'--config={TINY}', f'--workdir={workdir}', f'--config.data.path={corpus_path}',
           '--config.data.fallback=', '--config.log_every=1', '--config.eval_every=1000',
-          *overrides]
+          PEAK_FLOPS_ARG, *overrides]
 
 
 def start(args: list[str]) -> subprocess.Popen:
