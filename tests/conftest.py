@@ -60,19 +60,26 @@ def tiny_config(corpus_path):
   return c
 
 
+def pretrax_env(*python_path: str) -> dict[str, str]:
+  """The environment of a pretrax process the tests start: this one's, with `python_path` and
+  tests/hide_torch first on PYTHONPATH (without torch, as a user's install is; see there)."""
+  python_path = os.pathsep.join(filter(None, [os.path.join(REPO, 'tests', 'hide_torch'),
+                                              *python_path, os.environ.get('PYTHONPATH')]))
+  return dict(os.environ, PYTHONPATH=python_path)
+
+
 def run_cli(*args: str, cwd: str = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
   """Runs `pretrax ARGS` in a subprocess, as a user would."""
   return subprocess.run([sys.executable, '-m', 'pretrax.cli', *args], cwd=cwd, text=True,
-                        capture_output=True, timeout=timeout)
+                        capture_output=True, timeout=timeout, env=pretrax_env())
 
 
 def fake_devices_env(devices: int) -> dict[str, str]:
   """The environment of a process with `devices` fake CPU devices (fixed when JAX starts) that can
   import the tests' helpers."""
-  python_path = os.pathsep.join(filter(None, [os.path.join(REPO, 'tests'),
-                                              os.environ.get('PYTHONPATH')]))
   flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={devices}'
-  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=python_path, XLA_FLAGS=flags.strip())
+  return dict(pretrax_env(os.path.join(REPO, 'tests')), JAX_PLATFORMS='cpu',
+              XLA_FLAGS=flags.strip())
 
 
 def run_python(script: str, devices: int, timeout: int = 600) -> str:

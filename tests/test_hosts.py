@@ -12,7 +12,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from conftest import PEAK_FLOPS_ARG, REPO, fake_devices_env, run_cli
+from conftest import PEAK_FLOPS_ARG, REPO, fake_devices_env, pretrax_env, run_cli
 from pretrax import checkpoint, metrics
 
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
@@ -131,7 +131,8 @@ def test_unreachable_coordinator_fails_fast_with_one_line(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'pretrax.cli', 'train', f'--config={TINY}', f'--workdir={tmp_path}',
        f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', '--process_id=1',
-       '--distributed_timeout=3'], cwd=REPO, text=True, capture_output=True, timeout=120)
+       '--distributed_timeout=3'], cwd=REPO, text=True, capture_output=True, timeout=120,
+      env=pretrax_env())
   assert result.returncode == 2, result.stderr[-2000:]
   assert f'cannot reach the coordinator at 127.0.0.1:{port} within 3 s' in result.stderr
   assert 'Traceback' not in result.stderr

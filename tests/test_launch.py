@@ -17,7 +17,7 @@ import time
 import portpicker
 import pytest
 
-from conftest import PEAK_FLOPS_ARG, REPO
+from conftest import PEAK_FLOPS_ARG, REPO, pretrax_env
 from pretrax import metrics
 
 LAUNCH = os.path.join(REPO, 'launch')
@@ -509,7 +509,7 @@ def test_local_sigterm_reaches_every_process(standins, tmp_path):
 
 
 def _pretrax_env() -> dict[str, str]:
-  return dict(os.environ, PRETRAX=f'{sys.executable} -m pretrax.cli', JAX_PLATFORMS='cpu')
+  return dict(pretrax_env(), PRETRAX=f'{sys.executable} -m pretrax.cli', JAX_PLATFORMS='cpu')
 
 
 def _tiny(corpus_path: str, steps: int) -> list[str]:

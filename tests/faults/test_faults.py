@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import PEAK_FLOPS_ARG, REPO, run_cli
+from conftest import PEAK_FLOPS_ARG, REPO, pretrax_env, run_cli
 from pretrax import checkpoint, metrics
 from pretrax import state as state_lib
 from pretrax import tokenizer
@@ -35,7 +35,7 @@ def train_args(workdir, corpus_path, *overrides: str) -> list[str]:
 
 def start(args: list[str]) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, '-m', 'pretrax.cli', *args], cwd=REPO, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=pretrax_env())
 
 
 def wait_until(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -188,7 +188,8 @@ def test_a_save_that_cannot_write_stops_the_run_and_keeps_the_previous_checkpoin
   command = ' '.join(shlex.quote(a) for a in [sys.executable, '-m', 'pretrax.cli', *args,
                                                '--config.optim.schedule_steps=40'])
   result = subprocess.run(['bash', '-c', f'trap "" XFSZ; ulimit -f 195; exec {command}'],
-                          cwd=REPO, text=True, capture_output=True, timeout=600)
+                          cwd=REPO, text=True, capture_output=True, timeout=600,
+                          env=pretrax_env())
   # Orbax logs the failure from its threads (with tracebacks); the last line is ours.
   assert result.returncode == 2, result.stderr[-2000:]
   last = result.stderr.strip().splitlines()[-1]
