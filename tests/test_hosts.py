@@ -12,7 +12,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from conftest import PEAK_FLOPS_ARG, REPO, fake_devices_env, pretrax_env, run_cli
+from conftest import PEAK_FLOPS_ARG, REPO, built_once, fake_devices_env, pretrax_env, run_cli
 from pretrax import checkpoint, metrics
 
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
@@ -49,11 +49,12 @@ def losses(workdir) -> dict[int, float]:
 
 @pytest.fixture(scope='module')
 def prepared(tmp_path_factory, corpus_path) -> str:
-  out = tmp_path_factory.mktemp('prepared')
-  result = run_cli('prepare', f'--config={TINY}', f'--config.data.path={corpus_path}',
-                   '--config.data.fallback=', f'--output={out}', '--workers=2')
-  assert result.returncode == 0, result.stderr[-2000:]
-  return str(out)
+  def build(out):
+    result = run_cli('prepare', f'--config={TINY}', f'--config.data.path={corpus_path}',
+                     '--config.data.fallback=', f'--output={out}', '--workers=2')
+    assert result.returncode == 0, result.stderr[-2000:]
+
+  return built_once(tmp_path_factory, 'hosts_prepared', build)  # Once for all workers.
 
 
 def train_args(workdir, prepared: str, steps: int, *overrides: str) -> list[str]:
@@ -65,11 +66,12 @@ def train_args(workdir, prepared: str, steps: int, *overrides: str) -> list[str]
 
 @pytest.fixture(scope='module')
 def one_process(tmp_path_factory, prepared) -> str:
-  """The reference: all 12 steps in one process with 8 devices."""
-  workdir = tmp_path_factory.mktemp('one_process')
-  assert_ok(run_processes(1, train_args(workdir, prepared, STEPS), devices_each=8))
-  assert sorted(losses(workdir)) == list(range(1, STEPS + 1))
-  return str(workdir)
+  """The reference: all 12 steps in one process with 8 devices. Made once for all workers."""
+  def build(workdir):
+    assert_ok(run_processes(1, train_args(workdir, prepared, STEPS), devices_each=8))
+    assert sorted(losses(workdir)) == list(range(1, STEPS + 1))
+
+  return built_once(tmp_path_factory, 'hosts_one_process', build)
 
 
 def assert_same_losses(workdir, reference) -> None:

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import PEAK_FLOPS_ARG, REPO, pretrax_env, run_cli
+from conftest import PEAK_FLOPS_ARG, REPO, built_once, pretrax_env, run_cli
 from pretrax import checkpoint, metrics
 from pretrax import state as state_lib
 from pretrax import tokenizer
@@ -82,12 +82,14 @@ def one_line_error(result, *fragments: str) -> None:
 
 @pytest.fixture(scope='module')
 def straight(tmp_path_factory, corpus_path):
-  """A 40-step run that nothing interrupts, to compare the hurt runs with."""
-  workdir = tmp_path_factory.mktemp('straight')
-  result = run_cli(*train_args(workdir, corpus_path, '--config.steps=40',
-                               '--config.checkpoint.every=10'))
-  assert result.returncode == 0, result.stderr[-2000:]
-  return workdir
+  """A 40-step run that nothing interrupts, to compare the hurt runs with (made once for all
+  workers)."""
+  def build(workdir):
+    result = run_cli(*train_args(workdir, corpus_path, '--config.steps=40',
+                                 '--config.checkpoint.every=10'))
+    assert result.returncode == 0, result.stderr[-2000:]
+
+  return built_once(tmp_path_factory, 'faults_straight', build)
 
 
 @pytest.mark.slow
