@@ -1,6 +1,8 @@
 """Shared fixtures: small real text, tiny configs, and a way to run the CLI."""
 
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,6 +25,12 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.normpath(os.path.join(REPO, '..', 'shared', 'data', 'tinyshakespeare.txt'))
 
+# On a CPU, a run measures the matmul peak for its MFU figure (eleven 2048x2048 matmuls: ~3 s per
+# run, more on a busy machine) unless config.peak_flops gives it. Runs whose tests are about other
+# things give it; the quickstart and benchmarks/throughput.py still measure, as a user's runs do.
+PEAK_FLOPS = 1e11
+PEAK_FLOPS_ARG = f'--config.peak_flops={PEAK_FLOPS:g}'
+
 
 def load_config(name: str, arg: str | None = None):
   """A config from configs/NAME.py, as `--config=configs/NAME.py[:ARG]` would load it."""
@@ -31,18 +39,42 @@ def load_config(name: str, arg: str | None = None):
   return config.load(os.path.join(REPO, 'configs', f'{name}.py'), arg)
 
 
+def built_once(tmp_path_factory, name: str, build) -> str:
+  """A directory that `build(path)` fills once per test session, for every pytest-xdist worker.
+
+  Workers each run their own session and module fixtures, and --dist worksteal may split a
+  module's tests between them: the expensive runs that fixtures make (reused read-only, or copied)
+  would otherwise be made twice. The first worker to ask builds under a lock; the others wait and
+  reuse the result. Paths are shared too, so a run saved by one worker resumes on another with the
+  same config (data.path, data.prepared).
+  """
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent  # The session's directory, above each worker's own.
+  path, done = root / name, root / f'{name}.done'
+  with open(root / f'{name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
+    if not done.exists():
+      shutil.rmtree(path, ignore_errors=True)  # Whatever a failed attempt left.
+      path.mkdir()
+      build(path)
+      done.touch()
+  return str(path)
+
+
 @pytest.fixture(scope='session')
 def corpus_path(tmp_path_factory) -> str:
   """~200 KB of real text: Tiny Shakespeare where ../shared has it, else Python's own sources."""
-  out = tmp_path_factory.mktemp('corpus') / 'corpus.txt'
-  if os.path.exists(SHAKESPEARE):
-    with open(SHAKESPEARE, encoding='utf-8') as f:
-      text = f.read(200_000)
-  else:
-    from pretrax.data import sources
-    text = ''.join(sources.read_stdlib_documents())[:200_000]
-  out.write_text(text, encoding='utf-8')
-  return str(out)
+  def build(out):
+    if os.path.exists(SHAKESPEARE):
+      with open(SHAKESPEARE, encoding='utf-8') as f:
+        text = f.read(200_000)
+    else:
+      from pretrax.data import sources
+      text = ''.join(sources.read_stdlib_documents())[:200_000]
+    (out / 'corpus.txt').write_text(text, encoding='utf-8')
+
+  return os.path.join(built_once(tmp_path_factory, 'corpus', build), 'corpus.txt')
 
 
 @pytest.fixture
@@ -50,22 +82,30 @@ def tiny_config(corpus_path):
   c = load_config('tiny')
   c.data.path = corpus_path
   c.data.fallback = ''
+  c.peak_flops = PEAK_FLOPS
   return c
+
+
+def pretrax_env(*python_path: str) -> dict[str, str]:
+  """The environment of a pretrax process the tests start: this one's, with `python_path` and
+  tests/hide_torch first on PYTHONPATH (without torch, as a user's install is; see there)."""
+  python_path = os.pathsep.join(filter(None, [os.path.join(REPO, 'tests', 'hide_torch'),
+                                              *python_path, os.environ.get('PYTHONPATH')]))
+  return dict(os.environ, PYTHONPATH=python_path)
 
 
 def run_cli(*args: str, cwd: str = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
   """Runs `pretrax ARGS` in a subprocess, as a user would."""
   return subprocess.run([sys.executable, '-m', 'pretrax.cli', *args], cwd=cwd, text=True,
-                        capture_output=True, timeout=timeout)
+                        capture_output=True, timeout=timeout, env=pretrax_env())
 
 
 def fake_devices_env(devices: int) -> dict[str, str]:
   """The environment of a process with `devices` fake CPU devices (fixed when JAX starts) that can
   import the tests' helpers."""
-  python_path = os.pathsep.join(filter(None, [os.path.join(REPO, 'tests'),
-                                              os.environ.get('PYTHONPATH')]))
   flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={devices}'
-  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=python_path, XLA_FLAGS=flags.strip())
+  return dict(pretrax_env(os.path.join(REPO, 'tests')), JAX_PLATFORMS='cpu',
+              XLA_FLAGS=flags.strip())
 
 
 def run_python(script: str, devices: int, timeout: int = 600) -> str:
@@ -77,3 +117,4 @@ def run_python(script: str, devices: int, timeout: int = 600) -> str:
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Involuntary full rematerialization' not in result.stderr  # Shardings XLA can follow.
   return result.stdout
+

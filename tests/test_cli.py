@@ -7,7 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import load_config, run_cli
+from conftest import PEAK_FLOPS_ARG, load_config, run_cli
 from pretrax import config as config_lib
 from pretrax import metrics
 
@@ -104,7 +104,7 @@ def _same_greedy_text_in_transformers(workdir, tmp_path, prompt: str, length: in
   assert imported.returncode == 0, imported.stderr[-2000:]
   resumed = run_cli('train', '--config=configs/shakespeare_char.py', f'--workdir={again}',
                     '--config.steps=3', '--config.log_every=1', '--config.eval_every=3',
-                    '--config.eval_batches=1', '--config.sample.length=0')
+                    '--config.eval_batches=1', '--config.sample.length=0', PEAK_FLOPS_ARG)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   first = [r for r in metrics.read_metrics(str(again)) if 'loss' in r][0]
   last = [r for r in metrics.read_metrics(str(workdir)) if 'loss' in r][-1]
@@ -115,7 +115,7 @@ def _same_greedy_text_in_transformers(workdir, tmp_path, prompt: str, length: in
 @pytest.mark.slow
 def test_missing_corpus_falls_back_to_python_sources(tmp_path):
   result = run_cli('train', f'--config={TINY}', f'--workdir={tmp_path}', '--config.steps=3',
-                   '--config.optim.warmup_steps=1',
+                   '--config.optim.warmup_steps=1', PEAK_FLOPS_ARG,
                    '--config.data.path=/no/such/tinyshakespeare.txt')
   assert result.returncode == 0, result.stderr[-3000:]
   assert "training on the Python standard library's sources" in result.stdout
@@ -141,7 +141,7 @@ def test_sample_without_a_run_is_a_clear_error(tmp_path):
 def test_every_objective_trains_from_the_command_line(tmp_path, corpus_path, objective):
   result = run_cli('train', f'--config={TINY}', f'--workdir={tmp_path}',
                    f'--config.data.path={corpus_path}', f'--config.objective={objective}',
-                   '--config.steps=6', '--config.log_every=3')
+                   '--config.steps=6', '--config.log_every=3', PEAK_FLOPS_ARG)
   assert result.returncode == 0, result.stderr[-3000:]
   records = metrics.read_metrics(str(tmp_path))
   assert [r['step'] for r in records if 'loss' in r] == [3, 6]

@@ -12,7 +12,7 @@ import numpy as np
 import portpicker
 import pytest
 
-from conftest import REPO, fake_devices_env, run_cli
+from conftest import PEAK_FLOPS_ARG, REPO, built_once, fake_devices_env, pretrax_env, run_cli
 from pretrax import checkpoint, metrics
 
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
@@ -49,27 +49,29 @@ def losses(workdir) -> dict[int, float]:
 
 @pytest.fixture(scope='module')
 def prepared(tmp_path_factory, corpus_path) -> str:
-  out = tmp_path_factory.mktemp('prepared')
-  result = run_cli('prepare', f'--config={TINY}', f'--config.data.path={corpus_path}',
-                   '--config.data.fallback=', f'--output={out}', '--workers=2')
-  assert result.returncode == 0, result.stderr[-2000:]
-  return str(out)
+  def build(out):
+    result = run_cli('prepare', f'--config={TINY}', f'--config.data.path={corpus_path}',
+                     '--config.data.fallback=', f'--output={out}', '--workers=2')
+    assert result.returncode == 0, result.stderr[-2000:]
+
+  return built_once(tmp_path_factory, 'hosts_prepared', build)  # Once for all workers.
 
 
 def train_args(workdir, prepared: str, steps: int, *overrides: str) -> list[str]:
   return ['train', f'--config={TINY}', f'--workdir={workdir}', f'--config.data.prepared={prepared}',
           f'--config.steps={steps}', f'--config.optim.schedule_steps={STEPS}',
           '--config.log_every=1', '--config.eval_every=1000', f'--config.checkpoint.every={HALF}',
-          '--config.mesh.fsdp=2', *overrides]
+          '--config.mesh.fsdp=2', PEAK_FLOPS_ARG, *overrides]
 
 
 @pytest.fixture(scope='module')
 def one_process(tmp_path_factory, prepared) -> str:
-  """The reference: all 12 steps in one process with 8 devices."""
-  workdir = tmp_path_factory.mktemp('one_process')
-  assert_ok(run_processes(1, train_args(workdir, prepared, STEPS), devices_each=8))
-  assert sorted(losses(workdir)) == list(range(1, STEPS + 1))
-  return str(workdir)
+  """The reference: all 12 steps in one process with 8 devices. Made once for all workers."""
+  def build(workdir):
+    assert_ok(run_processes(1, train_args(workdir, prepared, STEPS), devices_each=8))
+    assert sorted(losses(workdir)) == list(range(1, STEPS + 1))
+
+  return built_once(tmp_path_factory, 'hosts_one_process', build)
 
 
 def assert_same_losses(workdir, reference) -> None:
@@ -115,8 +117,8 @@ def test_one_process_checkpoint_resumes_on_two(tmp_path, prepared, one_process):
 @pytest.mark.slow
 def test_text_pipeline_refuses_another_process_count_naming_prepare(tmp_path, corpus_path):
   args = ['train', f'--config={TINY}', f'--workdir={tmp_path}', f'--config.data.path={corpus_path}',
-          '--config.data.fallback=', '--config.steps=2', '--config.checkpoint.every=2',
-          '--config.eval_every=1000']
+          '--config.data.fallback=', PEAK_FLOPS_ARG, '--config.steps=2',
+          '--config.checkpoint.every=2', '--config.eval_every=1000']
   assert_ok(run_processes(2, args, devices_each=1))
   result = run_processes(1, args[:-3] + ['--config.steps=4', '--config.checkpoint.every=2',
                                          '--config.eval_every=1000'], devices_each=2)[0]
@@ -131,7 +133,8 @@ def test_unreachable_coordinator_fails_fast_with_one_line(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'pretrax.cli', 'train', f'--config={TINY}', f'--workdir={tmp_path}',
        f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', '--process_id=1',
-       '--distributed_timeout=3'], cwd=REPO, text=True, capture_output=True, timeout=120)
+       '--distributed_timeout=3'], cwd=REPO, text=True, capture_output=True, timeout=120,
+      env=pretrax_env())
   assert result.returncode == 2, result.stderr[-2000:]
   assert f'cannot reach the coordinator at 127.0.0.1:{port} within 3 s' in result.stderr
   assert 'Traceback' not in result.stderr

@@ -17,7 +17,7 @@ import time
 import portpicker
 import pytest
 
-from conftest import REPO
+from conftest import PEAK_FLOPS_ARG, REPO, pretrax_env
 from pretrax import metrics
 
 LAUNCH = os.path.join(REPO, 'launch')
@@ -509,13 +509,13 @@ def test_local_sigterm_reaches_every_process(standins, tmp_path):
 
 
 def _pretrax_env() -> dict[str, str]:
-  return dict(os.environ, PRETRAX=f'{sys.executable} -m pretrax.cli', JAX_PLATFORMS='cpu')
+  return dict(pretrax_env(), PRETRAX=f'{sys.executable} -m pretrax.cli', JAX_PLATFORMS='cpu')
 
 
 def _tiny(corpus_path: str, steps: int) -> list[str]:
   return [os.path.join(REPO, 'configs', 'tiny.py'), f'--config.data.path={corpus_path}',
           '--config.data.fallback=', f'--config.steps={steps}', '--config.log_every=1',
-          '--config.eval_every=1000', f'--config.checkpoint.every={steps}']
+          '--config.eval_every=1000', f'--config.checkpoint.every={steps}', PEAK_FLOPS_ARG]
 
 
 @pytest.mark.slow

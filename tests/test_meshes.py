@@ -2,6 +2,7 @@
 that move between meshes and device counts and go on as if nothing had changed."""
 
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, fake_devices_env, run_python
+from conftest import PEAK_FLOPS, PEAK_FLOPS_ARG, REPO, built_once, fake_devices_env, run_python
 from pretrax import metrics
 
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
@@ -22,7 +23,7 @@ MODEL = ['--config.model.num_heads=4', '--config.model.vocab_multiple=8']
 def train_args(workdir, corpus_path, mesh=None) -> list[str]:
   args = ['train', f'--config={TINY}', f'--workdir={workdir}', f'--config.data.path={corpus_path}',
           '--config.data.fallback=', f'--config.steps={STEPS}', '--config.log_every=1',
-          '--config.eval_every=1000', f'--config.checkpoint.every={HALF}', *MODEL]
+          '--config.eval_every=1000', f'--config.checkpoint.every={HALF}', PEAK_FLOPS_ARG, *MODEL]
   if mesh:
     args += [f'--config.mesh.{axis}={size}' for axis, size in zip(('data', 'fsdp', 'tensor'), mesh)]
   return args
@@ -45,24 +46,27 @@ def losses(workdir) -> list[float]:
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory, corpus_path) -> dict:
   """Every mesh's run, in one process of 8 devices (one start-up for all four); the single-device
-  run goes through the CLI, with the same settings as these."""
-  root = tmp_path_factory.mktemp('meshes')
-  workdirs = {mesh: root / 'x'.join(map(str, mesh)) for mesh in MESHES}
-  script = f'''
-      from conftest import load_config
-      from pretrax import train
-      for mesh, workdir in {[(m, str(w)) for m, w in workdirs.items()]!r}:
-        c = load_config('tiny')
-        c.data.path, c.data.fallback = {corpus_path!r}, ''
-        c.steps, c.log_every, c.eval_every, c.checkpoint.every = {STEPS}, 1, 1000, {HALF}
-        c.model.num_heads, c.model.vocab_multiple = 4, 8
-        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
-        train.train(c, workdir)
-  '''
-  run_python(script, devices=8, timeout=900)
-  single = root / '1x1x1'
-  run_on(1, train_args(single, corpus_path))
-  return {'single': single, **workdirs}
+  run goes through the CLI, with the same settings as these. Made once for all workers."""
+  name = lambda mesh: 'x'.join(map(str, mesh))
+
+  def build(root):
+    script = f'''
+        from conftest import load_config
+        from pretrax import train
+        for mesh, workdir in {[(m, str(root / name(m))) for m in MESHES]!r}:
+          c = load_config('tiny')
+          c.data.path, c.data.fallback = {corpus_path!r}, ''
+          c.steps, c.log_every, c.eval_every, c.checkpoint.every = {STEPS}, 1, 1000, {HALF}
+          c.model.num_heads, c.model.vocab_multiple = 4, 8
+          c.peak_flops = {PEAK_FLOPS!r}
+          c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+          train.train(c, workdir)
+    '''
+    run_python(script, devices=8, timeout=900)
+    run_on(1, train_args(root / '1x1x1', corpus_path))
+
+  root = pathlib.Path(built_once(tmp_path_factory, 'meshes', build))
+  return {'single': root / '1x1x1', **{mesh: root / name(mesh) for mesh in MESHES}}
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import shlex
 
 import pytest
 
-from conftest import REPO, load_config, run_cli
+from conftest import PEAK_FLOPS_ARG, REPO, load_config, run_cli
 from pretrax import sweep
 
 TINY = 'configs/tiny.py'
@@ -152,7 +152,7 @@ def test_learning_rate_sweep_runs_tables_plots_and_skips_finished_trials(tmp_pat
   args = ['sweep', f'--config={TINY}', f'--sweep={sweep_file}', f'--workdir={workdir}',
           '--parallel=2', f'--config.data.path={corpus_path}', '--config.data.fallback=',
           '--config.steps=4', '--config.log_every=2', '--config.eval_every=4',
-          '--config.eval_batches=1', '--config.optim.warmup_steps=1']
+          '--config.eval_batches=1', '--config.optim.warmup_steps=1', PEAK_FLOPS_ARG]
   names = ['lr=0.001,min_lr=0.0001', 'lr=0.01,min_lr=0.001', 'lr=0.001,min_lr=0.005']
   result = run_cli(*args)
   assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]

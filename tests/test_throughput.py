@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, load_config, run_cli
+from conftest import PEAK_FLOPS_ARG, REPO, load_config, run_cli
 from pretrax import config as config_lib
 from pretrax import metrics
 from pretrax.data import prepare
@@ -70,7 +70,7 @@ def test_profile_steps_writes_a_trace(tmp_path, corpus_path):
   result = run_cli('train', '--config=configs/tiny.py', f'--workdir={workdir}',
                    f'--config.data.path={corpus_path}', '--config.data.fallback=',
                    '--config.steps=4', '--config.eval_every=4', '--config.eval_batches=1',
-                   '--config.profile_steps=2:2')
+                   '--config.profile_steps=2:2', PEAK_FLOPS_ARG)
   assert result.returncode == 0, result.stderr[-3000:]
   assert glob.glob(str(workdir / 'profile' / '**' / '*.xplane.pb'), recursive=True)
   assert f'profile of steps 2-3 in {workdir / "profile"}' in result.stdout

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import PEAK_FLOPS_ARG, REPO, built_once, pretrax_env, run_cli
 from pretrax import checkpoint, metrics
 from pretrax import state as state_lib
 from pretrax import tokenizer
@@ -30,12 +30,12 @@ STOPPED = 75  # faults.STOPPED_EXIT_CODE
 def train_args(workdir, corpus_path, *overrides: str) -> list[str]:
   return ['train', f'--config={TINY}', f'--workdir={workdir}', f'--config.data.path={corpus_path}',
           '--config.data.fallback=', '--config.log_every=1', '--config.eval_every=1000',
-          *overrides]
+          PEAK_FLOPS_ARG, *overrides]
 
 
 def start(args: list[str]) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, '-m', 'pretrax.cli', *args], cwd=REPO, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=pretrax_env())
 
 
 def wait_until(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -82,12 +82,14 @@ def one_line_error(result, *fragments: str) -> None:
 
 @pytest.fixture(scope='module')
 def straight(tmp_path_factory, corpus_path):
-  """A 40-step run that nothing interrupts, to compare the hurt runs with."""
-  workdir = tmp_path_factory.mktemp('straight')
-  result = run_cli(*train_args(workdir, corpus_path, '--config.steps=40',
-                               '--config.checkpoint.every=10'))
-  assert result.returncode == 0, result.stderr[-2000:]
-  return workdir
+  """A 40-step run that nothing interrupts, to compare the hurt runs with (made once for all
+  workers)."""
+  def build(workdir):
+    result = run_cli(*train_args(workdir, corpus_path, '--config.steps=40',
+                                 '--config.checkpoint.every=10'))
+    assert result.returncode == 0, result.stderr[-2000:]
+
+  return built_once(tmp_path_factory, 'faults_straight', build)
 
 
 @pytest.mark.slow
@@ -188,7 +190,8 @@ def test_a_save_that_cannot_write_stops_the_run_and_keeps_the_previous_checkpoin
   command = ' '.join(shlex.quote(a) for a in [sys.executable, '-m', 'pretrax.cli', *args,
                                                '--config.optim.schedule_steps=40'])
   result = subprocess.run(['bash', '-c', f'trap "" XFSZ; ulimit -f 195; exec {command}'],
-                          cwd=REPO, text=True, capture_output=True, timeout=600)
+                          cwd=REPO, text=True, capture_output=True, timeout=600,
+                          env=pretrax_env())
   # Orbax logs the failure from its threads (with tracebacks); the last line is ours.
   assert result.returncode == 2, result.stderr[-2000:]
   last = result.stderr.strip().splitlines()[-1]
