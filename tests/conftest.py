@@ -87,10 +87,9 @@ def tiny_config(corpus_path):
 
 
 def pretrax_env(*python_path: str) -> dict[str, str]:
-  """The environment of a pretrax process the tests start: this one's, with `python_path` and
-  tests/hide_torch first on PYTHONPATH (without torch, as a user's install is; see there)."""
-  python_path = os.pathsep.join(filter(None, [os.path.join(REPO, 'tests', 'hide_torch'),
-                                              *python_path, os.environ.get('PYTHONPATH')]))
+  """The environment of a pretrax process the tests start: this one's, with `python_path` first
+  on PYTHONPATH."""
+  python_path = os.pathsep.join(filter(None, [*python_path, os.environ.get('PYTHONPATH')]))
   return dict(os.environ, PYTHONPATH=python_path)
 
 
@@ -117,4 +116,3 @@ def run_python(script: str, devices: int, timeout: int = 600) -> str:
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Involuntary full rematerialization' not in result.stderr  # Shardings XLA can follow.
   return result.stdout
-

@@ -14,13 +14,17 @@ from etils import epath
 import portpicker
 import pytest
 
-from conftest import REPO, load_config, run_cli
+from conftest import PEAK_FLOPS_ARG, REPO, load_config, run_cli
+from faults import test_faults
 from faults.test_faults import (STOPPED, assert_same_run, one_line_error, start, train_args,
                                 wait_until)
 from pretrax import faults, metrics, sample, train
 from pretrax.interop import hf
 
 BUCKET = 'pretrax-test'
+
+# The faults tests' 40 steps on a local disk, never stopped: what a bucket run must reproduce.
+straight = test_faults.straight
 
 
 @pytest.fixture(scope='module')
@@ -54,14 +58,10 @@ def gcs():
 
 
 @pytest.mark.slow
-def test_a_bucket_run_is_locked_stops_resumes_and_matches_a_local_run(gcs, tmp_path,
+def test_a_bucket_run_is_locked_stops_resumes_and_matches_a_local_run(gcs, straight, tmp_path,
                                                                       corpus_path):
-  local, workdir = tmp_path / 'local', f'{gcs}/run'
-  overrides = ('--config.steps=40', '--config.checkpoint.every=10')
-  straight = run_cli(*train_args(local, corpus_path, *overrides))
-  assert straight.returncode == 0, straight.stderr[-2000:]
-
-  args = train_args(workdir, corpus_path, *overrides)
+  local, workdir = straight, f'{gcs}/run'  # The same 40 steps on a local disk, never stopped.
+  args = train_args(workdir, corpus_path, '--config.steps=40', '--config.checkpoint.every=10')
   proc = start(args)
   wait_until(lambda: epath.Path(f'{workdir}/checkpoints/10/commit_success.txt').exists(), proc)
   # Frozen, the run holds its lease without renewing it: a second run must still be refused.
@@ -153,7 +153,7 @@ def test_two_local_processes_train_and_resume_on_a_bucket(gcs, tmp_path, corpus_
         [os.path.join(REPO, 'launch', 'local.sh'), os.path.join(REPO, 'configs', 'tiny.py'),
          workdir, '--processes=2', f'--config.data.path={corpus_path}', '--config.data.fallback=',
          f'--config.steps={steps}', '--config.log_every=1', '--config.eval_every=1000',
-         '--config.checkpoint.every=3'],
+         '--config.checkpoint.every=3', PEAK_FLOPS_ARG],
         cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
   assert 'resumed from' in result.stdout and 'at step 3' in result.stdout
