@@ -219,11 +219,12 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
         saving = done % c.checkpoint.every == 0 or done == c.steps
         if saving:
           flush()
+          writer.flush()  # On a bucket, metrics.jsonl is uploaded before the checkpoint commits.
           checkpoint.save(mngr, done, state, data.iterator, config_json)
-          writer.flush()  # On a bucket, metrics.jsonl is uploaded now, with the saved step's.
         if done < c.steps and stop.should_stop(done):
           flush()
           if not saving:
+            writer.flush()
             checkpoint.save(mngr, done, state, data.iterator, config_json)
           raise faults.Stopped(done, stop.received or 'a stop signal')
       flush()
