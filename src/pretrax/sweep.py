@@ -49,6 +49,7 @@ from typing import Any
 import ml_collections
 
 from pretrax import config as config_lib
+from pretrax import paths
 
 Sweep = list[dict[str, Any]]
 # Where a trial's process exit code says it stopped on a signal after saving (faults.py).
@@ -489,7 +490,7 @@ def run_sweep(config: ml_collections.ConfigDict, config_spec: str, workdir: str,
     for trial in trials:
       print(trial.command)
     return 0
-  if '://' in workdir:  # Trials' logs and results, and the table, are local files.
+  if paths.is_remote(workdir):  # Trials' logs and results, and the table, are local files.
     raise SweepError(f'--workdir={workdir}: a sweep runs and collects its trials in a local '
                      'directory; for trials on a bucket, pass --print and start the commands '
                      'with a launcher.')
