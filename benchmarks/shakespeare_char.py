@@ -26,9 +26,7 @@ from pretrax import loss as loss_lib
 from pretrax import metrics
 from pretrax import state as state_lib
 from pretrax import step as step_lib
-from pretrax import tokenizer as tokenizer_lib
 from pretrax import train
-from pretrax.data import objectives, pipeline, sources
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # For the optional PyTorch reference beside this file.
@@ -53,14 +51,10 @@ def interleaved_median_ms(fns: dict, rounds: int = 10, per_round: int = 8) -> di
 
 def step_timings(c) -> dict[str, float]:
   """The jitted pieces alone, on a real batch of the configured shape."""
-  paths = sources.expand_paths(c.data.path)
-  docs = sources.read_documents(paths) if paths else sources.read_stdlib_documents()
-  tok = tokenizer_lib.Tokenizer(tokenizer_lib.train(docs, model_type='char'))
-  windows = pipeline.tokenize_windows(docs, tok, c.data.seq_len, c.data.window_stride)
-  batches = iter(pipeline.train_dataset(windows, objectives.Objectives.from_config(c, tok),
-                                        seq_len=c.data.seq_len, batch_size=c.data.batch_size,
-                                        seed=0))
+  data = train.load_data(c, tempfile.mkdtemp(prefix='pretrax-bench-'))  # Builds the store.
+  batches = data.train_batches(0)
   batch = next(batches)
+  tok = data.tok
   batch = jax.tree.map(jnp.asarray, batch)
   run = state_lib.build(c, tok.vocab_size)
   state = run.init(c.seed)

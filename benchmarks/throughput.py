@@ -16,8 +16,8 @@ markdown table row:
   float32 matmul rate (config.peak_flops overrides either); MFU = model FLOP/s / peak.
 - memory: the allocator's peak_bytes_in_use where the device reports it (GPU, TPU), else XLA's
   compile-time estimate (arguments + temporaries of the compiled step), marked 'XLA est.'.
-- pipeline tokens/s: the real data path alone (prepared rows if data.prepared, else the text
-  pipeline) producing this process's batches of the same shape; 'pipeline / step' divides it by
+- pipeline tokens/s: the real data path alone (the store of data.prepared, else the one built
+  from data.path) producing this process's batches of the same shape; 'pipeline / step' divides it by
   the tokens/s the step consumes on this process. Issue 9 wants at least 2.
 """
 

@@ -71,7 +71,11 @@ def corpus_path(tmp_path_factory) -> str:
         text = f.read(200_000)
     else:
       from pretrax.data import sources
-      text = ''.join(sources.read_stdlib_documents())[:200_000]
+      text = ''
+      for path in sources.stdlib_files():
+        with open(path, 'rb') as f:
+          text += f.read().decode('utf-8', errors='replace')
+      text = text[:200_000]
     (out / 'corpus.txt').write_text(text, encoding='utf-8')
 
   return os.path.join(built_once(tmp_path_factory, 'corpus', build), 'corpus.txt')
@@ -84,6 +88,25 @@ def tiny_config(corpus_path):
   c.data.fallback = ''
   c.peak_flops = PEAK_FLOPS
   return c
+
+
+def make_store(tmp_path, documents: list[str], *, model_type: str = 'char', workers: int = 0,
+               sentinels: int = 0, **data):
+  """A token store of `documents` (one JSON-lines file, prepared in this process)."""
+  import json
+
+  from pretrax import config
+  from pretrax.data import prepare, store
+
+  corpus = tmp_path / 'docs.jsonl'
+  corpus.write_text(''.join(json.dumps({'text': d}) + '\n' for d in documents))
+  c = config.base_config()
+  c.data.path = str(corpus)
+  c.tokenizer.model_type, c.tokenizer.vocab_size, c.tokenizer.sentinels = model_type, 300, sentinels
+  for k, v in data.items():
+    c.data[k] = v
+  prepare.prepare(c, str(tmp_path / 'store'), workers=workers, log=lambda _: None)
+  return store.Store(str(tmp_path / 'store'))
 
 
 def pretrax_env(*python_path: str) -> dict[str, str]:

@@ -188,3 +188,37 @@ def test_a_bucket_workdir_without_the_gcs_extra_names_it(tmp_path, corpus_path):
   one_line_error(result, 'gs://bucket/run needs a package that is not installed',
                  'pip install "pretrax[gcs]"')
   assert not (tmp_path / 'gs:').exists()
+
+
+def test_a_corpus_on_a_bucket_prepares_into_the_store_of_the_same_files_on_disk(gcs, tmp_path):
+  import gzip
+  import json
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  from pretrax import config as config_lib
+  from pretrax.data import prepare, store
+
+  docs = [f'document {i}: ' + 'some words ' * (i % 13 + 1) for i in range(300)]
+  local = tmp_path / 'corpus'
+  local.mkdir()
+  (local / 'a.jsonl.gz').write_bytes(gzip.compress(
+      ''.join(json.dumps({'text': d}) + '\n' for d in docs[:150]).encode()))
+  pq.write_table(pa.table({'text': docs[150:]}), str(local / 'b.parquet'), row_group_size=40)
+  for name in ('a.jsonl.gz', 'b.parquet'):
+    epath.Path(f'{gcs}/corpus/{name}').write_bytes((local / name).read_bytes())
+
+  def prepared(path: str, out) -> store.Store:
+    c = config_lib.base_config()
+    c.data.path, c.tokenizer.model_type = path, 'char'
+    prepare.prepare(c, str(out), workers=0, log=lambda _: None)
+    return store.Store(str(out))
+
+  remote = prepared(f'{gcs}/corpus/*', tmp_path / 'remote')
+  on_disk = prepared(str(local), tmp_path / 'disk')
+  assert remote.manifest['input_files'] == 2
+  for split in ('train', 'eval'):
+    a, b = remote.split(split), on_disk.split(split)
+    assert a.num_tokens > 100
+    assert (a.read(0, a.num_tokens) == b.read(0, b.num_tokens)).all()

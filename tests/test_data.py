@@ -1,25 +1,14 @@
-"""The data pipeline: splits, windows, packing, determinism, exact resume, sharding by process."""
+"""Batches from a token store: documents kept apart, every target once, determinism by (seed, step),
+the same global batch on any number of processes, windows at every offset."""
 
 import numpy as np
 import pytest
 
 from pretrax import config, tokenizer
-from pretrax.data import objectives, pipeline, sources
+from conftest import make_store
+from pretrax.data import objectives, pipeline, prepare, store
 
 L = 16
-
-
-@pytest.fixture(scope='module')
-def tok(corpus_path):
-  with open(corpus_path, encoding='utf-8') as f:
-    return tokenizer.Tokenizer(tokenizer.train([f.read(50_000)], model_type='char'))
-
-
-@pytest.fixture(scope='module')
-def causal(tok):
-  c = config.base_config()
-  c.data.seq_len = L
-  return objectives.Objectives.from_config(c, tok)
 
 
 @pytest.fixture(scope='module')
@@ -30,106 +19,126 @@ def documents(corpus_path):
   return [text[i:i + n] for i, n in zip(range(0, 60_000, 997), [3, 40, 997, 7, 2000] * 20)]
 
 
-def test_split_by_position_holds_out_the_end():
-  train, held_out = sources.split_by_position(['aaaa', 'bbbbbb'], 0.3)
-  assert ''.join(train) == 'aaaabbb' and ''.join(held_out) == 'bbb'
-  train, held_out = sources.split_by_position(['x' * 90 + 'y' * 10], 0.1)
-  assert train == ['x' * 90] and held_out == ['y' * 10]
+@pytest.fixture(scope='module')
+def data(tmp_path_factory, documents):
+  s = make_store(tmp_path_factory.mktemp('data'), documents)
+  return s, tokenizer.Tokenizer.load(s.tokenizer_path)
 
 
-def test_windows_cover_every_next_token_pair_once(tok, documents):
-  windows = pipeline.tokenize_windows(documents, tok, L)
-  assert len(windows) and max(windows.ends - windows.starts) <= L + 1
-  pairs = []
-  for i in range(len(windows)):
-    w = windows[i]
-    assert 2 <= len(w) <= L + 1
-    pairs.extend(zip(w[:-1].tolist(), w[1:].tolist()))
-  expected = []
-  for doc in documents:
-    ids = tok.encode(doc) + [tokenizer.EOS_ID]
-    expected.extend(zip(ids[:-1], ids[1:]))
-  assert pairs == expected
-  assert windows.num_targets == len(expected)
+def _objectives(tok, objective='causal_lm'):
+  c = config.base_config()
+  c.data.seq_len, c.objective = L, objective
+  return objectives.Objectives.from_config(c, tok)
 
 
-def test_packed_batches_keep_documents_apart(tok, documents, causal):
-  windows = pipeline.tokenize_windows(documents, tok, L)
-  it = iter(pipeline.train_dataset(windows, causal, seq_len=L, batch_size=4, seed=0))
-  for _ in range(20):
-    b = next(it)
+def _source(s: store.Store, stride: int = L) -> pipeline.Source:
+  return pipeline.Source('data', 1.0, pipeline.Windows(s.split('train'), L, stride),
+                         s.split('eval'))
+
+
+def _take(s, tok, *, start=0, count=3, process_index=0, process_count=1, seed=0, stride=L,
+          objective='causal_lm'):
+  it = pipeline.train_batches([_source(s, stride)], _objectives(tok, objective), global_batch=8,
+                              seed=seed, start_step=start, process_index=process_index,
+                              process_count=process_count)
+  return [next(it) for _ in range(count)]
+
+
+def test_the_store_holds_every_document_then_eos_in_its_split(data, documents):
+  s, tok = data
+  expected = {'train': [], 'eval': []}
+  for d in documents:
+    split = 'eval' if prepare.sources.held_out(d.encode(), 0.1) else 'train'
+    expected[split] += tok.encode(d) + [tokenizer.EOS_ID]
+  assert expected['train'] and expected['eval']
+  for split in ('train', 'eval'):
+    got = s.split(split).read(0, s.split(split).num_tokens)
+    np.testing.assert_array_equal(got, expected[split])
+
+
+@pytest.mark.parametrize('objective', ['causal_lm', 'causal_lm:1,prefix_lm:1', 'masked_lm'])
+def test_batches_keep_documents_apart(data, objective):
+  s, tok = data
+  for b in _take(s, tok, count=10, objective=objective):
     assert set(b) == set(pipeline.BATCH_KEYS)
-    assert all(v.shape == (4, L) for v in b.values())
-    np.testing.assert_array_equal(b['weights'], b['segment_ids'] > 0)
-    for row in range(4):
+    assert all(v.shape == (8, L) for v in b.values())
+    assert np.all(b['weights'][b['segment_ids'] == 0] == 0)
+    for row in range(8):
       seg, pos = b['segment_ids'][row], b['positions'][row]
-      for s in set(seg.tolist()) - {0}:
+      for sid in set(seg.tolist()) - {0}:
         # Each document is contiguous and its positions count from 0.
-        idx = np.flatnonzero(seg == s)
+        idx = np.flatnonzero(seg == sid)
         assert np.all(np.diff(idx) == 1)
         np.testing.assert_array_equal(pos[idx], np.arange(len(idx)))
-      # Targets are the inputs shifted by one inside each document.
       for t in range(L - 1):
-        if seg[t] and seg[t] == seg[t + 1]:
+        if objective == 'causal_lm' and seg[t] and seg[t] == seg[t + 1]:
           assert b['targets'][row, t] == b['inputs'][row, t + 1]
+        # Nothing is learnt across a document boundary.
+        if b['inputs'][row, t] == tokenizer.EOS_ID and objective == 'causal_lm':
+          assert b['weights'][row, t] == 0 and seg[t + 1] == seg[t] + 1
 
 
-def _take(it, n):
-  return [next(it) for _ in range(n)]
+def test_a_causal_window_across_documents_gets_segments_positions_and_weights():
+  window = np.array([[7, 8, tokenizer.EOS_ID, 9, 10, tokenizer.EOS_ID, 11, 12, 13]], np.int32)
+  rows = pipeline.causal_rows(window, np.array([9]))
+  np.testing.assert_array_equal(rows['segment_ids'][0], [1, 1, 1, 2, 2, 2, 3, 3])
+  np.testing.assert_array_equal(rows['positions'][0], [0, 1, 2, 0, 1, 2, 0, 1])
+  np.testing.assert_array_equal(rows['weights'][0], [1, 1, 0, 1, 1, 0, 1, 1])
+  np.testing.assert_array_equal(rows['targets'][0], window[0, 1:])
+  short = pipeline.causal_rows(window, np.array([4]))  # Three targets, the rest padding.
+  np.testing.assert_array_equal(short['segment_ids'][0], [1, 1, 1, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(short['weights'][0], [1, 1, 0, 0, 0, 0, 0, 0])
 
 
-def test_same_seed_same_batches_and_resume_is_exact(tok, documents, causal):
-  windows = pipeline.tokenize_windows(documents, tok, L)
-  make = lambda seed: iter(pipeline.train_dataset(windows, causal, seq_len=L, batch_size=4, seed=seed))
-  a, b, c = make(0), make(0), make(1)
-  first_a, first_b, first_c = _take(a, 5), _take(b, 5), _take(c, 5)
-  for x, y in zip(first_a, first_b):
-    np.testing.assert_array_equal(x['inputs'], y['inputs'])
-  assert any((x['inputs'] != z['inputs']).any() for x, z in zip(first_a, first_c))
-  # Save the position, read on, restore into a fresh iterator: the same batches follow.
-  state = a.get_state()
-  ahead = _take(a, 30)  # Crosses epochs: the windows are re-shuffled each epoch.
-  fresh = make(0)
-  fresh.set_state(state)
-  for x, y in zip(ahead, _take(fresh, 30)):
+def test_batches_are_a_function_of_seed_and_step_on_any_number_of_processes(data):
+  s, tok = data
+  for objective in ('causal_lm', 'causal_lm:2,prefix_lm:1', 'masked_lm'):
+    whole = _take(s, tok, objective=objective)
+    halves = zip(_take(s, tok, process_index=0, process_count=2, objective=objective),
+                 _take(s, tok, process_index=1, process_count=2, objective=objective))
+    for one, (a, b) in zip(whole, halves):
+      for k in pipeline.BATCH_KEYS:
+        np.testing.assert_array_equal(one[k], np.concatenate([a[k], b[k]]))
+    # Starting at step 1 on a quarter of the processes: what the whole batch held there.
+    later = _take(s, tok, start=1, count=2, process_index=1, process_count=4, objective=objective)
     for k in pipeline.BATCH_KEYS:
-      np.testing.assert_array_equal(x[k], y[k])
+      np.testing.assert_array_equal(later[0][k], whole[1][k][2:4])
+      np.testing.assert_array_equal(later[1][k], whole[2][k][2:4])
+  assert not np.array_equal(whole[0]['inputs'], whole[1]['inputs'])
+  other_seed = _take(s, tok, seed=1)
+  assert any((x['inputs'] != y['inputs']).any() for x, y in zip(whole, other_seed))
 
 
-def test_processes_read_disjoint_windows(tok, documents, causal):
-  windows = pipeline.tokenize_windows(documents, tok, L)
+def test_an_epoch_sees_every_window_once_then_reshuffles(data):
+  s, tok = data
+  source = _source(s)
+  order = pipeline.window_order([source], seed=0)
+  n = len(source.train)
+  first, second = [order[j][1] for j in range(n)], [order[j][1] for j in range(n, 2 * n)]
+  assert sorted(first) == sorted(second) == list(range(n))
+  assert first != second
+  assert {order[j][2] for j in range(n)} == {0} and order[n][2] == 1
+
+
+def test_processes_evaluate_disjoint_windows_that_cover_every_target_once(data):
+  s, tok = data
+  split, causal = s.split('eval'), _objectives(tok)
+  ids = split.read(0, split.num_tokens)
+  targets = int(np.sum(ids[:-1] != tokenizer.EOS_ID))  # Every pair but the cross-document ones.
   seen = []
   for p in range(2):
-    ds = pipeline.eval_dataset(windows, causal, seq_len=L, batch_size=4, seed=0,
-                              process_index=p, process_count=2)
-    seen.append(sum(int(b['weights'].sum()) for b in ds))
-  assert seen[0] > 0 and seen[1] > 0
-  assert seen[0] + seen[1] == windows.num_targets
+    batches = list(pipeline.eval_batches(split, causal, seq_len=L, global_batch=8, seed=0,
+                                         process_index=p, process_count=2))
+    assert all(b['inputs'].shape == (4, L) for b in batches)
+    seen.append(sum(int(b['weights'].sum()) for b in batches))
+  assert seen[0] > 0 and seen[1] > 0 and seen[0] + seen[1] == targets
 
 
-def test_eval_pass_covers_every_target_once(tok, documents, causal):
-  windows = pipeline.tokenize_windows(documents, tok, L)
-  batches = list(pipeline.eval_dataset(windows, causal, seq_len=L, batch_size=4, seed=0))
-  assert sum(int(b['weights'].sum()) for b in batches) == windows.num_targets
-  assert all(b['inputs'].shape == (4, L) for b in batches)
-
-
-def test_paths_globs_and_bad_files(tmp_path):
-  (tmp_path / 'a.txt').write_text('alpha')
-  (tmp_path / 'sub').mkdir()
-  (tmp_path / 'sub' / 'b.txt').write_text('beta||gamma')
-  (tmp_path / 'bin.dat').write_bytes(b'\xff\xfe\x00\x81')
-  assert sources.expand_paths(str(tmp_path / '*.txt')) == [str(tmp_path / 'a.txt')]
-  both = sources.expand_paths(f'{tmp_path}/a.txt, {tmp_path}/sub')
-  assert sources.read_documents(both, separator='||') == ['alpha', 'beta', 'gamma']
-  with pytest.raises(sources.DataError, match='bin.dat is not UTF-8'):
-    sources.read_documents([str(tmp_path / 'bin.dat')])
-
-
-def test_a_smaller_stride_gives_windows_at_every_offset(tok, documents):
-  full = pipeline.tokenize_windows(documents[:3], tok, L)
-  every = pipeline.tokenize_windows(documents[:3], tok, L, stride=1)
-  assert len(every) == full.num_targets  # One window per target position.
-  starts = set(every.starts.tolist())
-  assert set(full.starts.tolist()) <= starts
-  assert max(every.ends - every.starts) == L + 1
+def test_a_smaller_stride_gives_windows_at_every_offset(data):
+  s, _ = data
+  full, every = _source(s).train, _source(s, stride=1).train
+  n = s.split('train').num_tokens
+  assert len(full) == (n - L - 1) // L + 1
+  assert len(every) == n - L
+  np.testing.assert_array_equal(every.read(3), s.split('train').read(3, L + 1))
+  np.testing.assert_array_equal(full.read(3), every.read(3 * L))

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from conftest import make_store
 from pretrax import config, tokenizer
 from pretrax.data import objectives, pipeline
 
@@ -21,7 +22,11 @@ def windows(tok, corpus_path):
   with open(corpus_path, encoding='utf-8') as f:
     text = f.read(150_000)
   documents = [text[i:i + 3000] for i in range(0, len(text), 3000)]
-  return pipeline.tokenize_windows(documents, tok, L)
+  out = []  # Each document then EOS, in windows of L + 1 tokens every L.
+  for d in documents:
+    ids = np.array(tok.encode(d) + [tokenizer.EOS_ID], np.int32)
+    out += [ids[s:s + L + 1] for s in range(0, len(ids) - 1, L)]
+  return out
 
 
 def make(tok, objective: str, **settings) -> objectives.Objectives:
@@ -117,16 +122,19 @@ def test_masks_depend_only_on_seed_and_example(tok, windows):
   assert not np.array_equal(a['weights'], c['weights']), 'a new epoch should draw new masks'
 
 
-def test_masks_are_identical_after_a_resume(tok, windows):
-  o = make(tok, 'masked_lm')
-  make_iter = lambda: iter(pipeline.train_dataset(windows, o, seq_len=L, batch_size=4, seed=3))
-  it = make_iter()
+def test_masks_are_identical_after_a_resume(tmp_path, corpus_path):
+  with open(corpus_path, encoding='utf-8') as f:
+    text = f.read(60_000)
+  s = make_store(tmp_path, [text[i:i + 700] for i in range(0, len(text), 700)])
+  o = make(tokenizer.Tokenizer.load(s.tokenizer_path), 'masked_lm')
+  source = pipeline.Source('data', 1.0, pipeline.Windows(s.split('train'), L, L), s.split('eval'))
+  make_iter = lambda start: pipeline.train_batches([source], o, global_batch=4, seed=3,
+                                                   start_step=start)
+  it = make_iter(0)
   for _ in range(3):
     next(it)
-  saved = it.get_state()
   expected = [next(it) for _ in range(4)]
-  resumed = make_iter()
-  resumed.set_state(saved)
+  resumed = make_iter(3)  # A resumed run starts reading at its step.
   for want in expected:
     got = next(resumed)
     for key in pipeline.BATCH_KEYS:

@@ -24,9 +24,10 @@ commands:
              [--device_memory_gib=GIB]
              [--config.KEY=VALUE ...]
   prepare    --config=configs/NAME.py[:ARG] --output=DIR [--workers=N] [--config.KEY=VALUE ...]
+             [--num_processes=N --process_id=I]
   sample     --workdir=DIR [--prompt=TEXT] [--length=N] [--temperature=T]
   tokenizer  --input=FILES --output=PATH.model [--model_type=char|bpe|unigram] [--vocab_size=N]
-             [--sentinels=N]
+             [--sentinels=N] [--sample_mb=MB] [--text_field=NAME]
   export     --workdir=DIR --out=HF_DIR [--step=N] [--dtype=float32|bfloat16]
              [--max_shard_size=5GB]
   import     --hf=HF_DIR --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
@@ -72,9 +73,13 @@ def _define_prepare() -> None:
   config_flags.DEFINE_config_file('config', None, 'Experiment config file: its data.*, '
                                   'tokenizer.* and data.seq_len say what to prepare.',
                                   lock_config=True)
-  flags.DEFINE_string('output', None, 'Directory to write the ArrayRecord shards into.')
-  flags.DEFINE_integer('workers', 0, 'Tokenizing processes (and shards per split); 0: one per '
-                       'CPU core.')
+  flags.DEFINE_string('output', None, 'Directory of the token store (a local or shared disk); '
+                      'the same command finishes an interrupted preparation.')
+  flags.DEFINE_integer('workers', -1, 'Tokenizing processes; -1: one per CPU core; 0: none '
+                       '(SentencePiece threads in this process).')
+  flags.DEFINE_integer('num_processes', 0, 'Hosts preparing one corpus together (each takes a '
+                       'share of the files); 0: detected on TPU VMs and SLURM, else 1.')
+  flags.DEFINE_integer('process_id', -1, 'This host\'s index, 0 to N-1 (with --num_processes).')
 
 
 def _define_sample() -> None:
@@ -92,7 +97,9 @@ def _define_tokenizer() -> None:
   flags.DEFINE_string('output', None, 'Where to write the SentencePiece model (.model).')
   flags.DEFINE_enum('model_type', 'bpe', ['char', 'bpe', 'unigram'], 'SentencePiece model type.')
   flags.DEFINE_integer('vocab_size', 8192, 'Vocabulary size (an upper bound for char).')
-  flags.DEFINE_string('separator', '', 'Split files into documents on this string.')
+  flags.DEFINE_string('separator', '', 'Split text files into documents on this string.')
+  flags.DEFINE_string('text_field', 'text', 'The text field of JSON lines and Parquet files.')
+  flags.DEFINE_float('sample_mb', 16.0, 'Text to train on, drawn from across the files.')
   flags.DEFINE_integer('sentinels', 0, 'Sentinel pieces to reserve for span corruption (T5: 100).')
 
 
@@ -145,10 +152,19 @@ class UsageError(ValueError):
   pass
 
 
+def _explicit_path_never_falls_back() -> None:
+  """The fallback corpus stands in for a config's own default path only: a path the user typed
+  that matches nothing is an error."""
+  overrides = dict(config_flags.get_override_values(FLAGS['config']))
+  if 'data.path' in overrides and 'data.fallback' not in overrides:
+    FLAGS.config.data.fallback = ''
+
+
 def _run_train() -> None:
   from pretrax import train
 
   _require_flags('config', 'workdir')
+  _explicit_path_never_falls_back()
   _join_hosts()
   train.train(FLAGS.config, FLAGS.workdir)
 
@@ -170,10 +186,16 @@ def _run_plan() -> None:
 
 
 def _run_prepare() -> None:
-  from pretrax.data import prepare
+  from pretrax import hosts
+  from pretrax.data import dataset
 
   _require_flags('config', 'output')
-  prepare.prepare(FLAGS.config, FLAGS.output, FLAGS.workers or os.cpu_count() or 1)
+  _explicit_path_never_falls_back()
+  index, count = hosts.process_share(FLAGS.num_processes, FLAGS.process_id)
+  workers = FLAGS.workers if FLAGS.workers >= 0 else (os.cpu_count() or 1)
+  FLAGS.config.data.prepare_workers = workers
+  dataset.build(FLAGS.config, FLAGS.output, process_index=index, process_count=count,
+                has_checkpoints=True, log=print)
   print(f'train on it with: pretrax train --config=... --config.data.prepared={FLAGS.output}')
 
 
@@ -188,13 +210,18 @@ def _run_sample() -> None:
 
 def _run_tokenizer() -> None:
   from pretrax import tokenizer
+  from pretrax.data import prepare
   from pretrax.data import sources
 
   _require_flags('input', 'output')
   files = sources.expand_paths(FLAGS.input)
   if not files:
-    raise FileNotFoundError(f'--input={FLAGS.input!r} matches no file: give text files or globs.')
-  documents = sources.read_documents(files, FLAGS.separator)
+    raise FileNotFoundError(f'--input={FLAGS.input!r} matches no file: give files, directories '
+                            'or globs.')
+  plan = {'files': [(f.path, f.size, f.mtime) for f in sources.describe(files)],
+          'reading': {'separator': FLAGS.separator, 'text_field': FLAGS.text_field,
+                      'eval_fraction': 0.0}}
+  documents = prepare.tokenizer_sample(plan, int(FLAGS.sample_mb * 1e6))
   tok = tokenizer.Tokenizer(tokenizer.train(documents, model_type=FLAGS.model_type,
                                             vocab_size=FLAGS.vocab_size,
                                             num_sentinels=FLAGS.sentinels))

@@ -90,17 +90,34 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention_backend = 'auto'
 
   c.data = ml_collections.ConfigDict()
-  c.data.path = ''  # A file, a directory or a glob; several separated by commas.
-  c.data.fallback = ''  # Corpus to use when `path` is missing; STDLIB_CORPUS is the only one.
-  c.data.separator = ''  # '': one document per file; else the string that splits documents.
-  c.data.skip_bad_files = False  # Skip (and count) empty, binary or non-UTF-8 files; else stop.
+  # Files, directories (recursive) and globs, local or gs://, comma-separated: text (.txt and any
+  # other suffix), JSON lines (.jsonl, .json) and Parquet; text and JSON lines may be .gz or .zst.
+  c.data.path = ''
+  # Corpus to use when the config's own `path` is missing (a fresh clone); STDLIB_CORPUS is the
+  # only one. A --config.data.path given on the command line never falls back.
+  c.data.fallback = ''
+  c.data.separator = ''  # Text files: '' makes each file a document; else the string between them.
+  c.data.text_field = 'text'  # JSON lines and Parquet: the field (column) that holds the text.
+  # Skip (and count, in the store's manifest) malformed records, non-UTF-8 text and damaged
+  # compressed files; else the first one stops the preparation, naming its file and line.
+  c.data.skip_bad_records = False
+  # Weighted sources instead of `path`: 'NAME=PATH:WEIGHT,...', e.g.
+  # 'web=/data/web/*.parquet:0.7,code=/data/code:0.2,books=/data/books:0.1'. Each source is its
+  # own store; batches mix them in these proportions and eval loss is reported per source.
+  c.data.mixture = ''
+  # Processes that tokenize when a run builds its store; -1: one per core for corpora over 64 MB,
+  # none (threads in this process) for smaller ones.
+  c.data.prepare_workers = -1
+  c.data.shard_mb = 64.0  # Input text per store shard: the unit of resuming a preparation.
   c.data.seq_len = 64
   c.data.window_stride = 0  # Training windows start every this many tokens; 0: seq_len.
   c.data.batch_size = 12  # Global batch, in sequences, per optimizer step.
-  c.data.eval_fraction = 0.1  # Held out from the end of the corpus, by position.
-  c.data.worker_count = 0  # Grain multiprocessing workers; 0 reads in the main process.
-  # A directory from `pretrax prepare`: train on its rows instead of reading data.path. Batches are
-  # then a function of (seed, step), so a run may resume on another number of processes.
+  # Documents held out, chosen by a hash of their text (the same for any number of hosts); a
+  # corpus of one text document is cut by position instead (its last eval_fraction, as nanoGPT).
+  c.data.eval_fraction = 0.1
+  c.data.worker_count = 2  # Threads that build batches ahead of the step.
+  # A token store from `pretrax prepare` (for a mixture: the directory holding one per source).
+  # Without it, a run builds its store from `path` in WORKDIR/data, or reuses the one there.
   c.data.prepared = ''
 
   c.masked_lm = ml_collections.ConfigDict()
@@ -118,6 +135,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer.model_type = 'char'
   c.tokenizer.vocab_size = 512  # Upper bound for `char` (its size is the alphabet's).
   c.tokenizer.sentinels = -1  # Sentinel pieces to reserve; -1: 100 if the objective uses them.
+  c.tokenizer.sample_mb = 16.0  # Training text drawn from across the corpus for a new tokenizer.
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3
@@ -393,6 +411,11 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: 
   _require(c.checkpoint.every > 0, f'checkpoint.every={c.checkpoint.every} must be positive.')
   _require(c.checkpoint.keep > 0, f'checkpoint.keep={c.checkpoint.keep} must be positive.')
   profile_steps(c.profile_steps)
+  _require(d.batch_size > 0, f'data.batch_size={d.batch_size} must be positive.')
+  _require(d.shard_mb > 0, f'data.shard_mb={d.shard_mb} must be positive.')
+  _require(c.tokenizer.sample_mb > 0,
+           f'tokenizer.sample_mb={c.tokenizer.sample_mb} must be positive.')
+  mixture(d.mixture)
   if check_data and not c.data.prepared:
     resolve_data_paths(c)
     if c.tokenizer.path:
@@ -401,10 +424,37 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: 
                '.model file, or set it to "" to train one on the data.')
 
 
+def mixture(spec: str) -> list[tuple[str, str, float]]:
+  """(name, path, weight) of each source of a `data.mixture` ('NAME=PATH:WEIGHT,...')."""
+  out = []
+  for item in (p.strip() for p in spec.split(',') if p.strip()):
+    name, _, rest = item.partition('=')
+    path, _, weight = rest.rpartition(':')
+    try:
+      value = float(weight)
+    except ValueError:
+      value = -1.0
+    _require(name.isidentifier() and path and value > 0,
+             f'data.mixture item {item!r} is not NAME=PATH:WEIGHT with a positive weight, e.g. '
+             'web=/data/web/*.parquet:0.7')
+    out.append((name, path, value))
+  names = [n for n, _, _ in out]
+  _require(len(set(names)) == len(names), f'data.mixture names a source twice: {names}.')
+  return out
+
+
 def resolve_data_paths(c: ml_collections.ConfigDict) -> list[str]:
-  """The text files the config names, or the fallback corpus; a clear error if there are none."""
+  """The files the config names, or the fallback corpus; a clear error if there are none."""
   from pretrax.data import sources  # Local: validation only needs the file system part.
 
+  if c.data.mixture:
+    files = []
+    for name, path, _ in mixture(c.data.mixture):
+      found = sources.expand_paths(path)
+      _require(bool(found), f'data.mixture source {name}={path!r} matches no file: point it at '
+               'files, directories or globs.')
+      files += found
+    return files
   files = sources.expand_paths(c.data.path) if c.data.path else []
   if files:
     return files

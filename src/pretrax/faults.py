@@ -161,10 +161,16 @@ class BucketLease:
 
   def read(self) -> dict | None:
     """The lease as written, or None when there is none (or it is not one of ours)."""
-    try:
-      lease = json.loads(self.path.read_text())
-    except (FileNotFoundError, ValueError):
-      return None
+    for attempt in range(3):
+      try:
+        lease = json.loads(self.path.read_text())
+        break
+      except (FileNotFoundError, ValueError):
+        # A store without atomic overwrites (a local GCS emulator, some fuse mounts) can show the
+        # object missing or half-written while the heartbeat rewrites it: look again shortly.
+        if attempt == 2:
+          return None
+        time.sleep(0.05)
     return lease if isinstance(lease, dict) and 'heartbeat' in lease else None
 
   def _write(self) -> None:

@@ -27,6 +27,22 @@ def cluster_detected() -> bool:
   return ',' in tpu_hosts or bool(os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'))
 
 
+def process_share(num_processes: int = 0, process_id: int = -1) -> tuple[int, int]:
+  """(index, count) of this process among those sharing work without joining JAX (prepare):
+  the flags, else SLURM's or a TPU VM's own variables, else (0, 1)."""
+  if num_processes > 0:
+    if not 0 <= process_id < num_processes:
+      raise HostsError(f'--process_id={process_id} must be in [0, {num_processes}) with '
+                       f'--num_processes={num_processes}.')
+    return process_id, num_processes
+  if int(os.environ.get('SLURM_NTASKS', '1') or 1) > 1:
+    return int(os.environ['SLURM_PROCID']), int(os.environ['SLURM_NTASKS'])
+  tpu_hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
+  if ',' in tpu_hosts:
+    return int(os.environ.get('TPU_WORKER_ID', '0')), len(tpu_hosts.split(','))
+  return 0, 1
+
+
 def _wait_for_coordinator(address: str, timeout_s: float) -> None:
   """Returns once the coordinator accepts TCP connections; raises HostsError at the deadline.
 

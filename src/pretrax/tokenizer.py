@@ -7,12 +7,10 @@ with them. Byte fallback means no text is ever unknown.
 
 from collections.abc import Iterable, Iterator
 import io
-import time
 
 import numpy as np
 import sentencepiece as spm
 
-from pretrax import config as config_lib
 from pretrax import paths
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3, 4
@@ -84,8 +82,8 @@ class Tokenizer:
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
 
-  def encode_batch(self, texts: list[str]) -> list[list[int]]:
-    return self._sp.encode(texts, num_threads=2)
+  def encode_batch(self, texts: list[str], num_threads: int = 2) -> list[list[int]]:
+    return self._sp.encode(texts, num_threads=num_threads)
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
@@ -130,17 +128,3 @@ class Tokenizer:
       else:
         sizes[i] = len(self._sp.id_to_piece(i).replace('\u2581', ' ').encode('utf-8'))
     return sizes
-
-
-def from_config(c, train_docs: list[str], log=print) -> Tokenizer:
-  """The model at `c.tokenizer.path`, or a new one trained on `train_docs` as `c.tokenizer` says
-  (with the sentinels the run's objectives need)."""
-  if c.tokenizer.path:
-    return Tokenizer.load(c.tokenizer.path)
-  start = time.perf_counter()
-  tok = Tokenizer(train(train_docs, model_type=c.tokenizer.model_type,
-                        vocab_size=c.tokenizer.vocab_size,
-                        num_sentinels=config_lib.num_sentinels(c)))
-  log(f'trained a {c.tokenizer.model_type} tokenizer ({tok.vocab_size} pieces) in '
-      f'{time.perf_counter() - start:.1f} s')
-  return tok

@@ -4,8 +4,7 @@ Running `train` again on the same workdir resumes from the latest checkpoint: th
 optimizer state, data position and step, so the run continues as if it had never stopped.
 """
 
-from collections.abc import Callable, Iterable, Iterator
-import dataclasses
+from collections.abc import Iterable
 import json
 import shutil
 import tempfile
@@ -25,15 +24,12 @@ from pretrax import paths
 from pretrax import sample as sample_lib
 from pretrax import state as state_lib
 from pretrax import step as step_lib
-from pretrax import tokenizer as tokenizer_lib
+from pretrax.data import dataset
 from pretrax.data import objectives as objectives_lib
-from pretrax.data import pipeline
-from pretrax.data import prepare as prepare_lib
-from pretrax.data import sources
 
 # Fields that may change between a run and its resumption; any other change is refused.
 RESUMABLE_CHANGES = ('steps', 'log_every', 'eval_every', 'eval_batches', 'peak_flops',
-                     'checkpoint', 'sample', 'data.worker_count', 'fault',
+                     'checkpoint', 'sample', 'data.worker_count', 'data.prepare_workers', 'fault',
                      'optim.skip_nonfinite', 'mesh', 'profile_steps',
                      # Attention backends and recomputation change speed and memory only.
                      'model.attention_backend', 'model.remat')
@@ -76,12 +72,9 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
       saved_config = None
     if saved_config is not None:
       _check_resumable(c, saved_config, latest)
-    saved_topology = checkpoint.restore_topology(mngr, latest)
-    if saved_topology and not c.data.prepared:
-      _check_same_process_count(saved_topology, latest)
 
   # ---- Tokenizer and data -------------------------------------------------------------------
-  data = load_data(c, workdir)
+  data = load_data(c, workdir, has_checkpoints=latest is not None)
   tok, objectives, seq_len = data.tok, data.objectives, c.data.seq_len
   if c.objective != 'causal_lm':
     log(f'objective: {c.objective}')
@@ -92,7 +85,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
     state = run.init(c.seed)
     start = 0
   else:
-    state = _restore_newest_intact(c, workdir, mngr, run.abstract, data.iterator)
+    state = _restore_newest_intact(c, workdir, mngr, run.abstract)
     start = int(state['step'])
     log(f'resumed from {checkpoint.directory(workdir)}/{start} at step {start}')
   train_iter = data.train_batches(start)
@@ -116,14 +109,19 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
   def to_global(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
 
-  def evaluate() -> dict[str, float]:
+  def evaluate_set(batches: Iterable[dict[str, np.ndarray]]) -> dict[str, Any]:
     sums = None
-    for i, batch in enumerate(data.eval_batches()):
+    for i, batch in enumerate(batches):
       if c.eval_batches and i >= c.eval_batches:
         break
       out = jax.device_get(eval_step(state['params'], to_global(batch), bytes_per_token,
                                      baseline_id))
       sums = out if sums is None else jax.tree.map(np.add, sums, out)
+    return sums
+
+  def evaluate() -> dict[str, float]:
+    per_source = {name: evaluate_set(batches()) for name, batches in data.eval_sets.items()}
+    sums = jax.tree.map(lambda *x: sum(x), *per_source.values())
     weight = max(float(sums['weight_sum']), 1.0)
     loss = float(sums['loss_sum']) / weight
     result = {'eval_loss': loss, 'eval_perplexity': float(np.exp(min(loss, 50.0))),
@@ -136,6 +134,9 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
       k = config_lib.OBJECTIVES.index(name)
       result[f'eval_loss_{name}'] = (float(sums['group_loss_sum'][k])
                                      / max(float(sums['group_weight_sum'][k]), 1.0))
+    for name, source_sums in per_source.items() if len(per_source) > 1 else ():
+      result[f'eval_loss_{name}'] = (float(source_sums['loss_sum'])
+                                     / max(float(source_sums['weight_sum']), 1.0))
     return result
 
   # ---- Loop ---------------------------------------------------------------------------------
@@ -220,12 +221,12 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
         if saving:
           flush()
           writer.flush()  # On a bucket, metrics.jsonl is uploaded before the checkpoint commits.
-          checkpoint.save(mngr, done, state, data.iterator, config_json)
+          checkpoint.save(mngr, done, state, None, config_json)
         if done < c.steps and stop.should_stop(done):
           flush()
           if not saving:
             writer.flush()
-            checkpoint.save(mngr, done, state, data.iterator, config_json)
+            checkpoint.save(mngr, done, state, None, config_json)
           raise faults.Stopped(done, stop.received or 'a stop signal')
       flush()
     else:
@@ -240,7 +241,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
   text = ''
   if c.sample.length and c.objective == 'masked_lm':
     examples = []
-    for i, window in enumerate(data.held_out_windows()):
+    for i, window in enumerate(data.held_out_pieces()):
       if sum(len(e['inputs']) for e in examples) >= c.sample.length:
         break
       examples.append(objectives.build(window, seed=c.seed, stream=objectives_lib.EVAL_STREAM,
@@ -296,94 +297,23 @@ class _StepTrace:
         shutil.rmtree(self.local_dir, ignore_errors=True)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Data:
-  """A run's data, from text on the fly or from a prepared directory."""
-  tok: tokenizer_lib.Tokenizer
-  objectives: objectives_lib.Objectives
-  baseline_id: int  # The most frequent non-special training token: the accuracy floor.
-  train_batches: Callable[[int], Iterator[dict[str, np.ndarray]]]  # Start step -> batches.
-  eval_batches: Callable[[], Iterable[dict[str, np.ndarray]]]
-  held_out_windows: Callable[[], Iterable[np.ndarray]]
-  iterator: Any  # The Grain iterator whose position checkpoints hold; None: the step is enough.
-
-
-def load_data(c: ml_collections.ConfigDict, workdir: str) -> _Data:
-  """The run's tokenizer and data: prepared rows if `data.prepared`, else text on the fly.
-  (Also used by benchmarks/throughput.py to time the input pipeline alone.)"""
-  return _prepared_data(c, workdir) if c.data.prepared else _text_data(c, workdir)
-
-
-def _text_data(c: ml_collections.ConfigDict, workdir: str) -> _Data:
-  """Text read, tokenized and packed on the fly; the iterator's state is saved with the model."""
-  files, documents = sources.read_configured(c, log)
-  train_docs, eval_docs = sources.split_by_position(documents, c.data.eval_fraction)
-  tok = _tokenizer(c, workdir, train_docs)
-  seq_len = c.data.seq_len
-  train_windows = pipeline.tokenize_windows(train_docs, tok, seq_len, c.data.window_stride)
-  eval_windows = pipeline.tokenize_windows(eval_docs, tok, seq_len)
-  if not eval_windows.num_targets or not train_windows.num_targets:
-    raise config_lib.ConfigError(
-        f'data.eval_fraction={c.data.eval_fraction} leaves an empty train or held-out split of '
-        f'{sum(len(d) for d in documents)} characters: use more text or change the fraction.')
-  log(f'data: {len(files)} file(s), {len(documents)} document(s); '
-      f'{len(train_windows.tokens):,} train / {len(eval_windows.tokens):,} eval tokens, '
-      f'{len(train_windows):,} training windows; vocab {tok.vocab_size}')
-  objectives = objectives_lib.Objectives.from_config(c, tok)
-  per_process_batch = c.data.batch_size // jax.process_count()
-  where = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  train_iter = iter(pipeline.train_dataset(
-      train_windows, objectives, seq_len=seq_len, batch_size=per_process_batch, seed=c.seed,
-      worker_count=c.data.worker_count, **where))
-  return _Data(
-      tok=tok, objectives=objectives,
-      baseline_id=_most_frequent_token(train_windows.tokens, tok),
-      train_batches=lambda start: train_iter,  # Restored in place by the checkpoint.
-      eval_batches=lambda: pipeline.eval_dataset(eval_windows, objectives, seq_len=seq_len,
-                                                 batch_size=per_process_batch, seed=c.seed,
-                                                 **where),
-      held_out_windows=lambda: (eval_windows[i] for i in range(len(eval_windows))),
-      iterator=train_iter)
-
-
-def _prepared_data(c: ml_collections.ConfigDict, workdir: str) -> _Data:
-  """Rows that `pretrax prepare` wrote, read by index: batches depend on (seed, step) only."""
-  prepared = prepare_lib.PreparedData(c.data.prepared)
-  if prepared.seq_len != c.data.seq_len:
-    raise config_lib.ConfigError(
-        f'data.prepared={c.data.prepared!r} holds rows of {prepared.seq_len} tokens but '
-        f'data.seq_len={c.data.seq_len}: set --config.data.seq_len={prepared.seq_len} or prepare '
-        'the corpus again.')
-  if c.tokenizer.path:
-    log(f'tokenizer.path is ignored: prepared data comes with its tokenizer '
-        f'({prepared.tokenizer_path})')
-  tok = tokenizer_lib.Tokenizer.load(prepared.tokenizer_path)
+def load_data(c: ml_collections.ConfigDict, workdir: str,
+              has_checkpoints: bool = False) -> dataset.RunData:
+  """The run's tokenizer and batches (see data/dataset.py); the tokenizer is kept in the workdir
+  for `sample` and `export`. (Also used by benchmarks/throughput.py to time the pipeline alone.)"""
+  data = dataset.load(c, workdir, process_index=jax.process_index(),
+                      process_count=jax.process_count(), has_checkpoints=has_checkpoints, log=log)
   if jax.process_index() == 0:
-    tok.save(paths.join(workdir, TOKENIZER_FILE))
-  train_rows, eval_rows = prepared.rows('train'), prepared.rows('eval')
-  splits = prepared.meta['splits']
-  log(f'data: prepared {c.data.prepared}: {splits["train"]["rows"]:,} train / '
-      f'{splits["eval"]["rows"]:,} eval rows of {prepared.seq_len}; vocab {tok.vocab_size}')
-  objectives = objectives_lib.Objectives.from_config(c, tok)
-  where = dict(global_batch=c.data.batch_size, seed=c.seed, process_index=jax.process_index(),
-               process_count=jax.process_count())
-  return _Data(
-      tok=tok, objectives=objectives, baseline_id=prepared.meta['most_frequent_token'],
-      train_batches=lambda start: iter(prepare_lib.prepared_train_dataset(
-          train_rows, objectives, start_step=start, **where)),
-      eval_batches=lambda: prepare_lib.prepared_eval_batches(eval_rows, objectives, **where),
-      held_out_windows=lambda: (w for i in range(len(eval_rows))
-                                for _, w in prepare_lib.row_windows(eval_rows[i])),
-      iterator=None)
+    data.tok.save(paths.join(workdir, TOKENIZER_FILE))
+  return data
 
 
-def _restore_newest_intact(c: ml_collections.ConfigDict, workdir: str, mngr, abstract,
-                           train_iter) -> Any:
+def _restore_newest_intact(c: ml_collections.ConfigDict, workdir: str, mngr, abstract) -> Any:
   """The newest checkpoint's state; with checkpoint.fallback, damaged ones are set aside and the
   next older one is tried. Never returns a state that differs from what was saved."""
   for step in sorted(mngr.all_steps(), reverse=True):
     try:
-      state, _ = checkpoint.restore(mngr, step, abstract, train_iter)
+      state, _ = checkpoint.restore(mngr, step, abstract)
       return state
     except checkpoint.CheckpointError as e:
       if not c.checkpoint.fallback:
@@ -397,17 +327,6 @@ def _restore_newest_intact(c: ml_collections.ConfigDict, workdir: str, mngr, abs
                                    'use a new --workdir to start over.')
 
 
-def _check_same_process_count(saved: dict[str, int], step: int) -> None:
-  if saved['process_count'] != jax.process_count():
-    raise config_lib.ConfigError(
-        f'the checkpoint at step {step} was written by {saved["process_count"]} process(es) and '
-        f'this run has {jax.process_count()}: the on-the-fly text pipeline\'s position cannot move '
-        'between process counts without repeating or skipping data. Resume with '
-        f'{saved["process_count"]} process(es), or prepare the corpus once with `pretrax prepare '
-        '--config=... --output=DIR` and train on --config.data.prepared=DIR, whose batches do not '
-        'depend on the process count.')
-
-
 def _eval_line(step: int, e: dict[str, float]) -> str:
   parts = [f'loss {e["eval_loss"]:.4f}', f'perplexity {e["eval_perplexity"]:.2f}']
   if 'eval_bits_per_byte' in e:
@@ -416,25 +335,6 @@ def _eval_line(step: int, e: dict[str, float]) -> str:
                f'{e["eval_baseline_accuracy"]:.3f})')
   parts += [f'{k[len("eval_"):]} {v:.4f}' for k, v in e.items() if k.startswith('eval_loss_')]
   return f'eval at step {step}: ' + ', '.join(parts)
-
-
-def _most_frequent_token(tokens: np.ndarray, tok: tokenizer_lib.Tokenizer) -> int:
-  """The most frequent non-special token of the training split, for the baseline accuracy."""
-  counts = np.bincount(tokens, minlength=tok.vocab_size)
-  counts[tok.special_ids()] = 0
-  return int(np.argmax(counts))
-
-
-def _tokenizer(c: ml_collections.ConfigDict, workdir: str,
-               train_docs: list[str]) -> tokenizer_lib.Tokenizer:
-  """The configured tokenizer, the one this run trained before, or a new one on the train split."""
-  path = paths.join(workdir, TOKENIZER_FILE)
-  if not c.tokenizer.path and paths.path(path).exists():
-    return tokenizer_lib.Tokenizer.load(path)
-  tok = tokenizer_lib.from_config(c, train_docs, log)
-  if jax.process_index() == 0:
-    tok.save(path)
-  return tok
 
 
 def _flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:

@@ -3,6 +3,7 @@ parameters of a run that was never hurt (bit for bit on CPU), or the run fails w
 one-line error."""
 
 import glob
+import json
 import os
 import random
 import shlex
@@ -248,27 +249,32 @@ def test_a_checkpoint_fingerprint_catches_changed_arrays(tmp_path):
 
 
 @pytest.mark.parametrize('name, content, fragment', [
-    ('empty.txt', b'', 'is empty'),
-    ('latin1.txt', 'caf\u00e9'.encode('latin-1') * 50, 'is not UTF-8'),
-    ('binary.bin', bytes(range(256)) * 4, 'is not UTF-8'),
-    ('zeros.bin', b'\x00' * 500, 'is binary'),
+    ('latin1.txt', 'caf\u00e9'.encode('latin-1') * 50, 'not UTF-8'),
+    ('binary.bin', bytes(range(256)) * 4, 'binary data'),
+    ('zeros.bin', b'\x00' * 500, 'binary data'),
 ])
 def test_bad_data_files_fail_before_training(tmp_path, corpus_path, name, content, fragment):
   bad = tmp_path / name
   bad.write_bytes(content)
   result = run_cli(*train_args(tmp_path / 'run', f'{corpus_path},{bad}', '--config.steps=2'))
-  one_line_error(result, str(bad), fragment, 'skip_bad_files')
+  one_line_error(result, str(bad), fragment, 'skip_bad_records')
   assert not glob.glob(str(tmp_path / 'run' / 'checkpoints' / '*')), 'it trained anyway'
 
 
 def test_bad_files_are_skipped_and_counted_when_asked(tmp_path, corpus_path):
-  (tmp_path / 'empty.txt').write_bytes(b'')
+  (tmp_path / 'empty.txt').write_bytes(b'')  # No text: nothing to skip, nothing to learn.
   (tmp_path / 'zeros.bin').write_bytes(b'\x00' * 10)
+  (tmp_path / 'latin1.txt').write_bytes('caf\u00e9'.encode('latin-1'))
   result = run_cli(*train_args(tmp_path / 'run', f'{corpus_path},{tmp_path}/empty.txt,'
-                               f'{tmp_path}/zeros.bin', '--config.steps=2',
-                               '--config.data.skip_bad_files=true'))
+                               f'{tmp_path}/zeros.bin,{tmp_path}/latin1.txt', '--config.steps=2',
+                               '--config.data.skip_bad_records=true',
+                               # Paragraphs as documents: some of them held out whatever the hash.
+                               '--config.data.separator=\n\n'))
   assert result.returncode == 0, result.stderr[-2000:]
-  assert 'skipped 2 bad file(s)' in result.stdout
+  assert '2 bad record(s) skipped' in result.stdout
+  assert 'zeros.bin:byte 0: binary data' in result.stdout
+  manifest = json.loads((tmp_path / 'run' / 'data' / 'manifest.json').read_text())
+  assert manifest['bad_records'] == 2
 
 
 def test_a_glob_that_matches_nothing_fails_before_training(tmp_path):

@@ -1,151 +1,193 @@
-"""Grain pipelines: documents -> tokens -> shuffled windows -> examples -> packed sequences -> batches.
+"""Batches from token stores, read by index: the global batch of step k is a function of (seed, k).
 
-The corpus is tokenized once, in memory, when the pipeline is built (SentencePiece with threads,
-~350k tokens/s on two cores); every later stage is a lazy Grain transformation, so the iterator's
-state is a few integers that Orbax saves with the model, and a resumed run reads exactly the batches
-an uninterrupted one would have.
+A split is one stream of tokens, each document followed by EOS (store.py). A training window is
+seq_len + 1 tokens of it starting every `stride` tokens (stride seq_len: every next-token pair is in
+one window; stride 1: nanoGPT's windows at every offset). Windows are shuffled by index (Grain's
+O(1)-memory shuffle, reshuffled every epoch); with several sources, Grain's index mixture
+interleaves them in proportion to their weights. The global batch of step k is rows k*B .. k*B+B-1
+of that order, and each process reads its slice, so a run may resume on any number of processes.
 
-A document of n tokens (EOS appended) becomes windows of at most L+1 tokens starting every `stride`
-tokens. With stride L (the default, and always for evaluation) consecutive windows overlap by one
-token, so every next-token pair is a target exactly once; a smaller stride gives more windows with
-different contexts (stride 1 is nanoGPT's sampling of windows at every offset). Windows are shuffled
-globally (re-shuffled each epoch), turned into examples by the run's objective (`objectives.py`:
-causal, prefix LM, span corruption or masked LM, each example's randomness seeded by its identity),
-then packed first-fit into rows of L with segment ids (1-based, 0 = padding) and positions, so that
-attention never crosses a document and nothing is truncated.
+A window may hold the end of one document and the start of the next: segment ids restart after
+each EOS (attention never crosses a document), positions count from each document's start, and
+the prediction across the boundary has no weight. The causal objective is built for a whole batch
+at once in NumPy; the others (objectives.py) build each document piece of a row, laid where it was.
 
-Batch keys, each (batch, L): inputs, targets, segment_ids, positions, prefix, objective (int32) and
-weights (float32); see objectives.py for what each means.
+Batch keys, each (batch, seq_len): inputs, targets, segment_ids, positions, prefix, objective (int32)
+and weights (float32).
 """
 
+from collections.abc import Iterator
 import dataclasses
 
 import grain
 import numpy as np
 
-from pretrax import config as config_lib
 from pretrax import tokenizer as tokenizer_lib
 from pretrax.data import objectives as objectives_lib
+from pretrax.data import store as store_lib
 
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights', 'prefix', 'objective')
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenWindows:
-  """A tokenized corpus cut into windows of at most seq_len + 1 tokens."""
-  tokens: np.ndarray  # int32, every document's tokens then EOS, concatenated.
-  starts: np.ndarray  # int64, window i is tokens[starts[i]:ends[i]].
-  ends: np.ndarray
+class Windows:
+  """Windows of seq_len + 1 tokens every `stride` tokens of one split."""
+  split: store_lib.Split
+  seq_len: int
+  stride: int
 
   def __len__(self) -> int:
-    return len(self.starts)
+    n = self.split.num_tokens - self.seq_len - 1
+    return n // self.stride + 1 if n >= 0 else 0
 
-  def __getitem__(self, i: int) -> np.ndarray:
-    return self.tokens[self.starts[i]:self.ends[i]]
-
-  @property
-  def num_targets(self) -> int:
-    return int(np.sum(self.ends - self.starts - 1))
+  def read(self, i: int) -> np.ndarray:
+    return self.split.read(i * self.stride, self.seq_len + 1)
 
 
-def tokenize_windows(documents: list[str], tok: tokenizer_lib.Tokenizer, seq_len: int,
-                     stride: int = 0) -> TokenWindows:
-  """Tokenizes `documents` and cuts them into windows of seq_len + 1 tokens every `stride` tokens.
-
-  `stride` 0 means seq_len: every next-token pair is then in exactly one window.
-  """
-  return windows_of(tok.encode_batch(documents) if documents else [], seq_len, stride)
+def num_eval_windows(split: store_lib.Split, seq_len: int) -> int:
+  """Windows every seq_len tokens that cover the held-out split: every next-token pair once."""
+  return -(-max(split.num_tokens - 1, 0) // seq_len)
 
 
-def windows_of(encoded: list[list[int]], seq_len: int, stride: int = 0) -> TokenWindows:
-  """Windows of already-encoded documents (see tokenize_windows)."""
-  stride = stride or seq_len
-  lengths = np.array([len(ids) + 1 for ids in encoded], np.int64)
-  tokens = np.empty(int(lengths.sum()), np.int32)
-  doc_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-  starts, ends = [], []
-  for ids, start, n in zip(encoded, doc_starts, lengths):
-    tokens[start:start + n - 1] = ids
-    tokens[start + n - 1] = tokenizer_lib.EOS_ID
-    # Windows of L+1 tokens every `stride` tokens; a window of a single token has no target.
-    offsets = np.arange(0, n - 1, stride, dtype=np.int64)
-    starts.append(start + offsets)
-    ends.append(start + np.minimum(offsets + seq_len + 1, n))
-  starts_all = np.concatenate(starts) if starts else np.zeros(0, np.int64)
-  ends_all = np.concatenate(ends) if ends else np.zeros(0, np.int64)
-  return TokenWindows(tokens=tokens, starts=starts_all, ends=ends_all)
+def eval_window(split: store_lib.Split, seq_len: int, i: int) -> tuple[int, int]:
+  """(start, length) of held-out window i; the last may be shorter than seq_len + 1."""
+  return i * seq_len, min(seq_len + 1, split.num_tokens - i * seq_len)
 
 
-def _finish(batch: dict[str, np.ndarray], batch_size: int,
-            objectives: objectives_lib.Objectives) -> dict[str, np.ndarray]:
-  """Renames the packer's keys, fills the keys that were not packed, and pads a short last batch
-  with empty rows."""
-  out = {k: batch[k] for k in objectives.packed_keys}
-  out['segment_ids'] = batch['inputs_segment_ids']
-  out['positions'] = batch['inputs_positions']
-  if 'weights' not in out:  # Plain causal LM: every real token is a target.
-    out['weights'] = (out['segment_ids'] > 0).astype(np.float32)
-  if 'prefix' not in out:  # No prefix objective: the model does not read it.
-    out['prefix'] = np.zeros_like(out['inputs'])
-  if 'objective' not in out:  # A single objective.
-    index = config_lib.OBJECTIVES.index(objectives.names[0])
-    out['objective'] = np.full_like(out['inputs'], index)
-  missing = batch_size - len(out['inputs'])
-  if missing:
-    out = {k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)])
-           for k, v in out.items()}
+# ---- Rows -------------------------------------------------------------------------------------
+
+
+def causal_rows(windows_BxT: np.ndarray, lengths_B: np.ndarray) -> dict[str, np.ndarray]:
+  """Causal LM rows of a batch of windows (int32, seq_len + 1 wide, the first lengths_B[i] real)."""
+  inputs, targets = windows_BxT[:, :-1], windows_BxT[:, 1:]
+  seq_len = inputs.shape[1]
+  index = np.arange(seq_len, dtype=np.int32)
+  real = index[None, :] < (lengths_B[:, None] - 1)
+  eos = inputs == tokenizer_lib.EOS_ID
+  # A segment starts at 0 and after every EOS; the EOS itself ends the segment before it.
+  segment_ids = (np.cumsum(eos, axis=1, dtype=np.int32) - eos + 1) * real
+  starts = np.zeros_like(eos)
+  starts[:, 0] = True
+  starts[:, 1:] = eos[:, :-1]
+  positions = index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+  return {'inputs': np.where(real, inputs, 0), 'targets': np.where(real, targets, 0),
+          'segment_ids': segment_ids.astype(np.int32), 'positions': positions.astype(np.int32),
+          'weights': (real & ~eos).astype(np.float32), 'prefix': np.zeros_like(inputs),
+          'objective': np.zeros_like(inputs)}
+
+
+def _pieces(window: np.ndarray) -> list[tuple[int, int]]:
+  """(start, end) of each document piece of a window: up to and including its EOS."""
+  ends = np.flatnonzero(window[:-1] == tokenizer_lib.EOS_ID) + 1
+  bounds = [0, *ends.tolist(), len(window)]
+  return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def objective_row(window: np.ndarray, length: int, objectives: objectives_lib.Objectives, *,
+                  seed: int, stream: int, epoch: int, window_id: int) -> dict[str, np.ndarray]:
+  """One row of any objective: each document piece's example laid where the piece was, seeded by
+  the piece's place in the data."""
+  seq_len = len(window) - 1
+  out = {k: np.zeros(seq_len, np.float32 if k == 'weights' else np.int32) for k in BATCH_KEYS}
+  masked = objectives.names == ('masked_lm',)
+  for segment, (a, b) in enumerate(_pieces(window[:length]), start=1):
+    slots = min(b, seq_len) - a  # The last piece's final token is only a target.
+    piece = window[a:b][:slots] if masked else window[a:b]
+    if len(piece) < (1 if masked else 2):
+      continue
+    example = objectives.build(piece, seed=seed, stream=stream, epoch=epoch,
+                               index=window_id * (seq_len + 1) + a)
+    n = len(example['inputs'])
+    for k in objectives_lib.EXAMPLE_KEYS:
+      out[k][a:a + n] = example[k]
+    out['segment_ids'][a:a + n] = segment
+    out['positions'][a:a + n] = np.arange(n)
   return out
 
 
-def _packed_batches(ds: grain.MapDataset, objectives: objectives_lib.Objectives, *, seq_len: int,
-                    batch_size: int, drop_remainder: bool,
-                    worker_count: int) -> grain.IterDataset:
-  keys = objectives.packed_keys
-  ds = ds.map(lambda example: {k: example[k] for k in keys})
-  # Reading a window is a slice of an in-memory array: read-ahead threads would only poll.
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-  it = grain.experimental.FirstFitPackIterDataset(
-      it, length_struct={k: seq_len for k in keys}, num_packing_bins=batch_size,
-      shuffle_bins=False)
-  it = it.batch(batch_size, drop_remainder=drop_remainder)
-  it = it.map(lambda b: _finish(b, batch_size, objectives))
-  if worker_count > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  return it
+def build_batch(windows: list[np.ndarray], lengths: list[int],
+                objectives: objectives_lib.Objectives, *, seed: int, stream: int,
+                epochs: list[int], window_ids: list[int]) -> dict[str, np.ndarray]:
+  if objectives.names == ('causal_lm',):
+    return causal_rows(np.stack(windows), np.asarray(lengths))
+  rows = [objective_row(w, n, objectives, seed=seed, stream=stream, epoch=e, window_id=i)
+          for w, n, e, i in zip(windows, lengths, epochs, window_ids)]
+  return {k: np.stack([r[k] for r in rows]) for k in BATCH_KEYS}
 
 
-def train_dataset(windows: TokenWindows, objectives: objectives_lib.Objectives, *, seq_len: int,
-                  batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
-                  worker_count: int = 0) -> grain.IterDataset:
-  """An endless, seeded stream of this process's share of the training batches.
-
-  `batch_size` is per process. Each process reads a disjoint slice of the windows.
-  """
-  if len(windows) < process_count:
-    raise ValueError(f'the training split has {len(windows)} windows, fewer than '
-                     f'{process_count} processes: use more text.')
-  ds = grain.MapDataset.range(len(windows))[process_index::process_count]
-  epoch_length = len(ds)
-
-  def example(k: int, i: int) -> objectives_lib.Example:  # k: position in the endless stream.
-    return objectives.build(windows[int(i)], seed=seed, stream=objectives_lib.TRAIN_STREAM,
-                            epoch=k // epoch_length, index=int(i))
-
-  ds = ds.shuffle(seed=seed).repeat().map_with_index(example)
-  return _packed_batches(ds, objectives, seq_len=seq_len, batch_size=batch_size,
-                         drop_remainder=True, worker_count=worker_count)
+# ---- Training and evaluation streams ----------------------------------------------------------
 
 
-def eval_dataset(windows: TokenWindows, objectives: objectives_lib.Objectives, *, seq_len: int,
-                 batch_size: int, seed: int, process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
-  """One ordered pass over this process's share of the held-out windows, padded to full batches.
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One weighted source of a run: its training windows and held-out split."""
+  name: str
+  weight: float
+  train: Windows
+  eval: store_lib.Split
 
-  The examples (masks, spans, splits) are the same at every evaluation of the run.
-  """
-  ds = grain.MapDataset.range(len(windows))[process_index::process_count]
-  ds = ds.map(lambda i: objectives.build(windows[int(i)], seed=seed,
-                                         stream=objectives_lib.EVAL_STREAM, epoch=0, index=int(i)))
-  return _packed_batches(ds, objectives, seq_len=seq_len, batch_size=batch_size,
-                         drop_remainder=False, worker_count=0)
 
+def window_order(sources: list[Source], seed: int) -> grain.MapDataset:
+  """Index j of the endless training stream -> (source, window id, epoch of that source)."""
+  streams = []
+  for s, source in enumerate(sources):
+    n = len(source.train)
+    order = grain.MapDataset.range(n).shuffle(seed=seed + 1_000_003 * s).repeat()
+    streams.append(order.map_with_index(lambda j, w, s=s, n=n: (s, int(w), j // n)))
+  if len(streams) == 1:
+    return streams[0]
+  return grain.MapDataset.mix(streams, [source.weight for source in sources])
+
+
+def train_batches(sources: list[Source], objectives: objectives_lib.Objectives, *,
+                  global_batch: int, seed: int, start_step: int, process_index: int = 0,
+                  process_count: int = 1, threads: int = 2) -> Iterator[dict[str, np.ndarray]]:
+  """This process's slice of the global batch of every step from `start_step` on."""
+  for source in sources:
+    if not len(source.train):
+      raise ValueError(f'source {source.name!r} has fewer training tokens than one window of '
+                       f'{source.train.seq_len + 1}: use more text or a shorter data.seq_len.')
+  order = window_order(sources, seed)
+  local = global_batch // process_count
+  seq_len = sources[0].train.seq_len
+
+  def batch_at(step: int) -> dict[str, np.ndarray]:
+    first = step * global_batch + process_index * local
+    picks = [order[j] for j in range(first, first + local)]
+    windows = [sources[s].train.read(w) for s, w, _ in picks]
+    return build_batch(windows, [seq_len + 1] * local, objectives, seed=seed,
+                       stream=objectives_lib.TRAIN_STREAM, epochs=[e for _, _, e in picks],
+                       window_ids=[w for _, w, _ in picks])
+
+  steps = grain.MapDataset.range(start_step, 2**62).map(batch_at)
+  return iter(steps.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                      prefetch_buffer_size=2 * threads or 1)))
+
+
+def eval_batches(split: store_lib.Split, objectives: objectives_lib.Objectives, *,
+                 seq_len: int, global_batch: int, seed: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """One ordered pass over a held-out split: this process's slice of each global batch, the last
+  one padded with empty rows. The examples are the same at every evaluation."""
+  count = num_eval_windows(split, seq_len)
+  local = global_batch // process_count
+  for first in range(0, count, global_batch):
+    ids = range(first + process_index * local, first + (process_index + 1) * local)
+    windows, lengths = [], []
+    for i in ids:
+      start, n = eval_window(split, seq_len, i) if i < count else (0, 1)
+      window = np.zeros(seq_len + 1, np.int32)
+      if i < count:
+        window[:n] = split.read(start, n)
+      windows.append(window)
+      lengths.append(n)
+    yield build_batch(windows, lengths, objectives, seed=seed,
+                      stream=objectives_lib.EVAL_STREAM, epochs=[0] * local, window_ids=list(ids))
+
+
+def held_out_pieces(split: store_lib.Split, seq_len: int) -> Iterator[np.ndarray]:
+  """The held-out split's document pieces of at most seq_len + 1 tokens, in order (for samples)."""
+  for i in range(num_eval_windows(split, seq_len)):
+    window = split.read(*eval_window(split, seq_len, i))
+    for a, b in _pieces(window):
+      yield window[a:b]

@@ -1,285 +1,411 @@
-"""`pretrax prepare`: tokenize and pack a corpus once into ArrayRecord shards of fixed-length rows.
+"""`pretrax prepare`: a corpus streamed into a token store by any number of workers and hosts.
 
-Training on prepared data reads rows by index, so the global batch of step k is a pure function of
-(seed, k) and each process takes its slice of it: a run resumed on another number of processes or
-devices sees exactly the batches it would have seen (the text pipeline's iterator state belongs to
-its process count).
+  files -> groups (consecutive files of about one shard, or one larger file; host h of H takes
+           groups h, h+H, ...)
+        -> units (~1 MB of input, read in order by the main process)
+        -> workers (decode, split, tokenize; at most two units each in flight)
+        -> parts (~data.shard_mb of input; written, fsynced, renamed, then marked done)
+        -> manifest.json (written once every group is done, by whichever host finishes last)
 
-Layout of DIR:
-  meta.json              seq_len, rows and tokens per split, the config's data fields, shard names
-  tokenizer.model        the SentencePiece model the rows were encoded with
-  train-00000-of-0000N.array_record, eval-...: one record per row, int32 (4, seq_len):
-                         inputs, targets, segment_ids (1-based, 0 = padding), positions
-
-A row holds whole windows (see pipeline.tokenize_windows): a full window of seq_len + 1 tokens alone,
-shorter ones (document ends) packed best-fit. A short window of m tokens is given m slots although
-causal LM uses m - 1, so that any objective's example (masked LM keeps all m) fits where it was.
+Memory is bounded by the units in flight, never by the corpus. Killed at any moment, the same
+command skips the parts already marked done (reading, but not tokenizing, the input before them)
+and redoes only those that were in flight. The store's files are byte-identical whatever the number
+of workers and hosts, and whether or not a run was interrupted (see store.py).
 """
 
-import bisect
+import collections
+from collections.abc import Callable, Iterator
+import dataclasses
+import hashlib
+import itertools
 import json
 import multiprocessing
 import os
 import time
-from collections.abc import Callable
 
-import grain
 import numpy as np
 
 from pretrax import config as config_lib
 from pretrax import tokenizer as tokenizer_lib
-from pretrax.data import objectives as objectives_lib
-from pretrax.data import pipeline
+from pretrax.data import sources
+from pretrax.data import store as store_lib
 
-META_FILE = 'meta.json'
-TOKENIZER_FILE = 'tokenizer.model'
-FORMAT_VERSION = 1
-FIELDS = ('inputs', 'targets', 'segment_ids', 'positions')
-_CHUNK_DOCS = 256  # Documents per tokenizing task: small enough for steady progress lines.
+_SAMPLE_FILES = 64  # The tokenizer's sample is drawn from at most this many files, spread out.
+_WAIT_S = 5.0  # Poll interval while waiting for other hosts.
 
 
-def pack_rows(windows: pipeline.TokenWindows, seq_len: int) -> list[list[int]]:
-  """Window indices per row: full windows alone, the rest best-fit decreasing by slot count."""
-  lengths = windows.ends - windows.starts
-  rows = [[int(i)] for i in np.flatnonzero(lengths > seq_len)]
-  short = np.flatnonzero(lengths <= seq_len)
-  short = short[np.argsort(-lengths[short], kind='stable')]
-  free_sizes: list[int] = []  # Sorted distinct free space of the open rows.
-  rows_with_free: dict[int, list[int]] = {}  # Free space -> rows (indices into `rows`).
-  for i in short:
-    need = int(lengths[i])
-    k = bisect.bisect_left(free_sizes, need)
-    if k < len(free_sizes):
-      free = free_sizes[k]
-      row = rows_with_free[free].pop()
-      if not rows_with_free[free]:
-        del free_sizes[k], rows_with_free[free]
-      rows[row].append(int(i))
+# ---- The plan: what is prepared, fixed before any work ----------------------------------------
+
+
+def input_files(c, log: Callable[[str], None] = print) -> list[sources.InputFile]:
+  """The corpus files of `c.data` (or its fallback corpus); DataError naming the path if none."""
+  files = sources.expand_paths(c.data.path) if c.data.path else []
+  if not files and c.data.fallback:
+    log(f'data.path={c.data.path!r} not found: training on the Python standard library\'s '
+        'sources instead; point --config.data.path at your own text.')
+    return sources.describe(sources.stdlib_files())
+  if not files:
+    raise sources.DataError(f'data.path={c.data.path!r} matches no file: point '
+                            '--config.data.path at files, directories or globs.')
+  for path in files:
+    sources.file_format(path)  # A format that cannot be, named before any work.
+  return sources.describe(files)
+
+
+def _position_boundary(files: list[sources.InputFile], c) -> int:
+  """For a corpus of one plain text document (Tiny Shakespeare), the byte where the held-out
+  part starts; 0 for every other corpus (held out by document)."""
+  if len(files) != 1 or c.data.separator:
+    return 0
+  fmt, compression = sources.file_format(files[0].path)
+  if fmt != 'text':
+    return 0
+  size = files[0].size
+  if compression:  # Count the decompressed bytes (one streaming pass, no tokenizing).
+    with sources.open_bytes(files[0].path, compression) as f:
+      size = sum(len(b) for b in iter(lambda: f.read(1 << 22), b''))
+  return max(1, int(round(size * (1.0 - c.data.eval_fraction))))
+
+
+def make_plan(c, files: list[sources.InputFile]) -> dict:
+  """Everything the store's bytes depend on; a resume or reuse must find the same."""
+  tok = c.tokenizer
+  tokenizer = {'model_type': tok.model_type, 'vocab_size': tok.vocab_size,
+               'sentinels': config_lib.num_sentinels(c), 'sample_mb': tok.sample_mb}
+  if tok.path:
+    with open(tok.path, 'rb') as f:
+      tokenizer = {'path': os.path.abspath(tok.path),
+                   'sha256': hashlib.sha256(f.read()).hexdigest()}
+  reading = sources.Reading(separator=c.data.separator, text_field=c.data.text_field,
+                            eval_fraction=c.data.eval_fraction,
+                            position_boundary=_position_boundary(files, c))
+  plan = {'format': store_lib.FORMAT_VERSION, 'unit_bytes': sources.UNIT_BYTES,
+          'part_bytes': int(c.data.shard_mb * 1e6),
+          'files': [dataclasses.astuple(f) for f in files], 'reading': dataclasses.asdict(reading),
+          # The fallback corpus has a few files that are not UTF-8: not ours to fix.
+          'skip_bad_records': bool(c.data.skip_bad_records) or _is_stdlib(files),
+          'tokenizer': tokenizer}
+  return json.loads(json.dumps(plan))  # As plan.json reads back (lists, not tuples).
+
+
+def _is_stdlib(files: list[sources.InputFile]) -> bool:
+  stdlib = set(sources.stdlib_files())
+  return bool(files) and all(f.path in stdlib for f in files)
+
+
+def groups_of(plan: dict) -> list[list[int]]:
+  """Consecutive files of about one shard's input each (a larger file alone): the grain of sharing
+  work between hosts."""
+  groups, current, size = [], [], 0
+  for i, (_, file_size, _) in enumerate(plan['files']):
+    current.append(i)
+    size += file_size
+    if size >= plan['part_bytes']:
+      groups.append(current)
+      current, size = [], 0
+  if current:
+    groups.append(current)
+  return groups
+
+
+def _reading(plan: dict) -> sources.Reading:
+  return sources.Reading(**plan['reading'])
+
+
+# ---- Encoding units, here or in worker processes ----------------------------------------------
+
+
+@dataclasses.dataclass
+class Encoded:
+  """A unit tokenized: per split, its tokens (EOS after each finished document) and where those
+  documents end."""
+  tokens: dict[str, np.ndarray]
+  doc_ends: dict[str, np.ndarray]
+  bad: list[str]
+  empty: int
+
+
+def encode_unit(unit: sources.Unit, tok: tokenizer_lib.Tokenizer, reading: sources.Reading,
+                skip_bad: bool, num_threads: int = 1) -> Encoded:
+  docs = sources.decode_unit(unit, reading, skip_bad)
+  ids = tok.encode_batch(docs.texts, num_threads=num_threads) if docs.texts else []
+  dtype = store_lib.token_dtype(tok.vocab_size)
+  tokens, doc_ends = {}, {}
+  for k, split in enumerate(store_lib.SPLITS):
+    chosen = [i for i, s in enumerate(docs.splits) if s == k]
+    pieces = [ids[i] + [tokenizer_lib.EOS_ID] if docs.ends[i] else ids[i] for i in chosen]
+    lengths = np.fromiter((len(p) for p in pieces), np.int64, len(pieces))
+    tokens[split] = np.fromiter(itertools.chain.from_iterable(pieces), dtype, int(lengths.sum()))
+    ends = np.cumsum(lengths)
+    doc_ends[split] = ends[np.fromiter((docs.ends[i] for i in chosen), bool, len(chosen))]
+  return Encoded(tokens, doc_ends, docs.bad, docs.empty)
+
+
+_worker: tuple | None = None  # (tokenizer, reading, skip_bad) in a worker process.
+
+
+def _start_worker(model_proto: bytes, reading: dict, skip_bad: bool) -> None:
+  global _worker
+  _worker = (tokenizer_lib.Tokenizer(model_proto), sources.Reading(**reading), skip_bad)
+
+
+def _encode_in_worker(unit: sources.Unit) -> Encoded:
+  return encode_unit(unit, *_worker)
+
+
+class Encoder:
+  """Encodes units in order, in `workers` processes (0: in this one, with SentencePiece's
+  threads), with at most two units per worker in flight: the bound on memory."""
+
+  def __init__(self, tok: tokenizer_lib.Tokenizer, reading: sources.Reading, skip_bad: bool,
+               workers: int):
+    self.tok, self.reading, self.skip_bad, self.workers = tok, reading, skip_bad, workers
+    self.pool = None
+    if workers > 0:
+      context = multiprocessing.get_context('spawn')  # No fork of a process that may hold threads.
+      self.pool = context.Pool(workers, initializer=_start_worker,
+                               initargs=(tok.model_proto, dataclasses.asdict(reading), skip_bad))
+
+  def map(self, items: Iterator[tuple]) -> Iterator[tuple]:
+    """(meta, unit) -> (meta, unit.size, Encoded), in order."""
+    if self.pool is None:
+      threads = os.cpu_count() or 1
+      for meta, unit in items:
+        yield meta, unit.size, encode_unit(unit, self.tok, self.reading, self.skip_bad, threads)
+      return
+    pending = collections.deque()
+    for meta, unit in items:
+      pending.append((meta, unit.size, self.pool.apply_async(_encode_in_worker, (unit,))))
+      while len(pending) >= 2 * self.workers:
+        meta_, size, result = pending.popleft()
+        yield meta_, size, result.get()
+    while pending:
+      meta_, size, result = pending.popleft()
+      yield meta_, size, result.get()
+
+  def close(self) -> None:
+    if self.pool is not None:
+      self.pool.terminate()
+      self.pool.join()
+
+
+# ---- Groups and parts -------------------------------------------------------------------------
+
+
+def _marker(out_dir: str, name: str) -> str:
+  return os.path.join(out_dir, store_lib.PARTS_DIR, f'{name}.json')
+
+
+def _done_parts(out_dir: str, group: int) -> list[dict]:
+  """The parts of `group` marked done, in order (contiguous from 0)."""
+  done = []
+  while os.path.exists(path := _marker(out_dir, store_lib.part_name(group, len(done)))):
+    done.append(store_lib.read_json(path))
+  return done
+
+
+def _group_units(plan: dict, files: list[int], on_bad) -> Iterator[sources.Unit]:
+  reading = _reading(plan)
+  for i in files:
+    yield from sources.file_units(plan['files'][i][0], reading, on_bad)
+
+
+class _Progress:
+  def __init__(self, total_bytes: int, log: Callable[[str], None]):
+    self.total, self.done, self.log = total_bytes, 0, log
+    self.tokens = 0
+    self.start = self.last = time.perf_counter()
+
+  def add(self, size: int, tokens: int) -> None:
+    self.done += size
+    self.tokens += tokens
+    now = time.perf_counter()
+    if now - self.last > 10:
+      self.last = now
+      rate = self.done / max(now - self.start, 1e-9)
+      self.log(f'prepare: {self.done / 1e6:,.0f} of {self.total / 1e6:,.0f} MB '
+               f'({rate / 1e6:.2f} MB/s, {self.tokens / (now - self.start) / 1e6:.2f} M tokens/s, '
+               f'ETA {(self.total - self.done) / max(rate, 1e-9):.0f} s)')
+
+
+def prepare_group(plan: dict, group: int, files: list[int], out_dir: str, encoder: Encoder,
+                  progress: _Progress) -> None:
+  """Writes the group's parts that are not marked done, then its group marker."""
+  if os.path.exists(_marker(out_dir, f'{group:05d}')):
+    return
+  done = _done_parts(out_dir, group)
+  resume_at = done[-1]['units_end'] if done else 0
+  dtype = store_lib.token_dtype(encoder.tok.vocab_size)
+  bad_files: list[str] = []
+  on_bad = bad_files.append if plan['skip_bad_records'] else None
+  units = ((i, unit) for i, unit in enumerate(_group_units(plan, files, on_bad))
+           if i >= resume_at)  # Units before the resume point are read, not tokenized.
+  part, writer, size, bad, empty = len(done), None, 0, [], 0
+  for index, unit_size, encoded in encoder.map(units):
+    if writer is None:
+      writer = store_lib.PartWriter(out_dir, group, part, dtype)
+    for split in store_lib.SPLITS:
+      writer.write(split, encoded.tokens[split], encoded.doc_ends[split])
+    size += unit_size
+    bad += encoded.bad
+    empty += encoded.empty
+    progress.add(unit_size, sum(len(t) for t in encoded.tokens.values()))
+    if size >= plan['part_bytes']:
+      done.append(_finish_part(out_dir, writer, group, part, index + 1, bad, empty))
+      part, writer, size, bad, empty = part + 1, None, 0, [], 0
+  if writer is not None:
+    done.append(_finish_part(out_dir, writer, group, part, -1, bad + bad_files, empty))
+  elif bad_files and done:
+    done[-1]['bad'] = done[-1]['bad'] + bad_files
+  store_lib.write_json(_marker(out_dir, f'{group:05d}'), {'parts': done})
+
+
+def _finish_part(out_dir: str, writer: store_lib.PartWriter, group: int, part: int,
+                 units_end: int, bad: list[str], empty: int) -> dict:
+  record = {**writer.close(), 'units_end': units_end, 'bad': bad, 'empty': empty}
+  store_lib.write_json(_marker(out_dir, store_lib.part_name(group, part)), record)
+  return record
+
+
+# ---- The tokenizer ----------------------------------------------------------------------------
+
+
+def tokenizer_sample(plan: dict, budget_bytes: int) -> Iterator[str]:
+  """Training text for the tokenizer: the first training documents of up to _SAMPLE_FILES files
+  spread evenly over the corpus, an equal share of `budget_bytes` from each."""
+  files = plan['files']
+  picks = sorted({int(i) for i in np.linspace(0, len(files) - 1, min(len(files), _SAMPLE_FILES))})
+  share = budget_bytes // len(picks)
+  reading = _reading(plan)
+  skip = plan.get('skip_bad_records', True)
+  for i in picks:
+    taken = 0
+    for unit in sources.file_units(files[i][0], reading, on_bad=(lambda _: None) if skip else None):
+      docs = sources.decode_unit(unit, reading, skip_bad=skip)
+      for text, split in zip(docs.texts, docs.splits):
+        if split == sources.TRAIN and taken < share:
+          text = text[:share - taken]
+          taken += len(text)
+          yield text
+      if taken >= share:
+        break
+
+
+def _tokenizer(plan: dict, out_dir: str, process_index: int,
+               log: Callable[[str], None]) -> tokenizer_lib.Tokenizer:
+  """The store's tokenizer: copied or trained by process 0, waited for by the others."""
+  path = os.path.join(out_dir, store_lib.TOKENIZER_FILE)
+  spec = plan['tokenizer']
+  if not os.path.exists(path) and process_index == 0:
+    if 'path' in spec:
+      with open(spec['path'], 'rb') as f:
+        proto = f.read()
     else:
-      free, row = seq_len, len(rows)
-      rows.append([int(i)])
-    left = free - need
-    if left > 0:
-      if left not in rows_with_free:
-        bisect.insort(free_sizes, left)
-        rows_with_free[left] = []
-      rows_with_free[left].append(row)
-  return rows
+      start = time.perf_counter()
+      sample = list(tokenizer_sample(plan, int(spec['sample_mb'] * 1e6)))
+      if not any(sample):
+        raise sources.DataError('the corpus has no training text to fit a tokenizer on: check '
+                                'data.path, data.text_field and data.eval_fraction.')
+      proto = tokenizer_lib.train(sample, model_type=spec['model_type'],
+                                  vocab_size=spec['vocab_size'], num_sentinels=spec['sentinels'])
+      log(f'trained a {spec["model_type"]} tokenizer on a sample of at most '
+          f'{spec["sample_mb"]} MB in {time.perf_counter() - start:.1f} s')
+    store_lib.write_atomic(path, proto)
+  _wait_for(path, 'process 0 to write the tokenizer')
+  return tokenizer_lib.Tokenizer.load(path)
 
 
-def row_array(windows: pipeline.TokenWindows, row: list[int], seq_len: int) -> np.ndarray:
-  """The (4, seq_len) int32 record of one row: causal inputs and targets of each window."""
-  out = np.zeros((4, seq_len), np.int32)
-  offset = 0
-  for segment, i in enumerate(row, start=1):
-    window = windows[i]
-    n = len(window) - 1
-    out[0, offset:offset + n] = window[:-1]
-    out[1, offset:offset + n] = window[1:]
-    out[2, offset:offset + n] = segment
-    out[3, offset:offset + n] = np.arange(n)
-    offset += len(window) if len(window) <= seq_len else n
-  return out
+def _wait_for(path: str, what: str, timeout_s: float = 24 * 3600) -> None:
+  deadline = time.monotonic() + timeout_s
+  while not os.path.exists(path):
+    if time.monotonic() > deadline:
+      raise sources.DataError(f'waited {timeout_s:.0f} s for {what} ({path}): start every '
+                              'process of the preparation with the same --output.')
+    time.sleep(_WAIT_S)
 
 
-def row_windows(row: np.ndarray) -> list[tuple[int, np.ndarray]]:
-  """(offset, window tokens) of each window in a record: the inverse of row_array."""
-  inputs, targets, segment_ids = row[0], row[1], row[2]
-  starts = np.flatnonzero((segment_ids > 0)
-                          & (np.concatenate([[0], segment_ids[:-1]]) != segment_ids))
-  out = []
-  for start in starts:
-    end = start + int(np.sum(segment_ids[start:] == segment_ids[start]))
-    out.append((int(start), np.concatenate([inputs[start:end], targets[end - 1:end]])))
-  return out
+# ---- The whole preparation --------------------------------------------------------------------
 
 
-# ---- Reading rows into batches ----------------------------------------------------------------
+def _check_plan(out_dir: str, plan: dict) -> None:
+  path = os.path.join(out_dir, store_lib.PLAN)
+  if os.path.exists(path):
+    before = store_lib.read_json(path)
+    if before != plan:
+      changed = sorted(k for k in set(before) | set(plan) if before.get(k) != plan.get(k))
+      raise sources.DataError(
+          f'{out_dir} holds a store of other inputs or settings ({", ".join(changed)} differ): '
+          'use another --output, or delete it to start over.')
+  else:
+    store_lib.write_json(path, plan)
 
 
-def row_example(row: np.ndarray, objectives: objectives_lib.Objectives, *, seed: int, stream: int,
-                epoch: int, row_id: int) -> dict[str, np.ndarray]:
-  """One packed row of pipeline.BATCH_KEYS from a (4, L) record: the objective's example of each
-  window, laid where the window was, seeded by the window's place in the data."""
-  inputs, targets, segment_ids, positions = row
-  if objectives.names == ('causal_lm',):
-    return {'inputs': inputs, 'targets': targets, 'segment_ids': segment_ids,
-            'positions': positions, 'weights': (segment_ids > 0).astype(np.float32),
-            'prefix': np.zeros_like(inputs),
-            'objective': np.full_like(inputs, config_lib.OBJECTIVES.index('causal_lm'))}
-  seq_len = len(inputs)
-  out = _empty_row(seq_len)
-  for segment, (offset, window) in enumerate(row_windows(row), start=1):
-    example = objectives.build(window, seed=seed, stream=stream, epoch=epoch,
-                               index=row_id * (seq_len + 1) + offset)
-    n = len(example['inputs'])
-    for k in ('inputs', 'targets', 'weights', 'prefix', 'objective'):
-      out[k][offset:offset + n] = example[k]
-    out['segment_ids'][offset:offset + n] = segment
-    out['positions'][offset:offset + n] = np.arange(n)
-  return out
+def _finalize(out_dir: str, plan: dict, groups: list[list[int]], vocab_size: int) -> dict | None:
+  """Writes the manifest once every group is done; None while some are not."""
+  markers = [_marker(out_dir, f'{g:05d}') for g in range(len(groups))]
+  if not all(os.path.exists(m) for m in markers):
+    return None
+  parts = [p for m in markers for p in store_lib.read_json(m)['parts']]
+  splits = {}
+  for split in store_lib.SPLITS:
+    chosen = [{'name': p['name'], 'tokens': p['tokens'][split],
+               'documents': p['documents'][split]} for p in parts if p['tokens'][split]]
+    splits[split] = {'parts': chosen, 'tokens': sum(p['tokens'] for p in chosen),
+                     'documents': sum(p['documents'] for p in chosen)}
+  bad = [b for p in parts for b in p['bad']]
+  manifest = {'format': store_lib.FORMAT_VERSION, 'vocab_size': vocab_size,
+              'dtype': store_lib.token_dtype(vocab_size).name, 'splits': splits,
+              'bad_records': len(bad), 'bad_examples': bad[:20],
+              'empty_documents': sum(p['empty'] for p in parts),
+              'input_files': len(plan['files']),
+              'input_bytes': sum(f[1] for f in plan['files']),
+              'plan_sha256': hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()}
+  store_lib.write_json(os.path.join(out_dir, store_lib.MANIFEST), manifest)
+  return manifest
 
 
-def _empty_row(seq_len: int) -> dict[str, np.ndarray]:
-  """A row of padding: segment 0, weight 0."""
-  return {k: np.zeros(seq_len, np.float32 if k == 'weights' else np.int32)
-          for k in pipeline.BATCH_KEYS}
+def prepare_plan(plan: dict, out_dir: str, *, workers: int, process_index: int = 0,
+                 process_count: int = 1, log: Callable[[str], None] = print) -> dict:
+  """Prepares this process's share of `plan` into `out_dir`, then waits for the other processes'
+  shares; returns the manifest."""
+  manifest_path = os.path.join(out_dir, store_lib.MANIFEST)
+  os.makedirs(os.path.join(out_dir, store_lib.PARTS_DIR), exist_ok=True)
+  _check_plan(out_dir, plan)
+  if os.path.exists(manifest_path):
+    return store_lib.read_json(manifest_path)
+  tok = _tokenizer(plan, out_dir, process_index, log)
+  groups = groups_of(plan)
+  mine = list(range(process_index, len(groups), process_count))
+  total = sum(plan['files'][i][1] for g in mine for i in groups[g])
+  what = f' (process {process_index} of {process_count})' if process_count > 1 else ''
+  log(f'prepare: {len(plan["files"])} file(s), {total / 1e6:,.1f} MB in {len(mine)} group(s) '
+      f'here{what}, {workers or "no"} worker process(es), into {out_dir}')
+  start = time.perf_counter()
+  encoder = Encoder(tok, _reading(plan), plan['skip_bad_records'], workers)
+  progress = _Progress(total, log)
+  try:
+    for g in mine:
+      prepare_group(plan, g, groups[g], out_dir, encoder, progress)
+  finally:
+    encoder.close()
+  manifest = _finalize(out_dir, plan, groups, tok.vocab_size)
+  if manifest is None:
+    log('prepare: this share is done; waiting for the other processes')
+    _wait_for(manifest_path, 'the other processes to finish their shares')
+    manifest = store_lib.read_json(manifest_path)
+  seconds = time.perf_counter() - start
+  s = manifest['splits']
+  log(f'prepared {out_dir}: {s["train"]["tokens"]:,} train / {s["eval"]["tokens"]:,} held-out '
+      f'tokens, {s["train"]["documents"] + s["eval"]["documents"]:,} documents, '
+      f'{manifest["bad_records"]} bad record(s) skipped, in {seconds:.1f} s')
+  for example in manifest['bad_examples'][:3]:
+    log(f'  skipped: {example}')
+  return manifest
 
 
-def _stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-  return {k: np.stack([e[k] for e in examples]) for k in pipeline.BATCH_KEYS}
-
-
-def prepared_train_dataset(rows: grain.MapDataset, objectives: objectives_lib.Objectives, *,
-                           global_batch: int, seed: int, start_step: int, process_index: int = 0,
-                           process_count: int = 1) -> grain.IterDataset:
-  """This process's slice of the global batch of every step from `start_step` on.
-
-  The global batch of step k is rows k*B .. k*B+B-1 of a seeded shuffle of all rows (re-shuffled
-  each epoch): a function of (seed, k) only, so the process count may change between runs.
-  """
-  n = len(rows)
-  order = grain.MapDataset.range(n).shuffle(seed=seed).repeat()
-  local = global_batch // process_count
-
-  def batch_at(step: int) -> dict[str, np.ndarray]:
-    first = step * global_batch + process_index * local
-    examples = []
-    for j in range(first, first + local):
-      row_id = int(order[j])
-      examples.append(row_example(rows[row_id], objectives, seed=seed,
-                                  stream=objectives_lib.TRAIN_STREAM, epoch=j // n, row_id=row_id))
-    return _stack(examples)
-
-  steps = grain.MapDataset.range(start_step, 2**62).map(batch_at)
-  # Threads read ahead: the records come from files now, not from memory.
-  return steps.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-
-
-def prepared_eval_batches(rows: grain.MapDataset, objectives: objectives_lib.Objectives, *,
-                          global_batch: int, seed: int, process_index: int = 0,
-                          process_count: int = 1):
-  """One ordered pass over the held-out rows: this process's slice of each global batch, the last
-  one padded with empty rows."""
-  n, local = len(rows), global_batch // process_count
-  empty = _empty_row(rows[0].shape[1])
-  for first in range(0, n, global_batch):
-    ids = range(first + process_index * local, first + (process_index + 1) * local)
-    yield _stack([row_example(rows[i], objectives, seed=seed, stream=objectives_lib.EVAL_STREAM,
-                              epoch=0, row_id=i) if i < n else empty for i in ids])
-
-# ---- Tokenizing in worker processes ------------------------------------------------------------
-
-_worker_tokenizer: tokenizer_lib.Tokenizer | None = None
-
-
-def _start_worker(model_proto: bytes) -> None:
-  global _worker_tokenizer
-  _worker_tokenizer = tokenizer_lib.Tokenizer(model_proto)
-
-
-def _encode_chunk(documents: list[str]) -> list[list[int]]:
-  return _worker_tokenizer.encode_batch(documents)
-
-
-def encode_parallel(documents: list[str], tok: tokenizer_lib.Tokenizer, workers: int,
-                    log: Callable[[str], None], what: str) -> list[list[int]]:
-  """Token ids of every document, in order, encoded by `workers` processes with progress lines."""
-  chunks = [documents[i:i + _CHUNK_DOCS] for i in range(0, len(documents), _CHUNK_DOCS)]
-  total_chars = sum(len(d) for d in documents)
-  encoded: list[list[int]] = []
-  start, last_line, done_chars = time.perf_counter(), 0.0, 0
-  context = multiprocessing.get_context('spawn')  # No fork of a process that may hold threads.
-  with context.Pool(workers, initializer=_start_worker, initargs=(tok.model_proto,)) as pool:
-    for chunk, ids in zip(chunks, pool.imap(_encode_chunk, chunks)):
-      encoded.extend(ids)
-      done_chars += sum(len(d) for d in chunk)
-      now = time.perf_counter()
-      if now - last_line > 5 or done_chars == total_chars:
-        last_line = now
-        rate = done_chars / max(now - start, 1e-9)
-        log(f'{what}: tokenized {done_chars / 1e6:,.1f} of {total_chars / 1e6:,.1f} M characters '
-            f'({rate / 1e6:.2f} M chars/s, ETA {(total_chars - done_chars) / rate:.0f} s)')
-  return encoded
-
-
-# ---- Writing and reading ----------------------------------------------------------------------
-
-
-def write_split(out_dir: str, split: str, windows: pipeline.TokenWindows, seq_len: int,
-                num_shards: int, log: Callable[[str], None]) -> dict:
-  from array_record.python import array_record_module
-
-  rows = pack_rows(windows, seq_len)
-  num_shards = max(1, min(num_shards, len(rows)))
-  names = [f'{split}-{k:05d}-of-{num_shards:05d}.array_record' for k in range(num_shards)]
-  bounds = np.linspace(0, len(rows), num_shards + 1).astype(int)
-  real = 0
-  for name, lo, hi in zip(names, bounds[:-1], bounds[1:]):
-    writer = array_record_module.ArrayRecordWriter(os.path.join(out_dir, name), 'group_size:1')
-    for row in rows[lo:hi]:
-      array = row_array(windows, row, seq_len)
-      real += int(np.sum(array[2] > 0))
-      writer.write(array.tobytes())
-    writer.close()
-  log(f'{split}: {len(rows):,} rows of {seq_len} in {num_shards} shard(s), '
-      f'{real / max(len(rows) * seq_len, 1):.1%} of slots hold a target')
-  return {'shards': names, 'rows': len(rows), 'targets': real}
-
-
-def prepare(c, out_dir: str, workers: int, log: Callable[[str], None] = print) -> dict:
-  """Reads the config's corpus, tokenizes it (its tokenizer.path, or one trained on the train
-  split), packs both splits and writes them to `out_dir`; returns the metadata."""
-  from pretrax.data import sources
-
-  os.makedirs(out_dir, exist_ok=True)
-  started = time.perf_counter()
-  files, documents = sources.read_configured(c, log)
-  train_docs, eval_docs = sources.split_by_position(documents, c.data.eval_fraction)
-  tok = tokenizer_lib.from_config(c, train_docs, log)
-  tok.save(os.path.join(out_dir, TOKENIZER_FILE))
-  seq_len = c.data.seq_len
-  meta = {'format': FORMAT_VERSION, 'seq_len': seq_len, 'vocab_size': tok.vocab_size,
-          'source_files': len(files), 'documents': len(documents),
-          'data': {k: c.data[k] for k in ('path', 'separator', 'window_stride', 'eval_fraction')},
-          'splits': {}}
-  counts = np.zeros(tok.vocab_size, np.int64)
-  for split, docs, stride in (('train', train_docs, c.data.window_stride), ('eval', eval_docs, 0)):
-    windows = pipeline.windows_of(encode_parallel(docs, tok, workers, log, split), seq_len, stride)
-    if not len(windows):
-      raise sources.DataError(f'the {split} split of data.path={c.data.path!r} is empty: use more '
-                              'text or change data.eval_fraction.')
-    if split == 'train':
-      counts += np.bincount(windows.tokens, minlength=tok.vocab_size)
-    meta['splits'][split] = write_split(out_dir, split, windows, seq_len, workers, log)
-  counts[tok.special_ids()] = 0
-  meta['most_frequent_token'] = int(np.argmax(counts))
-  with open(os.path.join(out_dir, META_FILE), 'w') as f:
-    json.dump(meta, f, indent=1)
-  log(f'prepared {out_dir} in {time.perf_counter() - started:.1f} s')
-  return meta
-
-
-class PreparedData:
-  """A prepared directory opened for reading: rows by index, per split."""
-
-  def __init__(self, path: str):
-    from pretrax.data import sources
-
-    meta_path = os.path.join(path, META_FILE)
-    if not os.path.exists(meta_path):
-      raise sources.DataError(f'data.prepared={path!r} has no {META_FILE}: make it with '
-                              '`pretrax prepare --config=... --output=DIR`.')
-    with open(meta_path) as f:
-      self.meta = json.load(f)
-    self.path = path
-    self.seq_len = int(self.meta['seq_len'])
-    self.tokenizer_path = os.path.join(path, TOKENIZER_FILE)
-
-  def rows(self, split: str):
-    """A random-access source of (4, seq_len) int32 rows."""
-    paths = [os.path.join(self.path, name) for name in self.meta['splits'][split]['shards']]
-    source = grain.sources.ArrayRecordDataSource(paths)
-    seq_len = self.seq_len
-    return grain.MapDataset.source(source).map(
-        lambda record: np.frombuffer(record, np.int32).reshape(4, seq_len))
+def prepare(c, out_dir: str, *, workers: int, process_index: int = 0, process_count: int = 1,
+            log: Callable[[str], None] = print) -> dict:
+  """Prepares the corpus `c.data` names into a store at `out_dir` (see prepare_plan)."""
+  plan = make_plan(c, input_files(c, log))
+  return prepare_plan(plan, out_dir, workers=workers, process_index=process_index,
+                      process_count=process_count, log=log)

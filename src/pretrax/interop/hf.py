@@ -378,11 +378,9 @@ class CheckpointParams:
 
 
 def _tokenizer_path(c: ml_collections.ConfigDict, workdir: str) -> str:
-  from pretrax.data import prepare  # Only for a run trained on prepared data.
-
   candidates = [paths.join(workdir, hf_tokenizer.SENTENCEPIECE_FILE)]
-  if c.data.get('prepared'):
-    candidates.append(prepare.PreparedData(c.data.prepared).tokenizer_path)
+  if c.data.get('prepared'):  # A store keeps its tokenizer (a mixture's, in one of its sources).
+    candidates += [os.path.join(c.data.prepared, hf_tokenizer.SENTENCEPIECE_FILE)]
   candidates.append(c.tokenizer.path)
   for path in candidates:
     if path and paths.path(path).exists():

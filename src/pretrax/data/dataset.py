@@ -1,0 +1,189 @@
+"""A run's data: its token store(s), prepared before or built (and reused) in the workdir, and
+the batches read from them.
+
+There is one data path. `data.prepared` names stores that `pretrax prepare` wrote; otherwise the
+run prepares `data.path` (or each source of `data.mixture`) into WORKDIR/data with the same
+streaming code, every process taking its share, and reuses that store while the inputs and the
+tokenizer settings are unchanged. A bucket workdir keeps its store in a local cache directory.
+"""
+
+from collections.abc import Callable, Iterable, Iterator
+import contextlib
+import copy
+import dataclasses
+import fcntl
+import hashlib
+import os
+import shutil
+
+import ml_collections
+import numpy as np
+
+from pretrax import config as config_lib
+from pretrax import paths
+from pretrax import tokenizer as tokenizer_lib
+from pretrax.data import objectives as objectives_lib
+from pretrax.data import pipeline
+from pretrax.data import prepare as prepare_lib
+from pretrax.data import sources
+from pretrax.data import store as store_lib
+
+SMALL_CORPUS_BYTES = 64 << 20  # Below this, tokenizing in worker processes costs more than it saves.
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+  tok: tokenizer_lib.Tokenizer
+  objectives: objectives_lib.Objectives
+  sources: list[pipeline.Source]
+  baseline_id: int  # The most frequent non-special training token: the accuracy floor.
+  train_batches: Callable[[int], Iterator[dict[str, np.ndarray]]]  # Start step -> batches.
+  eval_sets: dict[str, Callable[[], Iterable[dict[str, np.ndarray]]]]  # Source -> one pass.
+  held_out_pieces: Callable[[], Iterable[np.ndarray]]
+
+
+def source_specs(c: ml_collections.ConfigDict) -> list[tuple[str, str, float]]:
+  """(name, path, weight) of each source: the mixture's, or data.path as the one source ''."""
+  if c.data.mixture:
+    return config_lib.mixture(c.data.mixture)
+  return [('', c.data.path, 1.0)]
+
+
+def store_root(c: ml_collections.ConfigDict, workdir: str) -> str:
+  if c.data.prepared:
+    return c.data.prepared
+  if paths.is_remote(workdir):  # Memory-mapped reading needs a local disk.
+    cache = os.environ.get('PRETRAX_CACHE', os.path.expanduser('~/.cache/pretrax'))
+    return os.path.join(cache, 'stores', hashlib.sha256(workdir.encode()).hexdigest()[:16])
+  return paths.join(workdir, 'data')
+
+
+def _source_config(c: ml_collections.ConfigDict, path: str,
+                   tokenizer_path: str) -> ml_collections.ConfigDict:
+  out = copy.deepcopy(c)
+  out.data.path = path
+  if tokenizer_path:
+    out.tokenizer.path = tokenizer_path
+  return out
+
+
+@contextlib.contextmanager
+def _locked(root: str):
+  """Processes of one machine building the same local store take turns."""
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, '.lock'), 'w') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    yield
+
+
+def build(c: ml_collections.ConfigDict, root: str, *, process_index: int, process_count: int,
+          has_checkpoints: bool, log: Callable[[str], None]) -> None:
+  """Prepares (or finishes, or reuses) the run's stores under `root`."""
+  specs = source_specs(c)
+  plans = []
+  for name, path, _ in specs:
+    cs = _source_config(c, path, '')
+    cs.data.fallback = c.data.fallback if not c.data.mixture else ''
+    plans.append(prepare_lib.make_plan(cs, prepare_lib.input_files(cs, log)))
+  tokenizer_path = c.tokenizer.path
+  if c.data.mixture and not tokenizer_path:  # One tokenizer for every source.
+    tokenizer_path = os.path.join(root, store_lib.TOKENIZER_FILE)
+    _shared_tokenizer(plans, [w for _, _, w in specs], tokenizer_path, process_index, log)
+    plans = [prepare_lib.make_plan(_source_config(c, path, tokenizer_path),
+                                   [sources.InputFile(*f) for f in plan['files']])
+             for (_, path, _), plan in zip(specs, plans)]
+  total = sum(f[1] for plan in plans for f in plan['files'])
+  workers = c.data.prepare_workers
+  if workers < 0:
+    workers = (os.cpu_count() or 1) if total > SMALL_CORPUS_BYTES else 0
+  for (name, _, _), plan in zip(specs, plans):
+    out = os.path.join(root, name) if name else root
+    _discard_if_stale(out, plan, has_checkpoints, process_count, log)
+    prepare_lib.prepare_plan(plan, out, workers=workers, process_index=process_index,
+                             process_count=process_count, log=log)
+
+
+def _shared_tokenizer(plans: list[dict], weights: list[float], path: str, process_index: int,
+                      log: Callable[[str], None]) -> None:
+  if os.path.exists(path) or process_index != 0:
+    prepare_lib._wait_for(path, 'process 0 to write the tokenizer')
+    return
+  spec = plans[0]['tokenizer']
+  budget = spec['sample_mb'] * 1e6
+  texts = (t for plan, w in zip(plans, weights)
+           for t in prepare_lib.tokenizer_sample(plan, int(budget * w / sum(weights))))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  proto = tokenizer_lib.train(texts, model_type=spec['model_type'], vocab_size=spec['vocab_size'],
+                              num_sentinels=spec['sentinels'])
+  store_lib.write_atomic(path, proto)
+  log(f'trained one {spec["model_type"]} tokenizer for the mixture\'s {len(plans)} sources')
+
+
+def _discard_if_stale(out: str, plan: dict, has_checkpoints: bool, process_count: int,
+                      log: Callable[[str], None]) -> None:
+  """A store of other inputs or settings is rebuilt, unless a checkpoint trained on it."""
+  plan_path = os.path.join(out, store_lib.PLAN)
+  if not os.path.exists(plan_path) or store_lib.read_json(plan_path) == plan:
+    return
+  if has_checkpoints or process_count > 1:
+    return  # Not ours to delete: prepare_plan refuses it, naming what differs.
+  log(f'{out} holds a store of other inputs or settings: preparing it again')
+  shutil.rmtree(out)
+
+
+def load(c: ml_collections.ConfigDict, workdir: str, *, process_index: int, process_count: int,
+         has_checkpoints: bool, log: Callable[[str], None]) -> RunData:
+  """The run's tokenizer, objectives and batches, building its stores first if need be."""
+  root = store_root(c, workdir)
+  if not c.data.prepared:
+    if paths.is_remote(workdir):
+      with _locked(root):
+        build(c, root, process_index=0, process_count=1, has_checkpoints=has_checkpoints, log=log)
+    else:
+      build(c, root, process_index=process_index, process_count=process_count,
+            has_checkpoints=has_checkpoints, log=log)
+  specs = source_specs(c)
+  stores = [store_lib.Store(os.path.join(root, name) if name else root) for name, _, _ in specs]
+  if c.tokenizer.path and c.data.prepared:
+    log('tokenizer.path is ignored: a prepared store comes with its tokenizer')
+  tok = tokenizer_lib.Tokenizer.load(stores[0].tokenizer_path)
+  for (name, _, _), store in zip(specs, stores):
+    with open(store.tokenizer_path, 'rb') as f:
+      if f.read() != tok.model_proto:
+        raise sources.DataError(f'the stores of {specs[0][0]} and {name} were tokenized '
+                                'differently: prepare every source with one tokenizer.')
+  seq_len = c.data.seq_len
+  run_sources = [pipeline.Source(name or 'data', weight,
+                                 pipeline.Windows(s.split('train'), seq_len,
+                                                  c.data.window_stride or seq_len),
+                                 s.split('eval'))
+                 for (name, _, weight), s in zip(specs, stores)]
+  for source in run_sources:
+    if not len(source.train) or source.eval.num_tokens < 2:
+      raise config_lib.ConfigError(
+          f'the store of {source.name} has {source.train.split.num_tokens:,} training and '
+          f'{source.eval.num_tokens:,} held-out tokens: it needs a window of '
+          f'data.seq_len+1={seq_len + 1} to train and some text held out; use more text or '
+          'change data.eval_fraction.')
+  _log_stores(specs, stores, tok, seq_len, run_sources, log)
+  objectives = objectives_lib.Objectives.from_config(c, tok)
+  where = dict(global_batch=c.data.batch_size, seed=c.seed, process_index=process_index,
+               process_count=process_count)
+  return RunData(
+      tok=tok, objectives=objectives, sources=run_sources,
+      baseline_id=stores[0].most_frequent_token(tok),
+      train_batches=lambda start: pipeline.train_batches(
+          run_sources, objectives, start_step=start, threads=c.data.worker_count, **where),
+      eval_sets={s.name: (lambda s=s: pipeline.eval_batches(s.eval, objectives, seq_len=seq_len,
+                                                            **where))
+                 for s in run_sources},
+      held_out_pieces=lambda: pipeline.held_out_pieces(run_sources[0].eval, seq_len))
+
+
+def _log_stores(specs, stores, tok, seq_len, run_sources, log) -> None:
+  for (name, _, weight), store, source in zip(specs, stores, run_sources):
+    s = store.manifest['splits']
+    label = f'{name} (weight {weight:g}): ' if name else ''
+    log(f'data: {label}{store.path}: {s["train"]["tokens"]:,} train / {s["eval"]["tokens"]:,} '
+        f'held-out tokens ({s["train"]["documents"]:,} / {s["eval"]["documents"]:,} documents), '
+        f'{len(source.train):,} training windows of {seq_len + 1}; vocab {tok.vocab_size}')
