@@ -2,12 +2,14 @@
 
 Killed, stopped and misfed runs are in tests/faults/."""
 
+import os
+import shutil
 import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import PEAK_FLOPS_ARG, load_config, run_cli
+from conftest import PEAK_FLOPS_ARG, REPO, load_config, run_cli
 from pretrax import config as config_lib
 from pretrax import metrics
 
@@ -113,13 +115,21 @@ def _same_greedy_text_in_transformers(workdir, tmp_path, prompt: str, length: in
 
 
 @pytest.mark.slow
-def test_missing_corpus_falls_back_to_python_sources(tmp_path):
-  result = run_cli('train', f'--config={TINY}', f'--workdir={tmp_path}', '--config.steps=3',
-                   '--config.optim.warmup_steps=1', PEAK_FLOPS_ARG,
-                   '--config.data.path=/no/such/tinyshakespeare.txt')
+def test_a_configs_missing_default_corpus_falls_back_to_python_sources(tmp_path):
+  # A fresh clone: the config's own ../shared/data path does not exist beside this copy of it.
+  (tmp_path / 'clone' / 'configs').mkdir(parents=True)
+  config = tmp_path / 'clone' / 'configs' / 'tiny.py'
+  shutil.copy(os.path.join(REPO, TINY), config)
+  result = run_cli('train', f'--config={config}', f'--workdir={tmp_path / "run"}',
+                   '--config.steps=3', '--config.optim.warmup_steps=1', PEAK_FLOPS_ARG)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "training on the Python standard library's sources" in result.stdout
   assert '--config.data.path' in result.stdout
+  # A path the user names never falls back: it is an error naming the path.
+  typed = run_cli('train', f'--config={config}', f'--workdir={tmp_path / "typed"}',
+                  '--config.data.path=/no/such/tinyshakespeare.txt')
+  assert typed.returncode == 2 and 'Traceback' not in typed.stderr
+  assert "data.path='/no/such/tinyshakespeare.txt' matches no file" in typed.stderr
 
 
 def test_tokenizer_command(tmp_path, corpus_path):
