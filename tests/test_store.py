@@ -160,6 +160,18 @@ def test_a_sigkilled_prepare_resumes_to_the_same_bytes(tmp_path, documents):
   assert done_before >= 4 and store.Store(str(out)).manifest['splits']['train']['tokens'] > 0
 
 
+def test_a_kill_between_the_last_shard_and_its_group_marker_redoes_nothing(tmp_path, documents):
+  (tmp_path / 'in.jsonl').write_text(_jsonl(documents * 4))
+  c = _config(str(tmp_path / 'in.jsonl'))  # One shard, closed when its group's input ends.
+  whole = _prepare(c, tmp_path / 'store')
+  files, splits = _data_files(whole.path), whole.manifest['splits']
+  # What such a kill leaves: every shard marked done, no group marker, no manifest.
+  os.remove(tmp_path / 'store' / 'parts' / '00000.json')
+  os.remove(tmp_path / 'store' / 'manifest.json')
+  again = _prepare(c, tmp_path / 'store')
+  assert _data_files(again.path) == files and again.manifest['splits'] == splits
+
+
 @pytest.mark.parametrize('name, content, where, what', [
     ('bad.jsonl', b'{"text": "fine"}\n{"text": "cut\n', 'bad.jsonl:2', 'malformed JSON'),
     ('field.jsonl', b'{"text": "a"}\n{"body": "b"}\n', 'field.jsonl:2', "no 'text' field"),

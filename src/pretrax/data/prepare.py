@@ -211,21 +211,33 @@ def _group_units(plan: dict, files: list[int], on_bad) -> Iterator[sources.Unit]
 
 
 class _Progress:
-  def __init__(self, total_bytes: int, log: Callable[[str], None]):
-    self.total, self.done, self.log = total_bytes, 0, log
-    self.tokens = 0
+  """A line every 10 s: input done (on-disk bytes, as the total counts them), text and token
+  rates, and the ETA."""
+
+  def __init__(self, total_disk_bytes: int, log: Callable[[str], None]):
+    self.total, self.disk, self.text, self.tokens, self.log = total_disk_bytes, 0, 0, 0, log
     self.start = self.last = time.perf_counter()
 
-  def add(self, size: int, tokens: int) -> None:
-    self.done += size
-    self.tokens += tokens
+  def add(self, disk: int, text: int, tokens: int) -> None:
+    self.disk, self.text, self.tokens = self.disk + disk, self.text + text, self.tokens + tokens
     now = time.perf_counter()
     if now - self.last > 10:
       self.last = now
-      rate = self.done / max(now - self.start, 1e-9)
-      self.log(f'prepare: {self.done / 1e6:,.0f} of {self.total / 1e6:,.0f} MB '
-               f'({rate / 1e6:.2f} MB/s, {self.tokens / (now - self.start) / 1e6:.2f} M tokens/s, '
-               f'ETA {(self.total - self.done) / max(rate, 1e-9):.0f} s)')
+      seconds = max(now - self.start, 1e-9)
+      left = max(self.total - self.disk, 0) * seconds / max(self.disk, 1)
+      self.log(f'prepare: {self.disk / 1e6:,.0f} of {self.total / 1e6:,.0f} MB of input '
+               f'({self.text / seconds / 1e6:.2f} MB/s of text, '
+               f'{self.tokens / seconds / 1e6:.2f} M tokens/s, ETA {left:.0f} s)')
+
+
+def _with_disk_deltas(units: Iterator[tuple[int, sources.Unit]]) -> Iterator[tuple]:
+  """((index, on-disk bytes since the previous unit of its file), unit) for progress lines."""
+  path, position = None, 0
+  for index, unit in units:
+    if unit.path != path:
+      path, position = unit.path, 0
+    yield (index, unit.disk_end - position), unit
+    position = unit.disk_end
 
 
 def prepare_group(plan: dict, group: int, files: list[int], out_dir: str, encoder: Encoder,
@@ -234,14 +246,17 @@ def prepare_group(plan: dict, group: int, files: list[int], out_dir: str, encode
   if os.path.exists(_marker(out_dir, f'{group:05d}')):
     return
   done = _done_parts(out_dir, group)
+  if done and done[-1]['last']:  # Killed between the last part's marker and the group's.
+    store_lib.write_json(_marker(out_dir, f'{group:05d}'), {'parts': done})
+    return
   resume_at = done[-1]['units_end'] if done else 0
   dtype = store_lib.token_dtype(encoder.tok.vocab_size)
   bad_files: list[str] = []
   on_bad = bad_files.append if plan['skip_bad_records'] else None
   units = ((i, unit) for i, unit in enumerate(_group_units(plan, files, on_bad))
            if i >= resume_at)  # Units before the resume point are read, not tokenized.
-  part, writer, size, bad, empty = len(done), None, 0, [], 0
-  for index, unit_size, encoded in encoder.map(units):
+  part, writer, size, bad, empty, end = len(done), None, 0, [], 0, resume_at
+  for (index, disk), unit_size, encoded in encoder.map(_with_disk_deltas(units)):
     if writer is None:
       writer = store_lib.PartWriter(out_dir, group, part, dtype)
     for split in store_lib.SPLITS:
@@ -249,20 +264,23 @@ def prepare_group(plan: dict, group: int, files: list[int], out_dir: str, encode
     size += unit_size
     bad += encoded.bad
     empty += encoded.empty
-    progress.add(unit_size, sum(len(t) for t in encoded.tokens.values()))
+    progress.add(disk, unit_size, sum(len(t) for t in encoded.tokens.values()))
+    end = index + 1
     if size >= plan['part_bytes']:
-      done.append(_finish_part(out_dir, writer, group, part, index + 1, bad, empty))
+      done.append(_finish_part(out_dir, writer, group, part, end, bad, empty))
       part, writer, size, bad, empty = part + 1, None, 0, [], 0
   if writer is not None:
-    done.append(_finish_part(out_dir, writer, group, part, -1, bad + bad_files, empty))
+    done.append(_finish_part(out_dir, writer, group, part, end, bad + bad_files, empty, last=True))
   elif bad_files and done:
     done[-1]['bad'] = done[-1]['bad'] + bad_files
   store_lib.write_json(_marker(out_dir, f'{group:05d}'), {'parts': done})
 
 
 def _finish_part(out_dir: str, writer: store_lib.PartWriter, group: int, part: int,
-                 units_end: int, bad: list[str], empty: int) -> dict:
-  record = {**writer.close(), 'units_end': units_end, 'bad': bad, 'empty': empty}
+                 units_end: int, bad: list[str], empty: int, last: bool = False) -> dict:
+  """Closes the part's files, then marks it done: where the next part starts, whether the group
+  ends with it, and what it skipped."""
+  record = {**writer.close(), 'units_end': units_end, 'last': last, 'bad': bad, 'empty': empty}
   store_lib.write_json(_marker(out_dir, store_lib.part_name(group, part)), record)
   return record
 
@@ -322,6 +340,23 @@ def _wait_for(path: str, what: str, timeout_s: float = 24 * 3600) -> None:
       raise sources.DataError(f'waited {timeout_s:.0f} s for {what} ({path}): start every '
                               'process of the preparation with the same --output.')
     time.sleep(_WAIT_S)
+
+
+def _wait_for_others(out_dir: str, groups: list[list[int]], log: Callable[[str], None]) -> dict:
+  """Waits for the manifest that the process finishing last writes, saying now and then which
+  groups are still missing (a process that died must be run again: the same command)."""
+  manifest_path = os.path.join(out_dir, store_lib.MANIFEST)
+  said = time.monotonic()
+  log('prepare: this share is done; waiting for the other processes')
+  while not os.path.exists(manifest_path):
+    time.sleep(_WAIT_S)
+    if time.monotonic() - said > 60:
+      said = time.monotonic()
+      missing = [g for g in range(len(groups))
+                 if not os.path.exists(_marker(out_dir, f'{g:05d}'))]
+      log(f'prepare: still waiting for {len(missing)} group(s) of other processes (first: '
+          f'{missing[:5]}); a process that stopped must be started again with the same command')
+  return store_lib.read_json(manifest_path)
 
 
 # ---- The whole preparation --------------------------------------------------------------------
@@ -390,9 +425,7 @@ def prepare_plan(plan: dict, out_dir: str, *, workers: int, process_index: int =
     encoder.close()
   manifest = _finalize(out_dir, plan, groups, tok.vocab_size)
   if manifest is None:
-    log('prepare: this share is done; waiting for the other processes')
-    _wait_for(manifest_path, 'the other processes to finish their shares')
-    manifest = store_lib.read_json(manifest_path)
+    manifest = _wait_for_others(out_dir, groups, log)
   seconds = time.perf_counter() - start
   s = manifest['splits']
   log(f'prepared {out_dir}: {s["train"]["tokens"]:,} train / {s["eval"]["tokens"]:,} held-out '

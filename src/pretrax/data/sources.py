@@ -74,16 +74,15 @@ def _is_remote(path: str) -> bool:
 
 
 def _expand_remote(part: str) -> list[str]:
+  """Files under a bucket path: itself, everything below a directory, or a glob's matches."""
   root = epath.Path(part)
-  if not any(ch in part for ch in '*?['):
+  wildcards = [i for i, ch in enumerate(part) if ch in '*?[']
+  if not wildcards:
     if root.is_dir():
       return [str(p) for p in root.rglob('*') if p.is_file()]
     return [part] if root.exists() else []
-  head, _, pattern = part.partition('*')
-  base = head.rsplit('/', 1)[0]
-  rest = part[len(base) + 1:]
-  del pattern
-  return [str(p) for p in epath.Path(base).glob(rest) if p.is_file()]
+  base = part[:wildcards[0]].rsplit('/', 1)[0]  # The directory before the first wildcard.
+  return [str(p) for p in epath.Path(base).glob(part[len(base) + 1:]) if p.is_file()]
 
 
 def expand_paths(spec: str) -> list[str]:
@@ -164,9 +163,13 @@ class _ZstdStream(io.RawIOBase):
     return n
 
 
-def open_bytes(path: str, compression: str):
-  """A binary stream of the file's (decompressed) bytes."""
-  raw = epath.Path(path).open('rb') if _is_remote(path) else open(path, 'rb')
+def _open_raw(path: str):
+  return epath.Path(path).open('rb') if _is_remote(path) else open(path, 'rb')
+
+
+def open_bytes(path: str, compression: str, raw=None):
+  """A binary stream of the file's (decompressed) bytes (read from `raw` if given)."""
+  raw = raw or _open_raw(path)
   if compression == 'gz':
     return gzip.GzipFile(fileobj=raw)
   if compression == 'zst':
@@ -201,6 +204,7 @@ class Unit:
   payload: bytes | list
   size: int  # Input bytes (characters for parquet): what shard boundaries count.
   pieces: tuple[tuple[int, bool, int], ...] = ()
+  disk_end: int = 0  # Bytes of the file on disk read so far (compressed, if it is): progress.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,13 +320,12 @@ def _jsonl_units(path: str, stream) -> Iterator[Unit]:
     line += block.count(b'\n')
 
 
-def _parquet_units(path: str, r: Reading) -> Iterator[Unit]:
+def _parquet_units(path: str, raw, r: Reading) -> Iterator[Unit]:
   import pyarrow as pa
   import pyarrow.parquet as pq
 
   try:
-    f = epath.Path(path).open('rb') if _is_remote(path) else open(path, 'rb')
-    parquet = pq.ParquetFile(f)
+    parquet = pq.ParquetFile(raw)
   except (pa.ArrowException, OSError) as e:
     raise _Unreadable(f'{path} is not a readable Parquet file ({" ".join(str(e).split())})'
                       ) from None
@@ -353,12 +356,14 @@ def file_units(path: str, r: Reading, on_bad: Callable[[str], None] | None = Non
   with `on_bad` is reported to it and ends there."""
   fmt, compression = file_format(path)
   try:
-    if fmt == 'parquet':
-      yield from _parquet_units(path, r)
-      return
-    with open_bytes(path, compression) as stream:
-      units = _jsonl_units(path, stream) if fmt == 'jsonl' else _text_units(path, stream, r)
-      yield from units
+    with _open_raw(path) as raw:
+      if fmt == 'parquet':
+        units = _parquet_units(path, raw, r)
+      else:
+        stream = open_bytes(path, compression, raw)
+        units = _jsonl_units(path, stream) if fmt == 'jsonl' else _text_units(path, stream, r)
+      for unit in units:
+        yield dataclasses.replace(unit, disk_end=raw.tell())
   except (_Unreadable, *_read_errors()) as e:
     what = 'truncated or corrupt' if compression else 'unreadable'
     message = (str(e) if isinstance(e, _Unreadable) else
