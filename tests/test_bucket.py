@@ -190,6 +190,24 @@ def test_a_bucket_workdir_without_the_gcs_extra_names_it(tmp_path, corpus_path):
   assert not (tmp_path / 'gs:').exists()
 
 
+@pytest.mark.slow
+def test_a_bucket_run_killed_outright_has_the_metrics_of_its_committed_checkpoints(gcs,
+                                                                                  corpus_path):
+  """metrics.jsonl on a bucket is uploaded before each checkpoint commits: SIGKILL (no flush at
+  exit) must still leave the records of every committed step."""
+  workdir = f'{gcs}/killed'
+  proc = start(train_args(workdir, corpus_path, '--config.steps=400',
+                          '--config.checkpoint.every=10'))
+  wait_until(lambda: epath.Path(f'{workdir}/checkpoints/10/commit_success.txt').exists(), proc)
+  proc.kill()
+  proc.communicate(timeout=60)
+  committed = [int(p.name) for p in epath.Path(f'{workdir}/checkpoints').iterdir()
+               if (p / 'commit_success.txt').exists()]
+  steps = [r['step'] for r in metrics.read_metrics(workdir) if 'loss' in r]
+  assert committed and steps[:max(committed)] == list(range(1, max(committed) + 1)), (
+      committed, steps)
+
+
 def test_a_corpus_on_a_bucket_prepares_into_the_store_of_the_same_files_on_disk(gcs, tmp_path):
   import gzip
   import json

@@ -79,7 +79,8 @@ def test_quickstart_runs_end_to_end_then_samples(tmp_path):
   sampled = run_cli('sample', f'--workdir={workdir}', f'--prompt={prompt}', f'--length={length}',
                     '--temperature=0')
   assert sampled.returncode == 0, sampled.stderr[-3000:]
-  assert sampled.stdout.startswith(prompt) and len(sampled.stdout.strip()) > len(prompt)
+  # Whitespace is a fine sample of a 30-step model trained on code (the fallback corpus).
+  assert sampled.stdout.startswith(prompt) and len(sampled.stdout.rstrip('\n')) > len(prompt)
   _same_greedy_text_in_transformers(workdir, tmp_path, prompt, length, sampled.stdout.rstrip('\n'))
 
 

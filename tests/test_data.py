@@ -125,13 +125,14 @@ def test_processes_evaluate_disjoint_windows_that_cover_every_target_once(data):
   split, causal = s.split('eval'), _objectives(tok)
   ids = split.read(0, split.num_tokens)
   targets = int(np.sum(ids[:-1] != tokenizer.EOS_ID))  # Every pair but the cross-document ones.
-  seen = []
-  for p in range(2):
-    batches = list(pipeline.eval_batches(split, causal, seq_len=L, global_batch=8, seed=0,
-                                         process_index=p, process_count=2))
-    assert all(b['inputs'].shape == (4, L) for b in batches)
-    seen.append(sum(int(b['weights'].sum()) for b in batches))
-  assert seen[0] > 0 and seen[1] > 0 and seen[0] + seen[1] == targets
+  read = lambda p, n: list(pipeline.eval_batches(split, causal, seq_len=L, global_batch=8, seed=0,
+                                                 process_index=p, process_count=n))
+  whole, halves = read(0, 1), zip(read(0, 2), read(1, 2))
+  for one, (a, b) in zip(whole, halves, strict=True):
+    assert a['inputs'].shape == (4, L)
+    for k in pipeline.BATCH_KEYS:  # Each process holds its own rows of the one global batch.
+      np.testing.assert_array_equal(one[k], np.concatenate([a[k], b[k]]))
+  assert sum(int(b['weights'].sum()) for b in whole) == targets
 
 
 def test_a_smaller_stride_gives_windows_at_every_offset(data):

@@ -44,7 +44,10 @@ def assert_ok(results: list[subprocess.CompletedProcess]) -> None:
 
 
 def losses(workdir) -> dict[int, float]:
-  return {r['step']: r['loss'] for r in metrics.read_metrics(str(workdir)) if 'loss' in r}
+  records = [(r['step'], r['loss']) for r in metrics.read_metrics(str(workdir)) if 'loss' in r]
+  steps = [s for s, _ in records]
+  assert steps == sorted(set(steps)), f'a step logged twice or out of order: {steps}'
+  return dict(records)
 
 
 @pytest.fixture(scope='module')

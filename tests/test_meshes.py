@@ -38,9 +38,9 @@ def run_on(devices: int, args: list[str]) -> str:
 
 
 def losses(workdir) -> list[float]:
-  by_step = {r['step']: r['loss'] for r in metrics.read_metrics(str(workdir)) if 'loss' in r}
-  assert sorted(by_step) == list(range(1, STEPS + 1))
-  return [by_step[s] for s in range(1, STEPS + 1)]
+  records = [(r['step'], r['loss']) for r in metrics.read_metrics(str(workdir)) if 'loss' in r]
+  assert [s for s, _ in records] == list(range(1, STEPS + 1)), 'a step missing or logged twice'
+  return [loss for _, loss in records]
 
 
 @pytest.fixture(scope='module')

@@ -139,7 +139,7 @@ def test_remat_changes_nothing(policy):
 
   (v0, g0), (v1, g1) = loss_and_grads('none'), loss_and_grads(policy)
   np.testing.assert_allclose(v0, v1, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 

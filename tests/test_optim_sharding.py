@@ -105,6 +105,13 @@ def test_params_and_moments_are_sharded_as_the_rules_say_on_8_devices():
       mu = state['opt_state'][1][0].mu['blocks'][0]['mlp']['wo']
       assert mu.sharding.spec == P('tensor', 'fsdp'), mu.sharding.spec
       assert len(attn['q'].addressable_shards) == 8
+      # A vocabulary the tensor axis cannot split evenly names the field that rounds it up.
+      from pretrax import sharding
+      try:
+        state_lib.build(c, vocab_size=63)
+        raise AssertionError('63 rows split 2 ways must be refused')
+      except sharding.ShardingError as e:
+        assert 'vocab, size 63' in str(e) and '--config.model.vocab_multiple' in str(e), e
       print('ok', jax.device_count())
   ''')
   stdout = run_python(script, devices=8, timeout=300)

@@ -64,7 +64,7 @@ def test_stop_and_resume_equals_uninterrupted(tiny_config, tmp_path, accum, obje
   evals = lambda recs: [(r['step'], r['eval_loss']) for r in recs if 'eval_loss' in r]
   assert evals(b)[-1] == evals(a)[-1]
   for x, y in zip(jax.tree.leaves(_final_params(straight, c, 30)),
-                  jax.tree.leaves(_final_params(stopped, c, 30))):
+                  jax.tree.leaves(_final_params(stopped, c, 30)), strict=True):
     np.testing.assert_array_equal(x, y)
 
 
@@ -128,7 +128,8 @@ def test_a_loss_spike_is_skipped_and_kept_out_of_the_window():
   state, m = step(state, surprise)
   assert int(m['spike']) == 1 and int(m['skipped']) == 1, jax.device_get(m)
   after = jax.device_get(state)
-  for x, y in zip(jax.tree.leaves(before['params']), jax.tree.leaves(after['params'])):
+  for x, y in zip(jax.tree.leaves(before['params']), jax.tree.leaves(after['params']),
+                  strict=True):
     np.testing.assert_array_equal(x, y)
   np.testing.assert_array_equal(before['loss_window']['losses'], after['loss_window']['losses'])
   assert int(after['loss_window']['count']) == 20 and int(after['step']) == 21

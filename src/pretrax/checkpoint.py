@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from pretrax import errors
 from pretrax import paths
 
 _TMP_MARKER = '.orbax-checkpoint-tmp'
@@ -61,7 +62,7 @@ def remove_partial(workdir: str) -> list[str]:
   return [str(p) for p in partial]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.PretraxError, RuntimeError):
   """A checkpoint that cannot be trusted; the message names the step and the damage."""
 
 

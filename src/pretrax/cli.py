@@ -6,13 +6,19 @@ Every expected failure (a bad config key or value, a missing file) ends with one
 naming the problem and the fix, and exit status 2.
 """
 
+import ast
+import difflib
+import glob
 import os
+import re
 import shlex
 import sys
 
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from pretrax import errors
 
 FLAGS = flags.FLAGS
 USAGE = """usage: pretrax COMMAND [--flags]
@@ -36,9 +42,14 @@ commands:
 """
 
 
+def _define_config(help_text: str) -> None:
+  config_flags.DEFINE_config_file('config', None, help_text, lock_config=True)
+  flags.DEFINE_bool('print_config', False, 'Print the resolved config (overrides included), each '
+                    'field with its value and what it means, and run nothing.')
+
+
 def _define_train() -> None:
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/NAME.py[:ARG]).',
-                                  lock_config=True)
+  _define_config('Experiment config file (configs/NAME.py[:ARG]).')
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the tokenizer.')
   _define_hosts()
 
@@ -60,8 +71,7 @@ def _join_hosts() -> None:
 
 
 def _define_plan() -> None:
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/NAME.py[:ARG]).',
-                                  lock_config=True)
+  _define_config('Experiment config file (configs/NAME.py[:ARG]).')
   flags.DEFINE_integer('devices', None, 'Plan for this many fake CPU devices; default: the real '
                        'devices.', lower_bound=1)
   flags.DEFINE_float('device_memory_gib', None, 'Memory per device, to say whether it fits.')
@@ -70,9 +80,7 @@ def _define_plan() -> None:
 
 
 def _define_prepare() -> None:
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file: its data.*, '
-                                  'tokenizer.* and data.seq_len say what to prepare.',
-                                  lock_config=True)
+  _define_config('Experiment config file: its data.* and tokenizer.* say what to prepare.')
   flags.DEFINE_string('output', None, 'Directory of the token store (a local or shared disk); '
                       'the same command finishes an interrupted preparation.')
   flags.DEFINE_integer('workers', -1, 'Tokenizing processes; -1: one per CPU core; 0: none '
@@ -115,8 +123,7 @@ def _define_export() -> None:
 def _define_import() -> None:
   flags.DEFINE_string('hf', None, 'A local Hugging Face model directory (config.json and '
                       'safetensors weights); nothing is downloaded.')
-  config_flags.DEFINE_config_file('config', None, 'The config to continue pre-training with; its '
-                                  'model must match config.json.', lock_config=True)
+  _define_config('The config to continue pre-training with; its model must match config.json.')
   flags.DEFINE_string('workdir', None, 'A new run directory for the step-0 checkpoint.')
 
 
@@ -130,8 +137,8 @@ def _bytes(size: str) -> int:
 
 
 def _define_sweep() -> None:
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/NAME.py[:ARG]); '
-                                  'its get_sweep(ARG) declares the sweep.', lock_config=True)
+  _define_config('Experiment config file (configs/NAME.py[:ARG]); its get_sweep(ARG) declares the '
+                 'sweep.')
   flags.DEFINE_string('workdir', None, 'Directory for the sweep: one subdirectory per trial, and '
                       'the results table and plot.')
   flags.DEFINE_string('sweep', None, 'A Python file whose get_sweep(ARG) declares the sweep '
@@ -148,7 +155,7 @@ def _require_flags(*names: str) -> None:
       raise UsageError(f'--{name} is required.')
 
 
-class UsageError(ValueError):
+class UsageError(errors.PretraxError, ValueError):
   pass
 
 
@@ -307,37 +314,145 @@ def _quiet_closed_loops() -> None:
   sys.unraisablehook = hook
 
 
+HELP_FLAGS = ('--help', '-h', '--helpfull', '-help', '--help=true')
+EXAMPLES = {
+    'train': 'pretrax train --config=configs/tiny.py --workdir=runs/tiny --config.steps=100',
+    'plan': 'pretrax plan --config=configs/gpt2_small.py --devices=8 --mesh=1,8,1',
+    'prepare': "pretrax prepare --config=configs/gpt2_small.py --output=/data/store "
+               "--config.data.path='/data/web/*.jsonl.zst'",
+    'sample': "pretrax sample --workdir=runs/tiny --prompt='ROMEO:' --length=100",
+    'tokenizer': "pretrax tokenizer --input='/data/books/*.txt' --output=books.model",
+    'export': 'pretrax export --workdir=runs/tiny --out=hf/tiny',
+    'import': 'pretrax import --hf=hf/tiny --config=configs/tiny.py --workdir=runs/tiny2',
+    'sweep': 'pretrax sweep --config=configs/tiny.py --workdir=runs/tiny-lr --parallel=2',
+}
+
+
+def _command_help(command: str, names: list[str]) -> str:
+  """Usage, every flag of `command` with its help and default, and an example."""
+  block, inside = [], False
+  for line in USAGE.splitlines():
+    if line.startswith(f'  {command} '):
+      inside = True
+    elif inside and not line.startswith('      '):
+      break
+    if inside:
+      block.append(line.strip())
+  lines = [f'usage: pretrax {" ".join(block)}', '', 'flags:']
+  for name in names:
+    flag = FLAGS[name]
+    default = '' if flag.default is None else f' (default: {flag.default!r})'
+    if name == 'config':
+      default = ' (required)'
+    lines.append(f'  --{name}: {flag.help}{default}')
+    if name == 'config':
+      lines.append('  --config.KEY=VALUE: override any field of the config, type-checked; '
+                   '--print_config lists them all with their meaning')
+  lines += ['', 'example:', f'  {EXAMPLES[command]}']
+  return '\n'.join(lines)
+
+
+def _config_spec(argv: list[str]) -> str | None:
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _check_config_file(spec: str) -> None:
+  """A --config file that is missing, does not parse, or has no get_config, in one line."""
+  path = spec.split(':', 1)[0]
+  if not os.path.isfile(path):
+    known = [os.path.relpath(p) for p in glob.glob(os.path.join(os.path.dirname(path) or '.',
+                                                                '*.py'))]
+    near = difflib.get_close_matches(path, known, n=1)
+    hint = f'; did you mean {near[0]}?' if near else ': give a file such as configs/tiny.py.'
+    raise UsageError(f'--config={spec}: {path} does not exist{hint}')
+  with open(path, encoding='utf-8') as f:
+    source = f.read()
+  try:
+    tree = ast.parse(source, path)
+  except SyntaxError as e:
+    raise UsageError(f'--config={spec}: {e.filename}:{e.lineno}: {e.msg}: fix the config '
+                     'file.') from None
+  if not any(isinstance(n, ast.FunctionDef) and n.name == 'get_config' for n in tree.body):
+    raise UsageError(f'--config={spec}: {path} defines no get_config(arg): a config file returns '
+                     'its ConfigDict from get_config, as configs/tiny.py does.')
+
+
+def _flag_error_message(text: str, spec: str | None) -> str:
+  if 'Traceback (most recent call last)' in text:  # get_config raised while the flag parsed.
+    return f'--config={spec}: get_config failed: {text.strip().splitlines()[-1].strip()}'
+  unknown = re.search(r"Unknown command line flag '([^']+)'", text)
+  if unknown:
+    near = difflib.get_close_matches(unknown.group(1), list(FLAGS), n=1)
+    hint = f'; did you mean --{near[0]}?' if near else '; see --help for the flags.'
+    return f'unknown flag --{unknown.group(1)}{hint}'
+  return ' '.join(text.split())
+
+
+def _parse(command: str, argv: list[str]) -> None:
+  """Parses the command's flags; a bad one ends the process with one line."""
+  spec = _config_spec(argv)
+  try:
+    if spec is not None and 'config' in FLAGS:
+      _check_config_file(spec)
+    FLAGS(argv[:1] + argv[2:])
+  except UsageError as e:
+    _fail(command, str(e))
+  except flags.Error as e:
+    _fail(command, _flag_error_message(str(e), spec))
+  except (AttributeError, KeyError) as e:  # ml_collections: an override names no config field.
+    _fail(command, _unknown_key_message(argv, e))
+  except Exception as e:  # get_config itself failed (a bad variant argument, say).
+    _fail(command, f'--config={spec}: get_config failed: {type(e).__name__}: '
+                   f'{" ".join(str(e).split())}')
+
+
+def _top_level(argv: list[str]) -> None:
+  """`pretrax`, `pretrax --help`, or a command that does not exist."""
+  if len(argv) >= 2 and argv[1] in HELP_FLAGS + ('help',):
+    print(USAGE)
+    sys.exit(0)
+  if len(argv) >= 2:
+    near = difflib.get_close_matches(argv[1], list(COMMANDS), n=1)
+    hint = f'; did you mean {near[0]!r}?' if near else '.'
+    print(f'pretrax: error: {argv[1]!r} is not a command{hint}\n', file=sys.stderr)
+  print(USAGE, file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
   _quiet_closed_loops()
   if len(argv) < 2 or argv[1] not in COMMANDS:
-    print(USAGE, file=sys.stderr)
-    sys.exit(2)
+    _top_level(argv)
   command = argv[1]
   define, run = COMMANDS[command]
+  before = set(FLAGS)
   define()
-  try:
-    FLAGS(argv[:1] + argv[2:])
-  except flags.Error as e:
-    _fail(command, ' '.join(str(e).split()))
-  except (AttributeError, KeyError) as e:  # ml_collections: an override names no config field.
-    _fail(command, _unknown_key_message(argv, e))
-  from pretrax.checkpoint import CheckpointError
-  from pretrax.config import ConfigError
-  from pretrax.data.sources import DataError
+  if any(a in HELP_FLAGS for a in argv[2:]):
+    print(_command_help(command, [n for n in FLAGS if n not in before and len(n) > 1]))
+    sys.exit(0)
+  _parse(command, argv)
   from pretrax import faults
-  from pretrax.hosts import HostsError
-  from pretrax.sharding import ShardingError
-  from pretrax.sweep import SweepError
 
+  if 'print_config' in FLAGS and FLAGS.print_config:
+    from pretrax import config as config_lib
+    try:
+      print(config_lib.describe(FLAGS.config), flush=True)
+    except BrokenPipeError:  # `| head`: the reader has what it wanted.
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(0)
   try:
     run()
   except faults.Stopped as e:
     again = ' '.join(shlex.quote(a) for a in ['pretrax'] + argv[1:])
     print(f'pretrax {command}: {e}. Resume with the same command: {again}', file=sys.stderr)
     sys.exit(faults.STOPPED_EXIT_CODE)
-  except (ConfigError, DataError, ShardingError, UsageError, FileNotFoundError,
-          faults.WorkdirError, faults.NonFiniteError, CheckpointError, HostsError, SweepError) as e:
+  except (errors.PretraxError, FileNotFoundError) as e:
     _fail(command, ' '.join(str(e).split()))
   except KeyboardInterrupt:
     _fail(command, 'interrupted')

@@ -7,10 +7,16 @@ only happen in one place and is caught by the locked ConfigDict.
 
 import dataclasses
 import importlib.util
+import inspect
+import io
 import os
+import re
+import tokenize
 import types
 
 import ml_collections
+
+from pretrax import errors
 
 # The order is fixed: an example's `objective` field is an index into it.
 OBJECTIVES = ('causal_lm', 'masked_lm', 'span_corruption', 'prefix_lm')
@@ -43,8 +49,49 @@ def shared_data(config_file: str, name: str) -> str:
   return os.path.normpath(os.path.join(repo, '..', 'shared', 'data', name))
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.PretraxError, ValueError):
   """A config that cannot run; the message names the fields and the fix."""
+
+
+def field_comments() -> dict[str, str]:
+  """What each field of base_config() means: the comment on its line, or the comment lines just
+  above it, from this file's source."""
+  lines = inspect.getsource(base_config).splitlines()
+  comments, above = {}, []
+  for line in lines:
+    text = line.strip()
+    if text.startswith('#'):
+      above.append(text.lstrip('# ').strip())
+      continue
+    match = re.match(r"c\.([\w.]+) = (.*)$", text)
+    if not match:
+      above = []
+      continue
+    code = match.group(2)
+    # The comment starts at a '#' outside the value's quotes.
+    tokens = list(tokenize.generate_tokens(io.StringIO(code).readline))
+    inline = next((t.string.lstrip('# ') for t in tokens if t.type == tokenize.COMMENT), '')
+    comments[match.group(1)] = ' '.join(above + ([inline] if inline else []))
+    above = []
+  return comments
+
+
+def describe(c: ml_collections.ConfigDict) -> str:
+  """Every field of a resolved config, `key = value  # what it means`, one per line."""
+  comments = field_comments()
+  out = []
+
+  def walk(node: ml_collections.ConfigDict, prefix: str) -> None:
+    for key in node.keys():
+      value, name = node[key], f'{prefix}{key}'
+      if isinstance(value, ml_collections.ConfigDict):
+        walk(value, name + '.')
+        continue
+      comment = comments.get(name, '')
+      out.append(f'{name} = {value!r}' + (f'  # {comment}' if comment else ''))
+
+  walk(c, '')
+  return '\n'.join(out)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -306,6 +353,28 @@ def attention_kind(objective: str) -> str:
   if names == ['masked_lm']:
     return 'bidirectional'
   return 'prefix' if set(names) & {'span_corruption', 'prefix_lm'} else 'causal'
+
+
+def implied(flat: dict) -> dict:
+  """A flattened config with every 'this value means another field's' default spelt out (0 steps
+  of schedule = steps, ...): two configs mean the same run when these agree."""
+  out = dict(flat)
+  get = lambda k, default=0: flat.get(k, default)
+  fills = {
+      'optim.schedule_steps': get('steps'),
+      'model.max_len': get('data.seq_len'),
+      'model.mlp_dim': 4 * get('model.embed_dim'),
+      'model.head_dim': get('model.embed_dim') // max(get('model.num_heads', 1), 1),
+      'model.num_kv_heads': get('model.num_heads'),
+      'data.window_stride': get('data.seq_len'),
+  }
+  for key, value in fills.items():
+    if key in out and not out[key]:
+      out[key] = value
+  if out.get('tokenizer.sentinels', 0) < 0:
+    uses_spans = 'span_corruption' in dict(objective_mixture(str(get('objective', 'causal_lm'))))
+    out['tokenizer.sentinels'] = 100 if uses_spans else 0
+  return out
 
 
 def num_sentinels(c: ml_collections.ConfigDict) -> int:

@@ -21,17 +21,18 @@ import uuid
 
 import jax
 
+from pretrax import errors
 from pretrax import paths
 
 # Exit status of a run stopped by a signal after saving: EX_TEMPFAIL, "try again later".
 STOPPED_EXIT_CODE = 75
 
 
-class WorkdirError(OSError):
+class WorkdirError(errors.PretraxError, OSError):
   """The workdir cannot be used; the message names the problem and the fix."""
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(errors.PretraxError, FloatingPointError):
   """The loss or the gradients went NaN or infinite; the message names the step and the metric."""
 
 

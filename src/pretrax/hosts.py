@@ -12,8 +12,10 @@ import time
 
 import jax
 
+from pretrax import errors
 
-class HostsError(RuntimeError):
+
+class HostsError(errors.PretraxError, RuntimeError):
   """Processes that cannot form the job; the message names the address and the fix."""
 
 

@@ -102,12 +102,15 @@ class MetricsWriter:
     self._lines: list[str] = []
     self._uploaded_at = time.monotonic()
     self._unsaved = False
+    self.torn = 0  # Lines of an earlier run cut mid-write, dropped.
     if not enabled:
       return
     if not self.remote:
       self.path.parent.mkdir(parents=True, exist_ok=True)
     lines = _lines(self.path)
-    kept = [line for line in lines if json.loads(line).get('step', 0) <= resume_step]
+    records, self.torn = _parse(lines)
+    kept = [line for line, r in zip(lines, records)
+            if r is not None and r.get('step', 0) <= resume_step]
     if self.remote:
       self._lines = kept
     if len(kept) != len(lines):
@@ -182,12 +185,26 @@ def _lines(path) -> list[str]:
           for line in path.read_text().splitlines() if line.strip()]
 
 
+def _parse(lines: list[str]) -> tuple[list[dict | None], int]:
+  """Each line's record, None for a line cut mid-write (a crash or power loss while it was
+  written), and how many such lines there were."""
+  records = []
+  for line in lines:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      record = None
+    records.append(record if isinstance(record, dict) else None)
+  return records, sum(r is None for r in records)
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-  """The records of a run's metrics.jsonl; FileNotFoundError when the run wrote none."""
+  """The records of a run's metrics.jsonl (lines cut mid-write left out); FileNotFoundError when
+  the run wrote none."""
   path = paths.path(workdir) / 'metrics.jsonl'
   if not path.exists():
     raise FileNotFoundError(f'no metrics in {workdir}: {path} does not exist.')
-  return [json.loads(line) for line in _lines(path)]
+  return [r for r in _parse(_lines(path))[0] if r is not None]
 
 
 def format_duration(seconds: float) -> str:

@@ -168,6 +168,31 @@ def plan(c: ml_collections.ConfigDict, vocab_size: int,
       warnings=tuple(_warnings(params, mesh, param_bytes + opt_state_bytes)))
 
 
+def peak_bytes(analysis) -> int:
+  """Per-device bytes of a compiled step: inputs + outputs + temporaries + code, the donated
+  state counted once (it is an input and an output in the same buffers)."""
+  x = {k: int(getattr(analysis, k)) for k in _XLA_FIELDS}
+  return (x['argument_size_in_bytes'] + x['output_size_in_bytes'] - x['alias_size_in_bytes']
+          + x['temp_size_in_bytes'] + x['generated_code_size_in_bytes'])
+
+
+def device_memory_bytes(device: jax.Device) -> int | None:
+  """What one device can hold: the allocator's limit on accelerators; on a CPU, the host's
+  available memory shared by its local devices. None where neither is known."""
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if stats and stats.get('bytes_limit'):
+    return int(stats['bytes_limit'])
+  if device.platform == 'cpu':
+    try:
+      with open('/proc/meminfo') as f:
+        info = dict(line.split(':', 1) for line in f)
+      available = int(info['MemAvailable'].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+      return None
+    return available // max(jax.local_device_count(), 1)
+  return None
+
+
 # ---------------------------------------------------------------------------------------------
 # The table.
 

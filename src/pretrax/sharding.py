@@ -12,6 +12,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import optax
 
+from pretrax import errors
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 # Axes that may also span the data-centre network (between TPU slices or GPU nodes): only data
 # parallelism, whose one all-reduce per step tolerates the slower links.
@@ -37,7 +39,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-class ShardingError(ValueError):
+class ShardingError(errors.PretraxError, ValueError):
   """A mesh or rule that cannot work; the message names it and the fix."""
 
 

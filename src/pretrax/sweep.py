@@ -49,6 +49,7 @@ from typing import Any
 import ml_collections
 
 from pretrax import config as config_lib
+from pretrax import errors
 from pretrax import paths
 
 Sweep = list[dict[str, Any]]
@@ -56,7 +57,7 @@ Sweep = list[dict[str, Any]]
 STOPPED_EXIT_CODE = 75
 
 
-class SweepError(ValueError):
+class SweepError(errors.PretraxError, ValueError):
   """A sweep that cannot be expanded; the message names the key or file and the fix."""
 
 

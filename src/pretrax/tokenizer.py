@@ -11,6 +11,7 @@ import io
 import numpy as np
 import sentencepiece as spm
 
+from pretrax import errors
 from pretrax import paths
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3, 4
@@ -58,19 +59,29 @@ def train(texts: Iterable[str], *, model_type: str = 'char', vocab_size: int = 5
   return model.getvalue()
 
 
+class TokenizerError(errors.PretraxError, ValueError):
+  """A tokenizer file that cannot be used; the message names it and the fix."""
+
+
 class Tokenizer:
   """A loaded SentencePiece model with the few operations pretrax needs."""
 
-  def __init__(self, model_proto: bytes):
+  def __init__(self, model_proto: bytes, where: str = 'the tokenizer'):
     self.model_proto = model_proto
-    self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    except (RuntimeError, OSError, TypeError) as e:
+      raise TokenizerError(
+          f'{where} is not a SentencePiece model, damaged or cut short ({" ".join(str(e).split())}'
+          '): restore it, or delete it to have it written again from the run\'s token store '
+          '(or trained anew).') from None
     if self._sp.pad_id() != PAD_ID or self._sp.eos_id() != EOS_ID:
-      raise ValueError('not a pretrax tokenizer: pad and eos must have ids 0 and 3; '
-                       'train one with `pretrax tokenizer`.')
+      raise TokenizerError(f'{where} is not a pretrax tokenizer: pad and eos must have ids 0 and '
+                           '3; train one with `pretrax tokenizer`.')
 
   @classmethod
   def load(cls, path: str) -> 'Tokenizer':
-    return cls(paths.path(path).read_bytes())
+    return cls(paths.path(path).read_bytes(), where=str(path))
 
   def save(self, path: str) -> None:
     paths.path(path).write_bytes(self.model_proto)

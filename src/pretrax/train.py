@@ -21,6 +21,7 @@ from pretrax import config as config_lib
 from pretrax import faults
 from pretrax import metrics as metrics_lib
 from pretrax import paths
+from pretrax import plan as plan_lib
 from pretrax import sample as sample_lib
 from pretrax import state as state_lib
 from pretrax import step as step_lib
@@ -141,6 +142,9 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
 
   # ---- Loop ---------------------------------------------------------------------------------
   writer = metrics_lib.MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
+  if writer.torn:
+    log(f'metrics.jsonl: dropped {writer.torn} line(s) cut mid-write by a crash; the steps they '
+        'held are written again as the run goes on')
   config_json = json.loads(c.to_json())
   peak, peak_source = metrics_lib.peak_flops(c.peak_flops)
   flops_per_step = metrics_lib.flops_per_token(run.model_cfg, seq_len) * c.data.batch_size * seq_len
@@ -196,6 +200,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
       compile_start = time.perf_counter()
       train_step = train_step.lower(state, first_batch).compile()
       compile_s = time.perf_counter() - compile_start
+      _check_fits(train_step)
       log(f'compiled the train step in {compile_s:.1f} s; '
           f'MFU against {peak / 1e9:,.0f} GFLOP/s ({peak_source})')
       clock['time'] = time.perf_counter()
@@ -308,6 +313,22 @@ def load_data(c: ml_collections.ConfigDict, workdir: str,
   return data
 
 
+def _check_fits(compiled) -> None:
+  """Refuses a step that cannot fit a device, before it runs out of memory mid-step."""
+  analysis = compiled.memory_analysis()
+  have = plan_lib.device_memory_bytes(jax.local_devices()[0])
+  if analysis is None or have is None:
+    return
+  need, temp = plan_lib.peak_bytes(analysis), int(analysis.temp_size_in_bytes)
+  if need > have:
+    gib = 1 << 30
+    raise config_lib.ConfigError(
+        f'the train step needs {need / gib:,.1f} GiB per device ({temp / gib:,.1f} GiB of it '
+        f'activations and other temporaries) and a device has {have / gib:,.1f} GiB: lower '
+        'data.batch_size or data.seq_len, raise optim.grad_accum_steps, set model.remat=full, or '
+        'shard over more devices (see `pretrax plan`).')
+
+
 def _restore_newest_intact(c: ml_collections.ConfigDict, workdir: str, mngr, abstract) -> Any:
   """The newest checkpoint's state; with checkpoint.fallback, damaged ones are set aside and the
   next older one is tried. Never returns a state that differs from what was saved."""
@@ -350,14 +371,21 @@ def _flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
 
 def _check_resumable(c: ml_collections.ConfigDict, saved: dict[str, Any], step: int) -> None:
   now, before = _flatten(json.loads(c.to_json())), _flatten(saved)
+  # A default that stands for another field's value (schedule_steps 0 = steps) is compared by
+  # what it means: written out or implied, the same schedule is the same run.
+  now_meant, before_meant = config_lib.implied(now), config_lib.implied(before)
   # A field that a newer version added is absent from older checkpoints: fine at its default.
   defaults = _flatten(json.loads(config_lib.base_config().to_json()))
   changed = [k for k in sorted(set(now) | set(before))
-             if now.get(k) != before.get(k)
+             if now.get(k) != before.get(k) and now_meant.get(k) != before_meant.get(k)
              and not (k not in before and k in defaults and now.get(k) == defaults[k])
              and not any(k == f or k.startswith(f + '.') for f in RESUMABLE_CHANGES)]
   if changed:
-    detail = ', '.join(f'{k}: {before.get(k)!r} -> {now.get(k)!r}' for k in changed)
+    def shown(raw: dict, meant: dict, k: str) -> str:
+      return f'{raw.get(k)!r}' + (f' (means {meant[k]!r})' if meant.get(k) != raw.get(k) else '')
+
+    detail = ', '.join(f'{k}: {shown(before, before_meant, k)} -> {shown(now, now_meant, k)}'
+                       for k in changed)
     raise config_lib.ConfigError(
         f'the checkpoint at step {step} was trained with a different config ({detail}): '
         'use a new --workdir, or the same values to resume.')

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import PEAK_FLOPS_ARG, REPO, built_once, pretrax_env, run_cli
-from pretrax import checkpoint, metrics
+from pretrax import checkpoint, faults, metrics
 from pretrax import state as state_lib
 from pretrax import tokenizer
 
@@ -66,10 +66,12 @@ def final_params(workdir, step: int):
 
 def assert_same_run(a, b, steps: int) -> None:
   """Same losses at every step and the same final parameters, bit for bit."""
-  losses = lambda w: {r['step']: r['loss'] for r in metrics.read_metrics(str(w)) if 'loss' in r}
+  # Lists, not {step: loss}: a step logged twice after a resume must show.
+  losses = lambda w: [(r['step'], r['loss']) for r in metrics.read_metrics(str(w)) if 'loss' in r]
   assert losses(a) == losses(b)
-  assert sorted(losses(b)) == list(range(1, steps + 1)), 'a step is missing or logged twice'
-  for x, y in zip(jax.tree.leaves(final_params(a, steps)), jax.tree.leaves(final_params(b, steps))):
+  assert [s for s, _ in losses(b)] == list(range(1, steps + 1)), 'a step missing or logged twice'
+  pa, pb = jax.tree.leaves(final_params(a, steps)), jax.tree.leaves(final_params(b, steps))
+  for x, y in zip(pa, pb, strict=True):
     np.testing.assert_array_equal(x, y)
 
 
@@ -275,6 +277,14 @@ def test_bad_files_are_skipped_and_counted_when_asked(tmp_path, corpus_path):
   assert 'zeros.bin:byte 0: binary data' in result.stdout
   manifest = json.loads((tmp_path / 'run' / 'data' / 'manifest.json').read_text())
   assert manifest['bad_records'] == 2
+
+
+def test_too_little_disk_for_the_kept_checkpoints_fails_before_training(tmp_path, monkeypatch):
+  monkeypatch.setattr(faults, '_free_bytes', lambda path: 300 << 20)
+  faults.check_free_space(str(tmp_path), 50 << 20, keep=3)  # 4 x 50 MiB fit in 300.
+  with pytest.raises(faults.WorkdirError, match=r'has 300 MiB free but 5 \+ 1 checkpoints of 60 '
+                     r'MiB need 360 MiB: free space'):
+    faults.check_free_space(str(tmp_path), 60 << 20, keep=5)
 
 
 def test_a_glob_that_matches_nothing_fails_before_training(tmp_path):

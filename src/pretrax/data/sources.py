@@ -28,13 +28,15 @@ import sysconfig
 
 from etils import epath
 
+from pretrax import errors
+
 UNIT_BYTES = 1 << 20  # Text per unit: a worker's task, and the grain of shard boundaries.
 _HASH_BYTES = 1 << 20  # A document's split is decided by its first MB.
 _STDLIB_MAX_BYTES = 1_200_000  # The fallback corpus stays small: a fresh clone's quickstart.
 TRAIN, EVAL = 0, 1
 
 
-class DataError(ValueError):
+class DataError(errors.PretraxError, ValueError):
   """Input that cannot be read; the message names the file (and line) and the fix."""
 
 
