@@ -6,13 +6,17 @@ directory is always a whole checkpoint. DIR may be a bucket (gs://...): there Or
 in place and marks it whole with a commit file (see `remove_partial`).
 """
 
+from collections.abc import Callable
+import json
 from typing import Any
 
 import grain
 import jax
 import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
 
+from pretrax import config as config_lib
 from pretrax import errors
 from pretrax import paths
 
@@ -182,3 +186,75 @@ def restore_topology(mngr: ocp.CheckpointManager, step: int) -> dict[str, int] |
 
 def _has_item(mngr: ocp.CheckpointManager, step: int, item: str) -> bool:
   return paths.path(str(mngr.directory)).joinpath(str(step), item).exists()
+
+
+# ---- Resuming: is it the same run, and which checkpoint is intact ------------------------------
+
+# Fields that may change between a run and its resumption; any other change is refused.
+RESUMABLE_CHANGES = ('steps', 'log_every', 'eval_every', 'eval_batches', 'peak_flops',
+                     'checkpoint', 'sample', 'data.worker_count', 'data.prepare_workers', 'fault',
+                     'optim.skip_nonfinite', 'mesh', 'profile_steps',
+                     # Attention backends and recomputation change speed and memory only.
+                     'model.attention_backend', 'model.remat')
+
+
+def _flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    key = f'{prefix}{k}'
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + '.'))
+    else:
+      out[key] = v
+  return out
+
+
+def check_resumable(mngr: ocp.CheckpointManager, c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the fields (and what they meant) if the latest checkpoint was
+  trained with another config than `c`, except fields that may change."""
+  step = mngr.latest_step()
+  if step is None:
+    return
+  try:
+    saved = restore_config(mngr, step)
+  except Exception:  # Damaged: the restore names the damage (and may fall back).
+    return
+  now, before = _flatten(json.loads(c.to_json())), _flatten(saved)
+  # A default that stands for another field's value (schedule_steps 0 = steps) is compared by
+  # what it means: written out or implied, the same schedule is the same run.
+  now_meant, before_meant = config_lib.implied(now), config_lib.implied(before)
+  # A field that a newer version added is absent from older checkpoints: fine at its default.
+  defaults = _flatten(json.loads(config_lib.base_config().to_json()))
+  changed = [k for k in sorted(set(now) | set(before))
+             if now.get(k) != before.get(k) and now_meant.get(k) != before_meant.get(k)
+             and not (k not in before and k in defaults and now.get(k) == defaults[k])
+             and not any(k == f or k.startswith(f + '.') for f in RESUMABLE_CHANGES)]
+  if changed:
+    def shown(raw: dict, meant: dict, k: str) -> str:
+      return f'{raw.get(k)!r}' + (f' (means {meant[k]!r})' if meant.get(k) != raw.get(k) else '')
+
+    detail = ', '.join(f'{k}: {shown(before, before_meant, k)} -> {shown(now, now_meant, k)}'
+                       for k in changed)
+    raise config_lib.ConfigError(
+        f'the checkpoint at step {step} was trained with a different config ({detail}): '
+        'use a new --workdir, or the same values to resume.')
+
+
+def restore_newest_intact(mngr: ocp.CheckpointManager, workdir: str, abstract_state: Any, *,
+                          fallback: bool, log: Callable[[str], None]) -> Any:
+  """The newest checkpoint's state; with `fallback`, damaged ones are set aside and the next
+  older one is tried. Never returns a state that differs from what was saved."""
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      state, _ = restore(mngr, step, abstract_state)
+      return state
+    except CheckpointError as e:
+      if not fallback:
+        raise CheckpointError(f'{e}: set --config.checkpoint.fallback=true to resume from the '
+                              'newest intact checkpoint instead.') from None
+      moved = set_aside(workdir, step) if jax.process_index() == 0 else ''
+      log(f'{e}; moved it to {moved} and trying the one before (checkpoint.fallback)')
+      mngr.reload()
+  raise CheckpointError(f'no intact checkpoint in {directory(workdir)}: use a new --workdir to '
+                        'start over.')
+

@@ -56,7 +56,7 @@ class ConfigError(errors.PretraxError, ValueError):
 def field_comments() -> dict[str, str]:
   """What each field of base_config() means: the comment on its line, or the comment lines just
   above it, from this file's source."""
-  lines = inspect.getsource(base_config).splitlines()
+  lines = [line for fn in _SECTIONS for line in inspect.getsource(fn).splitlines()]
   comments, above = {}, []
   for line in lines:
     text = line.strip()
@@ -109,7 +109,17 @@ def base_config() -> ml_collections.ConfigDict:
   # 'START:COUNT': write a jax.profiler trace of steps START..START+COUNT-1 (numbered from 1, as in
   # the logs) to WORKDIR/profile/; '' traces nothing.
   c.profile_steps = ''
+  _model_fields(c)
+  _data_fields(c)
+  _objective_fields(c)
+  _tokenizer_fields(c)
+  _optim_fields(c)
+  _support_fields(c)
+  return c
 
+
+def _model_fields(c: ml_collections.ConfigDict) -> None:
+  """The model: its flavour, size, precision and attention."""
   c.model = ml_collections.ConfigDict()
   c.model.flavour = 'gpt2'  # gpt2: learned positions, LayerNorm, GELU. llama: RoPE, RMSNorm, SwiGLU.
   c.model.vocab_size = 0  # 0: the tokenizer's size, rounded up to vocab_multiple.
@@ -136,6 +146,9 @@ def base_config() -> ml_collections.ConfigDict:
   # dtype or mask a kernel cannot take falls back to xla with a logged reason.
   c.model.attention_backend = 'auto'
 
+
+def _data_fields(c: ml_collections.ConfigDict) -> None:
+  """The corpus, its store and the batches."""
   c.data = ml_collections.ConfigDict()
   # Files, directories (recursive) and globs, local or gs://, comma-separated: text (.txt and any
   # other suffix), JSON lines (.jsonl, .json) and Parquet; text and JSON lines may be .gz or .zst.
@@ -167,6 +180,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Without it, a run builds its store from `path` in WORKDIR/data, or reuses the one there.
   c.data.prepared = ''
 
+
+def _objective_fields(c: ml_collections.ConfigDict) -> None:
+  """The settings of the masked-LM and span-corruption objectives."""
   c.masked_lm = ml_collections.ConfigDict()
   c.masked_lm.rate = 0.15  # Share of non-special tokens chosen for prediction.
   c.masked_lm.mask_token_fraction = 0.8  # Of the chosen: replaced by <mask>,
@@ -177,6 +193,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.span_corruption.noise_density = 0.15  # Share of tokens in the corrupted spans (T5: 0.15).
   c.span_corruption.mean_span_length = 3.0  # T5: 3.
 
+
+def _tokenizer_fields(c: ml_collections.ConfigDict) -> None:
+  """The tokenizer a run trains, or the one it is given."""
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ''  # An existing SentencePiece .model; '': train one on the training split.
   c.tokenizer.model_type = 'char'
@@ -184,6 +203,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.tokenizer.sentinels = -1  # Sentinel pieces to reserve; -1: 100 if the objective uses them.
   c.tokenizer.sample_mb = 16.0  # Training text drawn from across the corpus for a new tokenizer.
 
+
+def _optim_fields(c: ml_collections.ConfigDict) -> None:
+  """AdamW, its schedule and the guards on each update."""
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-3
   c.optim.min_lr = 1e-4
@@ -207,6 +229,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.spike_window = 0
   c.optim.spike_threshold = 6.0
 
+
+def _support_fields(c: ml_collections.ConfigDict) -> None:
+  """Checkpoints, the device mesh, fault injection, the final sample."""
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 500
   c.checkpoint.keep = 3
@@ -235,7 +260,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.length = 0
   c.sample.temperature = 0.8
   c.sample.top_k = 0
-  return c
+
+
+_SECTIONS = (base_config, _model_fields, _data_fields, _objective_fields, _tokenizer_fields,
+             _optim_fields, _support_fields)  # Where field_comments() reads the comments.
 
 
 # ---------------------------------------------------------------------------------------------

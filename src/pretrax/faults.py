@@ -9,6 +9,7 @@
   processes the stop step is agreed through JAX's preemption sync point, so all save the same step.
 """
 
+from collections.abc import Iterator
 import errno
 import fcntl
 import json
@@ -20,6 +21,7 @@ import types
 import uuid
 
 import jax
+import numpy as np
 
 from pretrax import errors
 from pretrax import paths
@@ -252,3 +254,12 @@ class StopSignals:
         return True
       return False
     return self.received is not None
+
+
+def poisoned(batches: Iterator[dict[str, np.ndarray]], step: int,
+             start: int) -> Iterator[dict[str, np.ndarray]]:
+  """The batches, with NaN weights in the one of (1-based) `step` (config.fault.poison_step): a
+  rehearsal of the non-finite-loss path, kept out of the loop."""
+  for k, batch in enumerate(batches, start=start + 1):
+    yield {**batch, 'weights': batch['weights'] * np.nan} if k == step else batch
+

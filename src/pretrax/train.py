@@ -4,7 +4,9 @@ Running `train` again on the same workdir resumes from the latest checkpoint: th
 optimizer state, data position and step, so the run continues as if it had never stopped.
 """
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+import dataclasses
+import itertools
 import json
 import shutil
 import tempfile
@@ -28,12 +30,6 @@ from pretrax import step as step_lib
 from pretrax.data import dataset
 from pretrax.data import objectives as objectives_lib
 
-# Fields that may change between a run and its resumption; any other change is refused.
-RESUMABLE_CHANGES = ('steps', 'log_every', 'eval_every', 'eval_batches', 'peak_flops',
-                     'checkpoint', 'sample', 'data.worker_count', 'data.prepare_workers', 'fault',
-                     'optim.skip_nonfinite', 'mesh', 'profile_steps',
-                     # Attention backends and recomputation change speed and memory only.
-                     'model.attention_backend', 'model.remat')
 TOKENIZER_FILE = 'tokenizer.model'
 
 
@@ -64,176 +60,37 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
            mngr: checkpoint.ocp.CheckpointManager) -> dict[str, Any]:
-  # ---- Config -------------------------------------------------------------------------------
-  latest = mngr.latest_step()
-  if latest is not None:
-    try:
-      saved_config = checkpoint.restore_config(mngr, latest)
-    except Exception:  # Damaged: the restore below names the damage (and may fall back).
-      saved_config = None
-    if saved_config is not None:
-      _check_resumable(c, saved_config, latest)
-
-  # ---- Tokenizer and data -------------------------------------------------------------------
-  data = load_data(c, workdir, has_checkpoints=latest is not None)
-  tok, objectives, seq_len = data.tok, data.objectives, c.data.seq_len
+  # ---- Config and data ----------------------------------------------------------------------
+  checkpoint.check_resumable(mngr, c)
+  data = load_data(c, workdir, has_checkpoints=mngr.latest_step() is not None)
   if c.objective != 'causal_lm':
     log(f'objective: {c.objective}')
 
-  # ---- State: fresh, or restored with the data position -------------------------------------
-  run = state_lib.build(c, tok.vocab_size)
-  if latest is None:
-    state = run.init(c.seed)
-    start = 0
-  else:
-    state = _restore_newest_intact(c, workdir, mngr, run.abstract)
-    start = int(state['step'])
-    log(f'resumed from {checkpoint.directory(workdir)}/{start} at step {start}')
-  train_iter = data.train_batches(start)
+  # ---- State: fresh, or the newest intact checkpoint ----------------------------------------
+  run = state_lib.build(c, data.tok.vocab_size)
+  state, start = _initial_state(c, workdir, mngr, run)
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract))
   faults.check_free_space(workdir, state_bytes, c.checkpoint.keep)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.abstract['params']))
-  log(f'model: {c.model.flavour}, {num_params:,} parameters, mesh '
-      f'{dict(run.mesh.shape)}')
+  log(f'model: {c.model.flavour}, {num_params:,} parameters, mesh {dict(run.mesh.shape)}')
 
-  # ---- Steps --------------------------------------------------------------------------------
-  batch_sharding = run.batch_sharding
-  train_step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule,
-                                       step_lib.step_config(c),
-                                       activation_sharding=run.activation_sharding,
-                                       out_shardings=(run.shardings, None))
-  eval_step = step_lib.jit_eval_step(run.model_def, len(objectives.names),
-                                     activation_sharding=run.activation_sharding)
-  bytes_per_token = jnp.asarray(tok.bytes_per_token())
-  baseline_id = jnp.int32(data.baseline_id)
-
-  def to_global(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
-
-  def evaluate_set(batches: Iterable[dict[str, np.ndarray]]) -> dict[str, Any]:
-    sums = None
-    for i, batch in enumerate(batches):
-      if c.eval_batches and i >= c.eval_batches:
-        break
-      out = jax.device_get(eval_step(state['params'], to_global(batch), bytes_per_token,
-                                     baseline_id))
-      sums = out if sums is None else jax.tree.map(np.add, sums, out)
-    return sums
-
-  def evaluate() -> dict[str, float]:
-    per_source = {name: evaluate_set(batches()) for name, batches in data.eval_sets.items()}
-    sums = jax.tree.map(lambda *x: sum(x), *per_source.values())
-    weight = max(float(sums['weight_sum']), 1.0)
-    loss = float(sums['loss_sum']) / weight
-    result = {'eval_loss': loss, 'eval_perplexity': float(np.exp(min(loss, 50.0))),
-              'eval_accuracy': float(sums['correct_sum']) / weight,
-              'eval_baseline_accuracy': float(sums['baseline_correct_sum']) / weight}
-    if c.objective == 'causal_lm':  # Bits per byte of text only mean something for plain LM.
-      result['eval_bits_per_byte'] = (float(sums['loss_sum']) / np.log(2)
-                                      / max(float(sums['byte_sum']), 1.0))
-    for name in objectives.names if len(objectives.names) > 1 else ():
-      k = config_lib.OBJECTIVES.index(name)
-      result[f'eval_loss_{name}'] = (float(sums['group_loss_sum'][k])
-                                     / max(float(sums['group_weight_sum'][k]), 1.0))
-    for name, source_sums in per_source.items() if len(per_source) > 1 else ():
-      result[f'eval_loss_{name}'] = (float(source_sums['loss_sum'])
-                                     / max(float(source_sums['weight_sum']), 1.0))
-    return result
-
-  # ---- Loop ---------------------------------------------------------------------------------
-  writer = metrics_lib.MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
-  if writer.torn:
-    log(f'metrics.jsonl: dropped {writer.torn} line(s) cut mid-write by a crash; the steps they '
-        'held are written again as the run goes on')
-  config_json = json.loads(c.to_json())
-  peak, peak_source = metrics_lib.peak_flops(c.peak_flops)
-  flops_per_step = metrics_lib.flops_per_token(run.model_cfg, seq_len) * c.data.batch_size * seq_len
-  tokens_per_step = c.data.batch_size * seq_len
-  last_train: dict[str, Any] = {}
-  last_eval: dict[str, Any] = {}
-  pending: tuple[int, Any] | None = None  # (step, device metrics): fetched a step late.
-  compile_s = 0.0
-  clock = {'time': time.perf_counter(), 'step': start}
+  # ---- Steps, bookkeeping, the loop ---------------------------------------------------------
+  evaluate = _evaluator(c, run, data)
+  run_log = RunLog.create(c, workdir, run, start, latest_step=mngr.latest_step)
   trace = _StepTrace(c.profile_steps, workdir)
-
-  skipped = spikes = 0  # Updates skipped (non-finite values, loss spikes) since the last record.
-
-  def flush() -> None:
-    """Fetches the pending step's metrics (every step: a non-finite loss must stop the run before
-    anything saves it); writes and prints them every log_every steps."""
-    nonlocal pending, last_train, skipped, spikes
-    if pending is None:
-      return
-    step, device_metrics = pending
-    pending = None
-    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-    skipped += int(values.pop('skipped', 0))
-    spikes += int(values.pop('spike', 0))
-    bad = [k for k in ('loss', 'grad_norm') if not np.isfinite(values[k])]
-    if bad and not c.optim.skip_nonfinite:
-      raise faults.NonFiniteError(
-          f'{" and ".join(bad)} went non-finite at step {step} ({values[bad[0]]}); stopped '
-          f'without saving, the last checkpoint is step {mngr.latest_step()}. Fix the cause and '
-          'run the same command, or set --config.optim.skip_nonfinite=true to skip such steps.')
-    if step % c.log_every and step != c.steps:
-      return
-    now = time.perf_counter()
-    seconds = (now - clock['time']) / max(step - clock['step'], 1)
-    clock.update(time=now, step=step)
-    record = {'step': step, **values, 'tokens_per_s': tokens_per_step / seconds,
-              'mfu': flops_per_step / seconds / peak}
-    if c.optim.skip_nonfinite or c.optim.spike_window:
-      record['skipped_steps'] = skipped
-      skipped = 0
-    if c.optim.spike_window:
-      record['spike_steps'] = spikes
-      spikes = 0
-    writer.write(record)
-    last_train = record
-    log(metrics_lib.progress_line(step=step, total=c.steps, loss=values['loss'], lr=values['lr'],
-                                  tokens_per_s=record['tokens_per_s'], mfu=record['mfu'],
-                                  ms_per_step=1000 * seconds, eta_s=seconds * (c.steps - step)))
-
+  compile_s = 0.0
   try:
     if start < c.steps:
-      first_batch = to_global(next(train_iter))
-      compile_start = time.perf_counter()
-      train_step = train_step.lower(state, first_batch).compile()
-      compile_s = time.perf_counter() - compile_start
-      _check_fits(train_step)
-      log(f'compiled the train step in {compile_s:.1f} s; '
-          f'MFU against {peak / 1e9:,.0f} GFLOP/s ({peak_source})')
-      clock['time'] = time.perf_counter()
-      batch = first_batch
-      for step in range(start, c.steps):
-        if step > start:
-          batch = to_global(next(train_iter))
-        if step + 1 == c.fault.poison_step:  # Fault injection for tests: NaN in one batch.
-          batch = {**batch, 'weights': batch['weights'] * jnp.nan}
-        trace.before(step + 1, state)
-        state, device_metrics = train_step(state, batch)
-        trace.after(step + 1, state)
-        flush()
-        pending = (step + 1, device_metrics)
-        done = step + 1
-        if done % c.eval_every == 0 or done == c.steps:
-          flush()
-          last_eval = {'step': done, **evaluate()}
-          writer.write(last_eval)
-          log(_eval_line(done, last_eval))
-          clock['time'] = time.perf_counter()  # Evaluation time is not training time.
-        saving = done % c.checkpoint.every == 0 or done == c.steps
-        if saving:
-          flush()
-          writer.flush()  # On a bucket, metrics.jsonl is uploaded before the checkpoint commits.
-          checkpoint.save(mngr, done, state, None, config_json)
-        if done < c.steps and stop.should_stop(done):
-          flush()
-          if not saving:
-            writer.flush()
-            checkpoint.save(mngr, done, state, None, config_json)
-          raise faults.Stopped(done, stop.received or 'a stop signal')
-      flush()
+      batches = _global_batches(c, run, data, start)
+      first = next(batches)
+      train_step, compile_s = _compiled_train_step(c, run, state, first)
+      log(f'compiled the train step in {compile_s:.1f} s; MFU against '
+          f'{run_log.peak / 1e9:,.0f} GFLOP/s ({run_log.peak_source})')
+      run_log.restart_clock()
+      state = _loop(c, state, start, itertools.chain([first], batches), train_step, evaluate,
+                    run_log,
+                    lambda step, s: checkpoint.save(mngr, step, s, None, run_log.config_json),
+                    stop, trace)
     else:
       log(f'already at step {start} of {c.steps}: nothing to train (raise --config.steps to go on).')
   finally:
@@ -241,27 +98,244 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
     try:
       checkpoint.wait(mngr)
     finally:
-      writer.close()
+      run_log.writer.close()
 
-  text = ''
-  if c.sample.length and c.objective == 'masked_lm':
+  text = _final_sample(c, run, state['params'], data)
+  log(f'outputs in {paths.path(workdir)}: metrics.jsonl, TensorBoard events, checkpoints/, '
+      f'{TOKENIZER_FILE}')
+  return {'train': run_log.last_train, 'eval': run_log.last_eval, 'state': state,
+          'compile_s': compile_s, 'peak_flops': run_log.peak,
+          'flops_per_step': run_log.flops_per_step, 'sample': text}
+
+
+def _loop(c: ml_collections.ConfigDict, state: Any, start: int,
+          batches: Iterator[dict[str, jax.Array]], train_step: Callable, evaluate: Callable,
+          run_log: 'RunLog', save: Callable[[int, Any], None], stop: faults.StopSignals,
+          trace: '_StepTrace') -> Any:
+  """Steps start+1 .. c.steps: step -> log -> eval -> save, stopping (saved) on a signal."""
+  for step in range(start + 1, c.steps + 1):  # 1-based, as logged.
+    batch = next(batches)
+    trace.before(step, state)
+    state, device_metrics = train_step(state, batch)
+    trace.after(step, state)
+    run_log.push(step, device_metrics)  # Fetches the previous step's: dispatch stays ahead.
+    if step % c.eval_every == 0 or step == c.steps:
+      run_log.drain()
+      run_log.write_eval(step, evaluate(state['params']))
+    stopping = step < c.steps and stop.should_stop(step)
+    if step % c.checkpoint.every == 0 or step == c.steps or stopping:
+      run_log.drain()  # A non-finite loss stops the run before anything saves it.
+      run_log.writer.flush()  # On a bucket, metrics.jsonl is uploaded before the save commits.
+      save(step, state)
+    if stopping:
+      raise faults.Stopped(step, stop.received or 'a stop signal')
+  run_log.drain()
+  return state
+
+
+def _initial_state(c: ml_collections.ConfigDict, workdir: str,
+                   mngr: checkpoint.ocp.CheckpointManager,
+                   run: state_lib.RunState) -> tuple[Any, int]:
+  """(state, step): a fresh initialisation, or the newest intact checkpoint."""
+  if mngr.latest_step() is None:
+    return run.init(c.seed), 0
+  state = checkpoint.restore_newest_intact(mngr, workdir, run.abstract,
+                                           fallback=c.checkpoint.fallback, log=log)
+  start = int(state['step'])
+  log(f'resumed from {checkpoint.directory(workdir)}/{start} at step {start}')
+  return state, start
+
+
+def _global_batches(c: ml_collections.ConfigDict, run: state_lib.RunState,
+                    data: dataset.RunData, start: int) -> Iterator[dict[str, jax.Array]]:
+  """This process's batches from step `start` on, as global arrays over the mesh."""
+  batches = data.train_batches(start)
+  if c.fault.poison_step:
+    batches = faults.poisoned(batches, c.fault.poison_step, start)
+  for batch in batches:
+    yield {k: jax.make_array_from_process_local_data(run.batch_sharding, v)
+           for k, v in batch.items()}
+
+
+def _compiled_train_step(c: ml_collections.ConfigDict, run: state_lib.RunState, state: Any,
+                         first_batch: dict[str, jax.Array]) -> tuple[Callable, float]:
+  """The train step compiled for the run's batches, refused if it cannot fit a device; and the
+  seconds compiling took."""
+  step_fn = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule,
+                                    step_lib.step_config(c),
+                                    activation_sharding=run.activation_sharding,
+                                    out_shardings=(run.shardings, None))
+  started = time.perf_counter()
+  compiled = step_fn.lower(state, first_batch).compile()
+  seconds = time.perf_counter() - started
+  _check_fits(compiled)
+  return compiled, seconds
+
+
+# ---- Evaluation -------------------------------------------------------------------------------
+
+
+def _evaluator(c: ml_collections.ConfigDict, run: state_lib.RunState,
+               data: dataset.RunData) -> Callable[[Any], dict[str, float]]:
+  """params -> the held-out metrics of every source (at most c.eval_batches batches each)."""
+  eval_step = step_lib.jit_eval_step(run.model_def, len(data.objectives.names),
+                                     activation_sharding=run.activation_sharding)
+  bytes_per_token = jnp.asarray(data.tok.bytes_per_token())
+  baseline_id = jnp.int32(data.baseline_id)
+
+  def sums_of(params: Any, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, Any]:
+    sums = None
+    for i, batch in enumerate(batches):
+      if c.eval_batches and i >= c.eval_batches:
+        break
+      batch = {k: jax.make_array_from_process_local_data(run.batch_sharding, v)
+               for k, v in batch.items()}
+      out = jax.device_get(eval_step(params, batch, bytes_per_token, baseline_id))
+      sums = out if sums is None else jax.tree.map(np.add, sums, out)
+    return sums
+
+  def evaluate(params: Any) -> dict[str, float]:
+    per_source = {name: sums_of(params, batches()) for name, batches in data.eval_sets.items()}
+    return eval_record(c, data.objectives.names, per_source)
+
+  return evaluate
+
+
+def eval_record(c: ml_collections.ConfigDict, objective_names: tuple[str, ...],
+                per_source: dict[str, dict[str, Any]]) -> dict[str, float]:
+  """The eval metrics from the summed eval-step outputs of each source."""
+  sums = jax.tree.map(lambda *x: sum(x), *per_source.values())
+  weight = max(float(sums['weight_sum']), 1.0)
+  loss = float(sums['loss_sum']) / weight
+  result = {'eval_loss': loss, 'eval_perplexity': float(np.exp(min(loss, 50.0))),
+            'eval_accuracy': float(sums['correct_sum']) / weight,
+            'eval_baseline_accuracy': float(sums['baseline_correct_sum']) / weight}
+  if c.objective == 'causal_lm':  # Bits per byte of text only mean something for plain LM.
+    result['eval_bits_per_byte'] = (float(sums['loss_sum']) / np.log(2)
+                                    / max(float(sums['byte_sum']), 1.0))
+  for name in objective_names if len(objective_names) > 1 else ():
+    k = config_lib.OBJECTIVES.index(name)
+    result[f'eval_loss_{name}'] = (float(sums['group_loss_sum'][k])
+                                   / max(float(sums['group_weight_sum'][k]), 1.0))
+  for name, source_sums in per_source.items() if len(per_source) > 1 else ():
+    result[f'eval_loss_{name}'] = (float(source_sums['loss_sum'])
+                                   / max(float(source_sums['weight_sum']), 1.0))
+  return result
+
+
+# ---- Metrics: the run's bookkeeping -----------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunLog:
+  """What the loop records: each step's metrics fetched a step late (so dispatch stays ahead) and
+  checked for non-finite values, written and printed every log_every steps with rates; the
+  updates skipped since the last record; the last train and eval records."""
+  c: ml_collections.ConfigDict
+  writer: metrics_lib.MetricsWriter
+  latest_step: Callable[[], int | None]  # The newest checkpoint, for the non-finite message.
+  config_json: dict[str, Any]
+  tokens_per_step: int
+  flops_per_step: float
+  peak: float
+  peak_source: str
+  clock: tuple[float, int]  # (time, step) the rates are measured from.
+  pending: tuple[int, Any] | None = None  # (step, device metrics) not fetched yet.
+  skipped: int = 0
+  spikes: int = 0
+  last_train: dict[str, Any] = dataclasses.field(default_factory=dict)
+  last_eval: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def create(cls, c: ml_collections.ConfigDict, workdir: str, run: state_lib.RunState,
+             start: int, latest_step: Callable[[], int | None]) -> 'RunLog':
+    writer = metrics_lib.MetricsWriter(workdir, resume_step=start,
+                                       enabled=jax.process_index() == 0)
+    if writer.torn:
+      log(f'metrics.jsonl: dropped {writer.torn} line(s) cut mid-write by a crash; the steps '
+          'they held are written again as the run goes on')
+    peak, peak_source = metrics_lib.peak_flops(c.peak_flops)
+    tokens = c.data.batch_size * c.data.seq_len
+    return cls(c=c, writer=writer, latest_step=latest_step,
+               config_json=json.loads(c.to_json()), tokens_per_step=tokens,
+               flops_per_step=metrics_lib.flops_per_token(run.model_cfg, c.data.seq_len) * tokens,
+               peak=peak, peak_source=peak_source, clock=(time.perf_counter(), start))
+
+  def restart_clock(self) -> None:
+    """Time from here on is training time (not compiling, not evaluating)."""
+    self.clock = (time.perf_counter(), self.clock[1])
+
+  def push(self, step: int, device_metrics: Any) -> None:
+    self.drain()
+    self.pending = (step, device_metrics)
+
+  def drain(self) -> None:
+    """Fetches the pending step's metrics (every step: a non-finite loss must stop the run before
+    anything saves it); writes and prints them every log_every steps."""
+    if self.pending is None:
+      return
+    step, device_metrics = self.pending
+    self.pending = None
+    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    self.skipped += int(values.pop('skipped', 0))
+    self.spikes += int(values.pop('spike', 0))
+    self._check_finite(step, values)
+    if step % self.c.log_every == 0 or step == self.c.steps:
+      self._write_train(step, values)
+
+  def _check_finite(self, step: int, values: dict[str, float]) -> None:
+    bad = [k for k in ('loss', 'grad_norm') if not np.isfinite(values[k])]
+    if bad and not self.c.optim.skip_nonfinite:
+      raise faults.NonFiniteError(
+          f'{" and ".join(bad)} went non-finite at step {step} ({values[bad[0]]}); stopped '
+          f'without saving, the last checkpoint is step {self.latest_step()}. Fix the cause and '
+          'run the same command, or set --config.optim.skip_nonfinite=true to skip such steps.')
+
+  def _write_train(self, step: int, values: dict[str, float]) -> None:
+    now = time.perf_counter()
+    seconds = (now - self.clock[0]) / max(step - self.clock[1], 1)
+    self.clock = (now, step)
+    record = {'step': step, **values, 'tokens_per_s': self.tokens_per_step / seconds,
+              'mfu': self.flops_per_step / seconds / self.peak}
+    o = self.c.optim
+    if o.skip_nonfinite or o.spike_window:
+      record['skipped_steps'], self.skipped = self.skipped, 0
+    if o.spike_window:
+      record['spike_steps'], self.spikes = self.spikes, 0
+    self.writer.write(record)
+    self.last_train = record
+    log(metrics_lib.progress_line(step=step, total=self.c.steps, loss=values['loss'],
+                                  lr=values['lr'], tokens_per_s=record['tokens_per_s'],
+                                  mfu=record['mfu'], ms_per_step=1000 * seconds,
+                                  eta_s=seconds * (self.c.steps - step)))
+
+  def write_eval(self, step: int, result: dict[str, float]) -> None:
+    self.last_eval = {'step': step, **result}
+    self.writer.write(self.last_eval)
+    log(_eval_line(step, self.last_eval))
+    self.restart_clock()  # Evaluation time is not training time.
+
+
+def _final_sample(c: ml_collections.ConfigDict, run: state_lib.RunState, params: Any,
+                  data: dataset.RunData) -> str:
+  """What the run prints at its end: generated text, or a masked LM's fill-ins on held-out text."""
+  if not c.sample.length:
+    return ''
+  if c.objective == 'masked_lm':
     examples = []
     for i, window in enumerate(data.held_out_pieces()):
       if sum(len(e['inputs']) for e in examples) >= c.sample.length:
         break
-      examples.append(objectives.build(window, seed=c.seed, stream=objectives_lib.EVAL_STREAM,
-                                       epoch=0, index=i))
-    text = sample_lib.fill_in(run.model_def, state['params'], tok, examples)
+      examples.append(data.objectives.build(window, seed=c.seed,
+                                            stream=objectives_lib.EVAL_STREAM, epoch=0, index=i))
+    text = sample_lib.fill_in(run.model_def, params, data.tok, examples)
     log(f'---- masked-token predictions on held-out text ----\n{text}\n----')
-  elif c.sample.length:
-    text = sample_lib.generate(run.model_def, state['params'], tok, c.sample.prompt,
-                               length=c.sample.length, seq_len=seq_len,
-                               temperature=c.sample.temperature, top_k=c.sample.top_k, seed=c.seed)
-    log(f'---- sample (temperature {c.sample.temperature}) ----\n{text}\n----')
-  log(f'outputs in {paths.path(workdir)}: metrics.jsonl, TensorBoard events, checkpoints/, '
-      f'{TOKENIZER_FILE}')
-  return {'train': last_train, 'eval': last_eval, 'state': state, 'compile_s': compile_s,
-          'peak_flops': peak, 'flops_per_step': flops_per_step, 'sample': text}
+    return text
+  text = sample_lib.generate(run.model_def, params, data.tok, c.sample.prompt,
+                             length=c.sample.length, seq_len=c.data.seq_len,
+                             temperature=c.sample.temperature, top_k=c.sample.top_k, seed=c.seed)
+  log(f'---- sample (temperature {c.sample.temperature}) ----\n{text}\n----')
+  return text
 
 
 class _StepTrace:
@@ -329,25 +403,6 @@ def _check_fits(compiled) -> None:
         'shard over more devices (see `pretrax plan`).')
 
 
-def _restore_newest_intact(c: ml_collections.ConfigDict, workdir: str, mngr, abstract) -> Any:
-  """The newest checkpoint's state; with checkpoint.fallback, damaged ones are set aside and the
-  next older one is tried. Never returns a state that differs from what was saved."""
-  for step in sorted(mngr.all_steps(), reverse=True):
-    try:
-      state, _ = checkpoint.restore(mngr, step, abstract)
-      return state
-    except checkpoint.CheckpointError as e:
-      if not c.checkpoint.fallback:
-        raise checkpoint.CheckpointError(
-            f'{e}: set --config.checkpoint.fallback=true to resume from the newest intact '
-            'checkpoint instead.') from None
-      moved = checkpoint.set_aside(workdir, step) if jax.process_index() == 0 else ''
-      log(f'{e}; moved it to {moved} and trying the one before (checkpoint.fallback)')
-      mngr.reload()
-  raise checkpoint.CheckpointError(f'no intact checkpoint in {checkpoint.directory(workdir)}: '
-                                   'use a new --workdir to start over.')
-
-
 def _eval_line(step: int, e: dict[str, float]) -> str:
   parts = [f'loss {e["eval_loss"]:.4f}', f'perplexity {e["eval_perplexity"]:.2f}']
   if 'eval_bits_per_byte' in e:
@@ -358,34 +413,3 @@ def _eval_line(step: int, e: dict[str, float]) -> str:
   return f'eval at step {step}: ' + ', '.join(parts)
 
 
-def _flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    key = f'{prefix}{k}'
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + '.'))
-    else:
-      out[key] = v
-  return out
-
-
-def _check_resumable(c: ml_collections.ConfigDict, saved: dict[str, Any], step: int) -> None:
-  now, before = _flatten(json.loads(c.to_json())), _flatten(saved)
-  # A default that stands for another field's value (schedule_steps 0 = steps) is compared by
-  # what it means: written out or implied, the same schedule is the same run.
-  now_meant, before_meant = config_lib.implied(now), config_lib.implied(before)
-  # A field that a newer version added is absent from older checkpoints: fine at its default.
-  defaults = _flatten(json.loads(config_lib.base_config().to_json()))
-  changed = [k for k in sorted(set(now) | set(before))
-             if now.get(k) != before.get(k) and now_meant.get(k) != before_meant.get(k)
-             and not (k not in before and k in defaults and now.get(k) == defaults[k])
-             and not any(k == f or k.startswith(f + '.') for f in RESUMABLE_CHANGES)]
-  if changed:
-    def shown(raw: dict, meant: dict, k: str) -> str:
-      return f'{raw.get(k)!r}' + (f' (means {meant[k]!r})' if meant.get(k) != raw.get(k) else '')
-
-    detail = ', '.join(f'{k}: {shown(before, before_meant, k)} -> {shown(now, now_meant, k)}'
-                       for k in changed)
-    raise config_lib.ConfigError(
-        f'the checkpoint at step {step} was trained with a different config ({detail}): '
-        'use a new --workdir, or the same values to resume.')

@@ -198,9 +198,12 @@ def test_a_save_that_cannot_write_stops_the_run_and_keeps_the_previous_checkpoin
   # Orbax logs the failure from its threads (with tracebacks); the last line is ours.
   assert result.returncode == 2, result.stderr[-2000:]
   last = result.stderr.strip().splitlines()[-1]
-  for fragment in ('pretrax train: error: saving a checkpoint failed', 'File too large',
-                   'step 10, is untouched', 'run the same command'):
+  for fragment in ('pretrax train: error: saving a checkpoint failed', 'step 10, is untouched',
+                   'run the same command'):
     assert fragment in last, (fragment, last)
+  # The storage's own words: the OS error, or TensorStore's when the limit hits a metadata write
+  # first (which one depends on the order of the save's concurrent writes).
+  assert 'File too large' in last or 'Error writing' in last, last
   assert 'Event loop is closed' not in result.stderr
   assert checkpoint.manager(str(tmp_path), read_only=True).all_steps() == [10]
   resumed = run_cli(*args, '--config.optim.schedule_steps=40')  # Space again: on from step 10.
