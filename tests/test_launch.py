@@ -8,6 +8,7 @@ here with a stand-in `pretrax`, and `launch/local.sh` really trains the tiny con
 
 import json
 import os
+import select
 import signal
 import stat
 import subprocess
@@ -372,6 +373,14 @@ def test_slurm_stopped_run_requeues_the_same_job(standins):
   assert standins.calls('srun')[0]['argv'] == first
 
 
+def _readline(stream, timeout: float) -> str:
+  """The next line of a child's output, or an assertion error after `timeout` seconds (a hung
+  child must fail the test, not hang the suite)."""
+  ready, _, _ = select.select([stream], [], [], timeout)
+  assert ready, f'no output within {timeout} s'
+  return stream.readline()
+
+
 def test_slurm_preemption_sigterm_waits_for_the_checkpoint_then_requeues(standins, tmp_path):
   """SLURM signals the whole job: the batch script must outlive the tasks' checkpoint save."""
   slow_bin = tmp_path / 'slow'
@@ -383,7 +392,7 @@ def test_slurm_preemption_sigterm_waits_for_the_checkpoint_then_requeues(standin
   env = {**standins.env, **SLURM_ENV, 'PATH': f'{slow_bin}{os.pathsep}{standins.env["PATH"]}'}
   proc = subprocess.Popen(['bash', SBATCH, 'configs/tiny.py', 'runs/x'], env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-  assert proc.stdout.readline() == 'task: training\n'
+  assert _readline(proc.stdout, timeout=30) == 'task: training\n'
   os.killpg(proc.pid, signal.SIGTERM)  # What SLURM does when it preempts the job.
   out, err = proc.communicate(timeout=30)
   assert proc.returncode == 75, err

@@ -33,7 +33,11 @@ def test_bfloat16_compute_gives_float32_logits_close_to_float32():
   full = _model()(ids, seg, pos)
   half = _model(dtype='bfloat16')(ids, seg, pos)
   assert half.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(half)))
-  np.testing.assert_allclose(half, full, atol=0.1)
+  # Within 5% of the logits' spread (measured: 1.8%), and not identical: bfloat16 did run.
+  scale = float(jnp.std(full))
+  assert scale > 0.05
+  np.testing.assert_allclose(half, full, atol=0.05 * scale)
+  assert float(jnp.max(jnp.abs(half - full))) > 0
 
 
 def test_untied_head_is_its_own_parameter():

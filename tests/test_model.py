@@ -6,6 +6,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import REPO, load_config
@@ -174,6 +175,12 @@ def test_every_config_builds_abstractly(name):
   # Every parameter has a sharding, and Adam's moments follow the parameters'.
   assert all(isinstance(s, jax.sharding.NamedSharding)
              for s in jax.tree.leaves(run.shardings['params']))
+  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+  adam = [s for s in jax.tree.leaves(run.shardings['opt_state'], is_leaf=is_adam) if is_adam(s)]
+  params_specs = [s.spec for s in jax.tree.leaves(run.shardings['params'])]
+  assert len(adam) == 1 and any(spec != jax.sharding.PartitionSpec() for spec in params_specs)
+  for moments in (adam[0].mu, adam[0].nu):
+    assert [s.spec for s in jax.tree.leaves(moments)] == params_specs
 
 
 @pytest.mark.parametrize('num_kv_heads', [4, 2])

@@ -1,5 +1,6 @@
 """Training end to end (in process): the loss falls, and a stopped-and-resumed run is the same run."""
 
+import json
 import os
 
 import jax
@@ -135,6 +136,39 @@ def test_a_loss_spike_is_skipped_and_kept_out_of_the_window():
   assert int(after['loss_window']['count']) == 20 and int(after['step']) == 21
   state, m = step(state, batch)  # An ordinary loss is taken again and enters the window.
   assert int(m['skipped']) == 0 and int(jax.device_get(state)['loss_window']['count']) == 21
+
+
+def test_the_spike_window_survives_a_checkpoint(tmp_path):
+  """The window is train state: a resumed run judges the next loss against the same history (a
+  fresh window would not judge it at all until full)."""
+  c = load_config('tiny')
+  c.optim.spike_window, c.optim.spike_threshold = 4, 3.0
+  c.optim.warmup_steps, c.steps = 0, 100
+  run = state_lib.build(c, vocab_size=64)
+  step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule,
+                                 step_lib.step_config(c))
+  rng = np.random.default_rng(0)
+  B, L = c.data.batch_size, c.data.seq_len
+  inputs = rng.integers(5, 64, (B, L)).astype(np.int32)
+  batch = {'inputs': inputs, 'targets': np.roll(inputs, -1, axis=1),
+           'segment_ids': np.ones((B, L), np.int32),
+           'positions': np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
+           'weights': np.ones((B, L), np.float32), 'prefix': np.zeros((B, L), np.int32),
+           'objective': np.zeros((B, L), np.int32)}
+  state = run.init(0)
+  for _ in range(20):
+    state, _ = step(state, batch)
+  mngr = checkpoint.manager(str(tmp_path), keep=1, async_save=False)
+  checkpoint.save(mngr, 20, state, None, json.loads(c.to_json()))
+  checkpoint.wait(mngr)
+  restored, _ = checkpoint.restore(mngr, 20, run.abstract)
+  mngr.close()
+  np.testing.assert_array_equal(jax.device_get(restored['loss_window']['losses']),
+                                jax.device_get(state['loss_window']['losses']))
+  assert int(restored['loss_window']['count']) == 20
+  surprise = {**batch, 'targets': rng.integers(5, 64, (B, L)).astype(np.int32)}
+  _, m = step(restored, surprise)
+  assert int(m['spike']) == 1 and int(m['skipped']) == 1, jax.device_get(m)
 
 
 def test_bfloat16_compute_tracks_float32(tiny_config, tmp_path):
