@@ -210,104 +210,122 @@ def _bias(name, size, source, ours_shape):
 
 def tensor_map(m: config_lib.ModelConfig, arch: str) -> list[Tensor]:
   """Every tensor of the transformers model (tied ones once), in the order they are written."""
-  V, D, N, K, H, F, P = (m.vocab_size, m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim,
-                         m.mlp_dim, m.max_len)
+  return {GPT2: _gpt2_tensors, LLAMA: _llama_tensors}.get(arch, _roberta_tensors)(m)
+
+
+def _gpt2_tensors(m: config_lib.ModelConfig) -> list[Tensor]:
+  """GPT2LMHeadModel: fused q/k/v, Conv1D (in, out) weights."""
+  V, D, N, H, F, P = m.vocab_size, m.embed_dim, m.num_heads, m.head_dim, m.mlp_dim, m.max_len
   bias = lambda path: path if m.use_bias else None
   norm_bias = (lambda path: path) if m.flavour == 'gpt2' and m.use_bias else (lambda path: None)
   out = []
-  if arch == GPT2:
-    out += [_same('transformer.wte.weight', (V, D), 'embed/embedding'),
-            _same('transformer.wpe.weight', (P, D), 'pos_embed')]
-    for i in range(m.num_layers):
-      b, h = f'blocks/{i}', f'transformer.h.{i}'
-      qkv = (f'{b}/attn/q', f'{b}/attn/k', f'{b}/attn/v')
-      qkv_bias = tuple(bias(f'{b}/attn/{x}_bias') for x in 'qkv')
-      out += [
-          _same(f'{h}.ln_1.weight', (D,), f'{b}/attn_norm/scale'),
-          _same(f'{h}.ln_1.bias', (D,), norm_bias(f'{b}/attn_norm/bias')),
-          Tensor(f'{h}.attn.c_attn.weight', (D, 3 * D), qkv,
-                 lambda q, k, v: np.concatenate([x.reshape(D, N * H) for x in (q, k, v)], 1),
-                 lambda y: tuple(x.reshape(D, N, H) for x in np.split(y, 3, 1))),
-          Tensor(f'{h}.attn.c_attn.bias', (3 * D,), qkv_bias,
-                 lambda q, k, v: np.concatenate([x.reshape(N * H) for x in (q, k, v)]),
-                 lambda y: tuple(x.reshape(N, H) for x in np.split(y, 3))),
-          _matrix(f'{h}.attn.c_proj.weight', (N * H, D), f'{b}/attn/o', (N, H, D), False),
-          _same(f'{h}.attn.c_proj.bias', (D,), bias(f'{b}/attn/o_bias')),
-          _same(f'{h}.ln_2.weight', (D,), f'{b}/mlp_norm/scale'),
-          _same(f'{h}.ln_2.bias', (D,), norm_bias(f'{b}/mlp_norm/bias')),
-          _same(f'{h}.mlp.c_fc.weight', (D, F), f'{b}/mlp/wi'),
-          _same(f'{h}.mlp.c_fc.bias', (F,), bias(f'{b}/mlp/bi')),
-          _same(f'{h}.mlp.c_proj.weight', (F, D), f'{b}/mlp/wo'),
-          _same(f'{h}.mlp.c_proj.bias', (D,), bias(f'{b}/mlp/bo')),
-      ]
-    out += [_same('transformer.ln_f.weight', (D,), 'final_norm/scale'),
-            _same('transformer.ln_f.bias', (D,), norm_bias('final_norm/bias'))]
-    if not m.tie_embeddings:
-      out.append(_matrix('lm_head.weight', (V, D), 'head', (D, V), True))
-  elif arch == LLAMA:
-    out.append(_same('model.embed_tokens.weight', (V, D), 'embed/embedding'))
-    for i in range(m.num_layers):
-      b, h = f'blocks/{i}', f'model.layers.{i}'
-      out += [
-          _same(f'{h}.input_layernorm.weight', (D,), f'{b}/attn_norm/scale'),
-          _matrix(f'{h}.self_attn.q_proj.weight', (N * H, D), f'{b}/attn/q', (D, N, H), True),
-          _matrix(f'{h}.self_attn.k_proj.weight', (K * H, D), f'{b}/attn/k', (D, K, H), True),
-          _matrix(f'{h}.self_attn.v_proj.weight', (K * H, D), f'{b}/attn/v', (D, K, H), True),
-          _matrix(f'{h}.self_attn.o_proj.weight', (D, N * H), f'{b}/attn/o', (N, H, D), True),
-          _same(f'{h}.post_attention_layernorm.weight', (D,), f'{b}/mlp_norm/scale'),
-          _matrix(f'{h}.mlp.gate_proj.weight', (F, D), f'{b}/mlp/wi_gate', (D, F), True),
-          _matrix(f'{h}.mlp.up_proj.weight', (F, D), f'{b}/mlp/wi', (D, F), True),
-          _matrix(f'{h}.mlp.down_proj.weight', (D, F), f'{b}/mlp/wo', (F, D), True),
-      ]
-      if m.use_bias:
-        out += [_bias(f'{h}.self_attn.q_proj.bias', N * H, f'{b}/attn/q_bias', (N, H)),
-                _bias(f'{h}.self_attn.k_proj.bias', K * H, f'{b}/attn/k_bias', (K, H)),
-                _bias(f'{h}.self_attn.v_proj.bias', K * H, f'{b}/attn/v_bias', (K, H)),
-                _same(f'{h}.self_attn.o_proj.bias', (D,), f'{b}/attn/o_bias'),
-                _same(f'{h}.mlp.gate_proj.bias', (F,), f'{b}/mlp/bi_gate'),
-                _same(f'{h}.mlp.up_proj.bias', (F,), f'{b}/mlp/bi'),
-                _same(f'{h}.mlp.down_proj.bias', (D,), f'{b}/mlp/bo')]
-    out.append(_same('model.norm.weight', (D,), 'final_norm/scale'))
-    if not m.tie_embeddings:
-      out.append(_matrix('lm_head.weight', (V, D), 'head', (D, V), True))
-  else:
-    r = 'roberta.embeddings'
-    out += [_same(f'{r}.word_embeddings.weight', (V, D), 'embed/embedding'),
-            Tensor(f'{r}.position_embeddings.weight', (P + 1, D), ('pos_embed',),
-                   lambda x: np.concatenate([np.zeros_like(x[:1]), x]), lambda y: (y[1:],)),
-            # Added to every token alike: import folds it into the position table.
-            _same(f'{r}.token_type_embeddings.weight', (1, D), None)]
-    for i in range(m.num_layers):
-      b, h = f'blocks/{i}', f'roberta.encoder.layer.{i}'
-      a = f'{h}.attention'
-      out += [
-          _same(f'{a}.self_attn_layer_norm.weight', (D,), f'{b}/attn_norm/scale'),
-          _same(f'{a}.self_attn_layer_norm.bias', (D,), norm_bias(f'{b}/attn_norm/bias')),
-          _matrix(f'{a}.self.query.weight', (D, D), f'{b}/attn/q', (D, N, H), True),
-          _bias(f'{a}.self.query.bias', D, bias(f'{b}/attn/q_bias'), (N, H)),
-          _matrix(f'{a}.self.key.weight', (D, D), f'{b}/attn/k', (D, N, H), True),
-          _bias(f'{a}.self.key.bias', D, bias(f'{b}/attn/k_bias'), (N, H)),
-          _matrix(f'{a}.self.value.weight', (D, D), f'{b}/attn/v', (D, N, H), True),
-          _bias(f'{a}.self.value.bias', D, bias(f'{b}/attn/v_bias'), (N, H)),
-          _matrix(f'{a}.output.dense.weight', (D, D), f'{b}/attn/o', (N, H, D), True),
-          _same(f'{a}.output.dense.bias', (D,), bias(f'{b}/attn/o_bias')),
-          _same(f'{h}.LayerNorm.weight', (D,), f'{b}/mlp_norm/scale'),
-          _same(f'{h}.LayerNorm.bias', (D,), norm_bias(f'{b}/mlp_norm/bias')),
-          _matrix(f'{h}.intermediate.dense.weight', (F, D), f'{b}/mlp/wi', (D, F), True),
-          _same(f'{h}.intermediate.dense.bias', (F,), bias(f'{b}/mlp/bi')),
-          _matrix(f'{h}.output.dense.weight', (D, F), f'{b}/mlp/wo', (F, D), True),
-          _same(f'{h}.output.dense.bias', (D,), bias(f'{b}/mlp/bo')),
-      ]
-    out += [_same('roberta.encoder.LayerNorm.weight', (D,), 'final_norm/scale'),
-            _same('roberta.encoder.LayerNorm.bias', (D,), norm_bias('final_norm/bias')),
-            _matrix('lm_head.dense.weight', (D, D), 'mlm_dense', (D, D), True),
-            _same('lm_head.dense.bias', (D,), 'mlm_dense_bias'),
-            _same('lm_head.layer_norm.weight', (D,), 'mlm_norm/scale'),
-            _same('lm_head.layer_norm.bias', (D,), norm_bias('mlm_norm/bias')),
-            _same('lm_head.bias', (V,), 'mlm_bias')]
-    if not m.tie_embeddings:
-      out += [_matrix('lm_head.decoder.weight', (V, D), 'head', (D, V), True),
-              _same('lm_head.decoder.bias', (V,), 'mlm_bias')]
+  out += [_same('transformer.wte.weight', (V, D), 'embed/embedding'),
+          _same('transformer.wpe.weight', (P, D), 'pos_embed')]
+  for i in range(m.num_layers):
+    b, h = f'blocks/{i}', f'transformer.h.{i}'
+    qkv = (f'{b}/attn/q', f'{b}/attn/k', f'{b}/attn/v')
+    qkv_bias = tuple(bias(f'{b}/attn/{x}_bias') for x in 'qkv')
+    out += [
+        _same(f'{h}.ln_1.weight', (D,), f'{b}/attn_norm/scale'),
+        _same(f'{h}.ln_1.bias', (D,), norm_bias(f'{b}/attn_norm/bias')),
+        Tensor(f'{h}.attn.c_attn.weight', (D, 3 * D), qkv,
+               lambda q, k, v: np.concatenate([x.reshape(D, N * H) for x in (q, k, v)], 1),
+               lambda y: tuple(x.reshape(D, N, H) for x in np.split(y, 3, 1))),
+        Tensor(f'{h}.attn.c_attn.bias', (3 * D,), qkv_bias,
+               lambda q, k, v: np.concatenate([x.reshape(N * H) for x in (q, k, v)]),
+               lambda y: tuple(x.reshape(N, H) for x in np.split(y, 3))),
+        _matrix(f'{h}.attn.c_proj.weight', (N * H, D), f'{b}/attn/o', (N, H, D), False),
+        _same(f'{h}.attn.c_proj.bias', (D,), bias(f'{b}/attn/o_bias')),
+        _same(f'{h}.ln_2.weight', (D,), f'{b}/mlp_norm/scale'),
+        _same(f'{h}.ln_2.bias', (D,), norm_bias(f'{b}/mlp_norm/bias')),
+        _same(f'{h}.mlp.c_fc.weight', (D, F), f'{b}/mlp/wi'),
+        _same(f'{h}.mlp.c_fc.bias', (F,), bias(f'{b}/mlp/bi')),
+        _same(f'{h}.mlp.c_proj.weight', (F, D), f'{b}/mlp/wo'),
+        _same(f'{h}.mlp.c_proj.bias', (D,), bias(f'{b}/mlp/bo')),
+    ]
+  out += [_same('transformer.ln_f.weight', (D,), 'final_norm/scale'),
+          _same('transformer.ln_f.bias', (D,), norm_bias('final_norm/bias'))]
+  if not m.tie_embeddings:
+    out.append(_matrix('lm_head.weight', (V, D), 'head', (D, V), True))
+  return out
+
+
+def _llama_tensors(m: config_lib.ModelConfig) -> list[Tensor]:
+  """LlamaForCausalLM: (out, in) weights, separate q/k/v, a gated MLP."""
+  V, D, N, K, H, F = (m.vocab_size, m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim,
+                      m.mlp_dim)
+  out = []
+  out.append(_same('model.embed_tokens.weight', (V, D), 'embed/embedding'))
+  for i in range(m.num_layers):
+    b, h = f'blocks/{i}', f'model.layers.{i}'
+    out += [
+        _same(f'{h}.input_layernorm.weight', (D,), f'{b}/attn_norm/scale'),
+        _matrix(f'{h}.self_attn.q_proj.weight', (N * H, D), f'{b}/attn/q', (D, N, H), True),
+        _matrix(f'{h}.self_attn.k_proj.weight', (K * H, D), f'{b}/attn/k', (D, K, H), True),
+        _matrix(f'{h}.self_attn.v_proj.weight', (K * H, D), f'{b}/attn/v', (D, K, H), True),
+        _matrix(f'{h}.self_attn.o_proj.weight', (D, N * H), f'{b}/attn/o', (N, H, D), True),
+        _same(f'{h}.post_attention_layernorm.weight', (D,), f'{b}/mlp_norm/scale'),
+        _matrix(f'{h}.mlp.gate_proj.weight', (F, D), f'{b}/mlp/wi_gate', (D, F), True),
+        _matrix(f'{h}.mlp.up_proj.weight', (F, D), f'{b}/mlp/wi', (D, F), True),
+        _matrix(f'{h}.mlp.down_proj.weight', (D, F), f'{b}/mlp/wo', (F, D), True),
+    ]
+    if m.use_bias:
+      out += [_bias(f'{h}.self_attn.q_proj.bias', N * H, f'{b}/attn/q_bias', (N, H)),
+              _bias(f'{h}.self_attn.k_proj.bias', K * H, f'{b}/attn/k_bias', (K, H)),
+              _bias(f'{h}.self_attn.v_proj.bias', K * H, f'{b}/attn/v_bias', (K, H)),
+              _same(f'{h}.self_attn.o_proj.bias', (D,), f'{b}/attn/o_bias'),
+              _same(f'{h}.mlp.gate_proj.bias', (F,), f'{b}/mlp/bi_gate'),
+              _same(f'{h}.mlp.up_proj.bias', (F,), f'{b}/mlp/bi'),
+              _same(f'{h}.mlp.down_proj.bias', (D,), f'{b}/mlp/bo')]
+  out.append(_same('model.norm.weight', (D,), 'final_norm/scale'))
+  if not m.tie_embeddings:
+    out.append(_matrix('lm_head.weight', (V, D), 'head', (D, V), True))
+  return out
+
+
+def _roberta_tensors(m: config_lib.ModelConfig) -> list[Tensor]:
+  """RobertaForMaskedLM: the encoder and its masked-LM head."""
+  V, D, N, H, F, P = m.vocab_size, m.embed_dim, m.num_heads, m.head_dim, m.mlp_dim, m.max_len
+  bias = lambda path: path if m.use_bias else None
+  norm_bias = (lambda path: path) if m.flavour == 'gpt2' and m.use_bias else (lambda path: None)
+  out = []
+  r = 'roberta.embeddings'
+  out += [_same(f'{r}.word_embeddings.weight', (V, D), 'embed/embedding'),
+          Tensor(f'{r}.position_embeddings.weight', (P + 1, D), ('pos_embed',),
+                 lambda x: np.concatenate([np.zeros_like(x[:1]), x]), lambda y: (y[1:],)),
+          # Added to every token alike: import folds it into the position table.
+          _same(f'{r}.token_type_embeddings.weight', (1, D), None)]
+  for i in range(m.num_layers):
+    b, h = f'blocks/{i}', f'roberta.encoder.layer.{i}'
+    a = f'{h}.attention'
+    out += [
+        _same(f'{a}.self_attn_layer_norm.weight', (D,), f'{b}/attn_norm/scale'),
+        _same(f'{a}.self_attn_layer_norm.bias', (D,), norm_bias(f'{b}/attn_norm/bias')),
+        _matrix(f'{a}.self.query.weight', (D, D), f'{b}/attn/q', (D, N, H), True),
+        _bias(f'{a}.self.query.bias', D, bias(f'{b}/attn/q_bias'), (N, H)),
+        _matrix(f'{a}.self.key.weight', (D, D), f'{b}/attn/k', (D, N, H), True),
+        _bias(f'{a}.self.key.bias', D, bias(f'{b}/attn/k_bias'), (N, H)),
+        _matrix(f'{a}.self.value.weight', (D, D), f'{b}/attn/v', (D, N, H), True),
+        _bias(f'{a}.self.value.bias', D, bias(f'{b}/attn/v_bias'), (N, H)),
+        _matrix(f'{a}.output.dense.weight', (D, D), f'{b}/attn/o', (N, H, D), True),
+        _same(f'{a}.output.dense.bias', (D,), bias(f'{b}/attn/o_bias')),
+        _same(f'{h}.LayerNorm.weight', (D,), f'{b}/mlp_norm/scale'),
+        _same(f'{h}.LayerNorm.bias', (D,), norm_bias(f'{b}/mlp_norm/bias')),
+        _matrix(f'{h}.intermediate.dense.weight', (F, D), f'{b}/mlp/wi', (D, F), True),
+        _same(f'{h}.intermediate.dense.bias', (F,), bias(f'{b}/mlp/bi')),
+        _matrix(f'{h}.output.dense.weight', (D, F), f'{b}/mlp/wo', (F, D), True),
+        _same(f'{h}.output.dense.bias', (D,), bias(f'{b}/mlp/bo')),
+    ]
+  out += [_same('roberta.encoder.LayerNorm.weight', (D,), 'final_norm/scale'),
+          _same('roberta.encoder.LayerNorm.bias', (D,), norm_bias('final_norm/bias')),
+          _matrix('lm_head.dense.weight', (D, D), 'mlm_dense', (D, D), True),
+          _same('lm_head.dense.bias', (D,), 'mlm_dense_bias'),
+          _same('lm_head.layer_norm.weight', (D,), 'mlm_norm/scale'),
+          _same('lm_head.layer_norm.bias', (D,), norm_bias('mlm_norm/bias')),
+          _same('lm_head.bias', (V,), 'mlm_bias')]
+  if not m.tie_embeddings:
+    out += [_matrix('lm_head.decoder.weight', (V, D), 'head', (D, V), True),
+            _same('lm_head.decoder.bias', (V,), 'mlm_bias')]
   return out
 
 
@@ -464,9 +482,28 @@ def import_model(hf_dir: str, c: ml_collections.ConfigDict, workdir: str,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
   """Writes a step-0 checkpoint of `c`'s model with the weights of the transformers model in
   `hf_dir` (a local directory). Returns the params as host arrays."""
-  from pretrax import state as state_lib  # Builds the optimizer state around the weights.
-  from pretrax import step as step_lib
+  existing = paths.path(checkpoint.directory(workdir))
+  if existing.exists() and any(existing.iterdir()):
+    raise ConversionError(f'{workdir} already has checkpoints: import into a new --workdir.')
+  arch, m, tok, sp_path = _matching_model(hf_dir, c)
+  reader = safetensors.Reader(hf_dir)
+  values = _read_values(reader, m, arch, hf_dir)
+  flat = _write_step_zero(c, workdir, values, m.vocab_size, hf_dir)
+  if tok is not None and not c.tokenizer.path:
+    paths.path(workdir).joinpath(hf_tokenizer.SENTENCEPIECE_FILE).write_bytes(
+        paths.path(sp_path).read_bytes())
+  unused = sorted(set(reader.names()) - {t.name for t in tensor_map(m, arch)})
+  log(f'imported {arch} from {hf_dir} ({sum(v.size for v in values.values()):,} parameters) as '
+      f'step 0 in {workdir}' + (f'; ignored {len(unused)} tensors: {", ".join(unused[:4])}'
+                                if unused else '')
+      + ('' if tok else '; no tokenizer.model there: train with --config.tokenizer.path='
+         f'a SentencePiece model of {m.vocab_size} pieces'))
+  return {_path(k): values[_path(k)] for k, _ in flat}
 
+
+def _matching_model(hf_dir: str, c: ml_collections.ConfigDict):
+  """(architecture, our model config, tokenizer or None, its path in hf_dir) for a config.json
+  that `c` matches; ConversionError naming every field that does not."""
   config_path = os.path.join(hf_dir, 'config.json')
   if not os.path.exists(config_path):
     raise FileNotFoundError(f'no config.json in {hf_dir}: --hf must be a local directory written '
@@ -475,17 +512,13 @@ def import_model(hf_dir: str, c: ml_collections.ConfigDict, workdir: str,
     hf = json.load(f)
   model_fields(hf)  # Refuses an architecture we do not convert.
   arch = hf['architectures'][0]
-  existing = paths.path(checkpoint.directory(workdir))
-  if existing.exists() and any(existing.iterdir()):
-    raise ConversionError(f'{workdir} already has checkpoints: import into a new --workdir.')
   sp_path = os.path.join(hf_dir, hf_tokenizer.SENTENCEPIECE_FILE)
   tok = None
   if c.tokenizer.path:
     tok = tokenizer_lib.Tokenizer.load(c.tokenizer.path)
   elif os.path.exists(sp_path):
     tok = tokenizer_lib.Tokenizer.load(sp_path)
-  vocab_size = tok.vocab_size if tok else hf['vocab_size']
-  m = config_lib.model_config(c, vocab_size)
+  m = config_lib.model_config(c, tok.vocab_size if tok else hf['vocab_size'])
   problems = mismatches(m, hf)
   if arch == LLAMA and bool(hf.get('attention_bias')) != bool(hf.get('mlp_bias')):
     problems.append('config.json has attention_bias != mlp_bias; pretrax has one model.use_bias')
@@ -495,9 +528,14 @@ def import_model(hf_dir: str, c: ml_collections.ConfigDict, workdir: str,
   if problems:
     raise ConversionError(f'{config_path} does not match the config: ' + '; '.join(problems)
                           + '. Set the --config.* values to match.')
+  return arch, m, tok, sp_path
 
-  reader = safetensors.Reader(hf_dir)
+
+def _read_values(reader: 'safetensors.Reader', m: config_lib.ModelConfig, arch: str,
+                 hf_dir: str) -> dict[str, np.ndarray]:
+  """Our parameters (by path) from the transformers tensors, float32 on the host."""
   values: dict[str, np.ndarray] = {}
+  token_type = None
   for t in tensor_map(m, arch):
     if t.name not in reader:
       raise ConversionError(f'{hf_dir} has no tensor {t.name}, which {arch} with this '
@@ -517,9 +555,17 @@ def import_model(hf_dir: str, c: ml_collections.ConfigDict, workdir: str,
         _zero_or_refuse(t.name, part, hf_dir)
       else:
         values[source] = part
-
   if arch == XLMR:
     values['pos_embed'] = values['pos_embed'] + token_type
+  return values
+
+
+def _write_step_zero(c: ml_collections.ConfigDict, workdir: str, values: dict[str, np.ndarray],
+                     vocab_size: int, hf_dir: str) -> list:
+  """Step 0 of a run: `values` as the parameters, a fresh optimizer state; returns the params'
+  flattened (path, abstract array) pairs."""
+  from pretrax import state as state_lib  # Builds the optimizer state around the weights.
+  from pretrax import step as step_lib
 
   # Whatever mesh the config trains on, importing uses this machine's devices (`train` restores
   # onto its own mesh); the checkpoint keeps the config as given.
@@ -544,13 +590,4 @@ def import_model(hf_dir: str, c: ml_collections.ConfigDict, workdir: str,
     checkpoint.wait(mngr)
   finally:
     mngr.close()
-  if tok is not None and not c.tokenizer.path:
-    paths.path(workdir).joinpath(hf_tokenizer.SENTENCEPIECE_FILE).write_bytes(
-        paths.path(sp_path).read_bytes())
-  unused = sorted(set(reader.names()) - {t.name for t in tensor_map(m, arch)})
-  log(f'imported {arch} from {hf_dir} ({sum(v.size for v in values.values()):,} parameters) as '
-      f'step 0 in {workdir}' + (f'; ignored {len(unused)} tensors: {", ".join(unused[:4])}'
-                                if unused else '')
-      + ('' if tok else '; no tokenizer.model there: train with --config.tokenizer.path='
-         f'a SentencePiece model of {m.vocab_size} pieces'))
-  return {_path(k): values[_path(k)] for k, _ in flat}
+  return flat
