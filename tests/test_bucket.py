@@ -129,8 +129,10 @@ def test_a_lease_refuses_a_live_owner_and_takes_over_a_stale_one(gcs, monkeypatc
   monkeypatch.setattr(faults.BucketLease, 'HEARTBEAT_S', 0.05)
   beating = faults.BucketLease(workdir).acquire()
   first = beating.read()['heartbeat']
-  time.sleep(0.5)
-  assert beating.read()['heartbeat'] > first  # Renewed while the run lives.
+  deadline = time.time() + 20  # Renewed while the run lives: polled, not a fixed sleep.
+  while (beating.read() or {}).get('heartbeat', first) <= first:
+    assert time.time() < deadline, 'the heartbeat was not renewed'
+    time.sleep(0.05)
   beating.release()
 
 
