@@ -71,7 +71,7 @@ def _random_run(c, tok: tokenizer_lib.Tokenizer, workdir: str, seed: int = 0):
       treedef, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
   state['step'] = jnp.asarray(7, state['step'].dtype)
   mngr = checkpoint.manager(workdir, async_save=False)
-  checkpoint.save(mngr, 7, state, None, json.loads(c.to_json()))
+  checkpoint.save(mngr, 7, state, json.loads(c.to_json()))
   checkpoint.wait(mngr)
   mngr.close()
   tok.save(os.path.join(workdir, hf_tokenizer.SENTENCEPIECE_FILE))

@@ -159,7 +159,7 @@ def test_the_spike_window_survives_a_checkpoint(tmp_path):
   for _ in range(20):
     state, _ = step(state, batch)
   mngr = checkpoint.manager(str(tmp_path), keep=1, async_save=False)
-  checkpoint.save(mngr, 20, state, None, json.loads(c.to_json()))
+  checkpoint.save(mngr, 20, state, json.loads(c.to_json()))
   checkpoint.wait(mngr)
   restored, _ = checkpoint.restore(mngr, 20, run.abstract)
   mngr.close()

@@ -1,6 +1,7 @@
-"""Orbax checkpoints holding the train state, the data iterator's position and the config.
+"""Orbax checkpoints holding the train state and the config; the checks a resume makes.
 
-Layout: DIR/checkpoints/<step>/{state,data,config}. Saves are asynchronous: the loop goes on while
+The data position is the step itself: batches are read by index. Layout:
+DIR/checkpoints/<step>/{state,config,fingerprint,topology}. Saves are asynchronous: the loop goes on while
 the arrays are written into a temporary directory, renamed to <step> once complete, so a step
 directory is always a whole checkpoint. DIR may be a bucket (gs://...): there Orbax writes <step>
 in place and marks it whole with a commit file (see `remove_partial`).
@@ -10,7 +11,6 @@ from collections.abc import Callable
 import json
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -86,26 +86,19 @@ def _bit_sums(leaves: list[jax.Array]) -> list[jax.Array]:
 
 
 def topology() -> dict[str, int]:
-  """What a restore must know about the processes that saved: Grain writes one iterator state
-  per process, so the text pipeline's position only means something for the same count."""
+  """The processes and devices that wrote a checkpoint, for the record: any count may resume it
+  (batches depend on the step alone)."""
   return {'process_count': jax.process_count(), 'device_count': jax.device_count()}
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iterator: Any | None,
-         config: dict[str, Any]) -> None:
-  """Starts saving; the previous save is waited for first, so at most one is in flight.
-
-  `data_iterator` is the Grain iterator whose position to keep, or None when the step alone
-  determines the data (prepared data).
-  """
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, config: dict[str, Any]) -> None:
+  """Starts saving; the previous save is waited for first, so at most one is in flight."""
   items = dict(
       state=ocp.args.StandardSave(state),
       config=ocp.args.JsonSave(config),
       fingerprint=ocp.args.JsonSave({'bit_sums': fingerprint(state)}),
       topology=ocp.args.JsonSave(topology()),
   )
-  if data_iterator is not None:
-    items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
   try:  # Waits for the previous save first: its failure surfaces here.
     mngr.save(step, args=ocp.args.Composite(**items), force=True)
   except Exception as e:
@@ -134,10 +127,10 @@ def _save_failed(mngr: ocp.CheckpointManager, error: Exception) -> CheckpointErr
       'then run the same command to resume from it.')
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
-            data_iterator: Any | None = None) -> tuple[Any, dict[str, Any]]:
-  """Restores the state onto the shardings in `abstract_state`, and the iterator in place, then
-  checks the arrays against the fingerprint taken when they were saved.
+def restore(mngr: ocp.CheckpointManager, step: int,
+            abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+  """Restores the state onto the shardings in `abstract_state`, then checks the arrays against
+  the fingerprint taken when they were saved.
 
   Raises CheckpointError naming the step and the damage.
   """
@@ -146,9 +139,6 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any,
       'config': ocp.args.JsonRestore(),
       'fingerprint': ocp.args.JsonRestore(),
   }
-  # A checkpoint made by `pretrax import` has no data position: the data starts from the start.
-  if data_iterator is not None and _has_item(mngr, step, 'data'):
-    items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
   where = f'checkpoint {step} in {mngr.directory}'
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(**items))
@@ -175,17 +165,6 @@ def set_aside(workdir: str, step: int) -> str:
 
 def restore_config(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
-
-
-def restore_topology(mngr: ocp.CheckpointManager, step: int) -> dict[str, int] | None:
-  """The processes and devices that saved `step`; None for a checkpoint from before we kept it."""
-  if not _has_item(mngr, step, 'topology'):
-    return None
-  return mngr.restore(step, args=ocp.args.Composite(topology=ocp.args.JsonRestore()))['topology']
-
-
-def _has_item(mngr: ocp.CheckpointManager, step: int, item: str) -> bool:
-  return paths.path(str(mngr.directory)).joinpath(str(step), item).exists()
 
 
 # ---- Resuming: is it the same run, and which checkpoint is intact ------------------------------

@@ -89,7 +89,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
       run_log.restart_clock()
       state = _loop(c, state, start, itertools.chain([first], batches), train_step, evaluate,
                     run_log,
-                    lambda step, s: checkpoint.save(mngr, step, s, None, run_log.config_json),
+                    lambda step, s: checkpoint.save(mngr, step, s, run_log.config_json),
                     stop, trace)
     else:
       log(f'already at step {start} of {c.steps}: nothing to train (raise --config.steps to go on).')

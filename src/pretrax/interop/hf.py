@@ -586,7 +586,7 @@ def _write_step_zero(c: ml_collections.ConfigDict, workdir: str, values: dict[st
     os.makedirs(workdir, exist_ok=True)
   mngr = checkpoint.manager(workdir, async_save=False)
   try:
-    checkpoint.save(mngr, 0, state, None, json.loads(c.to_json()))
+    checkpoint.save(mngr, 0, state, json.loads(c.to_json()))
     checkpoint.wait(mngr)
   finally:
     mngr.close()
