@@ -22,6 +22,10 @@ _WHITESPACE = frozenset(' \t\n\r\u2581')
 _TRAIN_CHUNK_CHARS = 4096
 
 
+class TokenizerError(errors.PretraxError, ValueError):
+  """A tokenizer that cannot be trained or used; the message names it and the fix."""
+
+
 def _chunks(texts: Iterable[str], size: int = _TRAIN_CHUNK_CHARS) -> Iterator[str]:
   for text in texts:
     for start in range(0, len(text), size):
@@ -35,6 +39,18 @@ def train(texts: Iterable[str], *, model_type: str = 'char', vocab_size: int = 5
   `num_sentinels` reserves that many sentinel pieces (ids 5, 6, ...) for span corruption.
   """
   model = io.BytesIO()
+  try:
+    _train_into(model, texts, model_type, vocab_size, num_sentinels)
+  except RuntimeError as e:  # SentencePiece's own checks (a vocabulary too small for the text).
+    message = ' '.join(str(e).split()).split('] ')[-1]
+    raise TokenizerError(f'training a {model_type} tokenizer of {vocab_size} pieces failed: '
+                         f'{message} Set --config.tokenizer.vocab_size (or '
+                         'tokenizer.model_type) to fit the text.') from None
+  return model.getvalue()
+
+
+def _train_into(model: io.BytesIO, texts: Iterable[str], model_type: str, vocab_size: int,
+                num_sentinels: int) -> None:
   spm.SentencePieceTrainer.train(
       sentence_iterator=_chunks(texts),
       model_writer=model,
@@ -56,11 +72,6 @@ def train(texts: Iterable[str], *, model_type: str = 'char', vocab_size: int = 5
       num_threads=2,
       minloglevel=2,
   )
-  return model.getvalue()
-
-
-class TokenizerError(errors.PretraxError, ValueError):
-  """A tokenizer file that cannot be used; the message names it and the fix."""
 
 
 class Tokenizer:

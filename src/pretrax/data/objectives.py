@@ -197,14 +197,14 @@ def span_corruption(window: np.ndarray, rng: np.random.Generator, *, sentinels: 
   noise, spans = _span_counts(m, noise_density, mean_span_length, len(sentinels))
   # T5's layout: keep, noise, keep, noise, ... starting with kept text and ending with noise.
   lengths = np.stack([_split(m - noise, spans, rng), _split(noise, spans, rng)], axis=1).ravel()
-  bounds = np.concatenate([[0], np.cumsum(lengths)])
-  corrupted, targets = [], []
+  bounds = np.concatenate([[0], np.cumsum(lengths)]).tolist()
+  corrupted, targets = [], []  # Slices, joined once: no per-token Python.
   for i in range(spans):
     keep_start, noise_start, noise_end = bounds[2 * i], bounds[2 * i + 1], bounds[2 * i + 2]
-    corrupted.extend([*tokens[keep_start:noise_start], sentinels[i]])
-    targets.extend([sentinels[i], *tokens[noise_start:noise_end]])
-  sequence = np.array(corrupted + targets, np.int32)
-  n, c = len(sequence) - 1, len(corrupted)
+    corrupted += [tokens[keep_start:noise_start], sentinels[i:i + 1]]
+    targets += [sentinels[i:i + 1], tokens[noise_start:noise_end]]
+  sequence = np.concatenate(corrupted + targets).astype(np.int32)
+  n, c = len(sequence) - 1, sum(len(x) for x in corrupted)
   index = np.arange(n)
   return _example(sequence[:-1], sequence[1:], index >= c - 1, index < c)
 

@@ -83,12 +83,12 @@ def _pieces(window: np.ndarray) -> list[tuple[int, int]]:
   return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def objective_row(window: np.ndarray, length: int, objectives: objectives_lib.Objectives, *,
-                  seed: int, stream: int, epoch: int, window_id: int) -> dict[str, np.ndarray]:
-  """One row of any objective: each document piece's example laid where the piece was, seeded by
-  the piece's place in the data."""
+def _fill_row(out: dict[str, np.ndarray], row: int, window: np.ndarray, length: int,
+              objectives: objectives_lib.Objectives, *, seed: int, stream: int, epoch: int,
+              window_id: int) -> None:
+  """Row `row` of a batch of any objective: each document piece's example laid where the piece
+  was, seeded by the piece's place in the data. The row starts as padding (zeros)."""
   seq_len = len(window) - 1
-  out = {k: np.zeros(seq_len, np.float32 if k == 'weights' else np.int32) for k in BATCH_KEYS}
   masked = objectives.names == ('masked_lm',)
   for segment, (a, b) in enumerate(_pieces(window[:length]), start=1):
     slots = min(b, seq_len) - a  # The last piece's final token is only a target.
@@ -99,10 +99,10 @@ def objective_row(window: np.ndarray, length: int, objectives: objectives_lib.Ob
                                index=window_id * (seq_len + 1) + a)
     n = len(example['inputs'])
     for k in objectives_lib.EXAMPLE_KEYS:
-      out[k][a:a + n] = example[k]
-    out['segment_ids'][a:a + n] = segment
-    out['positions'][a:a + n] = np.arange(n)
-  return out
+      out[k][row, a:a + n] = example[k]
+    out['segment_ids'][row, a:a + n] = segment
+    out['positions'][row, a:a + n] = np.arange(n)
+
 
 
 def build_batch(windows: list[np.ndarray], lengths: list[int],
@@ -110,9 +110,11 @@ def build_batch(windows: list[np.ndarray], lengths: list[int],
                 epochs: list[int], window_ids: list[int]) -> dict[str, np.ndarray]:
   if objectives.names == ('causal_lm',):
     return causal_rows(np.stack(windows), np.asarray(lengths))
-  rows = [objective_row(w, n, objectives, seed=seed, stream=stream, epoch=e, window_id=i)
-          for w, n, e, i in zip(windows, lengths, epochs, window_ids)]
-  return {k: np.stack([r[k] for r in rows]) for k in BATCH_KEYS}
+  shape = (len(windows), len(windows[0]) - 1)
+  out = {k: np.zeros(shape, np.float32 if k == 'weights' else np.int32) for k in BATCH_KEYS}
+  for row, (w, n, e, i) in enumerate(zip(windows, lengths, epochs, window_ids)):
+    _fill_row(out, row, w, n, objectives, seed=seed, stream=stream, epoch=e, window_id=i)
+  return out
 
 
 # ---- Training and evaluation streams ----------------------------------------------------------
