@@ -42,3 +42,10 @@ def test_save_and_load(tmp_path, training_text):
   tok.save(str(path))
   again = tokenizer.Tokenizer.load(str(path))
   assert again.encode(AWKWARD) == tok.encode(AWKWARD)
+
+
+def test_a_vocabulary_too_small_for_the_text_is_one_clear_error():
+  text = 'hello world ' * 100 + ''.join(chr(0x4e00 + i) for i in range(500))
+  with pytest.raises(tokenizer.TokenizerError, match=r'training a bpe tokenizer of 300 pieces '
+                     r'failed: .*--config.tokenizer.vocab_size'):
+    tokenizer.train([text], model_type='bpe', vocab_size=300)
