@@ -105,7 +105,9 @@ def test_masked_lm_learns_well_beyond_the_most_frequent_token(corpus_path, tmp_p
   assert result['eval_accuracy'] > bar * result['eval_baseline_accuracy'], result
 
 
-def test_a_loss_spike_is_skipped_and_kept_out_of_the_window():
+def _spike_setup():
+  """A tiny run with a 4-loss spike window, its jitted step, one batch to memorise, and a batch
+  of random targets that must look like a spike once the window is full."""
   c = load_config('tiny')
   c.optim.spike_window, c.optim.spike_threshold = 4, 3.0
   c.optim.warmup_steps, c.steps = 0, 100
@@ -121,11 +123,16 @@ def test_a_loss_spike_is_skipped_and_kept_out_of_the_window():
            'weights': np.ones((B, L), np.float32), 'prefix': np.zeros((B, L), np.int32),
            'objective': np.zeros((B, L), np.int32)}
   state = run.init(0)
+  surprise = {**batch, 'targets': rng.integers(5, 64, (B, L)).astype(np.int32)}
+  return c, run, step, state, batch, surprise
+
+
+def test_a_loss_spike_is_skipped_and_kept_out_of_the_window():
+  _, _, step, state, batch, surprise = _spike_setup()
   for _ in range(20):  # Memorise one batch: the window fills with low, steady losses.
     state, m = step(state, batch)
     assert int(m['skipped']) == 0
   before = jax.device_get(state)
-  surprise = {**batch, 'targets': rng.integers(5, 64, (B, L)).astype(np.int32)}
   state, m = step(state, surprise)
   assert int(m['spike']) == 1 and int(m['skipped']) == 1, jax.device_get(m)
   after = jax.device_get(state)
@@ -141,21 +148,7 @@ def test_a_loss_spike_is_skipped_and_kept_out_of_the_window():
 def test_the_spike_window_survives_a_checkpoint(tmp_path):
   """The window is train state: a resumed run judges the next loss against the same history (a
   fresh window would not judge it at all until full)."""
-  c = load_config('tiny')
-  c.optim.spike_window, c.optim.spike_threshold = 4, 3.0
-  c.optim.warmup_steps, c.steps = 0, 100
-  run = state_lib.build(c, vocab_size=64)
-  step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule,
-                                 step_lib.step_config(c))
-  rng = np.random.default_rng(0)
-  B, L = c.data.batch_size, c.data.seq_len
-  inputs = rng.integers(5, 64, (B, L)).astype(np.int32)
-  batch = {'inputs': inputs, 'targets': np.roll(inputs, -1, axis=1),
-           'segment_ids': np.ones((B, L), np.int32),
-           'positions': np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
-           'weights': np.ones((B, L), np.float32), 'prefix': np.zeros((B, L), np.int32),
-           'objective': np.zeros((B, L), np.int32)}
-  state = run.init(0)
+  c, run, step, state, batch, surprise = _spike_setup()
   for _ in range(20):
     state, _ = step(state, batch)
   mngr = checkpoint.manager(str(tmp_path), keep=1, async_save=False)
@@ -166,7 +159,6 @@ def test_the_spike_window_survives_a_checkpoint(tmp_path):
   np.testing.assert_array_equal(jax.device_get(restored['loss_window']['losses']),
                                 jax.device_get(state['loss_window']['losses']))
   assert int(restored['loss_window']['count']) == 20
-  surprise = {**batch, 'targets': rng.integers(5, 64, (B, L)).astype(np.int32)}
   _, m = step(restored, surprise)
   assert int(m['spike']) == 1 and int(m['skipped']) == 1, jax.device_get(m)
 
