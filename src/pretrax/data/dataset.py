@@ -69,9 +69,10 @@ def _source_config(c: ml_collections.ConfigDict, path: str,
 
 @contextlib.contextmanager
 def _locked(root: str):
-  """Processes of one machine building the same local store take turns."""
-  os.makedirs(root, exist_ok=True)
-  with open(os.path.join(root, '.lock'), 'w') as f:
+  """Processes of one machine building the same local store take turns. The lock file sits
+  beside the store, not in it: a stale store is deleted whole while the lock is held."""
+  os.makedirs(os.path.dirname(root), exist_ok=True)
+  with open(f'{root}.lock', 'w') as f:
     fcntl.flock(f, fcntl.LOCK_EX)
     yield
 
