@@ -58,6 +58,11 @@ def store_root(c: ml_collections.ConfigDict, workdir: str) -> str:
   return paths.join(workdir, 'data')
 
 
+def _store_dir(root: str, name: str) -> str:
+  """A mixture source's store is a subdirectory of the root; a single source's is the root."""
+  return os.path.join(root, name) if name else root
+
+
 def _source_config(c: ml_collections.ConfigDict, path: str,
                    tokenizer_path: str) -> ml_collections.ConfigDict:
   out = copy.deepcopy(c)
@@ -98,7 +103,7 @@ def build(c: ml_collections.ConfigDict, root: str, *, process_index: int, proces
   if workers < 0:
     workers = (os.cpu_count() or 1) if total > SMALL_CORPUS_BYTES else 0
   for (name, _, _), plan in zip(specs, plans):
-    out = os.path.join(root, name) if name else root
+    out = _store_dir(root, name)
     _discard_if_stale(out, plan, has_checkpoints, process_count, log)
     prepare_lib.prepare_plan(plan, out, workers=workers, process_index=process_index,
                              process_count=process_count, log=log)
@@ -106,18 +111,12 @@ def build(c: ml_collections.ConfigDict, root: str, *, process_index: int, proces
 
 def _shared_tokenizer(plans: list[dict], weights: list[float], path: str, process_index: int,
                       log: Callable[[str], None]) -> None:
-  if os.path.exists(path) or process_index != 0:
-    prepare_lib._wait_for(path, 'process 0 to write the tokenizer')
-    return
+  """One tokenizer for a mixture: trained on each source's sample in proportion to its weight."""
   spec = plans[0]['tokenizer']
-  budget = spec['sample_mb'] * 1e6
-  texts = (t for plan, w in zip(plans, weights)
-           for t in prepare_lib.tokenizer_sample(plan, int(budget * w / sum(weights))))
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  proto = tokenizer_lib.train(texts, model_type=spec['model_type'], vocab_size=spec['vocab_size'],
-                              num_sentinels=spec['sentinels'])
-  store_lib.write_atomic(path, proto)
-  log(f'trained one {spec["model_type"]} tokenizer for the mixture\'s {len(plans)} sources')
+  shares = [int(spec['sample_mb'] * 1e6 * w / sum(weights)) for w in weights]
+  sample = lambda: (t for plan, share in zip(plans, shares)
+                    for t in prepare_lib.tokenizer_sample(plan, share))
+  prepare_lib.tokenizer_at(path, spec, sample, process_index, log)
 
 
 def _discard_if_stale(out: str, plan: dict, has_checkpoints: bool, process_count: int,
@@ -144,7 +143,7 @@ def load(c: ml_collections.ConfigDict, workdir: str, *, process_index: int, proc
       build(c, root, process_index=process_index, process_count=process_count,
             has_checkpoints=has_checkpoints, log=log)
   specs = source_specs(c)
-  stores = [store_lib.Store(os.path.join(root, name) if name else root) for name, _, _ in specs]
+  stores = [store_lib.Store(_store_dir(root, name)) for name, _, _ in specs]
   if c.tokenizer.path and c.data.prepared:
     log('tokenizer.path is ignored: a prepared store comes with its tokenizer')
   tok = tokenizer_lib.Tokenizer.load(stores[0].tokenizer_path)

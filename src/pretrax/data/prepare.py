@@ -14,7 +14,7 @@ of workers and hosts, and whether or not a run was interrupted (see store.py).
 """
 
 import collections
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 import dataclasses
 import hashlib
 import itertools
@@ -312,22 +312,31 @@ def tokenizer_sample(plan: dict, budget_bytes: int) -> Iterator[str]:
 def _tokenizer(plan: dict, out_dir: str, process_index: int,
                log: Callable[[str], None]) -> tokenizer_lib.Tokenizer:
   """The store's tokenizer: copied or trained by process 0, waited for by the others."""
-  path = os.path.join(out_dir, store_lib.TOKENIZER_FILE)
   spec = plan['tokenizer']
+  path = os.path.join(out_dir, store_lib.TOKENIZER_FILE)
+  return tokenizer_at(path, spec, lambda: tokenizer_sample(plan, int(spec['sample_mb'] * 1e6)),
+                      process_index, log)
+
+
+def tokenizer_at(path: str, spec: dict, sample: Callable[[], Iterable[str]], process_index: int,
+                 log: Callable[[str], None]) -> tokenizer_lib.Tokenizer:
+  """The tokenizer at `path`, written there first by process 0 (a copy of spec['path'], or one
+  trained on `sample()` as `spec` says) and waited for by the other processes."""
   if not os.path.exists(path) and process_index == 0:
     if 'path' in spec:
       with open(spec['path'], 'rb') as f:
         proto = f.read()
     else:
       start = time.perf_counter()
-      sample = list(tokenizer_sample(plan, int(spec['sample_mb'] * 1e6)))
-      if not any(sample):
+      texts = list(sample())  # Bounded by spec['sample_mb'].
+      if not any(texts):
         raise sources.DataError('the corpus has no training text to fit a tokenizer on: check '
                                 'data.path, data.text_field and data.eval_fraction.')
-      proto = tokenizer_lib.train(sample, model_type=spec['model_type'],
+      proto = tokenizer_lib.train(texts, model_type=spec['model_type'],
                                   vocab_size=spec['vocab_size'], num_sentinels=spec['sentinels'])
       log(f'trained a {spec["model_type"]} tokenizer on a sample of at most '
           f'{spec["sample_mb"]} MB in {time.perf_counter() - start:.1f} s')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     store_lib.write_atomic(path, proto)
   _wait_for(path, 'process 0 to write the tokenizer')
   return tokenizer_lib.Tokenizer.load(path)
