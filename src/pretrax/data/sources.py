@@ -180,13 +180,13 @@ def open_bytes(path: str, compression: str, raw=None):
 
 
 def _read_errors() -> tuple[type[Exception], ...]:
-  errors: list[type[Exception]] = [EOFError, OSError, gzip.BadGzipFile]
+  kinds: list[type[Exception]] = [EOFError, OSError, gzip.BadGzipFile]
   try:
     import zstandard
-    errors.append(zstandard.ZstdError)
+    kinds.append(zstandard.ZstdError)
   except ImportError:
     pass
-  return tuple(errors)
+  return tuple(kinds)
 
 
 # ---- Units ------------------------------------------------------------------------------------
@@ -245,7 +245,8 @@ def _blocks(stream, size: int, cut: bytes = b'\n', head: bytes = b''
       if block:
         yield offset, block
       return
-    end = block.rfind(cut) + len(cut) if block.rfind(cut) >= 0 else _char_boundary(block, len(block))
+    found = block.rfind(cut)
+    end = found + len(cut) if found >= 0 else _char_boundary(block, len(block))
     if end <= 0:
       end = len(block)
     carry = block[end:]
