@@ -177,11 +177,12 @@ def test_a_kill_between_the_last_shard_and_its_group_marker_redoes_nothing(tmp_p
     ('field.jsonl', b'{"text": "a"}\n{"body": "b"}\n', 'field.jsonl:2', "no 'text' field"),
     ('type.jsonl', b'{"text": "a"}\n\n{"text": 7}\n', 'type.jsonl:3', "'text' is int"),
     ('latin.txt', 'caf\xe9'.encode('latin-1'), 'latin.txt:byte 3', 'not UTF-8'),
-    ('cut.jsonl.gz', gzip.compress(b'{"text": "a"}\n' * 500)[:-30], 'cut.jsonl.gz',
+    ('cut.jsonl.gz', gzip.compress(b'{"text": "a"}\n' * 500, mtime=0)[:-30], 'cut.jsonl.gz',
      'truncated or corrupt'),
     ('cut.jsonl.zst', None, 'cut.jsonl.zst', 'truncated or corrupt'),
     ('broken.parquet', b'PAR1 not really parquet', 'broken.parquet', 'not a readable Parquet'),
-])
+], ids=['malformed', 'no-field', 'not-a-string', 'not-utf8', 'cut-gz', 'cut-zst', 'bad-parquet'])
+# (Named ids: bytes in an id would make pytest-xdist workers disagree on the test names.)
 def test_bad_input_is_named_with_its_line_or_skipped_and_counted(tmp_path, name, content, where,
                                                                  what):
   if content is None:
