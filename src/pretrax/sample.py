@@ -10,14 +10,11 @@ import functools
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from pretrax import checkpoint
 from pretrax import config as config_lib
-from pretrax import paths
-from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
+from pretrax import trained
 
 
 @functools.partial(jax.jit, static_argnames=('model_def', 'top_k'))
@@ -89,26 +86,11 @@ def fill_in(model_def: nnx.GraphDef, params, tok: tokenizer_lib.Tokenizer,
 def from_workdir(workdir: str, prompt: str, *, length: int, temperature: float, top_k: int = 0,
                  seed: int = 0, step: int | None = None) -> str:
   """Generates from the latest (or the given) checkpoint of a training run."""
-  if not paths.path(checkpoint.directory(workdir)).exists():
-    raise FileNotFoundError(f'no checkpoints in {workdir}: train there first with '
-                            '`pretrax train --workdir=...`.')
-  mngr = checkpoint.manager(workdir, read_only=True)
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'no finished checkpoint in {checkpoint.directory(workdir)} yet.')
-  c = ml_collections.ConfigDict(checkpoint.restore_config(mngr, step))
-  if c.objective == 'masked_lm':
-    mngr.close()
-    raise config_lib.ConfigError(f'the run in {workdir} trained a masked_lm encoder, which does '
-                                 'not generate text: sample from a decoder objective\'s run.')
-  saved_tokenizer = paths.join(workdir, 'tokenizer.model')
-  tok = tokenizer_lib.Tokenizer.load(saved_tokenizer if paths.path(saved_tokenizer).exists()
-                                     else c.tokenizer.path)
-  # Whatever mesh the run trained on, sampling uses this machine's devices: all on `data`.
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.dcn_data, c.mesh.dcn_fsdp = -1, 1, 1, 1, 1
-  c.mesh.rules = c.mesh.get('rules', '')  # Absent from checkpoints of older versions.
-  run = state_lib.build(c, tok.vocab_size)
-  state, _ = checkpoint.restore(mngr, step, run.abstract)
-  mngr.close()
-  return generate(run.model_def, state['params'], tok, prompt, length=length,
-                  seq_len=c.data.seq_len, temperature=temperature, top_k=top_k, seed=seed)
+  model = trained.load(workdir, step)
+  if model.run.model_cfg.attention == 'bidirectional':
+    raise config_lib.ConfigError(f'the run in {workdir} trained a {model.config.objective} '
+                                 'encoder, which does not generate text: sample from a decoder '
+                                 'objective\'s run.')
+  return generate(model.run.model_def, model.params, model.tok, prompt, length=length,
+                  seq_len=model.config.data.seq_len, temperature=temperature, top_k=top_k,
+                  seed=seed)
