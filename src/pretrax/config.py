@@ -20,6 +20,8 @@ from pretrax import errors
 
 # The order is fixed: an example's `objective` field is an index into it.
 OBJECTIVES = ('causal_lm', 'masked_lm', 'span_corruption', 'prefix_lm')
+# Fine-tuning objectives, each on its own: they read records (data/examples.py), not a token stream.
+FINETUNE_OBJECTIVES = ('sft', 'classification')
 FLAVOURS = ('gpt2', 'llama')
 SCHEDULES = ('cosine', 'linear', 'wsd', 'constant')
 TOKENIZER_TYPES = ('char', 'bpe', 'unigram')
@@ -101,7 +103,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.steps = 1000  # Total optimizer steps of the run (a resumed run continues to this).
   # causal_lm | masked_lm (an encoder) | span_corruption | prefix_lm, or a weighted mixture of
   # the decoder objectives chosen per example, e.g. 'causal_lm:2,span_corruption:1,prefix_lm:1'.
+  # Fine-tuning: sft (a decoder on prompt/response records, loss on the responses) or
+  # classification (an encoder with a pooled head on text/label records).
   c.objective = 'causal_lm'
+  # Start from another run's parameters, with a fresh optimizer: 'WORKDIR' (its latest checkpoint),
+  # 'WORKDIR:STEP', or a Hugging Face model directory. '' starts from random initialisation.
+  c.init_from = ''
   c.log_every = 10
   c.eval_every = 250
   c.eval_batches = 0  # 0: the whole held-out split.
@@ -112,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
   _model_fields(c)
   _data_fields(c)
   _objective_fields(c)
+  _finetune_fields(c)
   _tokenizer_fields(c)
   _optim_fields(c)
   _support_fields(c)
@@ -194,6 +202,22 @@ def _objective_fields(c: ml_collections.ConfigDict) -> None:
   c.span_corruption.mean_span_length = 3.0  # T5: 3.
 
 
+def _finetune_fields(c: ml_collections.ConfigDict) -> None:
+  """The records that the sft and classification objectives read (see data/examples.py)."""
+  c.finetune = ml_collections.ConfigDict()
+  # Held-out records for evaluation: files, directories or globs. '': hold out data.eval_fraction
+  # of data.path's records, chosen by a hash of each record.
+  c.finetune.eval_path = ''
+  c.finetune.prompt_field = 'prompt'  # sft: {"prompt": ..., "response": ...} records,
+  c.finetune.response_field = 'response'
+  # or chat records {"messages": [{"role": ..., "content": ...}, ...]}, loss on the assistant's.
+  c.finetune.messages_field = 'messages'
+  c.finetune.label_field = 'label'  # classification: {"text": ..., "label": ...} (data.text_field).
+  # classification: the label set, comma-separated ('negative,positive'); a record with another
+  # label is bad input. '': every distinct label of the training records, sorted.
+  c.finetune.labels = ''
+
+
 def _tokenizer_fields(c: ml_collections.ConfigDict) -> None:
   """The tokenizer a run trains, or the one it is given."""
   c.tokenizer = ml_collections.ConfigDict()
@@ -262,7 +286,8 @@ def _support_fields(c: ml_collections.ConfigDict) -> None:
   c.sample.top_k = 0
 
 
-_SECTIONS = (base_config, _model_fields, _data_fields, _objective_fields, _tokenizer_fields,
+_SECTIONS = (base_config, _model_fields, _data_fields, _objective_fields, _finetune_fields,
+             _tokenizer_fields,
              _optim_fields, _support_fields)  # Where field_comments() reads the comments.
 
 
@@ -292,6 +317,7 @@ class ModelConfig:
   remat: str  # none | dots | full | offload
   attention: str = 'causal'  # causal | prefix (bidirectional over batch['prefix']) | bidirectional
   mlm_head: bool = False  # BERT's head: dense, GELU, norm, then the (tied) projection with a bias.
+  num_classes: int = 0  # > 0: a pooled classification head (classify()) over this many labels.
   attention_backend: str = 'auto'  # auto | xla | cudnn | splash | cpu (see model/attention.py)
 
 
@@ -312,8 +338,10 @@ class OptimConfig:
   clip_norm: float
 
 
-def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-  """The model's frozen config; `vocab_size` is the tokenizer's when the config leaves it 0."""
+def model_config(c: ml_collections.ConfigDict, vocab_size: int,
+                 num_classes: int = 0) -> ModelConfig:
+  """The model's frozen config; `vocab_size` is the tokenizer's when the config leaves it 0;
+  `num_classes`, the classification objective's label count (from its data)."""
   m = c.model
   if m.vocab_size:
     vocab_size = m.vocab_size
@@ -339,6 +367,7 @@ def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
       remat=remat_policy(m.remat),
       attention=attention_kind(c.objective),
       mlm_head=c.objective == 'masked_lm',
+      num_classes=num_classes if c.objective == 'classification' else 0,
       attention_backend=m.attention_backend,
   )
 
@@ -355,10 +384,15 @@ def remat_policy(value) -> str:
 
 def objective_mixture(spec: str) -> tuple[tuple[str, float], ...]:
   """'prefix_lm' -> (('prefix_lm', 1.0),); 'causal_lm:3,prefix_lm:1' -> weights summing to 1."""
+  if spec.strip() in FINETUNE_OBJECTIVES:
+    return ((spec.strip(), 1.0),)
   parts = []
   for item in spec.split(','):
     name, _, weight = item.strip().partition(':')
-    _one_of('objective', name, OBJECTIVES)
+    _require(name not in FINETUNE_OBJECTIVES,
+             f'objective={spec!r}: {name} fine-tunes on records of its own and cannot be mixed '
+             'with other objectives; run it on its own.')
+    _one_of('objective', name, OBJECTIVES + FINETUNE_OBJECTIVES)
     try:
       value = float(weight) if weight else 1.0
     except ValueError:
@@ -378,7 +412,7 @@ def objective_mixture(spec: str) -> tuple[tuple[str, float], ...]:
 def attention_kind(objective: str) -> str:
   """The attention the objective needs: masked_lm an encoder's, prefix objectives a prefix."""
   names = [n for n, _ in objective_mixture(objective)]
-  if names == ['masked_lm']:
+  if names in (['masked_lm'], ['classification']):
     return 'bidirectional'
   return 'prefix' if set(names) & {'span_corruption', 'prefix_lm'} else 'causal'
 
@@ -513,12 +547,33 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: 
   _require(c.tokenizer.sample_mb > 0,
            f'tokenizer.sample_mb={c.tokenizer.sample_mb} must be positive.')
   mixture(d.mixture)
+  init_source(c.init_from)
+  if c.objective in FINETUNE_OBJECTIVES:
+    _require(not d.mixture and not d.prepared,
+             f'objective={c.objective} reads records from data.path (and finetune.eval_path): '
+             'data.mixture and data.prepared are for pre-training corpora.')
+  if check_data and c.objective in FINETUNE_OBJECTIVES and c.finetune.eval_path:
+    from pretrax.data import sources  # Local: validation only needs the file system part.
+    _require(bool(sources.expand_paths(c.finetune.eval_path)),
+             f'finetune.eval_path={c.finetune.eval_path!r} matches no file: point it at the '
+             'held-out records, or set it to "" to hold out data.eval_fraction of data.path.')
   if check_data and not c.data.prepared:
     resolve_data_paths(c)
     if c.tokenizer.path:
       _require(os.path.isfile(c.tokenizer.path),
                f'tokenizer.path={c.tokenizer.path!r} does not exist: point it at a SentencePiece '
                '.model file, or set it to "" to train one on the data.')
+
+
+def init_source(spec: str) -> tuple[str, int | None]:
+  """`init_from` as (path, step): 'runs/base' -> ('runs/base', None), 'runs/base:500' ->
+  ('runs/base', 500); '' -> ('', None)."""
+  path, sep, step = spec.rpartition(':')
+  if sep and step.isdigit() and path and not path.endswith(':/'):
+    return path, int(step)
+  _require(not (sep and step and step.strip().lstrip('-').isdigit()),
+           f'init_from={spec!r}: the step after ":" must be a non-negative integer.')
+  return spec, None
 
 
 def mixture(spec: str) -> list[tuple[str, str, float]]:

@@ -36,6 +36,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     'head_dim': None,
     'position': None,
     'norm': None,
+    'classes': None,  # A classifier's few labels: not worth splitting.
 }
 
 

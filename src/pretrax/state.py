@@ -47,16 +47,28 @@ class RunState:
     return jax.jit(lambda: _init(self.model_cfg, self.optimizer, seed, self.spike_window),
                    out_shardings=self.shardings)()
 
+  def init_params(self, seed: int) -> Any:
+    """Freshly initialised parameters alone, in their shardings."""
+    return jax.jit(lambda: _params(self.model_cfg, seed), out_shardings=self.shardings['params'])()
+
+  def state_from(self, params: Any) -> step_lib.TrainState:
+    """Step 0 of a run that starts from `params`: a fresh optimizer state around them."""
+    return jax.jit(lambda p: step_lib.init_state(p, self.optimizer, self.spike_window),
+                   out_shardings=self.shardings)(params)
+
+
+def _params(model_cfg: config_lib.ModelConfig, seed: int) -> Any:
+  return nnx.to_pure_dict(nnx.split(transformer.build(model_cfg, seed))[1])
+
 
 def _init(model_cfg: config_lib.ModelConfig, optimizer: optax.GradientTransformation,
           seed: int, spike_window: int) -> step_lib.TrainState:
-  params = nnx.to_pure_dict(nnx.split(transformer.build(model_cfg, seed))[1])
-  return step_lib.init_state(params, optimizer, spike_window)
+  return step_lib.init_state(_params(model_cfg, seed), optimizer, spike_window)
 
 
 def build(c: ml_collections.ConfigDict, vocab_size: int,
-          devices: list[jax.Device] | None = None) -> RunState:
-  model_cfg = config_lib.model_config(c, vocab_size)
+          devices: list[jax.Device] | None = None, num_classes: int = 0) -> RunState:
+  model_cfg = config_lib.model_config(c, vocab_size, num_classes)
   optim_cfg = config_lib.optim_config(c)
   optimizer = optim.optimizer(optim_cfg)
   model_def, abstract_params = nnx.split(nnx.eval_shape(lambda: transformer.build(model_cfg, 0)))

@@ -58,13 +58,25 @@ def init_state(params, optimizer: optax.GradientTransformation,
   return state
 
 
-def _forward_sums(params, batch: Batch, model_def: nnx.GraphDef, z_loss: float,
-                  dropout_rng: jax.Array | None, num_objectives: int) -> dict[str, jax.Array]:
+def _forward(params, batch: Batch, model_def: nnx.GraphDef,
+             dropout_rng: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(logits, targets, weights): over the vocabulary at every position, or, for a
+  classification batch (it has `labels`), over the classes for each packed example."""
   model = nnx.merge(model_def, params)
+  if 'labels' in batch:
+    logits_BSC = model.classify(batch['inputs'], batch['segment_ids'], batch['positions'],
+                                batch['labels'].shape[1], dropout_rng=dropout_rng)
+    return logits_BSC, batch['labels'], batch['label_weights']
   logits_BLV = model(batch['inputs'], batch['segment_ids'], batch['positions'],
                      batch.get('prefix'), dropout_rng=dropout_rng)
+  return logits_BLV, batch['targets'], batch['weights']
+
+
+def _forward_sums(params, batch: Batch, model_def: nnx.GraphDef, z_loss: float,
+                  dropout_rng: jax.Array | None, num_objectives: int) -> dict[str, jax.Array]:
+  logits, targets, weights = _forward(params, batch, model_def, dropout_rng)
   mixture = num_objectives > 1
-  return loss_lib.cross_entropy(logits_BLV, batch['targets'], batch['weights'], z_loss,
+  return loss_lib.cross_entropy(logits, targets, weights, z_loss,
                                 groups_BL=batch['objective'] if mixture else None,
                                 num_groups=len(config_lib.OBJECTIVES) if mixture else 0)
 
@@ -99,7 +111,8 @@ def train_step(state: TrainState, batch: Batch, *, model_def: nnx.GraphDef,
   step = state['step']
   # Derived from (seed, step), so a resumed run draws the same dropout masks.
   rng = jax.random.fold_in(jax.random.key(cfg.seed), step) if cfg.dropout else None
-  total_weight = jnp.maximum(jnp.sum(batch['weights']), 1.0)
+  # What the loss averages over: weighted targets, or a classification batch's examples.
+  total_weight = jnp.maximum(jnp.sum(batch.get('label_weights', batch.get('weights'))), 1.0)
   params = state['params']
 
   if cfg.grad_accum_steps == 1:
@@ -165,12 +178,34 @@ def eval_step(params, batch: Batch, bytes_per_token: jax.Array, baseline_id: jax
   """Sums over one held-out batch; the caller adds them up and divides.
 
   baseline_correct_sum counts the targets equal to `baseline_id` (the training split's most
-  frequent token): the accuracy of always guessing it, a floor to compare accuracy with.
+  frequent token, or label): the accuracy of always guessing it, a floor to compare accuracy
+  with. For a token batch, answer_sum counts the packed examples with weighted targets and
+  exact_sum those whose every weighted target is the argmax: a response that greedy decoding
+  from its prompt reproduces exactly (sft's exact match).
   """
-  sums = _forward_sums(params, batch, model_def, 0.0, None, num_objectives)
-  sums['byte_sum'] = jnp.sum(bytes_per_token[batch['targets']] * batch['weights'])
-  sums['baseline_correct_sum'] = jnp.sum((batch['targets'] == baseline_id) * batch['weights'])
+  logits, targets, weights = _forward(params, batch, model_def, None)
+  mixture = num_objectives > 1
+  sums = loss_lib.cross_entropy(logits, targets, weights,
+                                groups_BL=batch['objective'] if mixture else None,
+                                num_groups=len(config_lib.OBJECTIVES) if mixture else 0)
+  sums['baseline_correct_sum'] = jnp.sum((targets == baseline_id) * weights)
+  if 'labels' in batch:
+    return sums
+  sums['byte_sum'] = jnp.sum(bytes_per_token[targets] * weights)
+  sums.update(_exact_sums(logits, batch))
   return sums
+
+
+def _exact_sums(logits_BLV: jax.Array, batch: Batch) -> Metrics:
+  """answer_sum and exact_sum (see eval_step), per segment of each row."""
+  B, L = batch['targets'].shape
+  wrong_BL = (jnp.argmax(logits_BLV, axis=-1) != batch['targets']) * batch['weights']
+  # One id per (row, segment); segment ids are at most L (at most one segment per token).
+  segment_BL = jnp.arange(B)[:, None] * (L + 1) + batch['segment_ids']
+  wrong = jax.ops.segment_sum(wrong_BL.ravel(), segment_BL.ravel(), B * (L + 1))
+  weight = jax.ops.segment_sum(batch['weights'].ravel(), segment_BL.ravel(), B * (L + 1))
+  answers = weight > 0
+  return {'answer_sum': jnp.sum(answers), 'exact_sum': jnp.sum(answers & (wrong == 0))}
 
 
 def _traced_with(fn, activation_sharding):

@@ -5,6 +5,7 @@ optimizer state, data position and step, so the run continues as if it had never
 """
 
 from collections.abc import Callable, Iterable, Iterator
+import copy
 import dataclasses
 import itertools
 import json
@@ -27,6 +28,7 @@ from pretrax import plan as plan_lib
 from pretrax import sample as sample_lib
 from pretrax import state as state_lib
 from pretrax import step as step_lib
+from pretrax import trained
 from pretrax.data import dataset
 from pretrax.data import objectives as objectives_lib
 
@@ -67,7 +69,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
     log(f'objective: {c.objective}')
 
   # ---- State: fresh, or the newest intact checkpoint ----------------------------------------
-  run = state_lib.build(c, data.tok.vocab_size)
+  run = state_lib.build(c, data.tok.vocab_size, num_classes=len(data.labels))
   state, start = _initial_state(c, workdir, mngr, run)
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract))
   faults.check_free_space(workdir, state_bytes, c.checkpoint.keep)
@@ -136,8 +138,11 @@ def _loop(c: ml_collections.ConfigDict, state: Any, start: int,
 def _initial_state(c: ml_collections.ConfigDict, workdir: str,
                    mngr: checkpoint.ocp.CheckpointManager,
                    run: state_lib.RunState) -> tuple[Any, int]:
-  """(state, step): a fresh initialisation, or the newest intact checkpoint."""
+  """(state, step): a fresh initialisation (or `init_from`'s parameters with a fresh optimizer),
+  or the newest intact checkpoint."""
   if mngr.latest_step() is None:
+    if c.init_from:
+      return run.state_from(trained.initial_params(c, run, log)), 0
     return run.init(c.seed), 0
   state = checkpoint.restore_newest_intact(mngr, workdir, run.abstract,
                                            fallback=c.checkpoint.fallback, log=log)
@@ -210,9 +215,11 @@ def eval_record(c: ml_collections.ConfigDict, objective_names: tuple[str, ...],
   result = {'eval_loss': loss, 'eval_perplexity': float(np.exp(min(loss, 50.0))),
             'eval_accuracy': float(sums['correct_sum']) / weight,
             'eval_baseline_accuracy': float(sums['baseline_correct_sum']) / weight}
-  if c.objective == 'causal_lm':  # Bits per byte of text only mean something for plain LM.
+  if c.objective in ('causal_lm', 'sft'):  # Bits per byte mean something for plain text only.
     result['eval_bits_per_byte'] = (float(sums['loss_sum']) / np.log(2)
                                     / max(float(sums['byte_sum']), 1.0))
+  if c.objective == 'sft':  # Responses that greedy decoding from their prompts gives exactly.
+    result['eval_exact_match'] = float(sums['exact_sum']) / max(float(sums['answer_sum']), 1.0)
   for name in objective_names if len(objective_names) > 1 else ():
     k = config_lib.OBJECTIVES.index(name)
     result[f'eval_loss_{name}'] = (float(sums['group_loss_sum'][k])
@@ -378,12 +385,19 @@ class _StepTrace:
 
 def load_data(c: ml_collections.ConfigDict, workdir: str,
               has_checkpoints: bool = False) -> dataset.RunData:
-  """The run's tokenizer and batches (see data/dataset.py); the tokenizer is kept in the workdir
-  for `sample` and `export`. (Also used by benchmarks/throughput.py to time the pipeline alone.)"""
+  """The run's tokenizer and batches (see data/dataset.py); the tokenizer (and a classifier's
+  labels) are kept in the workdir for `sample`, `eval` and `export`. A run that starts from
+  another's parameters (init_from) uses that run's tokenizer unless tokenizer.path names one.
+  (Also used by benchmarks/throughput.py to time the pipeline alone.)"""
+  if c.init_from and not c.tokenizer.path:
+    c = copy.deepcopy(c)
+    c.tokenizer.path = trained.source_tokenizer(c.init_from)
   data = dataset.load(c, workdir, process_index=jax.process_index(),
                       process_count=jax.process_count(), has_checkpoints=has_checkpoints, log=log)
   if jax.process_index() == 0:
     data.tok.save(paths.join(workdir, TOKENIZER_FILE))
+    if c.objective == 'classification':
+      paths.path(paths.join(workdir, trained.LABELS_FILE)).write_text(json.dumps(list(data.labels)))
   return data
 
 
@@ -407,6 +421,8 @@ def _eval_line(step: int, e: dict[str, float]) -> str:
   parts = [f'loss {e["eval_loss"]:.4f}', f'perplexity {e["eval_perplexity"]:.2f}']
   if 'eval_bits_per_byte' in e:
     parts.append(f'{e["eval_bits_per_byte"]:.3f} bits/byte')
+  if 'eval_exact_match' in e:
+    parts.append(f'exact match {e["eval_exact_match"]:.3f}')
   parts.append(f'accuracy {e["eval_accuracy"]:.3f} (most frequent token: '
                f'{e["eval_baseline_accuracy"]:.3f})')
   parts += [f'{k[len("eval_"):]} {v:.4f}' for k, v in e.items() if k.startswith('eval_loss_')]

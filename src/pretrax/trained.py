@@ -5,17 +5,26 @@ the parameters are restored onto the devices at hand: all on `data` (replicated)
 onto the mesh of the run that will use them.
 """
 
+from collections.abc import Callable
 import dataclasses
+import json
+import os
 from typing import Any
 
+import jax
 import ml_collections
+import numpy as np
 
 from pretrax import checkpoint
+from pretrax import config as config_lib
 from pretrax import paths
 from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
 
 TOKENIZER_FILE = 'tokenizer.model'
+LABELS_FILE = 'labels.json'  # A classification run's labels, in the order of its classes.
+# Parameters a fine-tune may add to what it starts from: the classification head.
+NEW_HEAD = ('pooler', 'pooler_bias', 'classifier', 'classifier_bias')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +87,94 @@ def load(workdir: str, step: int | None = None,
     else:
       local.mesh = ml_collections.ConfigDict(mesh.to_dict())
     local.mesh.rules = local.mesh.get('rules', '')  # Absent from checkpoints of older versions.
-    run = state_lib.build(local, tok.vocab_size)
+    run = state_lib.build(local, tok.vocab_size, num_classes=len(labels(workdir, c)))
     state, _ = checkpoint.restore(mngr, step, run.abstract)
   finally:
     mngr.close()
   return Trained(config=c, step=step, tok=tok, tokenizer_path=path, run=run,
                  params=state['params'])
+
+
+def labels(workdir: str, c: ml_collections.ConfigDict) -> list[str]:
+  """A classification run's labels (saved by `train`); [] for other objectives."""
+  if c.objective != 'classification':
+    return []
+  path = paths.path(paths.join(workdir, LABELS_FILE))
+  if not path.exists():
+    raise FileNotFoundError(f'{path} is missing: it names the classes of the run in {workdir}.')
+  return json.loads(path.read_text())
+
+
+# ---- init_from: a run that starts from another's parameters -------------------------------------
+
+
+def _is_hf_dir(path: str) -> bool:
+  """A transformers model directory (config.json, no checkpoints) rather than a pretrax workdir."""
+  return (not paths.is_remote(path) and os.path.isfile(os.path.join(path, 'config.json'))
+          and not os.path.exists(checkpoint.directory(path)))
+
+
+def source_tokenizer(spec: str) -> str:
+  """The tokenizer of the run (or Hugging Face directory) that `init_from` names."""
+  path, _ = config_lib.init_source(spec)
+  candidate = paths.join(path, TOKENIZER_FILE)
+  if not paths.path(candidate).exists():
+    raise config_lib.ConfigError(
+        f'init_from={spec!r}: {candidate} does not exist, so the tokenizer the parameters were '
+        'trained with is unknown: set --config.tokenizer.path to it.')
+  return candidate
+
+
+def _path(keypath) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in keypath)
+
+
+def _source_values(c: ml_collections.ConfigDict) -> tuple[dict[str, Any], str]:
+  """The parameters `init_from` names, by path, and a description of where they come from."""
+  path, step = config_lib.init_source(c.init_from)
+  if _is_hf_dir(path):
+    from pretrax.interop import hf  # Local: only a Hugging Face start needs the converter.
+    values, _ = hf.read_params(path, c)
+    return values, f'{path} (Hugging Face)'
+  if not paths.path(checkpoint.directory(path)).exists():
+    raise FileNotFoundError(f'init_from={c.init_from!r}: {path} is neither a pretrax workdir '
+                            '(no checkpoints/) nor a Hugging Face model directory (no config.json).')
+  # Restored straight onto this run's mesh: no full copy on one device.
+  source = load(path, step, mesh=c.mesh)
+  flat = jax.tree_util.tree_flatten_with_path(source.params)[0]
+  return {_path(k): v for k, v in flat}, f'{path} at step {source.step}'
+
+
+def initial_params(c: ml_collections.ConfigDict, run: state_lib.RunState,
+                   log: Callable[[str], None]) -> Any:
+  """This run's parameters taken from the run `init_from` names, in this run's shardings. Shapes
+  must match; a new classification head starts fresh, and a head this run lacks (a masked LM's)
+  is left out. Raises ConfigError naming the parameters that differ."""
+  values, where = _source_values(c)
+  fresh = run.init_params(c.seed)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(fresh)
+  problems, new, leaves = [], [], []
+  for keypath, leaf in flat:
+    name = _path(keypath)
+    if name not in values:
+      if name in NEW_HEAD:
+        new.append(name)
+        leaves.append(leaf)
+      else:
+        problems.append(f'{name} is missing there')
+    elif tuple(values[name].shape) != tuple(leaf.shape):
+      problems.append(f'{name} is {tuple(leaf.shape)} here and {tuple(values[name].shape)} there')
+    else:
+      leaves.append(jax.device_put(np.asarray(values[name]).astype(leaf.dtype)
+                                   if isinstance(values[name], np.ndarray)
+                                   else values[name].astype(leaf.dtype), leaf.sharding))
+  if problems:
+    raise config_lib.ConfigError(
+        f'init_from={c.init_from!r}: this model does not match {where} ({len(problems)} '
+        f'parameters differ: {"; ".join(problems[:4])}): give the run the same --config.model.* '
+        'values (and tokenizer) as the one it starts from.')
+  unused = sorted(set(values) - {_path(k) for k, _ in flat})
+  log(f'initialised from {where} with a fresh optimizer'
+      + (f'; new (random) parameters: {", ".join(new)}' if new else '')
+      + (f'; left out: {", ".join(unused)}' if unused else ''))
+  return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -22,6 +22,7 @@ import numpy as np
 from pretrax import config as config_lib
 from pretrax import paths
 from pretrax import tokenizer as tokenizer_lib
+from pretrax.data import examples
 from pretrax.data import objectives as objectives_lib
 from pretrax.data import pipeline
 from pretrax.data import prepare as prepare_lib
@@ -40,6 +41,7 @@ class RunData:
   train_batches: Callable[[int], Iterator[dict[str, np.ndarray]]]  # Start step -> batches.
   eval_sets: dict[str, Callable[[], Iterable[dict[str, np.ndarray]]]]  # Source -> one pass.
   held_out_pieces: Callable[[], Iterable[np.ndarray]]
+  labels: tuple[str, ...] = ()  # The classification objective's label set, in index order.
 
 
 def source_specs(c: ml_collections.ConfigDict) -> list[tuple[str, str, float]]:
@@ -134,6 +136,9 @@ def _discard_if_stale(out: str, plan: dict, has_checkpoints: bool, process_count
 def load(c: ml_collections.ConfigDict, workdir: str, *, process_index: int, process_count: int,
          has_checkpoints: bool, log: Callable[[str], None]) -> RunData:
   """The run's tokenizer, objectives and batches, building its stores first if need be."""
+  if c.objective in config_lib.FINETUNE_OBJECTIVES:
+    return load_examples(c, workdir, process_index=process_index, process_count=process_count,
+                         has_checkpoints=has_checkpoints, log=log)
   root = store_root(c, workdir)
   if not c.data.prepared:
     if paths.is_remote(workdir):
@@ -187,3 +192,50 @@ def _log_stores(specs, stores, tok, seq_len, run_sources, log) -> None:
     log(f'data: {label}{store.path}: {s["train"]["tokens"]:,} train / {s["eval"]["tokens"]:,} '
         f'held-out tokens ({s["train"]["documents"]:,} / {s["eval"]["documents"]:,} documents), '
         f'{len(source.train):,} training windows of {seq_len + 1}; vocab {tok.vocab_size}')
+
+
+def load_examples(c: ml_collections.ConfigDict, workdir: str, *, process_index: int,
+                  process_count: int, has_checkpoints: bool,
+                  log: Callable[[str], None]) -> RunData:
+  """A fine-tuning run's data: its records encoded into an example store (data/examples.py)."""
+  root = store_root(c, workdir)
+  if paths.is_remote(workdir):
+    with _locked(root):
+      tok = examples.build(c, root, process_index=0, has_checkpoints=has_checkpoints, log=log)
+  else:
+    tok = examples.build(c, root, process_index=process_index, has_checkpoints=has_checkpoints,
+                         log=log)
+  manifest = store_lib.read_json(os.path.join(root, store_lib.MANIFEST))
+  train, held = (examples.ExampleSplit(root, s, manifest, c.objective) for s in ('train', 'eval'))
+  if not len(train) or not len(held):
+    raise config_lib.ConfigError(
+        f'{c.objective} needs training and held-out records; the store in {root} has {len(train)} '
+        f'and {len(held)}: add records, set finetune.eval_path, or change data.eval_fraction.')
+  seq_len, seed = c.data.seq_len, c.seed
+  train_rows, eval_rows = examples.packing(train, seq_len, seed), examples.packing(held, seq_len, None)
+  longer = int(np.sum(examples.packed_length(c.objective, train.lengths(), 1 << 62)
+                      > examples.packed_length(c.objective, train.lengths(), seq_len)))
+  log(f'data: {root}: {len(train):,} training / {len(held):,} held-out {c.objective} examples in '
+      f'{len(train_rows):,} / {len(eval_rows):,} packed rows of {seq_len}'
+      + (f'; {longer:,} training examples cut to fit data.seq_len' if longer else '')
+      + (f'; labels {manifest["labels"]}' if c.objective == 'classification' else ''))
+  where = dict(seq_len=seq_len, global_batch=c.data.batch_size, process_index=process_index,
+               process_count=process_count)
+  return RunData(
+      tok=tok, objectives=objectives_lib.Objectives.from_config(c, tok), sources=[],
+      baseline_id=_most_frequent_answer(train, tok),
+      train_batches=lambda start: examples.train_batches(
+          train, train_rows, seed=seed, start_step=start, threads=c.data.worker_count, **where),
+      eval_sets={'data': lambda: examples.eval_batches(held, eval_rows, **where)},
+      held_out_pieces=lambda: iter(()), labels=tuple(manifest['labels']))
+
+
+def _most_frequent_answer(split: examples.ExampleSplit, tok: tokenizer_lib.Tokenizer,
+                          sample: int = 1 << 22) -> int:
+  """The accuracy floor's guess: the most frequent label, or the most frequent token that an sft
+  response has (in a bounded read of the first tokens)."""
+  if split.labels is not None:
+    return int(np.argmax(np.bincount(split.labels))) if len(split.labels) else 0
+  n = min(sample, len(split.tokens))
+  tokens = np.asarray(split.tokens[:n])[np.asarray(split.weights[:n]) > 0]
+  return int(np.argmax(np.bincount(tokens, minlength=tok.vocab_size)))

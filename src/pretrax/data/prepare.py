@@ -67,15 +67,19 @@ def _position_boundary(files: list[sources.InputFile], c) -> int:
   return max(1, int(round(size * (1.0 - c.data.eval_fraction))))
 
 
-def make_plan(c, files: list[sources.InputFile]) -> dict:
-  """Everything the store's bytes depend on; a resume or reuse must find the same."""
+def tokenizer_spec(c) -> dict:
+  """The tokenizer a store is made with: a given file (and its hash), or training settings."""
   tok = c.tokenizer
-  tokenizer = {'model_type': tok.model_type, 'vocab_size': tok.vocab_size,
-               'sentinels': config_lib.num_sentinels(c), 'sample_mb': tok.sample_mb}
   if tok.path:
     with open(tok.path, 'rb') as f:
-      tokenizer = {'path': os.path.abspath(tok.path),
-                   'sha256': hashlib.sha256(f.read()).hexdigest()}
+      return {'path': os.path.abspath(tok.path), 'sha256': hashlib.sha256(f.read()).hexdigest()}
+  return {'model_type': tok.model_type, 'vocab_size': tok.vocab_size,
+          'sentinels': config_lib.num_sentinels(c), 'sample_mb': tok.sample_mb}
+
+
+def make_plan(c, files: list[sources.InputFile]) -> dict:
+  """Everything the store's bytes depend on; a resume or reuse must find the same."""
+  tokenizer = tokenizer_spec(c)
   reading = sources.Reading(separator=c.data.separator, text_field=c.data.text_field,
                             eval_fraction=c.data.eval_fraction,
                             position_boundary=_position_boundary(files, c))
@@ -338,11 +342,11 @@ def tokenizer_at(path: str, spec: dict, sample: Callable[[], Iterable[str]], pro
           f'{spec["sample_mb"]} MB in {time.perf_counter() - start:.1f} s')
     os.makedirs(os.path.dirname(path), exist_ok=True)
     store_lib.write_atomic(path, proto)
-  _wait_for(path, 'process 0 to write the tokenizer')
+  wait_for(path, 'process 0 to write the tokenizer')
   return tokenizer_lib.Tokenizer.load(path)
 
 
-def _wait_for(path: str, what: str, timeout_s: float = 24 * 3600) -> None:
+def wait_for(path: str, what: str, timeout_s: float = 24 * 3600) -> None:
   deadline = time.monotonic() + timeout_s
   while not os.path.exists(path):
     if time.monotonic() > deadline:

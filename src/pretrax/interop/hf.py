@@ -501,6 +501,15 @@ def import_model(hf_dir: str, c: ml_collections.ConfigDict, workdir: str,
   return {_path(k): values[_path(k)] for k, _ in flat}
 
 
+def read_params(hf_dir: str, c: ml_collections.ConfigDict) -> tuple[dict[str, np.ndarray], str]:
+  """The transformers model in `hf_dir` as our parameters (by path, float32 on the host) for
+  `c`'s model, and the path of its SentencePiece tokenizer ('' if it has none): what
+  `init_from` starts a run from."""
+  arch, m, tok, sp_path = _matching_model(hf_dir, c)
+  values = _read_values(safetensors.Reader(hf_dir), m, arch, hf_dir)
+  return values, sp_path if tok is not None and not c.tokenizer.path else ''
+
+
 def _matching_model(hf_dir: str, c: ml_collections.ConfigDict):
   """(architecture, our model config, tokenizer or None, its path in hf_dir) for a config.json
   that `c` matches; ConversionError naming every field that does not."""

@@ -123,6 +123,16 @@ class Transformer(nnx.Module):
       self.mlm_bias = layers.param(rngs, layers.zeros, (cfg.vocab_size,), ('vocab',), pdt)
     else:
       self.mlm_dense = self.mlm_dense_bias = self.mlm_norm = self.mlm_bias = None
+    if cfg.num_classes:
+      # BERT's pooler (dense + tanh) and a linear classifier, over the mean of a segment's states.
+      D, C = cfg.embed_dim, cfg.num_classes
+      self.pooler = layers.param(rngs, layers.normal(cfg.init_std), (D, D), ('embed', 'mlp'), pdt)
+      self.pooler_bias = layers.param(rngs, layers.zeros, (D,), ('mlp',), pdt)
+      self.classifier = layers.param(rngs, layers.normal(cfg.init_std), (D, C), ('mlp', 'classes'),
+                                     pdt)
+      self.classifier_bias = layers.param(rngs, layers.zeros, (C,), ('classes',), pdt)
+    else:
+      self.pooler = self.pooler_bias = self.classifier = self.classifier_bias = None
 
   def __call__(self, ids_BL: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
                prefix_BL: jax.Array | None = None, *,
@@ -142,6 +152,13 @@ class Transformer(nnx.Module):
              prefix_BL: jax.Array | None = None, *,
              dropout_rng: jax.Array | None = None) -> jax.Array:
     """The transformer stack and output head, from input embeddings to float32 logits."""
+    x_BLD = self.hidden(x_BLD, segment_ids_BL, positions_BL, prefix_BL, dropout_rng=dropout_rng)
+    return self.lm_head(x_BLD)
+
+  def hidden(self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
+             prefix_BL: jax.Array | None = None, *,
+             dropout_rng: jax.Array | None = None) -> jax.Array:
+    """The transformer stack, from input embeddings to the final norm's output."""
     cfg = self.cfg
     activation = ('batch', 'length', 'activation_embed')
     x_BLD = layers.constrain(x_BLD, activation)
@@ -153,7 +170,11 @@ class Transformer(nnx.Module):
       else:
         x_BLD = block(x_BLD, segment_ids_BL, positions_BL, prefix_BL, rng)
       x_BLD = layers.constrain(x_BLD, activation)
-    x_BLD = self.final_norm(x_BLD)
+    return self.final_norm(x_BLD)
+
+  def lm_head(self, x_BLD: jax.Array) -> jax.Array:
+    """Final states to float32 logits over the vocabulary (through BERT's head for masked LM)."""
+    cfg = self.cfg
     if self.mlm_dense is not None:
       h_BLD = layers.dense(x_BLD, self.mlm_dense[...].astype(cfg.dtype))
       # Exact (erf) GELU, as BERT's and RoBERTa's heads, so that the head exports exactly.
@@ -166,6 +187,24 @@ class Transformer(nnx.Module):
     if self.mlm_bias is not None:
       logits_BLV = logits_BLV + self.mlm_bias[...].astype(cfg.dtype)
     return layers.constrain(logits_BLV.astype(jnp.float32), ('batch', 'length', 'activation_vocab'))
+
+  def classify(self, ids_BL: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
+               num_segments: int, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Float32 class logits (B, S, C) of segments 1..S of each row (packed examples): the mean of
+    each segment's final states, pooled. A segment absent from a row gets the bias's logits."""
+    cfg = self.cfg
+    x_BLD = layers.dropout(self.embed_tokens(ids_BL, positions_BL), cfg.dropout, dropout_rng)
+    x_BLD = self.hidden(x_BLD, segment_ids_BL, positions_BL, dropout_rng=dropout_rng)
+    # member_BLS[b, l, s]: token l of row b belongs to segment s + 1 (0 is padding).
+    member_BLS = (segment_ids_BL[..., None] == jnp.arange(1, num_segments + 1)).astype(cfg.dtype)
+    count_BS = jnp.maximum(jnp.sum(member_BLS, axis=1), 1.0)
+    mean_BSD = jnp.einsum('BLS,BLD->BSD', member_BLS, x_BLD) / count_BS[..., None]
+    pooled_BSD = jnp.tanh(layers.dense(mean_BSD, self.pooler[...].astype(cfg.dtype))
+                          + self.pooler_bias[...].astype(cfg.dtype))
+    pooled_BSD = layers.dropout(pooled_BSD, cfg.dropout,
+                                None if dropout_rng is None else jax.random.fold_in(dropout_rng, 0))
+    logits_BSC = layers.dense(pooled_BSD, self.classifier[...].astype(cfg.dtype))
+    return (logits_BSC + self.classifier_bias[...].astype(cfg.dtype)).astype(jnp.float32)
 
 
 # What each block keeps for the backward pass; the rest is recomputed. Matmuls over flattened
