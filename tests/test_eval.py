@@ -380,3 +380,28 @@ def test_an_encoder_is_refused_in_one_line(tmp_path, corpus_path):
   tok.save(str(tmp_path / trained.TOKENIZER_FILE))
   with pytest.raises(config_lib.ConfigError, match='encoder, which gives no next-token'):
     evaluate.evaluate(str(tmp_path), [_write_task(tmp_path / 'qa.jsonl')], log=lambda _: None)
+
+
+def test_tasks_scored_in_the_loop_match_pretrax_eval_on_the_saved_checkpoint(tmp_path, corpus_path):
+  qa = _write_task(tmp_path / 'qa.jsonl')
+  workdir = str(tmp_path / 'run')
+  result = run_cli('train', '--config=configs/tiny.py', f'--workdir={workdir}',
+                   f'--config.data.path={corpus_path}', '--config.data.fallback=',
+                   '--config.steps=20', '--config.eval_every=10', '--config.eval.tasks_every=5',
+                   f'--config.eval.tasks={qa},arc_easy', '--config.eval.limit=6', PEAK_FLOPS_ARG)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'downstream at step 5: qa accuracy' in result.stdout
+  records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  scored = {r['step']: r for r in records if 'task_arc_easy_acc' in r}
+  assert sorted(scored) == [5, 10, 15, 20]
+  assert 'eval_loss' in scored[10] and 'eval_loss' not in scored[15]  # Held-out every 10.
+
+  out = tmp_path / 'out'
+  evaluated = run_cli('eval', f'--workdir={workdir}', f'--tasks={qa},arc_easy', '--limit=6',
+                      f'--output={out}')
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  results = json.loads((out / 'results.json').read_text())['results']
+  for task in ('qa', 'arc_easy'):
+    for metric in ('acc', 'acc_norm', 'chance'):
+      assert scored[20][f'task_{task}_{metric}'] == results[task][metric], (task, metric)
+    assert scored[20][f'task_{task}_bpb'] == pytest.approx(results[task]['bpb'], rel=1e-5)

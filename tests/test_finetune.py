@@ -203,6 +203,24 @@ def test_init_from_takes_the_parameters_adds_a_fresh_head_and_names_mismatches(t
     trained.initial_params(c, wider, said.append)
 
 
+def test_init_from_a_hugging_face_directory(tmp_path, records):
+  from pretrax.interop import hf
+
+  tok = tokenizer_lib.Tokenizer.load(records['tokenizer'])
+  c = _config('causal_lm', records['qa'], '')
+  source = _flat(_saved_run(c, tok, str(tmp_path / 'run')))
+  hf.export(str(tmp_path / 'run'), str(tmp_path / 'hf'), log=lambda _: None)
+  c.objective, c.init_from = 'sft', str(tmp_path / 'hf')
+  assert trained.source_tokenizer(c.init_from) == str(tmp_path / 'hf' / 'tokenizer.model')
+  said = []
+  params = _flat(trained.initial_params(c, state_lib.build(c, tok.vocab_size), said.append))
+  assert set(params) == set(source) and 'Hugging Face' in said[0]
+  for name, value in source.items():
+    np.testing.assert_array_equal(params[name], value, err_msg=name)
+  with pytest.raises(FileNotFoundError, match='does not exist'):
+    trained.source_tokenizer(str(tmp_path / 'nowhere'))
+
+
 # ---- End to end, as a user runs it -------------------------------------------------------------
 
 

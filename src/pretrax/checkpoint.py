@@ -170,7 +170,7 @@ def restore_config(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 # ---- Resuming: is it the same run, and which checkpoint is intact ------------------------------
 
 # Fields that may change between a run and its resumption; any other change is refused.
-RESUMABLE_CHANGES = ('steps', 'log_every', 'eval_every', 'eval_batches', 'peak_flops',
+RESUMABLE_CHANGES = ('steps', 'log_every', 'eval_every', 'eval_batches', 'eval', 'peak_flops',
                      'checkpoint', 'sample', 'data.worker_count', 'data.prepare_workers', 'fault',
                      'optim.skip_nonfinite', 'mesh', 'profile_steps',
                      # Attention backends and recomputation change speed and memory only.

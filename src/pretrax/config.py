@@ -120,6 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
   _data_fields(c)
   _objective_fields(c)
   _finetune_fields(c)
+  _eval_fields(c)
   _tokenizer_fields(c)
   _optim_fields(c)
   _support_fields(c)
@@ -218,6 +219,16 @@ def _finetune_fields(c: ml_collections.ConfigDict) -> None:
   c.finetune.labels = ''
 
 
+def _eval_fields(c: ml_collections.ConfigDict) -> None:
+  """Downstream tasks scored on the live parameters during training (see `pretrax eval`)."""
+  c.eval = ml_collections.ConfigDict()
+  # Multiple-choice tasks as `pretrax eval --tasks` names them: 'arc_easy,hellaswag:rc_5shot', or
+  # JSON-lines files of {"context", "choices", "gold"}; '' scores none. Needs a decoder.
+  c.eval.tasks = ''
+  c.eval.tasks_every = 0  # Steps between scorings; 0: every eval_every steps.
+  c.eval.limit = 200  # Questions scored per task (the first ones); 0: all of them.
+
+
 def _tokenizer_fields(c: ml_collections.ConfigDict) -> None:
   """The tokenizer a run trains, or the one it is given."""
   c.tokenizer = ml_collections.ConfigDict()
@@ -287,7 +298,7 @@ def _support_fields(c: ml_collections.ConfigDict) -> None:
 
 
 _SECTIONS = (base_config, _model_fields, _data_fields, _objective_fields, _finetune_fields,
-             _tokenizer_fields,
+             _eval_fields, _tokenizer_fields,
              _optim_fields, _support_fields)  # Where field_comments() reads the comments.
 
 
@@ -539,6 +550,12 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: 
            f'span_corruption.mean_span_length={sc.mean_span_length} must be at least 1.')
   for name in ('log_every', 'eval_every'):
     _require(c[name] > 0, f'{name}={c[name]} must be positive.')
+  _require(c.eval.tasks_every >= 0 and c.eval.limit >= 0,
+           f'eval.tasks_every={c.eval.tasks_every} and eval.limit={c.eval.limit} must be >= 0 '
+           '(0: every eval_every steps; all questions).')
+  _require(not c.eval.tasks or attention_kind(c.objective) != 'bidirectional',
+           f'eval.tasks scores continuations by their likelihood under a decoder; objective='
+           f'{c.objective} trains a model that does not give one: set eval.tasks="".')
   _require(c.checkpoint.every > 0, f'checkpoint.every={c.checkpoint.every} must be positive.')
   _require(c.checkpoint.keep > 0, f'checkpoint.keep={c.checkpoint.keep} must be positive.')
   profile_steps(c.profile_steps)

@@ -31,6 +31,8 @@ from pretrax import step as step_lib
 from pretrax import trained
 from pretrax.data import dataset
 from pretrax.data import objectives as objectives_lib
+from pretrax.downstream import scoring
+from pretrax.downstream import tasks as tasks_lib
 
 TOKENIZER_FILE = 'tokenizer.model'
 
@@ -77,7 +79,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
   log(f'model: {c.model.flavour}, {num_params:,} parameters, mesh {dict(run.mesh.shape)}')
 
   # ---- Steps, bookkeeping, the loop ---------------------------------------------------------
-  evaluate = _evaluator(c, run, data)
+  evaluate = Evaluator(c, _evaluator(c, run, data), _task_scorer(c, run, data))
   run_log = RunLog.create(c, workdir, run, start, latest_step=mngr.latest_step)
   trace = _StepTrace(c.profile_steps, workdir)
   compile_s = 0.0
@@ -111,7 +113,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
 
 
 def _loop(c: ml_collections.ConfigDict, state: Any, start: int,
-          batches: Iterator[dict[str, jax.Array]], train_step: Callable, evaluate: Callable,
+          batches: Iterator[dict[str, jax.Array]], train_step: Callable, evaluate: 'Evaluator',
           run_log: 'RunLog', save: Callable[[int, Any], None], stop: faults.StopSignals,
           trace: '_StepTrace') -> Any:
   """Steps start+1 .. c.steps: step -> log -> eval -> save, stopping (saved) on a signal."""
@@ -121,9 +123,9 @@ def _loop(c: ml_collections.ConfigDict, state: Any, start: int,
     state, device_metrics = train_step(state, batch)
     trace.after(step, state)
     run_log.push(step, device_metrics)  # Fetches the previous step's: dispatch stays ahead.
-    if step % c.eval_every == 0 or step == c.steps:
+    if evaluate.due(step):
       run_log.drain()
-      run_log.write_eval(step, evaluate(state['params']))
+      run_log.write_eval(step, evaluate(step, state['params']))
     stopping = step < c.steps and stop.should_stop(step)
     if step % c.checkpoint.every == 0 or step == c.steps or stopping:
       run_log.drain()  # A non-finite loss stops the run before anything saves it.
@@ -204,6 +206,53 @@ def _evaluator(c: ml_collections.ConfigDict, run: state_lib.RunState,
     return eval_record(c, data.objectives.names, per_source)
 
   return evaluate
+
+
+def _task_scorer(c: ml_collections.ConfigDict, run: state_lib.RunState,
+                 data: dataset.RunData) -> Callable[[Any], dict[str, float]] | None:
+  """params -> the downstream tasks' metrics (eval.tasks), or None when there are none. The tasks
+  are read once; the scoring function compiles once per batch shape."""
+  if not c.eval.tasks:
+    return None
+  tasks = tasks_lib.load_all([n.strip() for n in c.eval.tasks.split(',') if n.strip()],
+                             c.eval.limit or None)
+  log(f'downstream tasks every {c.eval.tasks_every or c.eval_every} steps: '
+      + ', '.join(f'{t.name} ({len({r.doc_id for r in t.requests})} questions)' for t in tasks))
+
+  def score(params: Any) -> dict[str, float]:
+    results = scoring.score_tasks(run.model_def, params, data.tok, tasks, seq_len=c.data.seq_len,
+                                  batch_tokens=_TASK_BATCH_TOKENS)
+    return {f'task_{name.replace(":", "_")}_{k}': float(v) for name, metrics in results.items()
+            for k, v in metrics.items() if k in ('acc', 'acc_norm', 'bpb', 'chance')}
+
+  return score
+
+
+_TASK_BATCH_TOKENS = 4096  # In-loop scoring: logits of this many tokens at once, beside the state.
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+  """What is evaluated at a step: the held-out loss every eval_every steps, the downstream tasks
+  every eval.tasks_every (default eval_every), both at the last step."""
+  c: ml_collections.ConfigDict
+  held_out: Callable[[Any], dict[str, float]]
+  tasks: Callable[[Any], dict[str, float]] | None
+
+  def _tasks_due(self, step: int) -> bool:
+    every = self.c.eval.tasks_every or self.c.eval_every
+    return self.tasks is not None and (step % every == 0 or step == self.c.steps)
+
+  def due(self, step: int) -> bool:
+    return step % self.c.eval_every == 0 or step == self.c.steps or self._tasks_due(step)
+
+  def __call__(self, step: int, params: Any) -> dict[str, float]:
+    record = {}
+    if step % self.c.eval_every == 0 or step == self.c.steps:
+      record.update(self.held_out(params))
+    if self._tasks_due(step):
+      record.update(self.tasks(params))
+    return record
 
 
 def eval_record(c: ml_collections.ConfigDict, objective_names: tuple[str, ...],
@@ -418,6 +467,11 @@ def _check_fits(compiled) -> None:
 
 
 def _eval_line(step: int, e: dict[str, float]) -> str:
+  tasks = [f'{k[len("task_"):-len("_acc")]} accuracy {v:.3f} (chance '
+           f'{e[k[:-len("acc")] + "chance"]:.3f})' for k, v in e.items()
+           if k.startswith('task_') and k.endswith('_acc')]
+  if 'eval_loss' not in e:
+    return f'downstream at step {step}: ' + ', '.join(tasks)
   parts = [f'loss {e["eval_loss"]:.4f}', f'perplexity {e["eval_perplexity"]:.2f}']
   if 'eval_bits_per_byte' in e:
     parts.append(f'{e["eval_bits_per_byte"]:.3f} bits/byte')
@@ -426,6 +480,6 @@ def _eval_line(step: int, e: dict[str, float]) -> str:
   parts.append(f'accuracy {e["eval_accuracy"]:.3f} (most frequent token: '
                f'{e["eval_baseline_accuracy"]:.3f})')
   parts += [f'{k[len("eval_"):]} {v:.4f}' for k, v in e.items() if k.startswith('eval_loss_')]
-  return f'eval at step {step}: ' + ', '.join(parts)
+  return f'eval at step {step}: ' + ', '.join(parts + tasks)
 
 

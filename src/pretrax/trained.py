@@ -117,6 +117,9 @@ def _is_hf_dir(path: str) -> bool:
 def source_tokenizer(spec: str) -> str:
   """The tokenizer of the run (or Hugging Face directory) that `init_from` names."""
   path, _ = config_lib.init_source(spec)
+  if not paths.path(path).exists():
+    raise FileNotFoundError(f'init_from={spec!r}: {path} does not exist: name the workdir of a '
+                            'pretrax run or a Hugging Face model directory.')
   candidate = paths.join(path, TOKENIZER_FILE)
   if not paths.path(candidate).exists():
     raise config_lib.ConfigError(

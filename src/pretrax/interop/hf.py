@@ -429,6 +429,9 @@ def export(workdir: str, out_dir: str, *, step: int | None = None, dtype: str = 
   finally:
     mngr.close()
   c = ml_collections.ConfigDict(saved['config'])
+  if c.objective == 'classification':
+    raise ConversionError(f'{workdir} is a classifier: no transformers model has its head (the '
+                          'mean of the states, then a pooler): export the run it started from.')
   params = CheckpointParams(paths.join(checkpoint.directory(workdir), str(step), 'state'),
                             saved['fingerprint']['bit_sums'])
   m = config_lib.model_config(c, params.shape('embed/embedding')[0])
