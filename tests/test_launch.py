@@ -312,7 +312,10 @@ def test_tpu_worker_snippets_run_log_and_stop(standins, tmp_path):
   assert 'saved a checkpoint' in followed.communicate(timeout=30)[0]  # `logs` ends with the run.
   assert 'fake pretrax: train --config=configs/gpt2_small.py --workdir=gs://my-bucket' in out['0']
   assert out['1'] == ''  # Only worker 0 streams back ...
-  for log in logs.values():  # ... and every worker keeps its own log.
+  # ... and every worker keeps its own log (worker 1's pretrax, detached from its dead shell,
+  # finishes writing on its own time).
+  _wait_for_text(logs['1'], 'saved a checkpoint')
+  for log in logs.values():
     assert 'saved a checkpoint' in log.read_text()
   again = subprocess.run(['bash', '-c', stop], cwd=homes['0'], text=True, capture_output=True)
   assert 'no pretrax running' in again.stdout
@@ -562,3 +565,10 @@ def test_every_tpu_command_has_help(command):
   result = subprocess.run([TPU, command, '--help'], text=True, capture_output=True,
                           env={'PATH': os.environ['PATH']})
   assert result.returncode == 0 and f'launch/tpu.sh {command}' in result.stdout
+
+
+
+def _wait_for_text(path, text: str, timeout_s: float = 30) -> None:
+  deadline = time.time() + timeout_s
+  while time.time() < deadline and text not in path.read_text():
+    time.sleep(0.05)
