@@ -567,7 +567,6 @@ def test_every_tpu_command_has_help(command):
   assert result.returncode == 0 and f'launch/tpu.sh {command}' in result.stdout
 
 
-
 def _wait_for_text(path, text: str, timeout_s: float = 30) -> None:
   deadline = time.time() + timeout_s
   while time.time() < deadline and text not in path.read_text():
