@@ -133,6 +133,27 @@ def test_a_run_on_raw_text_resumes_on_another_process_count(tmp_path, corpus_pat
   assert_same_losses(tmp_path / 'split', tmp_path / 'straight')
 
 
+def test_a_fine_tune_on_two_processes_matches_one_and_scores_its_tasks(tmp_path, corpus_path):
+  """sft records encoded by process 0 and packed by (seed, step): two processes take the same
+  global batches as one; the in-loop downstream task is scored on the sharded parameters."""
+  records = tmp_path / 'qa.jsonl'
+  records.write_text(''.join(f'{{"prompt": "{i} is {i % 7}? ", "response": "{i % 7}"}}\n'
+                             for i in range(300)))
+  task = tmp_path / 'mc.jsonl'
+  task.write_text('{"context": "3 is 3? ", "choices": ["3", "5"], "gold": 0}\n')
+
+  def args(workdir):
+    return ['train', f'--config={TINY}', f'--workdir={workdir}', '--config.objective=sft',
+            f'--config.data.path={records}', PEAK_FLOPS_ARG, '--config.steps=6',
+            '--config.log_every=1', '--config.eval_every=3', f'--config.eval.tasks={task}']
+  assert_ok(run_processes(2, args(tmp_path / 'two'), devices_each=1))
+  assert_ok(run_processes(1, args(tmp_path / 'one'), devices_each=2))
+  assert_same_losses(tmp_path / 'two', tmp_path / 'one')
+  for workdir in ('two', 'one'):
+    scored = [r for r in metrics.read_metrics(str(tmp_path / workdir)) if 'task_mc_acc' in r]
+    assert [r['step'] for r in scored] == [3, 6]
+
+
 def test_unreachable_coordinator_fails_fast_with_one_line(tmp_path):
   port = portpicker.pick_unused_port()
   start = time.monotonic()
