@@ -387,11 +387,31 @@ def _final_sample(c: ml_collections.ConfigDict, run: state_lib.RunState, params:
     text = sample_lib.fill_in(run.model_def, params, data.tok, examples)
     log(f'---- masked-token predictions on held-out text ----\n{text}\n----')
     return text
+  if c.objective == 'sft':
+    text = _answers(c, run, params, data)
+    log(f'---- greedy answers to held-out prompts ----\n{text}\n----')
+    return text
+  if c.objective == 'classification':
+    return ''
   text = sample_lib.generate(run.model_def, params, data.tok, c.sample.prompt,
                              length=c.sample.length, seq_len=c.data.seq_len,
                              temperature=c.sample.temperature, top_k=c.sample.top_k, seed=c.seed)
   log(f'---- sample (temperature {c.sample.temperature}) ----\n{text}\n----')
   return text
+
+
+def _answers(c: ml_collections.ConfigDict, run: state_lib.RunState, params: Any,
+             data: dataset.RunData, count: int = 3) -> str:
+  """An sft run's greedy answers to its first held-out prompts, beside the expected ones."""
+  lines = []
+  for ids, weights in itertools.islice(data.held_out_pieces(), count):
+    first = int(np.argmax(weights > 0))  # The response starts at the first weighted token.
+    prompt, expected = data.tok.decode(ids[:first]), data.tok.decode(ids[first:])
+    answer = sample_lib.generate(run.model_def, params, data.tok, prompt,
+                                 length=min(len(ids) - first + 8, c.sample.length),
+                                 seq_len=c.data.seq_len, temperature=0.0)[len(prompt):]
+    lines += [f'prompt:   {prompt!r}', f'answer:   {answer!r}', f'expected: {expected!r}']
+  return '\n'.join(lines)
 
 
 class _StepTrace:

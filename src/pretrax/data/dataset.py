@@ -40,6 +40,7 @@ class RunData:
   baseline_id: int  # The most frequent non-special training token: the accuracy floor.
   train_batches: Callable[[int], Iterator[dict[str, np.ndarray]]]  # Start step -> batches.
   eval_sets: dict[str, Callable[[], Iterable[dict[str, np.ndarray]]]]  # Source -> one pass.
+  # Held-out document pieces of at most seq_len + 1 tokens (sft: (ids, loss weights) of examples).
   held_out_pieces: Callable[[], Iterable[np.ndarray]]
   labels: tuple[str, ...] = ()  # The classification objective's label set, in index order.
 
@@ -227,7 +228,8 @@ def load_examples(c: ml_collections.ConfigDict, workdir: str, *, process_index: 
       train_batches=lambda start: examples.train_batches(
           train, train_rows, seed=seed, start_step=start, threads=c.data.worker_count, **where),
       eval_sets={'data': lambda: examples.eval_batches(held, eval_rows, **where)},
-      held_out_pieces=lambda: iter(()), labels=tuple(manifest['labels']))
+      held_out_pieces=lambda: ((held.ids(i), held.loss_weights(i)) for i in range(len(held)))
+      if c.objective == 'sft' else iter(()), labels=tuple(manifest['labels']))
 
 
 def _most_frequent_answer(split: examples.ExampleSplit, tok: tokenizer_lib.Tokenizer,
