@@ -4,7 +4,7 @@ Running `train` again on the same workdir resumes from the latest checkpoint: th
 optimizer state, data position and step, so the run continues as if it had never stopped.
 """
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 import copy
 import dataclasses
 import itertools
@@ -15,12 +15,12 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from pretrax import checkpoint
 from pretrax import config as config_lib
+from pretrax import evaluation
 from pretrax import faults
 from pretrax import metrics as metrics_lib
 from pretrax import paths
@@ -31,8 +31,6 @@ from pretrax import step as step_lib
 from pretrax import trained
 from pretrax.data import dataset
 from pretrax.data import objectives as objectives_lib
-from pretrax.downstream import scoring
-from pretrax.downstream import tasks as tasks_lib
 
 TOKENIZER_FILE = 'tokenizer.model'
 
@@ -79,7 +77,8 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
   log(f'model: {c.model.flavour}, {num_params:,} parameters, mesh {dict(run.mesh.shape)}')
 
   # ---- Steps, bookkeeping, the loop ---------------------------------------------------------
-  evaluate = Evaluator(c, _evaluator(c, run, data), _task_scorer(c, run, data))
+  evaluate = evaluation.Evaluator(c, evaluation.held_out(c, run, data),
+                                  evaluation.task_scorer(c, run, data, log))
   run_log = RunLog.create(c, workdir, run, start, latest_step=mngr.latest_step)
   trace = _StepTrace(c.profile_steps, workdir)
   compile_s = 0.0
@@ -113,7 +112,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
 
 
 def _loop(c: ml_collections.ConfigDict, state: Any, start: int,
-          batches: Iterator[dict[str, jax.Array]], train_step: Callable, evaluate: 'Evaluator',
+          batches: Iterator[dict[str, jax.Array]], train_step: Callable, evaluate: evaluation.Evaluator,
           run_log: 'RunLog', save: Callable[[int, Any], None], stop: faults.StopSignals,
           trace: '_StepTrace') -> Any:
   """Steps start+1 .. c.steps: step -> log -> eval -> save, stopping (saved) on a signal."""
@@ -177,106 +176,6 @@ def _compiled_train_step(c: ml_collections.ConfigDict, run: state_lib.RunState, 
   seconds = time.perf_counter() - started
   _check_fits(compiled)
   return compiled, seconds
-
-
-# ---- Evaluation -------------------------------------------------------------------------------
-
-
-def _evaluator(c: ml_collections.ConfigDict, run: state_lib.RunState,
-               data: dataset.RunData) -> Callable[[Any], dict[str, float]]:
-  """params -> the held-out metrics of every source (at most c.eval_batches batches each)."""
-  eval_step = step_lib.jit_eval_step(run.model_def, len(data.objectives.names),
-                                     activation_sharding=run.activation_sharding)
-  bytes_per_token = jnp.asarray(data.tok.bytes_per_token())
-  baseline_id = jnp.int32(data.baseline_id)
-
-  def sums_of(params: Any, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, Any]:
-    sums = None
-    for i, batch in enumerate(batches):
-      if c.eval_batches and i >= c.eval_batches:
-        break
-      batch = {k: jax.make_array_from_process_local_data(run.batch_sharding, v)
-               for k, v in batch.items()}
-      out = jax.device_get(eval_step(params, batch, bytes_per_token, baseline_id))
-      sums = out if sums is None else jax.tree.map(np.add, sums, out)
-    return sums
-
-  def evaluate(params: Any) -> dict[str, float]:
-    per_source = {name: sums_of(params, batches()) for name, batches in data.eval_sets.items()}
-    return eval_record(c, data.objectives.names, per_source)
-
-  return evaluate
-
-
-def _task_scorer(c: ml_collections.ConfigDict, run: state_lib.RunState,
-                 data: dataset.RunData) -> Callable[[Any], dict[str, float]] | None:
-  """params -> the downstream tasks' metrics (eval.tasks), or None when there are none. The tasks
-  are read once; the scoring function compiles once per batch shape."""
-  if not c.eval.tasks:
-    return None
-  tasks = tasks_lib.load_all([n.strip() for n in c.eval.tasks.split(',') if n.strip()],
-                             c.eval.limit or None)
-  log(f'downstream tasks every {c.eval.tasks_every or c.eval_every} steps: '
-      + ', '.join(f'{t.name} ({len({r.doc_id for r in t.requests})} questions)' for t in tasks))
-
-  def score(params: Any) -> dict[str, float]:
-    results = scoring.score_tasks(run.model_def, params, data.tok, tasks, seq_len=c.data.seq_len,
-                                  batch_tokens=_TASK_BATCH_TOKENS)
-    return {f'task_{name.replace(":", "_")}_{k}': float(v) for name, metrics in results.items()
-            for k, v in metrics.items() if k in ('acc', 'acc_norm', 'bpb', 'chance')}
-
-  return score
-
-
-_TASK_BATCH_TOKENS = 4096  # In-loop scoring: logits of this many tokens at once, beside the state.
-
-
-@dataclasses.dataclass(frozen=True)
-class Evaluator:
-  """What is evaluated at a step: the held-out loss every eval_every steps, the downstream tasks
-  every eval.tasks_every (default eval_every), both at the last step."""
-  c: ml_collections.ConfigDict
-  held_out: Callable[[Any], dict[str, float]]
-  tasks: Callable[[Any], dict[str, float]] | None
-
-  def _tasks_due(self, step: int) -> bool:
-    every = self.c.eval.tasks_every or self.c.eval_every
-    return self.tasks is not None and (step % every == 0 or step == self.c.steps)
-
-  def due(self, step: int) -> bool:
-    return step % self.c.eval_every == 0 or step == self.c.steps or self._tasks_due(step)
-
-  def __call__(self, step: int, params: Any) -> dict[str, float]:
-    record = {}
-    if step % self.c.eval_every == 0 or step == self.c.steps:
-      record.update(self.held_out(params))
-    if self._tasks_due(step):
-      record.update(self.tasks(params))
-    return record
-
-
-def eval_record(c: ml_collections.ConfigDict, objective_names: tuple[str, ...],
-                per_source: dict[str, dict[str, Any]]) -> dict[str, float]:
-  """The eval metrics from the summed eval-step outputs of each source."""
-  sums = jax.tree.map(lambda *x: sum(x), *per_source.values())
-  weight = max(float(sums['weight_sum']), 1.0)
-  loss = float(sums['loss_sum']) / weight
-  result = {'eval_loss': loss, 'eval_perplexity': float(np.exp(min(loss, 50.0))),
-            'eval_accuracy': float(sums['correct_sum']) / weight,
-            'eval_baseline_accuracy': float(sums['baseline_correct_sum']) / weight}
-  if c.objective in ('causal_lm', 'sft'):  # Bits per byte mean something for plain text only.
-    result['eval_bits_per_byte'] = (float(sums['loss_sum']) / np.log(2)
-                                    / max(float(sums['byte_sum']), 1.0))
-  if c.objective == 'sft':  # Responses that greedy decoding from their prompts gives exactly.
-    result['eval_exact_match'] = float(sums['exact_sum']) / max(float(sums['answer_sum']), 1.0)
-  for name in objective_names if len(objective_names) > 1 else ():
-    k = config_lib.OBJECTIVES.index(name)
-    result[f'eval_loss_{name}'] = (float(sums['group_loss_sum'][k])
-                                   / max(float(sums['group_weight_sum'][k]), 1.0))
-  for name, source_sums in per_source.items() if len(per_source) > 1 else ():
-    result[f'eval_loss_{name}'] = (float(source_sums['loss_sum'])
-                                   / max(float(source_sums['weight_sum']), 1.0))
-  return result
 
 
 # ---- Metrics: the run's bookkeeping -----------------------------------------------------------
@@ -368,7 +267,7 @@ class RunLog:
   def write_eval(self, step: int, result: dict[str, float]) -> None:
     self.last_eval = {'step': step, **result}
     self.writer.write(self.last_eval)
-    log(_eval_line(step, self.last_eval))
+    log(evaluation.eval_line(step, self.last_eval))
     self.restart_clock()  # Evaluation time is not training time.
 
 
@@ -484,22 +383,3 @@ def _check_fits(compiled) -> None:
         f'activations and other temporaries) and a device has {have / gib:,.1f} GiB: lower '
         'data.batch_size or data.seq_len, raise optim.grad_accum_steps, set model.remat=full, or '
         'shard over more devices (see `pretrax plan`).')
-
-
-def _eval_line(step: int, e: dict[str, float]) -> str:
-  tasks = [f'{k[len("task_"):-len("_acc")]} accuracy {v:.3f} (chance '
-           f'{e[k[:-len("acc")] + "chance"]:.3f})' for k, v in e.items()
-           if k.startswith('task_') and k.endswith('_acc')]
-  if 'eval_loss' not in e:
-    return f'downstream at step {step}: ' + ', '.join(tasks)
-  parts = [f'loss {e["eval_loss"]:.4f}', f'perplexity {e["eval_perplexity"]:.2f}']
-  if 'eval_bits_per_byte' in e:
-    parts.append(f'{e["eval_bits_per_byte"]:.3f} bits/byte')
-  if 'eval_exact_match' in e:
-    parts.append(f'exact match {e["eval_exact_match"]:.3f}')
-  parts.append(f'accuracy {e["eval_accuracy"]:.3f} (most frequent token: '
-               f'{e["eval_baseline_accuracy"]:.3f})')
-  parts += [f'{k[len("eval_"):]} {v:.4f}' for k, v in e.items() if k.startswith('eval_loss_')]
-  return f'eval at step {step}: ' + ', '.join(parts + tasks)
-
-
