@@ -18,6 +18,7 @@ from pretrax import step as step_lib
 from pretrax import tokenizer as tokenizer_lib
 from pretrax import trained
 from pretrax.data import examples
+from pretrax.data import records as records_lib
 from pretrax.data import sources
 
 CITIES = ['rome', 'oslo', 'lima', 'kiev', 'bern', 'doha']
@@ -98,7 +99,8 @@ def test_chat_records_train_on_the_assistant_turns(tmp_path, records):
                        {'role': 'assistant', 'content': 'ok'}]}
   c = _config('sft', _write_jsonl(tmp_path / 'chat.jsonl', [chat]), records['tokenizer'])
   tok = tokenizer_lib.Tokenizer.load(records['tokenizer'])
-  ids, weights = examples.encode_sft(examples.sft_parts(chat, examples.Fields.from_config(c)), tok)
+  ids, weights = records_lib.encode_sft(records_lib.sft_parts(chat, records_lib.Fields.from_config(c)),
+                                      tok)
   assert tok.decode(ids) == ('system: be brief\nuser: hi\nassistant: yo\nuser: bye\n'
                              'assistant: ok\n')
   assert tok.decode(ids[weights > 0]) == 'yo\nok\n' and weights[-1] == 1  # And the final EOS.

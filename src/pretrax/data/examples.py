@@ -1,27 +1,15 @@
 """Fine-tuning records -> an example store on disk -> packed batches, read by index.
 
-The sft and classification objectives read records, one JSON object per line (.jsonl / .json,
-also .gz / .zst):
-
-  sft             {"prompt": P, "response": R}: the model reads P then R then EOS, and the loss is
-                  on R and the EOS (so it learns to stop). Or a chat:
-                  {"messages": [{"role": "system" | "user" | "assistant", "content": C}, ...]},
-                  laid out by this template, one line per message:
-                      ROLE: CONTENT\n            (e.g. "user: Hi\nassistant: Hello!\n")
-                  then EOS; the loss is on each assistant CONTENT with its newline, and on the EOS
-                  when the chat ends with the assistant.
-  classification  {"text": T, "label": L}: an encoder reads T and EOS; a pooled head predicts L.
-
-(The field names are settings: finetune.prompt_field, ..., data.text_field.) A record without its
-fields, with an empty response, or with a label outside `finetune.labels` stops the run with one
-line naming the file and line, or with `data.skip_bad_records` is skipped and counted.
+The sft and classification objectives read records (data/records.py: JSON lines of prompts and
+responses, chats, or texts and labels). A bad record stops the run with one line naming the file
+and line, or with `data.skip_bad_records` is skipped and counted.
 
 The store (WORKDIR/data) holds, per split, the token ids of every example back to back (uint16, or
 uint32 for large vocabularies), per-token loss weights (uint8, sft), the examples' offsets and
 label indices (classification). It is written once, streaming, then memory-mapped, so the records
-never sit in memory. It is reused while the files, fields and tokenizer settings are unchanged; without
-tokenizer.path (and without init_from, whose tokenizer a fine-tune uses) a tokenizer is trained on
-the training records' text.
+never sit in memory. It is reused while the files, fields and tokenizer settings are unchanged;
+without tokenizer.path (and without init_from, whose tokenizer a fine-tune uses) a tokenizer is
+trained on the training records' text.
 
 Batches: examples longer than data.seq_len are cut to fit (the end is lost: raise data.seq_len
 if the log says many were). Training examples are shuffled once by the seed and packed in that
@@ -42,131 +30,13 @@ import numpy as np
 
 from pretrax import tokenizer as tokenizer_lib
 from pretrax.data import prepare as prepare_lib
+from pretrax.data import records
+from pretrax.data.records import BadRecord, Fields
 from pretrax.data import sources
 from pretrax.data import store as store_lib
 
-ROLES = ('system', 'user', 'assistant')
 MAX_SEGMENTS = 64  # Classification: at most this many examples in a row (the head's pooling width).
 _TOKENIZER_SAMPLE_RECORDS = 200_000
-
-
-@dataclasses.dataclass(frozen=True)
-class Fields:
-  """Where an objective finds its parts in a record."""
-  objective: str  # sft | classification
-  prompt: str = 'prompt'
-  response: str = 'response'
-  messages: str = 'messages'
-  text: str = 'text'
-  label: str = 'label'
-  labels: tuple[str, ...] = ()  # The label set; () = the training records' distinct labels.
-
-  @classmethod
-  def from_config(cls, c: ml_collections.ConfigDict) -> 'Fields':
-    f = c.finetune
-    labels = tuple(x.strip() for x in f.labels.split(',') if x.strip())
-    return cls(objective=c.objective, prompt=f.prompt_field, response=f.response_field,
-               messages=f.messages_field, text=c.data.text_field, label=f.label_field,
-               labels=labels)
-
-
-class BadRecord(Exception):
-  """A record this objective cannot use; the message says why."""
-
-
-# ---- Records -> token ids ----------------------------------------------------------------------
-
-
-def read_lines(files: list[str]) -> Iterator[tuple[str, bytes]]:
-  """('FILE:LINE', line) for every non-blank line of the files, decompressed as they stream."""
-  for path in files:
-    compression = sources.file_format(path)[1]
-    try:
-      with sources.open_bytes(path, compression) as stream:
-        for number, line in enumerate(stream, start=1):
-          if line.strip():
-            yield f'{path}:{number}', line
-    except sources._read_errors() as e:  # pylint: disable=protected-access
-      raise sources.DataError(f'{path}: cannot be read ({type(e).__name__}: {e}): check the '
-                              'file or remove it from data.path.') from None
-
-
-def _string(record: dict, field: str, what: str) -> str:
-  if field not in record:
-    raise BadRecord(f'no {field!r} field ({what}; set finetune.*_field or data.text_field to the '
-                    'field that holds it)')
-  value = record[field]
-  if not isinstance(value, str):
-    raise BadRecord(f'{field!r} is {type(value).__name__}, not a string')
-  return value
-
-
-def chat_parts(messages, where_field: str) -> list[tuple[str, bool]]:
-  """(text, trained on) pieces of a chat by the template in the module docstring."""
-  if not isinstance(messages, list) or not messages:
-    raise BadRecord(f'{where_field!r} is not a non-empty list of messages')
-  parts = []
-  for i, m in enumerate(messages):
-    if not isinstance(m, dict) or m.get('role') not in ROLES or not isinstance(m.get('content'), str):
-      raise BadRecord(f'message {i} is not {{"role": one of {", ".join(ROLES)}, "content": '
-                      'a string}')
-    assistant = m['role'] == 'assistant'
-    parts += [(f'{m["role"]}: ', False), (m['content'] + '\n', assistant)]
-  if not any(trained and text.strip() for text, trained in parts):
-    raise BadRecord('no assistant message with content: nothing to learn')
-  return parts
-
-
-def sft_parts(record: dict, f: Fields) -> list[tuple[str, bool]]:
-  """(text, trained on) pieces of an sft record, in order; EOS follows them."""
-  if f.messages in record and f.prompt not in record:
-    return chat_parts(record[f.messages], f.messages)
-  prompt = _string(record, f.prompt, 'the prompt')
-  response = _string(record, f.response, 'the response')
-  if not response:
-    raise BadRecord(f'empty {f.response!r}: nothing to learn')
-  return [(prompt, False), (response, True)]
-
-
-def encode_sft(parts: list[tuple[str, bool]],
-               tok: tokenizer_lib.Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-  """(ids, weights): each part encoded on its own, then EOS, weighted as its part (the EOS as the
-  last part). Encoding parts apart keeps the prompt's ids the same whatever the response is."""
-  ids, weights = [], []
-  for (text, trained), encoded in zip(parts, tok.encode_batch([t for t, _ in parts])):
-    ids += encoded
-    weights += [trained] * len(encoded)
-  ids.append(tokenizer_lib.EOS_ID)
-  weights.append(parts[-1][1])
-  return np.asarray(ids), np.asarray(weights, np.uint8)
-
-
-def parse(line: bytes) -> dict:
-  try:
-    record = json.loads(line)
-  except UnicodeDecodeError as e:
-    raise BadRecord(f'not UTF-8 ({e.reason})') from None
-  except ValueError as e:
-    raise BadRecord(f'malformed JSON ({e})') from None
-  if not isinstance(record, dict):
-    raise BadRecord(f'a JSON {type(record).__name__}, not an object')
-  return record
-
-
-def label_of(record: dict, f: Fields) -> str:
-  """The record's label as a string (JSON numbers and booleans too: 1 and "1" are one label)."""
-  if f.label not in record:
-    raise BadRecord(f'no {f.label!r} field (set finetune.label_field to the field that holds '
-                    'the label)')
-  value = record[f.label]
-  if isinstance(value, bool):
-    value = str(value).lower()
-  if not isinstance(value, (str, int, float)) or isinstance(value, float) and not value.is_integer():
-    raise BadRecord(f'{f.label!r} is {value!r}: a label is a string or an integer')
-  label = str(int(value)) if isinstance(value, float) else str(value)
-  if f.labels and label not in f.labels:
-    raise BadRecord(f'label {label!r} is not in finetune.labels ({",".join(f.labels)})')
-  return label
 
 
 # ---- The store ---------------------------------------------------------------------------------
@@ -201,16 +71,6 @@ class _SplitWriter:
     return {'examples': len(self.lengths), 'tokens': int(offsets[-1])}
 
 
-def _encode_record(line: bytes, f: Fields, tok: tokenizer_lib.Tokenizer):
-  record = parse(line)
-  if f.objective == 'sft':
-    ids, weights = encode_sft(sft_parts(record, f), tok)
-    return ids, weights, None
-  text = _string(record, f.text, 'the text')
-  label = label_of(record, f)
-  return np.asarray(tok.encode(text) + [tokenizer_lib.EOS_ID]), None, label
-
-
 def write_store(plan: dict, out_dir: str, tok: tokenizer_lib.Tokenizer, f: Fields, *,
                 skip_bad: bool, log: Callable[[str], None]) -> dict:
   """Encodes every record into the store at out_dir; its manifest, written last, marks it whole."""
@@ -219,7 +79,7 @@ def write_store(plan: dict, out_dir: str, tok: tokenizer_lib.Tokenizer, f: Field
   bad: list[str] = []
   for split, where, line in _split_lines(plan):
     try:
-      writers[split].add(*_encode_record(line, f, tok))
+      writers[split].add(*records.encode_record(line, f, tok))
     except BadRecord as e:
       if not skip_bad:
         raise sources.DataError(f'{where}: {e}: fix the record, or set '
@@ -271,13 +131,13 @@ def build(c: ml_collections.ConfigDict, out_dir: str, *, process_index: int,
 def _split_lines(plan: dict) -> Iterator[tuple[str, str, bytes]]:
   """(split, where, line) of every record: eval files are held out whole; without them a record
   is held out by a hash of its bytes, the same on every machine."""
-  for where, line in read_lines([p for p, _, _ in plan['files']]):
+  for where, line in records.read_lines([p for p, _, _ in plan['files']]):
     if plan['eval_files']:
       yield 'train', where, line
     else:
       held = sources.held_out(line.strip(), plan['eval_fraction'])
       yield ('eval' if held else 'train'), where, line
-  for where, line in read_lines([p for p, _, _ in plan['eval_files']]):
+  for where, line in records.read_lines([p for p, _, _ in plan['eval_files']]):
     yield 'eval', where, line
 
 
@@ -306,9 +166,9 @@ def training_texts(plan: dict, f: Fields, budget_bytes: int) -> Iterator[str]:
     if split != 'train':
       continue
     try:
-      record = parse(line)
-      texts = ([t for t, _ in sft_parts(record, f)] if f.objective == 'sft'
-               else [_string(record, f.text, 'the text')])
+      record = records.parse(line)
+      texts = ([t for t, _ in records.sft_parts(record, f)] if f.objective == 'sft'
+               else [records.text_of(record, f)])
     except BadRecord:
       continue
     taken += sum(len(t) for t in texts)
