@@ -189,8 +189,11 @@ def test_init_from_takes_the_parameters_adds_a_fresh_head_and_names_mismatches(t
   source = _flat(_saved_run(base, tok, str(tmp_path / 'mlm')))
 
   c = _config('classification', records['cls'], '')
-  c.init_from = str(tmp_path / 'mlm')
+  c.init_from = str(tmp_path / 'mlm') + ':4'
   run = state_lib.build(c, tok.vocab_size, num_classes=6)
+  with pytest.raises(FileNotFoundError, match=r'no checkpoint at step 4 .* it has steps \[5\]'):
+    trained.initial_params(c, run, print)
+  c.init_from = str(tmp_path / 'mlm') + ':5'
   said = []
   params = _flat(trained.initial_params(c, run, said.append))
   for name in set(params) - set(trained.NEW_HEAD):

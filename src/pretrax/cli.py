@@ -344,7 +344,9 @@ def _quiet_closed_loops() -> None:
 
 HELP_FLAGS = ('--help', '-h', '--helpfull', '-help', '--help=true')
 EXAMPLES = {
-    'train': 'pretrax train --config=configs/tiny.py --workdir=runs/tiny --config.steps=100',
+    'train': 'pretrax train --config=configs/tiny.py --workdir=runs/tiny --config.steps=100\n'
+             '  pretrax train --config=configs/tiny.py --workdir=runs/sft --config.init_from=runs/tiny '
+             '--config.objective=sft --config.data.path=qa.jsonl   # fine-tune',
     'plan': 'pretrax plan --config=configs/gpt2_small.py --devices=8 --mesh=1,8,1',
     'prepare': "pretrax prepare --config=configs/gpt2_small.py --output=/data/store "
                "--config.data.path='/data/web/*.jsonl.zst'",
