@@ -115,7 +115,8 @@ def eval_record(c: ml_collections.ConfigDict, objective_names: tuple[str, ...],
   return result
 
 
-def eval_line(step: int, e: dict[str, float]) -> str:
+def eval_line(step: int, e: dict[str, float], guess: str = 'token') -> str:
+  """The printed eval record; `guess` names what the baseline accuracy always guesses."""
   tasks = [f'{k[len("task_"):-len("_acc")]} accuracy {v:.3f} (chance '
            f'{e[k[:-len("acc")] + "chance"]:.3f})' for k, v in e.items()
            if k.startswith('task_') and k.endswith('_acc')]
@@ -126,7 +127,7 @@ def eval_line(step: int, e: dict[str, float]) -> str:
     parts.append(f'{e["eval_bits_per_byte"]:.3f} bits/byte')
   if 'eval_exact_match' in e:
     parts.append(f'exact match {e["eval_exact_match"]:.3f}')
-  parts.append(f'accuracy {e["eval_accuracy"]:.3f} (most frequent token: '
+  parts.append(f'accuracy {e["eval_accuracy"]:.3f} (most frequent {guess}: '
                f'{e["eval_baseline_accuracy"]:.3f})')
   parts += [f'{k[len("eval_"):]} {v:.4f}' for k, v in e.items() if k.startswith('eval_loss_')]
   return f'eval at step {step}: ' + ', '.join(parts + tasks)

@@ -267,7 +267,8 @@ class RunLog:
   def write_eval(self, step: int, result: dict[str, float]) -> None:
     self.last_eval = {'step': step, **result}
     self.writer.write(self.last_eval)
-    log(evaluation.eval_line(step, self.last_eval))
+    guess = 'label' if self.c.objective == 'classification' else 'token'
+    log(evaluation.eval_line(step, self.last_eval, guess))
     self.restart_clock()  # Evaluation time is not training time.
 
 
