@@ -89,6 +89,23 @@ def mc_accuracy(workdir: str, task: str, out: str) -> float:
     return json.load(f)['results'][os.path.splitext(os.path.basename(task))[0]]['acc']
 
 
+def finetunes(base: str, args: list[str], steps: int, prefix: str,
+              seconds: dict[str, float]) -> list[tuple[str, str]]:
+  """The fine-tunes of RUNS (from `base`, or random inits with its tokenizer), each `args` for
+  its multiple of `steps`; (name, workdir) of each, their wall times added to `seconds`."""
+  done = []
+  for name, multiple, pretrained in RUNS:
+    workdir = f'{prefix}_{name}'
+    start = (f'--config.init_from={base}' if pretrained
+             else f'--config.tokenizer.path={base}/tokenizer.model')
+    seconds[f'fine-tune {name}'] = pretrax(
+        'train', *MODEL, *args, f'--config.steps={steps * multiple}',
+        f'--config.checkpoint.every={steps * multiple}', f'--workdir={workdir}', start,
+        log=workdir + '.log')
+    done.append((name, workdir))
+  return done
+
+
 def decoder(data: dict, out: str) -> dict:
   """Pre-train a decoder with the cloze test in the loop; fine-tune it and random inits."""
   p = data['paths']
@@ -102,12 +119,7 @@ def decoder(data: dict, out: str) -> dict:
   result = {'seconds': seconds,
             'curve': [(r['step'], r['task_mc_cloze_test_acc']) for r in records(base)
                       if 'task_mc_cloze_test_acc' in r]}
-  for name, steps, start in RUNS:
-    workdir = os.path.join(out, f'sft_{name}')
-    seconds[f'fine-tune {name}'] = pretrax(
-        'train', *MODEL, *sft, f'--config.steps={SFT_STEPS * steps}',
-        f'--config.checkpoint.every={SFT_STEPS * steps}', f'--workdir={workdir}',
-        _start(base, start), log=workdir + '.log')
+  for name, workdir in finetunes(base, sft, SFT_STEPS, os.path.join(out, 'sft'), seconds):
     result[name] = {'exact': last(workdir, 'eval_exact_match'),
                     'mc': mc_accuracy(workdir, p['mc_qa_test'], workdir + '_eval')}
   return result
@@ -122,12 +134,7 @@ def encoder(data: dict, out: str) -> dict:
   cls = ['--config.objective=classification', f'--config.data.path={p["cls_train"]}',
          f'--config.finetune.eval_path={p["cls_test"]}', *FINETUNE]
   result = {'seconds': seconds, 'fill_in': fill_in_accuracy(base, p['cls_test'])}
-  for name, steps, start in RUNS:
-    workdir = os.path.join(out, f'cls_{name}')
-    seconds[f'fine-tune {name}'] = pretrax(
-        'train', *MODEL, *cls, f'--config.steps={CLS_STEPS * steps}',
-        f'--config.checkpoint.every={CLS_STEPS * steps}', f'--workdir={workdir}',
-        _start(base, start), log=workdir + '.log')
+  for name, workdir in finetunes(base, cls, CLS_STEPS, os.path.join(out, 'cls'), seconds):
     result[name] = {'acc': last(workdir, 'eval_accuracy')}
   return result
 
@@ -157,13 +164,6 @@ def fill_in_accuracy(workdir: str, records: str) -> float:
     at_mask = np.asarray(logits[0, ids.index(tokenizer_lib.MASK_ID)])
     right += cities[int(np.argmax(at_mask[city_ids]))] == person['label']
   return right / len(people)
-
-
-def _start(base: str, pretrained: bool) -> str:
-  """The pre-trained parameters, or (random init) just the same tokenizer."""
-  if pretrained:
-    return f'--config.init_from={base}'
-  return f'--config.tokenizer.path={base}/tokenizer.model'
 
 
 def table(data: dict, dec: dict, enc: dict) -> str:

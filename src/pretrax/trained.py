@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from pretrax import checkpoint
 from pretrax import config as config_lib
@@ -168,9 +167,8 @@ def initial_params(c: ml_collections.ConfigDict, run: state_lib.RunState,
     elif tuple(values[name].shape) != tuple(leaf.shape):
       problems.append(f'{name} is {tuple(leaf.shape)} here and {tuple(values[name].shape)} there')
     else:
-      leaves.append(jax.device_put(np.asarray(values[name]).astype(leaf.dtype)
-                                   if isinstance(values[name], np.ndarray)
-                                   else values[name].astype(leaf.dtype), leaf.sharding))
+      # Host arrays (a Hugging Face start) or arrays already on this mesh (a workdir's).
+      leaves.append(jax.device_put(values[name].astype(leaf.dtype), leaf.sharding))
   if problems:
     raise config_lib.ConfigError(
         f'init_from={c.init_from!r}: this model does not match {where} ({len(problems)} '
