@@ -383,6 +383,20 @@ def model_config(c: ml_collections.ConfigDict, vocab_size: int,
   )
 
 
+def on_local_devices(c: ml_collections.ConfigDict,
+                     mesh: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+  """A copy of `c` on this machine's devices: its mesh `mesh` (another run's), or every local
+  device on `data`. Reading a checkpoint back does not depend on the mesh that wrote it."""
+  local = ml_collections.ConfigDict(c.to_dict())
+  if mesh is None:
+    local.mesh.data, local.mesh.fsdp, local.mesh.tensor = -1, 1, 1
+    local.mesh.dcn_data, local.mesh.dcn_fsdp = 1, 1
+  else:
+    local.mesh = ml_collections.ConfigDict(mesh.to_dict())
+  local.mesh.rules = local.mesh.get('rules', '')  # Absent from checkpoints of older versions.
+  return local
+
+
 REMAT_POLICIES = ('none', 'dots', 'full', 'offload')
 
 
@@ -492,16 +506,23 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def validate(c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: bool = True) -> None:
   """Raises ConfigError naming the fields and the fix for anything that cannot run."""
-  m, d, o = c.model, c.data, c.optim
   objective_mixture(c.objective)
-  _one_of('model.flavour', m.flavour, FLAVOURS)
-  _one_of('optim.schedule', o.schedule, SCHEDULES)
   _one_of('tokenizer.model_type', c.tokenizer.model_type, TOKENIZER_TYPES)
+  _validate_model(c.model, c.data.seq_len)
+  _validate_batches(c.data, c.optim, num_devices)
+  _validate_optim(c.optim)
+  _validate_objectives(c)
+  _validate_run(c)
+  if check_data:
+    _validate_files(c)
+
+
+def _validate_model(m: ml_collections.ConfigDict, seq_len: int) -> None:
+  _one_of('model.flavour', m.flavour, FLAVOURS)
   _one_of('model.param_dtype', m.param_dtype, DTYPES)
   _one_of('model.dtype', m.dtype, DTYPES)
   _one_of('model.remat', remat_policy(m.remat), REMAT_POLICIES)
   _one_of('model.attention_backend', m.attention_backend, ATTENTION_BACKENDS)
-  _require(c.steps > 0, f'steps={c.steps} must be positive.')
   for name in ('num_layers', 'num_heads', 'embed_dim'):
     _require(m[name] > 0, f'model.{name}={m[name]} must be positive.')
   _require(m.head_dim > 0 or m.embed_dim % m.num_heads == 0,
@@ -514,21 +535,32 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: 
   if m.flavour == 'llama':
     head_dim = m.head_dim or m.embed_dim // m.num_heads
     _require(head_dim % 2 == 0, f'model head_dim={head_dim} must be even for RoPE.')
-  _require(m.max_len == 0 or d.seq_len <= m.max_len,
-           f'data.seq_len={d.seq_len} exceeds model.max_len={m.max_len}: '
+  _require(m.max_len == 0 or seq_len <= m.max_len,
+           f'data.seq_len={seq_len} exceeds model.max_len={m.max_len}: '
            'raise model.max_len or lower data.seq_len.')
   _require(0.0 <= m.dropout < 1.0, f'model.dropout={m.dropout} must be in [0, 1).')
+
+
+def _validate_batches(d: ml_collections.ConfigDict, o: ml_collections.ConfigDict,
+                      num_devices: int) -> None:
   _require(d.seq_len > 1, f'data.seq_len={d.seq_len} must be at least 2.')
   _require(0 <= d.window_stride <= d.seq_len,
            f'data.window_stride={d.window_stride} must be between 0 (= seq_len) and '
            f'data.seq_len={d.seq_len}: a larger stride would skip tokens.')
   _require(0.0 < d.eval_fraction < 1.0,
            f'data.eval_fraction={d.eval_fraction} must be strictly between 0 and 1.')
+  _require(d.batch_size > 0, f'data.batch_size={d.batch_size} must be positive.')
+  _require(d.shard_mb > 0, f'data.shard_mb={d.shard_mb} must be positive.')
   per_step = num_devices * o.grad_accum_steps
   _require(o.grad_accum_steps >= 1, f'optim.grad_accum_steps={o.grad_accum_steps} must be >= 1.')
   _require(d.batch_size % per_step == 0,
            f'data.batch_size={d.batch_size} is not divisible by {num_devices} device(s) x '
            f'optim.grad_accum_steps={o.grad_accum_steps}: make it a multiple of {per_step}.')
+  mixture(d.mixture)
+
+
+def _validate_optim(o: ml_collections.ConfigDict) -> None:
+  _one_of('optim.schedule', o.schedule, SCHEDULES)
   _require(o.spike_window >= 0, f'optim.spike_window={o.spike_window} must be >= 0 (0: off).')
   _require(o.spike_threshold > 0,
            f'optim.spike_threshold={o.spike_threshold} must be positive (standard deviations).')
@@ -537,6 +569,10 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: 
   _require(0 <= o.min_lr <= o.lr, f'optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}.')
   _require(0.0 < o.decay_fraction <= 1.0,
            f'optim.decay_fraction={o.decay_fraction} must be in (0, 1].')
+
+
+def _validate_objectives(c: ml_collections.ConfigDict) -> None:
+  """The masked LM's and span corruption's settings; what a fine-tune and in-loop tasks need."""
   lm, sc = c.masked_lm, c.span_corruption
   _require(0.0 < lm.rate < 1.0, f'masked_lm.rate={lm.rate} must be strictly between 0 and 1.')
   _require(lm.mask_token_fraction >= 0 and lm.random_token_fraction >= 0
@@ -548,33 +584,39 @@ def validate(c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: 
            f'span_corruption.noise_density={sc.noise_density} must be strictly between 0 and 1.')
   _require(sc.mean_span_length >= 1.0,
            f'span_corruption.mean_span_length={sc.mean_span_length} must be at least 1.')
-  for name in ('log_every', 'eval_every'):
-    _require(c[name] > 0, f'{name}={c[name]} must be positive.')
+  init_source(c.init_from)
+  if c.objective in FINETUNE_OBJECTIVES:
+    _require(not c.data.mixture and not c.data.prepared,
+             f'objective={c.objective} reads records from data.path (and finetune.eval_path): '
+             'data.mixture and data.prepared are for pre-training corpora.')
   _require(c.eval.tasks_every >= 0 and c.eval.limit >= 0,
            f'eval.tasks_every={c.eval.tasks_every} and eval.limit={c.eval.limit} must be >= 0 '
            '(0: every eval_every steps; all questions).')
   _require(not c.eval.tasks or attention_kind(c.objective) != 'bidirectional',
            f'eval.tasks scores continuations by their likelihood under a decoder; objective='
            f'{c.objective} trains a model that does not give one: set eval.tasks="".')
+
+
+def _validate_run(c: ml_collections.ConfigDict) -> None:
+  """Steps, intervals, checkpoints, profiling, the tokenizer sample."""
+  _require(c.steps > 0, f'steps={c.steps} must be positive.')
+  for name in ('log_every', 'eval_every'):
+    _require(c[name] > 0, f'{name}={c[name]} must be positive.')
   _require(c.checkpoint.every > 0, f'checkpoint.every={c.checkpoint.every} must be positive.')
   _require(c.checkpoint.keep > 0, f'checkpoint.keep={c.checkpoint.keep} must be positive.')
   profile_steps(c.profile_steps)
-  _require(d.batch_size > 0, f'data.batch_size={d.batch_size} must be positive.')
-  _require(d.shard_mb > 0, f'data.shard_mb={d.shard_mb} must be positive.')
   _require(c.tokenizer.sample_mb > 0,
            f'tokenizer.sample_mb={c.tokenizer.sample_mb} must be positive.')
-  mixture(d.mixture)
-  init_source(c.init_from)
-  if c.objective in FINETUNE_OBJECTIVES:
-    _require(not d.mixture and not d.prepared,
-             f'objective={c.objective} reads records from data.path (and finetune.eval_path): '
-             'data.mixture and data.prepared are for pre-training corpora.')
-  if check_data and c.objective in FINETUNE_OBJECTIVES and c.finetune.eval_path:
+
+
+def _validate_files(c: ml_collections.ConfigDict) -> None:
+  """The files the config names exist."""
+  if c.objective in FINETUNE_OBJECTIVES and c.finetune.eval_path:
     from pretrax.data import sources  # Local: validation only needs the file system part.
     _require(bool(sources.expand_paths(c.finetune.eval_path)),
              f'finetune.eval_path={c.finetune.eval_path!r} matches no file: point it at the '
              'held-out records, or set it to "" to hold out data.eval_fraction of data.path.')
-  if check_data and not c.data.prepared:
+  if not c.data.prepared:
     resolve_data_paths(c)
     if c.tokenizer.path:
       _require(os.path.isfile(c.tokenizer.path),
