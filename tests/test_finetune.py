@@ -1,4 +1,4 @@
-"""Fine-tuning: records -> example store -> packed batches; init_from; sft and classification runs."""
+"""Fine-tuning: records -> example store -> packed batches; init_from; sft and classification."""
 
 import json
 import os
@@ -99,8 +99,8 @@ def test_chat_records_train_on_the_assistant_turns(tmp_path, records):
                        {'role': 'assistant', 'content': 'ok'}]}
   c = _config('sft', _write_jsonl(tmp_path / 'chat.jsonl', [chat]), records['tokenizer'])
   tok = tokenizer_lib.Tokenizer.load(records['tokenizer'])
-  ids, weights = records_lib.encode_sft(records_lib.sft_parts(chat, records_lib.Fields.from_config(c)),
-                                      tok)
+  parts = records_lib.sft_parts(chat, records_lib.Fields.from_config(c))
+  ids, weights = records_lib.encode_sft(parts, tok)
   assert tok.decode(ids) == ('system: be brief\nuser: hi\nassistant: yo\nuser: bye\n'
                              'assistant: ok\n')
   assert tok.decode(ids[weights > 0]) == 'yo\nok\n' and weights[-1] == 1  # And the final EOS.
@@ -179,7 +179,7 @@ def _saved_run(c, tok, workdir: str, seed: int = 3):
 
 
 def _flat(params) -> dict[str, np.ndarray]:
-  return {trained._path(k): np.asarray(v)
+  return {state_lib.param_path(k): np.asarray(v)
           for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
@@ -294,6 +294,7 @@ def test_classification_on_an_encoder_reaches_high_held_out_accuracy(tmp_path, r
 
   bad = run_cli('train', '--config=configs/tiny.py', f'--workdir={tmp_path / "bad"}',
                 '--config.objective=classification', f'--config.data.path={records["cls"]}',
-                '--config.finetune.labels=rome,oslo', f'--config.tokenizer.path={records["tokenizer"]}')
+                '--config.finetune.labels=rome,oslo',
+                f'--config.tokenizer.path={records["tokenizer"]}')
   assert bad.returncode == 2
   assert f"{records['cls']}:1: label" in bad.stderr and 'is not in finetune.labels' in bad.stderr

@@ -117,7 +117,7 @@ def test_export_matches_transformers_and_imports_back(tmp_path, corpus_path, cha
 
   # Export -> import gives back the same parameters, bit for bit.
   imported = hf.import_model(out, c, str(tmp_path / 'imported'), log=lambda _: None)
-  flat = {hf._path(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat = {state_lib.param_path(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   assert set(imported) == set(flat)
   for path, value in flat.items():
     np.testing.assert_array_equal(imported[path], value, err_msg=path)
@@ -181,7 +181,7 @@ def test_import_matches_a_transformers_model(tmp_path, corpus_path, name):
   assert mngr.latest_step() == 0
   state, _ = checkpoint.restore(mngr, 0, run.abstract)
   mngr.close()
-  assert set(params) == {hf._path(k) for k, _ in
+  assert set(params) == {state_lib.param_path(k) for k, _ in
                          jax.tree_util.tree_flatten_with_path(state['params'])[0]}
   ids = list(np.random.default_rng(0).integers(5, 72, size=20))
   ours, theirs = _pretrax_logits(run, state['params'], ids), _hf_logits(model, ids)

@@ -22,6 +22,7 @@ def held_out(c: ml_collections.ConfigDict, run: state_lib.RunState,
              data: dataset.RunData) -> Callable[[Any], dict[str, float]]:
   """params -> the held-out metrics of every source (at most c.eval_batches batches each)."""
   eval_step = step_lib.jit_eval_step(run.model_def, len(data.objectives.names),
+                                     exact_match=c.objective == 'sft',
                                      activation_sharding=run.activation_sharding)
   bytes_per_token = jnp.asarray(data.tok.bytes_per_token())
   baseline_id = jnp.int32(data.baseline_id)
@@ -55,9 +56,12 @@ def task_scorer(c: ml_collections.ConfigDict, run: state_lib.RunState, data: dat
   log(f'downstream tasks every {c.eval.tasks_every or c.eval_every} steps: '
       + ', '.join(f'{t.name} ({len({r.doc_id for r in t.requests})} questions)' for t in tasks))
 
+  # Tokenised once: every scoring reads the same windows with new parameters.
+  windows = scoring.windows_of(data.tok, [r for t in tasks for r in t.requests], c.data.seq_len)
+
   def score(params: Any) -> dict[str, float]:
     results = scoring.score_tasks(run.model_def, params, data.tok, tasks, seq_len=c.data.seq_len,
-                                  batch_tokens=_TASK_BATCH_TOKENS)
+                                  batch_tokens=_TASK_BATCH_TOKENS, windows=windows)
     return {f'task_{name.replace(":", "_")}_{k}': float(v) for name, metrics in results.items()
             for k, v in metrics.items() if k in ('acc', 'acc_norm', 'bpb', 'chance')}
 
@@ -131,5 +135,3 @@ def eval_line(step: int, e: dict[str, float], guess: str = 'token') -> str:
                f'{e["eval_baseline_accuracy"]:.3f})')
   parts += [f'{k[len("eval_"):]} {v:.4f}' for k, v in e.items() if k.startswith('eval_loss_')]
   return f'eval at step {step}: ' + ', '.join(parts + tasks)
-
-

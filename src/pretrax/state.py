@@ -57,6 +57,12 @@ class RunState:
                    out_shardings=self.shardings)(params)
 
 
+def param_path(keypath) -> str:
+  """A parameter's name in the params tree, as 'blocks/0/attn/q': how checkpoints and
+  conversions address one."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in keypath)
+
+
 def _params(model_cfg: config_lib.ModelConfig, seed: int) -> Any:
   return nnx.to_pure_dict(nnx.split(transformer.build(model_cfg, seed))[1])
 

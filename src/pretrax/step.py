@@ -72,13 +72,19 @@ def _forward(params, batch: Batch, model_def: nnx.GraphDef,
   return logits_BLV, batch['targets'], batch['weights']
 
 
-def _forward_sums(params, batch: Batch, model_def: nnx.GraphDef, z_loss: float,
-                  dropout_rng: jax.Array | None, num_objectives: int) -> dict[str, jax.Array]:
-  logits, targets, weights = _forward(params, batch, model_def, dropout_rng)
+def _sums(logits, targets, weights, batch: Batch, z_loss: float,
+          num_objectives: int) -> dict[str, jax.Array]:
+  """The loss sums of a forward pass, per objective too when a mixture trains."""
   mixture = num_objectives > 1
   return loss_lib.cross_entropy(logits, targets, weights, z_loss,
                                 groups_BL=batch['objective'] if mixture else None,
                                 num_groups=len(config_lib.OBJECTIVES) if mixture else 0)
+
+
+def _forward_sums(params, batch: Batch, model_def: nnx.GraphDef, z_loss: float,
+                  dropout_rng: jax.Array | None, num_objectives: int) -> dict[str, jax.Array]:
+  logits, targets, weights = _forward(params, batch, model_def, dropout_rng)
+  return _sums(logits, targets, weights, batch, z_loss, num_objectives)
 
 
 def _objective_metrics(sums, objectives: tuple[str, ...], prefix: str) -> Metrics:
@@ -174,25 +180,24 @@ def train_step(state: TrainState, batch: Batch, *, model_def: nnx.GraphDef,
 
 
 def eval_step(params, batch: Batch, bytes_per_token: jax.Array, baseline_id: jax.Array, *,
-              model_def: nnx.GraphDef, num_objectives: int = 1) -> Metrics:
+              model_def: nnx.GraphDef, num_objectives: int = 1,
+              exact_match: bool = False) -> Metrics:
   """Sums over one held-out batch; the caller adds them up and divides.
 
   baseline_correct_sum counts the targets equal to `baseline_id` (the training split's most
   frequent token, or label): the accuracy of always guessing it, a floor to compare accuracy
-  with. For a token batch, answer_sum counts the packed examples with weighted targets and
+  with. With `exact_match` (sft), answer_sum counts the packed examples with weighted targets and
   exact_sum those whose every weighted target is the argmax: a response that greedy decoding
-  from its prompt reproduces exactly (sft's exact match).
+  from its prompt reproduces exactly.
   """
   logits, targets, weights = _forward(params, batch, model_def, None)
-  mixture = num_objectives > 1
-  sums = loss_lib.cross_entropy(logits, targets, weights,
-                                groups_BL=batch['objective'] if mixture else None,
-                                num_groups=len(config_lib.OBJECTIVES) if mixture else 0)
+  sums = _sums(logits, targets, weights, batch, 0.0, num_objectives)
   sums['baseline_correct_sum'] = jnp.sum((targets == baseline_id) * weights)
   if 'labels' in batch:
     return sums
   sums['byte_sum'] = jnp.sum(bytes_per_token[targets] * weights)
-  sums.update(_exact_sums(logits, batch))
+  if exact_match:
+    sums.update(_exact_sums(logits, batch))
   return sums
 
 
@@ -230,7 +235,8 @@ def jit_train_step(model_def: nnx.GraphDef, optimizer: optax.GradientTransformat
   return jax.jit(_traced_with(step_fn, activation_sharding), donate_argnums=0, **jit_kwargs)
 
 
-def jit_eval_step(model_def: nnx.GraphDef, num_objectives: int = 1, *, activation_sharding=None,
-                  **jit_kwargs):
-  step_fn = functools.partial(eval_step, model_def=model_def, num_objectives=num_objectives)
+def jit_eval_step(model_def: nnx.GraphDef, num_objectives: int = 1, *, exact_match: bool = False,
+                  activation_sharding=None, **jit_kwargs):
+  step_fn = functools.partial(eval_step, model_def=model_def, num_objectives=num_objectives,
+                              exact_match=exact_match)
   return jax.jit(_traced_with(step_fn, activation_sharding), **jit_kwargs)

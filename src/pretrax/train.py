@@ -32,9 +32,6 @@ from pretrax import trained
 from pretrax.data import dataset
 from pretrax.data import objectives as objectives_lib
 
-TOKENIZER_FILE = 'tokenizer.model'
-
-
 def log(message: str) -> None:
   if jax.process_index() == 0:
     print(message, flush=True)
@@ -105,16 +102,16 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
 
   text = _final_sample(c, run, state['params'], data)
   log(f'outputs in {paths.path(workdir)}: metrics.jsonl, TensorBoard events, checkpoints/, '
-      f'{TOKENIZER_FILE}')
+      f'{trained.TOKENIZER_FILE}')
   return {'train': run_log.last_train, 'eval': run_log.last_eval, 'state': state,
           'compile_s': compile_s, 'peak_flops': run_log.peak,
           'flops_per_step': run_log.flops_per_step, 'sample': text}
 
 
 def _loop(c: ml_collections.ConfigDict, state: Any, start: int,
-          batches: Iterator[dict[str, jax.Array]], train_step: Callable, evaluate: evaluation.Evaluator,
-          run_log: 'RunLog', save: Callable[[int, Any], None], stop: faults.StopSignals,
-          trace: '_StepTrace') -> Any:
+          batches: Iterator[dict[str, jax.Array]], train_step: Callable,
+          evaluate: evaluation.Evaluator, run_log: 'RunLog', save: Callable[[int, Any], None],
+          stop: faults.StopSignals, trace: '_StepTrace') -> Any:
   """Steps start+1 .. c.steps: step -> log -> eval -> save, stopping (saved) on a signal."""
   for step in range(start + 1, c.steps + 1):  # 1-based, as logged.
     batch = next(batches)
@@ -364,9 +361,10 @@ def load_data(c: ml_collections.ConfigDict, workdir: str,
   data = dataset.load(c, workdir, process_index=jax.process_index(),
                       process_count=jax.process_count(), has_checkpoints=has_checkpoints, log=log)
   if jax.process_index() == 0:
-    data.tok.save(paths.join(workdir, TOKENIZER_FILE))
+    data.tok.save(paths.join(workdir, trained.TOKENIZER_FILE))
     if c.objective == 'classification':
-      paths.path(paths.join(workdir, trained.LABELS_FILE)).write_text(json.dumps(list(data.labels)))
+      labels = paths.path(paths.join(workdir, trained.LABELS_FILE))
+      labels.write_text(json.dumps(list(data.labels)))
   return data
 
 

@@ -79,14 +79,8 @@ def load(workdir: str, step: int | None = None,
     c = ml_collections.ConfigDict(checkpoint.restore_config(mngr, step))
     path = tokenizer_path(workdir, c)
     tok = tokenizer_lib.Tokenizer.load(path)
-    local = ml_collections.ConfigDict(c.to_dict())
-    if mesh is None:
-      local.mesh.data, local.mesh.fsdp, local.mesh.tensor = -1, 1, 1
-      local.mesh.dcn_data, local.mesh.dcn_fsdp = 1, 1
-    else:
-      local.mesh = ml_collections.ConfigDict(mesh.to_dict())
-    local.mesh.rules = local.mesh.get('rules', '')  # Absent from checkpoints of older versions.
-    run = state_lib.build(local, tok.vocab_size, num_classes=len(labels(workdir, c)))
+    run = state_lib.build(config_lib.on_local_devices(c, mesh), tok.vocab_size,
+                          num_classes=len(labels(workdir, c)))
     state, _ = checkpoint.restore(mngr, step, run.abstract)
   finally:
     mngr.close()
@@ -127,10 +121,6 @@ def source_tokenizer(spec: str) -> str:
   return candidate
 
 
-def _path(keypath) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in keypath)
-
-
 def _source_values(c: ml_collections.ConfigDict) -> tuple[dict[str, Any], str]:
   """The parameters `init_from` names, by path, and a description of where they come from."""
   path, step = config_lib.init_source(c.init_from)
@@ -139,12 +129,12 @@ def _source_values(c: ml_collections.ConfigDict) -> tuple[dict[str, Any], str]:
     values, _ = hf.read_params(path, c)
     return values, f'{path} (Hugging Face)'
   if not paths.path(checkpoint.directory(path)).exists():
-    raise FileNotFoundError(f'init_from={c.init_from!r}: {path} is neither a pretrax workdir '
-                            '(no checkpoints/) nor a Hugging Face model directory (no config.json).')
+    raise FileNotFoundError(f'init_from={c.init_from!r}: {path} is neither a pretrax workdir (no '
+                            'checkpoints/) nor a Hugging Face model directory (no config.json).')
   # Restored straight onto this run's mesh: no full copy on one device.
   source = load(path, step, mesh=c.mesh)
   flat = jax.tree_util.tree_flatten_with_path(source.params)[0]
-  return {_path(k): v for k, v in flat}, f'{path} at step {source.step}'
+  return {state_lib.param_path(k): v for k, v in flat}, f'{path} at step {source.step}'
 
 
 def initial_params(c: ml_collections.ConfigDict, run: state_lib.RunState,
@@ -153,28 +143,26 @@ def initial_params(c: ml_collections.ConfigDict, run: state_lib.RunState,
   must match; a new classification head starts fresh, and a head this run lacks (a masked LM's)
   is left out. Raises ConfigError naming the parameters that differ."""
   values, where = _source_values(c)
-  fresh = run.init_params(c.seed)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(fresh)
-  problems, new, leaves = [], [], []
-  for keypath, leaf in flat:
-    name = _path(keypath)
-    if name not in values:
-      if name in NEW_HEAD:
-        new.append(name)
-        leaves.append(leaf)
-      else:
-        problems.append(f'{name} is missing there')
-    elif tuple(values[name].shape) != tuple(leaf.shape):
-      problems.append(f'{name} is {tuple(leaf.shape)} here and {tuple(values[name].shape)} there')
-    else:
-      # Host arrays (a Hugging Face start) or arrays already on this mesh (a workdir's).
-      leaves.append(jax.device_put(values[name].astype(leaf.dtype), leaf.sharding))
+  flat, treedef = jax.tree_util.tree_flatten_with_path(run.abstract['params'])
+  names = [state_lib.param_path(k) for k, _ in flat]
+  problems = [f'{name} is missing there' for name in names
+              if name not in values and name not in NEW_HEAD]
+  problems += [f'{name} is {a.shape} here and {tuple(values[name].shape)} there'
+               for name, (_, a) in zip(names, flat)
+               if name in values and tuple(values[name].shape) != a.shape]
   if problems:
     raise config_lib.ConfigError(
         f'init_from={c.init_from!r}: this model does not match {where} ({len(problems)} '
         f'parameters differ: {"; ".join(problems[:4])}): give the run the same --config.model.* '
         'values (and tokenizer) as the one it starts from.')
-  unused = sorted(set(values) - {_path(k) for k, _ in flat})
+  new = [name for name in names if name not in values]
+  # A random initialisation (a whole model's, briefly) only when a new head needs its values.
+  fresh = dict(zip(names, jax.tree.leaves(run.init_params(c.seed)))) if new else {}
+  # Host arrays (a Hugging Face start) or arrays already on this mesh (a workdir's).
+  leaves = [fresh[name] if name in new
+            else jax.device_put(values[name].astype(a.dtype), a.sharding)
+            for name, (_, a) in zip(names, flat)]
+  unused = sorted(set(values) - set(names))
   log(f'initialised from {where} with a fresh optimizer'
       + (f'; new (random) parameters: {", ".join(new)}' if new else '')
       + (f'; left out: {", ".join(unused)}' if unused else ''))

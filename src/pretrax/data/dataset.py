@@ -213,9 +213,9 @@ def load_examples(c: ml_collections.ConfigDict, workdir: str, *, process_index: 
         f'{c.objective} needs training and held-out records; the store in {root} has {len(train)} '
         f'and {len(held)}: add records, set finetune.eval_path, or change data.eval_fraction.')
   seq_len, seed = c.data.seq_len, c.seed
-  train_rows, eval_rows = examples.packing(train, seq_len, seed), examples.packing(held, seq_len, None)
-  longer = int(np.sum(examples.packed_length(c.objective, train.lengths(), 1 << 62)
-                      > examples.packed_length(c.objective, train.lengths(), seq_len)))
+  train_rows = examples.packing(train, seq_len, seed)
+  eval_rows = examples.packing(held, seq_len, None)
+  longer = int(np.sum(train.lengths() > examples.longest(c.objective, seq_len)))
   log(f'data: {root}: {len(train):,} training / {len(held):,} held-out {c.objective} examples in '
       f'{len(train_rows):,} / {len(eval_rows):,} packed rows of {seq_len}'
       + (f'; {longer:,} training examples cut to fit data.seq_len' if longer else '')

@@ -131,14 +131,11 @@ def build(c: ml_collections.ConfigDict, out_dir: str, *, process_index: int,
 def _split_lines(plan: dict) -> Iterator[tuple[str, str, bytes]]:
   """(split, where, line) of every record: eval files are held out whole; without them a record
   is held out by a hash of its bytes, the same on every machine."""
-  for where, line in records.read_lines([p for p, _, _ in plan['files']]):
-    if plan['eval_files']:
-      yield 'train', where, line
-    else:
-      held = sources.held_out(line.strip(), plan['eval_fraction'])
-      yield ('eval' if held else 'train'), where, line
-  for where, line in records.read_lines([p for p, _, _ in plan['eval_files']]):
-    yield 'eval', where, line
+  for path, number, line in sources.read_lines([p for p, _, _ in plan['files']]):
+    held = not plan['eval_files'] and sources.held_out(line.strip(), plan['eval_fraction'])
+    yield ('eval' if held else 'train'), f'{path}:{number}', line
+  for path, number, line in sources.read_lines([p for p, _, _ in plan['eval_files']]):
+    yield 'eval', f'{path}:{number}', line
 
 
 def make_plan(c: ml_collections.ConfigDict) -> dict:
@@ -209,10 +206,16 @@ class ExampleSplit:
     return np.asarray(self.weights[self.offsets[i]:self.offsets[i + 1]], np.float32)
 
 
+def longest(objective: str, seq_len: int) -> int:
+  """The most ids of an example a row holds whole: sft predicts n-1 next tokens of n, an encoder
+  reads n."""
+  return seq_len + 1 if objective == 'sft' else seq_len
+
+
 def packed_length(objective: str, length, seq_len: int):
-  """Positions an example of `length` ids fills in a row (ints or arrays of them): sft predicts
-  n-1 next tokens, an encoder reads n; either at most seq_len."""
-  return np.minimum(length, seq_len + 1) - 1 if objective == 'sft' else np.minimum(length, seq_len)
+  """Positions an example of `length` ids fills in a row (ints or arrays of them), cut to fit."""
+  kept = np.minimum(length, longest(objective, seq_len))
+  return kept - 1 if objective == 'sft' else kept
 
 
 def pack(order: np.ndarray, lengths: np.ndarray, seq_len: int, max_per_row: int) -> np.ndarray:

@@ -14,7 +14,6 @@ fields, with an empty response, or with a label outside `finetune.labels` raises
 the store (examples.py) turns into one line naming the file and line, or skips and counts.
 """
 
-from collections.abc import Iterator
 import dataclasses
 import json
 
@@ -22,7 +21,6 @@ import ml_collections
 import numpy as np
 
 from pretrax import tokenizer as tokenizer_lib
-from pretrax.data import sources
 
 ROLES = ('system', 'user', 'assistant')
 
@@ -49,20 +47,6 @@ class Fields:
 
 class BadRecord(Exception):
   """A record this objective cannot use; the message says why."""
-
-
-def read_lines(files: list[str]) -> Iterator[tuple[str, bytes]]:
-  """('FILE:LINE', line) for every non-blank line of the files, decompressed as they stream."""
-  for path in files:
-    compression = sources.file_format(path)[1]
-    try:
-      with sources.open_bytes(path, compression) as stream:
-        for number, line in enumerate(stream, start=1):
-          if line.strip():
-            yield f'{path}:{number}', line
-    except sources._read_errors() as e:  # pylint: disable=protected-access
-      raise sources.DataError(f'{path}: cannot be read ({type(e).__name__}: {e}): check the '
-                              'file or remove it from data.path.') from None
 
 
 def _string(record: dict, field: str, what: str) -> str:
@@ -113,7 +97,8 @@ def encode_sft(parts: list[tuple[str, bool]],
   """(ids, weights): each part encoded on its own, then EOS, weighted as its part (the EOS as the
   last part). Encoding parts apart keeps the prompt's ids the same whatever the response is."""
   ids, weights = [], []
-  for (text, trained), encoded in zip(parts, tok.encode_batch([t for t, _ in parts])):
+  for text, trained in parts:
+    encoded = tok.encode(text)  # A few short strings: a thread pool per record would cost more.
     ids += encoded
     weights += [trained] * len(encoded)
   ids.append(tokenizer_lib.EOS_ID)

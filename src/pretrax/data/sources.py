@@ -189,6 +189,20 @@ def _read_errors() -> tuple[type[Exception], ...]:
   return tuple(kinds)
 
 
+def read_lines(files: list[str]) -> Iterator[tuple[str, int, bytes]]:
+  """(file, line number, line) of every non-blank line of the files, local or on a bucket,
+  decompressed as they stream: small record files (fine-tuning records, eval tasks)."""
+  for path in files:
+    try:
+      with open_bytes(path, file_format(path)[1]) as stream:
+        for number, line in enumerate(stream, start=1):
+          if line.strip():
+            yield path, number, line
+    except _read_errors() as e:
+      raise DataError(f'{path}: cannot be read ({type(e).__name__}: {e}): check the '
+                      'file.') from None
+
+
 # ---- Units ------------------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from pretrax import tokenizer as tokenizer_lib
 from pretrax.downstream import tasks as tasks_lib
 
 DEFAULT_BATCH_TOKENS = 8192
+Window = tuple[list[int], list[int], int]  # (inputs, targets, scored): see `window`.
 _SHORTEST_BUCKET = 16
 
 
@@ -99,7 +100,7 @@ def _score_batch(params, inputs_BL: jax.Array, targets_BL: jax.Array, segment_id
   return loglik_B, ~jnp.any(wrong_BL, axis=1)
 
 
-def _batches(windows: list[tuple[list[int], list[int], int]], seq_len: int,
+def _batches(windows: Sequence[Window], seq_len: int,
              batch_tokens: int) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
   """(request indices, arrays) per batch: requests grouped by bucket, rows padded to the
   bucket's fixed count with empty rows (segment 0, nothing scored)."""
@@ -125,22 +126,34 @@ def _batches(windows: list[tuple[list[int], list[int], int]], seq_len: int,
       yield indices, arrays
 
 
-def score_requests(model_def: nnx.GraphDef, params, tok: tokenizer_lib.Tokenizer,
-                   requests: Sequence[tasks_lib.Request], *, seq_len: int,
-                   batch_tokens: int = DEFAULT_BATCH_TOKENS) -> list[Score]:
-  """Each request's log-likelihood, token count and greedy flag, in the order given."""
-  windows = [window(*split_tokens(tok, r.context, r.continuation), seq_len) for r in requests]
+def windows_of(tok: tokenizer_lib.Tokenizer, requests: Sequence[tasks_lib.Request],
+               seq_len: int) -> list[Window]:
+  """Each request tokenised and cut to the model's window: what scoring reads, made once."""
+  return [window(*split_tokens(tok, r.context, r.continuation), seq_len) for r in requests]
+
+
+def score_windows(model_def: nnx.GraphDef, params, windows: Sequence[Window], *, seq_len: int,
+                  batch_tokens: int = DEFAULT_BATCH_TOKENS) -> list[Score]:
+  """Each window's log-likelihood, token count and greedy flag, in the order given."""
   dispatched = [(indices, _score_batch(params, a['inputs'], a['targets'], a['segment_ids'],
                                        a['prefix'], a['scored'], model_def=model_def))
                 for indices, a in _batches(windows, seq_len, batch_tokens)]
-  logliks = np.zeros(len(requests), np.float64)
-  greedy = np.zeros(len(requests), np.bool_)
+  logliks = np.zeros(len(windows), np.float64)
+  greedy = np.zeros(len(windows), np.bool_)
   # Fetched once all batches are dispatched, so that building one overlaps scoring the last.
   for indices, (loglik_B, greedy_B) in jax.device_get(dispatched):
     logliks[indices] = loglik_B[:len(indices)]
     greedy[indices] = greedy_B[:len(indices)]
   return [Score(loglik=float(logliks[i]), num_tokens=windows[i][2], is_greedy=bool(greedy[i]))
-          for i in range(len(requests))]
+          for i in range(len(windows))]
+
+
+def score_requests(model_def: nnx.GraphDef, params, tok: tokenizer_lib.Tokenizer,
+                   requests: Sequence[tasks_lib.Request], *, seq_len: int,
+                   batch_tokens: int = DEFAULT_BATCH_TOKENS) -> list[Score]:
+  """Each request's log-likelihood, token count and greedy flag, in the order given."""
+  return score_windows(model_def, params, windows_of(tok, requests, seq_len), seq_len=seq_len,
+                       batch_tokens=batch_tokens)
 
 
 def scored_continuation(context: str, continuation: str) -> str:
@@ -189,20 +202,24 @@ def task_metrics(requests: Sequence[tasks_lib.Request],
 
 def score_by_task(model_def: nnx.GraphDef, params, tok: tokenizer_lib.Tokenizer,
                   tasks: Sequence[tasks_lib.Task], *, seq_len: int,
-                  batch_tokens: int = DEFAULT_BATCH_TOKENS) -> list[list[Score]]:
-  """Each task's request scores, in its requests' order; all tasks' requests share the batches."""
-  requests = [r for t in tasks for r in t.requests]
-  scores = score_requests(model_def, params, tok, requests, seq_len=seq_len,
-                          batch_tokens=batch_tokens)
+                  batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                  windows: Sequence[Window] | None = None) -> list[list[Score]]:
+  """Each task's request scores, in its requests' order; all tasks' requests share the batches.
+  `windows`: the tasks' requests already tokenised (`windows_of`), as a caller that scores the
+  same tasks again and again keeps them."""
+  if windows is None:
+    windows = windows_of(tok, [r for t in tasks for r in t.requests], seq_len)
+  scores = score_windows(model_def, params, windows, seq_len=seq_len, batch_tokens=batch_tokens)
   ends = np.cumsum([len(t.requests) for t in tasks])
   return [scores[end - len(t.requests):end] for t, end in zip(tasks, ends)]
 
 
 def score_tasks(model_def: nnx.GraphDef, params, tok: tokenizer_lib.Tokenizer,
                 tasks: Sequence[tasks_lib.Task], *, seq_len: int,
-                batch_tokens: int = DEFAULT_BATCH_TOKENS) -> dict[str, dict[str, float]]:
+                batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                windows: Sequence[Window] | None = None) -> dict[str, dict[str, float]]:
   """Task name -> metrics (`task_metrics`) of a decoder's or prefix LM's parameters, live or
   restored, on any mesh."""
   per_task = score_by_task(model_def, params, tok, tasks, seq_len=seq_len,
-                           batch_tokens=batch_tokens)
+                           batch_tokens=batch_tokens, windows=windows)
   return {t.name: task_metrics(t.requests, scores) for t, scores in zip(tasks, per_task)}

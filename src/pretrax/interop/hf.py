@@ -33,6 +33,7 @@ import numpy as np
 from pretrax import checkpoint
 from pretrax import config as config_lib
 from pretrax import paths
+from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
 from pretrax.interop import hf_tokenizer
 from pretrax.interop import safetensors
@@ -339,10 +340,6 @@ def _bit_sum(x: np.ndarray) -> int:
   return int(np.sum(np.ascontiguousarray(x).view(width), dtype=np.uint64) % 2**32)
 
 
-def _path(keypath) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in keypath)
-
-
 class CheckpointParams:
   """The parameters of one saved train state, each restored on its own (as a host array) and
   checked against the fingerprint taken when it was saved; nothing else is loaded."""
@@ -364,7 +361,7 @@ class CheckpointParams:
     self._leaves = {}
     for i, (keypath, meta) in enumerate(jax.tree_util.tree_flatten_with_path(tree['params'])[0]):
       keys = tuple(getattr(k, 'key', k) for k in keypath)
-      self._leaves[_path(keypath)] = (keys, meta, bit_sums[offset + i])
+      self._leaves[state_lib.param_path(keypath)] = (keys, meta, bit_sums[offset + i])
 
   def shape(self, path: str) -> tuple[int, ...]:
     return tuple(self._leaves[path][1].shape)
@@ -501,7 +498,7 @@ def import_model(hf_dir: str, c: ml_collections.ConfigDict, workdir: str,
                                 if unused else '')
       + ('' if tok else '; no tokenizer.model there: train with --config.tokenizer.path='
          f'a SentencePiece model of {m.vocab_size} pieces'))
-  return {_path(k): values[_path(k)] for k, _ in flat}
+  return {state_lib.param_path(k): values[state_lib.param_path(k)] for k, _ in flat}
 
 
 def read_params(hf_dir: str, c: ml_collections.ConfigDict) -> tuple[dict[str, np.ndarray], str]:
@@ -576,24 +573,18 @@ def _write_step_zero(c: ml_collections.ConfigDict, workdir: str, values: dict[st
                      vocab_size: int, hf_dir: str) -> list:
   """Step 0 of a run: `values` as the parameters, a fresh optimizer state; returns the params'
   flattened (path, abstract array) pairs."""
-  from pretrax import state as state_lib  # Builds the optimizer state around the weights.
-  from pretrax import step as step_lib
-
   # Whatever mesh the config trains on, importing uses this machine's devices (`train` restores
   # onto its own mesh); the checkpoint keeps the config as given.
-  local = ml_collections.ConfigDict(c.to_dict())
-  local.mesh.data, local.mesh.fsdp, local.mesh.tensor, local.mesh.dcn_data = -1, 1, 1, 1
-  local.mesh.dcn_fsdp = 1
-  run = state_lib.build(local, vocab_size)
+  run = state_lib.build(config_lib.on_local_devices(c), vocab_size)
   flat, treedef = jax.tree_util.tree_flatten_with_path(run.abstract['params'])
-  missing = [_path(k) for k, _ in flat if _path(k) not in values]
+  names = [state_lib.param_path(k) for k, _ in flat]
+  missing = [name for name in names if name not in values]
   if missing:
     raise ConversionError(f'the configured model has parameters no tensor of {hf_dir} fills: '
                           f'{", ".join(missing[:5])}.')
-  leaves = [jax.device_put(values[_path(k)].astype(a.dtype), a.sharding) for k, a in flat]
-  params = jax.tree_util.tree_unflatten(treedef, leaves)
-  state = jax.jit(lambda p: step_lib.init_state(p, run.optimizer, run.spike_window),
-                  out_shardings=run.shardings)(params)
+  leaves = [jax.device_put(values[name].astype(a.dtype), a.sharding)
+            for name, (_, a) in zip(names, flat)]
+  state = run.state_from(jax.tree_util.tree_unflatten(treedef, leaves))
   if not paths.is_remote(workdir):
     os.makedirs(workdir, exist_ok=True)
   mngr = checkpoint.manager(workdir, async_save=False)
