@@ -180,3 +180,205 @@ def test_the_tiny_model_trains_the_same_with_xla_and_cpu_attention(tiny_config, 
                        if 'loss' in r]
   assert len(losses['cpu']) == 4
   np.testing.assert_allclose(losses['cpu'], losses['xla'], rtol=1e-5)
+
+
+# ---- cuDNN's variable-length form, proven on CPU: the layout, the routing, every fallback ------
+
+
+def _random_packed_rows(rng: np.random.Generator, rows: int, length: int, max_docs: int):
+  """Rows of contiguous, increasing segment ids of random lengths, some ending in padding and
+  some with a gap of padding between documents (a piece the pipeline dropped)."""
+  out = np.zeros((rows, length), np.int32)
+  for r in range(rows):
+    docs = rng.integers(1, max_docs + 1)
+    cuts = np.sort(rng.choice(np.arange(1, length), size=docs, replace=False))
+    bounds = [0, *cuts.tolist()]
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+      out[r, a:b] = i + 1
+    if rng.random() < 0.3 and docs > 1:  # Padding in place of one document.
+      out[r][out[r] == 1] = 0
+  return out
+
+
+def _layout_by_hand(ids_T: np.ndarray) -> list[tuple[int, int]]:
+  """(start, length) of each run of one non-zero id."""
+  runs = []
+  for t, x in enumerate(ids_T):
+    if x and (t == 0 or ids_T[t - 1] != x):
+      runs.append([t, 0])
+    if x:
+      runs[-1][1] += 1
+  return [tuple(r) for r in runs]
+
+
+@pytest.mark.parametrize('max_segments', [1, 3, 8])
+def test_segment_layout_matches_the_runs_of_every_row(max_segments):
+  rng = np.random.default_rng(max_segments)
+  ids = _random_packed_rows(rng, rows=64, length=48, max_docs=6)
+  lengths, offsets, fits = jax.jit(attention.segment_layout, static_argnums=1)(ids, max_segments)
+  lengths, offsets = np.asarray(lengths), np.asarray(offsets)
+  assert lengths.shape == (64, max_segments) and offsets.shape == (64, max_segments + 1)
+  every_row_fits = True
+  for r in range(64):
+    runs = _layout_by_hand(ids[r])
+    every_row_fits &= len(runs) <= max_segments
+    if max_segments == 1 and runs:
+      every_row_fits &= runs[0][0] == 0
+    kept = runs[:max_segments]
+    pad = max_segments - len(kept)
+    np.testing.assert_array_equal(offsets[r], [s for s, _ in kept] + [-1] * (pad + 1))
+    np.testing.assert_array_equal(lengths[r], [n for _, n in kept] + [-1] * pad)
+  assert bool(fits) == every_row_fits
+  assert max_segments < 8 or every_row_fits  # The largest bound holds every row here.
+
+
+def test_segment_layout_refuses_a_segment_split_in_two():
+  # Segment 1 comes back after segment 2: one id, two runs. A dense mask joins them, runs do not.
+  ids = jnp.array([[1, 1, 2, 2, 1, 1, 0, 0]], jnp.int32)
+  assert not bool(attention.segment_layout(ids, 8)[2])
+  assert bool(attention.segment_layout(jnp.array([[1, 1, 2, 2, 3, 3, 0, 0]]), 8)[2])
+
+
+def _varlen_mask(lengths_BM, offsets_BM1, T: int, causal: bool) -> jax.Array:
+  """What cuDNN's variable-length form means: query t sees key s when both lie in one segment's
+  [offset, offset + length) and, if causal, s <= t."""
+  t = jnp.arange(T)
+  starts, ends = offsets_BM1[:, :-1, None], offsets_BM1[:, :-1, None] + lengths_BM[..., None]
+  member_BMT = (lengths_BM[..., None] > 0) & (t >= starts) & (t < ends)
+  mask_BTS = jnp.einsum('BMT,BMS->BTS', member_BMT.astype(jnp.int32),
+                        member_BMT.astype(jnp.int32)) > 0
+  return mask_BTS & (t[:, None] >= t[None, :]) if causal else mask_BTS
+
+
+@pytest.mark.parametrize('causal', [True, False])
+def test_the_variable_length_layout_is_the_segment_mask_on_every_real_token(causal):
+  ids = jnp.asarray(_random_packed_rows(np.random.default_rng(1), rows=32, length=40, max_docs=5))
+  lengths, offsets, fits = attention.segment_layout(ids, 5)
+  assert bool(fits)
+  real_B1T1 = (ids != 0)[:, :, None]
+  ours = attention.attention_mask(ids, causal=causal)
+  theirs = _varlen_mask(lengths, offsets, 40, causal)
+  np.testing.assert_array_equal(ours & real_B1T1, theirs)  # Padding queries: no meaning there.
+
+
+def _emulated_cudnn(monkeypatch, ran: list[str]):
+  """cuDNN's two entry points replaced by their meaning in plain JAX (the variable-length one
+  built from the layout alone), each recording when it runs; the machine claims a Hopper GPU."""
+  def dense(q, k, v, segment_ids, *, causal, prefix_BT):
+    jax.debug.callback(lambda: ran.append('dense'))
+    mask = attention.attention_mask(segment_ids, causal=causal, prefix_BT=prefix_BT)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation='xla')
+
+  def varlen(q, k, v, lengths, offsets, *, causal):
+    jax.debug.callback(lambda: ran.append('varlen'))
+    if lengths.shape[1] == 1:  # Lengths alone: one segment from position 0.
+      offsets = jnp.zeros_like(offsets).at[:, 1].set(-1)
+    mask = _varlen_mask(lengths, offsets, q.shape[1], causal)
+    mask = mask | ~jnp.any(mask, axis=-1, keepdims=True)  # Padding rows: anything but NaN.
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation='xla')
+
+  monkeypatch.setattr(attention, '_cudnn_dense', dense)
+  monkeypatch.setattr(attention, '_cudnn_varlen', varlen)
+  monkeypatch.setattr(attention, '_compute_capability', lambda: (9, 0))
+  monkeypatch.setattr(attention, '_cudnn_version', lambda: 91000)
+  monkeypatch.setattr(jax, '__version__', '0.11.2')  # Past JAX 0.10's grouped-query offsets.
+
+
+@pytest.mark.parametrize('max_segments, kernel', [(8, 'varlen'), (2, 'dense'), (0, 'dense')])
+@pytest.mark.parametrize('mask', ['causal', 'bidirectional'])
+def test_cudnn_routing_matches_xla_on_packed_rows(monkeypatch, mask, max_segments, kernel):
+  """Values and gradients on real tokens as the xla reference, through whichever kernel the
+  rows allow: the variable-length one when every row fits, else the dense mask."""
+  ran = []
+  _emulated_cudnn(monkeypatch, ran)
+  ids = jnp.asarray(_random_packed_rows(np.random.default_rng(2), rows=4, length=64, max_docs=4))
+  assert int(jnp.max(jnp.sum(jnp.diff(ids, axis=1) > 0, axis=1) + 1)) > 2  # Some row holds 3+.
+  causal = mask == 'causal'
+  keys = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(keys[0], (4, 64, 4, 16), jnp.bfloat16)
+  k, v = (jax.random.normal(x, (4, 64, 2, 16), jnp.bfloat16) for x in keys[1:3])
+  real = (ids != 0)[:, :, None, None]
+  d_out = jax.random.normal(keys[3], q.shape) * real  # Only real tokens reach the loss.
+
+  def f(q, k, v, backend):
+    out = attention.attention(q, k, v, ids, causal=causal, backend=backend, platform='cuda',
+                              max_segments=max_segments)
+    return jnp.sum(out.astype(jnp.float32) * d_out)
+
+  value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)), static_argnums=3)(
+      q, k, v, 'cudnn')
+  jax.effects_barrier()
+  value_ref, grads_ref = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)), static_argnums=3)(
+      q, k, v, 'xla')
+  assert set(ran) == {kernel}
+  np.testing.assert_allclose(value, value_ref, rtol=2e-2)
+  for name, a, b in zip('qkv', grads, grads_ref):
+    np.testing.assert_allclose(a.astype(jnp.float32) * (1 if name != 'q' else real),
+                               b.astype(jnp.float32) * (1 if name != 'q' else real),
+                               atol=3e-2, err_msg=f'd{name}')
+
+
+@pytest.mark.parametrize('kwargs, expected', [
+    (dict(prefix=True), 'prefix'),
+    (dict(max_segments=0), 'max_segments=0'),
+    (dict(compute_capability=(8, 0)), 'Hopper'),
+    (dict(compute_capability=(8, 0), max_segments=1), None),  # Lengths alone: any cuDNN GPU.
+    (dict(cudnn_version=90500), '9.6'),
+    (dict(cudnn_version=None), '9.6'),
+    (dict(num_kv_heads=2, jax_version='0.10.2'), 'grouped-query'),
+    (dict(num_kv_heads=2, jax_version='0.10.2', max_segments=1), None),
+    (dict(num_kv_heads=2, jax_version='0.11.2'), None),
+    (dict(), None),
+])
+def test_cudnn_packed_unsupported_reason(kwargs, expected):
+  args = dict(prefix=False, max_segments=16, num_heads=4, num_kv_heads=4,
+              compute_capability=(9, 0), cudnn_version=91000, jax_version='0.11.2')
+  reason = attention.cudnn_packed_unsupported_reason(**{**args, **kwargs})
+  assert reason is None if expected is None else expected in reason
+
+
+def test_cudnn_without_the_variable_length_form_takes_the_dense_mask_and_says_why(
+    monkeypatch, caplog):
+  ran = []
+  _emulated_cudnn(monkeypatch, ran)
+  monkeypatch.setattr(attention, '_compute_capability', lambda: (8, 0))  # An A100.
+  monkeypatch.setattr(attention, '_warned', set())
+  q = jnp.ones((2, 8, 2, 8), jnp.bfloat16)
+  ids = jnp.array([[1, 1, 1, 2, 2, 2, 0, 0]] * 2, jnp.int32)
+  with caplog.at_level(logging.WARNING):
+    attention.attention(q, q, q, ids, causal=True, backend='cudnn', platform='cuda')
+    jax.effects_barrier()
+  assert ran == ['dense']
+  assert 'Hopper' in caplog.text and 'using cudnn with a dense mask instead' in caplog.text
+
+
+@pytest.mark.parametrize('causal, max_segments', [(True, 4), (False, 4), (True, 1)])
+def test_cudnn_variable_length_call_passes_the_layout_and_mask_type(monkeypatch, causal,
+                                                                    max_segments):
+  """What reaches JAX's cuDNN wrapper: the mask type, the scale, and lengths with offsets (or,
+  for one segment per row, lengths alone)."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  class Recorder:
+    MaskType = cudnn.MaskType
+
+    @staticmethod
+    def dot_product_attention(q, k, v, **kwargs):
+      calls.append(kwargs)
+      return q
+
+  monkeypatch.setattr(attention, '_cudnn_module', lambda: Recorder)
+  ids = jnp.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]], jnp.int32)
+  lengths, offsets, _ = attention.segment_layout(ids, max_segments)
+  q = jnp.ones((2, 6, 2, 16), jnp.bfloat16)
+  attention._cudnn_varlen(q, q, q, lengths, offsets, causal=causal)
+  (kwargs,), = [calls]
+  expected = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
+  assert kwargs['mask_type'] == expected and kwargs['scale'] == pytest.approx(0.25)
+  if max_segments == 1:
+    np.testing.assert_array_equal(kwargs['q_seqlen'], [3, 6])
+    assert 'q_offsets' not in kwargs
+  else:
+    np.testing.assert_array_equal(kwargs['q_seqlen'], [[3, 2, -1, -1], [6, -1, -1, -1]])
+    np.testing.assert_array_equal(kwargs['kv_offsets'], [[0, 3, -1, -1, -1], [0, -1, -1, -1, -1]])

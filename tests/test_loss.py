@@ -1,7 +1,9 @@
 """The weighted cross-entropy and the model's dtype and head options."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import load_config
 from pretrax import config as config_lib
@@ -44,3 +46,124 @@ def test_untied_head_is_its_own_parameter():
   tied, untied = _model(), _model(tie_embeddings=False)
   assert tied.head is None and untied.head.shape == (64, 40)
   assert transformer.count_params(untied) - transformer.count_params(tied) == 64 * 40
+
+
+# ---- The chunked loss: the same sums and gradients without the whole logits ---------------------
+
+
+def _head_problem(dtype=jnp.float32, B=3, L=20, D=16, V=37):
+  keys = jax.random.split(jax.random.key(0), 6)
+  x = jax.random.normal(keys[0], (B, L, D), dtype)
+  head = (jax.random.normal(keys[1], (D, V)) * 0.3).astype(dtype)
+  bias = jax.random.normal(keys[2], (V,)).astype(dtype)
+  targets = jax.random.randint(keys[3], (B, L), 0, V)
+  weights = (jax.random.uniform(keys[4], (B, L)) > 0.3).astype(jnp.float32)
+  groups = jax.random.randint(keys[5], (B, L), 0, 3)
+  return x, head, bias, targets, weights, groups
+
+
+def _objective(chunk: int, targets, weights, groups):
+  """loss + z-loss (with different weights, so each cotangent is checked) and the sums."""
+  def f(x, head, bias):
+    if chunk:
+      sums = loss.chunked_cross_entropy(x, head, targets, weights, chunk=chunk, bias_V=bias,
+                                        z_loss=1e-2, groups_BL=groups, num_groups=3)
+    else:
+      logits = (jnp.einsum('BLD,DV->BLV', x, head) + bias).astype(jnp.float32)
+      sums = loss.cross_entropy(logits, targets, weights, 1e-2, groups, 3)
+    return sums['loss_sum'] + 0.5 * sums['z_loss_sum'], sums
+  return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+
+
+@pytest.mark.parametrize('chunk', [4, 7, 20, 64])  # Dividing L, not dividing it, all, more.
+def test_chunked_cross_entropy_equals_the_whole_logits_in_sums_and_gradients(chunk):
+  x, head, bias, targets, weights, groups = _head_problem()
+  (value, sums), grads = _objective(chunk, targets, weights, groups)(x, head, bias)
+  (value_ref, sums_ref), grads_ref = _objective(0, targets, weights, groups)(x, head, bias)
+  np.testing.assert_allclose(value, value_ref, rtol=1e-6)
+  assert sums.keys() == sums_ref.keys()
+  for k in sums:
+    np.testing.assert_allclose(sums[k], sums_ref[k], rtol=1e-6, atol=1e-5, err_msg=k)
+  for name, a, b in zip(('x', 'head', 'bias'), grads, grads_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6, err_msg=f'd{name}')
+
+
+def test_chunked_cross_entropy_in_bfloat16_keeps_dtypes_and_stays_close():
+  x, head, bias, targets, weights, groups = _head_problem(jnp.bfloat16, V=512)
+  (value, _), grads = _objective(8, targets, weights, groups)(x, head, bias)
+  (value_ref, _), grads_ref = _objective(0, targets, weights, groups)(x, head, bias)
+  np.testing.assert_allclose(value, value_ref, rtol=1e-3)
+  for a, b in zip(grads, grads_ref):
+    assert a.dtype == jnp.bfloat16
+    scale = float(jnp.max(jnp.abs(b.astype(jnp.float32))))
+    np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), atol=2e-2 * scale)
+
+
+def test_chunked_loss_never_holds_the_whole_logits():
+  """XLA's own count of the compiled temporaries: the (B, L, V) logits and their gradient go."""
+  B, L, D, V = 4, 256, 64, 8192
+  x = jnp.zeros((B, L, D))
+  head = jnp.zeros((D, V))
+  targets, weights = jnp.zeros((B, L), jnp.int32), jnp.ones((B, L))
+
+  def temporaries(chunk):
+    def f(x, head):
+      if chunk:
+        return loss.chunked_cross_entropy(x, head, targets, weights, chunk=chunk)['loss_sum']
+      logits = jnp.einsum('BLD,DV->BLV', x, head)
+      return loss.cross_entropy(logits, targets, weights)['loss_sum']
+    compiled = jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, head).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  logits_bytes = B * L * V * 4
+  whole, chunked = temporaries(0), temporaries(32)
+  assert whole >= logits_bytes  # At least the float32 logits once.
+  assert chunked < logits_bytes / 2 < whole / 2, (whole, chunked)
+
+
+def _train_two_steps(objective: str, loss_chunk: int, grad_accum_steps: int = 1):
+  from pretrax import state as state_lib  # pylint: disable=import-outside-toplevel
+  from pretrax import step as step_lib  # pylint: disable=import-outside-toplevel
+
+  c = load_config('tiny')
+  c.objective = objective
+  c.model.loss_chunk = loss_chunk
+  c.model.tie_embeddings = objective != 'causal_lm'  # An untied head too.
+  c.optim.grad_accum_steps = grad_accum_steps
+  c.optim.z_loss = 1e-3
+  run = state_lib.build(c, vocab_size=40)
+  rng = np.random.default_rng(0)
+  B, L = c.data.batch_size, c.data.seq_len
+  ids = np.sort(rng.integers(1, 4, (B, L)), axis=1).astype(np.int32)  # Three packed documents.
+  batch = {'inputs': rng.integers(0, 40, (B, L)), 'targets': rng.integers(0, 40, (B, L)),
+           'segment_ids': ids, 'positions': np.tile(np.arange(L), (B, 1)),
+           'weights': (rng.random((B, L)) > 0.2).astype(np.float32),
+           'prefix': (np.tile(np.arange(L), (B, 1)) < 5).astype(np.int32),
+           'objective': rng.integers(0, 2, (B, L))}
+  batch = {k: jnp.asarray(v, jnp.float32 if k == 'weights' else jnp.int32)
+           for k, v in batch.items()}
+  train_step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule,
+                                       step_lib.step_config(c))
+  state = run.init(0)
+  history = []
+  for _ in range(2):
+    state, step_metrics = train_step(state, batch)
+    history.append(step_metrics)
+  return state, history
+
+
+@pytest.mark.parametrize('objective, grad_accum_steps', [
+    ('causal_lm', 1), ('masked_lm', 1), ('causal_lm:1,prefix_lm:1', 2)])
+def test_train_steps_with_a_chunked_loss_match_the_whole_logits(objective, grad_accum_steps):
+  """Metrics and parameters after two steps: an untied head, BERT's head with its bias, a mixture's
+  per-objective losses and micro-batches all come out as with the logits whole."""
+  state, history = _train_two_steps(objective, 0, grad_accum_steps)
+  state_c, history_c = _train_two_steps(objective, 5, grad_accum_steps)  # 5 does not divide 32.
+  for m, m_c in zip(history, history_c):
+    assert m.keys() == m_c.keys()
+    for k in m:
+      np.testing.assert_allclose(m_c[k], m[k], rtol=2e-5, atol=1e-6, err_msg=k)
+  # Adam divides by the gradient's own scale, so float rounding in a near-zero gradient can move
+  # a parameter by a small fraction of the learning rate (5e-3 here).
+  for a, b in zip(jax.tree.leaves(state_c['params']), jax.tree.leaves(state['params'])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -127,7 +127,7 @@ def test_attention_mask_pattern():
   np.testing.assert_array_equal(mask, expected)
 
 
-@pytest.mark.parametrize('policy', ['dots', 'full', 'offload'])
+@pytest.mark.parametrize('policy', ['dots', 'dots_attention', 'full', 'offload'])
 def test_remat_changes_nothing(policy):
   ids = jnp.arange(2 * L, dtype=jnp.int32).reshape(2, L) % 50
   seg = jnp.ones((2, L), jnp.int32)
@@ -142,6 +142,27 @@ def test_remat_changes_nothing(policy):
   np.testing.assert_allclose(v0, v1, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('policy, kept', [('dots', 0), ('dots_attention', 2), ('full', 0)])
+def test_dots_attention_keeps_each_blocks_attention_output(capsys, policy, kept):
+  """What the backward pass keeps, as JAX lists it: one named attention output per block (the
+  tiny model has 2) with 'dots_attention', none with 'dots', which recomputes attention."""
+  ids = jnp.zeros((2, L), jnp.int32)
+  seg, pos = jnp.ones((2, L), jnp.int32), jnp.tile(jnp.arange(L, dtype=jnp.int32), (2, 1))
+  graphdef, params = nnx.split(small_model(remat=policy))
+  jax.ad_checkpoint.print_saved_residuals(
+      lambda p: jnp.sum(nnx.merge(graphdef, p)(ids, seg, pos)), params)
+  saved = capsys.readouterr().out.splitlines()
+  assert sum("named 'attention'" in line for line in saved) == kept
+
+
+def test_dots_attention_keeps_cudnns_forward_outputs():
+  """cuDNN's forward kernel (output and softmax statistics) is kept; other custom calls are not."""
+  policy = transformer._REMAT_POLICIES['dots_attention']()
+  kernel = type('Primitive', (), {'name': 'dot_product_attention_fwd_wrapper'})()
+  other = type('Primitive', (), {'name': 'exp'})()
+  assert policy(kernel) and not policy(other)
 
 
 def test_gelu_custom_gradient_matches_autodiff():

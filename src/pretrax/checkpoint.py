@@ -173,8 +173,10 @@ def restore_config(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 RESUMABLE_CHANGES = ('steps', 'log_every', 'eval_every', 'eval_batches', 'eval', 'peak_flops',
                      'checkpoint', 'sample', 'data.worker_count', 'data.prepare_workers', 'fault',
                      'optim.skip_nonfinite', 'mesh', 'profile_steps',
-                     # Attention backends and recomputation change speed and memory only.
-                     'model.attention_backend', 'model.remat')
+                     # Attention kernels, recomputation and loss chunking change speed and
+                     # memory only.
+                     'model.attention_backend', 'model.remat', 'model.loss_chunk',
+                     'model.max_segments')
 
 
 def _flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:

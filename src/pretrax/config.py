@@ -148,9 +148,18 @@ def _model_fields(c: ml_collections.ConfigDict) -> None:
   c.model.init_std = 0.02
   c.model.param_dtype = 'float32'
   c.model.dtype = 'float32'  # Compute dtype; bfloat16 on accelerators.
-  # Rematerialisation per block: none | dots (keep matmul outputs, recompute the rest) | full
-  # (keep only block inputs) | offload (matmul outputs to host memory).
+  # Rematerialisation per block: none | dots (keep matmul outputs, recompute the rest) |
+  # dots_attention (keep matmul outputs and the attention output: recompute only norms and
+  # activations) | full (keep only block inputs) | offload (matmul outputs to host memory).
   c.model.remat = 'none'
+  # Positions per chunk of the loss: the output projection and cross-entropy run chunk by chunk
+  # and the gradient recomputes each chunk, so the (batch, seq_len, vocab) logits never exist
+  # whole. 0 computes all logits at once (fastest for small vocabularies and models).
+  c.model.loss_chunk = 0
+  # cuDNN attention on packed rows: the most documents a row may hold for the variable-length
+  # (flash) kernel, which takes each row's segment lengths and offsets instead of a mask. A
+  # batch with a fuller row runs the dense-mask kernel instead; 0 always passes the dense mask.
+  c.model.max_segments = 16
   # auto: cuDNN on NVIDIA GPUs, splash on TPUs, the CPU kernel on CPUs, xla elsewhere; a shape,
   # dtype or mask a kernel cannot take falls back to xla with a logged reason.
   c.model.attention_backend = 'auto'
@@ -325,11 +334,13 @@ class ModelConfig:
   init_std: float
   param_dtype: str
   dtype: str
-  remat: str  # none | dots | full | offload
+  remat: str  # none | dots | dots_attention | full | offload
   attention: str = 'causal'  # causal | prefix (bidirectional over batch['prefix']) | bidirectional
   mlm_head: bool = False  # BERT's head: dense, GELU, norm, then the (tied) projection with a bias.
   num_classes: int = 0  # > 0: a pooled classification head (classify()) over this many labels.
   attention_backend: str = 'auto'  # auto | xla | cudnn | splash | cpu (see model/attention.py)
+  loss_chunk: int = 0  # Positions per chunk of the output projection and loss; 0: all at once.
+  max_segments: int = 16  # Documents per row for cuDNN's variable-length attention; 0: dense mask.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,6 +391,8 @@ def model_config(c: ml_collections.ConfigDict, vocab_size: int,
       mlm_head=c.objective == 'masked_lm',
       num_classes=num_classes if c.objective == 'classification' else 0,
       attention_backend=m.attention_backend,
+      loss_chunk=m.get('loss_chunk', 0),  # .get: configs saved by older versions lack both.
+      max_segments=m.get('max_segments', 16),
   )
 
 
@@ -397,7 +410,7 @@ def on_local_devices(c: ml_collections.ConfigDict,
   return local
 
 
-REMAT_POLICIES = ('none', 'dots', 'full', 'offload')
+REMAT_POLICIES = ('none', 'dots', 'dots_attention', 'full', 'offload')
 
 
 def remat_policy(value) -> str:
@@ -525,6 +538,8 @@ def _validate_model(m: ml_collections.ConfigDict, seq_len: int) -> None:
   _one_of('model.attention_backend', m.attention_backend, ATTENTION_BACKENDS)
   for name in ('num_layers', 'num_heads', 'embed_dim'):
     _require(m[name] > 0, f'model.{name}={m[name]} must be positive.')
+  for name in ('loss_chunk', 'max_segments'):
+    _require(m[name] >= 0, f'model.{name}={m[name]} must be 0 or more.')
   _require(m.head_dim > 0 or m.embed_dim % m.num_heads == 0,
            f'model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}: '
            'change one of them or set model.head_dim.')

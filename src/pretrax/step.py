@@ -72,19 +72,35 @@ def _forward(params, batch: Batch, model_def: nnx.GraphDef,
   return logits_BLV, batch['targets'], batch['weights']
 
 
+def _groups(batch: Batch, num_objectives: int) -> dict[str, Any]:
+  """The per-objective grouping of the loss sums, when a mixture trains."""
+  if num_objectives < 2:
+    return {}
+  return {'groups_BL': batch['objective'], 'num_groups': len(config_lib.OBJECTIVES)}
+
+
 def _sums(logits, targets, weights, batch: Batch, z_loss: float,
           num_objectives: int) -> dict[str, jax.Array]:
   """The loss sums of a forward pass, per objective too when a mixture trains."""
-  mixture = num_objectives > 1
   return loss_lib.cross_entropy(logits, targets, weights, z_loss,
-                                groups_BL=batch['objective'] if mixture else None,
-                                num_groups=len(config_lib.OBJECTIVES) if mixture else 0)
+                                **_groups(batch, num_objectives))
 
 
 def _forward_sums(params, batch: Batch, model_def: nnx.GraphDef, z_loss: float,
                   dropout_rng: jax.Array | None, num_objectives: int) -> dict[str, jax.Array]:
-  logits, targets, weights = _forward(params, batch, model_def, dropout_rng)
-  return _sums(logits, targets, weights, batch, z_loss, num_objectives)
+  """The loss sums of a batch. With model.loss_chunk the logits over the vocabulary are never
+  built whole: the output projection runs inside the chunked loss."""
+  model = nnx.merge(model_def, params)
+  chunk = model.cfg.loss_chunk
+  if not chunk or 'labels' in batch:
+    logits, targets, weights = _forward(params, batch, model_def, dropout_rng)
+    return _sums(logits, targets, weights, batch, z_loss, num_objectives)
+  x_BLD = model.states(batch['inputs'], batch['segment_ids'], batch['positions'],
+                       batch.get('prefix'), dropout_rng=dropout_rng)
+  head_DV, bias_V = model.output_projection()
+  return loss_lib.chunked_cross_entropy(
+      model.head_input(x_BLD), head_DV, batch['targets'], batch['weights'], chunk=chunk,
+      bias_V=bias_V, z_loss=z_loss, **_groups(batch, num_objectives))
 
 
 def _objective_metrics(sums, objectives: tuple[str, ...], prefix: str) -> Metrics:
@@ -190,14 +206,18 @@ def eval_step(params, batch: Batch, bytes_per_token: jax.Array, baseline_id: jax
   exact_sum those whose every weighted target is the argmax: a response that greedy decoding
   from its prompt reproduces exactly.
   """
-  logits, targets, weights = _forward(params, batch, model_def, None)
-  sums = _sums(logits, targets, weights, batch, 0.0, num_objectives)
-  sums['baseline_correct_sum'] = jnp.sum((targets == baseline_id) * weights)
+  if exact_match:  # Needs every position's argmax: the logits whole.
+    logits, targets, weights = _forward(params, batch, model_def, None)
+    sums = {**_sums(logits, targets, weights, batch, 0.0, num_objectives),
+            **_exact_sums(logits, batch)}
+  else:
+    sums = _forward_sums(params, batch, model_def, 0.0, None, num_objectives)
   if 'labels' in batch:
-    return sums
-  sums['byte_sum'] = jnp.sum(bytes_per_token[targets] * weights)
-  if exact_match:
-    sums.update(_exact_sums(logits, batch))
+    targets, weights = batch['labels'], batch['label_weights']
+  else:
+    targets, weights = batch['targets'], batch['weights']
+    sums['byte_sum'] = jnp.sum(bytes_per_token[targets] * weights)
+  sums['baseline_correct_sum'] = jnp.sum((targets == baseline_id) * weights)
   return sums
 
 

@@ -8,10 +8,15 @@ document sees its prefix whole. Causal alone is a decoder, causal with a prefix 
 neither an encoder.
 
 Backends (`backend=`, from `model.attention_backend`; 'auto' picks by platform):
-- 'cudnn' (auto on NVIDIA GPUs): `jax.nn.dot_product_attention(implementation='cudnn')`, cuDNN's
-  fused flash kernel. Our masks reach it as a boolean mask (an additive bias inside cuDNN) because
-  packed segments are data, not a shape; causal masks also set `is_causal` so cuDNN skips the blocks
-  above the diagonal. Unsupported dtypes and shapes fall back to 'xla' (`cudnn_unsupported_reason`).
+- 'cudnn' (auto on NVIDIA GPUs): cuDNN's fused flash kernel. Packed rows reach it in its
+  variable-length form: each row's segment lengths and start offsets (`segment_layout`, built in
+  O(B*T) from the segment ids, never from a T x T mask) with a padding(-causal) mask type, so no
+  mask tensor is read. A row with more than `max_segments` segments, or segments out of order,
+  sends the whole batch through the dense-mask kernel instead (`lax.cond`: both are compiled).
+  The dense mask (an additive bias inside cuDNN, its bias-softmax kernels) also serves prefix
+  LMs, `max_segments=0`, and setups without the variable-length form
+  (`cudnn_packed_unsupported_reason`). Unsupported dtypes and shapes fall back to 'xla'
+  (`cudnn_unsupported_reason`).
 - 'splash' (auto on TPUs): the Pallas splash-attention kernel, with segment ids and a static causal
   or full mask; a per-example prefix is not static, so prefix LMs fall back to 'xla'
   (`splash_unsupported_reason`). `interpret=True` runs the kernel on CPU for tests.
@@ -23,6 +28,7 @@ A fallback is logged once per reason. Tests hold every backend to the 'xla' valu
 
 import functools
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -86,6 +92,93 @@ def cudnn_unsupported_reason(dtype: jnp.dtype, q_shape: tuple[int, ...], k_shape
   return None
 
 
+def cudnn_packed_unsupported_reason(*, prefix: bool, max_segments: int, num_heads: int,
+                                    num_kv_heads: int,
+                                    compute_capability: tuple[int, int] | None,
+                                    cudnn_version: int | None,
+                                    jax_version: str | None = None) -> str | None:
+  """Why cuDNN cannot take these rows in its variable-length form (None: it can); they then go
+  to cuDNN as a dense mask. `cudnn_version` as cuDNN reports it (9.6.0 is 90600)."""
+  if prefix:
+    return 'a prefix LM\'s prefix is not a segment length, so cuDNN takes it as a dense mask'
+  if max_segments == 0:
+    return 'model.max_segments=0 asks for the dense mask'
+  if max_segments > 1 and (compute_capability is None or compute_capability < (9, 0)):
+    return (f'cuDNN takes several segments per row on Hopper or later (compute capability 9.0), '
+            f'not {compute_capability}; model.max_segments=1 uses lengths alone')
+  if max_segments > 1 and (cudnn_version is None or cudnn_version < 90600):
+    return f'cuDNN takes several segments per row from version 9.6 (90600), not {cudnn_version}'
+  jax_version = jax_version or jax.__version__
+  if max_segments > 1 and num_kv_heads != num_heads and _version(jax_version) < (0, 11):
+    # JAX 0.10 strides the key/value offsets by the query head count: wrong for grouped queries.
+    return (f'JAX {jax_version} computes packed key offsets for as many key/value heads as query '
+            'heads (fixed in JAX 0.11), which grouped-query attention is not')
+  if _cudnn_module() is None:
+    return 'this JAX has no cuDNN variable-length attention (jax._src.cudnn)'
+  return None
+
+
+def _version(text: str) -> tuple[int, ...]:
+  return tuple(int(x) for x in re.findall(r'\d+', text)[:2])
+
+
+def _cudnn_version() -> int | None:
+  module = _cudnn_module()
+  try:
+    return module.check_cudnn_version() if module else None
+  except RuntimeError:  # No cuDNN library.
+    return None
+
+
+def _cudnn_module():
+  """JAX's cuDNN attention module, whose dot_product_attention takes segment lengths and
+  offsets (jax.nn.dot_product_attention does not yet); None where this JAX lacks it."""
+  try:
+    # pylint: disable-next=import-outside-toplevel
+    from jax._src.cudnn import fused_attention_stablehlo
+  except ImportError:
+    return None
+  if not hasattr(fused_attention_stablehlo, 'MaskType'):
+    return None
+  return fused_attention_stablehlo
+
+
+def segment_layout(segment_ids_BT: jax.Array,
+                   max_segments: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """cuDNN's variable-length description of packed rows, in O(B*T): (lengths_BM, offsets_BM1,
+  fits).
+
+  Segment m of a row is its m-th run of one non-zero id: lengths_BM[b, m] tokens from
+  offsets_BM1[b, m]; both are -1 past a row's last segment, and the offsets' extra column is
+  always -1 (the layout JAX's cuDNN wrapper takes). `fits` is False when some row has more than
+  `max_segments` runs, or an id that does not exceed every id before it (a segment split in
+  two, which the runs would separate but the ids join): then the layout does not describe the
+  mask and the caller must use another. With max_segments=1 the first run must also start at 0.
+  """
+  B, T = segment_ids_BT.shape
+  M = max_segments
+  earlier_BT = jnp.pad(segment_ids_BT[:, :-1], ((0, 0), (1, 0)))
+  starts_BT = (segment_ids_BT != earlier_BT) & (segment_ids_BT != 0)
+  run_BT = jnp.cumsum(starts_BT, axis=1) - 1  # Which run of its row each token is in.
+  count_B = run_BT[:, -1] + 1
+  highest_before_BT = jax.lax.cummax(earlier_BT, axis=1)
+  in_order = jnp.all(~starts_BT | (segment_ids_BT > highest_before_BT))
+  # Padding and runs past the M-th land in an extra bin M, dropped after the scatters.
+  bin_BT = jnp.where((segment_ids_BT != 0) & (run_BT < M), run_BT, M)
+  rows_B1 = jnp.arange(B)[:, None]
+  lengths_BM = jnp.zeros((B, M + 1), jnp.int32).at[rows_B1, bin_BT].add(1)[:, :M]
+  starts_BM = jnp.full((B, M + 1), T, jnp.int32).at[rows_B1, bin_BT].min(
+      jnp.arange(T, dtype=jnp.int32))[:, :M]
+  present_BM = jnp.arange(M) < count_B[:, None]
+  lengths_BM = jnp.where(present_BM, lengths_BM, -1)
+  offsets_BM1 = jnp.pad(jnp.where(present_BM, starts_BM, -1), ((0, 0), (0, 1)),
+                        constant_values=-1)
+  fits = in_order & jnp.all(count_B <= M)
+  if M == 1:
+    fits &= jnp.all((starts_BM[:, 0] == 0) | (count_B == 0))
+  return lengths_BM, offsets_BM1, fits
+
+
 def splash_unsupported_reason(q_shape: tuple[int, ...], *, platform: str, prefix: bool,
                               interpret: bool = False,
                               sequence_sharded: bool = False) -> str | None:
@@ -102,10 +195,11 @@ def splash_unsupported_reason(q_shape: tuple[int, ...], *, platform: str, prefix
   return None
 
 
-def _warn_once(backend: str, reason: str) -> None:
+def _warn_once(backend: str, reason: str, instead: str = 'xla') -> None:
   if reason not in _warned:
     _warned.add(reason)
-    logging.getLogger(__name__).warning('attention: %s, using xla instead of %s.', reason, backend)
+    logging.getLogger(__name__).warning('attention: %s, using %s instead of %s.', reason, instead,
+                                        backend)
 
 
 def attention_mask(segment_ids_BT: jax.Array, *, causal: bool,
@@ -126,11 +220,13 @@ def attention_mask(segment_ids_BT: jax.Array, *, causal: bool,
 
 def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_ids_BT: jax.Array,
               *, causal: bool, prefix_BT: jax.Array | None = None, backend: str = 'auto',
-              platform: str | None = None, interpret: bool = False) -> jax.Array:
+              platform: str | None = None, interpret: bool = False,
+              max_segments: int = 16) -> jax.Array:
   """Scaled dot-product attention with segment, causal and prefix masks; returns (B, T, N, H).
 
   `platform` (default: this process's) decides what 'auto' means and what is supported;
-  `interpret` runs the splash kernel in Pallas interpret mode (tests on CPU).
+  `interpret` runs the splash kernel in Pallas interpret mode (tests on CPU); `max_segments`
+  bounds the segments per row of cuDNN's variable-length path (0: the dense mask).
   """
   platform = platform or current_platform()
   name = resolve_backend(backend, platform)
@@ -151,20 +247,63 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_i
   if name == 'splash':
     return _splash_sharded(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal=causal,
                            interpret=interpret)
+  if name == 'cudnn':
+    try:
+      return _cudnn(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal=causal, prefix_BT=prefix_BT,
+                    max_segments=max_segments)
+    except (ValueError, NotImplementedError, RuntimeError) as e:  # Checks newer than ours.
+      _warn_once('cudnn', f'cuDNN refused these inputs ({type(e).__name__}: {e})')
   mask_BTS = attention_mask(segment_ids_BT, causal=causal, prefix_BT=prefix_BT)
   if name == 'cpu':
     return _cpu_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
-  if name == 'cudnn':
-    # The mask already holds causality; is_causal lets cuDNN skip whole blocks above the diagonal.
-    # A prefix makes some keys above the diagonal visible, so it cannot be set then.
-    try:
-      return jax.nn.dot_product_attention(
-          q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], implementation='cudnn',
-          is_causal=causal and prefix_BT is None)
-    except (ValueError, NotImplementedError, RuntimeError) as e:  # Checks newer than ours.
-      _warn_once('cudnn', f'cuDNN refused these inputs ({type(e).__name__}: {e})')
   return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
                                       implementation='xla')
+
+
+def _cudnn(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_ids_BT: jax.Array,
+           *, causal: bool, prefix_BT: jax.Array | None, max_segments: int) -> jax.Array:
+  """cuDNN in its variable-length form where it can take these rows, else with a dense mask."""
+  dense = functools.partial(_cudnn_dense, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal=causal,
+                            prefix_BT=prefix_BT)
+  reason = cudnn_packed_unsupported_reason(
+      prefix=causal and prefix_BT is not None, max_segments=max_segments,
+      num_heads=q_BTNH.shape[2], num_kv_heads=k_BSKH.shape[2],
+      compute_capability=_compute_capability(), cudnn_version=_cudnn_version())
+  if reason:
+    if max_segments:  # max_segments=0 chose the dense mask: nothing to report.
+      _warn_once('cudnn variable-length', reason, instead='cudnn with a dense mask')
+    return dense()
+  lengths_BM, offsets_BM1, fits = segment_layout(segment_ids_BT, max_segments)
+  varlen = functools.partial(_cudnn_varlen, q_BTNH, k_BSKH, v_BSKH, lengths_BM, offsets_BM1,
+                             causal=causal)
+  # Data decides, so both kernels are compiled and the batch picks one.
+  return jax.lax.cond(fits, varlen, dense)
+
+
+def _cudnn_dense(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, causal: bool,
+                 prefix_BT: jax.Array | None) -> jax.Array:
+  """cuDNN with a (B, 1, T, T) boolean mask, which it reads as an additive bias."""
+  mask_BTS = attention_mask(segment_ids_BT, causal=causal, prefix_BT=prefix_BT)
+  # The mask already holds causality; is_causal lets cuDNN skip whole blocks above the diagonal.
+  # A prefix makes some keys above the diagonal visible, so it cannot be set then.
+  return jax.nn.dot_product_attention(
+      q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], implementation='cudnn',
+      is_causal=causal and prefix_BT is None)
+
+
+def _cudnn_varlen(q_BTNH, k_BSKH, v_BSKH, lengths_BM, offsets_BM1, *, causal: bool) -> jax.Array:
+  """cuDNN's flash kernel over each row's segments (segment_layout): no mask tensor at all.
+  Tokens outside every segment (padding) get an output of no meaning; nothing reads it."""
+  cudnn = _cudnn_module()
+  mask_type = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
+  if lengths_BM.shape[1] == 1:  # One segment from position 0: lengths alone (any cuDNN GPU).
+    lengths_B = jnp.maximum(lengths_BM[:, 0], 0)
+    layout = dict(q_seqlen=lengths_B, kv_seqlen=lengths_B)
+  else:
+    layout = dict(q_seqlen=lengths_BM, kv_seqlen=lengths_BM, q_offsets=offsets_BM1,
+                  kv_offsets=offsets_BM1)
+  return cudnn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, **layout,
+                                     scale=q_BTNH.shape[-1] ** -0.5, mask_type=mask_type)
 
 
 def _sequence_sharded() -> bool:

@@ -78,7 +78,7 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
 
 
 class Embed(nnx.Module):
-  """Token embedding; `attend` reuses it as the output projection when embeddings are tied."""
+  """Token embedding (also the output projection when embeddings are tied: see output_projection)."""
 
   def __init__(self, vocab_size: int, embed_dim: int, *, std: float, param_dtype: jnp.dtype,
                dtype: jnp.dtype, rngs: nnx.Rngs):
@@ -91,9 +91,6 @@ class Embed(nnx.Module):
     # sharded on both dims has no efficient partitioning and XLA would replicate the whole table.
     table = constrain(self.embedding[...], ('vocab', 'activation_embed'))
     return jnp.take(table, ids_BL, axis=0).astype(self.dtype)
-
-  def attend(self, x_BLD: jax.Array) -> jax.Array:
-    return dense(x_BLD, self.embedding[...].T.astype(self.dtype))
 
 
 class LayerNorm(nnx.Module):

@@ -11,6 +11,7 @@ import math
 
 from flax import nnx
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from pretrax.config import ModelConfig
@@ -65,7 +66,10 @@ class Attention(nnx.Module):
       k_BLKH = layers.rope(k_BLKH, positions_BL, cfg.rope_theta)
     out_BLNH = attention_lib.attention(
         q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, causal=cfg.attention != 'bidirectional',
-        prefix_BT=prefix_BL if cfg.attention == 'prefix' else None, backend=cfg.attention_backend)
+        prefix_BT=prefix_BL if cfg.attention == 'prefix' else None, backend=cfg.attention_backend,
+        max_segments=cfg.max_segments)
+    # Named, so that remat='dots_attention' keeps it: the kernel is a custom call, not a dot.
+    out_BLNH = checkpoint_name(out_BLNH, 'attention')
     y_BLD = jnp.einsum('BLNH,NHD->BLD', out_BLNH, cast(self.o))
     if self.o_bias is not None:
       y_BLD = y_BLD + cast(self.o_bias)
@@ -138,8 +142,15 @@ class Transformer(nnx.Module):
                prefix_BL: jax.Array | None = None, *,
                dropout_rng: jax.Array | None = None) -> jax.Array:
     """Logits (B, L, V). `prefix_BL` marks bidirectional tokens when cfg.attention is 'prefix'."""
+    return self.lm_head(self.states(ids_BL, segment_ids_BL, positions_BL, prefix_BL,
+                                    dropout_rng=dropout_rng))
+
+  def states(self, ids_BL: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
+             prefix_BL: jax.Array | None = None, *,
+             dropout_rng: jax.Array | None = None) -> jax.Array:
+    """The final states (B, L, D) of token ids: embeddings (with dropout) through the stack."""
     x_BLD = layers.dropout(self.embed_tokens(ids_BL, positions_BL), self.cfg.dropout, dropout_rng)
-    return self.decode(x_BLD, segment_ids_BL, positions_BL, prefix_BL, dropout_rng=dropout_rng)
+    return self.hidden(x_BLD, segment_ids_BL, positions_BL, prefix_BL, dropout_rng=dropout_rng)
 
   def embed_tokens(self, ids_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
     x_BLD = self.embed(ids_BL)
@@ -174,27 +185,36 @@ class Transformer(nnx.Module):
 
   def lm_head(self, x_BLD: jax.Array) -> jax.Array:
     """Final states to float32 logits over the vocabulary (through BERT's head for masked LM)."""
-    cfg = self.cfg
-    if self.mlm_dense is not None:
-      h_BLD = layers.dense(x_BLD, self.mlm_dense[...].astype(cfg.dtype))
-      # Exact (erf) GELU, as BERT's and RoBERTa's heads, so that the head exports exactly.
-      h_BLD = jax.nn.gelu(h_BLD + self.mlm_dense_bias[...].astype(cfg.dtype), approximate=False)
-      x_BLD = self.mlm_norm(h_BLD)
-    if self.head is None:
-      logits_BLV = self.embed.attend(x_BLD)
-    else:
-      logits_BLV = jnp.einsum('BLD,DV->BLV', x_BLD, self.head[...].astype(cfg.dtype))
-    if self.mlm_bias is not None:
-      logits_BLV = logits_BLV + self.mlm_bias[...].astype(cfg.dtype)
+    x_BLD = self.head_input(x_BLD)
+    head_DV, bias_V = self.output_projection()
+    logits_BLV = layers.dense(x_BLD, head_DV)
+    if bias_V is not None:
+      logits_BLV = logits_BLV + bias_V
     return layers.constrain(logits_BLV.astype(jnp.float32), ('batch', 'length', 'activation_vocab'))
+
+  def head_input(self, x_BLD: jax.Array) -> jax.Array:
+    """What the output projection reads: the final states, or BERT's transform of them."""
+    cfg = self.cfg
+    if self.mlm_dense is None:
+      return x_BLD
+    h_BLD = layers.dense(x_BLD, self.mlm_dense[...].astype(cfg.dtype))
+    # Exact (erf) GELU, as BERT's and RoBERTa's heads, so that the head exports exactly.
+    h_BLD = jax.nn.gelu(h_BLD + self.mlm_dense_bias[...].astype(cfg.dtype), approximate=False)
+    return self.mlm_norm(h_BLD)
+
+  def output_projection(self) -> tuple[jax.Array, jax.Array | None]:
+    """(head (D, V), bias (V,) or None) in the compute dtype: the (tied) vocabulary projection."""
+    dt = self.cfg.dtype
+    head_DV = self.embed.embedding[...].T if self.head is None else self.head[...]
+    bias_V = None if self.mlm_bias is None else self.mlm_bias[...].astype(dt)
+    return head_DV.astype(dt), bias_V
 
   def classify(self, ids_BL: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
                num_segments: int, *, dropout_rng: jax.Array | None = None) -> jax.Array:
     """Float32 class logits (B, S, C) of segments 1..S of each row (packed examples): the mean of
     each segment's final states, pooled. A segment absent from a row gets the bias's logits."""
     cfg = self.cfg
-    x_BLD = layers.dropout(self.embed_tokens(ids_BL, positions_BL), cfg.dropout, dropout_rng)
-    x_BLD = self.hidden(x_BLD, segment_ids_BL, positions_BL, dropout_rng=dropout_rng)
+    x_BLD = self.states(ids_BL, segment_ids_BL, positions_BL, dropout_rng=dropout_rng)
     # member_BLS[b, l, s]: token l of row b belongs to segment s + 1 (0 is padding).
     member_BLS = (segment_ids_BL[..., None] == jnp.arange(1, num_segments + 1)).astype(cfg.dtype)
     count_BS = jnp.maximum(jnp.sum(member_BLS, axis=1), 1.0)
@@ -209,10 +229,25 @@ class Transformer(nnx.Module):
 
 # What each block keeps for the backward pass; the rest is recomputed. Matmuls over flattened
 # tokens (layers.dense) have no batch dims, so 'dots' keeps every projection's output and
-# recomputes norms, activations and the attention scores; 'offload' keeps the same outputs in
-# host memory instead of device memory.
+# recomputes norms, activations and attention (the attention kernel is a custom call, not a dot);
+# 'dots_attention' also keeps attention's output and, with cuDNN, its softmax statistics, so only
+# norms and activations are recomputed; 'offload' keeps the dots in host memory instead.
+def _dots_and_attention():
+  dots = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  named = jax.checkpoint_policies.save_only_these_names('attention')
+
+  def policy(prim, *args, **params) -> bool:
+    # cuDNN's forward kernel returns the output and the softmax statistics its backward needs.
+    if prim.name.startswith('dot_product_attention_fwd'):
+      return True
+    return dots(prim, *args, **params) or named(prim, *args, **params)
+
+  return policy
+
+
 _REMAT_POLICIES = {
     'dots': lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'dots_attention': _dots_and_attention,
     'full': lambda: jax.checkpoint_policies.nothing_saveable,
     'offload': lambda: jax.checkpoint_policies.offload_dot_with_no_batch_dims(
         offload_src='device', offload_dst='pinned_host'),
