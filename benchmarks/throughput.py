@@ -1,12 +1,12 @@
 """Benchmark: the jitted train step of any config alone, and its input pipeline alone.
 
   python benchmarks/throughput.py --config=configs/NAME.py[:ARG] [--steps=20] [--warmup=3]
-      [--pipeline_batches=50] [--json=PATH] [--config.KEY=VALUE ...]
+      [--pipeline_batches=50] [--segments=1] [--json=PATH] [--config.KEY=VALUE ...]
 
 The run's state and step are built as `pretrax train` builds them (state.build, step.jit_train_step
 with the same shardings); the step is fed one synthetic batch of the configured shape (random token
-ids, one full segment per row) that stays on the device, so only the step is timed. Prints one
-markdown table row:
+ids; each row --segments packed documents of random lengths, one full segment by default) that
+stays on the device, so only the step is timed. Prints one markdown table row:
 
 - step ms: median over --steps steps after --warmup, each ended by block_until_ready.
 - tokens/s: batch x seq_len / step time (every slot is a real token).
@@ -40,14 +40,6 @@ from pretrax import state as state_lib
 from pretrax import step as step_lib
 from pretrax import train
 
-config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/NAME.py[:ARG]).',
-                                lock_config=True)
-flags.DEFINE_integer('steps', 20, 'Timed steps (after the warmup).', lower_bound=1)
-flags.DEFINE_integer('warmup', 3, 'Untimed steps after compiling.', lower_bound=0)
-flags.DEFINE_integer('pipeline_batches', 50, 'Batches (and at least 2 s) to time the input '
-                     'pipeline over.',
-                     lower_bound=1)
-flags.DEFINE_string('json', '', 'Also write the row as JSON to this path.')
 FLAGS = flags.FLAGS
 
 COLUMNS = ('device', 'jax / jaxlib', 'config', 'batch x seq', 'compile s', 'step ms', 'tokens/s',
@@ -55,14 +47,48 @@ COLUMNS = ('device', 'jax / jaxlib', 'config', 'batch x seq', 'compile s', 'step
            'pipeline / step')
 
 
-def synthetic_batch(c, vocab_size: int, rows: int, rng: np.random.Generator) -> dict:
-  """A host batch of pipeline.BATCH_KEYS: random tokens, every row one full causal segment."""
+def _define_flags() -> None:
+  """Defined when run as a script only, so that tests can import synthetic_batch."""
+  config_flags.DEFINE_config_file('config', None,
+                                  'Experiment config file (configs/NAME.py[:ARG]).',
+                                  lock_config=True)
+  flags.DEFINE_integer('steps', 20, 'Timed steps (after the warmup).', lower_bound=1)
+  flags.DEFINE_integer('warmup', 3, 'Untimed steps after compiling.', lower_bound=0)
+  flags.DEFINE_integer('pipeline_batches', 50, 'Batches (and at least 2 s) to time the input '
+                       'pipeline over.',
+                       lower_bound=1)
+  flags.DEFINE_integer('segments', 1, 'Documents packed into each row of the synthetic batch, of '
+                       'random lengths, to time the packed-attention path.', lower_bound=1)
+  flags.DEFINE_string('json', '', 'Also write the row as JSON to this path.')
+
+
+def document_layout(rows: int, seq_len: int, segments: int,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """(segment_ids, positions), each (rows, seq_len): per row `segments` contiguous documents of
+  random lengths (at least one token each) numbered 1..segments, positions restarting at 0 at
+  each document's first token, as the packer lays them out."""
+  if not 1 <= segments <= seq_len:
+    raise ValueError(f'--segments={segments} must be between 1 and data.seq_len={seq_len}.')
+  segment_ids = np.empty((rows, seq_len), np.int32)
+  positions = np.empty((rows, seq_len), np.int32)
+  for row in range(rows):
+    starts = np.sort(rng.choice(np.arange(1, seq_len), segments - 1, replace=False))
+    segment_ids[row] = 1 + np.searchsorted(starts, np.arange(seq_len), side='right')
+    positions[row] = np.arange(seq_len) - np.concatenate([[0], starts])[segment_ids[row] - 1]
+  return segment_ids, positions
+
+
+def synthetic_batch(c, vocab_size: int, rows: int, rng: np.random.Generator,
+                    segments: int = 1) -> dict:
+  """A host batch of pipeline.BATCH_KEYS: random tokens in `segments` documents per row (see
+  document_layout); every token is real (weight 1)."""
   shape = (rows, c.data.seq_len)
   objective = config_lib.OBJECTIVES.index(config_lib.objective_mixture(c.objective)[0][0])
+  segment_ids, positions = document_layout(rows, c.data.seq_len, segments, rng)
   return {'inputs': rng.integers(0, vocab_size, shape, dtype=np.int32),
           'targets': rng.integers(0, vocab_size, shape, dtype=np.int32),
-          'segment_ids': np.ones(shape, np.int32),
-          'positions': np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
+          'segment_ids': segment_ids,
+          'positions': positions,
           'weights': np.ones(shape, np.float32),
           'prefix': np.zeros(shape, np.int32),
           'objective': np.full(shape, objective, np.int32)}
@@ -94,7 +120,8 @@ def _flops(x: float) -> str:
   return f'{x / 1e12:.1f} T' if x >= 1e12 else f'{x / 1e9:.1f} G'
 
 
-def benchmark(c, config_name: str, steps: int, warmup: int, pipeline_batches: int) -> dict:
+def benchmark(c, config_name: str, steps: int, warmup: int, pipeline_batches: int,
+              segments: int = 1) -> dict:
   config_lib.validate(c, num_devices=jax.device_count())
   with tempfile.TemporaryDirectory(prefix='pretrax-throughput-') as workdir:
     data = train.load_data(c, workdir)  # Writes the tokenizer into the throwaway workdir.
@@ -110,7 +137,7 @@ def benchmark(c, config_name: str, steps: int, warmup: int, pipeline_batches: in
                                        out_shardings=(run.shardings, None))
   local_rows = c.data.batch_size // jax.process_count()
   host = synthetic_batch(c, run.model_cfg.vocab_size, local_rows,
-                         np.random.default_rng(c.seed + jax.process_index()))
+                         np.random.default_rng(c.seed + jax.process_index()), segments)
   batch = {k: jax.make_array_from_process_local_data(run.batch_sharding, v)
            for k, v in host.items()}
   start = time.perf_counter()
@@ -137,7 +164,8 @@ def benchmark(c, config_name: str, steps: int, warmup: int, pipeline_batches: in
   return {
       'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
       'jax': jax.__version__, 'jaxlib': jaxlib.__version__, 'config': config_name,
-      'batch_size': c.data.batch_size, 'seq_len': seq_len, 'compile_s': compile_s,
+      'batch_size': c.data.batch_size, 'seq_len': seq_len, 'segments': segments,
+      'compile_s': compile_s,
       'step_ms': 1000 * step_s, 'steps': steps, 'warmup': warmup, 'tokens_per_s': tokens_per_s,
       'model_flops_per_s': flops_per_step / step_s, 'peak_flops': peak,
       'peak_source': peak_source, 'mfu': flops_per_step / step_s / peak,
@@ -172,8 +200,9 @@ def main(argv: list[str]) -> None:
   name = config_flags.get_config_filename(FLAGS['config'])
   overrides = config_flags.get_override_values(FLAGS['config'])
   overrides = ' '.join(f'{k}={v}' for k, v in overrides.items())
-  row = benchmark(FLAGS.config, f'{name} {overrides}'.strip(), FLAGS.steps, FLAGS.warmup,
-                  FLAGS.pipeline_batches)
+  segments = f'segments={FLAGS.segments}' if FLAGS.segments > 1 else ''
+  row = benchmark(FLAGS.config, ' '.join(filter(None, [name, overrides, segments])), FLAGS.steps,
+                  FLAGS.warmup, FLAGS.pipeline_batches, FLAGS.segments)
   print(table(row), flush=True)
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:
@@ -181,4 +210,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

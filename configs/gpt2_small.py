@@ -27,9 +27,12 @@ def get_config(arg: str | None = None):
   c.model.dtype = 'bfloat16'
   c.data.seq_len = 1024
   c.data.batch_size = 512
-  # Two micro-batches of 256: 32 sequences of 1024 per device on 8 devices, ~45 GiB of activations
-  # on an H200 (measured; `pretrax plan` gives XLA:CPU's larger bound), so it fits 80 GiB GPUs.
-  c.optim.grad_accum_steps = 2
+  # The loss in chunks of 256 positions: the float32 logits (64 x 1024 x 50304 per device) and
+  # their gradient never exist whole. `pretrax plan --devices=8` then puts one micro-batch of 64
+  # sequences per device at 53 GiB (30 GiB with two micro-batches; 57 GiB for two without
+  # chunking), so it fits 80 GiB GPUs without gradient accumulation.
+  c.model.loss_chunk = 256
+  c.optim.grad_accum_steps = 1
   c.tokenizer.model_type = 'bpe'
   c.tokenizer.vocab_size = 50257
   c.optim.lr = 6e-4

@@ -81,6 +81,29 @@ def test_plan_command_prints_the_table_and_a_verdict():
   assert 'fits: ' in out and 'warnings:' not in out, out
 
 
+def test_plan_counts_attention_as_a_fused_kernel_and_the_chunked_loss_without_its_logits():
+  """The stand-in keeps attention's inputs, output and log-sum-exp, so planning it drops the
+  T x T scores XLA:CPU's attention keeps (4 heads x 512^2 float32 x 8 rows = 32 MiB a layer);
+  a chunked loss drops the whole logits (8 x 512 x 8192 float32 = 128 MiB, and their gradient)."""
+  out = json.loads(_on_8_devices('''
+      import json
+      from conftest import load_config
+      from pretrax import plan as plan_lib
+
+      def temp(memory, loss_chunk=0):
+        c = load_config('tiny')
+        c.data.seq_len, c.data.batch_size, c.model.vocab_size = 512, 64, 8192
+        c.model.loss_chunk = loss_chunk
+        return plan_lib.plan(c, 8192, attention_memory=memory).temp_bytes
+
+      print(json.dumps({'compiled': temp('compiled'), 'fused': temp('fused'),
+                        'fused_chunked': temp('fused', loss_chunk=64)}))
+  ''').splitlines()[-1])
+  MiB = 2 ** 20
+  assert out['compiled'] - out['fused'] >= 16 * MiB, out  # Measured: 34 MiB.
+  assert out['fused'] - out['fused_chunked'] >= 128 * MiB, out  # Measured: 347 MiB.
+
+
 def test_plan_command_rejects_an_impossible_mesh_in_one_line():
   result = run_cli('plan', '--config=configs/tiny.py', '--devices=8', '--config.mesh.data=1',
                    '--config.mesh.fsdp=3')

@@ -78,6 +78,9 @@ def _define_plan() -> None:
   flags.DEFINE_integer('devices', None, 'Plan for this many fake CPU devices; default: the real '
                        'devices.', lower_bound=1)
   flags.DEFINE_float('device_memory_gib', None, 'Memory per device, to say whether it fits.')
+  flags.DEFINE_enum('attention_memory', 'fused', ['fused', 'compiled'], 'fused: plan attention '
+                    'as a fused kernel (cuDNN, splash) holds it, without T x T scores; compiled: '
+                    'as the kernel of this machine (XLA:CPU keeps the scores).')
   flags.DEFINE_string('mesh', '', 'DATA,FSDP,TENSOR sizes (one may be -1), short for '
                       '--config.mesh.data=... --config.mesh.fsdp=... --config.mesh.tensor=...')
 
@@ -206,7 +209,8 @@ def _run_plan() -> None:
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = (int(x) for x in sizes)
   if FLAGS.devices:
     plan.use_fake_cpu_devices(FLAGS.devices)
-  result = plan.plan(FLAGS.config, plan.vocab_size(FLAGS.config))
+  result = plan.plan(FLAGS.config, plan.vocab_size(FLAGS.config),
+                     attention_memory=FLAGS.attention_memory)
   print(plan.format_plan(result, FLAGS.device_memory_gib))
 
 

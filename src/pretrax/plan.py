@@ -6,6 +6,12 @@ Per parameter: its logical axes, the PartitionSpec the rules give it and the byt
 shard. Per device: parameters, optimizer state, and XLA's own memory analysis of the real jitted
 train step (lowered on abstract inputs, so nothing is allocated), whose temporaries are the
 activations kept for the backward pass plus the step's scratch space.
+
+Attention is planned as a fused kernel holds it (`attention_memory='fused'`, the default): cuDNN
+and splash keep their inputs, output and per-row log-sum-exp, never the T x T scores that XLA:CPU's
+attention keeps. The step is compiled with a stand-in of exactly that footprint in place of
+attention (its values are meaningless; nothing runs). `attention_memory='compiled'` plans the
+attention this machine would run.
 """
 
 from collections.abc import Sequence
@@ -13,6 +19,8 @@ import dataclasses
 import math
 import os
 import time
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +30,7 @@ from pretrax import config as config_lib
 from pretrax import state as state_lib
 from pretrax import step as step_lib
 from pretrax.data import pipeline
+from pretrax.model import attention as attention_lib
 
 GiB = 1024 ** 3
 # A replicated parameter earns a warning from this size, or from this share of all parameters
@@ -55,6 +64,7 @@ class Plan:
   xla: dict[str, int]
   compile_s: float
   warnings: tuple[str, ...]
+  attention_memory: str = 'fused'  # fused | compiled (see the module docstring)
 
   @property
   def temp_bytes(self) -> int:
@@ -135,9 +145,59 @@ def _warnings(params: Sequence[ParamPlan], mesh: dict[str, int], state_bytes: in
   return out
 
 
+ATTENTION_MEMORY = ('fused', 'compiled')
+
+
+@jax.custom_vjp
+def _fused_attention_stand_in(q_BTNH, k_BSKH, v_BSKH):
+  return _stand_in_forward(q_BTNH, k_BSKH, v_BSKH)[0]
+
+
+def _stand_in_forward(q_BTNH, k_BSKH, v_BSKH):
+  """An output of attention's shape and a float32 log-sum-exp per query and head, from every
+  input: the buffers a flash kernel's forward makes and its backward reads."""
+  out_BTNH = q_BTNH * (jnp.mean(k_BSKH) + jnp.mean(v_BSKH)).astype(q_BTNH.dtype)
+  lse_BNT = jnp.swapaxes(jnp.sum(q_BTNH, axis=-1, dtype=jnp.float32), 1, 2)
+  return out_BTNH, lse_BNT
+
+
+def _stand_in_fwd(q_BTNH, k_BSKH, v_BSKH):
+  out_BTNH, lse_BNT = _stand_in_forward(q_BTNH, k_BSKH, v_BSKH)
+  return out_BTNH, (q_BTNH, k_BSKH, v_BSKH, out_BTNH, lse_BNT)
+
+
+def _stand_in_bwd(residuals, d_out_BTNH):
+  q_BTNH, k_BSKH, v_BSKH, out_BTNH, lse_BNT = residuals
+  # Every residual is read, as the kernel's backward reads them, so XLA keeps them all.
+  scale = jnp.sum(lse_BNT) + jnp.sum(q_BTNH, dtype=jnp.float32)
+  return (d_out_BTNH * out_BTNH * scale.astype(q_BTNH.dtype), k_BSKH * scale.astype(k_BSKH.dtype),
+          v_BSKH * scale.astype(v_BSKH.dtype))
+
+
+_fused_attention_stand_in.defvjp(_stand_in_fwd, _stand_in_bwd)
+
+
+@contextlib.contextmanager
+def _attention_planned_as(attention_memory: str):
+  """Within it, the model's attention is the fused kernel's stand-in (for 'fused')."""
+  if attention_memory == 'compiled':
+    yield
+    return
+  real = attention_lib.attention
+  attention_lib.attention = lambda q, k, v, *args, **kwargs: _fused_attention_stand_in(q, k, v)
+  try:
+    yield
+  finally:
+    attention_lib.attention = real
+
+
 def plan(c: ml_collections.ConfigDict, vocab_size: int,
-         devices: Sequence[jax.Device] | None = None) -> Plan:
-  """The per-device memory plan of `c` on `devices` (default: all); compiles, allocates nothing."""
+         devices: Sequence[jax.Device] | None = None, attention_memory: str = 'fused') -> Plan:
+  """The per-device memory plan of `c` on `devices` (default: all); compiles, allocates nothing.
+  `attention_memory`: 'fused' plans attention as cuDNN or splash holds it, 'compiled' as this
+  machine's kernel does (see the module docstring)."""
+  if attention_memory not in ATTENTION_MEMORY:
+    raise ValueError(f'attention_memory={attention_memory!r} is not one of {ATTENTION_MEMORY}.')
   devices = list(devices if devices is not None else jax.devices())
   config_lib.validate(c, num_devices=len(devices), check_data=False)
   run = state_lib.build(c, vocab_size, devices)
@@ -154,7 +214,8 @@ def plan(c: ml_collections.ConfigDict, vocab_size: int,
   batch = _abstract_batch(c, run)
 
   start = time.perf_counter()
-  analysis = _compile_train_step(c, run, batch).memory_analysis()
+  with _attention_planned_as(attention_memory):
+    analysis = _compile_train_step(c, run, batch).memory_analysis()
   compile_s = time.perf_counter() - start
   if analysis is None:
     raise RuntimeError(f'XLA gave no memory analysis on {devices[0].platform}; plan on CPU with '
@@ -165,7 +226,8 @@ def plan(c: ml_collections.ConfigDict, vocab_size: int,
       opt_state_bytes=opt_state_bytes,
       batch_bytes=sum(_shard_bytes(x) for x in batch.values()),
       xla={k: int(getattr(analysis, k)) for k in _XLA_FIELDS}, compile_s=compile_s,
-      warnings=tuple(_warnings(params, mesh, param_bytes + opt_state_bytes)))
+      warnings=tuple(_warnings(params, mesh, param_bytes + opt_state_bytes)),
+      attention_memory=attention_memory)
 
 
 def peak_bytes(analysis) -> int:
@@ -237,8 +299,11 @@ def format_plan(p: Plan, device_memory_gib: float | None = None) -> str:
                f'{_human(x["output_size_in_bytes"])}, donated {_human(x["alias_size_in_bytes"])}, '
                f'code {_human(x["generated_code_size_in_bytes"])}; '
                f'compiled in {p.compile_s:.1f} s)')
-  if p.platform == 'cpu':
-    lines.append('  (compiled by XLA:CPU, which keeps float32 attention scores that a fused '
+  if p.attention_memory == 'fused':
+    lines.append('  (attention as a fused kernel (cuDNN, splash) holds it: inputs, output and '
+                 'log-sum-exp, no T x T scores; --attention_memory=compiled for this machine\'s)')
+  elif p.platform == 'cpu':
+    lines.append('  (compiled by XLA:CPU, which keeps attention scores that a fused '
                  'kernel (cuDNN on GPUs) never stores: for GPUs, an upper bound)')
   if device_memory_gib:
     lines += ['', verdict(p, device_memory_gib)]

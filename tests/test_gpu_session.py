@@ -1,0 +1,125 @@
+"""The accelerator session (benchmarks/gpu_session.sh) end to end on this CPU in its dry-run mode,
+and the packed synthetic batches of benchmarks/throughput.py that it times."""
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, built_once, load_config, pretrax_env
+
+STAGES = ['wheels', 'versions', 'matmul', 'attention', 'loss', 'throughput_gpt2_small_before',
+          'throughput_gpt2_small_after', 'throughput_gpt2_small_after_8segments',
+          'throughput_llama_1b_before', 'throughput_llama_1b_after']
+MASKS = {'causal_one_segment', 'causal_packed', 'bidirectional_packed', 'prefix_lm'}
+VARIANTS = [('xla', 0), ('cudnn', 0), ('cudnn', 16), ('cpu', 0)]
+
+
+@pytest.fixture(scope='module')
+def session(tmp_path_factory):
+  """The output folder of one dry run (once per test session, whichever worker asks first)."""
+  def build(out):
+    env = dict(pretrax_env(), DRY_RUN='1', OUT=str(out), PYTHON=sys.executable)
+    result = subprocess.run(['bash', 'benchmarks/gpu_session.sh'], cwd=REPO, env=env, text=True,
+                            capture_output=True, timeout=600)
+    (out / 'stdout.txt').write_text(result.stdout + result.stderr)
+
+  return built_once(tmp_path_factory, 'gpu_session', build)
+
+
+def _records(out: str, stage: str) -> list[dict]:
+  with open(os.path.join(out, 'kernels.jsonl')) as f:
+    return [r for r in map(json.loads, f) if r['stage'] == stage]
+
+
+@pytest.mark.slow
+def test_every_stage_of_the_dry_run_passes(session):
+  with open(os.path.join(session, 'session.jsonl')) as f:
+    stages = [json.loads(line) for line in f]
+  log = pathlib.Path(session, 'stdout.txt').read_text()[-3000:]
+  assert [s['stage'] for s in stages] == STAGES, log
+  assert {s['stage']: s['rc'] for s in stages} == {s: 0 for s in STAGES}, log
+
+
+@pytest.mark.slow
+def test_attention_records_hold_every_backend_to_xla(session):
+  records = _records(session, 'attention')
+  assert all('error' not in r for r in records), [r['error'] for r in records if 'error' in r]
+  for shape in ('gpt2_small', 'llama_1b'):
+    ran = {(r['mask'], r['backend'], r['max_segments']): r for r in records if r['shape'] == shape}
+    assert set(ran) == {(m, b, s) for m in MASKS for b, s in VARIANTS}
+  for r in records:
+    assert r['ms'] > 0
+    for name, diff in r['max_diff'].items():  # float32 on the CPU: the same maths, rounded.
+      assert math.isfinite(diff) and diff <= 1e-4 * max(1.0, r['ref_max_abs'][name]), r
+    if r['backend'] == 'cudnn':  # No cuDNN here: it says so, and never claims to have run.
+      assert r['ran'] == 'xla' and not r['calls_cudnn'], r
+      assert 'cuDNN needs an NVIDIA GPU' in r['fallback'][-1], r
+    else:
+      assert r['ran'] == r['backend'] and r['fallback'] == [], r
+
+
+@pytest.mark.slow
+def test_chunked_loss_matches_the_whole_one_in_less_memory(session):
+  records = _records(session, 'loss')
+  assert all('error' not in r for r in records), [r['error'] for r in records if 'error' in r]
+  for shape in ('gpt2_small', 'llama_1b'):
+    by_chunk = {r['chunk']: r for r in records if r['shape'] == shape}
+    assert sorted(by_chunk) == [0, 16, 32]
+    whole = by_chunk[0]
+    for chunk in (16, 32):
+      r = by_chunk[chunk]
+      assert r['loss'] == pytest.approx(whole['loss'], rel=1e-5)
+      for name in ('dx', 'dhead'):
+        assert r['max_diff'][name] <= 1e-4 * r['ref_max_abs'][name], r
+      # Never the (B, L, V) logits and their gradient whole.
+      assert 0 < r['temp_bytes'] < whole['temp_bytes'], (r, whole)
+
+
+@pytest.mark.slow
+def test_throughput_rows_before_and_after(session):
+  for stage in STAGES[5:]:
+    with open(os.path.join(session, f'{stage}.json')) as f:
+      row = json.load(f)
+    assert row['tokens_per_s'] > 0 and row['step_ms'] > 0, row
+    assert row['segments'] == (8 if stage.endswith('8segments') else 1), row
+    before = stage.endswith('before')
+    assert ('model.loss_chunk=0 model.max_segments=0' in row['config']) == before, row
+    assert ('model.remat=full' in row['config']) == (stage == 'throughput_llama_1b_before'), row
+
+
+def _throughput():
+  """benchmarks/throughput.py as a module (its flags are defined only when it runs as a script)."""
+  spec = importlib.util.spec_from_file_location(
+      'throughput', os.path.join(REPO, 'benchmarks', 'throughput.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('segments', [1, 2, 7, 32])
+def test_synthetic_batch_packs_contiguous_documents(segments):
+  c = load_config('tiny')
+  batch = _throughput().synthetic_batch(c, 100, 6, np.random.default_rng(0), segments)
+  ids, positions = batch['segment_ids'], batch['positions']
+  assert ids.shape == positions.shape == (6, c.data.seq_len)
+  for ids_L, positions_L in zip(ids, positions):
+    starts = np.flatnonzero(np.diff(ids_L, prepend=0))  # Where a document begins.
+    assert ids_L[0] == 1 and set(np.diff(ids_L)) <= {0, 1}  # Runs 1, 1, 2, ... in order.
+    assert ids_L[-1] == segments and len(starts) == segments
+    assert np.all(positions_L[starts] == 0)
+    inside = np.setdiff1d(np.arange(1, len(ids_L)), starts)
+    assert np.all(positions_L[inside] == positions_L[inside - 1] + 1)
+  assert np.all(batch['weights'] == 1)
+
+
+def test_synthetic_batch_refuses_more_documents_than_tokens():
+  c = load_config('tiny')
+  with pytest.raises(ValueError, match='--segments=33 must be between 1 and data.seq_len=32'):
+    _throughput().synthetic_batch(c, 100, 2, np.random.default_rng(0), 33)
