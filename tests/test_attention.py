@@ -382,3 +382,29 @@ def test_cudnn_variable_length_call_passes_the_layout_and_mask_type(monkeypatch,
   else:
     np.testing.assert_array_equal(kwargs['q_seqlen'], [[3, 2, -1, -1], [6, -1, -1, -1]])
     np.testing.assert_array_equal(kwargs['kv_offsets'], [[0, 3, -1, -1, -1], [0, -1, -1, -1, -1]])
+
+
+def test_the_dense_branch_keeps_no_t_by_t_residual_beside_the_variable_length_one(
+    monkeypatch, capsys):
+  """lax.cond returns both branches' residuals; the dense one is checkpointed, so what the
+  backward keeps is O(T), whatever the dense kernel would save (here a T x T mask and scores)."""
+  ran = []
+  _emulated_cudnn(monkeypatch, ran)
+
+  @jax.custom_vjp
+  def flash_like(q, k, v):  # Keeps what a flash kernel keeps: inputs, output, log-sum-exp.
+    return q * 2
+
+  flash_like.defvjp(lambda q, k, v: (q * 2, (q, k, v, q * 2, jnp.sum(q, -1))),
+                    lambda res, d: (d * res[3] + res[4][..., None], res[1], res[2]))
+  monkeypatch.setattr(attention, '_cudnn_varlen',
+                      lambda q, k, v, lengths, offsets, *, causal: flash_like(q, k, v))
+  T = 48
+  ids = jnp.array([[1] * 20 + [2] * 28, [1] * 40 + [0] * 8], jnp.int32)
+  q = jax.random.normal(jax.random.key(0), (2, T, 2, 16), jnp.bfloat16)
+  f = lambda q: jnp.sum(attention.attention(q, q, q, ids, causal=True, backend='cudnn',
+                                            platform='cuda').astype(jnp.float32))
+  jax.ad_checkpoint.print_saved_residuals(f, q)
+  saved = capsys.readouterr().out
+  assert f'{T},{T}]' not in saved, saved  # No (..., T, T) array.
+  assert f'[2,{T},2,16]' in saved  # The flash-like kernel's output is kept.

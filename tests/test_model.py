@@ -157,6 +157,22 @@ def test_dots_attention_keeps_each_blocks_attention_output(capsys, policy, kept)
   assert sum("named 'attention'" in line for line in saved) == kept
 
 
+def test_dots_attention_keeps_the_splash_kernels_outputs(capsys):
+  """Splash (in interpret mode here): its forward Pallas call's outputs are kept, so the backward
+  does not rerun it; with 'dots' they are recomputed."""
+  q = jax.random.normal(jax.random.key(0), (1, 128, 2, 16))
+  ids = jnp.ones((1, 128), jnp.int32)
+
+  def kept(policy):
+    f = lambda q: jnp.sum(attention.attention(q, q, q, ids, causal=True, backend='splash',
+                                              platform='tpu', interpret=True) ** 2)
+    jax.ad_checkpoint.print_saved_residuals(
+        jax.checkpoint(f, policy=transformer._REMAT_POLICIES[policy]()), q)
+    return capsys.readouterr().out.count("output of jitted function '_splash_attention'")
+
+  assert kept('dots_attention') >= 2 and kept('dots') == 0  # The output and the log-sum-exp.
+
+
 def test_dots_attention_keeps_cudnns_forward_outputs():
   """cuDNN's forward kernel (output and softmax statistics) is kept; other custom calls are not."""
   policy = transformer._REMAT_POLICIES['dots_attention']()

@@ -276,8 +276,11 @@ def _cudnn(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_ids_
   lengths_BM, offsets_BM1, fits = segment_layout(segment_ids_BT, max_segments)
   varlen = functools.partial(_cudnn_varlen, q_BTNH, k_BSKH, v_BSKH, lengths_BM, offsets_BM1,
                              causal=causal)
-  # Data decides, so both kernels are compiled and the batch picks one.
-  return jax.lax.cond(fits, varlen, dense)
+  # Data decides, so both kernels are compiled and the batch picks one. Under autodiff lax.cond
+  # keeps the residuals of both branches (zeros for the one not taken): checkpointed, the dense
+  # branch keeps only its inputs, not the (B, 1, T, T) bias cuDNN's backward reads. A batch
+  # that takes it reruns its forward kernel in the backward pass instead.
+  return jax.lax.cond(fits, varlen, jax.checkpoint(dense))
 
 
 def _cudnn_dense(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, causal: bool,

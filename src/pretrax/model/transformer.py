@@ -230,15 +230,18 @@ class Transformer(nnx.Module):
 # What each block keeps for the backward pass; the rest is recomputed. Matmuls over flattened
 # tokens (layers.dense) have no batch dims, so 'dots' keeps every projection's output and
 # recomputes norms, activations and attention (the attention kernel is a custom call, not a dot);
-# 'dots_attention' also keeps attention's output and, with cuDNN, its softmax statistics, so only
-# norms and activations are recomputed; 'offload' keeps the dots in host memory instead.
+# 'dots_attention' also keeps attention's output and its kernel's statistics (cuDNN, splash), so
+# only norms and activations are recomputed; 'offload' keeps the dots in host memory instead.
 def _dots_and_attention():
   dots = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
   named = jax.checkpoint_policies.save_only_these_names('attention')
 
   def policy(prim, *args, **params) -> bool:
-    # cuDNN's forward kernel returns the output and the softmax statistics its backward needs.
-    if prim.name.startswith('dot_product_attention_fwd'):
+    # The attention kernels' forward outputs: with them the backward never reruns the forward.
+    # cuDNN's are its output and softmax statistics; splash's (a Pallas call, the model's only
+    # one) its output and log-sum-exp, which splash lays out 128 lanes wide: (heads, T, 128)
+    # float32, more bytes than the output itself.
+    if prim.name.startswith('dot_product_attention_fwd') or prim.name == 'pallas_call':
       return True
     return dots(prim, *args, **params) or named(prim, *args, **params)
 
