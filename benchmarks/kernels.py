@@ -14,9 +14,9 @@ Prints one JSON line per measurement (and appends it to DIR/kernels.jsonl with -
   reference; 'cudnn' with max_segments 0, the dense mask, and 16, the variable-length path;
   'cpu'). Each record has the median ms, the max |diff| of the output and of each gradient
   against 'xla' on real tokens only (padding may legitimately differ), and the kernel that ran:
-  the fallback's where attention logged one ('xla', or 'cudnn with a dense mask' instead of the
-  variable-length form; the reason is in the record), and cuDNN only where the compiled program
-  calls cuDNN's fused attention.
+  'xla' where attention logged a fallback to it (the reason is in the record), else for cuDNN
+  the kernel the rows select ('cudnn plain', 'cudnn variable-length' or 'cudnn dense mask'),
+  and cuDNN only where the compiled program calls cuDNN's fused attention.
 - loss: value_and_grad w.r.t. (x, head) of the mean LM loss for each model's head, with the
   logits whole (chunk 0: loss.cross_entropy) and chunked (loss.chunked_cross_entropy): median ms,
   XLA's compiled temporaries, and max |diff| of the loss and the gradients against chunk 0.
@@ -201,15 +201,21 @@ def compile_watching_fallbacks(program, args: tuple, fallbacks: FallbackLog):
 
 
 def which_ran(backend: str, max_segments: int, fallback: list[str], calls_cudnn: bool,
-              fits: bool) -> str:
-  """The kernel that ran: the last fallback's 'using X' where attention logged one; for cuDNN,
-  its variable-length form only where max_segments allowed it and the rows fit (segment_layout:
-  else lax.cond takes the dense mask at run time), and only if the program calls cuDNN at all."""
-  ran = backend
-  if fallback:  # Each message ends ', using X instead of Y.'; its reason may say anything.
-    ran = re.search(r', using ([^,]+) instead of [^,]+\.$', fallback[-1]).group(1)
-  if ran == 'cudnn':
-    ran = 'cudnn variable-length' if max_segments and fits else 'cudnn with a dense mask'
+              ids_BT: np.ndarray, prefix: bool) -> str:
+  """The kernel that ran: 'xla' where attention logged a fallback to it; for cuDNN, the kernel
+  the batch's rows select (attention.cudnn_kernel: plain, variable-length or dense mask, the
+  variable-length form only where max_segments and the setup allow it), and only if the
+  compiled program calls cuDNN at all."""
+  if any(m.endswith(f'using xla instead of {backend}.') for m in fallback):
+    ran = 'xla'
+  elif backend != 'cudnn':
+    ran = backend
+  elif not max_segments or prefix:
+    ran = 'cudnn dense mask'
+  else:
+    allowed = not any(m.endswith('instead of cudnn variable-length.') for m in fallback)
+    fits = attention.segment_layout(ids_BT, max_segments)[2] if allowed else None
+    ran = 'cudnn ' + attention.CUDNN_KERNELS[int(attention.cudnn_kernel(ids_BT, fits))]
   if ran.startswith('cudnn') and not calls_cudnn:
     ran = 'unknown: no cuDNN attention call in the compiled program'
   return ran
@@ -239,8 +245,9 @@ def attention_case(record: Recorder, name: str, shape: tuple, mask: str, dtype: 
       out, grads = compiled(*args, ids_BT, prefix_BT)
       values = dict(zip(('out', 'dq', 'dk', 'dv'), (out, *grads)))
       reference = values if backend == 'xla' else reference
-      fits = bool(max_segments and attention.segment_layout(ids_BT, max_segments)[2])
-      record(dict(base, ran=which_ran(backend, max_segments, fallback, calls_cudnn, fits),
+      ran = which_ran(backend, max_segments, fallback, calls_cudnn, ids_BT,
+                      prefix=prefix_BT is not None)
+      record(dict(base, ran=ran,
                   fallback=fallback, calls_cudnn=calls_cudnn, ms=ms,
                   **compare(values, reference, real_BT)))
     except Exception as e:  # pylint: disable=broad-except  # Record it; go on to the next one.

@@ -262,7 +262,7 @@ def test_the_variable_length_layout_is_the_segment_mask_on_every_real_token(caus
 
 
 def _emulated_cudnn(monkeypatch, ran: list[str]):
-  """cuDNN's two entry points replaced by their meaning in plain JAX (the variable-length one
+  """cuDNN's three entry points replaced by their meaning in plain JAX (the variable-length one
   built from the layout alone), each recording when it runs; the machine claims a Hopper GPU."""
   def dense(q, k, v, segment_ids, *, causal, prefix_BT):
     jax.debug.callback(lambda: ran.append('dense'))
@@ -277,22 +277,33 @@ def _emulated_cudnn(monkeypatch, ran: list[str]):
     mask = mask | ~jnp.any(mask, axis=-1, keepdims=True)  # Padding rows: anything but NaN.
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation='xla')
 
+  def plain(q, k, v, *, causal):  # No segments at all: only right for rows of one document.
+    jax.debug.callback(lambda: ran.append('plain'))
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation='xla')
+
   monkeypatch.setattr(attention, '_cudnn_dense', dense)
   monkeypatch.setattr(attention, '_cudnn_varlen', varlen)
+  monkeypatch.setattr(attention, '_cudnn_plain', plain)
   monkeypatch.setattr(attention, '_compute_capability', lambda: (9, 0))
   monkeypatch.setattr(attention, '_cudnn_version', lambda: 91000)
   monkeypatch.setattr(jax, '__version__', '0.11.2')  # Past JAX 0.10's grouped-query offsets.
 
 
-@pytest.mark.parametrize('max_segments, kernel', [(8, 'varlen'), (2, 'dense'), (0, 'dense')])
+@pytest.mark.parametrize('rows, max_segments, kernel', [
+    ('packed', 8, 'varlen'), ('packed', 2, 'dense'), ('packed', 0, 'dense'),
+    ('whole', 8, 'plain'), ('whole', 0, 'dense')])
 @pytest.mark.parametrize('mask', ['causal', 'bidirectional'])
-def test_cudnn_routing_matches_xla_on_packed_rows(monkeypatch, mask, max_segments, kernel):
+def test_cudnn_routing_matches_xla(monkeypatch, mask, rows, max_segments, kernel):
   """Values and gradients on real tokens as the xla reference, through whichever kernel the
-  rows allow: the variable-length one when every row fits, else the dense mask."""
+  rows allow: no mask for rows of one whole document each, the variable-length form when every
+  row fits, else the dense mask."""
   ran = []
   _emulated_cudnn(monkeypatch, ran)
-  ids = jnp.asarray(_random_packed_rows(np.random.default_rng(2), rows=4, length=64, max_docs=4))
-  assert int(jnp.max(jnp.sum(jnp.diff(ids, axis=1) > 0, axis=1) + 1)) > 2  # Some row holds 3+.
+  if rows == 'packed':
+    ids = jnp.asarray(_random_packed_rows(np.random.default_rng(2), rows=4, length=64, max_docs=4))
+    assert int(jnp.max(jnp.sum(jnp.diff(ids, axis=1) > 0, axis=1) + 1)) > 2  # A row holds 3+.
+  else:
+    ids = jnp.ones((4, 64), jnp.int32)
   causal = mask == 'causal'
   keys = jax.random.split(jax.random.key(0), 4)
   q = jax.random.normal(keys[0], (4, 64, 4, 16), jnp.bfloat16)
@@ -348,7 +359,10 @@ def test_cudnn_without_the_variable_length_form_takes_the_dense_mask_and_says_wh
   with caplog.at_level(logging.WARNING):
     attention.attention(q, q, q, ids, causal=True, backend='cudnn', platform='cuda')
     jax.effects_barrier()
-  assert ran == ['dense']
+    attention.attention(q, q, q, jnp.ones((2, 8), jnp.int32), causal=True, backend='cudnn',
+                        platform='cuda')
+    jax.effects_barrier()
+  assert ran == ['dense', 'plain']  # Rows of one whole document each still need no mask.
   assert 'Hopper' in caplog.text and 'using cudnn with a dense mask instead' in caplog.text
 
 
@@ -386,7 +400,7 @@ def test_cudnn_variable_length_call_passes_the_layout_and_mask_type(monkeypatch,
 
 def test_the_dense_branch_keeps_no_t_by_t_residual_beside_the_variable_length_one(
     monkeypatch, capsys):
-  """lax.cond returns both branches' residuals; the dense one is checkpointed, so what the
+  """lax.switch returns every branch's residuals; the dense one is checkpointed, so what the
   backward keeps is O(T), whatever the dense kernel would save (here a T x T mask and scores)."""
   ran = []
   _emulated_cudnn(monkeypatch, ran)
@@ -399,6 +413,7 @@ def test_the_dense_branch_keeps_no_t_by_t_residual_beside_the_variable_length_on
                     lambda res, d: (d * res[3] + res[4][..., None], res[1], res[2]))
   monkeypatch.setattr(attention, '_cudnn_varlen',
                       lambda q, k, v, lengths, offsets, *, causal: flash_like(q, k, v))
+  monkeypatch.setattr(attention, '_cudnn_plain', lambda q, k, v, *, causal: flash_like(q, k, v))
   T = 48
   ids = jnp.array([[1] * 20 + [2] * 28, [1] * 40 + [0] * 8], jnp.int32)
   q = jax.random.normal(jax.random.key(0), (2, T, 2, 16), jnp.bfloat16)

@@ -123,3 +123,30 @@ def test_synthetic_batch_refuses_more_documents_than_tokens():
   c = load_config('tiny')
   with pytest.raises(ValueError, match='--segments=33 must be between 1 and data.seq_len=32'):
     _throughput().synthetic_batch(c, 100, 2, np.random.default_rng(0), 33)
+
+
+def _kernels():
+  spec = importlib.util.spec_from_file_location(
+      'kernels', os.path.join(REPO, 'benchmarks', 'kernels.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_attention_records_name_the_cudnn_kernel_the_rows_select():
+  which_ran = _kernels().which_ran
+  whole = np.ones((2, 8), np.int32)
+  packed = np.array([[1, 1, 2, 2, 3, 3, 0, 0]] * 2, np.int32)
+  no_varlen = ['attention: needs Hopper, using cudnn with a dense mask instead of cudnn '
+               'variable-length.']
+  assert which_ran('cudnn', 16, [], True, whole, prefix=False) == 'cudnn plain'
+  assert which_ran('cudnn', 16, [], True, packed, prefix=False) == 'cudnn variable-length'
+  assert which_ran('cudnn', 2, [], True, packed, prefix=False) == 'cudnn dense mask'  # 3 > 2.
+  assert which_ran('cudnn', 0, [], True, whole, prefix=False) == 'cudnn dense mask'
+  assert which_ran('cudnn', 16, [], True, packed, prefix=True) == 'cudnn dense mask'
+  assert which_ran('cudnn', 16, no_varlen, True, packed, prefix=False) == 'cudnn dense mask'
+  assert which_ran('cudnn', 16, no_varlen, True, whole, prefix=False) == 'cudnn plain'
+  assert which_ran('cudnn', 16, ['attention: x, using xla instead of cudnn.'], False, packed,
+                   prefix=False) == 'xla'
+  assert which_ran('cudnn', 16, [], False, packed, prefix=False).startswith('unknown')
+  assert which_ran('cpu', 0, [], False, packed, prefix=False) == 'cpu'

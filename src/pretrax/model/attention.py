@@ -8,13 +8,14 @@ document sees its prefix whole. Causal alone is a decoder, causal with a prefix 
 neither an encoder.
 
 Backends (`backend=`, from `model.attention_backend`; 'auto' picks by platform):
-- 'cudnn' (auto on NVIDIA GPUs): cuDNN's fused flash kernel. Packed rows reach it in its
-  variable-length form: each row's segment lengths and start offsets (`segment_layout`, built in
-  O(B*T) from the segment ids, never from a T x T mask) with a padding(-causal) mask type, so no
-  mask tensor is read. A row with more than `max_segments` segments, or segments out of order,
-  sends the whole batch through the dense-mask kernel instead (`lax.cond`: both are compiled).
-  The dense mask (an additive bias inside cuDNN, its bias-softmax kernels) also serves prefix
-  LMs, `max_segments=0`, and setups without the variable-length form
+- 'cudnn' (auto on NVIDIA GPUs): cuDNN's fused flash kernel, without a mask tensor wherever the
+  rows allow (`cudnn_kernel`, decided on device per batch; every kernel is compiled): rows that
+  are each one whole document need only `is_causal`; packed rows go in cuDNN's variable-length
+  form, each row's segment lengths and start offsets (`segment_layout`, built in O(B*T) from
+  the segment ids, never from a T x T mask) with a padding(-causal) mask type. A batch with a
+  row of more than `max_segments` segments, or segments out of order, takes the dense-mask
+  kernel (an additive bias inside cuDNN, its bias-softmax kernels), as do prefix LMs,
+  `max_segments=0`, and setups without the variable-length form
   (`cudnn_packed_unsupported_reason`). Unsupported dtypes and shapes fall back to 'xla'
   (`cudnn_unsupported_reason`).
 - 'splash' (auto on TPUs): the Pallas splash-attention kernel, with segment ids and a static causal
@@ -260,27 +261,51 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_i
                                       implementation='xla')
 
 
+# cuDNN's kernels, in the order `cudnn_kernel` numbers them.
+CUDNN_KERNELS = ('plain', 'variable-length', 'dense mask')
+
+
+def cudnn_kernel(segment_ids_BT: jax.Array, fits: jax.Array | None) -> jax.Array:
+  """Which of CUDNN_KERNELS takes this batch (an index, decided on device from the data):
+  'plain' (is_causal or nothing: no mask, no lengths) when every row is one document over all
+  its positions; else 'variable-length' when `fits` (segment_layout's; None: that form is not
+  available); else 'dense mask'."""
+  whole_rows = jnp.all((segment_ids_BT == segment_ids_BT[:, :1]) & (segment_ids_BT[:, :1] != 0))
+  packed = 2 if fits is None else jnp.where(fits, 1, 2)
+  return jnp.where(whole_rows, 0, packed)
+
+
 def _cudnn(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_ids_BT: jax.Array,
            *, causal: bool, prefix_BT: jax.Array | None, max_segments: int) -> jax.Array:
-  """cuDNN in its variable-length form where it can take these rows, else with a dense mask."""
+  """cuDNN without a mask where the rows allow (`cudnn_kernel`), else with a dense one."""
   dense = functools.partial(_cudnn_dense, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal=causal,
                             prefix_BT=prefix_BT)
   reason = cudnn_packed_unsupported_reason(
       prefix=causal and prefix_BT is not None, max_segments=max_segments,
       num_heads=q_BTNH.shape[2], num_kv_heads=k_BSKH.shape[2],
       compute_capability=_compute_capability(), cudnn_version=_cudnn_version())
-  if reason:
-    if max_segments:  # max_segments=0 chose the dense mask: nothing to report.
-      _warn_once('cudnn variable-length', reason, instead='cudnn with a dense mask')
+  if reason and max_segments:  # max_segments=0 chose the dense mask: nothing to report.
+    _warn_once('cudnn variable-length', reason, instead='cudnn with a dense mask')
+  if not max_segments or (causal and prefix_BT is not None):
     return dense()
+  plain = functools.partial(_cudnn_plain, q_BTNH, k_BSKH, v_BSKH, causal=causal)
+  # Under autodiff lax.switch keeps the residuals of every branch (zeros for those not taken):
+  # checkpointed, the dense branch keeps only its inputs, not the (B, 1, T, T) bias cuDNN's
+  # backward reads. A batch that takes it reruns its forward kernel in the backward pass.
+  dense = jax.checkpoint(dense)
+  # Data decides, so every branch is compiled and each batch runs one.
+  if reason:  # No variable-length form: cudnn_kernel gives 0 or 2.
+    return jax.lax.switch(cudnn_kernel(segment_ids_BT, None) // 2, [plain, dense])
   lengths_BM, offsets_BM1, fits = segment_layout(segment_ids_BT, max_segments)
   varlen = functools.partial(_cudnn_varlen, q_BTNH, k_BSKH, v_BSKH, lengths_BM, offsets_BM1,
                              causal=causal)
-  # Data decides, so both kernels are compiled and the batch picks one. Under autodiff lax.cond
-  # keeps the residuals of both branches (zeros for the one not taken): checkpointed, the dense
-  # branch keeps only its inputs, not the (B, 1, T, T) bias cuDNN's backward reads. A batch
-  # that takes it reruns its forward kernel in the backward pass instead.
-  return jax.lax.cond(fits, varlen, jax.checkpoint(dense))
+  return jax.lax.switch(cudnn_kernel(segment_ids_BT, fits), [plain, varlen, dense])
+
+
+def _cudnn_plain(q_BTNH, k_BSKH, v_BSKH, *, causal: bool) -> jax.Array:
+  """cuDNN on rows that are each one whole document: causal or not, and nothing else."""
+  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=causal,
+                                      implementation='cudnn')
 
 
 def _cudnn_dense(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, causal: bool,
