@@ -1,11 +1,13 @@
 """The weighted cross-entropy and the model's dtype and head options."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import load_config, run_python
 from pretrax import config as config_lib
 from pretrax import loss
 from pretrax.model import transformer
@@ -167,3 +169,66 @@ def test_train_steps_with_a_chunked_loss_match_the_whole_logits(objective, grad_
   # a parameter by a small fraction of the learning rate (5e-3 here).
   for a, b in zip(jax.tree.leaves(state_c['params']), jax.tree.leaves(state['params'])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_the_chunked_loss_loop_needs_no_collective_under_fsdp():
+  """On 8 devices (fsdp 8): the head is gathered once before the loop, and the targets are picked
+  by comparison, not gathered or scattered, so no chunk waits on other devices."""
+  hlo_lines = run_python('''
+      from conftest import load_config
+      from pretrax import plan as plan_lib
+      from pretrax import state as state_lib
+      from pretrax import step as step_lib
+
+      c = load_config('tiny')
+      c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
+      c.model.loss_chunk = 8
+      run = state_lib.build(c, 64)
+      train_step = step_lib.jit_train_step(
+          run.model_def, run.optimizer, run.schedule, step_lib.step_config(c),
+          activation_sharding=run.activation_sharding, out_shardings=(run.shardings, None))
+      hlo = train_step.lower(run.abstract, plan_lib._abstract_batch(c, run)).compile().as_text()
+      print(sum('all-gather' in line or 'all-reduce' in line for line in hlo.splitlines()))
+      print(sum(('all-gather' in line or 'all-reduce' in line or 'all-to-all' in line)
+                and '/while/body/' in line for line in hlo.splitlines()))
+  ''', devices=8).splitlines()
+  collectives, in_the_loop = (int(x) for x in hlo_lines[-2:])
+  assert collectives > 0  # The step is sharded: FSDP gathers parameters and reduces gradients.
+  assert in_the_loop == 0
+
+
+def test_chunked_loss_on_sharded_meshes_matches_the_whole_logits():
+  """fsdp 8 (the head's gradient kept per batch shard) and 2 x 2 x 2 (the vocabulary split over
+  tensor too): the loss, accuracy and gradient norm of a step as with the logits whole."""
+  out = json.loads(run_python('''
+      import json
+      import jax
+      import numpy as np
+      from conftest import load_config
+      from pretrax import state as state_lib
+      from pretrax import step as step_lib
+
+      out = {}
+      for mesh in [(1, 8, 1), (2, 2, 2)]:
+        for chunk in (0, 8):
+          c = load_config('tiny')
+          c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
+          c.model.loss_chunk, c.model.tie_embeddings = chunk, False
+          run = state_lib.build(c, 64)
+          rng = np.random.default_rng(0)
+          shape = (c.data.batch_size, c.data.seq_len)
+          positions = np.tile(np.arange(shape[1]), (shape[0], 1))
+          host = {'inputs': rng.integers(0, 64, shape), 'targets': rng.integers(0, 64, shape),
+                  'segment_ids': np.ones(shape), 'positions': positions,
+                  'weights': np.ones(shape), 'prefix': np.zeros(shape), 'objective': np.zeros(shape)}
+          batch = {k: jax.device_put(v.astype(np.float32 if k == 'weights' else np.int32),
+                                     run.batch_sharding) for k, v in host.items()}
+          train_step = step_lib.jit_train_step(
+              run.model_def, run.optimizer, run.schedule, step_lib.step_config(c),
+              activation_sharding=run.activation_sharding, out_shardings=(run.shardings, None))
+          _, m = train_step(run.init(0), batch)
+          out[f'{mesh} {chunk}'] = [float(m[k]) for k in ('loss', 'accuracy', 'grad_norm')]
+      print(json.dumps(out))
+  ''', devices=8).splitlines()[-1])
+  for mesh in ('(1, 8, 1)', '(2, 2, 2)'):
+    np.testing.assert_allclose(out[f'{mesh} 8'], out[f'{mesh} 0'], rtol=1e-5, err_msg=mesh)

@@ -100,7 +100,8 @@ def _forward_sums(params, batch: Batch, model_def: nnx.GraphDef, z_loss: float,
   head_DV, bias_V = model.output_projection()
   return loss_lib.chunked_cross_entropy(
       model.head_input(x_BLD), head_DV, batch['targets'], batch['weights'], chunk=chunk,
-      bias_V=bias_V, z_loss=z_loss, **_groups(batch, num_objectives))
+      bias_V=bias_V, z_loss=z_loss, batch_shards=layers.shards('batch'),
+      **_groups(batch, num_objectives))
 
 
 def _objective_metrics(sums, objectives: tuple[str, ...], prefix: str) -> Metrics:

@@ -39,6 +39,17 @@ def current_activation_sharding() -> Callable[[tuple[str, ...]], object] | None:
   return _ACTIVATION_SHARDING.get()
 
 
+def shards(name: str) -> int:
+  """How many devices split the logical axis `name` in the step being traced (1: none)."""
+  to_sharding = _ACTIVATION_SHARDING.get()
+  if to_sharding is None:
+    return 1
+  sharding = to_sharding((name,))
+  axes = sharding.spec[0] if len(sharding.spec) else None
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  return math.prod(sharding.mesh.shape[a] for a in axes)
+
+
 def constrain(x: jax.Array, names: tuple[str, ...]) -> jax.Array:
   """`x` with its sharding fixed to its logical axes, so the compiler does not have to guess where
   the batch and model dimensions live between blocks; unchanged when nothing is sharded."""
@@ -78,7 +89,7 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
 
 
 class Embed(nnx.Module):
-  """Token embedding (also the output projection when embeddings are tied: see output_projection)."""
+  """Token embedding; with tied embeddings also the output projection (output_projection)."""
 
   def __init__(self, vocab_size: int, embed_dim: int, *, std: float, param_dtype: jnp.dtype,
                dtype: jnp.dtype, rngs: nnx.Rngs):

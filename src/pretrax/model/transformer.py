@@ -206,8 +206,10 @@ class Transformer(nnx.Module):
     """(head (D, V), bias (V,) or None) in the compute dtype: the (tied) vocabulary projection."""
     dt = self.cfg.dtype
     head_DV = self.embed.embedding[...].T if self.head is None else self.head[...]
+    # Gathered over FSDP here, once: inside a chunked loss's loop it would be gathered per chunk.
+    head_DV = layers.constrain(head_DV.astype(dt), ('activation_embed', 'vocab'))
     bias_V = None if self.mlm_bias is None else self.mlm_bias[...].astype(dt)
-    return head_DV.astype(dt), bias_V
+    return head_DV, bias_V
 
   def classify(self, ids_BL: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
                num_segments: int, *, dropout_rng: jax.Array | None = None) -> jax.Array:
