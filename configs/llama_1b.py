@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
   c.model.dtype = 'bfloat16'
   # Nothing recomputed (remat='full' costs a third more FLOPs): `pretrax plan --devices=8` puts
   # four micro-batches of 8 sequences per device at 51 GiB; with two it needs 94 GiB (84 with
-  # remat='dots_attention', 92 with 'full'), which does not fit 80 GiB GPUs.
+  # remat='dots_attention', 92 with 'full'), more than 80 GiB GPUs hold.
   c.model.remat = 'none'
   c.model.loss_chunk = 256
   c.optim.grad_accum_steps = 4
