@@ -371,7 +371,7 @@ def test_cudnn_variable_length_call_passes_the_layout_and_mask_type(monkeypatch,
                                                                     max_segments):
   """What reaches JAX's cuDNN wrapper: the mask type, the scale, and lengths with offsets (or,
   for one segment per row, lengths alone)."""
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=import-outside-toplevel
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=C0415
   calls = []
 
   class Recorder:
@@ -423,3 +423,25 @@ def test_the_dense_branch_keeps_no_t_by_t_residual_beside_the_variable_length_on
   saved = capsys.readouterr().out
   assert f'{T},{T}]' not in saved, saved  # No (..., T, T) array.
   assert f'[2,{T},2,16]' in saved  # The flash-like kernel's output is kept.
+
+
+def test_cudnn_kernels_that_refuse_the_inputs_leave_the_dense_mask_and_say_why(
+    monkeypatch, caplog):
+  """A check in JAX's wrapper newer than ours (raised while tracing) costs the mask-free kernels,
+  not cuDNN: the dense mask still runs."""
+  ran = []
+  _emulated_cudnn(monkeypatch, ran)
+  monkeypatch.setattr(attention, '_warned', set())
+
+  def refuses(*args, **kwargs):
+    raise NotImplementedError('Unsupported sequence length')
+
+  monkeypatch.setattr(attention, '_cudnn_varlen', refuses)
+  q = jnp.ones((2, 8, 2, 8), jnp.bfloat16)
+  ids = jnp.array([[1, 1, 1, 2, 2, 2, 0, 0]] * 2, jnp.int32)
+  with caplog.at_level(logging.WARNING):
+    attention.attention(q, q, q, ids, causal=True, backend='cudnn', platform='cuda')
+    jax.effects_barrier()
+  assert ran == ['dense']
+  assert 'Unsupported sequence length' in caplog.text
+  assert 'using cudnn with a dense mask' in caplog.text

@@ -293,13 +293,18 @@ def _cudnn(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_ids_
   # checkpointed, the dense branch keeps only its inputs, not the (B, 1, T, T) bias cuDNN's
   # backward reads. A batch that takes it reruns its forward kernel in the backward pass.
   dense = jax.checkpoint(dense)
-  # Data decides, so every branch is compiled and each batch runs one.
-  if reason:  # No variable-length form: cudnn_kernel gives 0 or 2.
-    return jax.lax.switch(cudnn_kernel(segment_ids_BT, None) // 2, [plain, dense])
-  lengths_BM, offsets_BM1, fits = segment_layout(segment_ids_BT, max_segments)
-  varlen = functools.partial(_cudnn_varlen, q_BTNH, k_BSKH, v_BSKH, lengths_BM, offsets_BM1,
-                             causal=causal)
-  return jax.lax.switch(cudnn_kernel(segment_ids_BT, fits), [plain, varlen, dense])
+  try:
+    # Data decides, so every branch is compiled and each batch runs one.
+    if reason:  # No variable-length form: cudnn_kernel gives 0 or 2.
+      return jax.lax.switch(cudnn_kernel(segment_ids_BT, None) // 2, [plain, dense])
+    lengths_BM, offsets_BM1, fits = segment_layout(segment_ids_BT, max_segments)
+    varlen = functools.partial(_cudnn_varlen, q_BTNH, k_BSKH, v_BSKH, lengths_BM, offsets_BM1,
+                               causal=causal)
+    return jax.lax.switch(cudnn_kernel(segment_ids_BT, fits), [plain, varlen, dense])
+  except (ValueError, NotImplementedError, RuntimeError, TypeError) as e:  # Checks newer than ours.
+    _warn_once('cudnn without a mask', f'cuDNN refused these inputs ({type(e).__name__}: {e})',
+               instead='cudnn with a dense mask')
+    return dense()
 
 
 def _cudnn_plain(q_BTNH, k_BSKH, v_BSKH, *, causal: bool) -> jax.Array:
