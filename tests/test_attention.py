@@ -5,6 +5,7 @@ No GPU or TPU here: splash runs in Pallas interpret mode; cuDNN is covered by it
 """
 
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -445,3 +446,64 @@ def test_cudnn_kernels_that_refuse_the_inputs_leave_the_dense_mask_and_say_why(
   assert ran == ['dense']
   assert 'Unsupported sequence length' in caplog.text
   assert 'using cudnn with a dense mask' in caplog.text
+
+
+# ---- The real cuDNN path, lowered for CUDA on this CPU ------------------------------------------
+
+
+@pytest.fixture
+def pretend_hopper(monkeypatch):
+  """JAX's cuDNN wrapper asks the hardware for cuDNN's version and the compute capability: say
+  cuDNN 9.10 on a Hopper GPU, so the real path traces and lowers for CUDA here (nothing runs)."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=C0415
+  monkeypatch.setattr(cudnn, 'check_cudnn_version', lambda: 91000)
+  monkeypatch.setattr(cudnn, 'check_compute_capability', lambda capability: True)
+  monkeypatch.setattr(cudnn, 'is_cuda_compute_capability_equal', lambda capability: False)
+  monkeypatch.setattr(attention, '_compute_capability', lambda: (9, 0))
+  monkeypatch.setattr(attention, '_cudnn_version', lambda: 91000)
+
+
+def _cudnn_loss(ids, causal: bool, num_kv_heads: int = 4):
+  q = jnp.ones((2, 64, 4, 16), jnp.bfloat16)
+  k = jnp.ones((2, 64, num_kv_heads, 16), jnp.bfloat16)
+
+  def f(q, k, v):
+    out = attention.attention(q, k, v, ids, causal=causal, backend='cudnn', platform='cuda')
+    return jnp.sum(out.astype(jnp.float32))
+
+  return f, (q, k, k)
+
+
+@pytest.mark.parametrize('causal, mask_types', [
+    (True, {'CAUSAL', 'PADDING_CAUSAL'}), (False, {'NO_MASK', 'PADDING'})])
+def test_cudnn_kernels_lower_for_cuda_with_their_mask_types(pretend_hopper, causal, mask_types):
+  """JAX's wrapper accepts our lengths and offsets: the gradient lowers to cuDNN's fused
+  attention, forward and backward, for each kernel: mask-free (CAUSAL or NO_MASK), variable
+  length (PADDING_CAUSAL or PADDING) and the dense mask (a bias: ScaleBias)."""
+  del pretend_hopper
+  ids = jnp.array([[1] * 20 + [2] * 30 + [0] * 14, [1] * 64], jnp.int32)
+  f, args = _cudnn_loss(ids, causal)
+  text = jax.jit(jax.grad(f, argnums=(0, 1, 2))).trace(*args).lower(
+      lowering_platforms=('cuda',)).as_text()
+  calls = re.findall(r'__cudnn\$fmha\w*', text)
+  assert sorted(set(calls)) == ['__cudnn$fmhaScaleBiasSoftmax',
+                                '__cudnn$fmhaScaleBiasSoftmaxBackward',
+                                '__cudnn$fmhaSoftmax', '__cudnn$fmhaSoftmaxBackward']
+  assert len(calls) == 6  # Three kernels, each forward and backward.
+  assert set(re.findall(r'mask_type\\22: \\22(\w+)\\22', text)) >= mask_types
+
+
+@pytest.mark.parametrize('policy, kept', [('dots', 0), ('dots_attention', 3)])
+def test_dots_attention_keeps_cudnns_forward_outputs(pretend_hopper, capsys, policy, kept):
+  """With the real cuDNN path: its forward outputs (the attention output and each kernel's
+  softmax statistics, out of lax.switch) are kept, so the backward never reruns a forward."""
+  del pretend_hopper
+  from pretrax.model import transformer  # pylint: disable=C0415
+  ids = jnp.array([[1] * 20 + [2] * 30 + [0] * 14, [1] * 64], jnp.int32)
+  f, args = _cudnn_loss(ids, True)
+  jax.ad_checkpoint.print_saved_residuals(
+      jax.checkpoint(f, policy=transformer._REMAT_POLICIES[policy]()), *args)
+  saved = capsys.readouterr().out.splitlines()
+  # The output (bf16[2,64,4,16]), the plain kernel's statistics (f32[2,4,64]) and the
+  # variable-length one's, per segment slot (f32[2*16,4,64]).
+  assert sum('output of cond' in line for line in saved) == kept, saved
