@@ -507,3 +507,32 @@ def test_dots_attention_keeps_cudnns_forward_outputs(pretend_hopper, capsys, pol
   # The output (bf16[2,64,4,16]), the plain kernel's statistics (f32[2,4,64]) and the
   # variable-length one's, per segment slot (f32[2*16,4,64]).
   assert sum('output of cond' in line for line in saved) == kept, saved
+
+
+@pytest.mark.parametrize('remat', ['dots_attention', 'full'])
+def test_the_train_step_lowers_for_cuda_and_dots_attention_runs_each_forward_once(
+    pretend_hopper, monkeypatch, remat):
+  """The whole bfloat16 train step (chunked loss too) lowered for CUDA: every block calls cuDNN's
+  three kernels forward and backward; with 'dots_attention' no forward runs again in the backward
+  pass, with 'full' each does."""
+  del pretend_hopper
+  from pretrax import plan as plan_lib  # pylint: disable=C0415
+  from pretrax import state as state_lib  # pylint: disable=C0415
+  from pretrax import step as step_lib  # pylint: disable=C0415
+  monkeypatch.setattr(attention, 'current_platform', lambda: 'cuda')
+  c = load_config('tiny')
+  c.model.dtype, c.model.attention_backend = 'bfloat16', 'cudnn'
+  c.model.remat, c.model.loss_chunk = remat, 8
+  run = state_lib.build(c, 64)
+  train_step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule,
+                                       step_lib.step_config(c))
+  text = train_step.trace(run.abstract, plan_lib._abstract_batch(c, run)).lower(
+      lowering_platforms=('cuda',)).as_text()
+  calls = re.findall(r'__cudnn\$fmha\w*', text)
+  forward = [x for x in calls if not x.endswith('Backward')]
+  layers = c.model.num_layers
+  assert len(calls) - len(forward) == 3 * layers  # Each kernel's backward, in every block.
+  if remat == 'dots_attention':
+    assert len(forward) == 3 * layers
+  else:  # Recomputed: again for each kernel, and once more inside the checkpointed dense branch.
+    assert len(forward) == 3 * layers + 4 * layers
