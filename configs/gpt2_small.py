@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
   c.data.batch_size = 512
   # The loss in chunks of 256 positions: the float32 logits (64 x 1024 x 50304 per device) and
   # their gradient never exist whole. `pretrax plan --devices=8` then puts one micro-batch of 64
-  # sequences per device at 50 GiB (30 GiB with two micro-batches; 57 GiB for two without
+  # sequences per device at 54 GiB (31 GiB with two micro-batches; 57 GiB for two without
   # chunking), so it fits 80 GiB GPUs without gradient accumulation.
   c.model.loss_chunk = 256
   c.optim.grad_accum_steps = 1

@@ -122,7 +122,7 @@ def _grads(params, batch: Batch, total_weight: jax.Array, model_def: nnx.GraphDe
 
   def objective(p):
     sums = _forward_sums(p, batch, model_def, cfg.z_loss, dropout_rng, len(cfg.objectives))
-    return (sums['loss_sum'] + sums['z_loss_sum']) / total_weight, sums
+    return sums['objective_sum'] / total_weight, sums
 
   return jax.grad(objective, has_aux=True)(params)
 
