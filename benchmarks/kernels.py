@@ -270,7 +270,8 @@ def loss_program(chunk: int):
     else:
       logits_BLV = jnp.einsum('BLD,DV->BLV', x_BLD, head_DV).astype(jnp.float32)
       sums = loss.cross_entropy(logits_BLV, targets_BL, weights_BL)
-    return sums['loss_sum'] / sums['weight_sum']
+    # objective_sum: what training differentiates (the chunked loss's reports carry no gradient).
+    return sums['objective_sum'] / sums['weight_sum']
 
   return jax.jit(jax.value_and_grad(mean_loss, argnums=(0, 1)))
 
