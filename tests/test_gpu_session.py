@@ -94,10 +94,10 @@ def test_throughput_rows_before_and_after(session):
     assert ('model.remat=full' in row['config']) == (stage == 'throughput_llama_1b_before'), row
 
 
-def _throughput():
-  """benchmarks/throughput.py as a module (its flags are defined only when it runs as a script)."""
+def _benchmark(name: str):
+  """benchmarks/NAME.py as a module (its flags are defined only when it runs as a script)."""
   spec = importlib.util.spec_from_file_location(
-      'throughput', os.path.join(REPO, 'benchmarks', 'throughput.py'))
+      name, os.path.join(REPO, 'benchmarks', f'{name}.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -106,7 +106,7 @@ def _throughput():
 @pytest.mark.parametrize('segments', [1, 2, 7, 32])
 def test_synthetic_batch_packs_contiguous_documents(segments):
   c = load_config('tiny')
-  batch = _throughput().synthetic_batch(c, 100, 6, np.random.default_rng(0), segments)
+  batch = _benchmark('throughput').synthetic_batch(c, 100, 6, np.random.default_rng(0), segments)
   ids, positions = batch['segment_ids'], batch['positions']
   assert ids.shape == positions.shape == (6, c.data.seq_len)
   for ids_L, positions_L in zip(ids, positions):
@@ -122,19 +122,11 @@ def test_synthetic_batch_packs_contiguous_documents(segments):
 def test_synthetic_batch_refuses_more_documents_than_tokens():
   c = load_config('tiny')
   with pytest.raises(ValueError, match='--segments=33 must be between 1 and data.seq_len=32'):
-    _throughput().synthetic_batch(c, 100, 2, np.random.default_rng(0), 33)
-
-
-def _kernels():
-  spec = importlib.util.spec_from_file_location(
-      'kernels', os.path.join(REPO, 'benchmarks', 'kernels.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+    _benchmark('throughput').synthetic_batch(c, 100, 2, np.random.default_rng(0), 33)
 
 
 def test_attention_records_name_the_cudnn_kernel_the_rows_select():
-  which_ran = _kernels().which_ran
+  which_ran = _benchmark('kernels').which_ran
   whole = np.ones((2, 8), np.int32)
   packed = np.array([[1, 1, 2, 2, 3, 3, 0, 0]] * 2, np.int32)
   no_varlen = ['attention: needs Hopper, using cudnn with a dense mask instead of cudnn '
