@@ -152,9 +152,9 @@ def _model_fields(c: ml_collections.ConfigDict) -> None:
   # dots_attention (keep matmul outputs and the attention output: recompute only norms and
   # activations) | full (keep only block inputs) | offload (matmul outputs to host memory).
   c.model.remat = 'none'
-  # Positions per chunk of the loss: the output projection and cross-entropy run chunk by chunk
-  # and the gradient recomputes each chunk, so the (batch, seq_len, vocab) logits never exist
-  # whole. 0 computes all logits at once (fastest for small vocabularies and models).
+  # Positions per chunk of the loss: the output projection, cross-entropy and their gradient run
+  # chunk by chunk, so the (batch, seq_len, vocab) logits never exist whole; no extra FLOPs.
+  # 0 computes all logits at once (simplest for small vocabularies and models).
   c.model.loss_chunk = 0
   # cuDNN attention on packed rows: the most documents a row may hold for the variable-length
   # (flash) kernel, which takes each row's segment lengths and offsets instead of a mask. A

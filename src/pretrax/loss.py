@@ -66,13 +66,8 @@ def chunked_cross_entropy(x_BLD: jax.Array, head_DV: jax.Array, targets_BL: jax.
     widen = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
     x_BLD, targets_BL, weights_BL = widen(x_BLD), widen(targets_BL), widen(weights_BL)
     groups_BL = None if groups_BL is None else widen(groups_BL)
-  if groups_BL is None:
-    groups_BL = jnp.zeros(targets_BL.shape, jnp.int32)
-  sums = _projected_sums(x_BLD, head_DV, bias_V, targets_BL, weights_BL.astype(jnp.float32),
+  return _projected_sums(x_BLD, head_DV, bias_V, targets_BL, weights_BL.astype(jnp.float32),
                          groups_BL, chunk, z_loss, num_groups, batch_shards)
-  if not num_groups:
-    del sums['group_loss_sum'], sums['group_weight_sum']
-  return sums
 
 
 def _chunk_logits(x_ND: jax.Array, head_DV: jax.Array, bias_V: jax.Array | None) -> jax.Array:
@@ -164,14 +159,14 @@ def _projected_sums(x_BLD, head_DV, bias_V, targets_BL, weights_BL, groups_BL, c
                     num_groups, batch_shards):
   del batch_shards  # The gradient's.
   per_token = _per_token(x_BLD, head_DV, bias_V, targets_BL, chunk)
-  return _weighted_sums(*per_token, weights_BL, z_loss, groups_BL, max(num_groups, 1))
+  return _weighted_sums(*per_token, weights_BL, z_loss, groups_BL, num_groups)
 
 
 def _projected_sums_fwd(x_BLD, head_DV, bias_V, targets_BL, weights_BL, groups_BL, chunk, z_loss,
                         num_groups, batch_shards):
   per_token, grads = _per_token_and_gradient(x_BLD, head_DV, bias_V, targets_BL, weights_BL,
                                              chunk, z_loss, batch_shards)
-  sums = _weighted_sums(*per_token, weights_BL, z_loss, groups_BL, max(num_groups, 1))
+  sums = _weighted_sums(*per_token, weights_BL, z_loss, groups_BL, num_groups)
   # Empty arrays of the inputs' dtypes: a residual must be arrays, and the gradients are cast to
   # them only after scaling (the head's and the bias's are float32 until then).
   dtypes = tuple(None if a is None else jnp.zeros((0,), a.dtype) for a in (x_BLD, head_DV, bias_V))

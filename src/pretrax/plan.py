@@ -15,12 +15,11 @@ attention this machine would run.
 """
 
 from collections.abc import Sequence
+import contextlib
 import dataclasses
 import math
 import os
 import time
-
-import contextlib
 
 import jax
 import jax.numpy as jnp

