@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -91,16 +92,25 @@ def test_every_format_and_compression_gives_the_ids_of_plain_text(tmp_path, docu
   assert text == ''.join(d for d in documents if not sources.held_out(d.encode(), 0.1))
 
 
-def test_the_store_is_byte_identical_for_any_number_of_workers(tmp_path, documents):
+def test_the_store_is_byte_identical_for_any_number_of_workers(tmp_path, documents, monkeypatch):
+  # Units of 16 KB (cut in this process; the workers only decode them): groups of ~20 units each,
+  # far more than the 2 in flight per worker, from files whose texts all differ, so a unit that
+  # comes back out of order changes the bytes.
+  monkeypatch.setattr(sources, 'UNIT_BYTES', 1 << 14)
   (tmp_path / 'in').mkdir()
-  for k in range(6):  # Several files and units.
-    (tmp_path / 'in' / f'{k}.jsonl').write_text(_jsonl(documents * 3))
-  c = _config(str(tmp_path / 'in'), shard_mb=0.4)
-  one = _prepare(c, tmp_path / 'one', workers=0)
-  two = _prepare(c, tmp_path / 'two', workers=2)
-  assert len(one.manifest['splits']['train']['parts']) >= 3
-  assert _data_files(one.path) == _data_files(two.path)
-  assert one.manifest['splits'] == two.manifest['splits']
+  for k in range(6):
+    (tmp_path / 'in' / f'{k}.jsonl').write_text(_jsonl([f'{k}.{i} {d}' for i, d in
+                                                         enumerate(documents[k::2] * 2)]))
+  c = _config(str(tmp_path / 'in'), shard_mb=0.1)
+  stores = {w: _prepare(c, tmp_path / f'workers{w}', workers=w) for w in (0, 2, 3)}
+  plan = prepare.make_plan(c, prepare.input_files(c))
+  units = [sum(1 for f in g for _ in sources.file_units(plan['files'][f][0], prepare._reading(plan)))
+           for g in prepare.groups_of(plan)]
+  assert len(units) >= 2 and min(units) > 2 * 3, units
+  assert len(stores[0].manifest['splits']['train']['parts']) >= 3
+  for w in (2, 3):
+    assert _data_files(stores[w].path) == _data_files(stores[0].path), w
+    assert stores[w].manifest['splits'] == stores[0].manifest['splits']
 
 
 def test_two_processes_prepare_one_store_identical_to_one_process(tmp_path, documents):
@@ -132,32 +142,75 @@ def test_two_processes_prepare_one_store_identical_to_one_process(tmp_path, docu
   assert _data_files(tmp_path / 'alone') == _data_files(tmp_path / 'joint')
 
 
-def test_a_sigkilled_prepare_resumes_to_the_same_bytes(tmp_path, documents):
+def _finished_parts(out) -> dict[str, tuple[int, int]]:
+  """(inode, mtime in ns) of every data file of the parts marked done: a resume must leave them."""
+  done = [n[:-len('.json')] for n in os.listdir(out / 'parts') if '-' in n]
+  stats = {}
+  for name in os.listdir(out):
+    if name.endswith(('.tokens', '.docs')) and name.split('-', 1)[1].rsplit('.', 1)[0] in done:
+      info = os.stat(out / name)
+      stats[name] = (info.st_ino, info.st_mtime_ns)
+  return stats
+
+
+def test_a_sigkilled_prepare_resumes_inside_a_group_to_the_same_bytes(tmp_path, documents):
+  # Two multi-MB compressed files, small on disk: one group of ~8 parts, so the kill lands inside
+  # it, after some of its parts are done.
   (tmp_path / 'in').mkdir()
-  for k in range(60):  # One unit per file, two files per shard: thirty shards.
-    (tmp_path / 'in' / f'{k:02d}.jsonl').write_text(_jsonl(documents[k % 7::7] * 3))
+  for k in range(2):
+    lines = _jsonl([f'{k}.{i} {d}' for i, d in enumerate(documents[k::2] * 60)]).encode()
+    assert len(lines) > 2_000_000
+    (tmp_path / 'in' / f'{k}.jsonl.gz').write_bytes(gzip.compress(lines, mtime=0))
   args = ['prepare', f'--config={TINY}', f'--config.data.path={tmp_path / "in"}',
           '--config.tokenizer.model_type=bpe', '--config.tokenizer.vocab_size=400',
-          '--config.data.shard_mb=0.15', '--workers=1']
+          '--config.data.shard_mb=1.0', '--workers=1']
   whole = run_cli(*args, f'--output={tmp_path / "whole"}')
   assert whole.returncode == 0, whole.stderr[-2000:]
+  assert os.listdir(tmp_path / 'whole' / 'parts').count('00000.json') == 1  # One group.
   out = tmp_path / 'killed'
   proc = subprocess.Popen([sys.executable, '-m', 'pretrax.cli', *args, f'--output={out}'],
                           cwd=REPO, env=pretrax_env(), start_new_session=True,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.monotonic() + 120
-  while len(os.listdir(out / 'parts') if (out / 'parts').exists() else []) < 4:
+  while len(os.listdir(out / 'parts') if (out / 'parts').exists() else []) < 2:
     assert proc.poll() is None and time.monotonic() < deadline, 'finished before the kill'
     time.sleep(0.01)
-  os.killpg(proc.pid, signal.SIGKILL)  # The workers too, mid-shard.
+  os.killpg(proc.pid, signal.SIGKILL)  # The workers too, mid-part.
   proc.wait()
   with pytest.raises(sources.DataError, match='did not finish: run the same'):
     store.Store(str(out))
-  done_before = len(os.listdir(out / 'parts'))
+  finished = _finished_parts(out)
+  assert finished and not (out / 'parts' / '00000.json').exists()  # Inside the group.
   resumed = run_cli(*args, f'--output={out}')
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert _data_files(out) == _data_files(tmp_path / 'whole')
-  assert done_before >= 4 and store.Store(str(out)).manifest['splits']['train']['tokens'] > 0
+  assert {k: v for k, v in _finished_parts(out).items() if k in finished} == finished
+
+
+def test_a_resume_inside_a_group_keeps_its_finished_parts_and_makes_the_same_bytes(tmp_path,
+                                                                                  documents):
+  lines = _jsonl([f'{i} {d}' for i, d in enumerate(documents * 80)]).encode()
+  (tmp_path / 'in.jsonl.gz').write_bytes(gzip.compress(lines, mtime=0))
+  c = _config(str(tmp_path / 'in.jsonl.gz'), shard_mb=1.5)  # ~2 units of ~1 MB a part.
+  whole = _prepare(c, tmp_path / 'whole')
+  parts = sorted(n[:-len('.json')] for n in os.listdir(tmp_path / 'whole' / 'parts') if '-' in n)
+  assert len(parts) >= 3, parts
+  # What a kill during the third part leaves: two parts marked done, the third half written.
+  out = tmp_path / 'resumed'
+  shutil.copytree(tmp_path / 'whole', out)
+  os.remove(out / store.MANIFEST)
+  os.remove(out / 'parts' / '00000.json')
+  for name in parts[2:]:
+    os.remove(out / 'parts' / f'{name}.json')
+    for split in store.SPLITS:
+      for kind in ('tokens', 'docs'):
+        os.replace(out / f'{split}-{name}.{kind}', out / f'{split}-{name}.{kind}.tmp')
+  finished = _finished_parts(out)
+  assert len(finished) == 2 * 2 * 2  # Two parts, two splits, two files each.
+  again = _prepare(c, out)
+  assert _data_files(again.path) == _data_files(whole.path)
+  assert again.manifest['splits'] == whole.manifest['splits']
+  assert {k: v for k, v in _finished_parts(out).items() if k in finished} == finished
 
 
 def test_a_kill_between_the_last_shard_and_its_group_marker_redoes_nothing(tmp_path, documents):
@@ -305,3 +358,43 @@ def test_training_on_a_missing_prepared_directory_names_the_command(tmp_path):
   assert result.returncode == 2
   assert 'pretrax prepare' in result.stderr.strip().splitlines()[-1]
   assert 'Traceback' not in result.stderr
+
+
+def test_reads_and_windows_across_part_boundaries_equal_the_one_part_stores(tmp_path, documents,
+                                                                             monkeypatch):
+  (tmp_path / 'in.jsonl').write_text(_jsonl(documents))
+  c = _config(str(tmp_path / 'in.jsonl'), shard_mb=1000.0)
+  c.tokenizer.model_type = 'char'
+  one = _prepare(c, tmp_path / 'one')
+  monkeypatch.setattr(sources, 'UNIT_BYTES', 1 << 12)  # Units of 4 KB, a part each.
+  c.data.shard_mb, c.tokenizer.path = 0.004, one.tokenizer_path
+  many = _prepare(c, tmp_path / 'many')
+  a, b = one.split('train'), many.split('train')
+  assert len(a.tokens) == 1 and len(b.tokens) >= 10 and a.num_tokens == b.num_tokens
+  rng = np.random.default_rng(0)
+  edges = [int(s) for s in b.starts[1:-1]]
+  spans = [(e + d, n) for e in edges for d in (-1, 0, 1) for n in (1, 2, 17)]  # At each edge,
+  spans += [(0, 1), (0, a.num_tokens), (a.num_tokens - 1, 1)]  # the first and the last.
+  spans += [(int(s), int(n)) for s, n in zip(rng.integers(0, a.num_tokens - 20_000, 200),
+                                             rng.integers(1, 20_000, 200))]  # Over several.
+  for start, length in spans:
+    np.testing.assert_array_equal(b.read(start, length), a.read(start, length),
+                                  err_msg=f'{start}+{length}')
+  tok = tokenizer.Tokenizer.load(one.tokenizer_path)
+  objectives = _objectives_of(tok)
+  batches = [pipeline.train_batches(
+      [pipeline.Source('data', 1.0, pipeline.Windows(s.split('train'), 64, 48), s.split('eval'))],
+      objectives, global_batch=8, seed=0, start_step=0, process_index=0, process_count=1)
+      for s in (one, many)]
+  for _ in range(20):
+    x, y = next(batches[0]), next(batches[1])
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def _objectives_of(tok):
+  from pretrax.data import objectives
+  c = config.base_config()
+  c.data.seq_len = 64
+  return objectives.Objectives.from_config(c, tok)

@@ -260,19 +260,24 @@ def prepare_group(plan: dict, group: int, files: list[int], out_dir: str, encode
   units = ((i, unit) for i, unit in enumerate(_group_units(plan, files, on_bad))
            if i >= resume_at)  # Units before the resume point are read, not tokenized.
   part, writer, size, bad, empty, end = len(done), None, 0, [], 0, resume_at
-  for (index, disk), unit_size, encoded in encoder.map(_with_disk_deltas(units)):
-    if writer is None:
-      writer = store_lib.PartWriter(out_dir, group, part, dtype)
-    for split in store_lib.SPLITS:
-      writer.write(split, encoded.tokens[split], encoded.doc_ends[split])
-    size += unit_size
-    bad += encoded.bad
-    empty += encoded.empty
-    progress.add(disk, unit_size, sum(len(t) for t in encoded.tokens.values()))
-    end = index + 1
-    if size >= plan['part_bytes']:
-      done.append(_finish_part(out_dir, writer, group, part, end, bad, empty))
-      part, writer, size, bad, empty = part + 1, None, 0, [], 0
+  try:
+    for (index, disk), unit_size, encoded in encoder.map(_with_disk_deltas(units)):
+      if writer is None:
+        writer = store_lib.PartWriter(out_dir, group, part, dtype)
+      for split in store_lib.SPLITS:
+        writer.write(split, encoded.tokens[split], encoded.doc_ends[split])
+      size += unit_size
+      bad += encoded.bad
+      empty += encoded.empty
+      progress.add(disk, unit_size, sum(len(t) for t in encoded.tokens.values()))
+      end = index + 1
+      if size >= plan['part_bytes']:
+        done.append(_finish_part(out_dir, writer, group, part, end, bad, empty))
+        part, writer, size, bad, empty = part + 1, None, 0, [], 0
+  except BaseException:  # A bad record, a dead worker, SIGTERM: the part in progress is dropped.
+    if writer is not None:
+      writer.abort()
+    raise
   if writer is not None:
     done.append(_finish_part(out_dir, writer, group, part, end, bad + bad_files, empty, last=True))
   elif bad_files and done:

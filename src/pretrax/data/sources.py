@@ -32,6 +32,7 @@ from pretrax import errors
 
 UNIT_BYTES = 1 << 20  # Text per unit: a worker's task, and the grain of shard boundaries.
 _HASH_BYTES = 1 << 20  # A document's split is decided by its first MB.
+_PARQUET_BATCH_BYTES = 16 << 20  # Parquet is read in batches of about this much (uncompressed).
 _STDLIB_MAX_BYTES = 1_200_000  # The fallback corpus stays small: a fresh clone's quickstart.
 TRAIN, EVAL = 0, 1
 
@@ -241,28 +242,71 @@ def held_out(text: bytes, eval_fraction: float) -> bool:
 
 
 def _char_boundary(block: bytes, end: int) -> int:
-  """The largest offset <= end that does not split a UTF-8 character."""
-  while end > 0 and end < len(block) and (block[end] & 0xC0) == 0x80:
+  """The largest offset <= end that does not split a UTF-8 character. At the block's end the next
+  bytes are unknown: a multi-byte character there is left whole for the next block."""
+  if end >= len(block):
+    end = len(block)
+    if end == 0 or block[end - 1] < 0x80:
+      return end
+    end -= 1  # Back to the start of the last character, complete or not.
+  while end > 0 and (block[end] & 0xC0) == 0x80:
     end -= 1
   return end
 
 
-def _blocks(stream, size: int, cut: bytes = b'\n', head: bytes = b''
+def _read(stream, size: int) -> bytes:
+  """`size` bytes, fewer only at the end: a stream may return less per call (a bucket, a
+  decompressor), and unit boundaries must depend on the bytes alone."""
+  data = stream.read(size)
+  if len(data) in (0, size):
+    return data
+  chunks = [data]
+  while size > (got := sum(map(len, chunks))) and (more := stream.read(size - got)):
+    chunks.append(more)
+  return b''.join(chunks)
+
+
+def _through_next_cut(stream, block: bytes, cut: bytes, size: int) -> bytes:
+  """`block` and what follows it in the stream up to the first `cut` (or the stream's end).
+
+  Chunks are kept in a list and joined once: growing one bytes object would copy a long record
+  once per chunk, quadratic in its length."""
+  chunks, tail = [block], block[len(block) - len(cut) + 1:]  # A cut may straddle two chunks.
+  while chunk := _read(stream, size):
+    chunks.append(chunk)
+    if cut in tail + chunk[:len(cut) - 1] or cut in chunk:
+      break
+    tail = chunk[len(chunk) - len(cut) + 1:]
+  return b''.join(chunks)
+
+
+def _blocks(stream, size: int, cut: bytes = b'\n', head: bytes = b'', whole: bool = False
             ) -> Iterator[tuple[int, bytes]]:
-  """(offset, bytes) blocks of about `size`, each ending just after a `cut` (or at a character
-  boundary when a block holds none). `head` is what was already read from the stream."""
+  """(offset, bytes) blocks of about `size`, each ending just after a `cut`. `head` is what was
+  already read from the stream.
+
+  A block that holds no cut is, with `whole`, read on until one comes: a JSON line is one record
+  however long, so memory grows with the longest record, never with the file. Without `whole` (a
+  text document, sent in pieces) it ends at a character boundary, before any bytes that could be
+  the start of a cut completed by the next block."""
   carry, offset = head, 0
   while True:
-    chunk = stream.read(size)
+    chunk = _read(stream, size)
     block = carry + chunk
-    if not chunk:
+    if len(chunk) < size:  # The stream's end (_read returns less only there): nothing to cut.
       if block:
         yield offset, block
       return
     found = block.rfind(cut)
-    end = found + len(cut) if found >= 0 else _char_boundary(block, len(block))
-    if end <= 0:
-      end = len(block)
+    if found < 0 and whole:
+      block = _through_next_cut(stream, block, cut, size)
+      found = block.rfind(cut)
+    if found >= 0:
+      end = found + len(cut)
+    else:
+      end = _char_boundary(block, len(block) - len(cut) + 1)
+      if end <= 0:
+        end = len(block)
     carry = block[end:]
     yield offset, block[:end]
     offset += end
@@ -273,7 +317,7 @@ def _text_units(path: str, stream, r: Reading) -> Iterator[Unit]:
     yield from _separated_units(path, stream, r)
     return
   # One document per file, streamed in pieces; its split is decided by its first MB.
-  head = stream.read(_HASH_BYTES)
+  head = _read(stream, _HASH_BYTES)
   split = EVAL if held_out(head, r.eval_fraction) else TRAIN
   previous = None
   for offset, block in _blocks(stream, UNIT_BYTES, head=head):
@@ -305,7 +349,11 @@ def _separated_units(path: str, stream, r: Reading) -> Iterator[Unit]:
   sep = r.separator.encode('utf-8')
   payload, pieces, unit_start = bytearray(), [], 0
   doc_split = None  # The split of a long document already partly sent.
+  full = None  # A unit held back one block: if the file ends there, its last piece ends a document.
   for offset, block in _blocks(stream, UNIT_BYTES, cut=sep):
+    if full is not None:
+      yield full
+      full = None
     parts = block.split(sep)
     ends_last = block.endswith(sep)
     if ends_last:
@@ -321,8 +369,12 @@ def _separated_units(path: str, stream, r: Reading) -> Iterator[Unit]:
       if ends_doc:
         doc_split = None
     if len(payload) >= UNIT_BYTES:
-      yield Unit(path, 'text', unit_start, bytes(payload), len(payload), tuple(pieces))
+      full = Unit(path, 'text', unit_start, bytes(payload), len(payload), tuple(pieces))
       payload, pieces, unit_start = bytearray(), [], offset + len(block)
+  if not pieces and full is not None:
+    payload, pieces, unit_start = bytearray(full.payload), list(full.pieces), full.first
+  elif full is not None:
+    yield full
   if pieces:
     # The file ends a document even without a final separator.
     end, _, split = pieces[-1]
@@ -332,9 +384,19 @@ def _separated_units(path: str, stream, r: Reading) -> Iterator[Unit]:
 
 def _jsonl_units(path: str, stream) -> Iterator[Unit]:
   line = 1
-  for _, block in _blocks(stream, UNIT_BYTES):
+  for _, block in _blocks(stream, UNIT_BYTES, whole=True):
     yield Unit(path, 'jsonl', line, block, len(block))
     line += block.count(b'\n')
+
+
+def _parquet_batch_rows(parquet) -> int:
+  """Rows per batch read: 1024, or fewer where the file's average row is large (over 16 KB), so
+  that a file of many-MB cells is read a few cells at a time (1024 of them could be GBs)."""
+  meta = parquet.metadata
+  if not meta.num_rows:
+    return 1024
+  row_bytes = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+  return int(min(1024, max(1, _PARQUET_BATCH_BYTES * meta.num_rows // max(row_bytes, 1))))
 
 
 def _parquet_units(path: str, raw, r: Reading) -> Iterator[Unit]:
@@ -352,7 +414,8 @@ def _parquet_units(path: str, raw, r: Reading) -> Iterator[Unit]:
                     '--config.data.text_field to the text column.')
   values, size, first, row = [], 0, 0, 0
   try:
-    for batch in parquet.iter_batches(batch_size=1024, columns=[r.text_field]):
+    for batch in parquet.iter_batches(batch_size=_parquet_batch_rows(parquet),
+                                      columns=[r.text_field]):
       column = batch.column(0).to_pylist()
       values.extend(column)
       size += sum(len(v) for v in column if isinstance(v, str))

@@ -92,8 +92,11 @@ class PartWriter:
     return {'name': self.name, 'tokens': dict(self.tokens), 'documents': dict(self.documents)}
 
   def abort(self) -> None:
-    for f in self.files.values():
+    """Closes and deletes the unfinished files: a failed part leaves nothing behind."""
+    for (split, kind), f in self.files.items():
       f.close()
+      if os.path.exists(tmp := self._path(split, kind) + '.tmp'):
+        os.remove(tmp)
 
 
 @dataclasses.dataclass(frozen=True)
