@@ -132,6 +132,39 @@ def test_a_resume_compares_what_fields_mean_and_still_refuses_real_changes(tmp_p
   _one_line_error(lr, 'optim.lr')
 
 
+def test_paths_are_compared_as_the_files_they_name(tmp_path, monkeypatch):
+  (tmp_path / 'data').mkdir()
+  (tmp_path / 'data' / 'x.txt').write_text('text')
+  os.symlink(tmp_path / 'data', tmp_path / 'link')
+  monkeypatch.chdir(tmp_path)
+
+  def meant(**fields) -> dict:
+    return config_lib.implied({k.replace('__', '.'): v for k, v in fields.items()})
+
+  same = [f'{tmp_path}/sub/../data/x.txt', 'data/x.txt', './data//x.txt', 'link/x.txt']
+  assert len({meant(data__path=p)['data.path'] for p in same}) == 1
+  assert meant(data__path='data/x.txt') != meant(data__path='data/y.txt')
+  assert (meant(data__mixture='web=./data/x.txt:0.7,code=gs://b/c:0.3') ==
+          meant(data__mixture=f'web={tmp_path}/link/x.txt:0.70, code=gs://b/c:.3'))
+  # Buckets have no aliases: kept as written, and different spellings stay different.
+  assert meant(data__path='gs://b/a/../c')['data.path'] == 'gs://b/a/../c'
+  assert meant(init_from='link:500') == meant(init_from=f'{tmp_path}/data/:500')
+  assert meant(init_from='data:500') != meant(init_from='data:600')
+
+
+@pytest.mark.slow
+def test_a_run_resumes_with_its_corpus_spelled_another_way(tmp_path, corpus_path):
+  os.makedirs(tmp_path / 'sub')
+  spelled = os.path.join(tmp_path, 'sub', '..', os.path.relpath(corpus_path, tmp_path))
+  first = _train(tmp_path / 'run', '--config.steps=2', '--config.checkpoint.every=2',
+                 f'--config.data.path={spelled}')
+  assert first.returncode == 0, first.stderr[-2000:]
+  again = _train(tmp_path / 'run', '--config.steps=4', '--config.checkpoint.every=2',
+                 f'--config.data.path={corpus_path}')
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert 'at step 2' in again.stdout
+
+
 @pytest.mark.slow
 def test_a_metrics_line_cut_mid_write_is_dropped_and_said_not_a_blocked_resume(tmp_path):
   workdir = tmp_path / 'run'

@@ -474,7 +474,26 @@ def implied(flat: dict) -> dict:
   if out.get('tokenizer.sentinels', 0) < 0:
     uses_spans = 'span_corruption' in dict(objective_mixture(str(get('objective', 'causal_lm'))))
     out['tokenizer.sentinels'] = 100 if uses_spans else 0
+  # Paths mean the files they name: 'a/../x.txt' and 'x.txt' are one corpus.
+  for key in ('data.path', 'data.prepared', 'finetune.eval_path', 'tokenizer.path'):
+    if out.get(key):
+      out[key] = ','.join(canonical_path(p) for p in str(out[key]).split(',') if p.strip())
+  if out.get('data.mixture'):
+    out['data.mixture'] = ','.join(f'{name}={canonical_path(path)}:{weight!r}'
+                                   for name, path, weight in mixture(str(out['data.mixture'])))
+  if out.get('init_from'):
+    path, step = init_source(str(out['init_from']))
+    out['init_from'] = canonical_path(path) + ('' if step is None else f':{step}')
   return out
+
+
+def canonical_path(path: str) -> str:
+  """A local path resolved to the file it names (home, '..', symlinks, relative to this directory);
+  a bucket path (gs://...) as written, since buckets have no such aliases."""
+  path = path.strip()
+  if not path or '://' in path:
+    return path
+  return os.path.realpath(os.path.expanduser(path))
 
 
 def num_sentinels(c: ml_collections.ConfigDict) -> int:
@@ -651,18 +670,25 @@ def init_source(spec: str) -> tuple[str, int | None]:
 
 
 def mixture(spec: str) -> list[tuple[str, str, float]]:
-  """(name, path, weight) of each source of a `data.mixture` ('NAME=PATH:WEIGHT,...')."""
+  """(name, path, weight) of each source of a `data.mixture` ('NAME=PATH:WEIGHT,...'); '' is
+  none. A path may hold colons (gs://...): the weight follows the last."""
+  if not spec:
+    return []
+  items = [p.strip() for p in spec.split(',')]
+  # Not skipped: a mixture of only empty items would pass validation and have no source to train.
+  _require(all(items), f'data.mixture={spec!r} has an empty item: separate its NAME=PATH:WEIGHT '
+           'items by single commas.')
   out = []
-  for item in (p.strip() for p in spec.split(',') if p.strip()):
+  for item in items:
     name, _, rest = item.partition('=')
     path, _, weight = rest.rpartition(':')
     try:
       value = float(weight)
     except ValueError:
       value = -1.0
-    _require(name.isidentifier() and path and value > 0,
-             f'data.mixture item {item!r} is not NAME=PATH:WEIGHT with a positive weight, e.g. '
-             'web=/data/web/*.parquet:0.7')
+    _require(name.isidentifier() and path and 0 < value < float('inf'),
+             f'data.mixture item {item!r} is not NAME=PATH:WEIGHT with a positive, finite weight, '
+             'e.g. web=/data/web/*.parquet:0.7')
     out.append((name, path, value))
   names = [n for n, _, _ in out]
   _require(len(set(names)) == len(names), f'data.mixture names a source twice: {names}.')
