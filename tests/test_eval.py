@@ -113,6 +113,56 @@ def test_split_tokens_with_the_runs_bpe_tokenizer(model):
   assert tok.decode(continuation_ids) == ' through yonder'
 
 
+def test_split_tokens_keeps_a_merge_across_the_boundary_in_the_whole():
+  # 266 pieces: 256 bytes, 5 special, 'a', 'b', 'c', '\u2581' (a space) and one merge, 'ab', so
+  # context 'a' and continuation 'b' merge into one token.
+  tok = tokenizer_lib.Tokenizer(tokenizer_lib.train(['ab' * 500 + ' c' * 20], model_type='bpe',
+                                                    vocab_size=266))
+  piece_ids = {tok.piece(i): i for i in range(tok.vocab_size)}
+  ab, a, b, c, space = (piece_ids[p] for p in ('ab', 'a', 'b', 'c', '\u2581'))
+  assert tok.encode('a') == [a] and tok.encode('ab c') == [ab, space, c]
+  # The whole, 'ab c', is [ab, space, c]: after the context's one id come [space, c], though 'b c'
+  # on its own is [b, space, c] (the harness's split, even where its ids do not spell the
+  # continuation).
+  assert scoring.split_tokens(tok, 'a', 'b c') == ([a], [space, c])
+  assert scoring.split_tokens(tok, 'a', 'bb') == ([a], [b])  # 'abb' is [ab, b].
+  # The whole, [ab], has nothing after the context's id: the continuation on its own.
+  assert scoring.split_tokens(tok, 'a', 'b') == ([a], [b])
+  # The context's ids begin the whole's: together they are the whole's.
+  context_ids, continuation_ids = scoring.split_tokens(tok, 'ab ', 'c')
+  assert (context_ids, continuation_ids) == ([ab], [space, c])
+  assert context_ids + continuation_ids == tok.encode('ab c')
+
+
+def test_split_tokens_at_random_points_of_real_text_takes_the_wholes_ids(corpus_path):
+  with open(corpus_path, encoding='utf-8') as f:
+    text = f.read()
+  tok = tokenizer_lib.Tokenizer(tokenizer_lib.train([text], model_type='bpe', vocab_size=400))
+  rng = np.random.default_rng(0)
+  checked = mid_word = differ = 0
+  for start in rng.integers(0, len(text) - 200, size=200):
+    cut, end = start + rng.integers(1, 100), start + 100 + rng.integers(1, 100)
+    context, continuation = text[start:cut], text[cut:end]
+    if not context.strip():
+      continue  # Scored after EOS: nothing to split.
+    # lm-eval-harness: the context's trailing whitespace goes to the continuation; the
+    # continuation's ids are the whole's after the context's (or its own, if there are none).
+    stripped = context.rstrip()
+    context_ids, whole = tok.encode(stripped), tok.encode(context + continuation)
+    own = tok.encode(context[len(stripped):] + continuation)
+    want = whole[len(context_ids):] or own
+    assert scoring.split_tokens(tok, context, continuation) == (context_ids, want), (
+        context, continuation)
+    if whole[:len(context_ids)] == context_ids:
+      assert context_ids + want == whole
+    checked += 1
+    mid_word += context[-1].isalnum() and continuation[0].isalnum()
+    differ += want != own
+  # Enough cuts inside words, where BPE merges across the boundary, that encoding the
+  # continuation on its own would give other ids (52 of 198 on Shakespeare, 58 on Python's sources).
+  assert checked > 150 and mid_word > 50 and differ > 10, (checked, mid_word, differ)
+
+
 def test_windows_cut_context_from_the_left_and_long_continuations_keep_their_end():
   inputs, targets, scored = scoring.window(list(range(10)), [10, 11, 12], seq_len=8)
   assert inputs == [4, 5, 6, 7, 8, 9, 10, 11] and targets == [5, 6, 7, 8, 9, 10, 11, 12]
@@ -341,25 +391,50 @@ def test_eval_command_writes_results_and_samples_and_prints_a_table(workdir, tmp
   assert "pretrax eval: error: piqa has no variant 'rc_9shot'" in missing.stderr
 
 
+def _harness_split(hf_tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+  """(context ids, continuation ids) as lm-eval-harness's `_encode_pair` makes them with
+  transformers' tokenizer: the continuation's ids are the whole's after the context's. Where
+  there are none, the continuation's own; an empty context is EOS (pretrax's choices)."""
+  stripped = context.rstrip()
+  context, continuation = stripped, context[len(stripped):] + continuation
+
+  def encode(text):
+    return hf_tok.encode(text, add_special_tokens=False)
+  if not context:
+    return [hf_tok.eos_token_id], encode(continuation)
+  context_ids = encode(context)
+  return context_ids, encode(context + continuation)[len(context_ids):] or encode(continuation)
+
+
 def test_logliks_equal_transformers_on_the_exported_checkpoint(model, workdir, tmp_path):
-  torch = pytest.importorskip('torch')
-  transformers = pytest.importorskip('transformers')
+  from conftest import require
+  torch, transformers = require('torch'), require('transformers')
   from pretrax.interop import hf
 
   out = str(tmp_path / 'hf')
   hf.export(workdir, out, log=lambda _: None)
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+  # Cuts inside words too, where BPE merges across the boundary (either corpus's).
+  cuts = [('And t', 'hen the king'), ('What is t', 'he matter?'), ('I will no', 't do it'),
+          ('if x is No', 'ne:'), ('    return se', 'lf.value')]
   requests = (tasks_lib.load(_write_task(tmp_path / 'qa.jsonl')).requests
-              + tasks_lib.load('arc_easy', limit=5).requests)  # Long: cut to the window.
+              + tasks_lib.load('arc_easy', limit=5).requests  # Long: cut to the window.
+              + [tasks_lib.Request(f'cut{i}', 0, context, continuation, 0)
+                 for i, (context, continuation) in enumerate(cuts)])
   ours = _score(model, requests)
-  differences = []
+  seq_len = model.config.data.seq_len
+  differences, merged = [], 0
   for r, s in zip(requests, ours):
     text = r.context + r.continuation
     assert hf_tok.encode(text, add_special_tokens=False) == model.tok.encode(text)
-    context_ids, continuation_ids = scoring.split_tokens(model.tok, r.context, r.continuation)
+    # The tokens to score, split by transformers' tokenizer as the harness does, not by ours.
+    context_ids, continuation_ids = _harness_split(hf_tok, r.context, r.continuation)
+    assert s.num_tokens == min(len(continuation_ids), seq_len), r
+    merged += continuation_ids != hf_tok.encode(scoring.scored_continuation(
+        r.context, r.continuation), add_special_tokens=False)
     document = context_ids + continuation_ids
-    window = document[-(model.config.data.seq_len + 1):]
+    window = document[-(seq_len + 1):]
     with torch.no_grad():
       logits = hf_model(torch.tensor([window[:-1]])).logits[0].double()
     logprobs = torch.log_softmax(logits, dim=-1)
@@ -370,6 +445,7 @@ def test_logliks_equal_transformers_on_the_exported_checkpoint(model, workdir, t
   print(f'max |pretrax - transformers| log-likelihood over {len(requests)} requests: '
         f'{max(differences):.2e}')
   assert max(differences) < 1e-3, max(differences)
+  assert merged, 'no request whose continuation the context changes: nothing to catch'
 
 
 def test_sharded_parameters_score_the_same(workdir, model, tmp_path):
