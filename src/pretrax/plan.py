@@ -71,11 +71,8 @@ class Plan:
 
   @property
   def peak_bytes(self) -> int:
-    """Inputs + outputs + temporaries + code; the donated state is an input and an output in the
-    same buffers (the alias), so it counts once."""
-    x = self.xla
-    return (x['argument_size_in_bytes'] + x['output_size_in_bytes'] - x['alias_size_in_bytes']
-            + x['temp_size_in_bytes'] + x['generated_code_size_in_bytes'])
+    """Inputs + outputs + temporaries + code (see `peak_bytes`)."""
+    return _peak(self.xla)
 
 
 _XLA_FIELDS = ('argument_size_in_bytes', 'output_size_in_bytes', 'alias_size_in_bytes',
@@ -224,15 +221,24 @@ def plan(c: ml_collections.ConfigDict, vocab_size: int,
       platform=devices[0].platform, params=params, param_bytes=param_bytes,
       opt_state_bytes=opt_state_bytes,
       batch_bytes=sum(_shard_bytes(x) for x in batch.values()),
-      xla={k: int(getattr(analysis, k)) for k in _XLA_FIELDS}, compile_s=compile_s,
+      xla=xla_fields(analysis), compile_s=compile_s,
       warnings=tuple(_warnings(params, mesh, param_bytes + opt_state_bytes)),
       attention_memory=attention_memory)
+
+
+def xla_fields(analysis) -> dict[str, int]:
+  """The sizes a plan keeps from XLA's memory analysis (`compiled.memory_analysis()`)."""
+  return {k: int(getattr(analysis, k)) for k in _XLA_FIELDS}
 
 
 def peak_bytes(analysis) -> int:
   """Per-device bytes of a compiled step: inputs + outputs + temporaries + code, the donated
   state counted once (it is an input and an output in the same buffers)."""
-  x = {k: int(getattr(analysis, k)) for k in _XLA_FIELDS}
+  return _peak(xla_fields(analysis))
+
+
+def _peak(x: dict[str, int]) -> int:
+  """The one formula behind `peak_bytes` and `Plan.peak_bytes`, on `xla_fields`' sizes."""
   return (x['argument_size_in_bytes'] + x['output_size_in_bytes'] - x['alias_size_in_bytes']
           + x['temp_size_in_bytes'] + x['generated_code_size_in_bytes'])
 

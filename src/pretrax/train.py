@@ -372,8 +372,13 @@ def _check_fits(compiled) -> None:
   """Refuses a step that cannot fit a device, before it runs out of memory mid-step."""
   analysis = compiled.memory_analysis()
   have = plan_lib.device_memory_bytes(jax.local_devices()[0])
-  if analysis is None or have is None:
-    return
+  if analysis is not None and have is not None:  # Either can be unknown: then run and see.
+    check_step_fits(analysis, have)
+
+
+def check_step_fits(analysis, have: int) -> None:
+  """Raises ConfigError unless a step with XLA's memory analysis `analysis` (its parameters,
+  optimizer state, batch, outputs, temporaries and code) fits in `have` bytes per device."""
   need, temp = plan_lib.peak_bytes(analysis), int(analysis.temp_size_in_bytes)
   if need > have:
     gib = 1 << 30
