@@ -139,3 +139,18 @@ def run_python(script: str, devices: int, timeout: int = 600) -> str:
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Involuntary full rematerialization' not in result.stderr  # Shardings XLA can follow.
   return result.stdout
+
+
+def require(module: str):
+  """`module`, imported; else the test fails (never skips) with the command that installs it.
+
+  The dev extras install what the tests compare against (torch, transformers): a run without them
+  must not pass by checking less, as a skip would let it.
+  """
+  import importlib
+
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    missing = e  # Failed outside the handler, so the report is the one line, not the chain.
+  pytest.fail(f"{module} is not installed ({missing}): pip install -e '.[dev]'", pytrace=False)

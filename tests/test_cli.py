@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import PEAK_FLOPS_ARG, REPO, load_config, run_cli
+from conftest import PEAK_FLOPS_ARG, REPO, load_config, require, run_cli
 from pretrax import config as config_lib
 from pretrax import metrics
 
@@ -88,8 +88,8 @@ def _same_greedy_text_in_transformers(workdir, tmp_path, prompt: str, length: in
                                       ours: str) -> None:
   """The quickstart run, exported, greedy-decodes in transformers what `pretrax sample
   --temperature=0` printed; imported back, `pretrax train` continues where it left off."""
-  torch = pytest.importorskip('torch')
-  transformers = pytest.importorskip('transformers')
+  torch = require('torch')
+  transformers = require('transformers')
   out = tmp_path / 'hf'
   exported = run_cli('export', f'--workdir={workdir}', f'--out={out}')
   assert exported.returncode == 0, exported.stderr[-2000:]

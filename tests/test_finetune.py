@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import PEAK_FLOPS_ARG, built_once, load_config, run_cli
+from conftest import PEAK_FLOPS_ARG, built_once, load_config, require, run_cli
 from pretrax import checkpoint
 from pretrax import config as config_lib
 from pretrax import sample as sample_lib
@@ -261,8 +261,8 @@ def test_sft_from_a_checkpoint_learns_the_answers_resumes_and_exports(tmp_path, 
   assert more.returncode == 0 and 'resumed from' in more.stdout and 'initialised' not in more.stdout
 
   # A fine-tuned decoder exports like any causal LM.
-  transformers = pytest.importorskip('transformers')
-  torch = pytest.importorskip('torch')
+  transformers = require('transformers')
+  torch = require('torch')
   out = str(tmp_path / 'hf')
   exported = run_cli('export', f'--workdir={workdir}', f'--out={out}')
   assert exported.returncode == 0, exported.stderr[-2000:]

@@ -1,5 +1,7 @@
 """Hugging Face export and import, checked against transformers itself (torch on CPU).
 
+Without torch and transformers (`pip install -e '.[dev]'`) the comparisons fail rather than skip.
+
 Every model here has random weights, norms and biases (not the initial ones and zeros), so a
 tensor mapped to the wrong place, transposed or split the wrong way shows in the logits.
 """
@@ -13,15 +15,12 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from conftest import load_config
+from conftest import load_config, require
 from pretrax import checkpoint
 from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
 from pretrax.interop import hf
 from pretrax.interop import hf_tokenizer
-
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
 
 # Text that trips tokenizers up: runs of spaces, tabs, newlines, bytes never seen in training,
 # a literal '▁', emoji, CJK, control characters, a byte-order mark.
@@ -88,12 +87,14 @@ def _pretrax_logits(run, params, ids: list[int]) -> np.ndarray:
 
 
 def _hf_logits(model, ids: list[int]) -> np.ndarray:
+  torch = require('torch')
   with torch.no_grad():
     return model(torch.tensor([ids])).logits[0].float().numpy()
 
 
-def _hf_class(arch: str):
-  return getattr(transformers, arch)
+def _hf_class(name: str):
+  """transformers.NAME, imported when a test needs it: the tests that do not still run without."""
+  return getattr(require('transformers'), name)
 
 
 @pytest.mark.parametrize('name', list(MODELS))
@@ -106,7 +107,7 @@ def test_export_matches_transformers_and_imports_back(tmp_path, corpus_path, cha
                   'llama_bias_untied': hf.LLAMA}.get(name, hf.GPT2)
 
   model = _hf_class(arch).from_pretrained(out).eval()
-  tok = transformers.AutoTokenizer.from_pretrained(out)
+  tok = _hf_class('AutoTokenizer').from_pretrained(out)
   ids = char_tokenizer.encode('ROMEO:\nWhat light')
   assert tok.encode('ROMEO:\nWhat light', add_special_tokens=False) == ids
   if name == 'encoder':
@@ -131,8 +132,8 @@ def test_bfloat16_and_sharded_export(tmp_path, corpus_path, char_tokenizer):
             log=lambda _: None)
   with open(os.path.join(out, 'model.safetensors.index.json')) as f:
     assert len(set(json.load(f)['weight_map'].values())) > 3
-  model = transformers.LlamaForCausalLM.from_pretrained(out)
-  assert model.dtype == torch.bfloat16
+  model = _hf_class('LlamaForCausalLM').from_pretrained(out)
+  assert model.dtype == require('torch').bfloat16
   ids = char_tokenizer.encode('To be, or not to be')
   bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params)
   ours = _pretrax_logits(run, bf16, ids)  # The same rounded weights, computed in float32.
@@ -142,17 +143,17 @@ def test_bfloat16_and_sharded_export(tmp_path, corpus_path, char_tokenizer):
 
 # Each transformers architecture with random weights, and the pretrax config that matches it.
 HF_MODELS = {
-    'gpt2': (None, {'model.use_bias': True}, lambda V: transformers.GPT2Config(
+    'gpt2': (None, {'model.use_bias': True}, lambda V: _hf_class('GPT2Config')(
         vocab_size=V, n_positions=24, n_embd=64, n_layer=2, n_head=2, n_inner=96,
         activation_function='gelu_new', architectures=[hf.GPT2])),
     'llama': ('llama', {'model.use_bias': True, 'model.tie_embeddings': False},
-              lambda V: transformers.LlamaConfig(
+              lambda V: _hf_class('LlamaConfig')(
                   vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=24,
                   rms_norm_eps=1e-5, attention_bias=True, mlp_bias=True,
                   tie_word_embeddings=False, architectures=[hf.LLAMA])),
     'xlmr': (None, {'objective': 'masked_lm', 'model.use_bias': True},
-             lambda V: transformers.XLMRobertaXLConfig(
+             lambda V: _hf_class('XLMRobertaXLConfig')(
                  vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                  intermediate_size=96, hidden_act='gelu_new', max_position_embeddings=25,
                  pad_token_id=0, architectures=[hf.XLMR])),
@@ -160,6 +161,7 @@ HF_MODELS = {
 
 
 def _transformers_model(name: str, vocab_size: int, out: str):
+  torch = require('torch')
   torch.manual_seed(0)
   hf_config = HF_MODELS[name][2](vocab_size)
   model = _hf_class(hf_config.architectures[0])(hf_config).eval()
@@ -245,7 +247,7 @@ def test_tokenizer_encodes_and_decodes_as_pretrax(tmp_path, corpus_path, model_t
                                                     vocab_size=vocab_size, num_sentinels=3))
   processor = spm.SentencePieceProcessor(model_proto=tok.model_proto)
   hf_tokenizer.save(tok.model_proto, str(tmp_path), model_max_length=64)
-  theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+  theirs = _hf_class('AutoTokenizer').from_pretrained(str(tmp_path))
   assert theirs.mask_token_id == tokenizer_lib.MASK_ID and theirs.eos_token_id == 3
   for t in AWKWARD + [text[:5000], text[-5000:]]:
     ours_ids, their_ids = tok.encode(t), theirs.encode(t, add_special_tokens=False)

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import PEAK_FLOPS, PEAK_FLOPS_ARG, REPO, built_once, fake_devices_env, run_python
+from conftest import (PEAK_FLOPS, PEAK_FLOPS_ARG, REPO, built_once, fake_devices_env, require,
+                      run_python)
 from pretrax import metrics
 
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
@@ -99,8 +100,8 @@ def test_sample_from_a_2x2x2_run_on_one_device(runs):
 def test_export_a_2x2x2_checkpoint_to_transformers(runs, tmp_path):
   """Export reads a checkpoint that 8 devices wrote in shards, one parameter at a time, on this
   one-device process; transformers then computes what pretrax computes from that checkpoint."""
-  torch = pytest.importorskip('torch')
-  transformers = pytest.importorskip('transformers')
+  torch = require('torch')
+  transformers = require('transformers')
   import jax.numpy as jnp
   import ml_collections
   from flax import nnx
