@@ -142,3 +142,66 @@ def test_attention_records_name_the_cudnn_kernel_the_rows_select():
                    prefix=False) == 'xla'
   assert which_ran('cudnn', 16, [], False, packed, prefix=False).startswith('unknown')
   assert which_ran('cpu', 0, [], False, packed, prefix=False) == 'cpu'
+
+
+
+def _attention_row(backend: str, max_diff: dict | None, ref_max_abs: dict | None, **row) -> dict:
+  return dict({'stage': 'attention', 'shape': 'llama_1b', 'mask': 'causal_packed',
+               'backend': backend, 'max_segments': 16, 'ran': f'{backend} variable-length',
+               'max_diff': max_diff, 'ref_max_abs': ref_max_abs}, **row)
+
+
+# The largest differences from xla the H200 measured for cuDNN (2026-12-04, bf16), each against
+# the reference's max |value|: one or two units in the last place.
+MEASURED = _attention_row('cudnn', {'out': 0.0156, 'dq': 0.0156, 'dk': 0.0312, 'dv': 0.0625},
+                          {'out': 2.39, 'dq': 1.8, 'dk': 4.19, 'dv': 10.2})
+# One value a little over the bound, one NaN: both named.
+BEYOND = _attention_row('cudnn', {'out': 0.0, 'dq': 0.033, 'dk': float('nan')},
+                        {'out': 1.0, 'dq': 1.0, 'dk': 1.0}, mask='prefix_lm', max_segments=0,
+                        ran='cudnn dense mask')
+BEYOND_LINES = [
+    "llama_1b prefix_lm cudnn max_segments=0 (cudnn dense mask): dq differs from xla by 0.033 > "
+    "0.0312 (0.03125 x xla's max |dq| 1)",
+    "llama_1b prefix_lm cudnn max_segments=0 (cudnn dense mask): dk differs from xla by nan > "
+    "0.0312 (0.03125 x xla's max |dk| 1)"]
+IGNORED = [  # xla is the reference; neither 'cpu' nor the loss is held to cuDNN's bound.
+    _attention_row('xla', {'out': 0.0}, {'out': 1.0}),
+    _attention_row('cpu', {'out': 0.5}, {'out': 1.0}),
+    {'stage': 'loss', 'chunk': 16, 'max_diff': {'dx': 1.0}, 'ref_max_abs': {'dx': 1.0}},
+    _attention_row('cudnn', None, None),  # xla failed: its own record is the error.
+]
+
+
+def test_cudnn_attention_beyond_the_bf16_bound_is_named():
+  kernels = _benchmark('kernels')
+  assert kernels.CUDNN_BOUND == 2**-5
+  assert kernels.beyond_bound([MEASURED, *IGNORED]) == []
+  assert kernels.beyond_bound([MEASURED, BEYOND, *IGNORED]) == BEYOND_LINES
+  # Judged against the reference's own scale: what passes against 2.39 fails against 0.25.
+  small = dict(MEASURED, ref_max_abs=dict(MEASURED['ref_max_abs'], out=0.25))
+  (line,) = kernels.beyond_bound([small])
+  assert ': out differs from xla by 0.0156 > 0.00781 ' in line, line
+
+
+@pytest.mark.parametrize('rows, errors, status', [
+    ([MEASURED, *IGNORED], 0, 0),
+    ([MEASURED, BEYOND, *IGNORED], 0, 1),
+    ([MEASURED, {'stage': 'attention', 'backend': 'cudnn', 'error': 'RuntimeError: x'}], 1, 1),
+    ([{'stage': 'loss', 'chunk': 0}], 0, 0),
+])
+def test_kernels_exit_status_holds_attention_to_the_bound(tmp_path, capsys, rows, errors, status):
+  kernels = _benchmark('kernels')
+  record = kernels.Recorder(str(tmp_path))
+  for row in rows:
+    record(row)
+  assert record.errors == errors
+  assert kernels.finish(record) == status
+  with open(tmp_path / 'kernels.jsonl') as f:
+    last = json.loads(f.readlines()[-1])
+  stderr = capsys.readouterr().err
+  if not any(r['stage'] == 'attention' for r in rows):  # No attention stage ran: nothing to hold.
+    assert last == rows[-1] and stderr == ''
+    return
+  beyond = BEYOND_LINES if BEYOND in rows else []
+  assert last == {'stage': 'attention_bound', 'bound': 2**-5, 'beyond': beyond}
+  assert stderr.splitlines() == [f'beyond the bound: {l}' for l in beyond]
