@@ -147,3 +147,16 @@ def test_a_preparation_that_fails_mid_group_closes_its_files_and_marks_nothing(t
   assert sorted(n for n in names if n.endswith(('.tokens', '.docs'))) == sorted(
       f'{split}-{part}.{kind}' for part in done for split in store.SPLITS
       for kind in ('tokens', 'docs'))
+
+
+def test_a_corpus_of_long_records_makes_the_same_store_with_or_without_workers(tmp_path):
+  (tmp_path / 'in').mkdir()
+  records = [_long_text(n, seed=n) for n in (100, 3 * MB, 200, 2 * MB, 50)]
+  (tmp_path / 'in' / 'a.jsonl').write_text(
+      ''.join(json.dumps({'text': r}) + '\n' for r in records))
+  (tmp_path / 'in' / 'b.txt').write_text(_long_text(3 * MB, seed=9).replace('\n', ' '))
+  c = _config(str(tmp_path / 'in'), shard_mb=1.5)  # Several parts, each a record or more.
+  stores = [_prepare(c, tmp_path / f'workers{w}', workers=w) for w in (0, 2)]
+  files = [{n: open(os.path.join(s.path, n), 'rb').read() for n in sorted(os.listdir(s.path))
+            if n.endswith(('.tokens', '.docs'))} for s in stores]
+  assert len(files[0]) >= 3 * 4 and files[0] == files[1]
