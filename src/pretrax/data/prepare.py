@@ -17,7 +17,6 @@ import collections
 from collections.abc import Callable, Iterable, Iterator
 import dataclasses
 import hashlib
-import itertools
 import json
 import multiprocessing
 import os
@@ -30,6 +29,9 @@ from pretrax import tokenizer as tokenizer_lib
 from pretrax.data import sources
 from pretrax.data import store as store_lib
 
+# A text longer than this (in characters) is tokenized in slices (see encode_texts). Above every
+# piece of a text file (at most ~2 MB), so those are tokenized as they always were.
+ENCODE_CHARS = 4 << 20
 _SAMPLE_FILES = 64  # The tokenizer's sample is drawn from at most this many files, spread out.
 _WAIT_S = 5.0  # Poll interval while waiting for other hosts.
 
@@ -129,19 +131,58 @@ class Encoded:
   empty: int
 
 
+def text_slices(text: str, size: int) -> list[str]:
+  """`text` in slices of at most `size` characters, each ending at a line end where it has one
+  (else at a space, else anywhere)."""
+  slices, start = [], 0
+  while len(text) - start > size:
+    end = text.rfind('\n', start, start + size) + 1
+    if end <= start:
+      end = text.rfind(' ', start, start + size) + 1
+    if end <= start:
+      end = start + size
+    slices.append(text[start:end])
+    start = end
+  slices.append(text[start:])
+  return slices
+
+
+def encode_texts(tok: tokenizer_lib.Tokenizer, texts: list[str], num_threads: int) -> list:
+  """Each text's token ids (an array of the store's dtype).
+
+  SentencePiece keeps ~30 bytes of state per character of each input it encodes, and a list of ids
+  costs ~36 bytes a token: a text longer than ENCODE_CHARS (a many-MB JSON record or Parquet cell)
+  is encoded slice by slice (text_slices), each slice's ids turned into an array at once, so a
+  record costs about its own size, not 40 times it. Shorter texts, every text piece of a text file
+  included, are encoded whole."""
+  dtype = store_lib.token_dtype(tok.vocab_size)
+  short = [i for i, t in enumerate(texts) if len(t) <= ENCODE_CHARS]
+  out: list = [None] * len(texts)
+  if short:
+    for i, ids in zip(short, tok.encode_batch([texts[i] for i in short], num_threads=num_threads),
+                      strict=True):
+      out[i] = np.array(ids, dtype)
+  for i, text in enumerate(texts):
+    if out[i] is None:
+      out[i] = np.concatenate([np.array(tok.encode(piece), dtype)
+                               for piece in text_slices(text, ENCODE_CHARS)])
+  return out
+
+
 def encode_unit(unit: sources.Unit, tok: tokenizer_lib.Tokenizer, reading: sources.Reading,
                 skip_bad: bool, num_threads: int = 1) -> Encoded:
   docs = sources.decode_unit(unit, reading, skip_bad)
-  ids = tok.encode_batch(docs.texts, num_threads=num_threads) if docs.texts else []
+  ids = encode_texts(tok, docs.texts, num_threads)
   dtype = store_lib.token_dtype(tok.vocab_size)
+  eos = np.array([tokenizer_lib.EOS_ID], dtype)
   tokens, doc_ends = {}, {}
   for k, split in enumerate(store_lib.SPLITS):
     chosen = [i for i, s in enumerate(docs.splits) if s == k]
-    pieces = [ids[i] + [tokenizer_lib.EOS_ID] if docs.ends[i] else ids[i] for i in chosen]
-    lengths = np.fromiter((len(p) for p in pieces), np.int64, len(pieces))
-    tokens[split] = np.fromiter(itertools.chain.from_iterable(pieces), dtype, int(lengths.sum()))
-    ends = np.cumsum(lengths)
-    doc_ends[split] = ends[np.fromiter((docs.ends[i] for i in chosen), bool, len(chosen))]
+    # A finished document is followed by EOS; a piece of one still going on is not.
+    pieces = [p for i in chosen for p in ((ids[i], eos) if docs.ends[i] else (ids[i],))]
+    tokens[split] = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
+    lengths = np.array([len(ids[i]) + docs.ends[i] for i in chosen], np.int64)
+    doc_ends[split] = np.cumsum(lengths)[np.array([docs.ends[i] for i in chosen], bool)]
   return Encoded(tokens, doc_ends, docs.bad, docs.empty)
 
 
