@@ -147,9 +147,9 @@ def fill_in_accuracy(workdir: str, records: str) -> float:
   import numpy as np
 
   from pretrax import tokenizer as tokenizer_lib
-  from pretrax import trained
+  from pretrax import saved_run
 
-  model = trained.load(workdir)
+  model = saved_run.load(workdir)
   encoder = nnx.merge(model.run.model_def, model.params)
   with open(records) as f:
     people = [json.loads(line) for line in f]

@@ -19,11 +19,11 @@ import pytest
 from conftest import PEAK_FLOPS_ARG, built_once, load_config, run_cli, run_python
 from pretrax import checkpoint
 from pretrax import config as config_lib
-from pretrax import evaluate
+from pretrax import eval_checkpoint
 from pretrax import sample
 from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
-from pretrax import trained
+from pretrax import saved_run
 from pretrax.downstream import scoring
 from pretrax.downstream import tasks as tasks_lib
 
@@ -57,11 +57,11 @@ def workdir(tmp_path_factory, corpus_path) -> str:
 
 
 @pytest.fixture(scope='module')
-def model(workdir) -> trained.Trained:
-  return trained.load(workdir)
+def model(workdir) -> saved_run.Trained:
+  return saved_run.load(workdir)
 
 
-def _score(model: trained.Trained, requests, **kwargs) -> list[scoring.Score]:
+def _score(model: saved_run.Trained, requests, **kwargs) -> list[scoring.Score]:
   return scoring.score_requests(model.run.model_def, model.params, model.tok, requests,
                                 seq_len=model.config.data.seq_len, **kwargs)
 
@@ -192,7 +192,7 @@ def test_metrics_on_a_hand_checked_case():
   assert m['bpb'] == pytest.approx(4.5 / math.log(2) / 8)
 
 
-def _direct(model: trained.Trained, request: tasks_lib.Request) -> tuple[float, bool]:
+def _direct(model: saved_run.Trained, request: tasks_lib.Request) -> tuple[float, bool]:
   """One request's log-likelihood and greedy flag from an unpadded forward pass of its own."""
   inputs, targets, scored = scoring.window(
       *scoring.split_tokens(model.tok, request.context, request.continuation),
@@ -256,7 +256,7 @@ def test_a_prefix_lm_reads_the_context_both_ways_and_the_continuation_causally(m
   assert score.loglik == pytest.approx(want, abs=1e-4)
 
 
-def _greedy_ids(model: trained.Trained, prompt: str, count: int) -> list[int]:
+def _greedy_ids(model: saved_run.Trained, prompt: str, count: int) -> list[int]:
   """`count` tokens of greedy decoding after `prompt`, each from an unpadded forward pass."""
   ids = model.tok.encode(prompt)
   out = []
@@ -455,11 +455,11 @@ def test_sharded_parameters_score_the_same(workdir, model, tmp_path):
                              seq_len=model.config.data.seq_len)
   got = run_python(f'''
       import json
-      from pretrax import config, trained
+      from pretrax import config, saved_run
       from pretrax.downstream import scoring, tasks
       mesh = config.base_config().mesh
       mesh.data, mesh.fsdp, mesh.tensor = 1, 2, 2
-      m = trained.load({workdir!r}, mesh=mesh)
+      m = saved_run.load({workdir!r}, mesh=mesh)
       assert len(m.params['embed']['embedding'].sharding.device_set) == 4
       print(json.dumps(scoring.score_tasks(m.run.model_def, m.params, m.tok,
                                            [tasks.load({qa!r})],
@@ -481,9 +481,9 @@ def test_an_encoder_is_refused_in_one_line(tmp_path, corpus_path):
   checkpoint.save(mngr, 1, run.init(0), json.loads(c.to_json()))
   checkpoint.wait(mngr)
   mngr.close()
-  tok.save(str(tmp_path / trained.TOKENIZER_FILE))
+  tok.save(str(tmp_path / saved_run.TOKENIZER_FILE))
   with pytest.raises(config_lib.ConfigError, match='encoder, which gives no next-token'):
-    evaluate.evaluate(str(tmp_path), [_write_task(tmp_path / 'qa.jsonl')], log=lambda _: None)
+    eval_checkpoint.evaluate(str(tmp_path), [_write_task(tmp_path / 'qa.jsonl')], log=lambda _: None)
 
 
 def test_tasks_scored_in_the_loop_match_pretrax_eval_on_the_saved_checkpoint(tmp_path, corpus_path):

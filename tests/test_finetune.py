@@ -16,7 +16,7 @@ from pretrax import sample as sample_lib
 from pretrax import state as state_lib
 from pretrax import step as step_lib
 from pretrax import tokenizer as tokenizer_lib
-from pretrax import trained
+from pretrax import saved_run
 from pretrax.data import examples
 from pretrax.data import records as records_lib
 from pretrax.data import sources
@@ -192,20 +192,20 @@ def test_init_from_takes_the_parameters_adds_a_fresh_head_and_names_mismatches(t
   c.init_from = str(tmp_path / 'mlm') + ':4'
   run = state_lib.build(c, tok.vocab_size, num_classes=6)
   with pytest.raises(FileNotFoundError, match=r'no checkpoint at step 4 .* it has steps \[5\]'):
-    trained.initial_params(c, run, print)
+    saved_run.initial_params(c, run, print)
   c.init_from = str(tmp_path / 'mlm') + ':5'
   said = []
-  params = _flat(trained.initial_params(c, run, said.append))
-  for name in set(params) - set(trained.NEW_HEAD):
+  params = _flat(saved_run.initial_params(c, run, said.append))
+  for name in set(params) - set(saved_run.NEW_HEAD):
     np.testing.assert_array_equal(params[name], source[name], err_msg=name)
-  assert set(trained.NEW_HEAD) <= set(params) and 'mlm_bias' not in params
+  assert set(saved_run.NEW_HEAD) <= set(params) and 'mlm_bias' not in params
   assert 'new (random) parameters: classifier' in said[0] and 'left out: mlm_bias' in said[0]
 
   c.model.embed_dim = 32
   wider = state_lib.build(c, tok.vocab_size, num_classes=6)
   with pytest.raises(config_lib.ConfigError, match=r'19 parameters differ: blocks/0/attn/k is '
                      r'\(32, 2, 16\) here and \(64, 2, 32\) there'):
-    trained.initial_params(c, wider, said.append)
+    saved_run.initial_params(c, wider, said.append)
 
 
 def test_init_from_a_hugging_face_directory(tmp_path, records):
@@ -216,14 +216,14 @@ def test_init_from_a_hugging_face_directory(tmp_path, records):
   source = _flat(_saved_run(c, tok, str(tmp_path / 'run')))
   hf.export(str(tmp_path / 'run'), str(tmp_path / 'hf'), log=lambda _: None)
   c.objective, c.init_from = 'sft', str(tmp_path / 'hf')
-  assert trained.source_tokenizer(c.init_from) == str(tmp_path / 'hf' / 'tokenizer.model')
+  assert saved_run.source_tokenizer(c.init_from) == str(tmp_path / 'hf' / 'tokenizer.model')
   said = []
-  params = _flat(trained.initial_params(c, state_lib.build(c, tok.vocab_size), said.append))
+  params = _flat(saved_run.initial_params(c, state_lib.build(c, tok.vocab_size), said.append))
   assert set(params) == set(source) and 'Hugging Face' in said[0]
   for name, value in source.items():
     np.testing.assert_array_equal(params[name], value, err_msg=name)
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    trained.source_tokenizer(str(tmp_path / 'nowhere'))
+    saved_run.source_tokenizer(str(tmp_path / 'nowhere'))
 
 
 # ---- End to end, as a user runs it -------------------------------------------------------------
@@ -245,7 +245,7 @@ def test_sft_from_a_checkpoint_learns_the_answers_resumes_and_exports(tmp_path, 
   assert evals[-1]['eval_exact_match'] > 0.9, evals
 
   # Greedy generation agrees with the exact-match metric: it answers held-out prompts right.
-  model = trained.load(workdir)
+  model = saved_run.load(workdir)
   right = 0
   for line in open(records['qa']).readlines()[:10]:
     record = json.loads(line)
@@ -270,7 +270,7 @@ def test_sft_from_a_checkpoint_learns_the_answers_resumes_and_exports(tmp_path, 
   ids = tok.encode('7 lives in oslo. city?\n')
   with torch.no_grad():
     theirs = hf_model(torch.tensor([ids])).logits[0].numpy()
-  model = trained.load(workdir)
+  model = saved_run.load(workdir)
   from flax import nnx
   ours = np.asarray(nnx.merge(model.run.model_def, model.params)(
       jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32), jnp.arange(len(ids))[None]))[0]
@@ -290,7 +290,7 @@ def test_classification_on_an_encoder_reaches_high_held_out_accuracy(tmp_path, r
   assert "labels ['bern', 'doha', 'kiev', 'lima', 'oslo', 'rome']" in done.stdout
   final = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))][-1]
   assert final['eval_accuracy'] > 0.9 and final['eval_baseline_accuracy'] < 0.3, final
-  assert trained.load(workdir).run.model_cfg.num_classes == 6
+  assert saved_run.load(workdir).run.model_cfg.num_classes == 6
 
   bad = run_cli('train', '--config=configs/tiny.py', f'--workdir={tmp_path / "bad"}',
                 '--config.objective=classification', f'--config.data.path={records["cls"]}',

@@ -238,11 +238,11 @@ def _run_sample() -> None:
 
 
 def _run_eval() -> None:
-  from pretrax import evaluate
+  from pretrax import eval_checkpoint
 
   _require_flags('workdir', 'tasks')
   logging.set_verbosity(logging.ERROR)  # Orbax warns once per array read from a read-only dir.
-  evaluate.evaluate(FLAGS.workdir, FLAGS.tasks, step=FLAGS.step, limit=FLAGS.limit,
+  eval_checkpoint.evaluate(FLAGS.workdir, FLAGS.tasks, step=FLAGS.step, limit=FLAGS.limit,
                     output=FLAGS.output, batch_tokens=FLAGS.batch_tokens)
 
 

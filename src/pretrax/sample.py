@@ -14,7 +14,7 @@ import numpy as np
 
 from pretrax import config as config_lib
 from pretrax import tokenizer as tokenizer_lib
-from pretrax import trained
+from pretrax import saved_run
 
 
 @functools.partial(jax.jit, static_argnames=('model_def', 'top_k'))
@@ -86,7 +86,7 @@ def fill_in(model_def: nnx.GraphDef, params, tok: tokenizer_lib.Tokenizer,
 def from_workdir(workdir: str, prompt: str, *, length: int, temperature: float, top_k: int = 0,
                  seed: int = 0, step: int | None = None) -> str:
   """Generates from the latest (or the given) checkpoint of a training run."""
-  model = trained.load(workdir, step)
+  model = saved_run.load(workdir, step)
   if model.run.model_cfg.attention == 'bidirectional':
     raise config_lib.ConfigError(f'the run in {workdir} trained a {model.config.objective} '
                                  'encoder, which does not generate text: sample from a decoder '

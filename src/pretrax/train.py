@@ -20,7 +20,7 @@ import numpy as np
 
 from pretrax import checkpoint
 from pretrax import config as config_lib
-from pretrax import evaluation
+from pretrax import train_eval
 from pretrax import faults
 from pretrax import metrics as metrics_lib
 from pretrax import paths
@@ -28,7 +28,7 @@ from pretrax import plan as plan_lib
 from pretrax import sample as sample_lib
 from pretrax import state as state_lib
 from pretrax import step as step_lib
-from pretrax import trained
+from pretrax import saved_run
 from pretrax.data import dataset
 from pretrax.data import objectives as objectives_lib
 
@@ -74,8 +74,8 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
   log(f'model: {c.model.flavour}, {num_params:,} parameters, mesh {dict(run.mesh.shape)}')
 
   # ---- Steps, bookkeeping, the loop ---------------------------------------------------------
-  evaluate = evaluation.Evaluator(c, evaluation.held_out(c, run, data),
-                                  evaluation.task_scorer(c, run, data, log))
+  evaluate = train_eval.Evaluator(c, train_eval.held_out(c, run, data),
+                                  train_eval.task_scorer(c, run, data, log))
   run_log = RunLog.create(c, workdir, run, start, latest_step=mngr.latest_step)
   trace = _StepTrace(c.profile_steps, workdir)
   compile_s = 0.0
@@ -102,7 +102,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
 
   text = _final_sample(c, run, state['params'], data)
   log(f'outputs in {paths.path(workdir)}: metrics.jsonl, TensorBoard events, checkpoints/, '
-      f'{trained.TOKENIZER_FILE}')
+      f'{saved_run.TOKENIZER_FILE}')
   return {'train': run_log.last_train, 'eval': run_log.last_eval, 'state': state,
           'compile_s': compile_s, 'peak_flops': run_log.peak,
           'flops_per_step': run_log.flops_per_step, 'sample': text}
@@ -110,7 +110,7 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
 
 def _loop(c: ml_collections.ConfigDict, state: Any, start: int,
           batches: Iterator[dict[str, jax.Array]], train_step: Callable,
-          evaluate: evaluation.Evaluator, run_log: 'RunLog', save: Callable[[int, Any], None],
+          evaluate: train_eval.Evaluator, run_log: 'RunLog', save: Callable[[int, Any], None],
           stop: faults.StopSignals, trace: '_StepTrace') -> Any:
   """Steps start+1 .. c.steps: step -> log -> eval -> save, stopping (saved) on a signal."""
   for step in range(start + 1, c.steps + 1):  # 1-based, as logged.
@@ -140,7 +140,7 @@ def _initial_state(c: ml_collections.ConfigDict, workdir: str,
   or the newest intact checkpoint."""
   if mngr.latest_step() is None:
     if c.init_from:
-      return run.state_from(trained.initial_params(c, run, log)), 0
+      return run.state_from(saved_run.initial_params(c, run, log)), 0
     return run.init(c.seed), 0
   state = checkpoint.restore_newest_intact(mngr, workdir, run.abstract,
                                            fallback=c.checkpoint.fallback, log=log)
@@ -265,7 +265,7 @@ class RunLog:
     self.last_eval = {'step': step, **result}
     self.writer.write(self.last_eval)
     guess = 'label' if self.c.objective == 'classification' else 'token'
-    log(evaluation.eval_line(step, self.last_eval, guess))
+    log(train_eval.eval_line(step, self.last_eval, guess))
     self.restart_clock()  # Evaluation time is not training time.
 
 
@@ -357,13 +357,13 @@ def load_data(c: ml_collections.ConfigDict, workdir: str,
   (Also used by benchmarks/throughput.py to time the pipeline alone.)"""
   if c.init_from and not c.tokenizer.path:
     c = copy.deepcopy(c)
-    c.tokenizer.path = trained.source_tokenizer(c.init_from)
+    c.tokenizer.path = saved_run.source_tokenizer(c.init_from)
   data = dataset.load(c, workdir, process_index=jax.process_index(),
                       process_count=jax.process_count(), has_checkpoints=has_checkpoints, log=log)
   if jax.process_index() == 0:
-    data.tok.save(paths.join(workdir, trained.TOKENIZER_FILE))
+    data.tok.save(paths.join(workdir, saved_run.TOKENIZER_FILE))
     if c.objective == 'classification':
-      labels = paths.path(paths.join(workdir, trained.LABELS_FILE))
+      labels = paths.path(paths.join(workdir, saved_run.LABELS_FILE))
       labels.write_text(json.dumps(list(data.labels)))
   return data
 

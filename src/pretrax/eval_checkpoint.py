@@ -13,7 +13,7 @@ import json
 
 from pretrax import config as config_lib
 from pretrax import paths
-from pretrax import trained
+from pretrax import saved_run
 from pretrax.downstream import scoring
 from pretrax.downstream import tasks as tasks_lib
 
@@ -52,7 +52,7 @@ def evaluate(workdir: str, task_names: Sequence[str], *, step: int | None = None
   """Scores the checkpoint at `step` (default: the latest) on the tasks; returns task name ->
   metrics, having written results.json and the samples files to `output`."""
   tasks = tasks_lib.load_all(task_names, limit)  # A misspelt task fails before the restore.
-  model = trained.load(workdir, step)
+  model = saved_run.load(workdir, step)
   if model.run.model_cfg.attention == 'bidirectional':
     raise config_lib.ConfigError(f'the run in {workdir} trained a {model.config.objective} '
                                  'encoder, which gives no next-token log-likelihoods: evaluate a '
