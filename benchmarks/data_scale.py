@@ -72,8 +72,13 @@ DOC_BYTES = (500, 8000)  # Document lengths, log-uniform between these.
 MAX_FILE_BYTES = 96 * MB  # Text per corpus file, at most.
 ENCODE_CHUNK_BYTES = 16 * MB  # Documents per raw encode call.
 SEQ_LEN, BATCH = 1024, 64
-OBJECTIVES = ('causal_lm', 'masked_lm', 'span_corruption', 'prefix_lm',
-              'causal_lm:2,span_corruption:1,prefix_lm:1')
+OBJECTIVES = (
+  'causal_lm',
+  'masked_lm',
+  'span_corruption',
+  'prefix_lm',
+  'causal_lm:2,span_corruption:1,prefix_lm:1',
+)
 
 
 # ---- Synthetic corpora ------------------------------------------------------------------------
@@ -144,6 +149,7 @@ def write_file(task: tuple[str, str, int, float]) -> tuple[int, int]:
   if fmt == 'parquet':
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     schema = pa.schema([('text', pa.string())])
     with pq.ParquetWriter(tmp, schema) as writer:
       for batch, size in documents(seed, target, 8 * MB):
@@ -155,6 +161,7 @@ def write_file(task: tuple[str, str, int, float]) -> tuple[int, int]:
         stream = gzip.GzipFile(fileobj=raw, mode='wb', compresslevel=6)
       else:
         import zstandard
+
         stream = zstandard.ZstdCompressor(level=3).stream_writer(raw)
       with stream:
         for batch, size in documents(seed, target, 4 * MB):
@@ -189,30 +196,56 @@ def make_corpus(root: str, size_gb: float, seed: int, processes: int) -> Corpus:
   count = max(6, count + (-count) % len(FORMATS))  # Every format, equally often.
   per_file = size_gb * GB / count
   _, origin = source_paragraphs()
-  spec = {'size_gb': size_gb, 'seed': seed, 'files': count, 'origin': origin,
-          'variants': VARIANTS, 'doc_bytes': DOC_BYTES}
+  spec = {
+    'size_gb': size_gb,
+    'seed': seed,
+    'files': count,
+    'origin': origin,
+    'variants': VARIANTS,
+    'doc_bytes': DOC_BYTES,
+  }
   if os.path.exists(spec_path):
     with open(spec_path) as f:
       saved = json.load(f)
     if saved['spec'] == spec:
-      return Corpus(name, out, saved['files'], saved['text_bytes'], saved['documents'],
-                    saved['disk_bytes'], 0.0, origin)
+      return Corpus(
+        name,
+        out,
+        saved['files'],
+        saved['text_bytes'],
+        saved['documents'],
+        saved['disk_bytes'],
+        0.0,
+        origin,
+      )
   shutil.rmtree(out, ignore_errors=True)
   os.makedirs(os.path.join(out, 'files'))
-  tasks = [(os.path.join(out, 'files', f'part-{i:04d}.{FORMATS[i % len(FORMATS)]}'),
-            FORMATS[i % len(FORMATS)], seed * 100_003 + i, per_file) for i in range(count)]
+  tasks = [
+    (
+      os.path.join(out, 'files', f'part-{i:04d}.{FORMATS[i % len(FORMATS)]}'),
+      FORMATS[i % len(FORMATS)],
+      seed * 100_003 + i,
+      per_file,
+    )
+    for i in range(count)
+  ]
   start = time.perf_counter()
   with multiprocessing.get_context('spawn').Pool(processes, _start_generator) as pool:
     results = pool.map(write_file, tasks, chunksize=1)
   seconds = time.perf_counter() - start
   files = [t[0] for t in tasks]
-  saved = {'spec': spec, 'files': files, 'text_bytes': sum(r[0] for r in results),
-           'documents': sum(r[1] for r in results),
-           'disk_bytes': sum(os.path.getsize(f) for f in files)}
+  saved = {
+    'spec': spec,
+    'files': files,
+    'text_bytes': sum(r[0] for r in results),
+    'documents': sum(r[1] for r in results),
+    'disk_bytes': sum(os.path.getsize(f) for f in files),
+  }
   with open(spec_path, 'w') as f:
     json.dump(saved, f)
-  return Corpus(name, out, files, saved['text_bytes'], saved['documents'], saved['disk_bytes'],
-                seconds, origin)
+  return Corpus(
+    name, out, files, saved['text_bytes'], saved['documents'], saved['disk_bytes'], seconds, origin
+  )
 
 
 def read_documents(path: str, budget: float) -> list[str]:
@@ -221,6 +254,7 @@ def read_documents(path: str, budget: float) -> list[str]:
   docs, size = [], 0
   if path.endswith('.parquet'):
     import pyarrow.parquet as pq
+
     for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=['text']):
       for text in batch.column(0).to_pylist():
         docs.append(text)
@@ -232,6 +266,7 @@ def read_documents(path: str, budget: float) -> list[str]:
     stream = gzip.open(path, 'rb')
   else:
     import zstandard
+
     stream = zstandard.ZstdDecompressor().stream_reader(open(path, 'rb'))
   with stream:
     for line in io.BufferedReader(stream, 1 << 20):
@@ -257,7 +292,7 @@ def tree_pids(root: int) -> list[int]:
         stat = f.read()
     except OSError:
       continue
-    ppid = int(stat[stat.rindex(')') + 2:].split()[1])  # The name may hold spaces.
+    ppid = int(stat[stat.rindex(')') + 2 :].split()[1])  # The name may hold spaces.
     children.setdefault(ppid, []).append(int(entry))
   out, todo = [], [root]
   while todo:
@@ -336,10 +371,19 @@ def own_s() -> float:
 
 
 def prepare_command(corpus: Corpus, out: str, tokenizer: str, workers: int) -> list[str]:
-  return [sys.executable, '-m', 'pretrax.cli', 'prepare', f'--config={CONFIG}', f'--output={out}',
-          f'--workers={workers}', f'--config.data.path={corpus.pattern}',
-          '--config.tokenizer.model_type=bpe', '--config.tokenizer.vocab_size=8192',
-          f'--config.tokenizer.path={tokenizer}']
+  return [
+    sys.executable,
+    '-m',
+    'pretrax.cli',
+    'prepare',
+    f'--config={CONFIG}',
+    f'--output={out}',
+    f'--workers={workers}',
+    f'--config.data.path={corpus.pattern}',
+    '--config.tokenizer.model_type=bpe',
+    '--config.tokenizer.vocab_size=8192',
+    f'--config.tokenizer.path={tokenizer}',
+  ]
 
 
 @dataclasses.dataclass
@@ -358,8 +402,9 @@ def run_tree(command: list[str], log_path: str, kill_after: float | None = None)
     log_start = log.tell()
     cpu = CpuMeter()
     start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen(
+      command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     memory = PeakMemory(process.pid)
     try:
       process.wait(timeout=kill_after)
@@ -426,8 +471,10 @@ def prepare_store(corpus: Corpus, root: str, tokenizer: str, workers: int, log) 
   store = os.path.join(root, 'stores', corpus.name)
   shutil.rmtree(store, ignore_errors=True)
   log(f'preparing {corpus.name} into {store}')
-  run = run_tree(prepare_command(corpus, store, tokenizer, workers),
-                 os.path.join(root, 'logs', f'prepare-{corpus.name}.log'))
+  run = run_tree(
+    prepare_command(corpus, store, tokenizer, workers),
+    os.path.join(root, 'logs', f'prepare-{corpus.name}.log'),
+  )
   if run.returncode != 0:
     raise RuntimeError(f'pretrax prepare failed: {run.error}')
   with open(os.path.join(store, 'manifest.json')) as f:
@@ -440,6 +487,7 @@ def prepare_store(corpus: Corpus, root: str, tokenizer: str, workers: int, log) 
 def raw_baseline(p: Prepared, tokenizer: str, raw_mb: float, threads: int) -> None:
   """Raw SentencePiece MB/s over the corpus' first documents (read beforehand, not timed)."""
   import sentencepiece as spm
+
   budget = min(raw_mb * MB, p.corpus.text_bytes)
   docs = [d for f in p.corpus.files for d in read_documents(f, budget / len(p.corpus.files))]
   sizes = [len(d.encode('utf-8')) for d in docs]
@@ -498,8 +546,10 @@ def one_worker_identical(p: Prepared, root: str, tokenizer: str, log) -> tuple[b
   store = p.store + '-1worker'
   shutil.rmtree(store, ignore_errors=True)
   log(f'preparing {p.corpus.name} with 1 worker')
-  run = run_tree(prepare_command(p.corpus, store, tokenizer, 1),
-                 os.path.join(root, 'logs', f'1worker-{p.corpus.name}.log'))
+  run = run_tree(
+    prepare_command(p.corpus, store, tokenizer, 1),
+    os.path.join(root, 'logs', f'1worker-{p.corpus.name}.log'),
+  )
   if run.returncode != 0:
     raise RuntimeError(f'the 1-worker prepare failed: {run.error}')
   return digests(p.store) == digests(store), run.seconds
@@ -508,7 +558,7 @@ def one_worker_identical(p: Prepared, root: str, tokenizer: str, log) -> tuple[b
 # ---- Reading ----------------------------------------------------------------------------------
 
 # Run in a fresh interpreter: everything a training process does before its first batch.
-_FIRST_BATCH = '''
+_FIRST_BATCH = """
 import json, sys, time
 started = float(sys.argv[1])
 from pretrax import config as config_lib
@@ -528,15 +578,19 @@ batch = next(batches)
 done = time.time()
 print(json.dumps({'imports': imported - started, 'total': done - started,
                   'shape': list(batch['inputs'].shape)}), flush=True)
-'''
+"""
 
 
 def first_batch_seconds(store: str) -> dict:
   """Seconds from a fresh process's start to its first batch (the process is then killed)."""
   started = time.time()
-  process = subprocess.Popen([sys.executable, '-c', _FIRST_BATCH, repr(started), store, CONFIG,
-                              str(SEQ_LEN), str(BATCH)], cwd=REPO, stdout=subprocess.PIPE,
-                             text=True, start_new_session=True)
+  process = subprocess.Popen(
+    [sys.executable, '-c', _FIRST_BATCH, repr(started), store, CONFIG, str(SEQ_LEN), str(BATCH)],
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    text=True,
+    start_new_session=True,
+  )
   line = process.stdout.readline()
   os.killpg(process.pid, signal.SIGKILL)  # Grain's prefetch threads would keep reading.
   process.wait()
@@ -557,23 +611,32 @@ class Throughput:
     return self.batches * BATCH * SEQ_LEN / self.seconds
 
 
-def pipeline_throughput(store_path: str, objective: str, min_batches: int, min_seconds: float,
-                        max_seconds: float, warmup: int = 3) -> Throughput:
+def pipeline_throughput(
+  store_path: str,
+  objective: str,
+  min_batches: int,
+  min_seconds: float,
+  max_seconds: float,
+  warmup: int = 3,
+) -> Throughput:
   """Batches of one objective from a store, timed after `warmup` batches: at least
   `min_batches` and `min_seconds` (so the prefetched batches weigh little), at most
   `max_seconds`."""
   from pretrax import config as config_lib
   from pretrax import tokenizer as tokenizer_lib
   from pretrax.data import objectives, pipeline, store
+
   s = store.Store(store_path)
   c = config_lib.load(CONFIG)
   c.objective = objective
   c.data.seq_len = SEQ_LEN
   objs = objectives.Objectives.from_config(c, tokenizer_lib.Tokenizer.load(s.tokenizer_path))
-  source = pipeline.Source('data', 1.0, pipeline.Windows(s.split('train'), SEQ_LEN, SEQ_LEN),
-                           s.split('eval'))
-  batches = pipeline.train_batches([source], objs, global_batch=BATCH, seed=0, start_step=0,
-                                   threads=2)
+  source = pipeline.Source(
+    'data', 1.0, pipeline.Windows(s.split('train'), SEQ_LEN, SEQ_LEN), s.split('eval')
+  )
+  batches = pipeline.train_batches(
+    [source], objs, global_batch=BATCH, seed=0, start_step=0, threads=2
+  )
   for _ in range(warmup):
     next(batches)
   cpu = CpuMeter()
@@ -607,66 +670,123 @@ def preparation_table(prepared: list[Prepared], workers: int) -> str:
   for p in prepared:
     c = p.corpus
     ratio = p.mb_s / p.raw_mb_s
-    rows.append([
-        c.name, f'{len(c.files)} ({", ".join(FORMATS)})', f'{c.documents:,}',
-        f'{c.text_bytes / MB:,.0f}', f'{c.disk_bytes / MB:,.0f}', f'{p.tokens:,}',
-        f'{p.run.seconds:.1f}', f'{p.mb_s:.2f}', f'{p.tokens / p.run.seconds / 1e6:.2f}',
-        f'{p.run.peak_bytes / MB:,.0f}', f'{p.store_bytes / p.tokens:.3f}',
+    rows.append(
+      [
+        c.name,
+        f'{len(c.files)} ({", ".join(FORMATS)})',
+        f'{c.documents:,}',
+        f'{c.text_bytes / MB:,.0f}',
+        f'{c.disk_bytes / MB:,.0f}',
+        f'{p.tokens:,}',
+        f'{p.run.seconds:.1f}',
+        f'{p.mb_s:.2f}',
+        f'{p.tokens / p.run.seconds / 1e6:.2f}',
+        f'{p.run.peak_bytes / MB:,.0f}',
+        f'{p.store_bytes / p.tokens:.3f}',
         f'{c.text_bytes / p.tokens:.2f}',
         f'{p.raw_mb_s:.2f} ({p.raw_mb:.0f} MB, {p.raw_tokens_s / 1e6:.2f} M tok/s)',
-        f'{ratio:.2f}', verdict(ratio >= PREPARE_RATIO_GOAL),
-        f'{p.run.other_cores:.2f} / {p.raw_other_cores:.2f}'])
-  header = ['corpus', 'files', 'documents', 'text MB', 'on disk MB', 'tokens',
-            f'prepare s ({workers} workers)', 'MB/s', 'M tokens/s', 'peak tree RSS MB',
-            'store bytes/token', 'text bytes/token', 'raw SentencePiece MB/s',
-            'prepare / raw', f'>= {PREPARE_RATIO_GOAL}',
-            'other load, cores (prepare / raw)']
+        f'{ratio:.2f}',
+        verdict(ratio >= PREPARE_RATIO_GOAL),
+        f'{p.run.other_cores:.2f} / {p.raw_other_cores:.2f}',
+      ]
+    )
+  header = [
+    'corpus',
+    'files',
+    'documents',
+    'text MB',
+    'on disk MB',
+    'tokens',
+    f'prepare s ({workers} workers)',
+    'MB/s',
+    'M tokens/s',
+    'peak tree RSS MB',
+    'store bytes/token',
+    'text bytes/token',
+    'raw SentencePiece MB/s',
+    'prepare / raw',
+    f'>= {PREPARE_RATIO_GOAL}',
+    'other load, cores (prepare / raw)',
+  ]
   return table(header, rows)
 
 
 def resume_table(r: Resume, name: str, one_worker: tuple[bool, float] | None) -> str:
   killed = r.killed_run
-  how = ('killed' if killed.returncode == -signal.SIGKILL else
-         f'**finished before the kill** (exit status {killed.returncode})')
+  how = (
+    'killed'
+    if killed.returncode == -signal.SIGKILL
+    else f'**finished before the kill** (exit status {killed.returncode})'
+  )
   rows = [
-      ['uninterrupted prepare', f'{r.uninterrupted:.1f} s'],
-      [f'first run, SIGKILL to its process group at {r.killed_at:.1f} s',
-       f'{how} after {killed.seconds:.1f} s ({r.parts_before_finish} part/group markers '
-       'written)'],
+    ['uninterrupted prepare', f'{r.uninterrupted:.1f} s'],
+    [
+      f'first run, SIGKILL to its process group at {r.killed_at:.1f} s',
+      f'{how} after {killed.seconds:.1f} s ({r.parts_before_finish} part/group markers written)',
+    ],
   ]
   finish = r.finish_run
   if finish.returncode != 0:
-    rows.append(['same command again', f'**failed** after {finish.seconds:.1f} s: '
-                 f'`{finish.error}`'])
+    rows.append(
+      ['same command again', f'**failed** after {finish.seconds:.1f} s: `{finish.error}`']
+    )
   else:
     rows += [
-        ['same command again, to the end',
-         f'{finish.seconds:.1f} s (other load {finish.other_cores:.2f} cores)'],
-        ['total / uninterrupted', f'{r.ratio:.2f} (goal <= {RESUME_RATIO_GOAL}: '
-         f'{verdict(r.ratio <= RESUME_RATIO_GOAL)})'],
-        ['data files byte-identical to the uninterrupted store',
-         f'{verdict(bool(r.identical))} ({r.files} .tokens/.docs files, sha256)'],
+      [
+        'same command again, to the end',
+        f'{finish.seconds:.1f} s (other load {finish.other_cores:.2f} cores)',
+      ],
+      [
+        'total / uninterrupted',
+        f'{r.ratio:.2f} (goal <= {RESUME_RATIO_GOAL}: {verdict(r.ratio <= RESUME_RATIO_GOAL)})',
+      ],
+      [
+        'data files byte-identical to the uninterrupted store',
+        f'{verdict(bool(r.identical))} ({r.files} .tokens/.docs files, sha256)',
+      ],
     ]
   if one_worker is None:
     rows.append(['1-worker store byte-identical', 'not run at this size (see the tests)'])
   else:
-    rows.append(['1-worker store byte-identical', f'{verdict(one_worker[0])} '
-                 f'(1 worker: {one_worker[1]:.1f} s)'])
+    rows.append(
+      [
+        '1-worker store byte-identical',
+        f'{verdict(one_worker[0])} (1 worker: {one_worker[1]:.1f} s)',
+      ]
+    )
   return table([f'kill and resume ({name})', 'value'], rows)
 
 
 def reading_table(name: str, first: dict, results: list[Throughput]) -> str:
-  rows = [['first training batch, fresh process', f'{first["total"]:.2f} s', '', '',
-           f'(imports {first["imports"]:.2f} s; causal_lm, {BATCH} x {SEQ_LEN})']]
+  rows = [
+    [
+      'first training batch, fresh process',
+      f'{first["total"]:.2f} s',
+      '',
+      '',
+      f'(imports {first["imports"]:.2f} s; causal_lm, {BATCH} x {SEQ_LEN})',
+    ]
+  ]
   for t in results:
     ratio = t.tokens_s / CONSUMPTION_TOKENS_PER_S
     goal = f'goal >= 1: {verdict(ratio >= 1)}' if t.objective == 'causal_lm' else ''
-    rows.append([t.objective, f'{t.tokens_s / 1e6:.2f} M tokens/s',
-                 f'{CONSUMPTION_TOKENS_PER_S / 1e6:.1f} M tokens/s', f'{ratio:.2f}',
-                 f'{t.batches} batches in {t.seconds:.1f} s ({1e3 * t.seconds / t.batches:.0f} '
-                 f'ms/batch, other load {t.other_cores:.2f} cores) {goal}'])
-  header = [f'reading the {name} store ({BATCH} x {SEQ_LEN}, threads=2, 1 process)',
-            'supplies', 'consumption (8-GPU node)', 'supply / consumption', 'notes']
+    rows.append(
+      [
+        t.objective,
+        f'{t.tokens_s / 1e6:.2f} M tokens/s',
+        f'{CONSUMPTION_TOKENS_PER_S / 1e6:.1f} M tokens/s',
+        f'{ratio:.2f}',
+        f'{t.batches} batches in {t.seconds:.1f} s ({1e3 * t.seconds / t.batches:.0f} '
+        f'ms/batch, other load {t.other_cores:.2f} cores) {goal}',
+      ]
+    )
+  header = [
+    f'reading the {name} store ({BATCH} x {SEQ_LEN}, threads=2, 1 process)',
+    'supplies',
+    'consumption (8-GPU node)',
+    'supply / consumption',
+    'notes',
+  ]
   return table(header, rows)
 
 
@@ -685,8 +805,11 @@ def source_fingerprint() -> str:
 
 def environment() -> str:
   import sentencepiece
-  return (f'{os.cpu_count()} CPU cores, Python {sys.version.split()[0]}, '
-          f'sentencepiece {sentencepiece.__version__}, numpy {np.__version__}')
+
+  return (
+    f'{os.cpu_count()} CPU cores, Python {sys.version.split()[0]}, '
+    f'sentencepiece {sentencepiece.__version__}, numpy {np.__version__}'
+  )
 
 
 # ---- Main -------------------------------------------------------------------------------------
@@ -695,15 +818,20 @@ def environment() -> str:
 def parse_args() -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--sizes_gb', default='0.5,2', help='Corpus sizes, GB of text (1e9 B).')
-  parser.add_argument('--quick', action='store_true', help='Sizes 0.02,0.08 and a 20 MB raw '
-                      'baseline: a few minutes.')
+  parser.add_argument(
+    '--quick', action='store_true', help='Sizes 0.02,0.08 and a 20 MB raw baseline: a few minutes.'
+  )
   parser.add_argument('--root', default='/tmp/bench', help='Where corpora and stores go.')
   parser.add_argument('--out', default='', help='Also write the tables to this file.')
   parser.add_argument('--workers', type=int, default=2, help='pretrax prepare --workers.')
   parser.add_argument('--raw_mb', type=float, default=300, help='Text for the raw baseline.')
   parser.add_argument('--sample_mb', type=float, default=16, help='Tokenizer training sample.')
-  parser.add_argument('--one_worker_max_gb', type=float, default=0.5,
-                      help='Compare a 1-worker store when the smaller corpus is at most this.')
+  parser.add_argument(
+    '--one_worker_max_gb',
+    type=float,
+    default=0.5,
+    help='Compare a 1-worker store when the smaller corpus is at most this.',
+  )
   parser.add_argument('--keep_data', action='store_true', help='Keep corpora and stores.')
   args = parser.parse_args()
   if args.quick:
@@ -715,10 +843,23 @@ def train_tokenizer(corpus: Corpus, root: str, sample_mb: float, log) -> tuple[s
   path = os.path.join(root, f'bpe8192-{corpus.name}.model')
   log(f'training the tokenizer on {sample_mb:g} MB of {corpus.name}')
   start = time.perf_counter()
-  subprocess.run([sys.executable, '-m', 'pretrax.cli', 'tokenizer', f'--input={corpus.pattern}',
-                  f'--output={path}', '--model_type=bpe', '--vocab_size=8192',
-                  f'--sample_mb={sample_mb:g}', '--sentinels=100'], cwd=REPO, check=True,
-                 stdout=subprocess.DEVNULL)
+  subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'pretrax.cli',
+      'tokenizer',
+      f'--input={corpus.pattern}',
+      f'--output={path}',
+      '--model_type=bpe',
+      '--vocab_size=8192',
+      f'--sample_mb={sample_mb:g}',
+      '--sentinels=100',
+    ],
+    cwd=REPO,
+    check=True,
+    stdout=subprocess.DEVNULL,
+  )
   return path, time.perf_counter() - start
 
 
@@ -737,8 +878,10 @@ def main() -> None:
     log(f'corpus of {size:g} GB')
     corpora.append(make_corpus(args.root, size, seed=i + 1, processes=os.cpu_count() or 1))
     c = corpora[-1]
-    log(f'  {len(c.files)} files, {c.documents:,} documents, {c.text_bytes / MB:,.0f} MB of '
-        f'text, {c.disk_bytes / MB:,.0f} MB on disk, generated in {c.seconds:.1f} s')
+    log(
+      f'  {len(c.files)} files, {c.documents:,} documents, {c.text_bytes / MB:,.0f} MB of '
+      f'text, {c.disk_bytes / MB:,.0f} MB on disk, generated in {c.seconds:.1f} s'
+    )
   tokenizer, tokenizer_s = train_tokenizer(corpora[0], args.root, args.sample_mb, log)
   log(f'  tokenizer trained in {tokenizer_s:.1f} s')
 
@@ -762,17 +905,22 @@ def main() -> None:
   throughput = []
   for objective in OBJECTIVES:
     log(f'pipeline: {objective}')
-    throughput.append(pipeline_throughput(large.store, objective, min_batches=30,
-                                          min_seconds=5, max_seconds=30))
+    throughput.append(
+      pipeline_throughput(large.store, objective, min_batches=30, min_seconds=5, max_seconds=30)
+    )
     log(f'  {throughput[-1].tokens_s / 1e6:.2f} M tokens/s')
 
   total = time.perf_counter() - start
   corpus_s = sum(c.seconds for c in corpora)
   code_after = source_fingerprint()
-  code = (f'src/ fingerprint {code_before}, unchanged during the run' if code_after == code_before
-          else f'**src/ changed during the run** (fingerprint {code_before} -> {code_after})')
+  code = (
+    f'src/ fingerprint {code_before}, unchanged during the run'
+    if code_after == code_before
+    else f'**src/ changed during the run** (fingerprint {code_before} -> {code_after})'
+  )
   command = ' '.join(['.venv/bin/python', 'benchmarks/data_scale.py', *sys.argv[1:]])
-  report = '\n\n'.join([
+  report = '\n\n'.join(
+    [
       f'## Data layer at scale ({", ".join(c.name for c in corpora)})',
       f'Command: `{command}`. {environment()}; {code}. Corpora: {corpora[0].origin} '
       f'paragraphs, perturbed, in documents of {DOC_BYTES[0]}-{DOC_BYTES[1]} B (generated in '
@@ -783,7 +931,8 @@ def main() -> None:
       preparation_table(prepared, args.workers),
       resume_table(resume, small.corpus.name, one_worker),
       reading_table(large.corpus.name, first, throughput),
-  ])
+    ]
+  )
   print('\n' + report)
   if args.out:
     with open(args.out, 'w') as f:

@@ -127,8 +127,10 @@ def compare(values: dict, reference: dict | None, real: jax.Array | None = None)
   scale the differences are judged by); None each where the reference failed."""
   if reference is None:
     return {'max_diff': None, 'ref_max_abs': None}
-  return {'max_diff': {k: max_diff(v, reference[k], real) for k, v in values.items()},
-          'ref_max_abs': {k: max_diff(v, 0.0, real) for k, v in reference.items()}}
+  return {
+    'max_diff': {k: max_diff(v, reference[k], real) for k, v in values.items()},
+    'ref_max_abs': {k: max_diff(v, 0.0, real) for k, v in reference.items()},
+  }
 
 
 def beyond_bound(records: list[dict], bound: float = CUDNN_BOUND) -> list[str]:
@@ -141,9 +143,11 @@ def beyond_bound(records: list[dict], bound: float = CUDNN_BOUND) -> list[str]:
     for name, diff in r['max_diff'].items():
       limit = bound * r['ref_max_abs'][name]
       if not diff <= limit:  # Written so that NaN fails.
-        beyond.append(f"{r['shape']} {r['mask']} cudnn max_segments={r['max_segments']} "
-                      f"({r['ran']}): {name} differs from xla by {diff:.3g} > {limit:.3g} "
-                      f"({bound:g} x xla's max |{name}| {r['ref_max_abs'][name]:.3g})")
+        beyond.append(
+          f'{r["shape"]} {r["mask"]} cudnn max_segments={r["max_segments"]} '
+          f'({r["ran"]}): {name} differs from xla by {diff:.3g} > {limit:.3g} '
+          f"({bound:g} x xla's max |{name}| {r['ref_max_abs'][name]:.3g})"
+        )
   return beyond
 
 
@@ -162,6 +166,7 @@ def finish(record: Recorder) -> int:
 def cudnn_version() -> int | None:
   try:
     from jax._src.lib import cuda_versions  # pylint: disable=import-outside-toplevel
+
     return cuda_versions.cudnn_get_version() if cuda_versions else None
   except Exception:  # pylint: disable=broad-except  # No CUDA plugin, or an older layout.
     return None
@@ -170,12 +175,22 @@ def cudnn_version() -> int | None:
 def stage_versions(record: Recorder, dry: bool, dtype: jnp.dtype, reps: int) -> None:
   del dry, dtype, reps
   device = jax.devices()[0]
-  record({'stage': 'versions', 'python': platform.python_version(), 'jax': jax.__version__,
-          'jaxlib': jaxlib.__version__, 'flax': flax.__version__, 'numpy': np.__version__,
-          'platform': attention.current_platform(), 'device_kind': device.device_kind,
-          'device_count': jax.device_count(),
-          'compute_capability': getattr(device, 'compute_capability', None),
-          'cudnn': cudnn_version(), 'xla_flags': os.environ.get('XLA_FLAGS', '')})
+  record(
+    {
+      'stage': 'versions',
+      'python': platform.python_version(),
+      'jax': jax.__version__,
+      'jaxlib': jaxlib.__version__,
+      'flax': flax.__version__,
+      'numpy': np.__version__,
+      'platform': attention.current_platform(),
+      'device_kind': device.device_kind,
+      'device_count': jax.device_count(),
+      'compute_capability': getattr(device, 'compute_capability', None),
+      'cudnn': cudnn_version(),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+    }
+  )
 
 
 def stage_matmul(record: Recorder, dry: bool, dtype: jnp.dtype, reps: int) -> None:
@@ -207,7 +222,7 @@ def document_prefix(ids_BT: np.ndarray) -> np.ndarray:
   for b, ids_T in enumerate(ids_BT):
     for segment in np.unique(ids_T[ids_T > 0]):
       where = np.flatnonzero(ids_T == segment)
-      prefix_BT[b, where[:max(1, len(where) // 4)]] = 1
+      prefix_BT[b, where[: max(1, len(where) // 4)]] = 1
   return prefix_BT
 
 
@@ -222,10 +237,19 @@ def mask_inputs(mask: str, B: int, T: int, rng: np.random.Generator) -> tuple:
 
 def attention_program(backend: str, max_segments: int, causal: bool):
   """The jitted output and gradients (w.r.t. q, k, v) of attention for cotangent d_out."""
+
   def fwd_bwd(q_BTNH, k_BSKH, v_BSKH, d_out_BTNH, segment_ids_BT, prefix_BT):
     def f(q_BTNH, k_BSKH, v_BSKH):
-      return attention.attention(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal=causal,
-                                 prefix_BT=prefix_BT, backend=backend, max_segments=max_segments)
+      return attention.attention(
+        q_BTNH,
+        k_BSKH,
+        v_BSKH,
+        segment_ids_BT,
+        causal=causal,
+        prefix_BT=prefix_BT,
+        backend=backend,
+        max_segments=max_segments,
+      )
 
     out_BTNH, vjp = jax.vjp(f, q_BTNH, k_BSKH, v_BSKH)
     return out_BTNH, vjp(d_out_BTNH)
@@ -245,8 +269,14 @@ def compile_watching_fallbacks(program, args: tuple, fallbacks: FallbackLog):
   return lowered.compile(), list(fallbacks.messages), CUDNN_ATTENTION_CALL in lowered.as_text()
 
 
-def which_ran(backend: str, max_segments: int, fallback: list[str], calls_cudnn: bool,
-              ids_BT: np.ndarray, prefix: bool) -> str:
+def which_ran(
+  backend: str,
+  max_segments: int,
+  fallback: list[str],
+  calls_cudnn: bool,
+  ids_BT: np.ndarray,
+  prefix: bool,
+) -> str:
   """The kernel that ran: 'xla' where attention logged a fallback to it; for cuDNN, the kernel
   the batch's rows select (attention.cudnn_kernel: plain, variable-length or dense mask, the
   variable-length form only where max_segments and the setup allow it), and only if the
@@ -266,35 +296,63 @@ def which_ran(backend: str, max_segments: int, fallback: list[str], calls_cudnn:
   return ran
 
 
-def attention_case(record: Recorder, name: str, shape: tuple, mask: str, dtype: jnp.dtype,
-                   reps: int, fallbacks: FallbackLog) -> None:
+def attention_case(
+  record: Recorder,
+  name: str,
+  shape: tuple,
+  mask: str,
+  dtype: jnp.dtype,
+  reps: int,
+  fallbacks: FallbackLog,
+) -> None:
   """Every backend for one shape and mask kind, held to the first ('xla')."""
   B, T, N, K, H = shape
   keys = jax.random.split(jax.random.key(0), 4)
-  args = (jax.random.normal(keys[0], (B, T, N, H), dtype),
-          jax.random.normal(keys[1], (B, T, K, H), dtype),
-          jax.random.normal(keys[2], (B, T, K, H), dtype),
-          jax.random.normal(keys[3], (B, T, N, H), dtype))
+  args = (
+    jax.random.normal(keys[0], (B, T, N, H), dtype),
+    jax.random.normal(keys[1], (B, T, K, H), dtype),
+    jax.random.normal(keys[2], (B, T, K, H), dtype),
+    jax.random.normal(keys[3], (B, T, N, H), dtype),
+  )
   causal, ids_BT, prefix_BT = mask_inputs(mask, B, T, np.random.default_rng(0))
   real_BT = ids_BT != 0
   reference = None
   for backend, max_segments in BACKENDS:
-    base = {'stage': 'attention', 'shape': name, 'B': B, 'T': T, 'N': N, 'K': K, 'H': H,
-            'dtype': jnp.dtype(dtype).name, 'mask': mask, 'backend': backend,
-            'max_segments': max_segments}
+    base = {
+      'stage': 'attention',
+      'shape': name,
+      'B': B,
+      'T': T,
+      'N': N,
+      'K': K,
+      'H': H,
+      'dtype': jnp.dtype(dtype).name,
+      'mask': mask,
+      'backend': backend,
+      'max_segments': max_segments,
+    }
     try:
       program = attention_program(backend, max_segments, causal)
       compiled, fallback, calls_cudnn = compile_watching_fallbacks(
-          program, (*args, ids_BT, prefix_BT), fallbacks)
+        program, (*args, ids_BT, prefix_BT), fallbacks
+      )
       ms = median_ms(compiled, (*args, ids_BT, prefix_BT), reps)
       out, grads = compiled(*args, ids_BT, prefix_BT)
       values = dict(zip(('out', 'dq', 'dk', 'dv'), (out, *grads)))
       reference = values if backend == 'xla' else reference
-      ran = which_ran(backend, max_segments, fallback, calls_cudnn, ids_BT,
-                      prefix=prefix_BT is not None)
-      record(dict(base, ran=ran,
-                  fallback=fallback, calls_cudnn=calls_cudnn, ms=ms,
-                  **compare(values, reference, real_BT)))
+      ran = which_ran(
+        backend, max_segments, fallback, calls_cudnn, ids_BT, prefix=prefix_BT is not None
+      )
+      record(
+        dict(
+          base,
+          ran=ran,
+          fallback=fallback,
+          calls_cudnn=calls_cudnn,
+          ms=ms,
+          **compare(values, reference, real_BT),
+        )
+      )
     except Exception as e:  # pylint: disable=broad-except  # Record it; go on to the next one.
       record(dict(base, error=f'{type(e).__name__}: {e}'[:2000]))
 
@@ -309,6 +367,7 @@ def stage_attention(record: Recorder, dry: bool, dtype: jnp.dtype, reps: int) ->
 
 def loss_program(chunk: int):
   """The jitted value_and_grad w.r.t. (x, head) of the mean loss; chunk 0: logits whole."""
+
   def mean_loss(x_BLD, head_DV, targets_BL, weights_BL):
     if chunk:
       sums = loss.chunked_cross_entropy(x_BLD, head_DV, targets_BL, weights_BL, chunk=chunk)
@@ -321,20 +380,31 @@ def loss_program(chunk: int):
   return jax.jit(jax.value_and_grad(mean_loss, argnums=(0, 1)))
 
 
-def loss_case(record: Recorder, name: str, shape: tuple, chunks: tuple, dtype: jnp.dtype,
-              reps: int) -> None:
+def loss_case(
+  record: Recorder, name: str, shape: tuple, chunks: tuple, dtype: jnp.dtype, reps: int
+) -> None:
   """Every chunk size for one head shape, held to the first (0, unchunked)."""
   B, L, D, V = shape
   keys = jax.random.split(jax.random.key(1), 4)
-  args = (jax.random.normal(keys[0], (B, L, D), dtype),
-          (jax.random.normal(keys[1], (D, V), jnp.float32) * D**-0.5).astype(dtype),
-          jax.random.randint(keys[2], (B, L), 0, V),
-          # About one target in ten weighs nothing, as padding and prompts do.
-          (jax.random.uniform(keys[3], (B, L)) > 0.1).astype(jnp.float32))
+  args = (
+    jax.random.normal(keys[0], (B, L, D), dtype),
+    (jax.random.normal(keys[1], (D, V), jnp.float32) * D**-0.5).astype(dtype),
+    jax.random.randint(keys[2], (B, L), 0, V),
+    # About one target in ten weighs nothing, as padding and prompts do.
+    (jax.random.uniform(keys[3], (B, L)) > 0.1).astype(jnp.float32),
+  )
   reference = None
   for chunk in chunks:
-    base = {'stage': 'loss', 'shape': name, 'B': B, 'L': L, 'D': D, 'V': V,
-            'dtype': jnp.dtype(dtype).name, 'chunk': chunk}
+    base = {
+      'stage': 'loss',
+      'shape': name,
+      'B': B,
+      'L': L,
+      'D': D,
+      'V': V,
+      'dtype': jnp.dtype(dtype).name,
+      'chunk': chunk,
+    }
     try:
       compiled = loss_program(chunk).lower(*args).compile()
       memory = compiled.memory_analysis()  # None where a backend has no analysis.
@@ -342,8 +412,15 @@ def loss_case(record: Recorder, name: str, shape: tuple, chunks: tuple, dtype: j
       value, (d_x, d_head) = compiled(*args)
       values = {'loss': value, 'dx': d_x, 'dhead': d_head}
       reference = values if chunk == 0 else reference
-      record(dict(base, ms=ms, temp_bytes=int(memory.temp_size_in_bytes) if memory else None,
-                  loss=float(value), **compare(values, reference)))
+      record(
+        dict(
+          base,
+          ms=ms,
+          temp_bytes=int(memory.temp_size_in_bytes) if memory else None,
+          loss=float(value),
+          **compare(values, reference),
+        )
+      )
     except Exception as e:  # pylint: disable=broad-except  # Record it; go on to the next one.
       record(dict(base, error=f'{type(e).__name__}: {e}'[:2000]))
 
@@ -353,8 +430,12 @@ def stage_loss(record: Recorder, dry: bool, dtype: jnp.dtype, reps: int) -> None
     loss_case(record, name, shape, LOSS_CHUNKS_DRY if dry else LOSS_CHUNKS, dtype, reps)
 
 
-STAGES = {'versions': stage_versions, 'matmul': stage_matmul, 'attention': stage_attention,
-          'loss': stage_loss}
+STAGES = {
+  'versions': stage_versions,
+  'matmul': stage_matmul,
+  'attention': stage_attention,
+  'loss': stage_loss,
+}
 
 
 def main() -> None:

@@ -36,9 +36,9 @@ import data_scale  # noqa: E402  (its corpus text, process-tree sampler and dige
 REPO = data_scale.REPO
 MiB = 1 << 20
 SIZES = {  # MB of UTF-8 text: filler, record, cell, book.
-    'base': (32, 32, 16, 64),
-    'larger': (128, 32, 16, 256),
-    'longer record': (32, 128, 16, 64),
+  'base': (32, 32, 16, 64),
+  'larger': (128, 32, 16, 256),
+  'longer record': (32, 128, 16, 64),
 }
 QUICK_SIZES = {'base': (16, 8, 8, 24), 'larger': (64, 8, 8, 72), 'longer record': (16, 32, 8, 24)}
 
@@ -91,19 +91,46 @@ def make_corpus(root: str, sizes: tuple[int, int, int, int], paragraphs: list[st
   return float(sum(sizes))
 
 
-def prepare(corpus: str, out: str, tokenizer: str, workers: int, log_path: str,
-            kill_after: float | None = None) -> data_scale.Run:
-  command = [sys.executable, '-m', 'pretrax.cli', 'prepare', f'--config={data_scale.CONFIG}',
-             f'--output={out}', f'--workers={workers}', f'--config.data.path={corpus}',
-             f'--config.tokenizer.path={tokenizer}', '--config.data.shard_mb=16']
+def prepare(
+  corpus: str,
+  out: str,
+  tokenizer: str,
+  workers: int,
+  log_path: str,
+  kill_after: float | None = None,
+) -> data_scale.Run:
+  command = [
+    sys.executable,
+    '-m',
+    'pretrax.cli',
+    'prepare',
+    f'--config={data_scale.CONFIG}',
+    f'--output={out}',
+    f'--workers={workers}',
+    f'--config.data.path={corpus}',
+    f'--config.tokenizer.path={tokenizer}',
+    '--config.data.shard_mb=16',
+  ]
   return data_scale.run_tree(command, log_path, kill_after=kill_after)
 
 
 def train_tokenizer(corpus: str, path: str) -> None:
-  subprocess.run([sys.executable, '-m', 'pretrax.cli', 'tokenizer',
-                  f'--input={os.path.join(corpus, "filler.jsonl.zst")}', f'--output={path}',
-                  '--model_type=bpe', '--vocab_size=8192', '--sample_mb=8'], cwd=REPO, check=True,
-                 stdout=subprocess.DEVNULL)
+  subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'pretrax.cli',
+      'tokenizer',
+      f'--input={os.path.join(corpus, "filler.jsonl.zst")}',
+      f'--output={path}',
+      '--model_type=bpe',
+      '--vocab_size=8192',
+      '--sample_mb=8',
+    ],
+    cwd=REPO,
+    check=True,
+    stdout=subprocess.DEVNULL,
+  )
 
 
 def main() -> None:
@@ -125,41 +152,52 @@ def main() -> None:
     if not os.path.exists(tokenizer):
       train_tokenizer(corpus, tokenizer)
     store = os.path.join(args.root, 'stores', name.replace(' ', '_'))
-    run = prepare(corpus, store, tokenizer, args.workers,
-                  os.path.join(args.root, 'logs', 'prepare.log'))
+    run = prepare(
+      corpus, store, tokenizer, args.workers, os.path.join(args.root, 'logs', 'prepare.log')
+    )
     assert run.returncode == 0, run.error
     stores[name] = (corpus, store, run)
-    rows.append(f'| {name} | {size[0]} | {size[1]} | {size[2]} | {size[3]} | {text_mb:.0f} | '
-                f'{run.peak_bytes / MiB:,.0f} | {run.seconds:.0f} | {text_mb / run.seconds:.1f} |')
+    rows.append(
+      f'| {name} | {size[0]} | {size[1]} | {size[2]} | {size[3]} | {text_mb:.0f} | '
+      f'{run.peak_bytes / MiB:,.0f} | {run.seconds:.0f} | {text_mb / run.seconds:.1f} |'
+    )
     print(rows[-1], flush=True)
   corpus, store, run = stores['base']
   expected = data_scale.digests(store)
   zero = os.path.join(args.root, 'stores', 'base_0_workers')
-  assert prepare(corpus, zero, tokenizer, 0, os.path.join(args.root, 'logs', 'zero.log')
-                 ).returncode == 0
+  assert (
+    prepare(corpus, zero, tokenizer, 0, os.path.join(args.root, 'logs', 'zero.log')).returncode == 0
+  )
   killed_path = os.path.join(args.root, 'stores', 'base_killed')
-  killed = prepare(corpus, killed_path, tokenizer, args.workers,
-                   os.path.join(args.root, 'logs', 'killed.log'), kill_after=run.seconds / 2)
+  killed = prepare(
+    corpus,
+    killed_path,
+    tokenizer,
+    args.workers,
+    os.path.join(args.root, 'logs', 'killed.log'),
+    kill_after=run.seconds / 2,
+  )
   parts_done = len(os.listdir(os.path.join(killed_path, 'parts')))
-  resumed = prepare(corpus, killed_path, tokenizer, args.workers,
-                    os.path.join(args.root, 'logs', 'killed.log'))
+  resumed = prepare(
+    corpus, killed_path, tokenizer, args.workers, os.path.join(args.root, 'logs', 'killed.log')
+  )
   assert resumed.returncode == 0, resumed.error
   same_zero = data_scale.digests(zero) == expected
   same_resumed = data_scale.digests(killed_path) == expected
   with open(os.path.join(store, 'manifest.json')) as f:
     manifest = json.load(f)
   lines = [
-      f'Text: {origin}; {args.workers} worker processes; BPE 8192; data.shard_mb=16; '
-      f'{os.cpu_count()} cores; {time.strftime("%Y-%m-%d")}.',
-      '',
-      '| corpus | filler MB | JSON record MB | Parquet cell MB | book MB (no newline) | text MB '
-      '| peak MiB (process tree) | wall s | MB/s |',
-      '|---|---|---|---|---|---|---|---|---|',
-      *rows,
-      '',
-      f'base: {manifest["bad_records"]} bad records; {len(expected)} data files; byte-identical '
-      f'with 0 workers: {same_zero}; SIGKILLed at {killed.seconds:.0f} s ({parts_done} part '
-      f'markers done) and resumed in {resumed.seconds:.0f} s: byte-identical: {same_resumed}.',
+    f'Text: {origin}; {args.workers} worker processes; BPE 8192; data.shard_mb=16; '
+    f'{os.cpu_count()} cores; {time.strftime("%Y-%m-%d")}.',
+    '',
+    '| corpus | filler MB | JSON record MB | Parquet cell MB | book MB (no newline) | text MB '
+    '| peak MiB (process tree) | wall s | MB/s |',
+    '|---|---|---|---|---|---|---|---|---|',
+    *rows,
+    '',
+    f'base: {manifest["bad_records"]} bad records; {len(expected)} data files; byte-identical '
+    f'with 0 workers: {same_zero}; SIGKILLed at {killed.seconds:.0f} s ({parts_done} part '
+    f'markers done) and resumed in {resumed.seconds:.0f} s: byte-identical: {same_resumed}.',
   ]
   report = '\n'.join(lines)
   print(report)

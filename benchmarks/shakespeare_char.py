@@ -67,8 +67,9 @@ def step_timings(c) -> dict[str, float]:
 
   forward = jax.jit(loss)
   forward_backward = jax.jit(jax.grad(loss))
-  full_step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule,
-                                      step_lib.StepConfig())
+  full_step = step_lib.jit_train_step(
+    run.model_def, run.optimizer, run.schedule, step_lib.StepConfig()
+  )
   holder = {'state': state}  # The step donates its state: thread it through.
 
   def one_step():
@@ -79,25 +80,28 @@ def step_timings(c) -> dict[str, float]:
   a = jnp.ones((size, size), jnp.float32)
   matmul = jax.jit(lambda x: x @ x)
   fns = {
-      # The peak is timed in the same rounds as the steps, so both see the same machine.
-      'matmul_ms': lambda: jax.block_until_ready(matmul(a)),
-      'forward_ms': lambda: jax.block_until_ready(forward(holder['state']['params'])),
-      'forward_backward_ms': lambda: jax.block_until_ready(
-          forward_backward(holder['state']['params'])),
-      'step_ms': lambda: jax.block_until_ready(one_step()),
-      # The host's share of a training step: window -> example -> packing -> batch.
-      'input_batch_ms': lambda: next(batches),
+    # The peak is timed in the same rounds as the steps, so both see the same machine.
+    'matmul_ms': lambda: jax.block_until_ready(matmul(a)),
+    'forward_ms': lambda: jax.block_until_ready(forward(holder['state']['params'])),
+    'forward_backward_ms': lambda: jax.block_until_ready(
+      forward_backward(holder['state']['params'])
+    ),
+    'step_ms': lambda: jax.block_until_ready(one_step()),
+    # The host's share of a training step: window -> example -> packing -> batch.
+    'input_batch_ms': lambda: next(batches),
   }
   try:
     import torch_reference  # Optional: only where torch is installed.
+
     # nanoGPT's own vocabulary: the 65 characters of Tiny Shakespeare (ours adds 256 byte pieces).
-    fns['torch_step_ms'] = torch_reference.make_step(vocab=65, context=c.data.seq_len,
-                                                     batch=c.data.batch_size)
+    fns['torch_step_ms'] = torch_reference.make_step(
+      vocab=65, context=c.data.seq_len, batch=c.data.batch_size
+    )
   except ImportError:
     pass
   timings = interleaved_median_ms(fns)
   timings['vocab_size'] = tok.vocab_size
-  timings['peak_flops'] = 2.0 * size ** 3 / (timings['matmul_ms'] / 1000)
+  timings['peak_flops'] = 2.0 * size**3 / (timings['matmul_ms'] / 1000)
   return timings
 
 
@@ -109,8 +113,9 @@ def result_mfu(c, step_ms: float, peak: float, vocab_size: int) -> float:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--steps', type=int, default=2000,
-                      help='training steps; 0 times the jitted step only')
+  parser.add_argument(
+    '--steps', type=int, default=2000, help='training steps; 0 times the jitted step only'
+  )
   parser.add_argument('--workdir', default='')
   args = parser.parse_args()
 
@@ -135,34 +140,47 @@ def main() -> None:
   wall = time.perf_counter() - start
   records = [r for r in metrics.read_metrics(workdir) if 'loss' in r]
   # Intervals after the first exclude compilation; each record's rate covers its interval.
-  loop_ms = statistics.median(1000 * c.data.batch_size * c.data.seq_len / r['tokens_per_s']
-                              for r in records[1:])
+  loop_ms = statistics.median(
+    1000 * c.data.batch_size * c.data.seq_len / r['tokens_per_s'] for r in records[1:]
+  )
   tokens_per_step = c.data.batch_size * c.data.seq_len
   flops_per_step = result['flops_per_step']
   val_loss = result['eval']['eval_loss']
 
   rows = [
-      ('device', f'{jax.devices()[0].device_kind} x{jax.device_count()}, '
-                 f'{os.cpu_count()} cores, jax {jax.__version__}'),
-      ('matmul peak (2048^3 float32, median, interleaved)', f'{peak / 1e9:.1f} GFLOP/s'),
-      ('model FLOPs per step', f'{flops_per_step / 1e9:.3f} GFLOP'),
-      ('forward (jitted, median)', f'{timings["forward_ms"]:.1f} ms'),
-      ('forward + backward (jitted, median)', f'{timings["forward_backward_ms"]:.1f} ms'),
-      ('train step with AdamW (jitted, median)', f'{timings["step_ms"]:.1f} ms'),
-      ('train loop ms/step (median of 50-step intervals)', f'{loop_ms:.1f} ms'),
-      *([('PyTorch nanoGPT-architecture step (eager, vocab 65)',
-          f'{timings["torch_step_ms"]:.1f} ms'),
-         ('pretrax step / PyTorch step (same run, interleaved)',
-          f'{timings["step_ms"] / timings["torch_step_ms"]:.2f}')]
-        if 'torch_step_ms' in timings else []),
-      ('tokens/s (train loop)', f'{tokens_per_step / loop_ms * 1000:,.0f}'),
-      ('model FLOP/s (train loop)', f'{flops_per_step / loop_ms * 1000 / 1e9:.1f} GFLOP/s'),
-      ('MFU (train loop, vs measured peak)', f'{flops_per_step / loop_ms * 1000 / peak:.1%}'),
-      ('MFU (step alone)', f'{step_mfu:.1%}'),
-      ('compile time', f'{result["compile_s"]:.1f} s'),
-      ('steps / wall time (all included)', f'{c.steps} / {wall:.0f} s'),
-      (f'final val loss (step {c.steps})', f'{val_loss:.4f}'),
-      ('nanoGPT reference val loss', f'{NANOGPT_VAL_LOSS:.2f}'),
+    (
+      'device',
+      f'{jax.devices()[0].device_kind} x{jax.device_count()}, '
+      f'{os.cpu_count()} cores, jax {jax.__version__}',
+    ),
+    ('matmul peak (2048^3 float32, median, interleaved)', f'{peak / 1e9:.1f} GFLOP/s'),
+    ('model FLOPs per step', f'{flops_per_step / 1e9:.3f} GFLOP'),
+    ('forward (jitted, median)', f'{timings["forward_ms"]:.1f} ms'),
+    ('forward + backward (jitted, median)', f'{timings["forward_backward_ms"]:.1f} ms'),
+    ('train step with AdamW (jitted, median)', f'{timings["step_ms"]:.1f} ms'),
+    ('train loop ms/step (median of 50-step intervals)', f'{loop_ms:.1f} ms'),
+    *(
+      [
+        (
+          'PyTorch nanoGPT-architecture step (eager, vocab 65)',
+          f'{timings["torch_step_ms"]:.1f} ms',
+        ),
+        (
+          'pretrax step / PyTorch step (same run, interleaved)',
+          f'{timings["step_ms"] / timings["torch_step_ms"]:.2f}',
+        ),
+      ]
+      if 'torch_step_ms' in timings
+      else []
+    ),
+    ('tokens/s (train loop)', f'{tokens_per_step / loop_ms * 1000:,.0f}'),
+    ('model FLOP/s (train loop)', f'{flops_per_step / loop_ms * 1000 / 1e9:.1f} GFLOP/s'),
+    ('MFU (train loop, vs measured peak)', f'{flops_per_step / loop_ms * 1000 / peak:.1%}'),
+    ('MFU (step alone)', f'{step_mfu:.1%}'),
+    ('compile time', f'{result["compile_s"]:.1f} s'),
+    ('steps / wall time (all included)', f'{c.steps} / {wall:.0f} s'),
+    (f'final val loss (step {c.steps})', f'{val_loss:.4f}'),
+    ('nanoGPT reference val loss', f'{NANOGPT_VAL_LOSS:.2f}'),
   ]
   width = max(len(k) for k, _ in rows)
   print(f'\n| {"metric":<{width}} | value |\n|{"-" * (width + 2)}|-------|')

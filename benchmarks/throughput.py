@@ -42,28 +42,49 @@ from pretrax import train
 
 FLAGS = flags.FLAGS
 
-COLUMNS = ('device', 'jax / jaxlib', 'config', 'batch x seq', 'compile s', 'step ms', 'tokens/s',
-           'model FLOP/s', 'peak FLOP/s (source)', 'MFU', 'peak memory', 'pipeline tokens/s',
-           'pipeline / step')
+COLUMNS = (
+  'device',
+  'jax / jaxlib',
+  'config',
+  'batch x seq',
+  'compile s',
+  'step ms',
+  'tokens/s',
+  'model FLOP/s',
+  'peak FLOP/s (source)',
+  'MFU',
+  'peak memory',
+  'pipeline tokens/s',
+  'pipeline / step',
+)
 
 
 def _define_flags() -> None:
   """Defined when run as a script only, so that tests can import synthetic_batch."""
-  config_flags.DEFINE_config_file('config', None,
-                                  'Experiment config file (configs/NAME.py[:ARG]).',
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file (configs/NAME.py[:ARG]).', lock_config=True
+  )
   flags.DEFINE_integer('steps', 20, 'Timed steps (after the warmup).', lower_bound=1)
   flags.DEFINE_integer('warmup', 3, 'Untimed steps after compiling.', lower_bound=0)
-  flags.DEFINE_integer('pipeline_batches', 50, 'Batches (and at least 2 s) to time the input '
-                       'pipeline over.',
-                       lower_bound=1)
-  flags.DEFINE_integer('segments', 1, 'Documents packed into each row of the synthetic batch, of '
-                       'random lengths, to time the packed-attention path.', lower_bound=1)
+  flags.DEFINE_integer(
+    'pipeline_batches',
+    50,
+    'Batches (and at least 2 s) to time the input pipeline over.',
+    lower_bound=1,
+  )
+  flags.DEFINE_integer(
+    'segments',
+    1,
+    'Documents packed into each row of the synthetic batch, of '
+    'random lengths, to time the packed-attention path.',
+    lower_bound=1,
+  )
   flags.DEFINE_string('json', '', 'Also write the row as JSON to this path.')
 
 
-def document_layout(rows: int, seq_len: int, segments: int,
-                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def document_layout(
+  rows: int, seq_len: int, segments: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
   """(segment_ids, positions), each (rows, seq_len): per row `segments` contiguous documents of
   random lengths (at least one token each) numbered 1..segments, positions restarting at 0 at
   each document's first token, as the packer lays them out."""
@@ -78,20 +99,23 @@ def document_layout(rows: int, seq_len: int, segments: int,
   return segment_ids, positions
 
 
-def synthetic_batch(c, vocab_size: int, rows: int, rng: np.random.Generator,
-                    segments: int = 1) -> dict:
+def synthetic_batch(
+  c, vocab_size: int, rows: int, rng: np.random.Generator, segments: int = 1
+) -> dict:
   """A host batch of pipeline.BATCH_KEYS: random tokens in `segments` documents per row (see
   document_layout); every token is real (weight 1)."""
   shape = (rows, c.data.seq_len)
   objective = config_lib.OBJECTIVES.index(config_lib.objective_mixture(c.objective)[0][0])
   segment_ids, positions = document_layout(rows, c.data.seq_len, segments, rng)
-  return {'inputs': rng.integers(0, vocab_size, shape, dtype=np.int32),
-          'targets': rng.integers(0, vocab_size, shape, dtype=np.int32),
-          'segment_ids': segment_ids,
-          'positions': positions,
-          'weights': np.ones(shape, np.float32),
-          'prefix': np.zeros(shape, np.int32),
-          'objective': np.full(shape, objective, np.int32)}
+  return {
+    'inputs': rng.integers(0, vocab_size, shape, dtype=np.int32),
+    'targets': rng.integers(0, vocab_size, shape, dtype=np.int32),
+    'segment_ids': segment_ids,
+    'positions': positions,
+    'weights': np.ones(shape, np.float32),
+    'prefix': np.zeros(shape, np.int32),
+    'objective': np.full(shape, objective, np.int32),
+  }
 
 
 def time_pipeline(batches, count: int, min_seconds: float = 2.0) -> float:
@@ -120,8 +144,9 @@ def _flops(x: float) -> str:
   return f'{x / 1e12:.1f} T' if x >= 1e12 else f'{x / 1e9:.1f} G'
 
 
-def benchmark(c, config_name: str, steps: int, warmup: int, pipeline_batches: int,
-              segments: int = 1) -> dict:
+def benchmark(
+  c, config_name: str, steps: int, warmup: int, pipeline_batches: int, segments: int = 1
+) -> dict:
   config_lib.validate(c, num_devices=jax.device_count())
   with tempfile.TemporaryDirectory(prefix='pretrax-throughput-') as workdir:
     data = train.load_data(c, workdir)  # Writes the tokenizer into the throwaway workdir.
@@ -131,15 +156,25 @@ def benchmark(c, config_name: str, steps: int, warmup: int, pipeline_batches: in
   # ---- State and step, as train.py builds them.
   run = state_lib.build(c, data.tok.vocab_size)
   state = run.init(c.seed)
-  train_step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule,
-                                       step_lib.step_config(c),
-                                       activation_sharding=run.activation_sharding,
-                                       out_shardings=(run.shardings, None))
+  train_step = step_lib.jit_train_step(
+    run.model_def,
+    run.optimizer,
+    run.schedule,
+    step_lib.step_config(c),
+    activation_sharding=run.activation_sharding,
+    out_shardings=(run.shardings, None),
+  )
   local_rows = c.data.batch_size // jax.process_count()
-  host = synthetic_batch(c, run.model_cfg.vocab_size, local_rows,
-                         np.random.default_rng(c.seed + jax.process_index()), segments)
-  batch = {k: jax.make_array_from_process_local_data(run.batch_sharding, v)
-           for k, v in host.items()}
+  host = synthetic_batch(
+    c,
+    run.model_cfg.vocab_size,
+    local_rows,
+    np.random.default_rng(c.seed + jax.process_index()),
+    segments,
+  )
+  batch = {
+    k: jax.make_array_from_process_local_data(run.batch_sharding, v) for k, v in host.items()
+  }
   start = time.perf_counter()
   compiled = train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
@@ -162,35 +197,59 @@ def benchmark(c, config_name: str, steps: int, warmup: int, pipeline_batches: in
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   pipeline_tokens_per_s = local_rows * seq_len / pipeline_s
   return {
-      'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
-      'jax': jax.__version__, 'jaxlib': jaxlib.__version__, 'config': config_name,
-      'batch_size': c.data.batch_size, 'seq_len': seq_len, 'segments': segments,
-      'compile_s': compile_s,
-      'step_ms': 1000 * step_s, 'steps': steps, 'warmup': warmup, 'tokens_per_s': tokens_per_s,
-      'model_flops_per_s': flops_per_step / step_s, 'peak_flops': peak,
-      'peak_source': peak_source, 'mfu': flops_per_step / step_s / peak,
-      'peak_memory_bytes': memory, 'memory_source': memory_source,
-      # XLA's own count of the compiled step beside the formula's, as a sanity check only: it
-      # counts what was compiled (the optimizer, elementwise work, no halving or doubling rules).
-      'flops_per_step': flops_per_step, 'xla_flops_per_step': cost.get('flops'),
-      'pipeline': 'prepared' if c.data.prepared else 'text',
-      'pipeline_tokens_per_s': pipeline_tokens_per_s,
-      # This process's pipeline against this process's share of the step's tokens.
-      'pipeline_ratio': pipeline_tokens_per_s / (tokens_per_s / jax.process_count()),
+    'device_kind': jax.devices()[0].device_kind,
+    'device_count': jax.device_count(),
+    'jax': jax.__version__,
+    'jaxlib': jaxlib.__version__,
+    'config': config_name,
+    'batch_size': c.data.batch_size,
+    'seq_len': seq_len,
+    'segments': segments,
+    'compile_s': compile_s,
+    'step_ms': 1000 * step_s,
+    'steps': steps,
+    'warmup': warmup,
+    'tokens_per_s': tokens_per_s,
+    'model_flops_per_s': flops_per_step / step_s,
+    'peak_flops': peak,
+    'peak_source': peak_source,
+    'mfu': flops_per_step / step_s / peak,
+    'peak_memory_bytes': memory,
+    'memory_source': memory_source,
+    # XLA's own count of the compiled step beside the formula's, as a sanity check only: it
+    # counts what was compiled (the optimizer, elementwise work, no halving or doubling rules).
+    'flops_per_step': flops_per_step,
+    'xla_flops_per_step': cost.get('flops'),
+    'pipeline': 'prepared' if c.data.prepared else 'text',
+    'pipeline_tokens_per_s': pipeline_tokens_per_s,
+    # This process's pipeline against this process's share of the step's tokens.
+    'pipeline_ratio': pipeline_tokens_per_s / (tokens_per_s / jax.process_count()),
   }
 
 
 def table(row: dict) -> str:
-  cells = (f'{row["device_kind"]} x{row["device_count"]}', f'{row["jax"]} / {row["jaxlib"]}',
-           row['config'], f'{row["batch_size"]} x {row["seq_len"]}', f'{row["compile_s"]:.1f}',
-           f'{row["step_ms"]:.2f}', f'{row["tokens_per_s"]:,.0f}',
-           _flops(row['model_flops_per_s']),
-           f'{_flops(row["peak_flops"])} ({row["peak_source"]})', f'{row["mfu"]:.1%}',
-           f'{row["peak_memory_bytes"] / 2**20:,.1f} MiB ({row["memory_source"]})',
-           f'{row["pipeline_tokens_per_s"]:,.0f} ({row["pipeline"]})',
-           f'{row["pipeline_ratio"]:.1f}x')
-  return '\n'.join(['| ' + ' | '.join(COLUMNS) + ' |', '|' + ' --- |' * len(COLUMNS),
-                    '| ' + ' | '.join(cells) + ' |'])
+  cells = (
+    f'{row["device_kind"]} x{row["device_count"]}',
+    f'{row["jax"]} / {row["jaxlib"]}',
+    row['config'],
+    f'{row["batch_size"]} x {row["seq_len"]}',
+    f'{row["compile_s"]:.1f}',
+    f'{row["step_ms"]:.2f}',
+    f'{row["tokens_per_s"]:,.0f}',
+    _flops(row['model_flops_per_s']),
+    f'{_flops(row["peak_flops"])} ({row["peak_source"]})',
+    f'{row["mfu"]:.1%}',
+    f'{row["peak_memory_bytes"] / 2**20:,.1f} MiB ({row["memory_source"]})',
+    f'{row["pipeline_tokens_per_s"]:,.0f} ({row["pipeline"]})',
+    f'{row["pipeline_ratio"]:.1f}x',
+  )
+  return '\n'.join(
+    [
+      '| ' + ' | '.join(COLUMNS) + ' |',
+      '|' + ' --- |' * len(COLUMNS),
+      '| ' + ' | '.join(cells) + ' |',
+    ]
+  )
 
 
 def main(argv: list[str]) -> None:
@@ -201,8 +260,14 @@ def main(argv: list[str]) -> None:
   overrides = config_flags.get_override_values(FLAGS['config'])
   overrides = ' '.join(f'{k}={v}' for k, v in overrides.items())
   segments = f'segments={FLAGS.segments}' if FLAGS.segments > 1 else ''
-  row = benchmark(FLAGS.config, ' '.join(filter(None, [name, overrides, segments])), FLAGS.steps,
-                  FLAGS.warmup, FLAGS.pipeline_batches, FLAGS.segments)
+  row = benchmark(
+    FLAGS.config,
+    ' '.join(filter(None, [name, overrides, segments])),
+    FLAGS.steps,
+    FLAGS.warmup,
+    FLAGS.pipeline_batches,
+    FLAGS.segments,
+  )
   print(table(row), flush=True)
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:

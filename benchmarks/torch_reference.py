@@ -15,7 +15,6 @@ from torch.nn import functional as F
 
 
 class Block(nn.Module):
-
   def __init__(self, width: int, heads: int):
     super().__init__()
     self.heads = heads
@@ -36,7 +35,6 @@ class Block(nn.Module):
 
 
 class BabyGPT(nn.Module):
-
   def __init__(self, vocab: int, context: int, width: int = 128, heads: int = 4, layers: int = 4):
     super().__init__()
     self.tokens = nn.Embedding(vocab, width)
@@ -63,9 +61,11 @@ def make_step(vocab: int, context: int, batch: int, seed: int = 0):
   model = BabyGPT(vocab, context)
   matrices = [p for p in model.parameters() if p.dim() >= 2]
   others = [p for p in model.parameters() if p.dim() < 2]
-  optimizer = torch.optim.AdamW([{'params': matrices, 'weight_decay': 0.1},
-                                 {'params': others, 'weight_decay': 0.0}],
-                                lr=1e-3, betas=(0.9, 0.99))
+  optimizer = torch.optim.AdamW(
+    [{'params': matrices, 'weight_decay': 0.1}, {'params': others, 'weight_decay': 0.0}],
+    lr=1e-3,
+    betas=(0.9, 0.99),
+  )
   ids = torch.randint(vocab, (batch, context))
   targets = torch.randint(vocab, (batch, context))
 

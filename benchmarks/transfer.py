@@ -33,25 +33,48 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAX = [sys.executable, '-m', 'pretrax.cli']
 
 # One model shape for every run: init_from needs the fine-tunes to match the pre-trained model.
-MODEL = ['--config=configs/tiny.py', '--config.model.num_layers=4', '--config.model.num_heads=4',
-         '--config.model.embed_dim=128', '--config.data.seq_len=128', '--config.peak_flops=1e11',
-         '--config.sample.length=0']
+MODEL = [
+  '--config=configs/tiny.py',
+  '--config.model.num_layers=4',
+  '--config.model.num_heads=4',
+  '--config.model.embed_dim=128',
+  '--config.data.seq_len=128',
+  '--config.peak_flops=1e11',
+  '--config.sample.length=0',
+]
 # 2000 steps of 16 x 128 tokens: every fact seen ~40 times. Longer pre-training is what raises the
 # transfer (measured: QA accuracy 0.51 after 600 steps of 32, 0.66 after 2000 of 16).
-PRETRAIN = ['--config.steps=2000', '--config.data.batch_size=16', '--config.optim.lr=3e-3',
-            '--config.tokenizer.model_type=bpe', '--config.tokenizer.vocab_size=1024',
-            '--config.data.eval_fraction=0.02', '--config.eval_every=250',
-            '--config.checkpoint.every=2000', '--config.log_every=250']
+PRETRAIN = [
+  '--config.steps=2000',
+  '--config.data.batch_size=16',
+  '--config.optim.lr=3e-3',
+  '--config.tokenizer.model_type=bpe',
+  '--config.tokenizer.vocab_size=1024',
+  '--config.data.eval_fraction=0.02',
+  '--config.eval_every=250',
+  '--config.checkpoint.every=2000',
+  '--config.log_every=250',
+]
 # The masked LM learns facts only with heavier, whole-word masking and a longer warmup (at the
 # defaults, 15% of pieces and 5 warmup steps, its loss plateaus with the facts at chance).
-ENCODER = ['--config.objective=masked_lm', '--config.masked_lm.rate=0.4',
-           '--config.masked_lm.whole_word=true', '--config.optim.warmup_steps=100',
-           '--config.steps=3000']
+ENCODER = [
+  '--config.objective=masked_lm',
+  '--config.masked_lm.rate=0.4',
+  '--config.masked_lm.whole_word=true',
+  '--config.optim.warmup_steps=100',
+  '--config.steps=3000',
+]
 # Short and gentle: the fine-tune overfits the training questions within ~50 steps, and at a
 # learning rate of 1e-3 it erases stored facts (cloze accuracy on test people 0.97 -> 0.47).
-FINETUNE = ['--config.data.batch_size=32', '--config.optim.lr=3e-4', '--config.optim.min_lr=3e-4',
-            '--config.optim.schedule=constant', '--config.optim.warmup_steps=5',
-            '--config.eval_every=25', '--config.log_every=25']
+FINETUNE = [
+  '--config.data.batch_size=32',
+  '--config.optim.lr=3e-4',
+  '--config.optim.min_lr=3e-4',
+  '--config.optim.schedule=constant',
+  '--config.optim.warmup_steps=5',
+  '--config.eval_every=25',
+  '--config.log_every=25',
+]
 SFT_STEPS, CLS_STEPS = 75, 100
 # (name, steps in units of the fine-tune's, starts from the pre-trained model): the control is
 # the same fine-tune from random initialisation, and the same with 4 times the steps, so that a
@@ -83,25 +106,34 @@ def last(workdir: str, key: str) -> float:
 
 def mc_accuracy(workdir: str, task: str, out: str) -> float:
   """`pretrax eval`'s accuracy of a run's last checkpoint on a multiple-choice file."""
-  pretrax('eval', f'--workdir={workdir}', f'--tasks={task}', f'--output={out}',
-          log=out + '.log')
+  pretrax('eval', f'--workdir={workdir}', f'--tasks={task}', f'--output={out}', log=out + '.log')
   with open(os.path.join(out, 'results.json')) as f:
     return json.load(f)['results'][os.path.splitext(os.path.basename(task))[0]]['acc']
 
 
-def finetunes(base: str, args: list[str], steps: int, prefix: str,
-              seconds: dict[str, float]) -> list[tuple[str, str]]:
+def finetunes(
+  base: str, args: list[str], steps: int, prefix: str, seconds: dict[str, float]
+) -> list[tuple[str, str]]:
   """The fine-tunes of RUNS (from `base`, or random inits with its tokenizer), each `args` for
   its multiple of `steps`; (name, workdir) of each, their wall times added to `seconds`."""
   done = []
   for name, multiple, pretrained in RUNS:
     workdir = f'{prefix}_{name}'
-    start = (f'--config.init_from={base}' if pretrained
-             else f'--config.tokenizer.path={base}/tokenizer.model')
+    start = (
+      f'--config.init_from={base}'
+      if pretrained
+      else f'--config.tokenizer.path={base}/tokenizer.model'
+    )
     seconds[f'fine-tune {name}'] = pretrax(
-        'train', *MODEL, *args, f'--config.steps={steps * multiple}',
-        f'--config.checkpoint.every={steps * multiple}', f'--workdir={workdir}', start,
-        log=workdir + '.log')
+      'train',
+      *MODEL,
+      *args,
+      f'--config.steps={steps * multiple}',
+      f'--config.checkpoint.every={steps * multiple}',
+      f'--workdir={workdir}',
+      start,
+      log=workdir + '.log',
+    )
     done.append((name, workdir))
   return done
 
@@ -110,18 +142,37 @@ def decoder(data: dict, out: str) -> dict:
   """Pre-train a decoder with the cloze test in the loop; fine-tune it and random inits."""
   p = data['paths']
   base = os.path.join(out, 'decoder')
-  seconds = {'pretrain': pretrax('train', *MODEL, *PRETRAIN, f'--workdir={base}',
-                                 f'--config.data.path={p["pretrain"]}',
-                                 f'--config.eval.tasks={p["mc_cloze_test"]}',
-                                 '--config.eval.limit=0', log=base + '.log')}
-  sft = ['--config.objective=sft', f'--config.data.path={p["sft_train"]}',
-         f'--config.finetune.eval_path={p["sft_test"]}', *FINETUNE]
-  result = {'seconds': seconds,
-            'curve': [(r['step'], r['task_mc_cloze_test_acc']) for r in records(base)
-                      if 'task_mc_cloze_test_acc' in r]}
+  seconds = {
+    'pretrain': pretrax(
+      'train',
+      *MODEL,
+      *PRETRAIN,
+      f'--workdir={base}',
+      f'--config.data.path={p["pretrain"]}',
+      f'--config.eval.tasks={p["mc_cloze_test"]}',
+      '--config.eval.limit=0',
+      log=base + '.log',
+    )
+  }
+  sft = [
+    '--config.objective=sft',
+    f'--config.data.path={p["sft_train"]}',
+    f'--config.finetune.eval_path={p["sft_test"]}',
+    *FINETUNE,
+  ]
+  result = {
+    'seconds': seconds,
+    'curve': [
+      (r['step'], r['task_mc_cloze_test_acc'])
+      for r in records(base)
+      if 'task_mc_cloze_test_acc' in r
+    ],
+  }
   for name, workdir in finetunes(base, sft, SFT_STEPS, os.path.join(out, 'sft'), seconds):
-    result[name] = {'exact': last(workdir, 'eval_exact_match'),
-                    'mc': mc_accuracy(workdir, p['mc_qa_test'], workdir + '_eval')}
+    result[name] = {
+      'exact': last(workdir, 'eval_exact_match'),
+      'mc': mc_accuracy(workdir, p['mc_qa_test'], workdir + '_eval'),
+    }
   return result
 
 
@@ -129,10 +180,23 @@ def encoder(data: dict, out: str) -> dict:
   """Pre-train a masked LM; classify test people's cities from it and from random inits."""
   p = data['paths']
   base = os.path.join(out, 'encoder')
-  seconds = {'pretrain': pretrax('train', *MODEL, *PRETRAIN, *ENCODER, f'--workdir={base}',
-                                 f'--config.data.path={p["pretrain"]}', log=base + '.log')}
-  cls = ['--config.objective=classification', f'--config.data.path={p["cls_train"]}',
-         f'--config.finetune.eval_path={p["cls_test"]}', *FINETUNE]
+  seconds = {
+    'pretrain': pretrax(
+      'train',
+      *MODEL,
+      *PRETRAIN,
+      *ENCODER,
+      f'--workdir={base}',
+      f'--config.data.path={p["pretrain"]}',
+      log=base + '.log',
+    )
+  }
+  cls = [
+    '--config.objective=classification',
+    f'--config.data.path={p["cls_train"]}',
+    f'--config.finetune.eval_path={p["cls_test"]}',
+    *FINETUNE,
+  ]
   result = {'seconds': seconds, 'fill_in': fill_in_accuracy(base, p['cls_test'])}
   for name, workdir in finetunes(base, cls, CLS_STEPS, os.path.join(out, 'cls'), seconds):
     result[name] = {'acc': last(workdir, 'eval_accuracy')}
@@ -157,8 +221,12 @@ def fill_in_accuracy(workdir: str, records: str) -> float:
   city_ids = [model.tok.encode(' ' + c)[0] for c in cities]  # One piece each (checked by the data).
   right = 0
   for person in people:
-    ids = (model.tok.encode(person['text'] + ' lives in') + [tokenizer_lib.MASK_ID]
-           + model.tok.encode('.') + [tokenizer_lib.EOS_ID])
+    ids = (
+      model.tok.encode(person['text'] + ' lives in')
+      + [tokenizer_lib.MASK_ID]
+      + model.tok.encode('.')
+      + [tokenizer_lib.EOS_ID]
+    )
     L = len(ids)
     logits = encoder(jnp.asarray([ids]), jnp.ones((1, L), jnp.int32), jnp.arange(L)[None])
     at_mask = np.asarray(logits[0, ids.index(tokenizer_lib.MASK_ID)])
@@ -169,30 +237,51 @@ def fill_in_accuracy(workdir: str, records: str) -> float:
 def table(data: dict, dec: dict, enc: dict) -> str:
   chance = data['chance']
   rows = [
-      ('decoder, QA about test people: exact match (greedy)',
-       [dec[n]['exact'] for n, _, _ in RUNS], chance['mc_qa_test']),
-      ('decoder, QA about test people: multiple choice', [dec[n]['mc'] for n, _, _ in RUNS],
-       chance['mc_qa_test']),
-      ('encoder, city of a test person: classification', [enc[n]['acc'] for n, _, _ in RUNS],
-       chance['cls']),
+    (
+      'decoder, QA about test people: exact match (greedy)',
+      [dec[n]['exact'] for n, _, _ in RUNS],
+      chance['mc_qa_test'],
+    ),
+    (
+      'decoder, QA about test people: multiple choice',
+      [dec[n]['mc'] for n, _, _ in RUNS],
+      chance['mc_qa_test'],
+    ),
+    (
+      'encoder, city of a test person: classification',
+      [enc[n]['acc'] for n, _, _ in RUNS],
+      chance['cls'],
+    ),
   ]
-  lines = ['| fine-tuned, scored on the test half | pre-trained | random init | random init, 4x '
-           'steps | chance | pre-trained / chance | pre-trained / random |',
-           '| --- | ---: | ---: | ---: | ---: | ---: | ---: |']
+  lines = [
+    '| fine-tuned, scored on the test half | pre-trained | random init | random init, 4x '
+    'steps | chance | pre-trained / chance | pre-trained / random |',
+    '| --- | ---: | ---: | ---: | ---: | ---: | ---: |',
+  ]
   for name, (pre, rand, rand_long), luck in rows:
-    lines.append(f'| {name} | {pre:.3f} | {rand:.3f} | {rand_long:.3f} | {luck:.3f} | '
-                 f'{pre / luck:.1f}x | {pre / max(rand, 1e-9):.1f}x |')
+    lines.append(
+      f'| {name} | {pre:.3f} | {rand:.3f} | {rand_long:.3f} | {luck:.3f} | '
+      f'{pre / luck:.1f}x | {pre / max(rand, 1e-9):.1f}x |'
+    )
   fill_in = enc['fill_in']
-  lines.append('| encoder, no fine-tune: its masked LM fills in "NAME lives in <mask>." | '
-               f'{fill_in:.3f} | | | {chance["cls"]:.3f} | {fill_in / chance["cls"]:.1f}x | |')
-  lines += ['', 'Cloze accuracy on the test people during decoder pre-training (in-loop '
-            f'eval.tasks, chance {chance["mc_cloze"]:.3f}):', '',
-            '| step | ' + ' | '.join(str(s) for s, _ in dec['curve']) + ' |',
-            '| --- |' + ' ---: |' * len(dec['curve']),
-            '| accuracy | ' + ' | '.join(f'{a:.3f}' for _, a in dec['curve']) + ' |', '']
+  lines.append(
+    '| encoder, no fine-tune: its masked LM fills in "NAME lives in <mask>." | '
+    f'{fill_in:.3f} | | | {chance["cls"]:.3f} | {fill_in / chance["cls"]:.1f}x | |'
+  )
+  lines += [
+    '',
+    'Cloze accuracy on the test people during decoder pre-training (in-loop '
+    f'eval.tasks, chance {chance["mc_cloze"]:.3f}):',
+    '',
+    '| step | ' + ' | '.join(str(s) for s, _ in dec['curve']) + ' |',
+    '| --- |' + ' ---: |' * len(dec['curve']),
+    '| accuracy | ' + ' | '.join(f'{a:.3f}' for _, a in dec['curve']) + ' |',
+    '',
+  ]
   for name, part in (('decoder', dec), ('encoder', enc)):
-    lines.append(f'{name} wall time: ' + ', '.join(f'{k} {v:.0f} s'
-                                                   for k, v in part['seconds'].items()))
+    lines.append(
+      f'{name} wall time: ' + ', '.join(f'{k} {v:.0f} s' for k, v in part['seconds'].items())
+    )
   return '\n'.join(lines)
 
 
@@ -205,8 +294,7 @@ def main() -> None:
   shutil.rmtree(args.out, ignore_errors=True)
   os.makedirs(args.out)
   started = time.perf_counter()
-  data = transfer_data.write(os.path.join(args.out, 'data'), entities=args.entities,
-                             seed=args.seed)
+  data = transfer_data.write(os.path.join(args.out, 'data'), entities=args.entities, seed=args.seed)
   dec = decoder(data, args.out)
   enc = encoder(data, args.out)
   print()

@@ -69,31 +69,73 @@ ATTRIBUTES = {'city': CITIES, 'job': JOBS, 'colour': COLOURS}
 
 # Pre-training phrasings: five per attribute; the first is the cloze form's.
 TEMPLATES = {
-    'city': ('{name} lives in {city}.', '{name} has made a home in {city}.',
-             '{name} resides in the city of {city}.', 'The home town of {name} is {city}.',
-             '{city} is the home of {name}.'),
-    'job': ('{name} works as a {job}.', '{name} earns a living as a {job}.',
-            '{name} is employed as a {job}.', 'By trade, {name} is a {job}.',
-            'A {job} by trade is what {name} is.'),
-    'colour': ('The favourite colour of {name} is {colour}.', '{name} likes {colour} best of all.',
-               '{name} loves the colour {colour}.', '{name} is often seen wearing {colour}.',
-               '{colour} is the colour that {name} likes most.'),
+  'city': (
+    '{name} lives in {city}.',
+    '{name} has made a home in {city}.',
+    '{name} resides in the city of {city}.',
+    'The home town of {name} is {city}.',
+    '{city} is the home of {name}.',
+  ),
+  'job': (
+    '{name} works as a {job}.',
+    '{name} earns a living as a {job}.',
+    '{name} is employed as a {job}.',
+    'By trade, {name} is a {job}.',
+    'A {job} by trade is what {name} is.',
+  ),
+  'colour': (
+    'The favourite colour of {name} is {colour}.',
+    '{name} likes {colour} best of all.',
+    '{name} loves the colour {colour}.',
+    '{name} is often seen wearing {colour}.',
+    '{colour} is the colour that {name} likes most.',
+  ),
 }
 # City and occupation in one sentence, used instead of the two separate sentences.
-JOINED = ('{name}, who lives in {city}, works as a {job}.',
-          '{name} is a {job} who lives in {city}.')
+JOINED = (
+  '{name}, who lives in {city}, works as a {job}.',
+  '{name} is a {job} who lives in {city}.',
+)
 JOINED_FRACTION = 0.25
 
 # The context each fact is scored after: cloze (a pre-training phrasing) and QA (fine-tuning).
-CLOZE = {'city': '{name} lives in', 'job': '{name} works as a',
-         'colour': 'The favourite colour of {name} is'}
-QUESTIONS = {'city': 'Where does {name} live?\nAnswer:',
-             'job': 'What is the occupation of {name}?\nAnswer:',
-             'colour': 'Which colour does {name} like best?\nAnswer:'}
+CLOZE = {
+  'city': '{name} lives in',
+  'job': '{name} works as a',
+  'colour': 'The favourite colour of {name} is',
+}
+QUESTIONS = {
+  'city': 'Where does {name} live?\nAnswer:',
+  'job': 'What is the occupation of {name}?\nAnswer:',
+  'colour': 'Which colour does {name} like best?\nAnswer:',
+}
 
 BIOS_PER_ENTITY = 8
-ONSETS = ('b', 'd', 'f', 'g', 'h', 'k', 'l', 'm', 'n', 'p', 'r', 's', 't', 'v', 'z', 'br', 'dr',
-          'gr', 'kr', 'tr', 'st', 'sh', 'th')
+ONSETS = (
+  'b',
+  'd',
+  'f',
+  'g',
+  'h',
+  'k',
+  'l',
+  'm',
+  'n',
+  'p',
+  'r',
+  's',
+  't',
+  'v',
+  'z',
+  'br',
+  'dr',
+  'gr',
+  'kr',
+  'tr',
+  'st',
+  'sh',
+  'th',
+)
 VOWELS = ('a', 'e', 'i', 'o', 'u', 'ai', 'ei', 'ou')
 CODAS = ('', '', '', 'n', 'r', 'l', 's', 'm')
 
@@ -107,8 +149,10 @@ def make_people(count: int, seed: int) -> list[dict[str, str]]:
   """`count` people with unique names; each attribute's values dealt evenly within each half."""
   most = max(len(v) for v in ATTRIBUTES.values())
   if count < 2 * most or count % 2:
-    raise ValueError(f'--entities must be even and at least {2 * most}, so that each half holds '
-                     f'every value of every attribute; got {count}.')
+    raise ValueError(
+      f'--entities must be even and at least {2 * most}, so that each half holds '
+      f'every value of every attribute; got {count}.'
+    )
   rng = random.Random(seed)
   names: set[str] = set()
   while len(names) < count:
@@ -137,11 +181,16 @@ def biography(person: dict[str, str], rng: random.Random) -> str:
   return ' '.join(sentences)
 
 
-def multiple_choice(person: dict[str, str], index: int, attribute: str, context: str,
-                    kind: str) -> dict:
+def multiple_choice(
+  person: dict[str, str], index: int, attribute: str, context: str, kind: str
+) -> dict:
   values = ATTRIBUTES[attribute]
-  return {'id': f'{kind}/{attribute}/{index}', 'context': context.format(**person),
-          'choices': [' ' + v for v in values], 'gold': values.index(person[attribute])}
+  return {
+    'id': f'{kind}/{attribute}/{index}',
+    'context': context.format(**person),
+    'choices': [' ' + v for v in values],
+    'gold': values.index(person[attribute]),
+  }
 
 
 def _write_jsonl(path: str, rows: list[dict]) -> None:
@@ -163,23 +212,34 @@ def write(out_dir: str, entities: int = 300, seed: int = 0) -> dict:
     assert marker not in corpus, f'the QA format leaked into the corpus: {marker!r}'
 
   def qa(part: list[dict[str, str]]) -> list[dict]:
-    return [{'prompt': QUESTIONS[a].format(**p), 'response': ' ' + p[a]}
-            for p in part for a in ATTRIBUTES]
+    return [
+      {'prompt': QUESTIONS[a].format(**p), 'response': ' ' + p[a]} for p in part for a in ATTRIBUTES
+    ]
 
   rows = {
-      'entities': [dict(p, id=i, split='train' if i < half else 'test')
-                   for i, p in enumerate(people)],
-      'pretrain': bios,
-      'sft_train': qa(people[:half]),
-      'sft_test': qa(people[half:]),
-      'mc_qa_test': [multiple_choice(p, i, a, QUESTIONS[a], 'qa')
-                     for i, p in enumerate(people) if i >= half for a in ATTRIBUTES],
-      'mc_cloze_all': [multiple_choice(p, i, a, CLOZE[a], 'cloze')
-                       for i, p in enumerate(people) for a in ATTRIBUTES],
-      'mc_cloze_test': [multiple_choice(p, i, a, CLOZE[a], 'cloze')
-                        for i, p in enumerate(people) if i >= half for a in ATTRIBUTES],
-      'cls_train': [{'text': p['name'], 'label': p['city']} for p in people[:half]],
-      'cls_test': [{'text': p['name'], 'label': p['city']} for p in people[half:]],
+    'entities': [
+      dict(p, id=i, split='train' if i < half else 'test') for i, p in enumerate(people)
+    ],
+    'pretrain': bios,
+    'sft_train': qa(people[:half]),
+    'sft_test': qa(people[half:]),
+    'mc_qa_test': [
+      multiple_choice(p, i, a, QUESTIONS[a], 'qa')
+      for i, p in enumerate(people)
+      if i >= half
+      for a in ATTRIBUTES
+    ],
+    'mc_cloze_all': [
+      multiple_choice(p, i, a, CLOZE[a], 'cloze') for i, p in enumerate(people) for a in ATTRIBUTES
+    ],
+    'mc_cloze_test': [
+      multiple_choice(p, i, a, CLOZE[a], 'cloze')
+      for i, p in enumerate(people)
+      if i >= half
+      for a in ATTRIBUTES
+    ],
+    'cls_train': [{'text': p['name'], 'label': p['city']} for p in people[:half]],
+    'cls_test': [{'text': p['name'], 'label': p['city']} for p in people[half:]],
   }
   train_text = json.dumps(rows['sft_train'])
   assert not any(p['name'] in train_text for p in people[half:]), 'a test person in sft_train'
@@ -190,10 +250,18 @@ def write(out_dir: str, entities: int = 300, seed: int = 0) -> dict:
     _write_jsonl(paths[name], lines)
   # Chance of the multiple-choice files: the mean over questions of 1 / number of choices.
   mean_chance = sum(1 / len(v) for v in ATTRIBUTES.values()) / len(ATTRIBUTES)
-  chance = {'mc_qa_test': mean_chance, 'mc_cloze': mean_chance, 'cls': 1 / len(CITIES),
-            **{a: 1 / len(v) for a, v in ATTRIBUTES.items()}}
-  return {'paths': paths, 'counts': {k: len(v) for k, v in rows.items()}, 'chance': chance,
-          'classes': list(CITIES)}
+  chance = {
+    'mc_qa_test': mean_chance,
+    'mc_cloze': mean_chance,
+    'cls': 1 / len(CITIES),
+    **{a: 1 / len(v) for a, v in ATTRIBUTES.items()},
+  }
+  return {
+    'paths': paths,
+    'counts': {k: len(v) for k, v in rows.items()},
+    'chance': chance,
+    'classes': list(CITIES),
+  }
 
 
 def main() -> None:

@@ -17,8 +17,9 @@ if _DETERMINISTIC not in os.environ.get('XLA_FLAGS', ''):
 
 # The suite runs the same few tiny programs in many processes: compile each once, on disk (keyed by
 # the program, JAX version and flags, so a stale entry is never used). Inherited by subprocesses.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
-                      os.path.join(tempfile.gettempdir(), 'pretrax-tests-jax-cache'))
+os.environ.setdefault(
+  'JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'pretrax-tests-jax-cache')
+)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
@@ -65,12 +66,14 @@ def built_once(tmp_path_factory, name: str, build) -> str:
 @pytest.fixture(scope='session')
 def corpus_path(tmp_path_factory) -> str:
   """~200 KB of real text: Tiny Shakespeare where ../shared has it, else Python's own sources."""
+
   def build(out):
     if os.path.exists(SHAKESPEARE):
       with open(SHAKESPEARE, encoding='utf-8') as f:
         text = f.read(200_000)
     else:
       from pretrax.data import sources
+
       text = ''
       for path in sources.stdlib_files():
         with open(path, 'rb') as f:
@@ -90,8 +93,15 @@ def tiny_config(corpus_path):
   return c
 
 
-def make_store(tmp_path, documents: list[str], *, model_type: str = 'char', workers: int = 0,
-               sentinels: int = 0, **data):
+def make_store(
+  tmp_path,
+  documents: list[str],
+  *,
+  model_type: str = 'char',
+  workers: int = 0,
+  sentinels: int = 0,
+  **data,
+):
   """A token store of `documents` (one JSON-lines file, prepared in this process)."""
   import json
 
@@ -118,24 +128,37 @@ def pretrax_env(*python_path: str) -> dict[str, str]:
 
 def run_cli(*args: str, cwd: str = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
   """Runs `pretrax ARGS` in a subprocess, as a user would."""
-  return subprocess.run([sys.executable, '-m', 'pretrax.cli', *args], cwd=cwd, text=True,
-                        capture_output=True, timeout=timeout, env=pretrax_env())
+  return subprocess.run(
+    [sys.executable, '-m', 'pretrax.cli', *args],
+    cwd=cwd,
+    text=True,
+    capture_output=True,
+    timeout=timeout,
+    env=pretrax_env(),
+  )
 
 
 def fake_devices_env(devices: int) -> dict[str, str]:
   """The environment of a process with `devices` fake CPU devices (fixed when JAX starts) that can
   import the tests' helpers."""
   flags = f'{os.environ.get("XLA_FLAGS", "")} --xla_force_host_platform_device_count={devices}'
-  return dict(pretrax_env(os.path.join(REPO, 'tests')), JAX_PLATFORMS='cpu',
-              XLA_FLAGS=flags.strip())
+  return dict(
+    pretrax_env(os.path.join(REPO, 'tests')), JAX_PLATFORMS='cpu', XLA_FLAGS=flags.strip()
+  )
 
 
 def run_python(script: str, devices: int, timeout: int = 600) -> str:
   """Runs `script` in a fresh Python with `devices` fake CPU devices; returns its stdout."""
   import textwrap
 
-  result = subprocess.run([sys.executable, '-c', textwrap.dedent(script)], cwd=REPO, text=True,
-                          capture_output=True, timeout=timeout, env=fake_devices_env(devices))
+  result = subprocess.run(
+    [sys.executable, '-c', textwrap.dedent(script)],
+    cwd=REPO,
+    text=True,
+    capture_output=True,
+    timeout=timeout,
+    env=fake_devices_env(devices),
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Involuntary full rematerialization' not in result.stderr  # Shardings XLA can follow.
   return result.stdout

@@ -34,8 +34,9 @@ def _values_and_grads(backend: str, mask: str, num_kv_heads: int, **kwargs):
   d_out = jax.random.normal(keys[3], (B, L, N, H))
 
   def f(q, k, v):
-    out = attention.attention(q, k, v, SEGMENTS, causal=causal, prefix_BT=prefix, backend=backend,
-                              **kwargs)
+    out = attention.attention(
+      q, k, v, SEGMENTS, causal=causal, prefix_BT=prefix, backend=backend, **kwargs
+    )
     return jnp.sum(out * d_out)
 
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
@@ -55,8 +56,9 @@ def test_cpu_backend_matches_xla(mask, num_kv_heads):
   _assert_matches_xla('cpu', mask, num_kv_heads)
 
 
-@pytest.mark.parametrize('mask, num_kv_heads', [
-    ('causal', 4), ('causal', 2), ('bidirectional', 4), ('bidirectional', 1)])
+@pytest.mark.parametrize(
+  'mask, num_kv_heads', [('causal', 4), ('causal', 2), ('bidirectional', 4), ('bidirectional', 1)]
+)
 def test_splash_kernel_matches_xla_in_interpret_mode(mask, num_kv_heads):
   _assert_matches_xla('splash', mask, num_kv_heads, platform='tpu', interpret=True)
 
@@ -80,7 +82,8 @@ def test_cudnn_falls_back_to_xla_off_nvidia_once(caplog):
 def test_splash_under_a_data_and_tensor_mesh_runs_per_shard():
   """Under the step's activation sharding, splash runs in shard_map over batch and heads (GQA
   groups stay whole on a device) and still matches xla; 4 fake CPU devices."""
-  out = run_python("""
+  out = run_python(
+    """
     import jax, jax.numpy as jnp, numpy as np
     from pretrax import sharding
     from pretrax.model import attention, layers
@@ -110,11 +113,15 @@ def test_splash_under_a_data_and_tensor_mesh_runs_per_shard():
     for x, y in zip(grads_a, grads_b):
       np.testing.assert_allclose(x, y, rtol=1e-5, atol=2e-5)
     print('matched')
-  """, devices=4)
+  """,
+    devices=4,
+  )
   assert 'matched' in out
 
 
-@pytest.mark.parametrize('dtype, q_shape, capability, expected', [
+@pytest.mark.parametrize(
+  'dtype, q_shape, capability, expected',
+  [
     ('bfloat16', (2, 1024, 12, 64), (9, 0), None),
     ('float16', (2, 1024, 16, 256), (9, 0), None),  # Hopper takes head dims up to 256,
     ('bfloat16', (2, 1024, 16, 256), (8, 0), 'multiple of 8 and <= 128, not 256'),  # Ampere 128.
@@ -123,32 +130,41 @@ def test_splash_under_a_data_and_tensor_mesh_runs_per_shard():
     ('bfloat16', (2, 1024, 12, 512), (9, 0), 'multiple of 8 and <= 256, not 512'),
     ('bfloat16', (2, 1023, 12, 64), (9, 0), 'even sequence lengths'),
     ('bfloat16', (2, 1024, 12, 64), (7, 5), 'compute capability >= 8.0'),
-])
+  ],
+)
 def test_cudnn_unsupported_reason(dtype, q_shape, capability, expected):
   k_shape = q_shape[:2] + (4, q_shape[3])
-  reason = attention.cudnn_unsupported_reason(jnp.dtype(dtype), q_shape, k_shape, platform='cuda',
-                                              compute_capability=capability)
+  reason = attention.cudnn_unsupported_reason(
+    jnp.dtype(dtype), q_shape, k_shape, platform='cuda', compute_capability=capability
+  )
   assert reason == expected if expected is None else expected in reason
   assert 'NVIDIA' in attention.cudnn_unsupported_reason(
-      jnp.dtype(dtype), q_shape, k_shape, platform='tpu', compute_capability=None)
+    jnp.dtype(dtype), q_shape, k_shape, platform='tpu', compute_capability=None
+  )
 
 
-@pytest.mark.parametrize('kwargs, expected', [
+@pytest.mark.parametrize(
+  'kwargs, expected',
+  [
     (dict(platform='tpu', prefix=False), None),
     (dict(platform='cpu', prefix=False, interpret=True), None),
     (dict(platform='cpu', prefix=False), 'TPU kernel'),
     (dict(platform='tpu', prefix=True), 'prefix'),
     (dict(platform='tpu', prefix=False, sequence_sharded=True), 'sharded sequence'),
-])
+  ],
+)
 def test_splash_unsupported_reason(kwargs, expected):
   reason = attention.splash_unsupported_reason((2, 1024, 8, 128), **kwargs)
   assert reason == expected if expected is None else expected in reason
-  assert 'multiple of 128' in attention.splash_unsupported_reason((2, 1000, 8, 128),
-                                                                  platform='tpu', prefix=False)
+  assert 'multiple of 128' in attention.splash_unsupported_reason(
+    (2, 1000, 8, 128), platform='tpu', prefix=False
+  )
 
 
-@pytest.mark.parametrize('platform, expected', [
-    ('cuda', 'cudnn'), ('tpu', 'splash'), ('cpu', 'cpu'), ('gpu', 'xla'), ('rocm', 'xla')])
+@pytest.mark.parametrize(
+  'platform, expected',
+  [('cuda', 'cudnn'), ('tpu', 'splash'), ('cpu', 'cpu'), ('gpu', 'xla'), ('rocm', 'xla')],
+)
 def test_auto_resolves_per_platform(platform, expected):
   assert attention.resolve_backend('auto', platform) == expected
   assert attention.resolve_backend('xla', platform) == 'xla'  # An explicit choice stays.
@@ -163,8 +179,11 @@ def test_auto_on_this_machine_is_its_platforms_backend():
 def test_an_unknown_backend_fails_in_validation_in_one_line():
   c = load_config('tiny')
   c.model.attention_backend = 'flash'
-  with pytest.raises(config_lib.ConfigError, match=r"^model.attention_backend='flash' is not one "
-                     r'of auto, xla, cudnn, splash, cpu.$'):
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r"^model.attention_backend='flash' is not one "
+    r'of auto, xla, cudnn, splash, cpu.$',
+  ):
     config_lib.validate(c, check_data=False)
   assert config_lib.ATTENTION_BACKENDS == attention.BACKENDS
 
@@ -177,8 +196,9 @@ def test_the_tiny_model_trains_the_same_with_xla_and_cpu_attention(tiny_config, 
   for backend in ('xla', 'cpu'):
     c.model.attention_backend = backend
     train.train(c, str(tmp_path / backend))
-    losses[backend] = [r['loss'] for r in metrics.read_metrics(str(tmp_path / backend))
-                       if 'loss' in r]
+    losses[backend] = [
+      r['loss'] for r in metrics.read_metrics(str(tmp_path / backend)) if 'loss' in r
+    ]
   assert len(losses['cpu']) == 4
   np.testing.assert_allclose(losses['cpu'], losses['xla'], rtol=1e-5)
 
@@ -246,8 +266,9 @@ def _varlen_mask(lengths_BM, offsets_BM1, T: int, causal: bool) -> jax.Array:
   t = jnp.arange(T)
   starts, ends = offsets_BM1[:, :-1, None], offsets_BM1[:, :-1, None] + lengths_BM[..., None]
   member_BMT = (lengths_BM[..., None] > 0) & (t >= starts) & (t < ends)
-  mask_BTS = jnp.einsum('BMT,BMS->BTS', member_BMT.astype(jnp.int32),
-                        member_BMT.astype(jnp.int32)) > 0
+  mask_BTS = (
+    jnp.einsum('BMT,BMS->BTS', member_BMT.astype(jnp.int32), member_BMT.astype(jnp.int32)) > 0
+  )
   return mask_BTS & (t[:, None] >= t[None, :]) if causal else mask_BTS
 
 
@@ -265,6 +286,7 @@ def test_the_variable_length_layout_is_the_segment_mask_on_every_real_token(caus
 def _emulated_cudnn(monkeypatch, ran: list[str]):
   """cuDNN's three entry points replaced by their meaning in plain JAX (the variable-length one
   built from the layout alone), each recording when it runs; the machine claims a Hopper GPU."""
+
   def dense(q, k, v, segment_ids, *, causal, prefix_BT):
     jax.debug.callback(lambda: ran.append('dense'))
     mask = attention.attention_mask(segment_ids, causal=causal, prefix_BT=prefix_BT)
@@ -290,9 +312,16 @@ def _emulated_cudnn(monkeypatch, ran: list[str]):
   monkeypatch.setattr(jax, '__version__', '0.11.2')  # Past JAX 0.10's grouped-query offsets.
 
 
-@pytest.mark.parametrize('rows, max_segments, kernel', [
-    ('packed', 8, 'varlen'), ('packed', 2, 'dense'), ('packed', 0, 'dense'),
-    ('whole', 8, 'plain'), ('whole', 0, 'dense')])
+@pytest.mark.parametrize(
+  'rows, max_segments, kernel',
+  [
+    ('packed', 8, 'varlen'),
+    ('packed', 2, 'dense'),
+    ('packed', 0, 'dense'),
+    ('whole', 8, 'plain'),
+    ('whole', 0, 'dense'),
+  ],
+)
 @pytest.mark.parametrize('mask', ['causal', 'bidirectional'])
 def test_cudnn_routing_matches_xla(monkeypatch, mask, rows, max_segments, kernel):
   """Values and gradients on real tokens as the xla reference, through whichever kernel the
@@ -313,24 +342,32 @@ def test_cudnn_routing_matches_xla(monkeypatch, mask, rows, max_segments, kernel
   d_out = jax.random.normal(keys[3], q.shape) * real  # Only real tokens reach the loss.
 
   def f(q, k, v, backend):
-    out = attention.attention(q, k, v, ids, causal=causal, backend=backend, platform='cuda',
-                              max_segments=max_segments)
+    out = attention.attention(
+      q, k, v, ids, causal=causal, backend=backend, platform='cuda', max_segments=max_segments
+    )
     return jnp.sum(out.astype(jnp.float32) * d_out)
 
   value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)), static_argnums=3)(
-      q, k, v, 'cudnn')
+    q, k, v, 'cudnn'
+  )
   jax.effects_barrier()
   value_ref, grads_ref = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)), static_argnums=3)(
-      q, k, v, 'xla')
+    q, k, v, 'xla'
+  )
   assert set(ran) == {kernel}
   np.testing.assert_allclose(value, value_ref, rtol=2e-2)
   for name, a, b in zip('qkv', grads, grads_ref):
-    np.testing.assert_allclose(a.astype(jnp.float32) * (1 if name != 'q' else real),
-                               b.astype(jnp.float32) * (1 if name != 'q' else real),
-                               atol=3e-2, err_msg=f'd{name}')
+    np.testing.assert_allclose(
+      a.astype(jnp.float32) * (1 if name != 'q' else real),
+      b.astype(jnp.float32) * (1 if name != 'q' else real),
+      atol=3e-2,
+      err_msg=f'd{name}',
+    )
 
 
-@pytest.mark.parametrize('kwargs, expected', [
+@pytest.mark.parametrize(
+  'kwargs, expected',
+  [
     (dict(prefix=True), 'prefix'),
     (dict(max_segments=0), 'max_segments=0'),
     (dict(compute_capability=(8, 0)), 'Hopper'),
@@ -341,16 +378,25 @@ def test_cudnn_routing_matches_xla(monkeypatch, mask, rows, max_segments, kernel
     (dict(num_kv_heads=2, jax_version='0.10.2', max_segments=1), None),
     (dict(num_kv_heads=2, jax_version='0.11.2'), None),
     (dict(), None),
-])
+  ],
+)
 def test_cudnn_packed_unsupported_reason(kwargs, expected):
-  args = dict(prefix=False, max_segments=16, num_heads=4, num_kv_heads=4,
-              compute_capability=(9, 0), cudnn_version=91000, jax_version='0.11.2')
+  args = dict(
+    prefix=False,
+    max_segments=16,
+    num_heads=4,
+    num_kv_heads=4,
+    compute_capability=(9, 0),
+    cudnn_version=91000,
+    jax_version='0.11.2',
+  )
   reason = attention.cudnn_packed_unsupported_reason(**{**args, **kwargs})
   assert reason is None if expected is None else expected in reason
 
 
 def test_cudnn_without_the_variable_length_form_takes_the_dense_mask_and_says_why(
-    monkeypatch, caplog):
+  monkeypatch, caplog
+):
   ran = []
   _emulated_cudnn(monkeypatch, ran)
   monkeypatch.setattr(attention, '_compute_capability', lambda: (8, 0))  # An A100.
@@ -360,19 +406,22 @@ def test_cudnn_without_the_variable_length_form_takes_the_dense_mask_and_says_wh
   with caplog.at_level(logging.WARNING):
     attention.attention(q, q, q, ids, causal=True, backend='cudnn', platform='cuda')
     jax.effects_barrier()
-    attention.attention(q, q, q, jnp.ones((2, 8), jnp.int32), causal=True, backend='cudnn',
-                        platform='cuda')
+    attention.attention(
+      q, q, q, jnp.ones((2, 8), jnp.int32), causal=True, backend='cudnn', platform='cuda'
+    )
     jax.effects_barrier()
   assert ran == ['dense', 'plain']  # Rows of one whole document each still need no mask.
   assert 'Hopper' in caplog.text and 'using cudnn with a dense mask instead' in caplog.text
 
 
 @pytest.mark.parametrize('causal, max_segments', [(True, 4), (False, 4), (True, 1)])
-def test_cudnn_variable_length_call_passes_the_layout_and_mask_type(monkeypatch, causal,
-                                                                    max_segments):
+def test_cudnn_variable_length_call_passes_the_layout_and_mask_type(
+  monkeypatch, causal, max_segments
+):
   """What reaches JAX's cuDNN wrapper: the mask type, the scale, and lengths with offsets (or,
   for one segment per row, lengths alone)."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=C0415
+
   calls = []
 
   class Recorder:
@@ -388,7 +437,7 @@ def test_cudnn_variable_length_call_passes_the_layout_and_mask_type(monkeypatch,
   lengths, offsets, _ = attention.segment_layout(ids, max_segments)
   q = jnp.ones((2, 6, 2, 16), jnp.bfloat16)
   attention._cudnn_varlen(q, q, q, lengths, offsets, causal=causal)
-  (kwargs,), = [calls]
+  ((kwargs,),) = [calls]
   expected = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
   assert kwargs['mask_type'] == expected and kwargs['scale'] == pytest.approx(0.25)
   if max_segments == 1:
@@ -400,7 +449,8 @@ def test_cudnn_variable_length_call_passes_the_layout_and_mask_type(monkeypatch,
 
 
 def test_the_dense_branch_keeps_no_t_by_t_residual_beside_the_variable_length_one(
-    monkeypatch, capsys):
+  monkeypatch, capsys
+):
   """lax.switch returns every branch's residuals; the dense one is checkpointed, so what the
   backward keeps is O(T), whatever the dense kernel would save (here a T x T mask and scores)."""
   ran = []
@@ -410,24 +460,29 @@ def test_the_dense_branch_keeps_no_t_by_t_residual_beside_the_variable_length_on
   def flash_like(q, k, v):  # Keeps what a flash kernel keeps: inputs, output, log-sum-exp.
     return q * 2
 
-  flash_like.defvjp(lambda q, k, v: (q * 2, (q, k, v, q * 2, jnp.sum(q, -1))),
-                    lambda res, d: (d * res[3] + res[4][..., None], res[1], res[2]))
-  monkeypatch.setattr(attention, '_cudnn_varlen',
-                      lambda q, k, v, lengths, offsets, *, causal: flash_like(q, k, v))
+  flash_like.defvjp(
+    lambda q, k, v: (q * 2, (q, k, v, q * 2, jnp.sum(q, -1))),
+    lambda res, d: (d * res[3] + res[4][..., None], res[1], res[2]),
+  )
+  monkeypatch.setattr(
+    attention, '_cudnn_varlen', lambda q, k, v, lengths, offsets, *, causal: flash_like(q, k, v)
+  )
   monkeypatch.setattr(attention, '_cudnn_plain', lambda q, k, v, *, causal: flash_like(q, k, v))
   T = 48
   ids = jnp.array([[1] * 20 + [2] * 28, [1] * 40 + [0] * 8], jnp.int32)
   q = jax.random.normal(jax.random.key(0), (2, T, 2, 16), jnp.bfloat16)
-  f = lambda q: jnp.sum(attention.attention(q, q, q, ids, causal=True, backend='cudnn',
-                                            platform='cuda').astype(jnp.float32))
+  f = lambda q: jnp.sum(
+    attention.attention(q, q, q, ids, causal=True, backend='cudnn', platform='cuda').astype(
+      jnp.float32
+    )
+  )
   jax.ad_checkpoint.print_saved_residuals(f, q)
   saved = capsys.readouterr().out
   assert f'{T},{T}]' not in saved, saved  # No (..., T, T) array.
   assert f'[2,{T},2,16]' in saved  # The flash-like kernel's output is kept.
 
 
-def test_cudnn_kernels_that_refuse_the_inputs_leave_the_dense_mask_and_say_why(
-    monkeypatch, caplog):
+def test_cudnn_kernels_that_refuse_the_inputs_leave_the_dense_mask_and_say_why(monkeypatch, caplog):
   """A check in JAX's wrapper newer than ours (raised while tracing) costs the mask-free kernels,
   not cuDNN: the dense mask still runs."""
   ran = []
@@ -456,6 +511,7 @@ def pretend_hopper(monkeypatch):
   """JAX's cuDNN wrapper asks the hardware for cuDNN's version and the compute capability: say
   cuDNN 9.10 on a Hopper GPU, so the real path traces and lowers for CUDA here (nothing runs)."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=C0415
+
   monkeypatch.setattr(cudnn, 'check_cudnn_version', lambda: 91000)
   monkeypatch.setattr(cudnn, 'check_compute_capability', lambda capability: True)
   monkeypatch.setattr(cudnn, 'is_cuda_compute_capability_equal', lambda capability: False)
@@ -474,8 +530,9 @@ def _cudnn_loss(ids, causal: bool, num_kv_heads: int = 4):
   return f, (q, k, k)
 
 
-@pytest.mark.parametrize('causal, mask_types', [
-    (True, {'CAUSAL', 'PADDING_CAUSAL'}), (False, {'NO_MASK', 'PADDING'})])
+@pytest.mark.parametrize(
+  'causal, mask_types', [(True, {'CAUSAL', 'PADDING_CAUSAL'}), (False, {'NO_MASK', 'PADDING'})]
+)
 def test_cudnn_kernels_lower_for_cuda_with_their_mask_types(pretend_hopper, causal, mask_types):
   """JAX's wrapper accepts our lengths and offsets: the gradient lowers to cuDNN's fused
   attention, forward and backward, for each kernel: mask-free (CAUSAL or NO_MASK), variable
@@ -483,12 +540,19 @@ def test_cudnn_kernels_lower_for_cuda_with_their_mask_types(pretend_hopper, caus
   del pretend_hopper
   ids = jnp.array([[1] * 20 + [2] * 30 + [0] * 14, [1] * 64], jnp.int32)
   f, args = _cudnn_loss(ids, causal)
-  text = jax.jit(jax.grad(f, argnums=(0, 1, 2))).trace(*args).lower(
-      lowering_platforms=('cuda',)).as_text()
+  text = (
+    jax.jit(jax.grad(f, argnums=(0, 1, 2)))
+    .trace(*args)
+    .lower(lowering_platforms=('cuda',))
+    .as_text()
+  )
   calls = re.findall(r'__cudnn\$fmha\w*', text)
-  assert sorted(set(calls)) == ['__cudnn$fmhaScaleBiasSoftmax',
-                                '__cudnn$fmhaScaleBiasSoftmaxBackward',
-                                '__cudnn$fmhaSoftmax', '__cudnn$fmhaSoftmaxBackward']
+  assert sorted(set(calls)) == [
+    '__cudnn$fmhaScaleBiasSoftmax',
+    '__cudnn$fmhaScaleBiasSoftmaxBackward',
+    '__cudnn$fmhaSoftmax',
+    '__cudnn$fmhaSoftmaxBackward',
+  ]
   assert len(calls) == 6  # Three kernels, each forward and backward.
   assert set(re.findall(r'mask_type\\22: \\22(\w+)\\22', text)) >= mask_types
 
@@ -499,10 +563,12 @@ def test_dots_attention_keeps_cudnns_forward_outputs(pretend_hopper, capsys, pol
   softmax statistics, out of lax.switch) are kept, so the backward never reruns a forward."""
   del pretend_hopper
   from pretrax.model import transformer  # pylint: disable=C0415
+
   ids = jnp.array([[1] * 20 + [2] * 30 + [0] * 14, [1] * 64], jnp.int32)
   f, args = _cudnn_loss(ids, True)
   jax.ad_checkpoint.print_saved_residuals(
-      jax.checkpoint(f, policy=transformer._REMAT_POLICIES[policy]()), *args)
+    jax.checkpoint(f, policy=transformer._REMAT_POLICIES[policy]()), *args
+  )
   saved = capsys.readouterr().out.splitlines()
   # The output (bf16[2,64,4,16]), the plain kernel's statistics (f32[2,4,64]) and the
   # variable-length one's, per segment slot (f32[2*16,4,64]).
@@ -511,7 +577,8 @@ def test_dots_attention_keeps_cudnns_forward_outputs(pretend_hopper, capsys, pol
 
 @pytest.mark.parametrize('remat', ['dots_attention', 'full'])
 def test_the_train_step_lowers_for_cuda_and_dots_attention_runs_each_forward_once(
-    pretend_hopper, monkeypatch, remat):
+  pretend_hopper, monkeypatch, remat
+):
   """The whole bfloat16 train step (chunked loss too) lowered for CUDA: every block calls cuDNN's
   three kernels forward and backward; with 'dots_attention' no forward runs again in the backward
   pass, with 'full' each does."""
@@ -519,15 +586,20 @@ def test_the_train_step_lowers_for_cuda_and_dots_attention_runs_each_forward_onc
   from pretrax import plan as plan_lib  # pylint: disable=C0415
   from pretrax import state as state_lib  # pylint: disable=C0415
   from pretrax import step as step_lib  # pylint: disable=C0415
+
   monkeypatch.setattr(attention, 'current_platform', lambda: 'cuda')
   c = load_config('tiny')
   c.model.dtype, c.model.attention_backend = 'bfloat16', 'cudnn'
   c.model.remat, c.model.loss_chunk = remat, 8
   run = state_lib.build(c, 64)
-  train_step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule,
-                                       step_lib.step_config(c))
-  text = train_step.trace(run.abstract, plan_lib._abstract_batch(c, run)).lower(
-      lowering_platforms=('cuda',)).as_text()
+  train_step = step_lib.jit_train_step(
+    run.model_def, run.optimizer, run.schedule, step_lib.step_config(c)
+  )
+  text = (
+    train_step.trace(run.abstract, plan_lib._abstract_batch(c, run))
+    .lower(lowering_platforms=('cuda',))
+    .as_text()
+  )
   calls = re.findall(r'__cudnn\$fmha\w*', text)
   forward = [x for x in calls if not x.endswith('Backward')]
   layers = c.model.num_layers

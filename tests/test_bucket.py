@@ -16,8 +16,14 @@ import pytest
 
 from conftest import PEAK_FLOPS_ARG, REPO, load_config, run_cli
 from faults import test_faults
-from faults.test_faults import (STOPPED, assert_same_run, one_line_error, start, train_args,
-                                wait_until)
+from faults.test_faults import (
+  STOPPED,
+  assert_same_run,
+  one_line_error,
+  start,
+  train_args,
+  wait_until,
+)
 from pretrax import faults, metrics, sample, train
 from pretrax.interop import hf
 
@@ -31,9 +37,11 @@ straight = test_faults.straight
 def gcs():
   """gs://pretrax-test on a local server, reachable from this process and its children."""
   port = portpicker.pick_unused_port()
-  server = subprocess.Popen([sys.executable, os.path.join(REPO, 'tests', 'gcs_server.py'),
-                             str(port), BUCKET],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  server = subprocess.Popen(
+    [sys.executable, os.path.join(REPO, 'tests', 'gcs_server.py'), str(port), BUCKET],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   url = f'http://127.0.0.1:{port}'
   deadline = time.time() + 30
   while True:
@@ -58,16 +66,18 @@ def gcs():
 
 
 @pytest.mark.slow
-def test_a_bucket_run_is_locked_stops_resumes_and_matches_a_local_run(gcs, straight, tmp_path,
-                                                                      corpus_path):
+def test_a_bucket_run_is_locked_stops_resumes_and_matches_a_local_run(
+  gcs, straight, tmp_path, corpus_path
+):
   local, workdir = straight, f'{gcs}/run'  # The same 40 steps on a local disk, never stopped.
   args = train_args(workdir, corpus_path, '--config.steps=40', '--config.checkpoint.every=10')
   proc = start(args)
   wait_until(lambda: epath.Path(f'{workdir}/checkpoints/10/commit_success.txt').exists(), proc)
   # Frozen, the run holds its lease without renewing it: a second run must still be refused.
   proc.send_signal(signal.SIGSTOP)
-  one_line_error(run_cli(*args, timeout=120), 'in use by a live run', f'pid {proc.pid}',
-                 'heartbeat')
+  one_line_error(
+    run_cli(*args, timeout=120), 'in use by a live run', f'pid {proc.pid}', 'heartbeat'
+  )
   proc.send_signal(signal.SIGTERM)  # Preemption: save, release the lease, exit 75.
   proc.send_signal(signal.SIGCONT)
   _, err = proc.communicate(timeout=300)
@@ -104,8 +114,10 @@ def test_a_bucket_run_is_locked_stops_resumes_and_matches_a_local_run(gcs, strai
   c.data.path, c.data.fallback = corpus_path, ''
   hf.import_model(str(tmp_path / 'hf_False'), c, f'{gcs}/imported', log=lambda _: None)
   assert epath.Path(f'{gcs}/imported/checkpoints/0/commit_success.txt').exists()
-  assert epath.Path(f'{gcs}/imported/tokenizer.model').read_bytes() == \
-      epath.Path(f'{workdir}/tokenizer.model').read_bytes()
+  assert (
+    epath.Path(f'{gcs}/imported/tokenizer.model').read_bytes()
+    == epath.Path(f'{workdir}/tokenizer.model').read_bytes()
+  )
 
 
 def test_a_lease_refuses_a_live_owner_and_takes_over_a_stale_one(gcs, monkeypatch):
@@ -121,7 +133,8 @@ def test_a_lease_refuses_a_live_owner_and_takes_over_a_stale_one(gcs, monkeypatc
   # A run that died without releasing: its heartbeat stops, and after STALE_S the lease is free.
   dead = faults.BucketLease(workdir)
   dead.path.write_text(
-      f'{{"owner": "pid 1 on lost-vm", "token": "x", "heartbeat": {time.time() - 61}}}')
+    f'{{"owner": "pid 1 on lost-vm", "token": "x", "heartbeat": {time.time() - 61}}}'
+  )
   taker = faults.BucketLease(workdir).acquire()
   assert taker.read()['token'] == taker.token
   taker.release()
@@ -137,7 +150,8 @@ def test_a_lease_refuses_a_live_owner_and_takes_over_a_stale_one(gcs, monkeypatc
 
 
 def test_a_missing_bucket_fails_before_training_and_makes_nothing_locally(
-    gcs, tiny_config, tmp_path, monkeypatch):
+  gcs, tiny_config, tmp_path, monkeypatch
+):
   monkeypatch.chdir(tmp_path)
   with pytest.raises(faults.WorkdirError, match='gs://no-such-bucket/run is not writable'):
     train.train(tiny_config, 'gs://no-such-bucket/run')
@@ -152,11 +166,25 @@ def test_two_local_processes_train_and_resume_on_a_bucket(gcs, tmp_path, corpus_
   env = dict(os.environ, PRETRAX=f'{sys.executable} -m pretrax.cli', JAX_PLATFORMS='cpu')
   for steps in (3, 5):  # Then resumed, by the same two processes.
     result = subprocess.run(
-        [os.path.join(REPO, 'launch', 'local.sh'), os.path.join(REPO, 'configs', 'tiny.py'),
-         workdir, '--processes=2', f'--config.data.path={corpus_path}', '--config.data.fallback=',
-         f'--config.steps={steps}', '--config.log_every=1', '--config.eval_every=1000',
-         '--config.checkpoint.every=3', PEAK_FLOPS_ARG],
-        cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
+      [
+        os.path.join(REPO, 'launch', 'local.sh'),
+        os.path.join(REPO, 'configs', 'tiny.py'),
+        workdir,
+        '--processes=2',
+        f'--config.data.path={corpus_path}',
+        '--config.data.fallback=',
+        f'--config.steps={steps}',
+        '--config.log_every=1',
+        '--config.eval_every=1000',
+        '--config.checkpoint.every=3',
+        PEAK_FLOPS_ARG,
+      ],
+      cwd=tmp_path,
+      env=env,
+      text=True,
+      capture_output=True,
+      timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
   assert 'resumed from' in result.stdout and 'at step 3' in result.stdout
   assert [r['step'] for r in metrics.read_metrics(workdir) if 'loss' in r] == [1, 2, 3, 4, 5]
@@ -169,8 +197,9 @@ def test_two_local_processes_train_and_resume_on_a_bucket(gcs, tmp_path, corpus_
 def test_a_profile_of_a_bucket_run_is_uploaded(gcs, corpus_path):
   """jax.profiler writes local files; a bucket run's trace lands in WORKDIR/profile all the same."""
   workdir = f'{gcs}/profiled'
-  result = run_cli(*train_args(workdir, corpus_path, '--config.steps=3',
-                               '--config.profile_steps=2:1'))
+  result = run_cli(
+    *train_args(workdir, corpus_path, '--config.steps=3', '--config.profile_steps=2:1')
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert f'profile of steps 2-2 in {workdir}/profile' in result.stdout
   traces = list(epath.Path(f'{workdir}/profile').glob('plugins/profile/*/*.xplane.pb'))
@@ -182,32 +211,47 @@ def test_a_bucket_workdir_without_the_gcs_extra_names_it(tmp_path, corpus_path):
   stub = tmp_path / 'stub' / 'gcsfs'
   stub.mkdir(parents=True)
   (stub / '__init__.py').write_text('raise ImportError("No module named gcsfs")\n')
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
-      str(stub.parent), os.environ.get('PYTHONPATH')])))
-  result = subprocess.run([sys.executable, '-m', 'pretrax.cli',
-                           *train_args('gs://bucket/run', corpus_path)],
-                          cwd=tmp_path, env=env, text=True, capture_output=True, timeout=300)
-  one_line_error(result, 'gs://bucket/run needs a package that is not installed',
-                 'pip install "pretrax[gcs]"')
+  env = dict(
+    os.environ,
+    PYTHONPATH=os.pathsep.join(filter(None, [str(stub.parent), os.environ.get('PYTHONPATH')])),
+  )
+  result = subprocess.run(
+    [sys.executable, '-m', 'pretrax.cli', *train_args('gs://bucket/run', corpus_path)],
+    cwd=tmp_path,
+    env=env,
+    text=True,
+    capture_output=True,
+    timeout=300,
+  )
+  one_line_error(
+    result, 'gs://bucket/run needs a package that is not installed', 'pip install "pretrax[gcs]"'
+  )
   assert not (tmp_path / 'gs:').exists()
 
 
 @pytest.mark.slow
-def test_a_bucket_run_killed_outright_has_the_metrics_of_its_committed_checkpoints(gcs,
-                                                                                  corpus_path):
+def test_a_bucket_run_killed_outright_has_the_metrics_of_its_committed_checkpoints(
+  gcs, corpus_path
+):
   """metrics.jsonl on a bucket is uploaded before each checkpoint commits: SIGKILL (no flush at
   exit) must still leave the records of every committed step."""
   workdir = f'{gcs}/killed'
-  proc = start(train_args(workdir, corpus_path, '--config.steps=400',
-                          '--config.checkpoint.every=10'))
+  proc = start(
+    train_args(workdir, corpus_path, '--config.steps=400', '--config.checkpoint.every=10')
+  )
   wait_until(lambda: epath.Path(f'{workdir}/checkpoints/10/commit_success.txt').exists(), proc)
   proc.kill()
   proc.communicate(timeout=60)
-  committed = [int(p.name) for p in epath.Path(f'{workdir}/checkpoints').iterdir()
-               if (p / 'commit_success.txt').exists()]
+  committed = [
+    int(p.name)
+    for p in epath.Path(f'{workdir}/checkpoints').iterdir()
+    if (p / 'commit_success.txt').exists()
+  ]
   steps = [r['step'] for r in metrics.read_metrics(workdir) if 'loss' in r]
-  assert committed and steps[:max(committed)] == list(range(1, max(committed) + 1)), (
-      committed, steps)
+  assert committed and steps[: max(committed)] == list(range(1, max(committed) + 1)), (
+    committed,
+    steps,
+  )
 
 
 def test_a_corpus_on_a_bucket_prepares_into_the_store_of_the_same_files_on_disk(gcs, tmp_path):
@@ -223,8 +267,9 @@ def test_a_corpus_on_a_bucket_prepares_into_the_store_of_the_same_files_on_disk(
   docs = [f'document {i}: ' + 'some words ' * (i % 13 + 1) for i in range(300)]
   local = tmp_path / 'corpus'
   local.mkdir()
-  (local / 'a.jsonl.gz').write_bytes(gzip.compress(
-      ''.join(json.dumps({'text': d}) + '\n' for d in docs[:150]).encode()))
+  (local / 'a.jsonl.gz').write_bytes(
+    gzip.compress(''.join(json.dumps({'text': d}) + '\n' for d in docs[:150]).encode())
+  )
   pq.write_table(pa.table({'text': docs[150:]}), str(local / 'b.parquet'), row_group_size=40)
   for name in ('a.jsonl.gz', 'b.parquet'):
     epath.Path(f'{gcs}/corpus/{name}').write_bytes((local / name).read_bytes())

@@ -25,8 +25,13 @@ def _one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str
 
 def _main(*argv: str) -> subprocess.CompletedProcess:
   """`pretrax ARGV` in a fresh interpreter (absl flags are process-wide)."""
-  return subprocess.run([sys.executable, '-m', 'pretrax.cli', *argv], cwd=REPO, text=True,
-                        capture_output=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, '-m', 'pretrax.cli', *argv],
+    cwd=REPO,
+    text=True,
+    capture_output=True,
+    timeout=120,
+  )
 
 
 @pytest.mark.parametrize('command', sorted(cli.COMMANDS))
@@ -49,18 +54,26 @@ def test_top_level_help_and_a_mistyped_command():
 
 
 def test_an_unknown_flag_names_the_nearest_one():
-  _one_line_error(_main('train', f'--config={TINY}', '--workdirr=x'),
-                  'unknown flag --workdirr; did you mean --workdir?')
+  _one_line_error(
+    _main('train', f'--config={TINY}', '--workdirr=x'),
+    'unknown flag --workdirr; did you mean --workdir?',
+  )
 
 
 def test_print_config_shows_every_field_with_its_meaning_and_trains_nothing(tmp_path):
-  result = _main('train', f'--config={TINY}', f'--workdir={tmp_path / "run"}',
-                 '--config.optim.lr=0.0123', '--print_config')
+  result = _main(
+    'train',
+    f'--config={TINY}',
+    f'--workdir={tmp_path / "run"}',
+    '--config.optim.lr=0.0123',
+    '--print_config',
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   lines = result.stdout.splitlines()
   assert 'optim.lr = 0.0123' in lines  # The override, not the file's value.
-  assert any(l.startswith('optim.schedule_steps = 0  # Length of the schedule; 0: steps.')
-             for l in lines)
+  assert any(
+    l.startswith('optim.schedule_steps = 0  # Length of the schedule; 0: steps.') for l in lines
+  )
   fields = _leaves(json.loads(config_lib.load(os.path.join(REPO, TINY)).to_json()))
   assert len(lines) == fields > 50  # One line per field.
   assert not (tmp_path / 'run').exists()
@@ -73,51 +86,76 @@ def _leaves(d: dict) -> int:
 def test_every_base_field_has_a_comment_or_a_self_explaining_name():
   comments = config_lib.field_comments()
   assert comments['data.text_field'].startswith('JSON lines and Parquet')
-  assert comments['optim.schedule_steps'] == 'Length of the schedule; 0: steps. Set it to stop a run early.'
+  assert (
+    comments['optim.schedule_steps']
+    == 'Length of the schedule; 0: steps. Set it to stop a run early.'
+  )
   assert comments['model.remat'].startswith('Rematerialisation per block')
 
 
-@pytest.mark.parametrize('config_text, fragments', [
+@pytest.mark.parametrize(
+  'config_text, fragments',
+  [
     (None, ('does not exist', 'did you mean configs/tiny.py')),
     ('def get_config(:\n  pass\n', ('broken.py:1', 'invalid syntax')),
     ('X = 1\n', ('defines no get_config',)),
-])
+  ],
+)
 def test_a_bad_config_file_is_one_line(tmp_path, config_text, fragments):
   if config_text is None:
     spec = 'configs/tiyn.py'
   else:
     spec = str(tmp_path / 'broken.py')
     (tmp_path / 'broken.py').write_text(config_text)
-  _one_line_error(_main('train', f'--config={spec}', f'--workdir={tmp_path / "run"}'),
-                  *fragments)
+  _one_line_error(_main('train', f'--config={spec}', f'--workdir={tmp_path / "run"}'), *fragments)
 
 
 def test_a_config_variant_that_get_config_refuses_is_one_line(tmp_path):
-  _one_line_error(_main('train', f'--config={TINY}:bogus', f'--workdir={tmp_path}'),
-                  'get_config failed', "unknown variant 'bogus'")
+  _one_line_error(
+    _main('train', f'--config={TINY}:bogus', f'--workdir={tmp_path}'),
+    'get_config failed',
+    "unknown variant 'bogus'",
+  )
 
 
 def test_every_expected_error_shares_one_base():
   from pretrax import checkpoint, faults, hosts, sharding, sweep, tokenizer
   from pretrax.data import sources
-  for error in (config_lib.ConfigError, sources.DataError, checkpoint.CheckpointError,
-                faults.WorkdirError, faults.NonFiniteError, hosts.HostsError,
-                sharding.ShardingError, sweep.SweepError, tokenizer.TokenizerError,
-                cli.UsageError):
+
+  for error in (
+    config_lib.ConfigError,
+    sources.DataError,
+    checkpoint.CheckpointError,
+    faults.WorkdirError,
+    faults.NonFiniteError,
+    hosts.HostsError,
+    sharding.ShardingError,
+    sweep.SweepError,
+    tokenizer.TokenizerError,
+    cli.UsageError,
+  ):
     assert issubclass(error, errors.PretraxError), error
 
 
 def _train(workdir, *overrides: str) -> subprocess.CompletedProcess:
-  return run_cli('train', f'--config={TINY}', f'--workdir={workdir}', PEAK_FLOPS_ARG,
-                 '--config.log_every=1', '--config.eval_every=1000', '--config.eval_batches=1',
-                 *overrides)
+  return run_cli(
+    'train',
+    f'--config={TINY}',
+    f'--workdir={workdir}',
+    PEAK_FLOPS_ARG,
+    '--config.log_every=1',
+    '--config.eval_every=1000',
+    '--config.eval_batches=1',
+    *overrides,
+  )
 
 
 @pytest.mark.slow
 def test_a_resume_compares_what_fields_mean_and_still_refuses_real_changes(tmp_path):
   workdir = tmp_path / 'run'
-  first = _train(workdir, '--config.steps=4', '--config.optim.schedule_steps=8',
-                 '--config.checkpoint.every=4')
+  first = _train(
+    workdir, '--config.steps=4', '--config.optim.schedule_steps=8', '--config.checkpoint.every=4'
+  )
   assert first.returncode == 0, first.stderr[-2000:]
   # schedule_steps 0 means `steps`: 8, the same schedule as before.
   implied = _train(workdir, '--config.steps=8', '--config.checkpoint.every=4')
@@ -125,8 +163,9 @@ def test_a_resume_compares_what_fields_mean_and_still_refuses_real_changes(tmp_p
   assert 'at step 4' in implied.stdout
   steps = [r['step'] for r in metrics.read_metrics(str(workdir)) if 'loss' in r]
   assert steps == list(range(1, 9))  # Each step once: a resume never logs a step twice.
-  changed = _train(workdir, '--config.steps=12', '--config.optim.schedule_steps=16',
-                   '--config.checkpoint.every=4')
+  changed = _train(
+    workdir, '--config.steps=12', '--config.optim.schedule_steps=16', '--config.checkpoint.every=4'
+  )
   _one_line_error(changed, 'optim.schedule_steps: 0 (means 8) -> 16')
   lr = _train(workdir, '--config.steps=12', '--config.optim.lr=0.1')
   _one_line_error(lr, 'optim.lr')
@@ -144,8 +183,9 @@ def test_paths_are_compared_as_the_files_they_name(tmp_path, monkeypatch):
   same = [f'{tmp_path}/sub/../data/x.txt', 'data/x.txt', './data//x.txt', 'link/x.txt']
   assert len({meant(data__path=p)['data.path'] for p in same}) == 1
   assert meant(data__path='data/x.txt') != meant(data__path='data/y.txt')
-  assert (meant(data__mixture='web=./data/x.txt:0.7,code=gs://b/c:0.3') ==
-          meant(data__mixture=f'web={tmp_path}/link/x.txt:0.70, code=gs://b/c:.3'))
+  assert meant(data__mixture='web=./data/x.txt:0.7,code=gs://b/c:0.3') == meant(
+    data__mixture=f'web={tmp_path}/link/x.txt:0.70, code=gs://b/c:.3'
+  )
   # Buckets have no aliases: kept as written, and different spellings stay different.
   assert meant(data__path='gs://b/a/../c')['data.path'] == 'gs://b/a/../c'
   assert meant(init_from='link:500') == meant(init_from=f'{tmp_path}/data/:500')
@@ -156,11 +196,19 @@ def test_paths_are_compared_as_the_files_they_name(tmp_path, monkeypatch):
 def test_a_run_resumes_with_its_corpus_spelled_another_way(tmp_path, corpus_path):
   os.makedirs(tmp_path / 'sub')
   spelled = os.path.join(tmp_path, 'sub', '..', os.path.relpath(corpus_path, tmp_path))
-  first = _train(tmp_path / 'run', '--config.steps=2', '--config.checkpoint.every=2',
-                 f'--config.data.path={spelled}')
+  first = _train(
+    tmp_path / 'run',
+    '--config.steps=2',
+    '--config.checkpoint.every=2',
+    f'--config.data.path={spelled}',
+  )
   assert first.returncode == 0, first.stderr[-2000:]
-  again = _train(tmp_path / 'run', '--config.steps=4', '--config.checkpoint.every=2',
-                 f'--config.data.path={corpus_path}')
+  again = _train(
+    tmp_path / 'run',
+    '--config.steps=4',
+    '--config.checkpoint.every=2',
+    f'--config.data.path={corpus_path}',
+  )
   assert again.returncode == 0, again.stderr[-2000:]
   assert 'at step 2' in again.stdout
 
@@ -188,8 +236,10 @@ def test_a_damaged_tokenizer_is_one_line(tmp_path):
   assert _train(workdir, '--config.steps=2').returncode == 0
   model = workdir / 'tokenizer.model'
   model.write_bytes(model.read_bytes()[:300])  # Cut short.
-  _one_line_error(run_cli('sample', f'--workdir={workdir}', '--length=5'),
-                  f'{model} is not a SentencePiece model, damaged or cut short')
+  _one_line_error(
+    run_cli('sample', f'--workdir={workdir}', '--length=5'),
+    f'{model} is not a SentencePiece model, damaged or cut short',
+  )
   # Training writes the workdir's copy again from the store's.
   again = _train(workdir, '--config.steps=3')
   assert again.returncode == 0, again.stderr[-2000:]

@@ -16,7 +16,7 @@ def documents(corpus_path):
   with open(corpus_path, encoding='utf-8') as f:
     text = f.read(60_000)
   # Documents of very different lengths, shorter and longer than a row.
-  return [text[i:i + n] for i, n in zip(range(0, 60_000, 997), [3, 40, 997, 7, 2000] * 20)]
+  return [text[i : i + n] for i, n in zip(range(0, 60_000, 997), [3, 40, 997, 7, 2000] * 20)]
 
 
 @pytest.fixture(scope='module')
@@ -32,15 +32,32 @@ def _objectives(tok, objective='causal_lm'):
 
 
 def _source(s: store.Store, stride: int = L) -> pipeline.Source:
-  return pipeline.Source('data', 1.0, pipeline.Windows(s.split('train'), L, stride),
-                         s.split('eval'))
+  return pipeline.Source(
+    'data', 1.0, pipeline.Windows(s.split('train'), L, stride), s.split('eval')
+  )
 
 
-def _take(s, tok, *, start=0, count=3, process_index=0, process_count=1, seed=0, stride=L,
-          objective='causal_lm'):
-  it = pipeline.train_batches([_source(s, stride)], _objectives(tok, objective), global_batch=8,
-                              seed=seed, start_step=start, process_index=process_index,
-                              process_count=process_count)
+def _take(
+  s,
+  tok,
+  *,
+  start=0,
+  count=3,
+  process_index=0,
+  process_count=1,
+  seed=0,
+  stride=L,
+  objective='causal_lm',
+):
+  it = pipeline.train_batches(
+    [_source(s, stride)],
+    _objectives(tok, objective),
+    global_batch=8,
+    seed=seed,
+    start_step=start,
+    process_index=process_index,
+    process_count=process_count,
+  )
   return [next(it) for _ in range(count)]
 
 
@@ -94,8 +111,10 @@ def test_batches_are_a_function_of_seed_and_step_on_any_number_of_processes(data
   s, tok = data
   for objective in ('causal_lm', 'causal_lm:2,prefix_lm:1', 'masked_lm'):
     whole = _take(s, tok, objective=objective)
-    halves = zip(_take(s, tok, process_index=0, process_count=2, objective=objective),
-                 _take(s, tok, process_index=1, process_count=2, objective=objective))
+    halves = zip(
+      _take(s, tok, process_index=0, process_count=2, objective=objective),
+      _take(s, tok, process_index=1, process_count=2, objective=objective),
+    )
     for one, (a, b) in zip(whole, halves):
       for k in pipeline.BATCH_KEYS:
         np.testing.assert_array_equal(one[k], np.concatenate([a[k], b[k]]))
@@ -125,8 +144,11 @@ def test_processes_evaluate_disjoint_windows_that_cover_every_target_once(data):
   split, causal = s.split('eval'), _objectives(tok)
   ids = split.read(0, split.num_tokens)
   targets = int(np.sum(ids[:-1] != tokenizer.EOS_ID))  # Every pair but the cross-document ones.
-  read = lambda p, n: list(pipeline.eval_batches(split, causal, seq_len=L, global_batch=8, seed=0,
-                                                 process_index=p, process_count=n))
+  read = lambda p, n: list(
+    pipeline.eval_batches(
+      split, causal, seq_len=L, global_batch=8, seed=0, process_index=p, process_count=n
+    )
+  )
   whole, halves = read(0, 1), zip(read(0, 2), read(1, 2))
   for one, (a, b) in zip(whole, halves, strict=True):
     assert a['inputs'].shape == (4, L)

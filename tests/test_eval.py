@@ -28,11 +28,17 @@ from pretrax.downstream import scoring
 from pretrax.downstream import tasks as tasks_lib
 
 QUESTIONS = [  # A user task: the corpus is Shakespeare (or Python's sources without it).
-    {'id': 'romeo', 'context': 'ROMEO:\nBut soft, what light through yonder',
-     'choices': [' window breaks', ' door', ' xqzv']},
-    {'context': 'First Citizen:\n', 'choices': ['Before we proceed any further, hear me speak.',
-                                                'zzz', 'All: Speak, speak.'], 'gold': 0},
-    {'id': 7, 'context': '', 'choices': ['KING', 'QUEEN']},
+  {
+    'id': 'romeo',
+    'context': 'ROMEO:\nBut soft, what light through yonder',
+    'choices': [' window breaks', ' door', ' xqzv'],
+  },
+  {
+    'context': 'First Citizen:\n',
+    'choices': ['Before we proceed any further, hear me speak.', 'zzz', 'All: Speak, speak.'],
+    'gold': 0,
+  },
+  {'id': 7, 'context': '', 'choices': ['KING', 'QUEEN']},
 ]
 
 
@@ -46,11 +52,19 @@ def _write_task(path) -> str:
 def workdir(tmp_path_factory, corpus_path) -> str:
   """A tiny decoder trained for 30 steps with a BPE tokenizer (so that tokens span words), made
   once for every test and worker."""
+
   def build(out):
-    result = run_cli('train', '--config=configs/tiny.py', f'--workdir={out}',
-                     f'--config.data.path={corpus_path}', '--config.data.fallback=',
-                     '--config.steps=30', '--config.tokenizer.model_type=bpe',
-                     '--config.tokenizer.vocab_size=400', PEAK_FLOPS_ARG)
+    result = run_cli(
+      'train',
+      '--config=configs/tiny.py',
+      f'--workdir={out}',
+      f'--config.data.path={corpus_path}',
+      '--config.data.fallback=',
+      '--config.steps=30',
+      '--config.tokenizer.model_type=bpe',
+      '--config.tokenizer.vocab_size=400',
+      PEAK_FLOPS_ARG,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
   return built_once(tmp_path_factory, 'eval_tiny', build)
@@ -62,8 +76,14 @@ def model(workdir) -> saved_run.Trained:
 
 
 def _score(model: saved_run.Trained, requests, **kwargs) -> list[scoring.Score]:
-  return scoring.score_requests(model.run.model_def, model.params, model.tok, requests,
-                                seq_len=model.config.data.seq_len, **kwargs)
+  return scoring.score_requests(
+    model.run.model_def,
+    model.params,
+    model.tok,
+    requests,
+    seq_len=model.config.data.seq_len,
+    **kwargs,
+  )
 
 
 # ---- Tokenising and windows -----------------------------------------------------------------
@@ -78,10 +98,12 @@ class _Pieces:
   def encode(self, text: str) -> list[int]:
     ids = []
     while text:
-      i = max((i for i, p in enumerate(self.PIECES) if text.startswith(p)),
-              key=lambda i: len(self.PIECES[i]))
+      i = max(
+        (i for i, p in enumerate(self.PIECES) if text.startswith(p)),
+        key=lambda i: len(self.PIECES[i]),
+      )
       ids.append(100 + i)
-      text = text[len(self.PIECES[i]):]
+      text = text[len(self.PIECES[i]) :]
     return ids
 
 
@@ -116,8 +138,9 @@ def test_split_tokens_with_the_runs_bpe_tokenizer(model):
 def test_split_tokens_keeps_a_merge_across_the_boundary_in_the_whole():
   # 266 pieces: 256 bytes, 5 special, 'a', 'b', 'c', '\u2581' (a space) and one merge, 'ab', so
   # context 'a' and continuation 'b' merge into one token.
-  tok = tokenizer_lib.Tokenizer(tokenizer_lib.train(['ab' * 500 + ' c' * 20], model_type='bpe',
-                                                    vocab_size=266))
+  tok = tokenizer_lib.Tokenizer(
+    tokenizer_lib.train(['ab' * 500 + ' c' * 20], model_type='bpe', vocab_size=266)
+  )
   piece_ids = {tok.piece(i): i for i in range(tok.vocab_size)}
   ab, a, b, c, space = (piece_ids[p] for p in ('ab', 'a', 'b', 'c', '\u2581'))
   assert tok.encode('a') == [a] and tok.encode('ab c') == [ab, space, c]
@@ -149,11 +172,13 @@ def test_split_tokens_at_random_points_of_real_text_takes_the_wholes_ids(corpus_
     # continuation's ids are the whole's after the context's (or its own, if there are none).
     stripped = context.rstrip()
     context_ids, whole = tok.encode(stripped), tok.encode(context + continuation)
-    own = tok.encode(context[len(stripped):] + continuation)
-    want = whole[len(context_ids):] or own
+    own = tok.encode(context[len(stripped) :] + continuation)
+    want = whole[len(context_ids) :] or own
     assert scoring.split_tokens(tok, context, continuation) == (context_ids, want), (
-        context, continuation)
-    if whole[:len(context_ids)] == context_ids:
+      context,
+      continuation,
+    )
+    if whole[: len(context_ids)] == context_ids:
       assert context_ids + want == whole
     checked += 1
     mid_word += context[-1].isalnum() and continuation[0].isalnum()
@@ -177,10 +202,20 @@ def test_windows_cut_context_from_the_left_and_long_continuations_keep_their_end
 
 def test_metrics_on_a_hand_checked_case():
   R, S = tasks_lib.Request, scoring.Score
-  requests = [R('a', 0, 'Q:', ' ab', 0), R('a', 1, 'Q:', ' abcdé', 0),
-              R('b', 0, 'Q: ', 'x', 1), R('b', 1, 'Q: ', 'yyyy', 1), R('b', 2, 'Q: ', 'z', 1)]
-  scores = [S(-2.0, 2, True), S(-4.5, 5, False),
-            S(-1.0, 1, False), S(-2.5, 4, False), S(-3.0, 1, True)]
+  requests = [
+    R('a', 0, 'Q:', ' ab', 0),
+    R('a', 1, 'Q:', ' abcdé', 0),
+    R('b', 0, 'Q: ', 'x', 1),
+    R('b', 1, 'Q: ', 'yyyy', 1),
+    R('b', 2, 'Q: ', 'z', 1),
+  ]
+  scores = [
+    S(-2.0, 2, True),
+    S(-4.5, 5, False),
+    S(-1.0, 1, False),
+    S(-2.5, 4, False),
+    S(-3.0, 1, True),
+  ]
   m = scoring.task_metrics(requests, scores)
   # a: -2 > -4.5, and per character -2/3 > -4.5/6: the gold 0 both ways (per byte, -4.5/7, or per
   # token, -4.5/5, would pick choice 1). b: -1 is the highest, but per character of the
@@ -195,11 +230,13 @@ def test_metrics_on_a_hand_checked_case():
 def _direct(model: saved_run.Trained, request: tasks_lib.Request) -> tuple[float, bool]:
   """One request's log-likelihood and greedy flag from an unpadded forward pass of its own."""
   inputs, targets, scored = scoring.window(
-      *scoring.split_tokens(model.tok, request.context, request.continuation),
-      model.config.data.seq_len)
+    *scoring.split_tokens(model.tok, request.context, request.continuation),
+    model.config.data.seq_len,
+  )
   L = len(inputs)
   logits = nnx.merge(model.run.model_def, model.params)(
-      jnp.asarray([inputs]), jnp.ones((1, L), jnp.int32), jnp.arange(L, dtype=jnp.int32)[None])
+    jnp.asarray([inputs]), jnp.ones((1, L), jnp.int32), jnp.arange(L, dtype=jnp.int32)[None]
+  )
   logprobs = np.asarray(jax.nn.log_softmax(logits[0]))
   tail = np.arange(L - scored, L)
   loglik = float(np.sum(logprobs[tail, np.asarray(targets)[tail]]))
@@ -212,10 +249,13 @@ def test_batches_compile_a_few_shapes_and_match_unpadded_scoring(model, tmp_path
   task = tasks_lib.load(_write_task(tmp_path / 'qa.jsonl'))
   lengths = [1, 3, 9, 15, 17, 33, 40, 80]  # Contexts from 1 to 80 characters (seq_len is 32).
   text = 'First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. '
-  requests = task.requests + [tasks_lib.Request(i, 0, text[:n], ' speak', 0)
-                              for i, n in enumerate(lengths)]
-  windows = [scoring.window(*scoring.split_tokens(model.tok, r.context, r.continuation), seq_len)
-             for r in requests]
+  requests = task.requests + [
+    tasks_lib.Request(i, 0, text[:n], ' speak', 0) for i, n in enumerate(lengths)
+  ]
+  windows = [
+    scoring.window(*scoring.split_tokens(model.tok, r.context, r.continuation), seq_len)
+    for r in requests
+  ]
   shapes = {arrays['inputs'].shape for _, arrays in scoring._batches(windows, seq_len, 64)}
   assert shapes == {(4, 16), (2, 32)}  # 64 tokens a batch; buckets of 16 and 32 (seq_len).
   before = scoring._score_batch._cache_size()
@@ -241,16 +281,23 @@ def test_a_prefix_lm_reads_the_context_both_ways_and_the_continuation_causally(m
   params = run.init(0)['params']
   # Short enough for the window under any corpus's tokenizer (at worst a piece per character).
   context, continuation = 'ROMEO: soft', ' light'
-  [score] = scoring.score_requests(run.model_def, params, model.tok,
-                                   [tasks_lib.Request(0, 0, context, continuation, 0)],
-                                   seq_len=c.data.seq_len)
+  [score] = scoring.score_requests(
+    run.model_def,
+    params,
+    model.tok,
+    [tasks_lib.Request(0, 0, context, continuation, 0)],
+    seq_len=c.data.seq_len,
+  )
   context_ids, continuation_ids = scoring.split_tokens(model.tok, context, continuation)
   document = context_ids + continuation_ids
   L, n = len(document) - 1, len(continuation_ids)
   prefix = (np.arange(L) < len(context_ids)).astype(np.int32)[None]
   logits = nnx.merge(run.model_def, params)(
-      jnp.asarray([document[:-1]]), jnp.ones((1, L), jnp.int32),
-      jnp.arange(L, dtype=jnp.int32)[None], jnp.asarray(prefix))
+    jnp.asarray([document[:-1]]),
+    jnp.ones((1, L), jnp.int32),
+    jnp.arange(L, dtype=jnp.int32)[None],
+    jnp.asarray(prefix),
+  )
   logprobs = np.asarray(jax.nn.log_softmax(logits[0]))
   want = sum(logprobs[L - n + i, t] for i, t in enumerate(continuation_ids))
   assert score.loglik == pytest.approx(want, abs=1e-4)
@@ -263,7 +310,8 @@ def _greedy_ids(model: saved_run.Trained, prompt: str, count: int) -> list[int]:
   for _ in range(count):
     L = len(ids)
     logits = nnx.merge(model.run.model_def, model.params)(
-        jnp.asarray([ids]), jnp.ones((1, L), jnp.int32), jnp.arange(L, dtype=jnp.int32)[None])
+      jnp.asarray([ids]), jnp.ones((1, L), jnp.int32), jnp.arange(L, dtype=jnp.int32)[None]
+    )
     out.append(int(jnp.argmax(logits[0, -1])))
     ids = ids + out[-1:]
   return out
@@ -282,12 +330,20 @@ def test_the_greedy_flag_is_set_for_what_greedy_decoding_writes(model):
         found = found or (prompt, count, greedy)
   assert found, 'no prompt whose greedy continuation encodes back to its own tokens'
   prompt, count, greedy = found
-  text = sample.generate(model.run.model_def, model.params, model.tok, prompt, length=count,
-                         seq_len=model.config.data.seq_len, temperature=0)
+  text = sample.generate(
+    model.run.model_def,
+    model.params,
+    model.tok,
+    prompt,
+    length=count,
+    seq_len=model.config.data.seq_len,
+    temperature=0,
+  )
   assert text == prompt + greedy  # What `pretrax sample --temperature=0` writes.
   other = greedy[:-1] + ('e' if greedy[-1] != 'e' else 'a')
-  scores = _score(model, [tasks_lib.Request(0, 0, prompt, greedy, 0),
-                          tasks_lib.Request(0, 1, prompt, other, 0)])
+  scores = _score(
+    model, [tasks_lib.Request(0, 0, prompt, greedy, 0), tasks_lib.Request(0, 1, prompt, other, 0)]
+  )
   assert [s.is_greedy for s in scores] == [True, False], repr(greedy)
   assert scores[0].loglik > scores[1].loglik
 
@@ -296,8 +352,9 @@ def test_score_tasks_on_a_user_task(model, tmp_path):
   task = tasks_lib.load(_write_task(tmp_path / 'qa.jsonl'))
   assert task.name == 'qa' and task.num_docs == 3
   assert [r.doc_id for r in task.requests] == ['romeo'] * 3 + [2] * 3 + [7] * 2
-  results = scoring.score_tasks(model.run.model_def, model.params, model.tok, [task],
-                                seq_len=model.config.data.seq_len)
+  results = scoring.score_tasks(
+    model.run.model_def, model.params, model.tok, [task], seq_len=model.config.data.seq_len
+  )
   expected = scoring.task_metrics(task.requests, _score(model, task.requests))
   assert results == {'qa': expected}
   assert 0 <= expected['acc'] <= 1 and expected['bpb'] > 0
@@ -313,21 +370,29 @@ def test_reads_the_real_arc_easy_requests():
   first = task.requests[0]
   assert first.context == 'Question: Which technology was developed most recently?\nAnswer:'
   assert [r.continuation for r in task.requests[:4]] == [
-      ' cellular telephone', ' television', ' refrigerator', ' airplane']
+    ' cellular telephone',
+    ' television',
+    ' refrigerator',
+    ' airplane',
+  ]
   assert first.gold == 0 and all(r.doc_id < 1_000_000 for r in task.requests)
   limited = tasks_lib.load('arc_easy', limit=3)
-  assert limited.num_docs == 3 and limited.requests == task.requests[:len(limited.requests)]
+  assert limited.num_docs == 3 and limited.requests == task.requests[: len(limited.requests)]
   few_shot = tasks_lib.load('hellaswag:rc_5shot', limit=2)
   assert few_shot.name == 'hellaswag:rc_5shot' and len(few_shot.requests) == 8
   assert tasks_lib.default_variant(['mc_5shot', 'rc_5shot', 'rc_3shot']) == 'rc_3shot'
   assert tasks_lib.default_variant(['bpb_0shot']) == 'bpb_0shot'
 
 
-@pytest.mark.parametrize('name, fragment', [
+@pytest.mark.parametrize(
+  'name, fragment',
+  [
     ('arc_esy', "no task 'arc_esy': did you mean arc_easy"),
     ('arc_easy:rc_1shot', "arc_easy has no variant 'rc_1shot': did you mean"),
     ('codex_humaneval', 'not multiple choice'),
-], ids=['task', 'variant', 'generation'])
+  ],
+  ids=['task', 'variant', 'generation'],
+)
 def test_unknown_benchmarks_name_what_exists(name, fragment):
   with pytest.raises(tasks_lib.TaskError, match=fragment):
     tasks_lib.load(name, limit=1)
@@ -339,13 +404,17 @@ def test_missing_benchmark_data_names_the_install_command(monkeypatch):
     tasks_lib.load('arc_easy')
 
 
-@pytest.mark.parametrize('line, fragment', [
+@pytest.mark.parametrize(
+  'line, fragment',
+  [
     ('{"context": "a", "choices": ["b"], "gold": 1}', '"gold" must be an index into the 1'),
     ('{"context": "a", "choices": [], "gold": 0}', '"choices" must be a non-empty list'),
     ('{"choices": ["b"], "gold": 0}', '"context" must be a string'),
     ('{"context": "a", "choices": ["b"], "gold": 0', 'malformed JSON'),
     ('{"id": "q1", "context": "a", "choices": ["b"], "gold": 0}', "id 'q1' was already"),
-], ids=['gold', 'choices', 'context', 'json', 'duplicate-id'])
+  ],
+  ids=['gold', 'choices', 'context', 'json', 'duplicate-id'],
+)
 def test_a_bad_task_line_names_file_and_line(tmp_path, line, fragment):
   path = tmp_path / 'bad.jsonl'
   path.write_text('{"id": "q1", "context": "a", "choices": ["b", "c"], "gold": 1}\n\n' + line)
@@ -361,8 +430,9 @@ def test_a_bad_task_line_names_file_and_line(tmp_path, line, fragment):
 def test_eval_command_writes_results_and_samples_and_prints_a_table(workdir, tmp_path):
   qa = _write_task(tmp_path / 'qa.jsonl')
   out = tmp_path / 'out'
-  result = run_cli('eval', f'--workdir={workdir}', f'--tasks=arc_easy,{qa}', '--limit=4',
-                   f'--output={out}')
+  result = run_cli(
+    'eval', f'--workdir={workdir}', f'--tasks=arc_easy,{qa}', '--limit=4', f'--output={out}'
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.splitlines()
   assert '| task | docs | chance | acc | acc_norm | bpb | gold_greedy |' in lines
@@ -374,8 +444,16 @@ def test_eval_command_writes_results_and_samples_and_prints_a_table(workdir, tmp
   for name, count in (('arc_easy', 16), ('qa', 8)):
     samples = [json.loads(l) for l in (out / f'samples_{name}.jsonl').read_text().splitlines()]
     assert len(samples) == count
-    assert set(samples[0]) == {'doc_id', 'choice', 'context', 'continuation', 'loglik',
-                               'num_tokens', 'is_greedy', 'gold'}
+    assert set(samples[0]) == {
+      'doc_id',
+      'choice',
+      'context',
+      'continuation',
+      'loglik',
+      'num_tokens',
+      'is_greedy',
+      'gold',
+    }
     # The accuracy in results.json is the samples' own.
     docs = {}
     for s in samples:
@@ -384,8 +462,9 @@ def test_eval_command_writes_results_and_samples_and_prints_a_table(workdir, tmp
     assert summary['results'][name]['acc'] == pytest.approx(np.mean(right))
   # Default output: WORKDIR/eval/step_N; a missing task is one line.
   again = run_cli('eval', f'--workdir={workdir}', f'--tasks={qa}')
-  assert again.returncode == 0 and os.path.exists(os.path.join(workdir, 'eval', 'step_30',
-                                                               'samples_qa.jsonl'))
+  assert again.returncode == 0 and os.path.exists(
+    os.path.join(workdir, 'eval', 'step_30', 'samples_qa.jsonl')
+  )
   missing = run_cli('eval', f'--workdir={workdir}', '--tasks=arc_easy,piqa:rc_9shot')
   assert missing.returncode == 2 and 'Traceback' not in missing.stderr
   assert "pretrax eval: error: piqa has no variant 'rc_9shot'" in missing.stderr
@@ -396,18 +475,20 @@ def _harness_split(hf_tok, context: str, continuation: str) -> tuple[list[int], 
   transformers' tokenizer: the continuation's ids are the whole's after the context's. Where
   there are none, the continuation's own; an empty context is EOS (pretrax's choices)."""
   stripped = context.rstrip()
-  context, continuation = stripped, context[len(stripped):] + continuation
+  context, continuation = stripped, context[len(stripped) :] + continuation
 
   def encode(text):
     return hf_tok.encode(text, add_special_tokens=False)
+
   if not context:
     return [hf_tok.eos_token_id], encode(continuation)
   context_ids = encode(context)
-  return context_ids, encode(context + continuation)[len(context_ids):] or encode(continuation)
+  return context_ids, encode(context + continuation)[len(context_ids) :] or encode(continuation)
 
 
 def test_logliks_equal_transformers_on_the_exported_checkpoint(model, workdir, tmp_path):
   from conftest import require
+
   torch, transformers = require('torch'), require('transformers')
   from pretrax.interop import hf
 
@@ -416,12 +497,21 @@ def test_logliks_equal_transformers_on_the_exported_checkpoint(model, workdir, t
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   hf_tok = transformers.AutoTokenizer.from_pretrained(out)
   # Cuts inside words too, where BPE merges across the boundary (either corpus's).
-  cuts = [('And t', 'hen the king'), ('What is t', 'he matter?'), ('I will no', 't do it'),
-          ('if x is No', 'ne:'), ('    return se', 'lf.value')]
-  requests = (tasks_lib.load(_write_task(tmp_path / 'qa.jsonl')).requests
-              + tasks_lib.load('arc_easy', limit=5).requests  # Long: cut to the window.
-              + [tasks_lib.Request(f'cut{i}', 0, context, continuation, 0)
-                 for i, (context, continuation) in enumerate(cuts)])
+  cuts = [
+    ('And t', 'hen the king'),
+    ('What is t', 'he matter?'),
+    ('I will no', 't do it'),
+    ('if x is No', 'ne:'),
+    ('    return se', 'lf.value'),
+  ]
+  requests = (
+    tasks_lib.load(_write_task(tmp_path / 'qa.jsonl')).requests
+    + tasks_lib.load('arc_easy', limit=5).requests  # Long: cut to the window.
+    + [
+      tasks_lib.Request(f'cut{i}', 0, context, continuation, 0)
+      for i, (context, continuation) in enumerate(cuts)
+    ]
+  )
   ours = _score(model, requests)
   seq_len = model.config.data.seq_len
   differences, merged = [], 0
@@ -431,10 +521,11 @@ def test_logliks_equal_transformers_on_the_exported_checkpoint(model, workdir, t
     # The tokens to score, split by transformers' tokenizer as the harness does, not by ours.
     context_ids, continuation_ids = _harness_split(hf_tok, r.context, r.continuation)
     assert s.num_tokens == min(len(continuation_ids), seq_len), r
-    merged += continuation_ids != hf_tok.encode(scoring.scored_continuation(
-        r.context, r.continuation), add_special_tokens=False)
+    merged += continuation_ids != hf_tok.encode(
+      scoring.scored_continuation(r.context, r.continuation), add_special_tokens=False
+    )
     document = context_ids + continuation_ids
-    window = document[-(seq_len + 1):]
+    window = document[-(seq_len + 1) :]
     with torch.no_grad():
       logits = hf_model(torch.tensor([window[:-1]])).logits[0].double()
     logprobs = torch.log_softmax(logits, dim=-1)
@@ -442,8 +533,10 @@ def test_logliks_equal_transformers_on_the_exported_checkpoint(model, workdir, t
     targets = torch.tensor(window[-n:])
     theirs = logprobs[-n:].gather(1, targets[:, None]).sum().item()
     differences.append(abs(theirs - s.loglik))
-  print(f'max |pretrax - transformers| log-likelihood over {len(requests)} requests: '
-        f'{max(differences):.2e}')
+  print(
+    f'max |pretrax - transformers| log-likelihood over {len(requests)} requests: '
+    f'{max(differences):.2e}'
+  )
   assert max(differences) < 1e-3, max(differences)
   assert merged, 'no request whose continuation the context changes: nothing to catch'
 
@@ -451,9 +544,11 @@ def test_logliks_equal_transformers_on_the_exported_checkpoint(model, workdir, t
 def test_sharded_parameters_score_the_same(workdir, model, tmp_path):
   qa = _write_task(tmp_path / 'qa.jsonl')
   task = tasks_lib.load(qa)
-  want = scoring.score_tasks(model.run.model_def, model.params, model.tok, [task],
-                             seq_len=model.config.data.seq_len)
-  got = run_python(f'''
+  want = scoring.score_tasks(
+    model.run.model_def, model.params, model.tok, [task], seq_len=model.config.data.seq_len
+  )
+  got = run_python(
+    f"""
       import json
       from pretrax import config, saved_run
       from pretrax.downstream import scoring, tasks
@@ -464,7 +559,9 @@ def test_sharded_parameters_score_the_same(workdir, model, tmp_path):
       print(json.dumps(scoring.score_tasks(m.run.model_def, m.params, m.tok,
                                            [tasks.load({qa!r})],
                                            seq_len=m.config.data.seq_len)))
-      ''', devices=4)
+      """,
+    devices=4,
+  )
   got = json.loads(got.strip().splitlines()[-1])
   assert got['qa'].keys() == want['qa'].keys()
   for key, value in want['qa'].items():
@@ -483,16 +580,27 @@ def test_an_encoder_is_refused_in_one_line(tmp_path, corpus_path):
   mngr.close()
   tok.save(str(tmp_path / saved_run.TOKENIZER_FILE))
   with pytest.raises(config_lib.ConfigError, match='encoder, which gives no next-token'):
-    eval_checkpoint.evaluate(str(tmp_path), [_write_task(tmp_path / 'qa.jsonl')], log=lambda _: None)
+    eval_checkpoint.evaluate(
+      str(tmp_path), [_write_task(tmp_path / 'qa.jsonl')], log=lambda _: None
+    )
 
 
 def test_tasks_scored_in_the_loop_match_pretrax_eval_on_the_saved_checkpoint(tmp_path, corpus_path):
   qa = _write_task(tmp_path / 'qa.jsonl')
   workdir = str(tmp_path / 'run')
-  result = run_cli('train', '--config=configs/tiny.py', f'--workdir={workdir}',
-                   f'--config.data.path={corpus_path}', '--config.data.fallback=',
-                   '--config.steps=20', '--config.eval_every=10', '--config.eval.tasks_every=5',
-                   f'--config.eval.tasks={qa},arc_easy', '--config.eval.limit=6', PEAK_FLOPS_ARG)
+  result = run_cli(
+    'train',
+    '--config=configs/tiny.py',
+    f'--workdir={workdir}',
+    f'--config.data.path={corpus_path}',
+    '--config.data.fallback=',
+    '--config.steps=20',
+    '--config.eval_every=10',
+    '--config.eval.tasks_every=5',
+    f'--config.eval.tasks={qa},arc_easy',
+    '--config.eval.limit=6',
+    PEAK_FLOPS_ARG,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'downstream at step 5: qa accuracy' in result.stdout
   records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
@@ -501,8 +609,9 @@ def test_tasks_scored_in_the_loop_match_pretrax_eval_on_the_saved_checkpoint(tmp
   assert 'eval_loss' in scored[10] and 'eval_loss' not in scored[15]  # Held-out every 10.
 
   out = tmp_path / 'out'
-  evaluated = run_cli('eval', f'--workdir={workdir}', f'--tasks={qa},arc_easy', '--limit=6',
-                      f'--output={out}')
+  evaluated = run_cli(
+    'eval', f'--workdir={workdir}', f'--tasks={qa},arc_easy', '--limit=6', f'--output={out}'
+  )
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   results = json.loads((out / 'results.json').read_text())['results']
   for task in ('qa', 'arc_easy'):

@@ -34,21 +34,31 @@ def _write_jsonl(path, records) -> str:
 @pytest.fixture(scope='session')
 def records(tmp_path_factory) -> dict[str, str]:
   """Copy-the-city sft records, city-word classification records, a char tokenizer for both."""
+
   def build(out):
     rng = np.random.default_rng(0)
     cities = rng.choice(CITIES, 600)
-    _write_jsonl(out / 'qa.jsonl', [{'prompt': f'{i} lives in {c}. city?\n', 'response': str(c)}
-                                    for i, c in enumerate(cities)])
+    _write_jsonl(
+      out / 'qa.jsonl',
+      [{'prompt': f'{i} lives in {c}. city?\n', 'response': str(c)} for i, c in enumerate(cities)],
+    )
     verbs = rng.choice(['love', 'like', 'miss'], 600)
-    _write_jsonl(out / 'cls.jsonl', [{'text': f'we {v} {c} ({i})', 'label': str(c)}
-                                     for i, (c, v) in enumerate(zip(cities, verbs))])
+    _write_jsonl(
+      out / 'cls.jsonl',
+      [
+        {'text': f'we {v} {c} ({i})', 'label': str(c)}
+        for i, (c, v) in enumerate(zip(cities, verbs))
+      ],
+    )
     text = ' '.join(CITIES) + ' 0123456789 lives in city? we love like miss ().\n' * 20
     proto = tokenizer_lib.train([text], model_type='char', vocab_size=400)
     (out / 'char.model').write_bytes(proto)
 
   root = built_once(tmp_path_factory, 'finetune_records', build)
-  return {name: os.path.join(root, f) for name, f in
-          [('qa', 'qa.jsonl'), ('cls', 'cls.jsonl'), ('tokenizer', 'char.model')]}
+  return {
+    name: os.path.join(root, f)
+    for name, f in [('qa', 'qa.jsonl'), ('cls', 'cls.jsonl'), ('tokenizer', 'char.model')]
+  }
 
 
 def _config(objective: str, path: str, tokenizer: str, **finetune) -> ml_collections.ConfigDict:
@@ -81,42 +91,52 @@ def test_sft_loss_is_on_the_response_and_its_eos_only(tmp_path, records):
   ids, weights = s.ids(0), s.loss_weights(0)
   assert tok.decode(ids[:-1]) == 'Q: 12?\nA: 12' and ids[-1] == tokenizer_lib.EOS_ID
   assert tok.decode(ids[weights > 0]) == ' 12'  # The decode drops the trailing EOS.
-  assert weights[-1] == 1 and weights[:len(tok.encode('Q: 12?\nA:'))].sum() == 0
+  assert weights[-1] == 1 and weights[: len(tok.encode('Q: 12?\nA:'))].sum() == 0
 
   rows = examples.build_rows(s, [[0, 0]], seq_len=32)  # The example twice, packed in one row.
   n = len(ids) - 1
   np.testing.assert_array_equal(rows['inputs'][0, :n], ids[:-1])
   np.testing.assert_array_equal(rows['targets'][0, :n], ids[1:])
   np.testing.assert_array_equal(rows['weights'][0, :n], weights[1:])
-  np.testing.assert_array_equal(rows['segment_ids'][0, :2 * n], [1] * n + [2] * n)
-  np.testing.assert_array_equal(rows['positions'][0, n:2 * n], np.arange(n))
-  assert rows['weights'][0, 2 * n:].sum() == 0
+  np.testing.assert_array_equal(rows['segment_ids'][0, : 2 * n], [1] * n + [2] * n)
+  np.testing.assert_array_equal(rows['positions'][0, n : 2 * n], np.arange(n))
+  assert rows['weights'][0, 2 * n :].sum() == 0
 
 
 def test_chat_records_train_on_the_assistant_turns(tmp_path, records):
-  chat = {'messages': [{'role': 'system', 'content': 'be brief'}, {'role': 'user', 'content': 'hi'},
-                       {'role': 'assistant', 'content': 'yo'}, {'role': 'user', 'content': 'bye'},
-                       {'role': 'assistant', 'content': 'ok'}]}
+  chat = {
+    'messages': [
+      {'role': 'system', 'content': 'be brief'},
+      {'role': 'user', 'content': 'hi'},
+      {'role': 'assistant', 'content': 'yo'},
+      {'role': 'user', 'content': 'bye'},
+      {'role': 'assistant', 'content': 'ok'},
+    ]
+  }
   c = _config('sft', _write_jsonl(tmp_path / 'chat.jsonl', [chat]), records['tokenizer'])
   tok = tokenizer_lib.Tokenizer.load(records['tokenizer'])
   parts = records_lib.sft_parts(chat, records_lib.Fields.from_config(c))
   ids, weights = records_lib.encode_sft(parts, tok)
-  assert tok.decode(ids) == ('system: be brief\nuser: hi\nassistant: yo\nuser: bye\n'
-                             'assistant: ok\n')
+  assert tok.decode(ids) == (
+    'system: be brief\nuser: hi\nassistant: yo\nuser: bye\nassistant: ok\n'
+  )
   assert tok.decode(ids[weights > 0]) == 'yo\nok\n' and weights[-1] == 1  # And the final EOS.
 
 
-@pytest.mark.parametrize('objective,line,reason', [
+@pytest.mark.parametrize(
+  'objective,line,reason',
+  [
     ('sft', {'prompt': 'a'}, "no 'response' field"),
     ('sft', {'prompt': 'a', 'response': ''}, "empty 'response'"),
     ('sft', '{"prompt": "a", "response": ', 'malformed JSON'),
     ('sft', {'messages': [{'role': 'user', 'content': 'hi'}]}, 'no assistant message'),
     ('classification', {'text': 'a', 'label': 'maybe'}, "label 'maybe' is not in"),
     ('classification', {'label': 'yes'}, "no 'text' field"),
-], ids=['no_response', 'empty_response', 'bad_json', 'no_assistant', 'unknown_label', 'no_text'])
+  ],
+  ids=['no_response', 'empty_response', 'bad_json', 'no_assistant', 'unknown_label', 'no_text'],
+)
 def test_a_bad_record_is_named_or_skipped_and_counted(tmp_path, records, objective, line, reason):
-  good = ({'prompt': 'x', 'response': 'y'} if objective == 'sft'
-          else {'text': 'x', 'label': 'yes'})
+  good = {'prompt': 'x', 'response': 'y'} if objective == 'sft' else {'text': 'x', 'label': 'yes'}
   path = _write_jsonl(tmp_path / 'r.jsonl', [good, good, line, good])
   c = _config(objective, path, records['tokenizer'], labels='yes,no')
   with pytest.raises(sources.DataError, match=f'{path}:3: {reason}'):
@@ -138,8 +158,14 @@ def test_training_rows_pack_whole_examples_and_depend_on_seed_and_step_only(tmp_
     assert sum(int(examples.packed_length('sft', len(split.ids(i)), 32)) for i in rows.row(r)) <= 32
 
   def batches(start):
-    it = examples.train_batches(split, examples.packing(split, 32, seed=0), seq_len=32,
-                                global_batch=8, seed=0, start_step=start)
+    it = examples.train_batches(
+      split,
+      examples.packing(split, 32, seed=0),
+      seq_len=32,
+      global_batch=8,
+      seed=0,
+      start_step=start,
+    )
     return [next(it) for _ in range(2)]
 
   again = batches(3)  # Built from scratch twice: the step alone makes the batch.
@@ -152,9 +178,11 @@ def test_exact_match_counts_segments_whose_every_target_is_the_argmax():
   # Two rows over a 3-token vocabulary; the logits' argmax is the token id given per position.
   argmax = np.array([[1, 2, 0, 1], [2, 2, 2, 0]])
   targets = np.array([[1, 2, 0, 2], [2, 1, 2, 0]])
-  batch = {'targets': jnp.asarray(targets),
-           'weights': jnp.asarray([[1, 1, 0, 1], [1, 1, 1, 0]], jnp.float32),
-           'segment_ids': jnp.asarray([[1, 1, 2, 3], [1, 1, 2, 0]])}
+  batch = {
+    'targets': jnp.asarray(targets),
+    'weights': jnp.asarray([[1, 1, 0, 1], [1, 1, 1, 0]], jnp.float32),
+    'segment_ids': jnp.asarray([[1, 1, 2, 3], [1, 1, 2, 0]]),
+  }
   logits = jax.nn.one_hot(argmax, 3) * 5.0
   sums = jax.device_get(step_lib._exact_sums(logits, batch))
   # Row 0: segment 1 right, segment 2 has no weight, segment 3 wrong. Row 1: segment 1 wrong
@@ -179,8 +207,10 @@ def _saved_run(c, tok, workdir: str, seed: int = 3):
 
 
 def _flat(params) -> dict[str, np.ndarray]:
-  return {state_lib.param_path(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return {
+    state_lib.param_path(k): np.asarray(v)
+    for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
 
 
 def test_init_from_takes_the_parameters_adds_a_fresh_head_and_names_mismatches(tmp_path, records):
@@ -203,8 +233,11 @@ def test_init_from_takes_the_parameters_adds_a_fresh_head_and_names_mismatches(t
 
   c.model.embed_dim = 32
   wider = state_lib.build(c, tok.vocab_size, num_classes=6)
-  with pytest.raises(config_lib.ConfigError, match=r'19 parameters differ: blocks/0/attn/k is '
-                     r'\(32, 2, 16\) here and \(64, 2, 32\) there'):
+  with pytest.raises(
+    config_lib.ConfigError,
+    match=r'19 parameters differ: blocks/0/attn/k is '
+    r'\(32, 2, 16\) here and \(64, 2, 32\) there',
+  ):
     saved_run.initial_params(c, wider, said.append)
 
 
@@ -234,14 +267,25 @@ def test_sft_from_a_checkpoint_learns_the_answers_resumes_and_exports(tmp_path, 
   base = str(tmp_path / 'base')
   source = _flat(_saved_run(_config('causal_lm', records['qa'], ''), tok, base))
   workdir = str(tmp_path / 'sft')
-  args = ['train', '--config=configs/tiny.py', f'--workdir={workdir}', '--config.objective=sft',
-          f'--config.data.path={records["qa"]}', f'--config.init_from={base}',
-          '--config.eval_every=150', '--config.checkpoint.every=150', PEAK_FLOPS_ARG]
+  args = [
+    'train',
+    '--config=configs/tiny.py',
+    f'--workdir={workdir}',
+    '--config.objective=sft',
+    f'--config.data.path={records["qa"]}',
+    f'--config.init_from={base}',
+    '--config.eval_every=150',
+    '--config.checkpoint.every=150',
+    PEAK_FLOPS_ARG,
+  ]
   done = run_cli(*args, '--config.steps=150')
   assert done.returncode == 0, done.stderr[-2000:]
   assert f'initialised from {base} at step 5' in done.stdout
-  evals = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))
-           if 'eval_exact_match' in line]
+  evals = [
+    json.loads(line)
+    for line in open(os.path.join(workdir, 'metrics.jsonl'))
+    if 'eval_exact_match' in line
+  ]
   assert evals[-1]['eval_exact_match'] > 0.9, evals
 
   # Greedy generation agrees with the exact-match metric: it answers held-out prompts right.
@@ -249,8 +293,15 @@ def test_sft_from_a_checkpoint_learns_the_answers_resumes_and_exports(tmp_path, 
   right = 0
   for line in open(records['qa']).readlines()[:10]:
     record = json.loads(line)
-    text = sample_lib.generate(model.run.model_def, model.params, model.tok, record['prompt'],
-                               length=len(record['response']), seq_len=32, temperature=0.0)
+    text = sample_lib.generate(
+      model.run.model_def,
+      model.params,
+      model.tok,
+      record['prompt'],
+      length=len(record['response']),
+      seq_len=32,
+      temperature=0.0,
+    )
     right += text == record['prompt'] + record['response']
   assert right >= 8, right
 
@@ -272,8 +323,12 @@ def test_sft_from_a_checkpoint_learns_the_answers_resumes_and_exports(tmp_path, 
     theirs = hf_model(torch.tensor([ids])).logits[0].numpy()
   model = saved_run.load(workdir)
   from flax import nnx
-  ours = np.asarray(nnx.merge(model.run.model_def, model.params)(
-      jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32), jnp.arange(len(ids))[None]))[0]
+
+  ours = np.asarray(
+    nnx.merge(model.run.model_def, model.params)(
+      jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32), jnp.arange(len(ids))[None]
+    )
+  )[0]
   assert np.abs(ours - theirs).max() < 1e-4
 
 
@@ -282,19 +337,32 @@ def test_classification_on_an_encoder_reaches_high_held_out_accuracy(tmp_path, r
   base = str(tmp_path / 'mlm')
   _saved_run(_config('masked_lm', records['cls'], ''), tok, base)
   workdir = str(tmp_path / 'cls')
-  done = run_cli('train', '--config=configs/tiny.py', f'--workdir={workdir}',
-                 '--config.objective=classification', f'--config.data.path={records["cls"]}',
-                 f'--config.init_from={base}', '--config.steps=200', '--config.eval_every=200',
-                 '--config.optim.lr=3e-3', PEAK_FLOPS_ARG)
+  done = run_cli(
+    'train',
+    '--config=configs/tiny.py',
+    f'--workdir={workdir}',
+    '--config.objective=classification',
+    f'--config.data.path={records["cls"]}',
+    f'--config.init_from={base}',
+    '--config.steps=200',
+    '--config.eval_every=200',
+    '--config.optim.lr=3e-3',
+    PEAK_FLOPS_ARG,
+  )
   assert done.returncode == 0, done.stderr[-2000:]
   assert "labels ['bern', 'doha', 'kiev', 'lima', 'oslo', 'rome']" in done.stdout
   final = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))][-1]
   assert final['eval_accuracy'] > 0.9 and final['eval_baseline_accuracy'] < 0.3, final
   assert saved_run.load(workdir).run.model_cfg.num_classes == 6
 
-  bad = run_cli('train', '--config=configs/tiny.py', f'--workdir={tmp_path / "bad"}',
-                '--config.objective=classification', f'--config.data.path={records["cls"]}',
-                '--config.finetune.labels=rome,oslo',
-                f'--config.tokenizer.path={records["tokenizer"]}')
+  bad = run_cli(
+    'train',
+    '--config=configs/tiny.py',
+    f'--workdir={tmp_path / "bad"}',
+    '--config.objective=classification',
+    f'--config.data.path={records["cls"]}',
+    '--config.finetune.labels=rome,oslo',
+    f'--config.tokenizer.path={records["tokenizer"]}',
+  )
   assert bad.returncode == 2
-  assert f"{records['cls']}:1: label" in bad.stderr and 'is not in finetune.labels' in bad.stderr
+  assert f'{records["cls"]}:1: label' in bad.stderr and 'is not in finetune.labels' in bad.stderr

@@ -26,19 +26,31 @@ def test_the_fit_check_counts_parameters_and_optimizer_state_to_the_byte():
   a = compiled.memory_analysis()
   # Worked out here from XLA's fields, not by plan.peak_bytes: the donated state is an argument
   # and an output in the same buffers (the alias), so it counts once.
-  need = (a.argument_size_in_bytes + a.output_size_in_bytes - a.alias_size_in_bytes
-          + a.temp_size_in_bytes + a.generated_code_size_in_bytes)
+  need = (
+    a.argument_size_in_bytes
+    + a.output_size_in_bytes
+    - a.alias_size_in_bytes
+    + a.temp_size_in_bytes
+    + a.generated_code_size_in_bytes
+  )
   # Parameters, optimizer state and batch outweigh the temporaries (measured: 26 MB to 18 MB; the
   # gradients and updates, each table-sized, are most of the temporaries).
   assert a.argument_size_in_bytes > a.temp_size_in_bytes, (
-      a.argument_size_in_bytes, a.temp_size_in_bytes)
+    a.argument_size_in_bytes,
+    a.temp_size_in_bytes,
+  )
 
   with pytest.raises(config_lib.ConfigError) as refused:
     train.check_step_fits(a, need - 1)
   message = str(refused.value)
   assert re.search(r'needs [\d.]+ GiB per device \([\d.]+ GiB of it activations', message), message
-  for fix in ('lower data.batch_size or data.seq_len', 'raise optim.grad_accum_steps',
-              'model.remat=full', 'shard over more devices', '`pretrax plan`'):
+  for fix in (
+    'lower data.batch_size or data.seq_len',
+    'raise optim.grad_accum_steps',
+    'model.remat=full',
+    'shard over more devices',
+    '`pretrax plan`',
+  ):
     assert fix in message, (fix, message)
   train.check_step_fits(a, need)  # Exactly enough.
   train.check_step_fits(a, need + 1)

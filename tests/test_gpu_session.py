@@ -14,9 +14,18 @@ import pytest
 
 from conftest import REPO, built_once, load_config, pretrax_env
 
-STAGES = ['wheels', 'versions', 'matmul', 'attention', 'loss', 'throughput_gpt2_small_before',
-          'throughput_gpt2_small_after', 'throughput_gpt2_small_after_8segments',
-          'throughput_llama_1b_before', 'throughput_llama_1b_after']
+STAGES = [
+  'wheels',
+  'versions',
+  'matmul',
+  'attention',
+  'loss',
+  'throughput_gpt2_small_before',
+  'throughput_gpt2_small_after',
+  'throughput_gpt2_small_after_8segments',
+  'throughput_llama_1b_before',
+  'throughput_llama_1b_after',
+]
 MASKS = {'causal_one_segment', 'causal_packed', 'bidirectional_packed', 'prefix_lm'}
 VARIANTS = [('xla', 0), ('cudnn', 0), ('cudnn', 16), ('cpu', 0)]
 
@@ -24,10 +33,17 @@ VARIANTS = [('xla', 0), ('cudnn', 0), ('cudnn', 16), ('cpu', 0)]
 @pytest.fixture(scope='module')
 def session(tmp_path_factory):
   """The output folder of one dry run (once per test session, whichever worker asks first)."""
+
   def build(out):
     env = dict(pretrax_env(), DRY_RUN='1', OUT=str(out), PYTHON=sys.executable)
-    result = subprocess.run(['bash', 'benchmarks/gpu_session.sh'], cwd=REPO, env=env, text=True,
-                            capture_output=True, timeout=600)
+    result = subprocess.run(
+      ['bash', 'benchmarks/gpu_session.sh'],
+      cwd=REPO,
+      env=env,
+      text=True,
+      capture_output=True,
+      timeout=600,
+    )
     (out / 'stdout.txt').write_text(result.stdout + result.stderr)
 
   return built_once(tmp_path_factory, 'gpu_session', build)
@@ -97,7 +113,8 @@ def test_throughput_rows_before_and_after(session):
 def _benchmark(name: str):
   """benchmarks/NAME.py as a module (its flags are defined only when it runs as a script)."""
   spec = importlib.util.spec_from_file_location(
-      name, os.path.join(REPO, 'benchmarks', f'{name}.py'))
+    name, os.path.join(REPO, 'benchmarks', f'{name}.py')
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -129,8 +146,9 @@ def test_attention_records_name_the_cudnn_kernel_the_rows_select():
   which_ran = _benchmark('kernels').which_ran
   whole = np.ones((2, 8), np.int32)
   packed = np.array([[1, 1, 2, 2, 3, 3, 0, 0]] * 2, np.int32)
-  no_varlen = ['attention: needs Hopper, using cudnn with a dense mask instead of cudnn '
-               'variable-length.']
+  no_varlen = [
+    'attention: needs Hopper, using cudnn with a dense mask instead of cudnn variable-length.'
+  ]
   assert which_ran('cudnn', 16, [], True, whole, prefix=False) == 'cudnn plain'
   assert which_ran('cudnn', 16, [], True, packed, prefix=False) == 'cudnn variable-length'
   assert which_ran('cudnn', 2, [], True, packed, prefix=False) == 'cudnn dense mask'  # 3 > 2.
@@ -138,37 +156,59 @@ def test_attention_records_name_the_cudnn_kernel_the_rows_select():
   assert which_ran('cudnn', 16, [], True, packed, prefix=True) == 'cudnn dense mask'
   assert which_ran('cudnn', 16, no_varlen, True, packed, prefix=False) == 'cudnn dense mask'
   assert which_ran('cudnn', 16, no_varlen, True, whole, prefix=False) == 'cudnn plain'
-  assert which_ran('cudnn', 16, ['attention: x, using xla instead of cudnn.'], False, packed,
-                   prefix=False) == 'xla'
+  assert (
+    which_ran(
+      'cudnn', 16, ['attention: x, using xla instead of cudnn.'], False, packed, prefix=False
+    )
+    == 'xla'
+  )
   assert which_ran('cudnn', 16, [], False, packed, prefix=False).startswith('unknown')
   assert which_ran('cpu', 0, [], False, packed, prefix=False) == 'cpu'
 
 
-
 def _attention_row(backend: str, max_diff: dict | None, ref_max_abs: dict | None, **row) -> dict:
-  return dict({'stage': 'attention', 'shape': 'llama_1b', 'mask': 'causal_packed',
-               'backend': backend, 'max_segments': 16, 'ran': f'{backend} variable-length',
-               'max_diff': max_diff, 'ref_max_abs': ref_max_abs}, **row)
+  return dict(
+    {
+      'stage': 'attention',
+      'shape': 'llama_1b',
+      'mask': 'causal_packed',
+      'backend': backend,
+      'max_segments': 16,
+      'ran': f'{backend} variable-length',
+      'max_diff': max_diff,
+      'ref_max_abs': ref_max_abs,
+    },
+    **row,
+  )
 
 
 # The largest differences from xla the H200 measured for cuDNN (2026-12-04, bf16), each against
 # the reference's max |value|: one or two units in the last place.
-MEASURED = _attention_row('cudnn', {'out': 0.0156, 'dq': 0.0156, 'dk': 0.0312, 'dv': 0.0625},
-                          {'out': 2.39, 'dq': 1.8, 'dk': 4.19, 'dv': 10.2})
+MEASURED = _attention_row(
+  'cudnn',
+  {'out': 0.0156, 'dq': 0.0156, 'dk': 0.0312, 'dv': 0.0625},
+  {'out': 2.39, 'dq': 1.8, 'dk': 4.19, 'dv': 10.2},
+)
 # One value a little over the bound, one NaN: both named.
-BEYOND = _attention_row('cudnn', {'out': 0.0, 'dq': 0.033, 'dk': float('nan')},
-                        {'out': 1.0, 'dq': 1.0, 'dk': 1.0}, mask='prefix_lm', max_segments=0,
-                        ran='cudnn dense mask')
+BEYOND = _attention_row(
+  'cudnn',
+  {'out': 0.0, 'dq': 0.033, 'dk': float('nan')},
+  {'out': 1.0, 'dq': 1.0, 'dk': 1.0},
+  mask='prefix_lm',
+  max_segments=0,
+  ran='cudnn dense mask',
+)
 BEYOND_LINES = [
-    "llama_1b prefix_lm cudnn max_segments=0 (cudnn dense mask): dq differs from xla by 0.033 > "
-    "0.0312 (0.03125 x xla's max |dq| 1)",
-    "llama_1b prefix_lm cudnn max_segments=0 (cudnn dense mask): dk differs from xla by nan > "
-    "0.0312 (0.03125 x xla's max |dk| 1)"]
+  'llama_1b prefix_lm cudnn max_segments=0 (cudnn dense mask): dq differs from xla by 0.033 > '
+  "0.0312 (0.03125 x xla's max |dq| 1)",
+  'llama_1b prefix_lm cudnn max_segments=0 (cudnn dense mask): dk differs from xla by nan > '
+  "0.0312 (0.03125 x xla's max |dk| 1)",
+]
 IGNORED = [  # xla is the reference; neither 'cpu' nor the loss is held to cuDNN's bound.
-    _attention_row('xla', {'out': 0.0}, {'out': 1.0}),
-    _attention_row('cpu', {'out': 0.5}, {'out': 1.0}),
-    {'stage': 'loss', 'chunk': 16, 'max_diff': {'dx': 1.0}, 'ref_max_abs': {'dx': 1.0}},
-    _attention_row('cudnn', None, None),  # xla failed: its own record is the error.
+  _attention_row('xla', {'out': 0.0}, {'out': 1.0}),
+  _attention_row('cpu', {'out': 0.5}, {'out': 1.0}),
+  {'stage': 'loss', 'chunk': 16, 'max_diff': {'dx': 1.0}, 'ref_max_abs': {'dx': 1.0}},
+  _attention_row('cudnn', None, None),  # xla failed: its own record is the error.
 ]
 
 
@@ -183,12 +223,15 @@ def test_cudnn_attention_beyond_the_bf16_bound_is_named():
   assert ': out differs from xla by 0.0156 > 0.00781 ' in line, line
 
 
-@pytest.mark.parametrize('rows, errors, status', [
+@pytest.mark.parametrize(
+  'rows, errors, status',
+  [
     ([MEASURED, *IGNORED], 0, 0),
     ([MEASURED, BEYOND, *IGNORED], 0, 1),
     ([MEASURED, {'stage': 'attention', 'backend': 'cudnn', 'error': 'RuntimeError: x'}], 1, 1),
     ([{'stage': 'loss', 'chunk': 0}], 0, 0),
-])
+  ],
+)
 def test_kernels_exit_status_holds_attention_to_the_bound(tmp_path, capsys, rows, errors, status):
   kernels = _benchmark('kernels')
   record = kernels.Recorder(str(tmp_path))

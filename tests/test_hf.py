@@ -24,17 +24,29 @@ from pretrax.interop import hf_tokenizer
 
 # Text that trips tokenizers up: runs of spaces, tabs, newlines, bytes never seen in training,
 # a literal '▁', emoji, CJK, control characters, a byte-order mark.
-AWKWARD = ['Hello  world\n\n\ttab', ' leading space', 'trailing  ', 'émoji 🤖 日本語 ∑ x²',
-           'a\u2581b \u2581', '\x00\x01\x7f ctrl', '\ufeffBOM', '', '   ', '\r\n\r\n',
-           'KING RICHARD III:\nWhat? ha! -- 1,234.5']
+AWKWARD = [
+  'Hello  world\n\n\ttab',
+  ' leading space',
+  'trailing  ',
+  'émoji 🤖 日本語 ∑ x²',
+  'a\u2581b \u2581',
+  '\x00\x01\x7f ctrl',
+  '\ufeffBOM',
+  '',
+  '   ',
+  '\r\n\r\n',
+  'KING RICHARD III:\nWhat? ha! -- 1,234.5',
+]
 
 MODELS = {  # name: (config arg, overrides)
-    'gpt2': (None, {}),
-    'gpt2_bias_untied': (None, {'model.use_bias': True, 'model.tie_embeddings': False}),
-    'llama_gqa': ('llama', {}),
-    'llama_bias_untied': ('llama', {'model.use_bias': True, 'model.tie_embeddings': False,
-                                    'model.rope_theta': 500.0}),
-    'encoder': (None, {'objective': 'masked_lm', 'model.use_bias': True}),
+  'gpt2': (None, {}),
+  'gpt2_bias_untied': (None, {'model.use_bias': True, 'model.tie_embeddings': False}),
+  'llama_gqa': ('llama', {}),
+  'llama_bias_untied': (
+    'llama',
+    {'model.use_bias': True, 'model.tie_embeddings': False, 'model.rope_theta': 500.0},
+  ),
+  'encoder': (None, {'objective': 'masked_lm', 'model.use_bias': True}),
 }
 
 
@@ -56,8 +68,9 @@ def _config(name: str, corpus_path: str, arg: str | None = None, overrides: dict
 @pytest.fixture(scope='module')
 def char_tokenizer(corpus_path) -> tokenizer_lib.Tokenizer:
   with open(corpus_path, encoding='utf-8') as f:
-    return tokenizer_lib.Tokenizer(tokenizer_lib.train([f.read()], model_type='char',
-                                                       vocab_size=400))
+    return tokenizer_lib.Tokenizer(
+      tokenizer_lib.train([f.read()], model_type='char', vocab_size=400)
+    )
 
 
 def _random_run(c, tok: tokenizer_lib.Tokenizer, workdir: str, seed: int = 0):
@@ -67,7 +80,8 @@ def _random_run(c, tok: tokenizer_lib.Tokenizer, workdir: str, seed: int = 0):
   leaves, treedef = jax.tree.flatten(state['params'])
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   state['params'] = jax.tree.unflatten(
-      treedef, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    treedef, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+  )
   state['step'] = jnp.asarray(7, state['step'].dtype)
   mngr = checkpoint.manager(workdir, async_save=False)
   checkpoint.save(mngr, 7, state, json.loads(c.to_json()))
@@ -82,8 +96,9 @@ def _pretrax_logits(run, params, ids: list[int]) -> np.ndarray:
 
   model = nnx.merge(run.model_def, params)
   L = len(ids)
-  return np.asarray(model(jnp.asarray([ids]), jnp.ones((1, L), jnp.int32),
-                          jnp.arange(L, dtype=jnp.int32)[None]))[0]
+  return np.asarray(
+    model(jnp.asarray([ids]), jnp.ones((1, L), jnp.int32), jnp.arange(L, dtype=jnp.int32)[None])
+  )[0]
 
 
 def _hf_logits(model, ids: list[int]) -> np.ndarray:
@@ -103,8 +118,9 @@ def test_export_matches_transformers_and_imports_back(tmp_path, corpus_path, cha
   run, params = _random_run(c, char_tokenizer, str(tmp_path / 'run'))
   out = str(tmp_path / 'hf')
   arch = hf.export(str(tmp_path / 'run'), out, log=lambda _: None)
-  assert arch == {'encoder': hf.XLMR, 'llama_gqa': hf.LLAMA,
-                  'llama_bias_untied': hf.LLAMA}.get(name, hf.GPT2)
+  assert arch == {'encoder': hf.XLMR, 'llama_gqa': hf.LLAMA, 'llama_bias_untied': hf.LLAMA}.get(
+    name, hf.GPT2
+  )
 
   model = _hf_class(arch).from_pretrained(out).eval()
   tok = _hf_class('AutoTokenizer').from_pretrained(out)
@@ -118,7 +134,10 @@ def test_export_matches_transformers_and_imports_back(tmp_path, corpus_path, cha
 
   # Export -> import gives back the same parameters, bit for bit.
   imported = hf.import_model(out, c, str(tmp_path / 'imported'), log=lambda _: None)
-  flat = {state_lib.param_path(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat = {
+    state_lib.param_path(k): np.asarray(v)
+    for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   assert set(imported) == set(flat)
   for path, value in flat.items():
     np.testing.assert_array_equal(imported[path], value, err_msg=path)
@@ -128,8 +147,9 @@ def test_bfloat16_and_sharded_export(tmp_path, corpus_path, char_tokenizer):
   c = _config('llama_gqa', corpus_path)
   run, params = _random_run(c, char_tokenizer, str(tmp_path / 'run'))
   out = str(tmp_path / 'hf')
-  hf.export(str(tmp_path / 'run'), out, dtype='bfloat16', max_shard_bytes=20_000,
-            log=lambda _: None)
+  hf.export(
+    str(tmp_path / 'run'), out, dtype='bfloat16', max_shard_bytes=20_000, log=lambda _: None
+  )
   with open(os.path.join(out, 'model.safetensors.index.json')) as f:
     assert len(set(json.load(f)['weight_map'].values())) > 3
   model = _hf_class('LlamaForCausalLM').from_pretrained(out)
@@ -143,20 +163,53 @@ def test_bfloat16_and_sharded_export(tmp_path, corpus_path, char_tokenizer):
 
 # Each transformers architecture with random weights, and the pretrax config that matches it.
 HF_MODELS = {
-    'gpt2': (None, {'model.use_bias': True}, lambda V: _hf_class('GPT2Config')(
-        vocab_size=V, n_positions=24, n_embd=64, n_layer=2, n_head=2, n_inner=96,
-        activation_function='gelu_new', architectures=[hf.GPT2])),
-    'llama': ('llama', {'model.use_bias': True, 'model.tie_embeddings': False},
-              lambda V: _hf_class('LlamaConfig')(
-                  vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=24,
-                  rms_norm_eps=1e-5, attention_bias=True, mlp_bias=True,
-                  tie_word_embeddings=False, architectures=[hf.LLAMA])),
-    'xlmr': (None, {'objective': 'masked_lm', 'model.use_bias': True},
-             lambda V: _hf_class('XLMRobertaXLConfig')(
-                 vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 intermediate_size=96, hidden_act='gelu_new', max_position_embeddings=25,
-                 pad_token_id=0, architectures=[hf.XLMR])),
+  'gpt2': (
+    None,
+    {'model.use_bias': True},
+    lambda V: _hf_class('GPT2Config')(
+      vocab_size=V,
+      n_positions=24,
+      n_embd=64,
+      n_layer=2,
+      n_head=2,
+      n_inner=96,
+      activation_function='gelu_new',
+      architectures=[hf.GPT2],
+    ),
+  ),
+  'llama': (
+    'llama',
+    {'model.use_bias': True, 'model.tie_embeddings': False},
+    lambda V: _hf_class('LlamaConfig')(
+      vocab_size=V,
+      hidden_size=64,
+      intermediate_size=96,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      max_position_embeddings=24,
+      rms_norm_eps=1e-5,
+      attention_bias=True,
+      mlp_bias=True,
+      tie_word_embeddings=False,
+      architectures=[hf.LLAMA],
+    ),
+  ),
+  'xlmr': (
+    None,
+    {'objective': 'masked_lm', 'model.use_bias': True},
+    lambda V: _hf_class('XLMRobertaXLConfig')(
+      vocab_size=V,
+      hidden_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=2,
+      intermediate_size=96,
+      hidden_act='gelu_new',
+      max_position_embeddings=25,
+      pad_token_id=0,
+      architectures=[hf.XLMR],
+    ),
+  ),
 }
 
 
@@ -183,8 +236,9 @@ def test_import_matches_a_transformers_model(tmp_path, corpus_path, name):
   assert mngr.latest_step() == 0
   state, _ = checkpoint.restore(mngr, 0, run.abstract)
   mngr.close()
-  assert set(params) == {state_lib.param_path(k) for k, _ in
-                         jax.tree_util.tree_flatten_with_path(state['params'])[0]}
+  assert set(params) == {
+    state_lib.param_path(k) for k, _ in jax.tree_util.tree_flatten_with_path(state['params'])[0]
+  }
   ids = list(np.random.default_rng(0).integers(5, 72, size=20))
   ours, theirs = _pretrax_logits(run, state['params'], ids), _hf_logits(model, ids)
   assert np.abs(ours - theirs).max() < 1e-4, np.abs(ours - theirs).max()
@@ -197,9 +251,11 @@ def test_import_names_every_mismatch(tmp_path, corpus_path):
   with pytest.raises(hf.ConversionError) as e:
     hf.import_model(str(tmp_path / 'hf'), c, str(tmp_path / 'run'))
   message = str(e.value)
-  for fragment in ("model.flavour='llama' but config.json's GPT2LMHeadModel means flavour='gpt2'",
-                   'model.num_layers=3 but config.json has n_layer=2',
-                   'model.max_len=32 but config.json has n_positions=24'):
+  for fragment in (
+    "model.flavour='llama' but config.json's GPT2LMHeadModel means flavour='gpt2'",
+    'model.num_layers=3 but config.json has n_layer=2',
+    'model.max_len=32 but config.json has n_positions=24',
+  ):
     assert fragment in message, message
   # Matching shapes, but biases the configured model lacks: refused, not dropped.
   c = _config(None, corpus_path, None, {'model.vocab_size': 72})
@@ -208,13 +264,17 @@ def test_import_names_every_mismatch(tmp_path, corpus_path):
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
 
 
-@pytest.mark.parametrize('overrides, reason', [
+@pytest.mark.parametrize(
+  'overrides, reason',
+  [
     ({'objective': 'prefix_lm'}, 'prefix-LM'),
     ({'objective': 'masked_lm', 'model.flavour': 'llama'}, 'Llama-flavour encoder'),
     ({'model.num_kv_heads': 1}, 'grouped key/value heads'),
-])
-def test_export_refuses_what_the_target_cannot_express(tmp_path, corpus_path, char_tokenizer,
-                                                       overrides, reason):
+  ],
+)
+def test_export_refuses_what_the_target_cannot_express(
+  tmp_path, corpus_path, char_tokenizer, overrides, reason
+):
   c = _config('gpt2', corpus_path)
   _override(c, overrides)
   _random_run(c, char_tokenizer, str(tmp_path / 'run'))
@@ -227,8 +287,12 @@ def test_a_damaged_checkpoint_is_not_exported(tmp_path, corpus_path, char_tokeni
   c = _config('gpt2', corpus_path)
   _random_run(c, char_tokenizer, str(tmp_path / 'run'))
   # Flip bits in the middle of the largest array file: the fingerprint must catch it.
-  files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / 'run' / 'checkpoints')
-           for f in fs if '/d/' in os.path.join(d, f)]
+  files = [
+    os.path.join(d, f)
+    for d, _, fs in os.walk(tmp_path / 'run' / 'checkpoints')
+    for f in fs
+    if '/d/' in os.path.join(d, f)
+  ]
   for path in files:
     data = bytearray(open(path, 'rb').read())
     for i in range(len(data) // 16, len(data), len(data) // 8 or 1):
@@ -243,8 +307,9 @@ def test_a_damaged_checkpoint_is_not_exported(tmp_path, corpus_path, char_tokeni
 def test_tokenizer_encodes_and_decodes_as_pretrax(tmp_path, corpus_path, model_type, vocab_size):
   with open(corpus_path, encoding='utf-8') as f:
     text = f.read()
-  tok = tokenizer_lib.Tokenizer(tokenizer_lib.train([text], model_type=model_type,
-                                                    vocab_size=vocab_size, num_sentinels=3))
+  tok = tokenizer_lib.Tokenizer(
+    tokenizer_lib.train([text], model_type=model_type, vocab_size=vocab_size, num_sentinels=3)
+  )
   processor = spm.SentencePieceProcessor(model_proto=tok.model_proto)
   hf_tokenizer.save(tok.model_proto, str(tmp_path), model_max_length=64)
   theirs = _hf_class('AutoTokenizer').from_pretrained(str(tmp_path))

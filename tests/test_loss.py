@@ -20,7 +20,7 @@ def test_weighted_cross_entropy_and_z_loss_by_hand():
   out = loss.cross_entropy(logits, targets, weights, z_loss=1e-2)
   lse = np.log(np.exp(2.0) + 1.0 + np.exp(-1.0))
   np.testing.assert_allclose(out['loss_sum'], lse - 2.0, rtol=1e-6)
-  np.testing.assert_allclose(out['z_loss_sum'], 1e-2 * lse ** 2, rtol=1e-6)
+  np.testing.assert_allclose(out['z_loss_sum'], 1e-2 * lse**2, rtol=1e-6)
   assert float(out['weight_sum']) == 1.0 and float(out['correct_sum']) == 1.0
 
 
@@ -66,14 +66,25 @@ def _head_problem(dtype=jnp.float32, B=3, L=20, D=16, V=37):
 
 def _objective(chunk: int, targets, weights, groups):
   """objective_sum (the loss and the z-loss) and the sums, with gradients to x, head, bias."""
+
   def f(x, head, bias):
     if chunk:
-      sums = loss.chunked_cross_entropy(x, head, targets, weights, chunk=chunk, bias_V=bias,
-                                        z_loss=1e-2, groups_BL=groups, num_groups=3)
+      sums = loss.chunked_cross_entropy(
+        x,
+        head,
+        targets,
+        weights,
+        chunk=chunk,
+        bias_V=bias,
+        z_loss=1e-2,
+        groups_BL=groups,
+        num_groups=3,
+      )
     else:
       logits = (jnp.einsum('BLD,DV->BLV', x, head) + bias).astype(jnp.float32)
       sums = loss.cross_entropy(logits, targets, weights, 1e-2, groups, 3)
     return sums['objective_sum'], sums
+
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
 
 
@@ -123,6 +134,7 @@ def test_chunked_loss_never_holds_the_whole_logits():
         return loss.chunked_cross_entropy(x, head, targets, weights, chunk=chunk)['objective_sum']
       logits = jnp.einsum('BLD,DV->BLV', x, head)
       return loss.cross_entropy(logits, targets, weights)['objective_sum']
+
     compiled = jax.jit(jax.grad(f, argnums=(0, 1))).lower(x, head).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
@@ -146,15 +158,21 @@ def _train_two_steps(objective: str, loss_chunk: int, grad_accum_steps: int = 1)
   rng = np.random.default_rng(0)
   B, L = c.data.batch_size, c.data.seq_len
   ids = np.sort(rng.integers(1, 4, (B, L)), axis=1).astype(np.int32)  # Three packed documents.
-  batch = {'inputs': rng.integers(0, 40, (B, L)), 'targets': rng.integers(0, 40, (B, L)),
-           'segment_ids': ids, 'positions': np.tile(np.arange(L), (B, 1)),
-           'weights': (rng.random((B, L)) > 0.2).astype(np.float32),
-           'prefix': (np.tile(np.arange(L), (B, 1)) < 5).astype(np.int32),
-           'objective': rng.integers(0, 2, (B, L))}
-  batch = {k: jnp.asarray(v, jnp.float32 if k == 'weights' else jnp.int32)
-           for k, v in batch.items()}
-  train_step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule,
-                                       step_lib.step_config(c))
+  batch = {
+    'inputs': rng.integers(0, 40, (B, L)),
+    'targets': rng.integers(0, 40, (B, L)),
+    'segment_ids': ids,
+    'positions': np.tile(np.arange(L), (B, 1)),
+    'weights': (rng.random((B, L)) > 0.2).astype(np.float32),
+    'prefix': (np.tile(np.arange(L), (B, 1)) < 5).astype(np.int32),
+    'objective': rng.integers(0, 2, (B, L)),
+  }
+  batch = {
+    k: jnp.asarray(v, jnp.float32 if k == 'weights' else jnp.int32) for k, v in batch.items()
+  }
+  train_step = step_lib.jit_train_step(
+    run.model_def, run.optimizer, run.schedule, step_lib.step_config(c)
+  )
   state = run.init(0)
   history = []
   for _ in range(2):
@@ -163,8 +181,10 @@ def _train_two_steps(objective: str, loss_chunk: int, grad_accum_steps: int = 1)
   return state, history
 
 
-@pytest.mark.parametrize('objective, grad_accum_steps', [
-    ('causal_lm', 1), ('masked_lm', 1), ('causal_lm:1,prefix_lm:1', 2)])
+@pytest.mark.parametrize(
+  'objective, grad_accum_steps',
+  [('causal_lm', 1), ('masked_lm', 1), ('causal_lm:1,prefix_lm:1', 2)],
+)
 def test_train_steps_with_a_chunked_loss_match_the_whole_logits(objective, grad_accum_steps):
   """Metrics and parameters after two steps: an untied head, BERT's head with its bias, a mixture's
   per-objective losses and micro-batches all come out as with the logits whole."""
@@ -183,7 +203,8 @@ def test_train_steps_with_a_chunked_loss_match_the_whole_logits(objective, grad_
 def test_the_chunked_loss_loop_needs_no_collective_under_fsdp():
   """On 8 devices (fsdp 8): the head is gathered once before the loop, and the targets are picked
   by comparison, not gathered or scattered, so no chunk waits on other devices."""
-  hlo_lines = run_python('''
+  hlo_lines = run_python(
+    """
       from conftest import load_config
       from pretrax import plan as plan_lib
       from pretrax import state as state_lib
@@ -200,7 +221,9 @@ def test_the_chunked_loss_loop_needs_no_collective_under_fsdp():
       print(sum('all-gather' in line or 'all-reduce' in line for line in hlo.splitlines()))
       print(sum(('all-gather' in line or 'all-reduce' in line or 'all-to-all' in line)
                 and '/while/body/' in line for line in hlo.splitlines()))
-  ''', devices=8).splitlines()
+  """,
+    devices=8,
+  ).splitlines()
   collectives, in_the_loop = (int(x) for x in hlo_lines[-2:])
   assert collectives > 0  # The step is sharded: FSDP gathers parameters and reduces gradients.
   assert in_the_loop == 0
@@ -209,7 +232,9 @@ def test_the_chunked_loss_loop_needs_no_collective_under_fsdp():
 def test_chunked_loss_on_sharded_meshes_matches_the_whole_logits():
   """fsdp 8 (the head's gradient kept per batch shard) and 2 x 2 x 2 (the vocabulary split over
   tensor too): the loss, accuracy and gradient norm of a step as with the logits whole."""
-  out = json.loads(run_python('''
+  out = json.loads(
+    run_python(
+      """
       import json
       import jax
       import numpy as np
@@ -238,6 +263,9 @@ def test_chunked_loss_on_sharded_meshes_matches_the_whole_logits():
           _, m = train_step(run.init(0), batch)
           out[f'{mesh} {chunk}'] = [float(m[k]) for k in ('loss', 'accuracy', 'grad_norm')]
       print(json.dumps(out))
-  ''', devices=8).splitlines()[-1])
+  """,
+      devices=8,
+    ).splitlines()[-1]
+  )
   for mesh in ('(1, 8, 1)', '(2, 2, 2)'):
     np.testing.assert_allclose(out[f'{mesh} 8'], out[f'{mesh} 0'], rtol=1e-5, err_msg=mesh)

@@ -10,8 +10,15 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import (PEAK_FLOPS, PEAK_FLOPS_ARG, REPO, built_once, fake_devices_env, require,
-                      run_python)
+from conftest import (
+  PEAK_FLOPS,
+  PEAK_FLOPS_ARG,
+  REPO,
+  built_once,
+  fake_devices_env,
+  require,
+  run_python,
+)
 from pretrax import metrics
 
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
@@ -22,17 +29,33 @@ MODEL = ['--config.model.num_heads=4', '--config.model.vocab_multiple=8']
 
 
 def train_args(workdir, corpus_path, mesh=None) -> list[str]:
-  args = ['train', f'--config={TINY}', f'--workdir={workdir}', f'--config.data.path={corpus_path}',
-          '--config.data.fallback=', f'--config.steps={STEPS}', '--config.log_every=1',
-          '--config.eval_every=1000', f'--config.checkpoint.every={HALF}', PEAK_FLOPS_ARG, *MODEL]
+  args = [
+    'train',
+    f'--config={TINY}',
+    f'--workdir={workdir}',
+    f'--config.data.path={corpus_path}',
+    '--config.data.fallback=',
+    f'--config.steps={STEPS}',
+    '--config.log_every=1',
+    '--config.eval_every=1000',
+    f'--config.checkpoint.every={HALF}',
+    PEAK_FLOPS_ARG,
+    *MODEL,
+  ]
   if mesh:
     args += [f'--config.mesh.{axis}={size}' for axis, size in zip(('data', 'fsdp', 'tensor'), mesh)]
   return args
 
 
 def run_on(devices: int, args: list[str]) -> str:
-  result = subprocess.run([sys.executable, '-m', 'pretrax.cli', *args], cwd=REPO, text=True,
-                          capture_output=True, timeout=600, env=fake_devices_env(devices))
+  result = subprocess.run(
+    [sys.executable, '-m', 'pretrax.cli', *args],
+    cwd=REPO,
+    text=True,
+    capture_output=True,
+    timeout=600,
+    env=fake_devices_env(devices),
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Involuntary full rematerialization' not in result.stderr  # Shardings that XLA can follow.
   return result.stdout
@@ -51,7 +74,7 @@ def runs(tmp_path_factory, corpus_path) -> dict:
   name = lambda mesh: 'x'.join(map(str, mesh))
 
   def build(root):
-    script = f'''
+    script = f"""
         from conftest import load_config
         from pretrax import train
         for mesh, workdir in {[(m, str(root / name(m))) for m in MESHES]!r}:
@@ -62,7 +85,7 @@ def runs(tmp_path_factory, corpus_path) -> dict:
           c.peak_flops = {PEAK_FLOPS!r}
           c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
           train.train(c, workdir)
-    '''
+    """
     run_python(script, devices=8, timeout=900)
     run_on(1, train_args(root / '1x1x1', corpus_path))
 
@@ -79,10 +102,12 @@ def test_every_mesh_trains_to_the_same_losses(runs):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('devices,mesh', [(4, (1, 4, 1)), (1, None)],
-                         ids=['to_1x4x1_on_4_devices', 'to_one_device'])
-def test_a_checkpoint_from_2x2x2_resumes_on_another_mesh(runs, tmp_path, corpus_path, devices,
-                                                         mesh):
+@pytest.mark.parametrize(
+  'devices,mesh', [(4, (1, 4, 1)), (1, None)], ids=['to_1x4x1_on_4_devices', 'to_one_device']
+)
+def test_a_checkpoint_from_2x2x2_resumes_on_another_mesh(
+  runs, tmp_path, corpus_path, devices, mesh
+):
   workdir = tmp_path / 'run'
   shutil.copytree(runs[(2, 2, 2)], workdir)
   shutil.rmtree(workdir / 'checkpoints' / str(STEPS))  # Back to the checkpoint at HALF.
@@ -121,8 +146,11 @@ def test_export_a_2x2x2_checkpoint_to_transformers(runs, tmp_path):
   mngr.close()
   ids = tok.encode('To be, or not to be')
   L = len(ids)
-  ours = np.asarray(nnx.merge(run.model_def, state['params'])(
-      jnp.asarray([ids]), jnp.ones((1, L), jnp.int32), jnp.arange(L)[None]))[0]
+  ours = np.asarray(
+    nnx.merge(run.model_def, state['params'])(
+      jnp.asarray([ids]), jnp.ones((1, L), jnp.int32), jnp.arange(L)[None]
+    )
+  )[0]
   with torch.no_grad():
     theirs = model(torch.tensor([ids])).logits[0].numpy()
   assert np.abs(ours - theirs).max() < 1e-4

@@ -12,8 +12,11 @@ from pretrax.data import dataset
 
 # Disjoint alphabets under a char tokenizer: every token of a row says which source it came from.
 # The largest corpus has the smallest weight, so shares that follow sizes, or equal shares, fail.
-SOURCES = {'web': ('abcdefghij', 6.0, 40), 'code': ('ABCDEFGHIJ', 3.0, 80),
-           'books': ('0123456789', 1.0, 160)}
+SOURCES = {
+  'web': ('abcdefghij', 6.0, 40),
+  'code': ('ABCDEFGHIJ', 3.0, 80),
+  'books': ('0123456789', 1.0, 160),
+}
 BATCHES = 2000
 
 
@@ -36,8 +39,14 @@ def test_training_batches_draw_each_source_by_its_weight(tmp_path):
   c.tokenizer.sample_mb = 1.0
   config.validate(c)
   # What train.load_data does, without a device: the stores, the tokenizer, the batches.
-  data = dataset.load(c, str(tmp_path / 'run'), process_index=0, process_count=1,
-                      has_checkpoints=False, log=lambda _: None)
+  data = dataset.load(
+    c,
+    str(tmp_path / 'run'),
+    process_index=0,
+    process_count=1,
+    has_checkpoints=False,
+    log=lambda _: None,
+  )
 
   owner = np.full(data.tok.vocab_size, -1)  # Token id -> source index; -1: '▁' and specials.
   for i in range(data.tok.vocab_size):
@@ -60,11 +69,15 @@ def test_training_batches_draw_each_source_by_its_weight(tmp_path):
 
 def test_a_path_may_hold_colons_the_weight_follows_the_last():
   assert config.mixture('web=gs://bucket/dir/*.parquet:0.7, code=/data/code:0.3') == [
-      ('web', 'gs://bucket/dir/*.parquet', 0.7), ('code', '/data/code', 0.3)]
+    ('web', 'gs://bucket/dir/*.parquet', 0.7),
+    ('code', '/data/code', 0.3),
+  ]
   assert config.mixture('') == []  # No mixture: data.path is the one source.
 
 
-@pytest.mark.parametrize('item', [
+@pytest.mark.parametrize(
+  'item',
+  [
     'web=/data/web:heavy',  # Not a number.
     'web=/data/web:0',
     'web=/data/web:-0.5',
@@ -75,7 +88,8 @@ def test_a_path_may_hold_colons_the_weight_follows_the_last():
     '/data/web:0.7',  # No NAME=.
     'my-web=/data/web:0.7',  # The name keys eval_loss_NAME and the store's directory.
     'web=:0.7',  # No path.
-])
+  ],
+)
 def test_a_bad_item_is_named_with_the_form_it_should_take(item):
   with pytest.raises(config.ConfigError) as error:
     config.mixture(f'code=/data/code:0.3,{item}')

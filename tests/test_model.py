@@ -17,8 +17,9 @@ from pretrax.model import attention, layers, transformer
 L = 16
 
 
-def small_model(flavour: str = 'gpt2', objective: str = 'causal_lm',
-                **overrides) -> transformer.Transformer:
+def small_model(
+  flavour: str = 'gpt2', objective: str = 'causal_lm', **overrides
+) -> transformer.Transformer:
   c = load_config('tiny', 'llama' if flavour == 'llama' else None)
   c.data.seq_len = L
   c.objective = objective
@@ -48,8 +49,8 @@ def test_output_does_not_depend_on_later_inputs(flavour):
   pos = jnp.arange(L, dtype=jnp.int32)[None]
   t = 7
   g = embedding_grads(model, ids, seg, pos, t)[0]
-  assert np.all(g[t + 1:] == 0.0), g
-  assert np.all(g[:t + 1] > 0.0), g
+  assert np.all(g[t + 1 :] == 0.0), g
+  assert np.all(g[: t + 1] > 0.0), g
 
 
 @pytest.mark.parametrize('flavour', ['gpt2', 'llama'])
@@ -86,7 +87,9 @@ def test_prefix_mask_at_the_boundary():
   seg = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2]], jnp.int32)
   prefix = jnp.array([[1, 1, 0, 0, 0, 1, 1, 0]], jnp.int32)
   mask = np.asarray(attention.attention_mask(seg, causal=True, prefix_BT=prefix)[0]).astype(int)
-  np.testing.assert_array_equal(mask, [
+  np.testing.assert_array_equal(
+    mask,
+    [
       [1, 1, 0, 0, 0, 0, 0, 0],
       [1, 1, 0, 0, 0, 0, 0, 0],
       [1, 1, 1, 0, 0, 0, 0, 0],
@@ -95,7 +98,8 @@ def test_prefix_mask_at_the_boundary():
       [0, 0, 0, 0, 0, 1, 1, 0],
       [0, 0, 0, 0, 0, 1, 1, 0],
       [0, 0, 0, 0, 0, 1, 1, 1],
-  ])
+    ],
+  )
 
 
 @pytest.mark.parametrize('flavour', ['gpt2', 'llama'])
@@ -119,11 +123,9 @@ def test_packed_documents_do_not_see_each_other(flavour):
 def test_attention_mask_pattern():
   seg = jnp.array([[1, 1, 2, 2, 0]])
   mask = np.asarray(attention.attention_mask(seg, causal=True)[0])
-  expected = np.array([[1, 0, 0, 0, 0],
-                       [1, 1, 0, 0, 0],
-                       [0, 0, 1, 0, 0],
-                       [0, 0, 1, 1, 0],
-                       [0, 0, 0, 0, 1]], bool)
+  expected = np.array(
+    [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]], bool
+  )
   np.testing.assert_array_equal(mask, expected)
 
 
@@ -152,7 +154,8 @@ def test_dots_attention_keeps_each_blocks_attention_output(capsys, policy, kept)
   seg, pos = jnp.ones((2, L), jnp.int32), jnp.tile(jnp.arange(L, dtype=jnp.int32), (2, 1))
   graphdef, params = nnx.split(small_model(remat=policy))
   jax.ad_checkpoint.print_saved_residuals(
-      lambda p: jnp.sum(nnx.merge(graphdef, p)(ids, seg, pos)), params)
+    lambda p: jnp.sum(nnx.merge(graphdef, p)(ids, seg, pos)), params
+  )
   saved = capsys.readouterr().out.splitlines()
   assert sum("named 'attention'" in line for line in saved) == kept
 
@@ -164,10 +167,15 @@ def test_dots_attention_keeps_the_splash_kernels_outputs(capsys):
   ids = jnp.ones((1, 128), jnp.int32)
 
   def kept(policy):
-    f = lambda q: jnp.sum(attention.attention(q, q, q, ids, causal=True, backend='splash',
-                                              platform='tpu', interpret=True) ** 2)
+    f = lambda q: jnp.sum(
+      attention.attention(
+        q, q, q, ids, causal=True, backend='splash', platform='tpu', interpret=True
+      )
+      ** 2
+    )
     jax.ad_checkpoint.print_saved_residuals(
-        jax.checkpoint(f, policy=transformer._REMAT_POLICIES[policy]()), q)
+      jax.checkpoint(f, policy=transformer._REMAT_POLICIES[policy]()), q
+    )
     return capsys.readouterr().out.count("output of jitted function '_splash_attention'")
 
   assert kept('dots_attention') >= 2 and kept('dots') == 0  # The output and the log-sum-exp.
@@ -177,8 +185,9 @@ def test_gelu_custom_gradient_matches_autodiff():
   x = jnp.linspace(-6.0, 6.0, 1001)
   reference = lambda v: jnp.sum(jax.nn.gelu(v, approximate=True))
   np.testing.assert_allclose(layers.gelu_tanh(x), jax.nn.gelu(x, approximate=True), atol=1e-6)
-  np.testing.assert_allclose(jax.grad(lambda v: jnp.sum(layers.gelu_tanh(v)))(x),
-                             jax.grad(reference)(x), atol=1e-5)
+  np.testing.assert_allclose(
+    jax.grad(lambda v: jnp.sum(layers.gelu_tanh(v)))(x), jax.grad(reference)(x), atol=1e-5
+  )
 
 
 def test_grouped_query_attention_shapes_and_init_scale():
@@ -189,21 +198,22 @@ def test_grouped_query_attention_shapes_and_init_scale():
   assert float(jnp.std(block.o[...])) < float(jnp.std(block.q[...]))
 
 
-@pytest.mark.parametrize('name', sorted(f[:-3] for f in os.listdir(os.path.join(REPO, 'configs'))
-                                        if f.endswith('.py')))
+@pytest.mark.parametrize(
+  'name', sorted(f[:-3] for f in os.listdir(os.path.join(REPO, 'configs')) if f.endswith('.py'))
+)
 def test_every_config_builds_abstractly(name):
   c = load_config(name)
   config_lib.validate(c, check_data=False)
   run = state_lib.build(c, vocab_size=c.tokenizer.vocab_size)
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.abstract['params']))
-  expected = {'gpt2_small': (124e6, 125e6), 'llama_1b': (1.0e9, 1.1e9),
-              'bert_base': (109e6, 112e6)}
+  expected = {'gpt2_small': (124e6, 125e6), 'llama_1b': (1.0e9, 1.1e9), 'bert_base': (109e6, 112e6)}
   if name in expected:
     low, high = expected[name]
     assert low <= params <= high, params
   # Every parameter has a sharding, and Adam's moments follow the parameters'.
-  assert all(isinstance(s, jax.sharding.NamedSharding)
-             for s in jax.tree.leaves(run.shardings['params']))
+  assert all(
+    isinstance(s, jax.sharding.NamedSharding) for s in jax.tree.leaves(run.shardings['params'])
+  )
   is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
   adam = [s for s in jax.tree.leaves(run.shardings['opt_state'], is_leaf=is_adam) if is_adam(s)]
   params_specs = [s.spec for s in jax.tree.leaves(run.shardings['params'])]
@@ -224,11 +234,14 @@ def test_cpu_attention_matches_the_generic_path(num_kv_heads):
   d_out = jax.random.normal(keys[3], (B, T, N, H))
   prefix = jnp.array([[1] * 3 + [0] * 2 + [1] * 4 + [0] * 3, [1] * 6 + [0] * 6])
   for causal, prefix_BT in ((True, None), (True, prefix), (False, None)):
+
     def run(backend):
-      f = lambda q, k, v: jnp.sum(attention.attention(q, k, v, seg, causal=causal,
-                                                      prefix_BT=prefix_BT,
-                                                      backend=backend) * d_out)
+      f = lambda q, k, v: jnp.sum(
+        attention.attention(q, k, v, seg, causal=causal, prefix_BT=prefix_BT, backend=backend)
+        * d_out
+      )
       return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
+
     (value_cpu, grads_cpu), (value_ref, grads_ref) = run('cpu'), run('xla')
     np.testing.assert_allclose(value_cpu, value_ref, rtol=1e-5)
     for a, b in zip(grads_cpu, grads_ref):
@@ -242,7 +255,7 @@ def test_layer_norm_gradient_matches_autodiff():
 
   def reference(x, scale):
     centred = x - jnp.mean(x, -1, keepdims=True)
-    return centred / jnp.sqrt(jnp.mean(centred ** 2, -1, keepdims=True) + 1e-5) * scale
+    return centred / jnp.sqrt(jnp.mean(centred**2, -1, keepdims=True) + 1e-5) * scale
 
   ours = jax.grad(lambda x, s: jnp.sum(layers.layer_norm(x, s, 1e-5) * d_y), (0, 1))(x, scale)
   ref = jax.grad(lambda x, s: jnp.sum(reference(x, s) * d_y), (0, 1))(x, scale)

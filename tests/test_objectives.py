@@ -13,19 +13,20 @@ L = 64
 @pytest.fixture(scope='module')
 def tok(corpus_path):
   with open(corpus_path, encoding='utf-8') as f:
-    return tokenizer.Tokenizer(tokenizer.train([f.read(50_000)], model_type='char',
-                                               num_sentinels=20))
+    return tokenizer.Tokenizer(
+      tokenizer.train([f.read(50_000)], model_type='char', num_sentinels=20)
+    )
 
 
 @pytest.fixture(scope='module')
 def windows(tok, corpus_path):
   with open(corpus_path, encoding='utf-8') as f:
     text = f.read(150_000)
-  documents = [text[i:i + 3000] for i in range(0, len(text), 3000)]
+  documents = [text[i : i + 3000] for i in range(0, len(text), 3000)]
   out = []  # Each document then EOS, in windows of L + 1 tokens every L.
   for d in documents:
     ids = np.array(tok.encode(d) + [tokenizer.EOS_ID], np.int32)
-    out += [ids[s:s + L + 1] for s in range(0, len(ids) - 1, L)]
+    out += [ids[s : s + L + 1] for s in range(0, len(ids) - 1, L)]
   return out
 
 
@@ -54,8 +55,9 @@ def test_masking_rates_match_the_config(tok, windows):
     candidates += int((~special[e['targets']]).sum())
     chosen += int(sel.sum())
     masked += int((e['inputs'][sel] == tokenizer.MASK_ID).sum())
-    replaced += int(((e['inputs'][sel] != tokenizer.MASK_ID)
-                     & (e['inputs'][sel] != e['targets'][sel])).sum())
+    replaced += int(
+      ((e['inputs'][sel] != tokenizer.MASK_ID) & (e['inputs'][sel] != e['targets'][sel])).sum()
+    )
     kept += int((e['inputs'][sel] == e['targets'][sel]).sum())
     # Nothing outside the chosen positions changes; the encoder sees everything.
     np.testing.assert_array_equal(e['inputs'][~sel], e['targets'][~sel])
@@ -69,8 +71,13 @@ def test_masking_rates_match_the_config(tok, windows):
 
 
 def test_other_rates_are_honoured(tok, windows):
-  o = make(tok, 'masked_lm', masked_lm__rate=0.4, masked_lm__mask_token_fraction=1.0,
-           masked_lm__random_token_fraction=0.0)
+  o = make(
+    tok,
+    'masked_lm',
+    masked_lm__rate=0.4,
+    masked_lm__mask_token_fraction=1.0,
+    masked_lm__random_token_fraction=0.0,
+  )
   examples = build_all(o, windows, 300)
   chosen = np.concatenate([e['weights'] > 0 for e in examples])
   assert abs(chosen.mean() - 0.4) < 0.01
@@ -125,11 +132,12 @@ def test_masks_depend_only_on_seed_and_example(tok, windows):
 def test_masks_are_identical_after_a_resume(tmp_path, corpus_path):
   with open(corpus_path, encoding='utf-8') as f:
     text = f.read(60_000)
-  s = make_store(tmp_path, [text[i:i + 700] for i in range(0, len(text), 700)])
+  s = make_store(tmp_path, [text[i : i + 700] for i in range(0, len(text), 700)])
   o = make(tokenizer.Tokenizer.load(s.tokenizer_path), 'masked_lm')
   source = pipeline.Source('data', 1.0, pipeline.Windows(s.split('train'), L, L), s.split('eval'))
-  make_iter = lambda start: pipeline.train_batches([source], o, global_batch=4, seed=3,
-                                                   start_step=start)
+  make_iter = lambda start: pipeline.train_batches(
+    [source], o, global_batch=4, seed=3, start_step=start
+  )
   it = make_iter(0)
   for _ in range(3):
     next(it)
@@ -152,12 +160,13 @@ def test_span_corruption_reassembles_into_the_original(tok, windows):
     sequence = np.concatenate([e['inputs'], e['targets'][-1:]])
     prefix_length = int(e['prefix'].sum())
     restored = objectives.uncorrupt(sequence, prefix_length, sentinels)
-    np.testing.assert_array_equal(restored, window[:len(restored)])
+    np.testing.assert_array_equal(restored, window[: len(restored)])
     # The loss is on the targets part only, from the last prefix position on.
     np.testing.assert_array_equal(e['weights'], np.arange(len(e['inputs'])) >= prefix_length - 1)
     n_spans = int(np.isin(sequence[:prefix_length], sentinels).sum())
-    assert list(sequence[prefix_length:][np.isin(sequence[prefix_length:], sentinels)]) == \
-        list(sentinels[:n_spans])
+    assert list(sequence[prefix_length:][np.isin(sequence[prefix_length:], sentinels)]) == list(
+      sentinels[:n_spans]
+    )
     spans += n_spans
     noise += len(sequence) - prefix_length - n_spans
     kept += prefix_length - n_spans
@@ -166,8 +175,12 @@ def test_span_corruption_reassembles_into_the_original(tok, windows):
 
 
 def test_span_corruption_settings(tok, windows):
-  o = make(tok, 'span_corruption', span_corruption__noise_density=0.5,
-           span_corruption__mean_span_length=8.0)
+  o = make(
+    tok,
+    'span_corruption',
+    span_corruption__noise_density=0.5,
+    span_corruption__mean_span_length=8.0,
+  )
   noise = total = spans = 0
   for e in build_all(o, windows, 300):
     sequence = np.concatenate([e['inputs'], e['targets'][-1:]])
@@ -212,19 +225,24 @@ def test_mixture_chooses_objectives_by_weight(tok, windows):
   assert counts[index('masked_lm')] == 0
 
 
-@pytest.mark.parametrize('spec, fragment', [
+@pytest.mark.parametrize(
+  'spec, fragment',
+  [
     ('causal', 'not one of'),
     ('masked_lm:1,causal_lm:1', 'cannot be mixed'),
     ('causal_lm:0', 'positive'),
     ('causal_lm:x', 'positive'),
     ('prefix_lm,prefix_lm', 'twice'),
-])
+  ],
+)
 def test_bad_objectives_are_named(spec, fragment):
   with pytest.raises(config.ConfigError, match=fragment):
     config.objective_mixture(spec)
 
 
 def test_mixture_weights_are_normalised():
-  assert config.objective_mixture('causal_lm:3,prefix_lm:1') == (('causal_lm', 0.75),
-                                                                 ('prefix_lm', 0.25))
+  assert config.objective_mixture('causal_lm:3,prefix_lm:1') == (
+    ('causal_lm', 0.75),
+    ('prefix_lm', 0.25),
+  )
   assert config.objective_mixture('prefix_lm') == (('prefix_lm', 1.0),)

@@ -64,8 +64,10 @@ def test_rules_from_config_override_the_table_and_reject_impossible_entries():
   c.mesh.rules = 'mlp=fsdp+tensor'  # embed is on fsdp too: one axis, two dims.
   with pytest.raises(sharding.ShardingError, match="map mesh axis 'fsdp' to two dimensions"):
     sharding.logical_to_spec(('embed', 'mlp'), sharding.rules(c.mesh))
-  for bad, message in (('embd=fsdp', 'expected LOGICAL=AXIS'),
-                       ('embed=model', "unknown mesh axis 'model'")):
+  for bad, message in (
+    ('embd=fsdp', 'expected LOGICAL=AXIS'),
+    ('embed=model', "unknown mesh axis 'model'"),
+  ):
     c.mesh.rules = bad
     with pytest.raises(sharding.ShardingError, match=message):
       sharding.rules(c.mesh)
@@ -89,7 +91,7 @@ def test_every_logical_name_in_every_config_resolves():
 
 def test_params_and_moments_are_sharded_as_the_rules_say_on_8_devices():
   """On a (2, 2, 2) mesh of fake CPU devices; a subprocess, since devices are fixed at start-up."""
-  script = textwrap.dedent('''
+  script = textwrap.dedent("""
       import jax
       from conftest import load_config
       from pretrax import state as state_lib
@@ -113,6 +115,6 @@ def test_params_and_moments_are_sharded_as_the_rules_say_on_8_devices():
       except sharding.ShardingError as e:
         assert 'vocab, size 63' in str(e) and '--config.model.vocab_multiple' in str(e), e
       print('ok', jax.device_count())
-  ''')
+  """)
   stdout = run_python(script, devices=8, timeout=300)
   assert stdout.strip().endswith('ok 8')

@@ -12,8 +12,15 @@ import os
 from conftest import REPO, run_cli, run_python
 
 GOLDEN = os.path.join(REPO, 'tests', 'golden', 'partition_specs.json')
-CONFIGS = ('tiny', 'tiny:llama', 'shakespeare_char', 'shakespeare_mlm', 'bert_base', 'gpt2_small',
-           'llama_1b')
+CONFIGS = (
+  'tiny',
+  'tiny:llama',
+  'shakespeare_char',
+  'shakespeare_mlm',
+  'bert_base',
+  'gpt2_small',
+  'llama_1b',
+)
 
 
 def _on_8_devices(script: str) -> str:
@@ -21,7 +28,8 @@ def _on_8_devices(script: str) -> str:
 
 
 def test_plan_bytes_equal_the_shards_of_a_real_state_on_8_devices():
-  out = json.loads(_on_8_devices('''
+  out = json.loads(
+    _on_8_devices("""
       import json
       import jax
       from conftest import load_config
@@ -50,7 +58,8 @@ def test_plan_bytes_equal_the_shards_of_a_real_state_on_8_devices():
       c.mesh.rules = 'embed='  # On (1, 8, 1): no state to compare, only the warnings.
       out['replicated_warnings'] = plan_lib.plan(c, 64).warnings
       print(json.dumps(out))
-  ''').splitlines()[-1])
+  """).splitlines()[-1]
+  )
   warned = out.pop('replicated_warnings')
   for mesh, got in out.items():
     assert got['plan'] == got['real'], mesh
@@ -65,13 +74,16 @@ def test_plan_bytes_equal_the_shards_of_a_real_state_on_8_devices():
   # `embed=` leaves the MLP matrices and the tables with no mesh axis of size > 1.
   for path in ('blocks.0.mlp.wi', 'embed.embedding', 'pos_embed'):
     assert any(w.startswith(f'{path} ') and 'replicated on all 8 devices' in w for w in warned), (
-        path, warned)
+      path,
+      warned,
+    )
   assert not any(w.startswith('blocks.0.attn_norm.scale ') for w in warned)  # Too small to matter.
 
 
 def test_plan_command_prints_the_table_and_a_verdict():
-  result = run_cli('plan', '--config=configs/tiny.py', '--devices=8', '--mesh=1,-1,1',
-                   '--device_memory_gib=16')
+  result = run_cli(
+    'plan', '--config=configs/tiny.py', '--devices=8', '--mesh=1,-1,1', '--device_memory_gib=16'
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
   assert 'mesh data=1 fsdp=8 tensor=1 (8 cpu devices)' in out, out
@@ -85,7 +97,8 @@ def test_plan_counts_attention_as_a_fused_kernel_and_the_chunked_loss_without_it
   """The stand-in keeps attention's inputs, output and log-sum-exp, so planning it drops the
   T x T scores XLA:CPU's attention keeps (4 heads x 512^2 float32 x 8 rows = 32 MiB a layer);
   a chunked loss drops the whole logits (8 x 512 x 8192 float32 = 128 MiB, and their gradient)."""
-  out = json.loads(_on_8_devices('''
+  out = json.loads(
+    _on_8_devices("""
       import json
       from conftest import load_config
       from pretrax import plan as plan_lib
@@ -98,15 +111,21 @@ def test_plan_counts_attention_as_a_fused_kernel_and_the_chunked_loss_without_it
 
       print(json.dumps({'compiled': temp('compiled'), 'fused': temp('fused'),
                         'fused_chunked': temp('fused', loss_chunk=64)}))
-  ''').splitlines()[-1])
-  MiB = 2 ** 20
+  """).splitlines()[-1]
+  )
+  MiB = 2**20
   assert out['compiled'] - out['fused'] >= 16 * MiB, out  # Measured: 34 MiB.
   assert out['fused'] - out['fused_chunked'] >= 128 * MiB, out  # Measured: 347 MiB.
 
 
 def test_plan_command_rejects_an_impossible_mesh_in_one_line():
-  result = run_cli('plan', '--config=configs/tiny.py', '--devices=8', '--config.mesh.data=1',
-                   '--config.mesh.fsdp=3')
+  result = run_cli(
+    'plan',
+    '--config=configs/tiny.py',
+    '--devices=8',
+    '--config.mesh.data=1',
+    '--config.mesh.fsdp=3',
+  )
   assert result.returncode == 2, result.stderr[-2000:]
   lines = [l for l in result.stderr.splitlines() if l.startswith('pretrax ')]
   assert len(lines) == 1 and 'needs 3 devices but there are 8' in lines[0], result.stderr[-2000:]
@@ -116,16 +135,20 @@ def _dump(golden: dict) -> str:
   """One line per parameter, so a changed spec shows as a one-line diff."""
   blocks = []
   for name, entry in golden.items():
-    rows = ',\n'.join(f'      {json.dumps(path)}: {json.dumps(spec)}'
-                      for path, spec in entry['params'].items())
-    blocks.append(f'  {json.dumps(name)}: {{\n    "mesh": {json.dumps(entry["mesh"])},\n'
-                  f'    "params": {{\n{rows}\n    }}\n  }}')
+    rows = ',\n'.join(
+      f'      {json.dumps(path)}: {json.dumps(spec)}' for path, spec in entry['params'].items()
+    )
+    blocks.append(
+      f'  {json.dumps(name)}: {{\n    "mesh": {json.dumps(entry["mesh"])},\n'
+      f'    "params": {{\n{rows}\n    }}\n  }}'
+    )
   return '{\n' + ',\n'.join(blocks) + '\n}\n'
 
 
 def test_partition_specs_of_every_config_match_the_golden_file():
   """Each parameter's (logical axes, PartitionSpec) on each config's default mesh of 8 devices."""
-  got = json.loads(_on_8_devices(f'''
+  got = json.loads(
+    _on_8_devices(f"""
       import json
       import jax
       from conftest import load_config
@@ -144,7 +167,8 @@ def test_partition_specs_of_every_config_match_the_golden_file():
             jax.tree_util.keystr(path, simple=True, separator='.'): [list(axes), as_list(s.spec)]
             for (path, s), axes in zip(leaves, treedef.flatten_up_to(run.logical_axes))}}}}
       print(json.dumps(out))
-  ''').splitlines()[-1])
+  """).splitlines()[-1]
+  )
   if os.environ.get('PRETRAX_UPDATE_GOLDEN'):
     os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
     with open(GOLDEN, 'w', encoding='utf-8') as f:
@@ -154,10 +178,13 @@ def test_partition_specs_of_every_config_match_the_golden_file():
   assert list(got) == list(want), 'configs differ from the golden file'
   for name in want:
     assert got[name]['mesh'] == want[name]['mesh'], name
-    changed = {path: (want[name]['params'].get(path), spec)
-               for path, spec in got[name]['params'].items()
-               if want[name]['params'].get(path) != spec}
+    changed = {
+      path: (want[name]['params'].get(path), spec)
+      for path, spec in got[name]['params'].items()
+      if want[name]['params'].get(path) != spec
+    }
     missing = set(want[name]['params']) - set(got[name]['params'])
     assert not changed and not missing, (
-        f'{name}: (golden, now) {changed}, gone {sorted(missing)}; if intended, regenerate: '
-        'PRETRAX_UPDATE_GOLDEN=1 python -m pytest tests/test_plan.py -k golden')
+      f'{name}: (golden, now) {changed}, gone {sorted(missing)}; if intended, regenerate: '
+      'PRETRAX_UPDATE_GOLDEN=1 python -m pytest tests/test_plan.py -k golden'
+    )

@@ -58,8 +58,12 @@ def test_json_lines_of_8_mb_among_short_ones_come_back_whole_compressed_or_not(t
   import zstandard
 
   def lines(long_mb: int, seed: int) -> tuple[list[str], bytes]:
-    documents = [f'short {seed} \u2028 with a line separator', 'short', _long_text(long_mb * MB, seed),
-                 'short too']
+    documents = [
+      f'short {seed} \u2028 with a line separator',
+      'short',
+      _long_text(long_mb * MB, seed),
+      'short too',
+    ]
     data = ''.join(json.dumps({'text': d}, ensure_ascii=False) + '\n' for d in documents)
     return documents, data.encode()
 
@@ -79,8 +83,13 @@ def test_json_lines_of_8_mb_among_short_ones_come_back_whole_compressed_or_not(t
 def test_a_long_record_is_not_lost_when_bad_records_are_skipped(tmp_path):
   long = _long_text(3 * MB, seed=1)
   (tmp_path / 'long.jsonl').write_text(
-      json.dumps({'text': 'first'}) + '\n' + json.dumps({'text': long}) + '\n'
-      + json.dumps({'text': 'last'}) + '\n')
+    json.dumps({'text': 'first'})
+    + '\n'
+    + json.dumps({'text': long})
+    + '\n'
+    + json.dumps({'text': 'last'})
+    + '\n'
+  )
   s = _prepare(_config(str(tmp_path / 'long.jsonl'), skip_bad_records=True), tmp_path / 'store')
   assert s.manifest['bad_records'] == 0
   assert _documents(s) == _by_split(['first', long, 'last'])
@@ -100,8 +109,10 @@ def test_a_separator_that_straddles_a_block_boundary_still_separates(tmp_path):
   first = 'x' * (MB - 3)
   (tmp_path / 'docs.txt').write_text(first + '<|doc|>second<|doc|>third')
   reading = sources.Reading(separator='<|doc|>', eval_fraction=0.0)
-  docs = [sources.decode_unit(u, reading, skip_bad=False)
-          for u in sources.file_units(str(tmp_path / 'docs.txt'), reading)]
+  docs = [
+    sources.decode_unit(u, reading, skip_bad=False)
+    for u in sources.file_units(str(tmp_path / 'docs.txt'), reading)
+  ]
   texts, ends = sum((d.texts for d in docs), []), sum((d.ends for d in docs), [])
   whole, current = [], ''
   for text, ends_doc in zip(texts, ends):
@@ -135,28 +146,39 @@ def test_a_preparation_that_fails_mid_group_closes_its_files_and_marks_nothing(t
   opened_before = set(os.listdir('/proc/self/fd'))
   with pytest.raises(sources.DataError, match='bad.jsonl:11: malformed JSON'):
     _prepare(c, out)
-  leaked = [os.readlink(f'/proc/self/fd/{fd}') for fd in set(os.listdir('/proc/self/fd'))
-            - opened_before if os.path.exists(f'/proc/self/fd/{fd}')]
+  leaked = [
+    os.readlink(f'/proc/self/fd/{fd}')
+    for fd in set(os.listdir('/proc/self/fd')) - opened_before
+    if os.path.exists(f'/proc/self/fd/{fd}')
+  ]
   assert not [f for f in leaked if str(out) in f], leaked
   names = os.listdir(out)
   assert not [n for n in names if '.tmp' in n], names
   # Parts finished before the bad record stay marked done (a resume keeps them); the one in
   # progress left no file, and the group is not marked done.
-  done = sorted(n[:-len('.json')] for n in os.listdir(out / 'parts'))
+  done = sorted(n[: -len('.json')] for n in os.listdir(out / 'parts'))
   assert done and '00000' not in done
   assert sorted(n for n in names if n.endswith(('.tokens', '.docs'))) == sorted(
-      f'{split}-{part}.{kind}' for part in done for split in store.SPLITS
-      for kind in ('tokens', 'docs'))
+    f'{split}-{part}.{kind}'
+    for part in done
+    for split in store.SPLITS
+    for kind in ('tokens', 'docs')
+  )
 
 
 def test_a_corpus_of_long_records_makes_the_same_store_with_or_without_workers(tmp_path):
   (tmp_path / 'in').mkdir()
   records = [_long_text(n, seed=n) for n in (100, 3 * MB, 200, 2 * MB, 50)]
-  (tmp_path / 'in' / 'a.jsonl').write_text(
-      ''.join(json.dumps({'text': r}) + '\n' for r in records))
+  (tmp_path / 'in' / 'a.jsonl').write_text(''.join(json.dumps({'text': r}) + '\n' for r in records))
   (tmp_path / 'in' / 'b.txt').write_text(_long_text(3 * MB, seed=9).replace('\n', ' '))
   c = _config(str(tmp_path / 'in'), shard_mb=1.5)  # Several parts, each a record or more.
   stores = [_prepare(c, tmp_path / f'workers{w}', workers=w) for w in (0, 2)]
-  files = [{n: open(os.path.join(s.path, n), 'rb').read() for n in sorted(os.listdir(s.path))
-            if n.endswith(('.tokens', '.docs'))} for s in stores]
+  files = [
+    {
+      n: open(os.path.join(s.path, n), 'rb').read()
+      for n in sorted(os.listdir(s.path))
+      if n.endswith(('.tokens', '.docs'))
+    }
+    for s in stores
+  ]
   assert len(files[0]) >= 3 * 4 and files[0] == files[1]

@@ -99,13 +99,16 @@ def test_the_store_is_byte_identical_for_any_number_of_workers(tmp_path, documen
   monkeypatch.setattr(sources, 'UNIT_BYTES', 1 << 14)
   (tmp_path / 'in').mkdir()
   for k in range(6):
-    (tmp_path / 'in' / f'{k}.jsonl').write_text(_jsonl([f'{k}.{i} {d}' for i, d in
-                                                         enumerate(documents[k::2] * 2)]))
+    (tmp_path / 'in' / f'{k}.jsonl').write_text(
+      _jsonl([f'{k}.{i} {d}' for i, d in enumerate(documents[k::2] * 2)])
+    )
   c = _config(str(tmp_path / 'in'), shard_mb=0.1)
   stores = {w: _prepare(c, tmp_path / f'workers{w}', workers=w) for w in (0, 2, 3)}
   plan = prepare.make_plan(c, prepare.input_files(c))
-  units = [sum(1 for f in g for _ in sources.file_units(plan['files'][f][0], prepare._reading(plan)))
-           for g in prepare.groups_of(plan)]
+  units = [
+    sum(1 for f in g for _ in sources.file_units(plan['files'][f][0], prepare._reading(plan)))
+    for g in prepare.groups_of(plan)
+  ]
   assert len(units) >= 2 and min(units) > 2 * 3, units
   assert len(stores[0].manifest['splits']['train']['parts']) >= 3
   for w in (2, 3):
@@ -117,16 +120,37 @@ def test_two_processes_prepare_one_store_identical_to_one_process(tmp_path, docu
   (tmp_path / 'in').mkdir()
   for k in range(4):
     (tmp_path / 'in' / f'{k}.jsonl').write_text(_jsonl(documents[k::4] * 2))
-  common = ['prepare', f'--config={TINY}', f'--config.data.path={tmp_path / "in"}',
-            '--config.tokenizer.model_type=bpe', '--config.tokenizer.vocab_size=400',
-            '--config.data.shard_mb=0.01', '--workers=0']  # A group per file: work for both.
+  common = [
+    'prepare',
+    f'--config={TINY}',
+    f'--config.data.path={tmp_path / "in"}',
+    '--config.tokenizer.model_type=bpe',
+    '--config.tokenizer.vocab_size=400',
+    '--config.data.shard_mb=0.01',
+    '--workers=0',
+  ]  # A group per file: work for both.
   alone = run_cli(*common, f'--output={tmp_path / "alone"}')
   assert alone.returncode == 0, alone.stderr[-2000:]
   env = pretrax_env()
-  procs = [subprocess.Popen([sys.executable, '-m', 'pretrax.cli', *common,
-                             f'--output={tmp_path / "joint"}', '--num_processes=2',
-                             f'--process_id={i}'], cwd=REPO, text=True, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        '-m',
+        'pretrax.cli',
+        *common,
+        f'--output={tmp_path / "joint"}',
+        '--num_processes=2',
+        f'--process_id={i}',
+      ],
+      cwd=REPO,
+      text=True,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+    )
+    for i in range(2)
+  ]
   deadline = time.monotonic() + 300
   while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
     if any(p.poll() not in (None, 0) for p in procs):  # One failed: the other would wait.
@@ -144,7 +168,7 @@ def test_two_processes_prepare_one_store_identical_to_one_process(tmp_path, docu
 
 def _finished_parts(out) -> dict[str, tuple[int, int]]:
   """(inode, mtime in ns) of every data file of the parts marked done: a resume must leave them."""
-  done = [n[:-len('.json')] for n in os.listdir(out / 'parts') if '-' in n]
+  done = [n[: -len('.json')] for n in os.listdir(out / 'parts') if '-' in n]
   stats = {}
   for name in os.listdir(out):
     if name.endswith(('.tokens', '.docs')) and name.split('-', 1)[1].rsplit('.', 1)[0] in done:
@@ -161,16 +185,27 @@ def test_a_sigkilled_prepare_resumes_inside_a_group_to_the_same_bytes(tmp_path, 
     lines = _jsonl([f'{k}.{i} {d}' for i, d in enumerate(documents[k::2] * 60)]).encode()
     assert len(lines) > 2_000_000
     (tmp_path / 'in' / f'{k}.jsonl.gz').write_bytes(gzip.compress(lines, mtime=0))
-  args = ['prepare', f'--config={TINY}', f'--config.data.path={tmp_path / "in"}',
-          '--config.tokenizer.model_type=bpe', '--config.tokenizer.vocab_size=400',
-          '--config.data.shard_mb=1.0', '--workers=1']
+  args = [
+    'prepare',
+    f'--config={TINY}',
+    f'--config.data.path={tmp_path / "in"}',
+    '--config.tokenizer.model_type=bpe',
+    '--config.tokenizer.vocab_size=400',
+    '--config.data.shard_mb=1.0',
+    '--workers=1',
+  ]
   whole = run_cli(*args, f'--output={tmp_path / "whole"}')
   assert whole.returncode == 0, whole.stderr[-2000:]
   assert os.listdir(tmp_path / 'whole' / 'parts').count('00000.json') == 1  # One group.
   out = tmp_path / 'killed'
-  proc = subprocess.Popen([sys.executable, '-m', 'pretrax.cli', *args, f'--output={out}'],
-                          cwd=REPO, env=pretrax_env(), start_new_session=True,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    [sys.executable, '-m', 'pretrax.cli', *args, f'--output={out}'],
+    cwd=REPO,
+    env=pretrax_env(),
+    start_new_session=True,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   deadline = time.monotonic() + 120
   while len(os.listdir(out / 'parts') if (out / 'parts').exists() else []) < 2:
     assert proc.poll() is None and time.monotonic() < deadline, 'finished before the kill'
@@ -187,13 +222,14 @@ def test_a_sigkilled_prepare_resumes_inside_a_group_to_the_same_bytes(tmp_path, 
   assert {k: v for k, v in _finished_parts(out).items() if k in finished} == finished
 
 
-def test_a_resume_inside_a_group_keeps_its_finished_parts_and_makes_the_same_bytes(tmp_path,
-                                                                                  documents):
+def test_a_resume_inside_a_group_keeps_its_finished_parts_and_makes_the_same_bytes(
+  tmp_path, documents
+):
   lines = _jsonl([f'{i} {d}' for i, d in enumerate(documents * 80)]).encode()
   (tmp_path / 'in.jsonl.gz').write_bytes(gzip.compress(lines, mtime=0))
   c = _config(str(tmp_path / 'in.jsonl.gz'), shard_mb=1.5)  # ~2 units of ~1 MB a part.
   whole = _prepare(c, tmp_path / 'whole')
-  parts = sorted(n[:-len('.json')] for n in os.listdir(tmp_path / 'whole' / 'parts') if '-' in n)
+  parts = sorted(n[: -len('.json')] for n in os.listdir(tmp_path / 'whole' / 'parts') if '-' in n)
   assert len(parts) >= 3, parts
   # What a kill during the third part leaves: two parts marked done, the third half written.
   out = tmp_path / 'resumed'
@@ -225,21 +261,31 @@ def test_a_kill_between_the_last_shard_and_its_group_marker_redoes_nothing(tmp_p
   assert _data_files(again.path) == files and again.manifest['splits'] == splits
 
 
-@pytest.mark.parametrize('name, content, where, what', [
+@pytest.mark.parametrize(
+  'name, content, where, what',
+  [
     ('bad.jsonl', b'{"text": "fine"}\n{"text": "cut\n', 'bad.jsonl:2', 'malformed JSON'),
     ('field.jsonl', b'{"text": "a"}\n{"body": "b"}\n', 'field.jsonl:2', "no 'text' field"),
     ('type.jsonl', b'{"text": "a"}\n\n{"text": 7}\n', 'type.jsonl:3', "'text' is int"),
     ('latin.txt', 'caf\xe9'.encode('latin-1'), 'latin.txt:byte 3', 'not UTF-8'),
-    ('cut.jsonl.gz', gzip.compress(b'{"text": "a"}\n' * 500, mtime=0)[:-30], 'cut.jsonl.gz',
-     'truncated or corrupt'),
+    (
+      'cut.jsonl.gz',
+      gzip.compress(b'{"text": "a"}\n' * 500, mtime=0)[:-30],
+      'cut.jsonl.gz',
+      'truncated or corrupt',
+    ),
     ('cut.jsonl.zst', None, 'cut.jsonl.zst', 'truncated or corrupt'),
     ('broken.parquet', b'PAR1 not really parquet', 'broken.parquet', 'not a readable Parquet'),
-], ids=['malformed', 'no-field', 'not-a-string', 'not-utf8', 'cut-gz', 'cut-zst', 'bad-parquet'])
+  ],
+  ids=['malformed', 'no-field', 'not-a-string', 'not-utf8', 'cut-gz', 'cut-zst', 'bad-parquet'],
+)
 # (Named ids: bytes in an id would make pytest-xdist workers disagree on the test names.)
-def test_bad_input_is_named_with_its_line_or_skipped_and_counted(tmp_path, name, content, where,
-                                                                 what):
+def test_bad_input_is_named_with_its_line_or_skipped_and_counted(
+  tmp_path, name, content, where, what
+):
   if content is None:
     import zstandard
+
     content = zstandard.ZstdCompressor().compress(b'{"text": "a"}\n' * 5000)[:-20]
   (tmp_path / 'in').mkdir()
   (tmp_path / 'in' / name).write_bytes(content)
@@ -258,8 +304,13 @@ def test_bad_input_is_named_with_its_line_or_skipped_and_counted(tmp_path, name,
 
 def test_bad_input_ends_prepare_with_one_line_and_exit_2(tmp_path):
   (tmp_path / 'bad.jsonl').write_text('{"text": "ok"}\n{"text": 1\n')
-  result = run_cli('prepare', f'--config={TINY}', f'--config.data.path={tmp_path / "bad.jsonl"}',
-                   f'--output={tmp_path / "out"}', '--workers=1')
+  result = run_cli(
+    'prepare',
+    f'--config={TINY}',
+    f'--config.data.path={tmp_path / "bad.jsonl"}',
+    f'--output={tmp_path / "out"}',
+    '--workers=1',
+  )
   assert result.returncode == 2
   lines = [l for l in result.stderr.strip().splitlines() if l.startswith('pretrax ')]
   assert len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
@@ -267,25 +318,35 @@ def test_bad_input_ends_prepare_with_one_line_and_exit_2(tmp_path):
 
 
 def test_an_explicit_path_that_matches_nothing_is_an_error_not_the_fallback(tmp_path):
-  result = run_cli('train', f'--config={TINY}', f'--workdir={tmp_path / "run"}',
-                   f'--config.data.path={tmp_path / "missing.txt"}')
+  result = run_cli(
+    'train',
+    f'--config={TINY}',
+    f'--workdir={tmp_path / "run"}',
+    f'--config.data.path={tmp_path / "missing.txt"}',
+  )
   assert result.returncode == 2, result.stderr[-2000:]
   assert 'missing.txt' in result.stderr and 'Traceback' not in result.stderr
 
 
-def test_mixture_shares_are_within_1_percent_of_their_weights_over_10000_batches(tmp_path,
-                                                                                documents):
+def test_mixture_shares_are_within_1_percent_of_their_weights_over_10000_batches(
+  tmp_path, documents
+):
   sources_ = []
-  for name, docs in (('web', documents[:200]), ('code', documents[200:300]),
-                     ('books', documents[300:])):
+  for name, docs in (
+    ('web', documents[:200]),
+    ('code', documents[200:300]),
+    ('books', documents[300:]),
+  ):
     (tmp_path / f'{name}.jsonl').write_text(_jsonl(docs))
     c = _config(str(tmp_path / f'{name}.jsonl'))
     c.tokenizer.model_type = 'char'
     s = _prepare(c, tmp_path / name)
     sources_.append(s)
   weights = {'web': 0.7, 'code': 0.2, 'books': 0.1}
-  run = [pipeline.Source(n, weights[n], pipeline.Windows(s.split('train'), 64, 64),
-                         s.split('eval')) for n, s in zip(weights, sources_)]
+  run = [
+    pipeline.Source(n, weights[n], pipeline.Windows(s.split('train'), 64, 64), s.split('eval'))
+    for n, s in zip(weights, sources_)
+  ]
   order = pipeline.window_order(run, seed=0)
   batch = 12
   picks = np.array([order[j][0] for j in range(10_000 * batch)])
@@ -298,15 +359,20 @@ def test_mixture_shares_are_within_1_percent_of_their_weights_over_10000_batches
 
 
 @pytest.mark.slow
-def test_a_run_on_a_mixture_reports_eval_loss_per_source_and_reuses_its_stores(tmp_path,
-                                                                               documents):
+def test_a_run_on_a_mixture_reports_eval_loss_per_source_and_reuses_its_stores(tmp_path, documents):
   for name, docs in (('prose', documents[:300]), ('verse', documents[300:])):
     (tmp_path / f'{name}.jsonl').write_text(_jsonl(docs))
   workdir = tmp_path / 'run'
-  args = ['train', f'--config={TINY}', f'--workdir={workdir}', '--config.steps=4',
-          f'--config.data.mixture=prose={tmp_path / "prose.jsonl"}:0.75,'
-          f'verse={tmp_path / "verse.jsonl"}:0.25', '--config.eval_every=4',
-          '--config.peak_flops=1e11']
+  args = [
+    'train',
+    f'--config={TINY}',
+    f'--workdir={workdir}',
+    '--config.steps=4',
+    f'--config.data.mixture=prose={tmp_path / "prose.jsonl"}:0.75,'
+    f'verse={tmp_path / "verse.jsonl"}:0.25',
+    '--config.eval_every=4',
+    '--config.peak_flops=1e11',
+  ]
   first = run_cli(*args)
   assert first.returncode == 0, first.stderr[-2000:]
   evals = [r for r in metrics.read_metrics(str(workdir)) if 'eval_loss' in r]
@@ -325,7 +391,9 @@ def test_the_tokenizer_trains_on_a_bounded_sample_from_across_the_files(tmp_path
   plan = prepare.make_plan(c, prepare.input_files(c))
   sample = list(prepare.tokenizer_sample(plan, 50_000))
   assert 45_000 <= sum(len(t) for t in sample) <= 50_000
-  assert {t.split(' ')[0] for t in sample if t.startswith('file')} == {f'file{k}' for k in range(10)}
+  assert {t.split(' ')[0] for t in sample if t.startswith('file')} == {
+    f'file{k}' for k in range(10)
+  }
   whole = {f'file{k} ' + d for k in range(10) for d in documents}
   assert not any(sources.held_out(t.encode(), 0.1) for t in sample if t in whole)
 
@@ -353,15 +421,20 @@ def test_a_store_of_other_inputs_is_refused_not_mixed(tmp_path, documents):
 
 
 def test_training_on_a_missing_prepared_directory_names_the_command(tmp_path):
-  result = run_cli('train', f'--config={TINY}', f'--workdir={tmp_path / "run"}',
-                   f'--config.data.prepared={tmp_path / "nope"}')
+  result = run_cli(
+    'train',
+    f'--config={TINY}',
+    f'--workdir={tmp_path / "run"}',
+    f'--config.data.prepared={tmp_path / "nope"}',
+  )
   assert result.returncode == 2
   assert 'pretrax prepare' in result.stderr.strip().splitlines()[-1]
   assert 'Traceback' not in result.stderr
 
 
-def test_reads_and_windows_across_part_boundaries_equal_the_one_part_stores(tmp_path, documents,
-                                                                             monkeypatch):
+def test_reads_and_windows_across_part_boundaries_equal_the_one_part_stores(
+  tmp_path, documents, monkeypatch
+):
   (tmp_path / 'in.jsonl').write_text(_jsonl(documents))
   c = _config(str(tmp_path / 'in.jsonl'), shard_mb=1000.0)
   c.tokenizer.model_type = 'char'
@@ -375,17 +448,28 @@ def test_reads_and_windows_across_part_boundaries_equal_the_one_part_stores(tmp_
   edges = [int(s) for s in b.starts[1:-1]]
   spans = [(e + d, n) for e in edges for d in (-1, 0, 1) for n in (1, 2, 17)]  # At each edge,
   spans += [(0, 1), (0, a.num_tokens), (a.num_tokens - 1, 1)]  # the first and the last.
-  spans += [(int(s), int(n)) for s, n in zip(rng.integers(0, a.num_tokens - 20_000, 200),
-                                             rng.integers(1, 20_000, 200))]  # Over several.
+  spans += [
+    (int(s), int(n))
+    for s, n in zip(rng.integers(0, a.num_tokens - 20_000, 200), rng.integers(1, 20_000, 200))
+  ]  # Over several.
   for start, length in spans:
-    np.testing.assert_array_equal(b.read(start, length), a.read(start, length),
-                                  err_msg=f'{start}+{length}')
+    np.testing.assert_array_equal(
+      b.read(start, length), a.read(start, length), err_msg=f'{start}+{length}'
+    )
   tok = tokenizer.Tokenizer.load(one.tokenizer_path)
   objectives = _objectives_of(tok)
-  batches = [pipeline.train_batches(
+  batches = [
+    pipeline.train_batches(
       [pipeline.Source('data', 1.0, pipeline.Windows(s.split('train'), 64, 48), s.split('eval'))],
-      objectives, global_batch=8, seed=0, start_step=0, process_index=0, process_count=1)
-      for s in (one, many)]
+      objectives,
+      global_batch=8,
+      seed=0,
+      start_step=0,
+      process_index=0,
+      process_count=1,
+    )
+    for s in (one, many)
+  ]
   for _ in range(20):
     x, y = next(batches[0]), next(batches[1])
     assert x.keys() == y.keys()
@@ -395,6 +479,7 @@ def test_reads_and_windows_across_part_boundaries_equal_the_one_part_stores(tmp_
 
 def _objectives_of(tok):
   from pretrax.data import objectives
+
   c = config.base_config()
   c.data.seq_len = 64
   return objectives.Objectives.from_config(c, tok)

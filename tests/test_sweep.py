@@ -20,9 +20,13 @@ def _expand(trials, shared=None):
 def test_product_zip_and_values_count_and_name_trials():
   grid = sweep.product(sweep.values('optim.lr', [1e-3, 3e-3, 1e-2]), sweep.values('seed', [0, 1]))
   assert len(grid) == 6 and grid[1] == {'optim.lr': 1e-3, 'seed': 1}  # The last varies fastest.
-  paired = sweep.zip_(sweep.values('optim.lr', [1e-3, 2e-3]),
-                      sweep.values('optim.min_lr', [1e-4, 2e-4]))
-  assert paired == [{'optim.lr': 1e-3, 'optim.min_lr': 1e-4}, {'optim.lr': 2e-3, 'optim.min_lr': 2e-4}]
+  paired = sweep.zip_(
+    sweep.values('optim.lr', [1e-3, 2e-3]), sweep.values('optim.min_lr', [1e-4, 2e-4])
+  )
+  assert paired == [
+    {'optim.lr': 1e-3, 'optim.min_lr': 1e-4},
+    {'optim.lr': 2e-3, 'optim.min_lr': 2e-4},
+  ]
   nested = sweep.product(paired, sweep.values('model.flavour', ['gpt2', 'llama']))
   trials = _expand(grid + nested + sweep.values('model.remat', ['full']))
   names = [t.name for t in trials]
@@ -30,9 +34,11 @@ def test_product_zip_and_values_count_and_name_trials():
   assert names[:2] == ['lr=0.001,seed=0', 'lr=0.001,seed=1']
   assert names[-1] == 'remat=full'
   assert trials[0].workdir == os.path.join('runs/s', 'lr=0.001,seed=0')
-  assert trials[0].command == ('pretrax train --config=configs/tiny.py '
-                               '--workdir=runs/s/lr=0.001,seed=0 --config.optim.lr=0.001 '
-                               '--config.seed=0')
+  assert trials[0].command == (
+    'pretrax train --config=configs/tiny.py '
+    '--workdir=runs/s/lr=0.001,seed=0 --config.optim.lr=0.001 '
+    '--config.seed=0'
+  )
   with pytest.raises(sweep.SweepError, match='one length'):
     sweep.zip_(sweep.values('seed', [0, 1]), sweep.values('optim.lr', [1e-3]))
   with pytest.raises(sweep.SweepError, match='seed is swept twice'):
@@ -43,26 +49,39 @@ def test_product_zip_and_values_count_and_name_trials():
 def test_the_configs_sweeps_expand(name):
   path = os.path.join(REPO, 'configs', f'{name}.py')
   trials = sweep.expand(sweep.load_sweep(path, None), load_config(name), path, 'runs/s', {})
-  assert [t.name for t in trials] == [f'lr={v}' for v in
-                                      {'tiny': ('0.002', '0.005', '0.01'),
-                                       'shakespeare_char': ('0.0005', '0.001', '0.002')}[name]]
+  assert [t.name for t in trials] == [
+    f'lr={v}'
+    for v in {'tiny': ('0.002', '0.005', '0.01'), 'shakespeare_char': ('0.0005', '0.001', '0.002')}[
+      name
+    ]
+  ]
 
 
 def test_names_are_filesystem_safe_and_unique():
-  trials = _expand(sweep.values('data.path', ['/a b/*.txt', '/a b/*.txt']) +
-                   sweep.values('optim.lr', [1e-3, 1.0000001e-3]))
+  trials = _expand(
+    sweep.values('data.path', ['/a b/*.txt', '/a b/*.txt'])
+    + sweep.values('optim.lr', [1e-3, 1.0000001e-3])
+  )
   names = [t.name for t in trials]
   assert names == ['path=_a_b__.txt', 'path=_a_b__.txt-2', 'lr=0.001', 'lr=0.001-2']
   assert trials[3].args[-1] == '--config.optim.lr=0.0010000001'  # The exact value trains.
   # Keys that end alike keep their sections; overrides shared by all trials pass through.
-  clash = _expand(sweep.product(sweep.values('data.path', ['a.txt']),
-                                sweep.values('tokenizer.path', ['t.model']),
-                                sweep.values('model.dropout', [0.1])),
-                  shared={'steps': 7, 'optim.b1': 0.8})
+  clash = _expand(
+    sweep.product(
+      sweep.values('data.path', ['a.txt']),
+      sweep.values('tokenizer.path', ['t.model']),
+      sweep.values('model.dropout', [0.1]),
+    ),
+    shared={'steps': 7, 'optim.b1': 0.8},
+  )
   assert clash[0].name == 'data.path=a.txt,tokenizer.path=t.model,dropout=0.1'
   assert shlex.split(clash[0].command)[4:] == [
-      '--config.steps=7', '--config.optim.b1=0.8', '--config.data.path=a.txt',
-      '--config.tokenizer.path=t.model', '--config.model.dropout=0.1']
+    '--config.steps=7',
+    '--config.optim.b1=0.8',
+    '--config.data.path=a.txt',
+    '--config.tokenizer.path=t.model',
+    '--config.model.dropout=0.1',
+  ]
 
 
 def test_random_search_is_seeded_and_in_range():
@@ -79,12 +98,15 @@ def test_random_search_is_seeded_and_in_range():
   assert len({t.name for t in _expand(flavours)}) == 10
 
 
-@pytest.mark.parametrize('trials,fragments', [
+@pytest.mark.parametrize(
+  'trials,fragments',
+  [
     (sweep.values('optim.lrr', [1e-3]), ('optim.lrr', 'did you mean "optim.lr"')),
     (sweep.values('optimizer.lr', [1e-3]), ('optimizer.lr', 'did you mean "optim"')),
     (sweep.values('model.num_layers', [2.5]), ('model.num_layers=2.5', 'int')),
     (sweep.values('model.num_layers', [[2]]), ('numbers, booleans or strings',)),
-])
+  ],
+)
 def test_bad_sweeps_name_the_key(trials, fragments):
   with pytest.raises(sweep.SweepError) as error:
     _expand(trials)
@@ -98,15 +120,21 @@ def test_a_swept_key_cannot_also_be_a_shared_override():
 
 
 def test_print_gives_one_runnable_command_per_trial(tmp_path):
-  result = run_cli('sweep', f'--config={TINY}', f'--workdir={tmp_path}', '--print',
-                   '--config.steps=7')
+  result = run_cli(
+    'sweep', f'--config={TINY}', f'--workdir={tmp_path}', '--print', '--config.steps=7'
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.splitlines()
   assert len(lines) == 3 and not os.listdir(tmp_path)  # Prints; runs and writes nothing.
   for line, lr in zip(lines, ('0.002', '0.005', '0.01')):
-    assert shlex.split(line) == ['pretrax', 'train', f'--config={TINY}',
-                                 f'--workdir={tmp_path}/lr={lr}', '--config.steps=7',
-                                 f'--config.optim.lr={lr}']
+    assert shlex.split(line) == [
+      'pretrax',
+      'train',
+      f'--config={TINY}',
+      f'--workdir={tmp_path}/lr={lr}',
+      '--config.steps=7',
+      f'--config.optim.lr={lr}',
+    ]
 
 
 def test_a_bucket_sweep_prints_bucket_workdirs_but_runs_only_locally(capsys):
@@ -118,16 +146,20 @@ def test_a_bucket_sweep_prints_bucket_workdirs_but_runs_only_locally(capsys):
     sweep.run_sweep(config, TINY, 'gs://b/lr', shared={}, collect=True)
 
 
-@pytest.mark.parametrize('args,fragments', [
+@pytest.mark.parametrize(
+  'args,fragments',
+  [
     (['--config=configs/gpt2_small.py'], ('gpt2_small.py defines no get_sweep', '--sweep=')),
     ([f'--config={TINY}', '--sweep=BAD'], ('sweep.values("optim.lrr"',)),
     ([f'--config={TINY}', '--sweep=/no/such/sweep.py'], ('/no/such/sweep.py does not exist',)),
-])
+  ],
+)
 def test_bad_sweeps_fail_with_one_line(tmp_path, args, fragments):
   if '--sweep=BAD' in args:
     bad = tmp_path / 'bad_sweep.py'
-    bad.write_text('from pretrax import sweep\n'
-                   'def get_sweep(arg):\n  return sweep.values("optim.lrr", [1e-3])\n')
+    bad.write_text(
+      'from pretrax import sweep\ndef get_sweep(arg):\n  return sweep.values("optim.lrr", [1e-3])\n'
+    )
     args = [args[0], f'--sweep={bad}']
     fragments = ('optim.lrr', 'names no config field', 'did you mean "optim.lr"')
   result = run_cli('sweep', *args, f'--workdir={tmp_path / "w"}', '--print')
@@ -144,15 +176,27 @@ def test_learning_rate_sweep_runs_tables_plots_and_skips_finished_trials(tmp_pat
   # alone, with train's own error in the table, and fail the sweep's exit status.
   sweep_file = tmp_path / 'lr_sweep.py'
   sweep_file.write_text(
-      'from pretrax import sweep\n\n'
-      'def get_sweep(arg):\n'
-      '  return sweep.zip_(sweep.values("optim.lr", [1e-3, 1e-2, 1e-3]),\n'
-      '                    sweep.values("optim.min_lr", [1e-4, 1e-3, 5e-3]))\n')
+    'from pretrax import sweep\n\n'
+    'def get_sweep(arg):\n'
+    '  return sweep.zip_(sweep.values("optim.lr", [1e-3, 1e-2, 1e-3]),\n'
+    '                    sweep.values("optim.min_lr", [1e-4, 1e-3, 5e-3]))\n'
+  )
   workdir = tmp_path / 'sweep'
-  args = ['sweep', f'--config={TINY}', f'--sweep={sweep_file}', f'--workdir={workdir}',
-          '--parallel=2', f'--config.data.path={corpus_path}', '--config.data.fallback=',
-          '--config.steps=4', '--config.log_every=2', '--config.eval_every=4',
-          '--config.eval_batches=1', '--config.optim.warmup_steps=1', PEAK_FLOPS_ARG]
+  args = [
+    'sweep',
+    f'--config={TINY}',
+    f'--sweep={sweep_file}',
+    f'--workdir={workdir}',
+    '--parallel=2',
+    f'--config.data.path={corpus_path}',
+    '--config.data.fallback=',
+    '--config.steps=4',
+    '--config.log_every=2',
+    '--config.eval_every=4',
+    '--config.eval_batches=1',
+    '--config.optim.warmup_steps=1',
+    PEAK_FLOPS_ARG,
+  ]
   names = ['lr=0.001,min_lr=0.0001', 'lr=0.01,min_lr=0.001', 'lr=0.001,min_lr=0.005']
   result = run_cli(*args)
   assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
@@ -183,15 +227,17 @@ def test_learning_rate_sweep_runs_tables_plots_and_skips_finished_trials(tmp_pat
 
   # Again: the finished trials are skipped, untouched; the failed one runs (and fails) again.
   logs = {n: workdir / n / 'train.log' for n in names[:2]}
-  before = {n: (p.stat().st_mtime_ns, (workdir / n / 'metrics.jsonl').read_bytes())
-            for n, p in logs.items()}
+  before = {
+    n: (p.stat().st_mtime_ns, (workdir / n / 'metrics.jsonl').read_bytes()) for n, p in logs.items()
+  }
   again = run_cli(*args)
   assert again.returncode == 1
   for i, name in enumerate(names[:2], 1):
     assert f'[{i}/3] {name}: finished before, skipped' in again.stdout
   assert f'[3/3] {names[2]}: started' in again.stdout
-  assert before == {n: (p.stat().st_mtime_ns, (workdir / n / 'metrics.jsonl').read_bytes())
-                    for n, p in logs.items()}
+  assert before == {
+    n: (p.stat().st_mtime_ns, (workdir / n / 'metrics.jsonl').read_bytes()) for n, p in logs.items()
+  }
 
   # A trial whose process never recorded its exit (a killed sweep) runs again and resumes from its
   # checkpoint: here the final one, so there is nothing left to train.
@@ -207,8 +253,9 @@ def test_learning_rate_sweep_runs_tables_plots_and_skips_finished_trials(tmp_pat
 
 def test_collect_counts_trials_run_elsewhere(tmp_path):
   """A launcher ran the printed commands: no result.json, only each trial's metrics."""
-  trials = sweep.expand(sweep.values('optim.lr', [1e-3, 2e-3]), load_config('tiny'), TINY,
-                        str(tmp_path), {})
+  trials = sweep.expand(
+    sweep.values('optim.lr', [1e-3, 2e-3]), load_config('tiny'), TINY, str(tmp_path), {}
+  )
   for trial, last_step in zip(trials, (50, 20)):  # tiny trains 50 steps: the second stopped short.
     os.makedirs(trial.workdir)
     with open(os.path.join(trial.workdir, 'metrics.jsonl'), 'w') as f:

@@ -14,7 +14,9 @@ from pretrax import metrics
 from pretrax.data import prepare
 
 
-@pytest.mark.parametrize('kind,peak', [
+@pytest.mark.parametrize(
+  'kind,peak',
+  [
     ('NVIDIA H200', 989e12),
     ('NVIDIA H100 80GB HBM3', 989e12),
     ('NVIDIA H100 PCIe', 756e12),
@@ -23,7 +25,8 @@ from pretrax.data import prepare
     ('TPU v5p', 459e12),
     ('TPU v6 lite', 918e12),  # v6e
     ('TPU v4', 275e12),
-])
+  ],
+)
 def test_peak_table_reads_jax_device_kinds(kind, peak):
   assert metrics.device_peak_flops(kind) == peak
 
@@ -43,9 +46,21 @@ def test_benchmark_prints_a_table_and_json(tmp_path, corpus_path, pipeline):
     prepare.prepare(c, str(tmp_path / 'prepared'), workers=1, log=lambda _: None)
     args.append(f'--config.data.prepared={tmp_path / "prepared"}')
   result = subprocess.run(
-      [sys.executable, 'benchmarks/throughput.py', '--config=configs/tiny.py', '--steps=3',
-       '--warmup=1', '--pipeline_batches=5', f'--json={out}', *args],
-      cwd=REPO, text=True, capture_output=True, timeout=300)
+    [
+      sys.executable,
+      'benchmarks/throughput.py',
+      '--config=configs/tiny.py',
+      '--steps=3',
+      '--warmup=1',
+      '--pipeline_batches=5',
+      f'--json={out}',
+      *args,
+    ],
+    cwd=REPO,
+    text=True,
+    capture_output=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   lines = [l for l in result.stdout.splitlines() if l.startswith('|')]
   assert len(lines) == 3, result.stdout
@@ -67,18 +82,27 @@ def test_benchmark_prints_a_table_and_json(tmp_path, corpus_path, pipeline):
 
 def test_profile_steps_writes_a_trace(tmp_path, corpus_path):
   workdir = tmp_path / 'run'
-  result = run_cli('train', '--config=configs/tiny.py', f'--workdir={workdir}',
-                   f'--config.data.path={corpus_path}', '--config.data.fallback=',
-                   '--config.steps=4', '--config.eval_every=4', '--config.eval_batches=1',
-                   '--config.profile_steps=2:2', PEAK_FLOPS_ARG)
+  result = run_cli(
+    'train',
+    '--config=configs/tiny.py',
+    f'--workdir={workdir}',
+    f'--config.data.path={corpus_path}',
+    '--config.data.fallback=',
+    '--config.steps=4',
+    '--config.eval_every=4',
+    '--config.eval_batches=1',
+    '--config.profile_steps=2:2',
+    PEAK_FLOPS_ARG,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert glob.glob(str(workdir / 'profile' / '**' / '*.xplane.pb'), recursive=True)
   assert f'profile of steps 2-3 in {workdir / "profile"}' in result.stdout
 
 
 def test_bad_profile_steps_fail_with_one_line(tmp_path):
-  result = run_cli('train', '--config=configs/tiny.py', f'--workdir={tmp_path}',
-                   '--config.profile_steps=2')
+  result = run_cli(
+    'train', '--config=configs/tiny.py', f'--workdir={tmp_path}', '--config.profile_steps=2'
+  )
   assert result.returncode == 2, result.stderr[-2000:]
   lines = [l for l in result.stderr.splitlines() if l.startswith('pretrax ')]
   assert len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]

@@ -4,8 +4,10 @@ import pytest
 
 from pretrax import tokenizer
 
-AWKWARD = ('  leading spaces, trailing  \n\n\ttabs\r\nCRLF; ünïcødé, 中文, emoji 😀, ligature ﬁ, '
-           'zero-width\u200bspace, NFKC-sensitive ① ², nul-free binary-ish \x7f\x01 end ')
+AWKWARD = (
+  '  leading spaces, trailing  \n\n\ttabs\r\nCRLF; ünïcødé, 中文, emoji 😀, ligature ﬁ, '
+  'zero-width\u200bspace, NFKC-sensitive ① ², nul-free binary-ish \x7f\x01 end '
+)
 
 
 @pytest.fixture(scope='module')
@@ -16,8 +18,9 @@ def training_text(corpus_path) -> str:
 
 @pytest.mark.parametrize('model_type,vocab_size', [('char', 512), ('bpe', 600), ('unigram', 600)])
 def test_round_trip_is_exact(training_text, model_type, vocab_size):
-  tok = tokenizer.Tokenizer(tokenizer.train([training_text], model_type=model_type,
-                                            vocab_size=vocab_size))
+  tok = tokenizer.Tokenizer(
+    tokenizer.train([training_text], model_type=model_type, vocab_size=vocab_size)
+  )
   for text in (AWKWARD, training_text[:5000], '', ' ', '\n'):
     ids = tok.encode(text)
     assert tok.decode(ids) == text
@@ -45,7 +48,10 @@ def test_save_and_load(tmp_path, training_text):
 
 
 def test_a_vocabulary_too_small_for_the_text_is_one_clear_error():
-  text = 'hello world ' * 100 + ''.join(chr(0x4e00 + i) for i in range(500))
-  with pytest.raises(tokenizer.TokenizerError, match=r'training a bpe tokenizer of 300 pieces '
-                     r'failed: .*--config.tokenizer.vocab_size'):
+  text = 'hello world ' * 100 + ''.join(chr(0x4E00 + i) for i in range(500))
+  with pytest.raises(
+    tokenizer.TokenizerError,
+    match=r'training a bpe tokenizer of 300 pieces '
+    r'failed: .*--config.tokenizer.vocab_size',
+  ):
     tokenizer.train([text], model_type='bpe', vocab_size=300)

@@ -38,9 +38,15 @@ def _final_params(workdir, c, step):
   return jax.device_get(state['params'])
 
 
-@pytest.mark.parametrize('accum, objective', [
-    (1, 'causal_lm'), (2, 'causal_lm'), (1, 'masked_lm'),
-    (2, 'causal_lm:1,span_corruption:1,prefix_lm:1')])
+@pytest.mark.parametrize(
+  'accum, objective',
+  [
+    (1, 'causal_lm'),
+    (2, 'causal_lm'),
+    (1, 'masked_lm'),
+    (2, 'causal_lm:1,span_corruption:1,prefix_lm:1'),
+  ],
+)
 def test_stop_and_resume_equals_uninterrupted(tiny_config, tmp_path, accum, objective):
   c = tiny_config
   c.steps, c.log_every, c.eval_every, c.checkpoint.every = 30, 1, 10, 10
@@ -64,8 +70,11 @@ def test_stop_and_resume_equals_uninterrupted(tiny_config, tmp_path, accum, obje
   assert losses(a) == losses(b)  # Bit for bit.
   evals = lambda recs: [(r['step'], r['eval_loss']) for r in recs if 'eval_loss' in r]
   assert evals(b)[-1] == evals(a)[-1]
-  for x, y in zip(jax.tree.leaves(_final_params(straight, c, 30)),
-                  jax.tree.leaves(_final_params(stopped, c, 30)), strict=True):
+  for x, y in zip(
+    jax.tree.leaves(_final_params(straight, c, 30)),
+    jax.tree.leaves(_final_params(stopped, c, 30)),
+    strict=True,
+  ):
     np.testing.assert_array_equal(x, y)
 
 
@@ -76,8 +85,9 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_config, tmp_path):
   c.optim.grad_accum_steps = 4
   train.train(c, str(tmp_path / 'accumulated'))
   full = [r['loss'] for r in metrics.read_metrics(str(tmp_path / 'full')) if 'loss' in r]
-  accumulated = [r['loss'] for r in metrics.read_metrics(str(tmp_path / 'accumulated'))
-                 if 'loss' in r]
+  accumulated = [
+    r['loss'] for r in metrics.read_metrics(str(tmp_path / 'accumulated')) if 'loss' in r
+  ]
   np.testing.assert_allclose(full, accumulated, rtol=2e-5)
 
 
@@ -112,16 +122,21 @@ def _spike_setup():
   c.optim.spike_window, c.optim.spike_threshold = 4, 3.0
   c.optim.warmup_steps, c.steps = 0, 100
   run = state_lib.build(c, vocab_size=64)
-  step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule,
-                                 step_lib.step_config(c))
+  step = step_lib.jit_train_step(
+    run.model_def, run.optimizer, run.schedule, step_lib.step_config(c)
+  )
   rng = np.random.default_rng(0)
   B, L = c.data.batch_size, c.data.seq_len
   inputs = rng.integers(5, 64, (B, L)).astype(np.int32)
-  batch = {'inputs': inputs, 'targets': np.roll(inputs, -1, axis=1),
-           'segment_ids': np.ones((B, L), np.int32),
-           'positions': np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
-           'weights': np.ones((B, L), np.float32), 'prefix': np.zeros((B, L), np.int32),
-           'objective': np.zeros((B, L), np.int32)}
+  batch = {
+    'inputs': inputs,
+    'targets': np.roll(inputs, -1, axis=1),
+    'segment_ids': np.ones((B, L), np.int32),
+    'positions': np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
+    'weights': np.ones((B, L), np.float32),
+    'prefix': np.zeros((B, L), np.int32),
+    'objective': np.zeros((B, L), np.int32),
+  }
   state = run.init(0)
   surprise = {**batch, 'targets': rng.integers(5, 64, (B, L)).astype(np.int32)}
   return c, run, step, state, batch, surprise
@@ -136,8 +151,7 @@ def test_a_loss_spike_is_skipped_and_kept_out_of_the_window():
   state, m = step(state, surprise)
   assert int(m['spike']) == 1 and int(m['skipped']) == 1, jax.device_get(m)
   after = jax.device_get(state)
-  for x, y in zip(jax.tree.leaves(before['params']), jax.tree.leaves(after['params']),
-                  strict=True):
+  for x, y in zip(jax.tree.leaves(before['params']), jax.tree.leaves(after['params']), strict=True):
     np.testing.assert_array_equal(x, y)
   np.testing.assert_array_equal(before['loss_window']['losses'], after['loss_window']['losses'])
   assert int(after['loss_window']['count']) == 20 and int(after['step']) == 21
@@ -156,8 +170,10 @@ def test_the_spike_window_survives_a_checkpoint(tmp_path):
   checkpoint.wait(mngr)
   restored, _ = checkpoint.restore(mngr, 20, run.abstract)
   mngr.close()
-  np.testing.assert_array_equal(jax.device_get(restored['loss_window']['losses']),
-                                jax.device_get(state['loss_window']['losses']))
+  np.testing.assert_array_equal(
+    jax.device_get(restored['loss_window']['losses']),
+    jax.device_get(state['loss_window']['losses']),
+  )
   assert int(restored['loss_window']['count']) == 20
   _, m = step(restored, surprise)
   assert int(m['spike']) == 1 and int(m['skipped']) == 1, jax.device_get(m)
@@ -172,8 +188,9 @@ def test_bfloat16_compute_tracks_float32(tiny_config, tmp_path):
   for dtype in ('float32', 'bfloat16'):
     c.model.dtype = dtype
     result = train.train(c, str(tmp_path / dtype))
-    losses[dtype] = np.array([r['loss'] for r in metrics.read_metrics(str(tmp_path / dtype))
-                              if 'loss' in r])
+    losses[dtype] = np.array(
+      [r['loss'] for r in metrics.read_metrics(str(tmp_path / dtype)) if 'loss' in r]
+    )
     losses[dtype + '_eval'] = result['eval']['eval_loss']
   f32, bf16 = losses['float32'], losses['bfloat16']
   assert f32[-1] < f32[0] - 1.5  # Both learn...

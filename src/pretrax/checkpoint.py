@@ -29,15 +29,16 @@ def directory(workdir: str) -> str:
   return paths.join(workdir, 'checkpoints')
 
 
-def manager(workdir: str, *, keep: int = 3, async_save: bool = True,
-            read_only: bool = False) -> ocp.CheckpointManager:
+def manager(
+  workdir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False
+) -> ocp.CheckpointManager:
   if not read_only:
     remove_partial(workdir)
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep,
-      enable_async_checkpointing=async_save,
-      create=not read_only,
-      read_only=read_only,
+    max_to_keep=keep,
+    enable_async_checkpointing=async_save,
+    create=not read_only,
+    read_only=read_only,
   )
   return ocp.CheckpointManager(directory(workdir), options=options)
 
@@ -57,8 +58,7 @@ def remove_partial(workdir: str) -> list[str]:
   if not where.exists():
     return []
   if paths.is_remote(workdir):
-    partial = [p for p in where.iterdir()
-               if p.name.isdigit() and not (p / _COMMIT_FILE).exists()]
+    partial = [p for p in where.iterdir() if p.name.isdigit() and not (p / _COMMIT_FILE).exists()]
   else:
     partial = [p for p in where.iterdir() if _TMP_MARKER in p.name]
   for path in partial:
@@ -94,10 +94,10 @@ def topology() -> dict[str, int]:
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, config: dict[str, Any]) -> None:
   """Starts saving; the previous save is waited for first, so at most one is in flight."""
   items = dict(
-      state=ocp.args.StandardSave(state),
-      config=ocp.args.JsonSave(config),
-      fingerprint=ocp.args.JsonSave({'bit_sums': fingerprint(state)}),
-      topology=ocp.args.JsonSave(topology()),
+    state=ocp.args.StandardSave(state),
+    config=ocp.args.JsonSave(config),
+    fingerprint=ocp.args.JsonSave({'bit_sums': fingerprint(state)}),
+    topology=ocp.args.JsonSave(topology()),
   )
   try:  # Waits for the previous save first: its failure surfaces here.
     mngr.save(step, args=ocp.args.Composite(**items), force=True)
@@ -108,7 +108,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, config: dict[str, A
 def _shorten(text: str, keep: int = 300) -> str:
   """Both ends of a long message: storage errors say what failed first and why (disk full, file
   too large, permission) last."""
-  return text if len(text) <= keep else f'{text[:keep // 3]} ... {text[-2 * keep // 3:]}'
+  return text if len(text) <= keep else f'{text[: keep // 3]} ... {text[-2 * keep // 3 :]}'
 
 
 def wait(mngr: ocp.CheckpointManager) -> None:
@@ -122,22 +122,24 @@ def wait(mngr: ocp.CheckpointManager) -> None:
 def _save_failed(mngr: ocp.CheckpointManager, error: Exception) -> CheckpointError:
   detail = _shorten(' '.join(str(error).split()))
   return CheckpointError(
-      f'saving a checkpoint failed ({type(error).__name__}: {detail}); the newest complete '
-      f'checkpoint, step {mngr.latest_step()}, is untouched: free disk space or fix the storage, '
-      'then run the same command to resume from it.')
+    f'saving a checkpoint failed ({type(error).__name__}: {detail}); the newest complete '
+    f'checkpoint, step {mngr.latest_step()}, is untouched: free disk space or fix the storage, '
+    'then run the same command to resume from it.'
+  )
 
 
-def restore(mngr: ocp.CheckpointManager, step: int,
-            abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+def restore(
+  mngr: ocp.CheckpointManager, step: int, abstract_state: Any
+) -> tuple[Any, dict[str, Any]]:
   """Restores the state onto the shardings in `abstract_state`, then checks the arrays against
   the fingerprint taken when they were saved.
 
   Raises CheckpointError naming the step and the damage.
   """
   items = {
-      'state': ocp.args.StandardRestore(abstract_state),
-      'config': ocp.args.JsonRestore(),
-      'fingerprint': ocp.args.JsonRestore(),
+    'state': ocp.args.StandardRestore(abstract_state),
+    'config': ocp.args.JsonRestore(),
+    'fingerprint': ocp.args.JsonRestore(),
   }
   where = f'checkpoint {step} in {mngr.directory}'
   try:
@@ -149,8 +151,9 @@ def restore(mngr: ocp.CheckpointManager, step: int,
   actual = fingerprint(restored['state'])
   bad = sum(a != b for a, b in zip(actual, expected)) + abs(len(actual) - len(expected))
   if bad:
-    raise CheckpointError(f'{where} is damaged: {bad} of {len(expected)} arrays differ from what '
-                          'was saved')
+    raise CheckpointError(
+      f'{where} is damaged: {bad} of {len(expected)} arrays differ from what was saved'
+    )
   return restored['state'], restored['config']
 
 
@@ -170,13 +173,28 @@ def restore_config(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 # ---- Resuming: is it the same run, and which checkpoint is intact ------------------------------
 
 # Fields that may change between a run and its resumption; any other change is refused.
-RESUMABLE_CHANGES = ('steps', 'log_every', 'eval_every', 'eval_batches', 'eval', 'peak_flops',
-                     'checkpoint', 'sample', 'data.worker_count', 'data.prepare_workers', 'fault',
-                     'optim.skip_nonfinite', 'mesh', 'profile_steps',
-                     # Attention kernels, recomputation and loss chunking change speed and
-                     # memory only.
-                     'model.attention_backend', 'model.remat', 'model.loss_chunk',
-                     'model.max_segments')
+RESUMABLE_CHANGES = (
+  'steps',
+  'log_every',
+  'eval_every',
+  'eval_batches',
+  'eval',
+  'peak_flops',
+  'checkpoint',
+  'sample',
+  'data.worker_count',
+  'data.prepare_workers',
+  'fault',
+  'optim.skip_nonfinite',
+  'mesh',
+  'profile_steps',
+  # Attention kernels, recomputation and loss chunking change speed and
+  # memory only.
+  'model.attention_backend',
+  'model.remat',
+  'model.loss_chunk',
+  'model.max_segments',
+)
 
 
 def _flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
@@ -206,23 +224,36 @@ def check_resumable(mngr: ocp.CheckpointManager, c: ml_collections.ConfigDict) -
   now_meant, before_meant = config_lib.implied(now), config_lib.implied(before)
   # A field that a newer version added is absent from older checkpoints: fine at its default.
   defaults = _flatten(json.loads(config_lib.base_config().to_json()))
-  changed = [k for k in sorted(set(now) | set(before))
-             if now.get(k) != before.get(k) and now_meant.get(k) != before_meant.get(k)
-             and not (k not in before and k in defaults and now.get(k) == defaults[k])
-             and not any(k == f or k.startswith(f + '.') for f in RESUMABLE_CHANGES)]
+  changed = [
+    k
+    for k in sorted(set(now) | set(before))
+    if now.get(k) != before.get(k)
+    and now_meant.get(k) != before_meant.get(k)
+    and not (k not in before and k in defaults and now.get(k) == defaults[k])
+    and not any(k == f or k.startswith(f + '.') for f in RESUMABLE_CHANGES)
+  ]
   if changed:
+
     def shown(raw: dict, meant: dict, k: str) -> str:
       return f'{raw.get(k)!r}' + (f' (means {meant[k]!r})' if meant.get(k) != raw.get(k) else '')
 
-    detail = ', '.join(f'{k}: {shown(before, before_meant, k)} -> {shown(now, now_meant, k)}'
-                       for k in changed)
+    detail = ', '.join(
+      f'{k}: {shown(before, before_meant, k)} -> {shown(now, now_meant, k)}' for k in changed
+    )
     raise config_lib.ConfigError(
-        f'the checkpoint at step {step} was trained with a different config ({detail}): '
-        'use a new --workdir, or the same values to resume.')
+      f'the checkpoint at step {step} was trained with a different config ({detail}): '
+      'use a new --workdir, or the same values to resume.'
+    )
 
 
-def restore_newest_intact(mngr: ocp.CheckpointManager, workdir: str, abstract_state: Any, *,
-                          fallback: bool, log: Callable[[str], None]) -> Any:
+def restore_newest_intact(
+  mngr: ocp.CheckpointManager,
+  workdir: str,
+  abstract_state: Any,
+  *,
+  fallback: bool,
+  log: Callable[[str], None],
+) -> Any:
   """The newest checkpoint's state; with `fallback`, damaged ones are set aside and the next
   older one is tried. Never returns a state that differs from what was saved."""
   for step in sorted(mngr.all_steps(), reverse=True):
@@ -231,11 +262,13 @@ def restore_newest_intact(mngr: ocp.CheckpointManager, workdir: str, abstract_st
       return state
     except CheckpointError as e:
       if not fallback:
-        raise CheckpointError(f'{e}: set --config.checkpoint.fallback=true to resume from the '
-                              'newest intact checkpoint instead.') from None
+        raise CheckpointError(
+          f'{e}: set --config.checkpoint.fallback=true to resume from the '
+          'newest intact checkpoint instead.'
+        ) from None
       moved = set_aside(workdir, step) if jax.process_index() == 0 else ''
       log(f'{e}; moved it to {moved} and trying the one before (checkpoint.fallback)')
       mngr.reload()
-  raise CheckpointError(f'no intact checkpoint in {directory(workdir)}: use a new --workdir to '
-                        'start over.')
-
+  raise CheckpointError(
+    f'no intact checkpoint in {directory(workdir)}: use a new --workdir to start over.'
+  )

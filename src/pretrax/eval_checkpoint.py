@@ -29,8 +29,7 @@ def samples_file(task_name: str) -> str:
 
 
 def markdown_table(results: dict[str, dict[str, float]]) -> str:
-  lines = ['| task | ' + ' | '.join(TABLE_KEYS) + ' |',
-           '| --- |' + ' ---: |' * len(TABLE_KEYS)]
+  lines = ['| task | ' + ' | '.join(TABLE_KEYS) + ' |', '| --- |' + ' ---: |' * len(TABLE_KEYS)]
   for name, m in results.items():
     cells = [str(m['docs']), *(f'{m[k]:.4f}' for k in TABLE_KEYS[1:])]
     lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
@@ -38,38 +37,67 @@ def markdown_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def _sample_lines(task: tasks_lib.Task, scores: Sequence[scoring.Score]) -> str:
-  return ''.join(json.dumps({'doc_id': r.doc_id, 'choice': r.choice, 'context': r.context,
-                             'continuation': r.continuation, 'loglik': s.loglik,
-                             'num_tokens': s.num_tokens, 'is_greedy': s.is_greedy,
-                             'gold': r.gold}, ensure_ascii=False) + '\n'
-                 for r, s in zip(task.requests, scores))
+  return ''.join(
+    json.dumps(
+      {
+        'doc_id': r.doc_id,
+        'choice': r.choice,
+        'context': r.context,
+        'continuation': r.continuation,
+        'loglik': s.loglik,
+        'num_tokens': s.num_tokens,
+        'is_greedy': s.is_greedy,
+        'gold': r.gold,
+      },
+      ensure_ascii=False,
+    )
+    + '\n'
+    for r, s in zip(task.requests, scores)
+  )
 
 
-def evaluate(workdir: str, task_names: Sequence[str], *, step: int | None = None,
-             limit: int | None = None, output: str | None = None,
-             batch_tokens: int = scoring.DEFAULT_BATCH_TOKENS,
-             log: Callable[[str], None] = print) -> dict[str, dict[str, float]]:
+def evaluate(
+  workdir: str,
+  task_names: Sequence[str],
+  *,
+  step: int | None = None,
+  limit: int | None = None,
+  output: str | None = None,
+  batch_tokens: int = scoring.DEFAULT_BATCH_TOKENS,
+  log: Callable[[str], None] = print,
+) -> dict[str, dict[str, float]]:
   """Scores the checkpoint at `step` (default: the latest) on the tasks; returns task name ->
   metrics, having written results.json and the samples files to `output`."""
   tasks = tasks_lib.load_all(task_names, limit)  # A misspelt task fails before the restore.
   model = saved_run.load(workdir, step)
   if model.run.model_cfg.attention == 'bidirectional':
-    raise config_lib.ConfigError(f'the run in {workdir} trained a {model.config.objective} '
-                                 'encoder, which gives no next-token log-likelihoods: evaluate a '
-                                 'decoder objective\'s run.')
+    raise config_lib.ConfigError(
+      f'the run in {workdir} trained a {model.config.objective} '
+      'encoder, which gives no next-token log-likelihoods: evaluate a '
+      "decoder objective's run."
+    )
   seq_len = model.config.data.seq_len
-  log(f'scoring step {model.step} of {workdir} on {", ".join(t.name for t in tasks)}: '
-      f'{sum(len(t.requests) for t in tasks)} requests, windows of {seq_len} tokens')
-  per_task = scoring.score_by_task(model.run.model_def, model.params, model.tok, tasks,
-                                   seq_len=seq_len, batch_tokens=batch_tokens)
+  log(
+    f'scoring step {model.step} of {workdir} on {", ".join(t.name for t in tasks)}: '
+    f'{sum(len(t.requests) for t in tasks)} requests, windows of {seq_len} tokens'
+  )
+  per_task = scoring.score_by_task(
+    model.run.model_def, model.params, model.tok, tasks, seq_len=seq_len, batch_tokens=batch_tokens
+  )
   out = paths.path(output or default_output(workdir, model.step))
   out.mkdir(parents=True, exist_ok=True)
   results = {}
   for t, task_scores in zip(tasks, per_task):
     results[t.name] = scoring.task_metrics(t.requests, task_scores)
     (out / samples_file(t.name)).write_text(_sample_lines(t, task_scores), encoding='utf-8')
-  summary = {'workdir': workdir, 'step': model.step, 'limit': limit, 'seq_len': seq_len,
-             'sources': {t.name: t.source for t in tasks}, 'results': results}
+  summary = {
+    'workdir': workdir,
+    'step': model.step,
+    'limit': limit,
+    'seq_len': seq_len,
+    'sources': {t.name: t.source for t in tasks},
+    'results': results,
+  }
   (out / 'results.json').write_text(json.dumps(summary, indent=2) + '\n', encoding='utf-8')
   log(markdown_table(results))
   log(f'wrote {out}: results.json and {", ".join(samples_file(t.name) for t in tasks)}')

@@ -57,12 +57,15 @@ def check_writable(workdir: str) -> None:
     probe.write_text('ok')
     probe.unlink()
   except ImportError as e:  # fsspec names the missing package: gcsfs for gs://, s3fs for s3://.
-    raise WorkdirError(f'--workdir={workdir} needs a package that is not installed ({e}): '
-                       'pip install "pretrax[gcs]" for gs:// buckets.') from None
+    raise WorkdirError(
+      f'--workdir={workdir} needs a package that is not installed ({e}): '
+      'pip install "pretrax[gcs]" for gs:// buckets.'
+    ) from None
   except OSError as e:
     if not paths.is_remote(workdir):
-      raise WorkdirError(f'--workdir={workdir} is not writable ({e.strerror}): '
-                         'choose a directory you can write to.') from None
+      raise WorkdirError(
+        f'--workdir={workdir} is not writable ({e.strerror}): choose a directory you can write to.'
+      ) from None
     raise _bucket_error(workdir, e) from None
   except Exception as e:  # Bucket clients raise their own kinds: credentials, HTTP errors.
     raise _bucket_error(workdir, e) from None
@@ -70,9 +73,11 @@ def check_writable(workdir: str) -> None:
 
 def _bucket_error(workdir: str, error: Exception) -> WorkdirError:
   detail = ' '.join(str(error).split())[:200]
-  return WorkdirError(f'--workdir={workdir} is not writable ({type(error).__name__}: {detail}): '
-                      'check the bucket name and your credentials (gcloud auth '
-                      'application-default login).')
+  return WorkdirError(
+    f'--workdir={workdir} is not writable ({type(error).__name__}: {detail}): '
+    'check the bucket name and your credentials (gcloud auth '
+    'application-default login).'
+  )
 
 
 def check_free_space(workdir: str, checkpoint_bytes: int, keep: int) -> None:
@@ -83,9 +88,10 @@ def check_free_space(workdir: str, checkpoint_bytes: int, keep: int) -> None:
   needed = checkpoint_bytes * (keep + 1)  # The kept ones plus the one being written.
   if free < needed:
     raise WorkdirError(
-        f'--workdir={workdir} has {free / 2**20:,.0f} MiB free but {keep} + 1 checkpoints of '
-        f'{checkpoint_bytes / 2**20:,.0f} MiB need {needed / 2**20:,.0f} MiB: free space, choose '
-        'another workdir or lower --config.checkpoint.keep.')
+      f'--workdir={workdir} has {free / 2**20:,.0f} MiB free but {keep} + 1 checkpoints of '
+      f'{checkpoint_bytes / 2**20:,.0f} MiB need {needed / 2**20:,.0f} MiB: free space, choose '
+      'another workdir or lower --config.checkpoint.keep.'
+    )
 
 
 def _free_bytes(path: str) -> int:
@@ -94,8 +100,10 @@ def _free_bytes(path: str) -> int:
 
 
 def _in_use(workdir: str, owner: str, detail: str = '') -> WorkdirError:
-  return WorkdirError(f'{workdir} is in use by a live run ({owner}{detail}): wait for it to '
-                      'finish, stop it, or use another --workdir.')
+  return WorkdirError(
+    f'{workdir} is in use by a live run ({owner}{detail}): wait for it to '
+    'finish, stop it, or use another --workdir.'
+  )
 
 
 class WorkdirLock:
@@ -177,17 +185,21 @@ class BucketLease:
     return lease if isinstance(lease, dict) and 'heartbeat' in lease else None
 
   def _write(self) -> None:
-    self.path.write_text(json.dumps({'owner': self.owner, 'token': self.token,
-                                     'heartbeat': time.time()}))
+    self.path.write_text(
+      json.dumps({'owner': self.owner, 'token': self.token, 'heartbeat': time.time()})
+    )
 
   def acquire(self) -> 'BucketLease':
     held = self.read()
     if held is not None:
       age = time.time() - float(held['heartbeat'])
       if age < self.STALE_S:
-        raise _in_use(self.workdir, held.get('owner', 'another process'),
-                      f', heartbeat {max(age, 0):.0f} s ago; a killed run\'s lock expires '
-                      f'{self.STALE_S:.0f} s after its last heartbeat')
+        raise _in_use(
+          self.workdir,
+          held.get('owner', 'another process'),
+          f", heartbeat {max(age, 0):.0f} s ago; a killed run's lock expires "
+          f'{self.STALE_S:.0f} s after its last heartbeat',
+        )
     self._write()
     held = self.read()
     if held is None or held.get('token') != self.token:  # Another run wrote in between.
@@ -256,10 +268,10 @@ class StopSignals:
     return self.received is not None
 
 
-def poisoned(batches: Iterator[dict[str, np.ndarray]], step: int,
-             start: int) -> Iterator[dict[str, np.ndarray]]:
+def poisoned(
+  batches: Iterator[dict[str, np.ndarray]], step: int, start: int
+) -> Iterator[dict[str, np.ndarray]]:
   """The batches, with NaN weights in the one of (1-based) `step` (config.fault.poison_step): a
   rehearsal of the non-finite-loss path, kept out of the loop."""
   for k, batch in enumerate(batches, start=start + 1):
     yield {**batch, 'weights': batch['weights'] * np.nan} if k == step else batch
-

@@ -34,8 +34,10 @@ def process_share(num_processes: int = 0, process_id: int = -1) -> tuple[int, in
   the flags, else SLURM's or a TPU VM's own variables, else (0, 1)."""
   if num_processes > 0:
     if not 0 <= process_id < num_processes:
-      raise HostsError(f'--process_id={process_id} must be in [0, {num_processes}) with '
-                       f'--num_processes={num_processes}.')
+      raise HostsError(
+        f'--process_id={process_id} must be in [0, {num_processes}) with '
+        f'--num_processes={num_processes}.'
+      )
     return process_id, num_processes
   if int(os.environ.get('SLURM_NTASKS', '1') or 1) > 1:
     return int(os.environ['SLURM_PROCID']), int(os.environ['SLURM_NTASKS'])
@@ -62,14 +64,16 @@ def _wait_for_coordinator(address: str, timeout_s: float) -> None:
     except OSError as e:
       if time.monotonic() >= deadline:
         raise HostsError(
-            f'cannot reach the coordinator at {address} within {timeout_s:.0f} s ({e}): start '
-            'process 0 there, check the host and port are reachable from this machine, or raise '
-            '--distributed_timeout.') from None
+          f'cannot reach the coordinator at {address} within {timeout_s:.0f} s ({e}): start '
+          'process 0 there, check the host and port are reachable from this machine, or raise '
+          '--distributed_timeout.'
+        ) from None
       time.sleep(0.5)
 
 
-def initialize(coordinator_address: str = '', num_processes: int = 0, process_id: int = -1,
-               timeout_s: int = 300) -> None:
+def initialize(
+  coordinator_address: str = '', num_processes: int = 0, process_id: int = -1, timeout_s: int = 300
+) -> None:
   """Joins the job's processes, or does nothing for a single process."""
   explicit = bool(coordinator_address) or num_processes > 1
   if not explicit and not cluster_detected():
@@ -77,15 +81,23 @@ def initialize(coordinator_address: str = '', num_processes: int = 0, process_id
   if explicit:
     if not coordinator_address or num_processes < 1 or not 0 <= process_id < num_processes:
       raise HostsError(
-          f'multi-process flags need all three: --coordinator_address=HOST:PORT (got '
-          f'{coordinator_address!r}), --num_processes=N (got {num_processes}) and '
-          f'--process_id in [0, N) (got {process_id}).')
+        f'multi-process flags need all three: --coordinator_address=HOST:PORT (got '
+        f'{coordinator_address!r}), --num_processes=N (got {num_processes}) and '
+        f'--process_id in [0, N) (got {process_id}).'
+      )
     if process_id != 0:
       _wait_for_coordinator(coordinator_address, timeout_s)
-    jax.distributed.initialize(coordinator_address, num_processes=num_processes,
-                               process_id=process_id, initialization_timeout=timeout_s)
+    jax.distributed.initialize(
+      coordinator_address,
+      num_processes=num_processes,
+      process_id=process_id,
+      initialization_timeout=timeout_s,
+    )
   else:
     jax.distributed.initialize(initialization_timeout=timeout_s)
   if jax.process_index() == 0:
-    print(f'joined {jax.process_count()} processes, {jax.device_count()} devices '
-          f'({jax.local_device_count()} here)', flush=True)
+    print(
+      f'joined {jax.process_count()} processes, {jax.device_count()} devices '
+      f'({jax.local_device_count()} here)',
+      flush=True,
+    )

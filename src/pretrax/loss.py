@@ -6,9 +6,14 @@ import jax
 import jax.numpy as jnp
 
 
-def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array,
-                  z_loss: float = 0.0, groups_BL: jax.Array | None = None,
-                  num_groups: int = 0) -> dict[str, jax.Array]:
+def cross_entropy(
+  logits_BLV: jax.Array,
+  targets_BL: jax.Array,
+  weights_BL: jax.Array,
+  z_loss: float = 0.0,
+  groups_BL: jax.Array | None = None,
+  num_groups: int = 0,
+) -> dict[str, jax.Array]:
   """Sums (not means) so that micro-batches and devices can be added before dividing.
 
   Returns loss_sum (negative log-likelihood), z_loss_sum (z_loss * logsumexp^2, PaLM's
@@ -22,18 +27,26 @@ def cross_entropy(logits_BLV: jax.Array, targets_BL: jax.Array, weights_BL: jax.
   one_hot_BLV = jax.nn.one_hot(targets_BL, logits_BLV.shape[-1], dtype=logits_BLV.dtype)
   target_logit_BL = jnp.einsum('BLV,BLV->BL', logits_BLV, one_hot_BLV)
   correct_BL = (jnp.argmax(logits_BLV, axis=-1) == targets_BL).astype(jnp.float32)
-  return _weighted_sums(lse_BL, lse_BL - target_logit_BL, correct_BL, weights_BL, z_loss,
-                        groups_BL, num_groups)
+  return _weighted_sums(
+    lse_BL, lse_BL - target_logit_BL, correct_BL, weights_BL, z_loss, groups_BL, num_groups
+  )
 
 
-def _weighted_sums(lse_BL, nll_BL, correct_BL, weights_BL, z_loss: float,
-                   groups_BL: jax.Array | None, num_groups: int) -> dict[str, jax.Array]:
+def _weighted_sums(
+  lse_BL,
+  nll_BL,
+  correct_BL,
+  weights_BL,
+  z_loss: float,
+  groups_BL: jax.Array | None,
+  num_groups: int,
+) -> dict[str, jax.Array]:
   """The sums of `cross_entropy` from each token's log-sum-exp, loss and argmax hit."""
   sums = {
-      'loss_sum': jnp.sum(nll_BL * weights_BL),
-      'z_loss_sum': z_loss * jnp.sum(jnp.square(lse_BL) * weights_BL),
-      'weight_sum': jnp.sum(weights_BL),
-      'correct_sum': jax.lax.stop_gradient(jnp.sum(correct_BL * weights_BL)),
+    'loss_sum': jnp.sum(nll_BL * weights_BL),
+    'z_loss_sum': z_loss * jnp.sum(jnp.square(lse_BL) * weights_BL),
+    'weight_sum': jnp.sum(weights_BL),
+    'correct_sum': jax.lax.stop_gradient(jnp.sum(correct_BL * weights_BL)),
   }
   sums['objective_sum'] = sums['loss_sum'] + sums['z_loss_sum']  # What training minimises.
   if groups_BL is not None:
@@ -43,10 +56,19 @@ def _weighted_sums(lse_BL, nll_BL, correct_BL, weights_BL, z_loss: float,
   return sums
 
 
-def chunked_cross_entropy(x_BLD: jax.Array, head_DV: jax.Array, targets_BL: jax.Array,
-                          weights_BL: jax.Array, *, chunk: int, bias_V: jax.Array | None = None,
-                          z_loss: float = 0.0, groups_BL: jax.Array | None = None,
-                          num_groups: int = 0, batch_shards: int = 1) -> dict[str, jax.Array]:
+def chunked_cross_entropy(
+  x_BLD: jax.Array,
+  head_DV: jax.Array,
+  targets_BL: jax.Array,
+  weights_BL: jax.Array,
+  *,
+  chunk: int,
+  bias_V: jax.Array | None = None,
+  z_loss: float = 0.0,
+  groups_BL: jax.Array | None = None,
+  num_groups: int = 0,
+  batch_shards: int = 1,
+) -> dict[str, jax.Array]:
   """`cross_entropy` of the logits x_BLD @ head_DV (+ bias_V), without ever holding them whole.
 
   The output projection runs inside a loop over `chunk` positions at a time (every row at once,
@@ -66,8 +88,18 @@ def chunked_cross_entropy(x_BLD: jax.Array, head_DV: jax.Array, targets_BL: jax.
     widen = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
     x_BLD, targets_BL, weights_BL = widen(x_BLD), widen(targets_BL), widen(weights_BL)
     groups_BL = None if groups_BL is None else widen(groups_BL)
-  return _projected_sums(x_BLD, head_DV, bias_V, targets_BL, weights_BL.astype(jnp.float32),
-                         groups_BL, chunk, z_loss, num_groups, batch_shards)
+  return _projected_sums(
+    x_BLD,
+    head_DV,
+    bias_V,
+    targets_BL,
+    weights_BL.astype(jnp.float32),
+    groups_BL,
+    chunk,
+    z_loss,
+    num_groups,
+    batch_shards,
+  )
 
 
 def _chunk_logits(x_ND: jax.Array, head_DV: jax.Array, bias_V: jax.Array | None) -> jax.Array:
@@ -116,8 +148,9 @@ def _per_token(x_BLD, head_DV, bias_V, targets_BL, chunk: int):
   return jax.lax.fori_loop(0, L // chunk, one_chunk, zeros)
 
 
-def _per_token_and_gradient(x_BLD, head_DV, bias_V, targets_BL, weights_BL, chunk: int,
-                            z_loss: float, batch_shards: int):
+def _per_token_and_gradient(
+  x_BLD, head_DV, bias_V, targets_BL, weights_BL, chunk: int, z_loss: float, batch_shards: int
+):
   """`_per_token`'s values, and the gradient of objective_sum w.r.t. x, head and bias, taken
   chunk by chunk as each chunk's logits are made."""
   B, L, _ = x_BLD.shape
@@ -128,44 +161,57 @@ def _per_token_and_gradient(x_BLD, head_DV, bias_V, targets_BL, weights_BL, chun
     lse_BL, nll_BL, correct_BL, d_x_BLD, d_head_SDV, d_bias_SV = carry
     x_ND, w_N = _slice(x_BLD, i, chunk), _slice(weights_BL, i, chunk)
     logits_NV, lse_N, nll_N, correct_N, is_target_NV = _chunk_values(
-        x_ND, head_DV, bias_V, _slice(targets_BL, i, chunk))
+      x_ND, head_DV, bias_V, _slice(targets_BL, i, chunk)
+    )
     # d nll / d logits = softmax - one_hot(target); d (z lse^2) / d logits = 2 z lse softmax.
     probs_NV = jnp.exp(logits_NV - lse_N[:, None])
-    d_logits_NV = (probs_NV * (w_N * (1.0 + 2.0 * z_loss * lse_N))[:, None]
-                   - jnp.where(is_target_NV, w_N[:, None], 0.0))
+    d_logits_NV = probs_NV * (w_N * (1.0 + 2.0 * z_loss * lse_N))[:, None] - jnp.where(
+      is_target_NV, w_N[:, None], 0.0
+    )
     d_logits_NV = d_logits_NV.astype(x_BLD.dtype)  # As autodiff casts it back through astype.
     # Per batch shard, in float32 (one long matmul would accumulate in float32 too): summing
     # over all tokens here would add the shards' parts across devices at every chunk.
-    d_head_SDV = d_head_SDV + jnp.einsum('SND,SNV->SDV', per_shard(x_ND), per_shard(d_logits_NV),
-                                         preferred_element_type=jnp.float32)
+    d_head_SDV = d_head_SDV + jnp.einsum(
+      'SND,SNV->SDV', per_shard(x_ND), per_shard(d_logits_NV), preferred_element_type=jnp.float32
+    )
     if d_bias_SV is not None:
       d_bias_SV = d_bias_SV + jnp.sum(per_shard(d_logits_NV), axis=1, dtype=jnp.float32)
     per_token = (lse_BL, nll_BL, correct_BL, d_x_BLD)
     values = (lse_N, nll_N, correct_N, d_logits_NV @ head_DV.T)
-    return (*(_place(a_BL, a_N, i, chunk) for a_BL, a_N in zip(per_token, values)), d_head_SDV,
-            d_bias_SV)
+    return (
+      *(_place(a_BL, a_N, i, chunk) for a_BL, a_N in zip(per_token, values)),
+      d_head_SDV,
+      d_bias_SV,
+    )
 
-  zeros = (*(jnp.zeros((B, L), jnp.float32) for _ in range(3)), jnp.zeros_like(x_BLD),
-           jnp.zeros((S,) + head_DV.shape, jnp.float32),
-           None if bias_V is None else jnp.zeros((S,) + bias_V.shape, jnp.float32))
+  zeros = (
+    *(jnp.zeros((B, L), jnp.float32) for _ in range(3)),
+    jnp.zeros_like(x_BLD),
+    jnp.zeros((S,) + head_DV.shape, jnp.float32),
+    None if bias_V is None else jnp.zeros((S,) + bias_V.shape, jnp.float32),
+  )
   lse_BL, nll_BL, correct_BL, d_x_BLD, d_head_SDV, d_bias_SV = jax.lax.fori_loop(
-      0, L // chunk, one_chunk, zeros)
+    0, L // chunk, one_chunk, zeros
+  )
   d_bias_V = None if d_bias_SV is None else jnp.sum(d_bias_SV, axis=0)
   return (lse_BL, nll_BL, correct_BL), (d_x_BLD, jnp.sum(d_head_SDV, axis=0), d_bias_V)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _projected_sums(x_BLD, head_DV, bias_V, targets_BL, weights_BL, groups_BL, chunk, z_loss,
-                    num_groups, batch_shards):
+def _projected_sums(
+  x_BLD, head_DV, bias_V, targets_BL, weights_BL, groups_BL, chunk, z_loss, num_groups, batch_shards
+):
   del batch_shards  # The gradient's.
   per_token = _per_token(x_BLD, head_DV, bias_V, targets_BL, chunk)
   return _weighted_sums(*per_token, weights_BL, z_loss, groups_BL, num_groups)
 
 
-def _projected_sums_fwd(x_BLD, head_DV, bias_V, targets_BL, weights_BL, groups_BL, chunk, z_loss,
-                        num_groups, batch_shards):
-  per_token, grads = _per_token_and_gradient(x_BLD, head_DV, bias_V, targets_BL, weights_BL,
-                                             chunk, z_loss, batch_shards)
+def _projected_sums_fwd(
+  x_BLD, head_DV, bias_V, targets_BL, weights_BL, groups_BL, chunk, z_loss, num_groups, batch_shards
+):
+  per_token, grads = _per_token_and_gradient(
+    x_BLD, head_DV, bias_V, targets_BL, weights_BL, chunk, z_loss, batch_shards
+  )
   sums = _weighted_sums(*per_token, weights_BL, z_loss, groups_BL, num_groups)
   # Empty arrays of the inputs' dtypes: a residual must be arrays, and the gradients are cast to
   # them only after scaling (the head's and the bias's are float32 until then).
@@ -179,8 +225,9 @@ def _projected_sums_bwd(chunk, z_loss, num_groups, batch_shards, residuals, d_su
   # Only objective_sum passes a gradient on; the other sums are reports (see the docstring).
   scale = d_sums['objective_sum']
   d_x_BLD, d_head_DV, d_bias_V = (
-      None if g is None else (g.astype(jnp.float32) * scale).astype(like.dtype)
-      for g, like in zip(grads, dtypes))
+    None if g is None else (g.astype(jnp.float32) * scale).astype(like.dtype)
+    for g, like in zip(grads, dtypes)
+  )
   return d_x_BLD, d_head_DV, d_bias_V, None, None, None
 
 

@@ -15,17 +15,17 @@ from pretrax.config import ModelConfig
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets, keyed by the start of JAX's
 # `device_kind` (e.g. 'NVIDIA H100 80GB HBM3', 'TPU v5 lite' for v5e, 'TPU v6 lite' for v6e).
 PEAK_FLOPS = {
-    'TPU v4': 275e12,
-    'TPU v5 lite': 197e12,
-    'TPU v5e': 197e12,
-    'TPU v5p': 459e12,
-    'TPU v5': 459e12,
-    'TPU v6 lite': 918e12,
-    'TPU v6e': 918e12,
-    'NVIDIA H100': 989e12,  # SXM; the PCIe card is slower (below).
-    'NVIDIA H100 PCIe': 756e12,
-    'NVIDIA H200': 989e12,
-    'NVIDIA A100': 312e12,
+  'TPU v4': 275e12,
+  'TPU v5 lite': 197e12,
+  'TPU v5e': 197e12,
+  'TPU v5p': 459e12,
+  'TPU v5': 459e12,
+  'TPU v6 lite': 918e12,
+  'TPU v6e': 918e12,
+  'NVIDIA H100': 989e12,  # SXM; the PCIe card is slower (below).
+  'NVIDIA H100 PCIe': 756e12,
+  'NVIDIA H200': 989e12,
+  'NVIDIA A100': 312e12,
 }
 
 
@@ -53,7 +53,7 @@ def measure_matmul_peak(size: int = 2048, repeats: int = 10) -> float:
     start = time.perf_counter()
     matmul(a, a).block_until_ready()
     best = min(best, time.perf_counter() - start)
-  return 2.0 * size ** 3 / best
+  return 2.0 * size**3 / best
 
 
 def device_peak_flops(device_kind: str) -> float | None:
@@ -109,8 +109,9 @@ class MetricsWriter:
       self.path.parent.mkdir(parents=True, exist_ok=True)
     lines = _lines(self.path)
     records, self.torn = _parse(lines)
-    kept = [line for line, r in zip(lines, records)
-            if r is not None and r.get('step', 0) <= resume_step]
+    kept = [
+      line for line, r in zip(lines, records) if r is not None and r.get('step', 0) <= resume_step
+    ]
     if self.remote:
       self._lines = kept
     if len(kept) != len(lines):
@@ -181,8 +182,11 @@ def _plain(value: Any) -> Any:
 def _lines(path) -> list[str]:
   if not path.exists():
     return []
-  return [line if line.endswith('\n') else line + '\n'
-          for line in path.read_text().splitlines() if line.strip()]
+  return [
+    line if line.endswith('\n') else line + '\n'
+    for line in path.read_text().splitlines()
+    if line.strip()
+  ]
 
 
 def _parse(lines: list[str]) -> tuple[list[dict | None], int]:
@@ -214,9 +218,20 @@ def format_duration(seconds: float) -> str:
   return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
 
 
-def progress_line(*, step: int, total: int, loss: float, lr: float, tokens_per_s: float,
-                  mfu: float, ms_per_step: float, eta_s: float) -> str:
+def progress_line(
+  *,
+  step: int,
+  total: int,
+  loss: float,
+  lr: float,
+  tokens_per_s: float,
+  mfu: float,
+  ms_per_step: float,
+  eta_s: float,
+) -> str:
   width = len(str(total))
-  return (f'step {step:>{width}}/{total} | loss {loss:.4f} | lr {lr:.2e} | '
-          f'{tokens_per_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | {ms_per_step:.1f} ms/step | '
-          f'ETA {format_duration(eta_s)}')
+  return (
+    f'step {step:>{width}}/{total} | loss {loss:.4f} | lr {lr:.2e} | '
+    f'{tokens_per_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | {ms_per_step:.1f} ms/step | '
+    f'ETA {format_duration(eta_s)}'
+  )

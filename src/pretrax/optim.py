@@ -20,9 +20,9 @@ def schedule(cfg: OptimConfig) -> optax.Schedule:
   elif cfg.schedule == 'wsd':
     decay_steps = max(int(round(cfg.total_steps * cfg.decay_fraction)), 1)
     after = optax.join_schedules(
-        [optax.constant_schedule(cfg.lr),
-         optax.linear_schedule(cfg.lr, cfg.min_lr, decay_steps)],
-        boundaries=[max(rest - decay_steps, 0)])
+      [optax.constant_schedule(cfg.lr), optax.linear_schedule(cfg.lr, cfg.min_lr, decay_steps)],
+      boundaries=[max(rest - decay_steps, 0)],
+    )
   else:
     after = optax.constant_schedule(cfg.lr)
   return optax.join_schedules([warmup, after], boundaries=[cfg.warmup_steps])
@@ -43,8 +43,14 @@ def decay_mask(params, cfg: OptimConfig):
 
 
 def optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-  adamw = optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                      weight_decay=cfg.weight_decay, mask=lambda p: decay_mask(p, cfg))
+  adamw = optax.adamw(
+    schedule(cfg),
+    b1=cfg.b1,
+    b2=cfg.b2,
+    eps=cfg.eps,
+    weight_decay=cfg.weight_decay,
+    mask=lambda p: decay_mask(p, cfg),
+  )
   if cfg.clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
   return adamw

@@ -31,10 +31,10 @@ from pretrax import step as step_lib
 from pretrax.data import pipeline
 from pretrax.model import attention as attention_lib
 
-GiB = 1024 ** 3
+GiB = 1024**3
 # A replicated parameter earns a warning from this size, or from this share of all parameters
 # (small models: a replicated table there is as much a mistake as a 1 GiB one in a large model).
-REPLICATED_WARN_BYTES = 1024 ** 2
+REPLICATED_WARN_BYTES = 1024**2
 REPLICATED_WARN_SHARE = 0.01
 
 
@@ -52,6 +52,7 @@ class ParamPlan:
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Bytes are per device. `xla` is the compiled train step's memory analysis."""
+
   flavour: str
   num_params: int
   mesh: dict[str, int]
@@ -75,8 +76,13 @@ class Plan:
     return _peak(self.xla)
 
 
-_XLA_FIELDS = ('argument_size_in_bytes', 'output_size_in_bytes', 'alias_size_in_bytes',
-               'temp_size_in_bytes', 'generated_code_size_in_bytes')
+_XLA_FIELDS = (
+  'argument_size_in_bytes',
+  'output_size_in_bytes',
+  'alias_size_in_bytes',
+  'temp_size_in_bytes',
+  'generated_code_size_in_bytes',
+)
 
 
 def vocab_size(c: ml_collections.ConfigDict) -> int:
@@ -86,6 +92,7 @@ def vocab_size(c: ml_collections.ConfigDict) -> int:
     return c.model.vocab_size
   if c.tokenizer.path and os.path.isfile(c.tokenizer.path):
     from pretrax import tokenizer
+
     return tokenizer.Tokenizer.load(c.tokenizer.path).vocab_size
   return c.tokenizer.vocab_size
 
@@ -109,16 +116,24 @@ def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
 
 def _abstract_batch(c: ml_collections.ConfigDict, run: state_lib.RunState):
   shape = (c.data.batch_size, c.data.seq_len)
-  return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == 'weights' else jnp.int32,
-                                  sharding=run.batch_sharding) for k in pipeline.BATCH_KEYS}
+  return {
+    k: jax.ShapeDtypeStruct(
+      shape, jnp.float32 if k == 'weights' else jnp.int32, sharding=run.batch_sharding
+    )
+    for k in pipeline.BATCH_KEYS
+  }
 
 
 def _compile_train_step(c: ml_collections.ConfigDict, run: state_lib.RunState, batch):
   """The train step exactly as `train` jits it, compiled for the abstract state and batch."""
-  train_step = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule,
-                                       step_lib.step_config(c),
-                                       activation_sharding=run.activation_sharding,
-                                       out_shardings=(run.shardings, None))
+  train_step = step_lib.jit_train_step(
+    run.model_def,
+    run.optimizer,
+    run.schedule,
+    step_lib.step_config(c),
+    activation_sharding=run.activation_sharding,
+    out_shardings=(run.shardings, None),
+  )
   return train_step.lower(run.abstract, batch).compile()
 
 
@@ -127,17 +142,23 @@ def _warnings(params: Sequence[ParamPlan], mesh: dict[str, int], state_bytes: in
   if num_devices == 1:
     return []
   if mesh['fsdp'] * mesh['tensor'] == 1:  # Pure data parallelism replicates by design: say so once.
-    return [f'the mesh shards no parameter (fsdp=1, tensor=1): each of the {num_devices} devices '
-            f'holds all parameters and optimizer state ({_human(state_bytes)}); set '
-            '--config.mesh.fsdp=-1 --config.mesh.data=1 if that is too much.']
+    return [
+      f'the mesh shards no parameter (fsdp=1, tensor=1): each of the {num_devices} devices '
+      f'holds all parameters and optimizer state ({_human(state_bytes)}); set '
+      '--config.mesh.fsdp=-1 --config.mesh.data=1 if that is too much.'
+    ]
   total = sum(math.prod(p.shape) * jnp.dtype(p.dtype).itemsize for p in params)
   out = []
   for p in params:
-    if p.replicated and (p.bytes_per_device >= REPLICATED_WARN_BYTES
-                         or p.bytes_per_device >= REPLICATED_WARN_SHARE * total):
-      out.append(f'{p.path} {p.shape} ({_human(p.bytes_per_device)}) is replicated on all '
-                 f'{num_devices} devices: its logical axes ({_axes(p.logical_axes)}) map to no '
-                 'mesh axis of size > 1; map one to fsdp or tensor with --config.mesh.rules.')
+    if p.replicated and (
+      p.bytes_per_device >= REPLICATED_WARN_BYTES
+      or p.bytes_per_device >= REPLICATED_WARN_SHARE * total
+    ):
+      out.append(
+        f'{p.path} {p.shape} ({_human(p.bytes_per_device)}) is replicated on all '
+        f'{num_devices} devices: its logical axes ({_axes(p.logical_axes)}) map to no '
+        'mesh axis of size > 1; map one to fsdp or tensor with --config.mesh.rules.'
+      )
   return out
 
 
@@ -166,8 +187,11 @@ def _stand_in_bwd(residuals, d_out_BTNH):
   q_BTNH, k_BSKH, v_BSKH, out_BTNH, lse_BNT = residuals
   # Every residual is read, as the kernel's backward reads them, so XLA keeps them all.
   scale = jnp.sum(lse_BNT) + jnp.sum(q_BTNH, dtype=jnp.float32)
-  return (d_out_BTNH * out_BTNH * scale.astype(q_BTNH.dtype), k_BSKH * scale.astype(k_BSKH.dtype),
-          v_BSKH * scale.astype(v_BSKH.dtype))
+  return (
+    d_out_BTNH * out_BTNH * scale.astype(q_BTNH.dtype),
+    k_BSKH * scale.astype(k_BSKH.dtype),
+    v_BSKH * scale.astype(v_BSKH.dtype),
+  )
 
 
 _fused_attention_stand_in.defvjp(_stand_in_fwd, _stand_in_bwd)
@@ -187,8 +211,12 @@ def _attention_planned_as(attention_memory: str):
     attention_lib.attention = real
 
 
-def plan(c: ml_collections.ConfigDict, vocab_size: int,
-         devices: Sequence[jax.Device] | None = None, attention_memory: str = 'fused') -> Plan:
+def plan(
+  c: ml_collections.ConfigDict,
+  vocab_size: int,
+  devices: Sequence[jax.Device] | None = None,
+  attention_memory: str = 'fused',
+) -> Plan:
   """The per-device memory plan of `c` on `devices` (default: all); compiles, allocates nothing.
   `attention_memory`: 'fused' plans attention as cuDNN or splash holds it, 'compiled' as this
   machine's kernel does (see the module docstring)."""
@@ -200,11 +228,17 @@ def plan(c: ml_collections.ConfigDict, vocab_size: int,
   mesh = dict(run.mesh.shape)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(run.abstract['params'])
   params = tuple(
-      ParamPlan(path=jax.tree_util.keystr(path, simple=True, separator='.'), shape=x.shape,
-                dtype=str(x.dtype), logical_axes=axes, spec=x.sharding.spec,
-                bytes_per_device=_shard_bytes(x),
-                replicated=len(devices) > 1 and x.sharding.shard_shape(x.shape) == x.shape)
-      for (path, x), axes in zip(leaves, treedef.flatten_up_to(run.logical_axes)))
+    ParamPlan(
+      path=jax.tree_util.keystr(path, simple=True, separator='.'),
+      shape=x.shape,
+      dtype=str(x.dtype),
+      logical_axes=axes,
+      spec=x.sharding.spec,
+      bytes_per_device=_shard_bytes(x),
+      replicated=len(devices) > 1 and x.sharding.shard_shape(x.shape) == x.shape,
+    )
+    for (path, x), axes in zip(leaves, treedef.flatten_up_to(run.logical_axes))
+  )
   param_bytes = sum(p.bytes_per_device for p in params)
   opt_state_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(run.abstract['opt_state']))
   batch = _abstract_batch(c, run)
@@ -214,16 +248,23 @@ def plan(c: ml_collections.ConfigDict, vocab_size: int,
     analysis = _compile_train_step(c, run, batch).memory_analysis()
   compile_s = time.perf_counter() - start
   if analysis is None:
-    raise RuntimeError(f'XLA gave no memory analysis on {devices[0].platform}; plan on CPU with '
-                       '--devices=N instead.')
+    raise RuntimeError(
+      f'XLA gave no memory analysis on {devices[0].platform}; plan on CPU with --devices=N instead.'
+    )
   return Plan(
-      flavour=c.model.flavour, num_params=sum(math.prod(p.shape) for p in params), mesh=mesh,
-      platform=devices[0].platform, params=params, param_bytes=param_bytes,
-      opt_state_bytes=opt_state_bytes,
-      batch_bytes=sum(_shard_bytes(x) for x in batch.values()),
-      xla=xla_fields(analysis), compile_s=compile_s,
-      warnings=tuple(_warnings(params, mesh, param_bytes + opt_state_bytes)),
-      attention_memory=attention_memory)
+    flavour=c.model.flavour,
+    num_params=sum(math.prod(p.shape) for p in params),
+    mesh=mesh,
+    platform=devices[0].platform,
+    params=params,
+    param_bytes=param_bytes,
+    opt_state_bytes=opt_state_bytes,
+    batch_bytes=sum(_shard_bytes(x) for x in batch.values()),
+    xla=xla_fields(analysis),
+    compile_s=compile_s,
+    warnings=tuple(_warnings(params, mesh, param_bytes + opt_state_bytes)),
+    attention_memory=attention_memory,
+  )
 
 
 def xla_fields(analysis) -> dict[str, int]:
@@ -239,8 +280,13 @@ def peak_bytes(analysis) -> int:
 
 def _peak(x: dict[str, int]) -> int:
   """The one formula behind `peak_bytes` and `Plan.peak_bytes`, on `xla_fields`' sizes."""
-  return (x['argument_size_in_bytes'] + x['output_size_in_bytes'] - x['alias_size_in_bytes']
-          + x['temp_size_in_bytes'] + x['generated_code_size_in_bytes'])
+  return (
+    x['argument_size_in_bytes']
+    + x['output_size_in_bytes']
+    - x['alias_size_in_bytes']
+    + x['temp_size_in_bytes']
+    + x['generated_code_size_in_bytes']
+  )
 
 
 def device_memory_bytes(device: jax.Device) -> int | None:
@@ -287,29 +333,54 @@ def verdict(p: Plan, device_memory_gib: float) -> str:
 def format_plan(p: Plan, device_memory_gib: float | None = None) -> str:
   mesh = ' '.join(f'{k}={v}' for k, v in p.mesh.items())
   rows = [('parameter', 'shape', 'logical axes', 'mesh axes', 'per device')]
-  rows += [(q.path, 'x'.join(map(str, q.shape)) or 'scalar', _axes(q.logical_axes),
-            _axes(q.spec) or '(replicated)', _human(q.bytes_per_device)) for q in p.params]
+  rows += [
+    (
+      q.path,
+      'x'.join(map(str, q.shape)) or 'scalar',
+      _axes(q.logical_axes),
+      _axes(q.spec) or '(replicated)',
+      _human(q.bytes_per_device),
+    )
+    for q in p.params
+  ]
   widths = [max(len(r[i]) for r in rows) for i in range(5)]
   n = math.prod(p.mesh.values())
-  lines = [f'{p.flavour}, {p.num_params:,} parameters; mesh {mesh} '
-           f'({n} {p.platform} device{"s" if n > 1 else ""})', '']
-  lines += ['  '.join(f'{v:<{w}}' if i < 4 else f'{v:>{w}}'
-                      for i, (v, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
+  lines = [
+    f'{p.flavour}, {p.num_params:,} parameters; mesh {mesh} '
+    f'({n} {p.platform} device{"s" if n > 1 else ""})',
+    '',
+  ]
+  lines += [
+    '  '.join(
+      f'{v:<{w}}' if i < 4 else f'{v:>{w}}' for i, (v, w) in enumerate(zip(r, widths))
+    ).rstrip()
+    for r in rows
+  ]
   x = p.xla
-  totals = [('parameters', p.param_bytes), ('optimizer state', p.opt_state_bytes),
-            ('batch', p.batch_bytes), ('activations + temporaries (XLA)', p.temp_bytes),
-            ('peak estimate', p.peak_bytes)]
+  totals = [
+    ('parameters', p.param_bytes),
+    ('optimizer state', p.opt_state_bytes),
+    ('batch', p.batch_bytes),
+    ('activations + temporaries (XLA)', p.temp_bytes),
+    ('peak estimate', p.peak_bytes),
+  ]
   lines += ['', 'per device:'] + [f'  {name:<33}{_human(n):>12}' for name, n in totals]
-  lines.append(f'  (XLA: arguments {_human(x["argument_size_in_bytes"])}, outputs '
-               f'{_human(x["output_size_in_bytes"])}, donated {_human(x["alias_size_in_bytes"])}, '
-               f'code {_human(x["generated_code_size_in_bytes"])}; '
-               f'compiled in {p.compile_s:.1f} s)')
+  lines.append(
+    f'  (XLA: arguments {_human(x["argument_size_in_bytes"])}, outputs '
+    f'{_human(x["output_size_in_bytes"])}, donated {_human(x["alias_size_in_bytes"])}, '
+    f'code {_human(x["generated_code_size_in_bytes"])}; '
+    f'compiled in {p.compile_s:.1f} s)'
+  )
   if p.attention_memory == 'fused':
-    lines.append('  (attention as a fused kernel (cuDNN, splash) holds it: inputs, output and '
-                 'log-sum-exp, no T x T scores; --attention_memory=compiled for this machine\'s)')
+    lines.append(
+      '  (attention as a fused kernel (cuDNN, splash) holds it: inputs, output and '
+      "log-sum-exp, no T x T scores; --attention_memory=compiled for this machine's)"
+    )
   elif p.platform == 'cpu':
-    lines.append('  (compiled by XLA:CPU, which keeps attention scores that a fused '
-                 'kernel (cuDNN on GPUs) never stores: for GPUs, an upper bound)')
+    lines.append(
+      '  (compiled by XLA:CPU, which keeps attention scores that a fused '
+      'kernel (cuDNN on GPUs) never stores: for GPUs, an upper bound)'
+    )
   if device_memory_gib:
     lines += ['', verdict(p, device_memory_gib)]
   if p.warnings:

@@ -18,8 +18,16 @@ from pretrax import saved_run
 
 
 @functools.partial(jax.jit, static_argnames=('model_def', 'top_k'))
-def _next_token(params, window_L: jax.Array, count: jax.Array, rng: jax.Array,
-                temperature: jax.Array, *, model_def: nnx.GraphDef, top_k: int) -> jax.Array:
+def _next_token(
+  params,
+  window_L: jax.Array,
+  count: jax.Array,
+  rng: jax.Array,
+  temperature: jax.Array,
+  *,
+  model_def: nnx.GraphDef,
+  top_k: int,
+) -> jax.Array:
   """Samples the token after the last `count` tokens of the right-aligned window."""
   L = window_L.shape[0]
   first = L - count
@@ -36,9 +44,18 @@ def _next_token(params, window_L: jax.Array, count: jax.Array, rng: jax.Array,
   return jnp.where(temperature > 0, sampled, greedy)
 
 
-def generate(model_def: nnx.GraphDef, params, tok: tokenizer_lib.Tokenizer, prompt: str, *,
-             length: int, seq_len: int, temperature: float = 0.8, top_k: int = 0,
-             seed: int = 0) -> str:
+def generate(
+  model_def: nnx.GraphDef,
+  params,
+  tok: tokenizer_lib.Tokenizer,
+  prompt: str,
+  *,
+  length: int,
+  seq_len: int,
+  temperature: float = 0.8,
+  top_k: int = 0,
+  seed: int = 0,
+) -> str:
   """The prompt followed by `length` generated tokens, decoded. Temperature 0 is greedy."""
   ids = tok.encode(prompt) if prompt else [tokenizer_lib.EOS_ID]  # EOS: "a document starts".
   window = np.zeros(seq_len, np.int32)
@@ -48,10 +65,18 @@ def generate(model_def: nnx.GraphDef, params, tok: tokenizer_lib.Tokenizer, prom
   for i in range(length):
     recent = context[-seq_len:]
     window[:] = tokenizer_lib.PAD_ID
-    window[seq_len - len(recent):] = recent
-    token = int(_next_token(params, jnp.asarray(window), jnp.int32(len(recent)),
-                            jax.random.fold_in(key, i), jnp.float32(temperature),
-                            model_def=model_def, top_k=top_k))
+    window[seq_len - len(recent) :] = recent
+    token = int(
+      _next_token(
+        params,
+        jnp.asarray(window),
+        jnp.int32(len(recent)),
+        jax.random.fold_in(key, i),
+        jnp.float32(temperature),
+        model_def=model_def,
+        top_k=top_k,
+      )
+    )
     generated.append(token)
     context.append(token)
   return prompt + tok.decode(generated)
@@ -65,12 +90,17 @@ def _predict(params, ids_1L: jax.Array, *, model_def: nnx.GraphDef) -> jax.Array
   return jnp.argmax(logits[0], axis=-1)
 
 
-def fill_in(model_def: nnx.GraphDef, params, tok: tokenizer_lib.Tokenizer,
-            examples: list[dict[str, np.ndarray]]) -> str:
+def fill_in(
+  model_def: nnx.GraphDef,
+  params,
+  tok: tokenizer_lib.Tokenizer,
+  examples: list[dict[str, np.ndarray]],
+) -> str:
   """A masked LM's predictions on masked examples, three lines each: the text, what the encoder
   read (<mask> shown as _), and the text with its predictions at the chosen positions."""
-  show = lambda ids: ''.join(tok.decode([i]) if i != tokenizer_lib.MASK_ID else '_'
-                             for i in ids).replace('\n', '\u21b5')
+  show = lambda ids: ''.join(
+    tok.decode([i]) if i != tokenizer_lib.MASK_ID else '_' for i in ids
+  ).replace('\n', '\u21b5')
   lines, right, total = [], 0, 0
   for e in examples:
     predicted = np.asarray(_predict(params, jnp.asarray(e['inputs'])[None], model_def=model_def))
@@ -78,19 +108,40 @@ def fill_in(model_def: nnx.GraphDef, params, tok: tokenizer_lib.Tokenizer,
     filled = np.where(chosen, predicted, e['targets'])
     right += int(np.sum(predicted[chosen] == e['targets'][chosen]))
     total += int(chosen.sum())
-    lines += [f'text:      {show(e["targets"])}', f'masked:    {show(e["inputs"])}',
-              f'predicted: {show(filled)}']
+    lines += [
+      f'text:      {show(e["targets"])}',
+      f'masked:    {show(e["inputs"])}',
+      f'predicted: {show(filled)}',
+    ]
   return '\n'.join(lines + [f'{right} of {total} chosen tokens right'])
 
 
-def from_workdir(workdir: str, prompt: str, *, length: int, temperature: float, top_k: int = 0,
-                 seed: int = 0, step: int | None = None) -> str:
+def from_workdir(
+  workdir: str,
+  prompt: str,
+  *,
+  length: int,
+  temperature: float,
+  top_k: int = 0,
+  seed: int = 0,
+  step: int | None = None,
+) -> str:
   """Generates from the latest (or the given) checkpoint of a training run."""
   model = saved_run.load(workdir, step)
   if model.run.model_cfg.attention == 'bidirectional':
-    raise config_lib.ConfigError(f'the run in {workdir} trained a {model.config.objective} '
-                                 'encoder, which does not generate text: sample from a decoder '
-                                 'objective\'s run.')
-  return generate(model.run.model_def, model.params, model.tok, prompt, length=length,
-                  seq_len=model.config.data.seq_len, temperature=temperature, top_k=top_k,
-                  seed=seed)
+    raise config_lib.ConfigError(
+      f'the run in {workdir} trained a {model.config.objective} '
+      'encoder, which does not generate text: sample from a decoder '
+      "objective's run."
+    )
+  return generate(
+    model.run.model_def,
+    model.params,
+    model.tok,
+    prompt,
+    length=length,
+    seq_len=model.config.data.seq_len,
+    temperature=temperature,
+    top_k=top_k,
+    seed=seed,
+  )

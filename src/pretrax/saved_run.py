@@ -39,8 +39,9 @@ class Trained:
 def checkpoint_steps(workdir: str) -> list[int]:
   """The finished checkpoints of a workdir; FileNotFoundError saying what to do if none."""
   if not paths.path(checkpoint.directory(workdir)).exists():
-    raise FileNotFoundError(f'no checkpoints in {workdir}: train there first with '
-                            '`pretrax train --workdir=...`.')
+    raise FileNotFoundError(
+      f'no checkpoints in {workdir}: train there first with `pretrax train --workdir=...`.'
+    )
   mngr = checkpoint.manager(workdir, read_only=True)
   try:
     steps = sorted(mngr.all_steps())
@@ -58,12 +59,15 @@ def tokenizer_path(workdir: str, c: ml_collections.ConfigDict) -> str:
     return saved
   if c.tokenizer.path and paths.path(c.tokenizer.path).exists():
     return c.tokenizer.path
-  raise FileNotFoundError(f'no tokenizer for the run in {workdir}: neither {saved} nor '
-                          f'tokenizer.path={c.tokenizer.path!r} exists.')
+  raise FileNotFoundError(
+    f'no tokenizer for the run in {workdir}: neither {saved} nor '
+    f'tokenizer.path={c.tokenizer.path!r} exists.'
+  )
 
 
-def load(workdir: str, step: int | None = None,
-         mesh: ml_collections.ConfigDict | None = None) -> Trained:
+def load(
+  workdir: str, step: int | None = None, mesh: ml_collections.ConfigDict | None = None
+) -> Trained:
   """The checkpoint at `step` (default: the latest) of the run in `workdir`.
 
   `mesh`: a config's mesh section to restore onto (fine-tuning restores straight into its own
@@ -72,20 +76,21 @@ def load(workdir: str, step: int | None = None,
   steps = checkpoint_steps(workdir)
   step = steps[-1] if step is None else step
   if step not in steps:
-    raise FileNotFoundError(f'no checkpoint at step {step} in {checkpoint.directory(workdir)}; '
-                            f'it has steps {steps}.')
+    raise FileNotFoundError(
+      f'no checkpoint at step {step} in {checkpoint.directory(workdir)}; it has steps {steps}.'
+    )
   mngr = checkpoint.manager(workdir, read_only=True)
   try:
     c = ml_collections.ConfigDict(checkpoint.restore_config(mngr, step))
     path = tokenizer_path(workdir, c)
     tok = tokenizer_lib.Tokenizer.load(path)
-    run = state_lib.build(config_lib.on_local_devices(c, mesh), tok.vocab_size,
-                          num_classes=len(labels(workdir, c)))
+    run = state_lib.build(
+      config_lib.on_local_devices(c, mesh), tok.vocab_size, num_classes=len(labels(workdir, c))
+    )
     state, _ = checkpoint.restore(mngr, step, run.abstract)
   finally:
     mngr.close()
-  return Trained(config=c, step=step, tok=tok, tokenizer_path=path, run=run,
-                 params=state['params'])
+  return Trained(config=c, step=step, tok=tok, tokenizer_path=path, run=run, params=state['params'])
 
 
 def labels(workdir: str, c: ml_collections.ConfigDict) -> list[str]:
@@ -103,21 +108,27 @@ def labels(workdir: str, c: ml_collections.ConfigDict) -> list[str]:
 
 def _is_hf_dir(path: str) -> bool:
   """A transformers model directory (config.json, no checkpoints) rather than a pretrax workdir."""
-  return (not paths.is_remote(path) and os.path.isfile(os.path.join(path, 'config.json'))
-          and not os.path.exists(checkpoint.directory(path)))
+  return (
+    not paths.is_remote(path)
+    and os.path.isfile(os.path.join(path, 'config.json'))
+    and not os.path.exists(checkpoint.directory(path))
+  )
 
 
 def source_tokenizer(spec: str) -> str:
   """The tokenizer of the run (or Hugging Face directory) that `init_from` names."""
   path, _ = config_lib.init_source(spec)
   if not paths.path(path).exists():
-    raise FileNotFoundError(f'init_from={spec!r}: {path} does not exist: name the workdir of a '
-                            'pretrax run or a Hugging Face model directory.')
+    raise FileNotFoundError(
+      f'init_from={spec!r}: {path} does not exist: name the workdir of a '
+      'pretrax run or a Hugging Face model directory.'
+    )
   candidate = paths.join(path, TOKENIZER_FILE)
   if not paths.path(candidate).exists():
     raise config_lib.ConfigError(
-        f'init_from={spec!r}: {candidate} does not exist, so the tokenizer the parameters were '
-        'trained with is unknown: set --config.tokenizer.path to it.')
+      f'init_from={spec!r}: {candidate} does not exist, so the tokenizer the parameters were '
+      'trained with is unknown: set --config.tokenizer.path to it.'
+    )
   return candidate
 
 
@@ -126,44 +137,55 @@ def _source_values(c: ml_collections.ConfigDict) -> tuple[dict[str, Any], str]:
   path, step = config_lib.init_source(c.init_from)
   if _is_hf_dir(path):
     from pretrax.interop import hf  # Local: only a Hugging Face start needs the converter.
+
     values, _ = hf.read_params(path, c)
     return values, f'{path} (Hugging Face)'
   if not paths.path(checkpoint.directory(path)).exists():
-    raise FileNotFoundError(f'init_from={c.init_from!r}: {path} is neither a pretrax workdir (no '
-                            'checkpoints/) nor a Hugging Face model directory (no config.json).')
+    raise FileNotFoundError(
+      f'init_from={c.init_from!r}: {path} is neither a pretrax workdir (no '
+      'checkpoints/) nor a Hugging Face model directory (no config.json).'
+    )
   # Restored straight onto this run's mesh: no full copy on one device.
   source = load(path, step, mesh=c.mesh)
   flat = jax.tree_util.tree_flatten_with_path(source.params)[0]
   return {state_lib.param_path(k): v for k, v in flat}, f'{path} at step {source.step}'
 
 
-def initial_params(c: ml_collections.ConfigDict, run: state_lib.RunState,
-                   log: Callable[[str], None]) -> Any:
+def initial_params(
+  c: ml_collections.ConfigDict, run: state_lib.RunState, log: Callable[[str], None]
+) -> Any:
   """This run's parameters taken from the run `init_from` names, in this run's shardings. Shapes
   must match; a new classification head starts fresh, and a head this run lacks (a masked LM's)
   is left out. Raises ConfigError naming the parameters that differ."""
   values, where = _source_values(c)
   flat, treedef = jax.tree_util.tree_flatten_with_path(run.abstract['params'])
   names = [state_lib.param_path(k) for k, _ in flat]
-  problems = [f'{name} is missing there' for name in names
-              if name not in values and name not in NEW_HEAD]
-  problems += [f'{name} is {a.shape} here and {tuple(values[name].shape)} there'
-               for name, (_, a) in zip(names, flat)
-               if name in values and tuple(values[name].shape) != a.shape]
+  problems = [
+    f'{name} is missing there' for name in names if name not in values and name not in NEW_HEAD
+  ]
+  problems += [
+    f'{name} is {a.shape} here and {tuple(values[name].shape)} there'
+    for name, (_, a) in zip(names, flat)
+    if name in values and tuple(values[name].shape) != a.shape
+  ]
   if problems:
     raise config_lib.ConfigError(
-        f'init_from={c.init_from!r}: this model does not match {where} ({len(problems)} '
-        f'parameters differ: {"; ".join(problems[:4])}): give the run the same --config.model.* '
-        'values (and tokenizer) as the one it starts from.')
+      f'init_from={c.init_from!r}: this model does not match {where} ({len(problems)} '
+      f'parameters differ: {"; ".join(problems[:4])}): give the run the same --config.model.* '
+      'values (and tokenizer) as the one it starts from.'
+    )
   new = [name for name in names if name not in values]
   # A random initialisation (a whole model's, briefly) only when a new head needs its values.
   fresh = dict(zip(names, jax.tree.leaves(run.init_params(c.seed)))) if new else {}
   # Host arrays (a Hugging Face start) or arrays already on this mesh (a workdir's).
-  leaves = [fresh[name] if name in new
-            else jax.device_put(values[name].astype(a.dtype), a.sharding)
-            for name, (_, a) in zip(names, flat)]
+  leaves = [
+    fresh[name] if name in new else jax.device_put(values[name].astype(a.dtype), a.sharding)
+    for name, (_, a) in zip(names, flat)
+  ]
   unused = sorted(set(values) - set(names))
-  log(f'initialised from {where} with a fresh optimizer'
-      + (f'; new (random) parameters: {", ".join(new)}' if new else '')
-      + (f'; left out: {", ".join(unused)}' if unused else ''))
+  log(
+    f'initialised from {where} with a fresh optimizer'
+    + (f'; new (random) parameters: {", ".join(new)}' if new else '')
+    + (f'; left out: {", ".join(unused)}' if unused else '')
+  )
   return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -24,19 +24,19 @@ DCN_AXES = ('data', 'fsdp')
 # length, activation_embed, activation_vocab (the embedding dim of activations is not `embed`: the
 # batch already uses fsdp, and one mesh axis cannot shard two dims of an array).
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
-    'batch': ('data', 'fsdp'),
-    'length': None,
-    'activation_embed': None,
-    'activation_vocab': 'tensor',
-    'vocab': 'tensor',
-    'embed': 'fsdp',
-    'mlp': 'tensor',
-    'heads': 'tensor',
-    'kv_heads': 'tensor',
-    'head_dim': None,
-    'position': None,
-    'norm': None,
-    'classes': None,  # A classifier's few labels: not worth splitting.
+  'batch': ('data', 'fsdp'),
+  'length': None,
+  'activation_embed': None,
+  'activation_vocab': 'tensor',
+  'vocab': 'tensor',
+  'embed': 'fsdp',
+  'mlp': 'tensor',
+  'heads': 'tensor',
+  'kv_heads': 'tensor',
+  'head_dim': None,
+  'position': None,
+  'norm': None,
+  'classes': None,  # A classifier's few labels: not worth splitting.
 }
 
 
@@ -53,13 +53,16 @@ def rules(mesh_cfg: ml_collections.ConfigDict) -> dict[str, str | tuple[str, ...
     name = name.strip()
     if not sep or name not in table:
       raise ShardingError(
-          f'mesh.rules entry {entry!r}: expected LOGICAL=AXIS[+AXIS] with LOGICAL one of '
-          f'{", ".join(table)}.')
+        f'mesh.rules entry {entry!r}: expected LOGICAL=AXIS[+AXIS] with LOGICAL one of '
+        f'{", ".join(table)}.'
+      )
     names = tuple(a.strip() for a in axes.split('+') if a.strip())
     unknown = [a for a in names if a not in MESH_AXES]
     if unknown:
-      raise ShardingError(f'mesh.rules entry {entry!r}: unknown mesh axis {unknown[0]!r} '
-                          f'(the mesh has {", ".join(MESH_AXES)}).')
+      raise ShardingError(
+        f'mesh.rules entry {entry!r}: unknown mesh axis {unknown[0]!r} '
+        f'(the mesh has {", ".join(MESH_AXES)}).'
+      )
     table[name] = names[0] if len(names) == 1 else (names or None)
   return table
 
@@ -75,18 +78,23 @@ def _resolve(sizes: list[int], num_devices: int, what: str) -> list[int]:
     fixed *= s if s != -1 else 1
   if free:
     if num_devices % fixed:
-      raise ShardingError(f'{what} {sizes} cannot use {num_devices} devices: the fixed axes '
-                          f'({fixed}) must divide the device count.')
+      raise ShardingError(
+        f'{what} {sizes} cannot use {num_devices} devices: the fixed axes '
+        f'({fixed}) must divide the device count.'
+      )
     sizes[free[0]] = num_devices // fixed
   if sizes[0] * sizes[1] * sizes[2] != num_devices:
-    raise ShardingError(f'{what} {dict(zip(MESH_AXES, sizes))} needs '
-                        f'{sizes[0] * sizes[1] * sizes[2]} devices but there are {num_devices}: '
-                        'set one axis to -1.')
+    raise ShardingError(
+      f'{what} {dict(zip(MESH_AXES, sizes))} needs '
+      f'{sizes[0] * sizes[1] * sizes[2]} devices but there are {num_devices}: '
+      'set one axis to -1.'
+    )
   return sizes
 
 
-def mesh_shapes(mesh_cfg: ml_collections.ConfigDict,
-                num_devices: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+def mesh_shapes(
+  mesh_cfg: ml_collections.ConfigDict, num_devices: int
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
   """(per-granule shape, DCN shape) of (data, fsdp, tensor). A granule is a TPU slice or a GPU
   node (process); `mesh.dcn_data` and `mesh.dcn_fsdp` say how many granules each axis spans, and
   the per-granule sizes (`mesh.data`, ...) cover the devices of one granule."""
@@ -95,8 +103,10 @@ def mesh_shapes(mesh_cfg: ml_collections.ConfigDict,
     raise ShardingError(f'mesh.dcn_data={dcn[0]} and mesh.dcn_fsdp={dcn[1]} must be >= 1.')
   granules = dcn[0] * dcn[1]
   if num_devices % granules:
-    raise ShardingError(f'mesh.dcn_data x mesh.dcn_fsdp = {granules} slices/nodes do not divide '
-                        f'{num_devices} devices.')
+    raise ShardingError(
+      f'mesh.dcn_data x mesh.dcn_fsdp = {granules} slices/nodes do not divide '
+      f'{num_devices} devices.'
+    )
   what = 'mesh per slice/node' if granules > 1 else 'mesh'
   ici = _resolve([int(mesh_cfg[a]) for a in MESH_AXES], num_devices // granules, what)
   return tuple(ici), tuple(dcn)
@@ -108,8 +118,9 @@ def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[i
   return tuple(i * d for i, d in zip(ici, dcn))
 
 
-def make_mesh(mesh_cfg: ml_collections.ConfigDict,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  mesh_cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   devices = list(devices if devices is not None else jax.devices())
   ici, dcn = mesh_shapes(mesh_cfg, len(devices))
   # Auto axes: the compiler propagates shardings between our explicit constraints.
@@ -119,12 +130,14 @@ def make_mesh(mesh_cfg: ml_collections.ConfigDict,
   # Hybrid: the DCN part of each axis is outermost, so it crosses granules and the rest stays on
   # the fast links inside one. TPU devices know their slice; elsewhere a process is a node.
   from jax.experimental import mesh_utils
+
   by_process = devices[0].platform != 'tpu'
   granules = len({d.process_index if by_process else d.slice_index for d in devices})
   if granules != dcn[0] * dcn[1]:
     raise ShardingError(
-        f'mesh.dcn_data x mesh.dcn_fsdp = {dcn[0] * dcn[1]} but the devices are in {granules} '
-        f'{"processes" if by_process else "slices"}: make the product {granules}.')
+      f'mesh.dcn_data x mesh.dcn_fsdp = {dcn[0] * dcn[1]} but the devices are in {granules} '
+      f'{"processes" if by_process else "slices"}: make the product {granules}.'
+    )
   array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
   return Mesh(array, MESH_AXES, axis_types=auto)
 
@@ -137,16 +150,19 @@ def logical_to_spec(names: Sequence[str | None], rules: Mapping[str, object]) ->
       axes.append(None)
       continue
     if name not in rules:
-      raise ShardingError(f'logical axis {name!r} has no rule: add it to the sharding rules '
-                          f'(known: {", ".join(sorted(rules))}).')
+      raise ShardingError(
+        f'logical axis {name!r} has no rule: add it to the sharding rules '
+        f'(known: {", ".join(sorted(rules))}).'
+      )
     axes.append(rules[name])
   used = [a for entry in axes if entry for a in (entry if isinstance(entry, tuple) else (entry,))]
   for axis in set(used):
     if used.count(axis) > 1:
       raise ShardingError(
-          f'logical axes {tuple(names)} map mesh axis {axis!r} to two dimensions of one array '
-          f'({", ".join(f"{n}={rules.get(n)}" for n in names if n)}): change mesh.rules so that '
-          'each mesh axis shards at most one of them.')
+        f'logical axes {tuple(names)} map mesh axis {axis!r} to two dimensions of one array '
+        f'({", ".join(f"{n}={rules.get(n)}" for n in names if n)}): change mesh.rules so that '
+        'each mesh axis shards at most one of them.'
+      )
   return P(*axes)
 
 
@@ -158,8 +174,9 @@ def param_shardings(abstract_params, mesh: Mesh, rules: Mapping[str, object] = D
     names = getattr(variable, 'out_sharding', None) or (None,) * variable[...].ndim
     return NamedSharding(mesh, logical_to_spec(names, rules))
 
-  shardings = jax.tree.map(to_sharding, abstract_params,
-                           is_leaf=lambda x: isinstance(x, nnx.Variable))
+  shardings = jax.tree.map(
+    to_sharding, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
   return nnx.to_pure_dict(shardings)
 
 
@@ -173,28 +190,40 @@ def check_divisible(abstract_params, shardings, logical_axes) -> None:
       if axes is None:
         continue
       parts = 1
-      for axis in (axes if isinstance(axes, tuple) else (axes,)):
+      for axis in axes if isinstance(axes, tuple) else (axes,):
         parts *= s.mesh.shape[axis]
       if size % parts:
         name = names[dim]
-        fix = ('set --config.model.vocab_multiple to a multiple of it' if name == 'vocab' else
-               'change the model size or the mesh')
+        fix = (
+          'set --config.model.vocab_multiple to a multiple of it'
+          if name == 'vocab'
+          else 'change the model size or the mesh'
+        )
         raise ShardingError(
-            f'parameter {jax.tree_util.keystr(path, simple=True, separator=".")} dim {dim} '
-            f'({name}, size {size}) cannot be split {parts} ways over mesh axes {axes}: {fix}, '
-            f'or replicate it with --config.mesh.rules={name}=')
+          f'parameter {jax.tree_util.keystr(path, simple=True, separator=".")} dim {dim} '
+          f'({name}, size {size}) cannot be split {parts} ways over mesh axes {axes}: {fix}, '
+          f'or replicate it with --config.mesh.rules={name}='
+        )
 
 
-def state_shardings(abstract_state, params_shardings, mesh: Mesh,
-                    optimizer: optax.GradientTransformation):
+def state_shardings(
+  abstract_state, params_shardings, mesh: Mesh, optimizer: optax.GradientTransformation
+):
   """Shardings for the whole train state: optimizer moments follow their parameters."""
   replicated = NamedSharding(mesh, P())
   opt = optax.tree_map_params(
-      optimizer, lambda _, s: s, abstract_state['opt_state'], params_shardings,
-      transform_non_params=lambda _: replicated)
+    optimizer,
+    lambda _, s: s,
+    abstract_state['opt_state'],
+    params_shardings,
+    transform_non_params=lambda _: replicated,
+  )
   # Anything else in the state (the step, loss-spike statistics) is small: every device has it.
-  others = {k: jax.tree.map(lambda _: replicated, v) for k, v in abstract_state.items()
-            if k not in ('params', 'opt_state')}
+  others = {
+    k: jax.tree.map(lambda _: replicated, v)
+    for k, v in abstract_state.items()
+    if k not in ('params', 'opt_state')
+  }
   return {**others, 'params': params_shardings, 'opt_state': opt}
 
 

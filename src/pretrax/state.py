@@ -23,6 +23,7 @@ from pretrax.model import transformer
 @dataclasses.dataclass(frozen=True)
 class RunState:
   """The static pieces of a run and the abstract (shape + sharding) train state."""
+
   model_cfg: config_lib.ModelConfig
   model_def: nnx.GraphDef
   optimizer: optax.GradientTransformation
@@ -44,8 +45,10 @@ class RunState:
 
   def init(self, seed: int) -> step_lib.TrainState:
     """A freshly initialised train state, created directly in its shardings."""
-    return jax.jit(lambda: _init(self.model_cfg, self.optimizer, seed, self.spike_window),
-                   out_shardings=self.shardings)()
+    return jax.jit(
+      lambda: _init(self.model_cfg, self.optimizer, seed, self.spike_window),
+      out_shardings=self.shardings,
+    )()
 
   def init_params(self, seed: int) -> Any:
     """Freshly initialised parameters alone, in their shardings."""
@@ -53,8 +56,10 @@ class RunState:
 
   def state_from(self, params: Any) -> step_lib.TrainState:
     """Step 0 of a run that starts from `params`: a fresh optimizer state around them."""
-    return jax.jit(lambda p: step_lib.init_state(p, self.optimizer, self.spike_window),
-                   out_shardings=self.shardings)(params)
+    return jax.jit(
+      lambda p: step_lib.init_state(p, self.optimizer, self.spike_window),
+      out_shardings=self.shardings,
+    )(params)
 
 
 def param_path(keypath) -> str:
@@ -67,13 +72,21 @@ def _params(model_cfg: config_lib.ModelConfig, seed: int) -> Any:
   return nnx.to_pure_dict(nnx.split(transformer.build(model_cfg, seed))[1])
 
 
-def _init(model_cfg: config_lib.ModelConfig, optimizer: optax.GradientTransformation,
-          seed: int, spike_window: int) -> step_lib.TrainState:
+def _init(
+  model_cfg: config_lib.ModelConfig,
+  optimizer: optax.GradientTransformation,
+  seed: int,
+  spike_window: int,
+) -> step_lib.TrainState:
   return step_lib.init_state(_params(model_cfg, seed), optimizer, spike_window)
 
 
-def build(c: ml_collections.ConfigDict, vocab_size: int,
-          devices: list[jax.Device] | None = None, num_classes: int = 0) -> RunState:
+def build(
+  c: ml_collections.ConfigDict,
+  vocab_size: int,
+  devices: list[jax.Device] | None = None,
+  num_classes: int = 0,
+) -> RunState:
   model_cfg = config_lib.model_config(c, vocab_size, num_classes)
   optim_cfg = config_lib.optim_config(c)
   optimizer = optim.optimizer(optim_cfg)
@@ -81,16 +94,28 @@ def build(c: ml_collections.ConfigDict, vocab_size: int,
   mesh = sharding.make_mesh(c.mesh, devices)
   rules = sharding.rules(c.mesh)
   params_shardings = sharding.param_shardings(abstract_params, mesh, rules)
-  logical_axes = nnx.to_pure_dict(jax.tree.map(
-      lambda v: tuple(getattr(v, 'out_sharding', None) or (None,) * v[...].ndim), abstract_params,
-      is_leaf=lambda x: isinstance(x, nnx.Variable)))
+  logical_axes = nnx.to_pure_dict(
+    jax.tree.map(
+      lambda v: tuple(getattr(v, 'out_sharding', None) or (None,) * v[...].ndim),
+      abstract_params,
+      is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+  )
   sharding.check_divisible(nnx.to_pure_dict(abstract_params), params_shardings, logical_axes)
   abstract_state = jax.eval_shape(lambda: _init(model_cfg, optimizer, 0, c.optim.spike_window))
   shardings = sharding.state_shardings(abstract_state, params_shardings, mesh, optimizer)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_state, shardings)
-  return RunState(model_cfg=model_cfg, model_def=model_def, optimizer=optimizer,
-                  schedule=optim.schedule(optim_cfg), mesh=mesh, rules=rules,
-                  logical_axes=logical_axes, shardings=shardings,
-                  spike_window=c.optim.spike_window,
-                  abstract=abstract)
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+  )
+  return RunState(
+    model_cfg=model_cfg,
+    model_def=model_def,
+    optimizer=optimizer,
+    schedule=optim.schedule(optim_cfg),
+    mesh=mesh,
+    rules=rules,
+    logical_axes=logical_axes,
+    shardings=shardings,
+    spike_window=c.optim.spike_window,
+    abstract=abstract,
+  )

@@ -42,32 +42,51 @@ class StepConfig:
 
 def step_config(c) -> StepConfig:
   """The step's settings from a run's ConfigDict."""
-  return StepConfig(grad_accum_steps=c.optim.grad_accum_steps, z_loss=c.optim.z_loss,
-                    dropout=c.model.dropout > 0, seed=c.seed,
-                    objectives=tuple(name for name, _ in config_lib.objective_mixture(c.objective)),
-                    skip_nonfinite=c.optim.skip_nonfinite, spike_window=c.optim.spike_window,
-                    spike_threshold=c.optim.spike_threshold)
+  return StepConfig(
+    grad_accum_steps=c.optim.grad_accum_steps,
+    z_loss=c.optim.z_loss,
+    dropout=c.model.dropout > 0,
+    seed=c.seed,
+    objectives=tuple(name for name, _ in config_lib.objective_mixture(c.objective)),
+    skip_nonfinite=c.optim.skip_nonfinite,
+    spike_window=c.optim.spike_window,
+    spike_threshold=c.optim.spike_threshold,
+  )
 
 
-def init_state(params, optimizer: optax.GradientTransformation,
-               spike_window: int = 0) -> TrainState:
+def init_state(
+  params, optimizer: optax.GradientTransformation, spike_window: int = 0
+) -> TrainState:
   state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': optimizer.init(params)}
   if spike_window:
-    state['loss_window'] = {'losses': jnp.zeros((spike_window,), jnp.float32),
-                            'count': jnp.zeros((), jnp.int32)}
+    state['loss_window'] = {
+      'losses': jnp.zeros((spike_window,), jnp.float32),
+      'count': jnp.zeros((), jnp.int32),
+    }
   return state
 
 
-def _forward(model, batch: Batch,
-             dropout_rng: jax.Array | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _forward(
+  model, batch: Batch, dropout_rng: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(logits, targets, weights): over the vocabulary at every position, or, for a
   classification batch (it has `labels`), over the classes for each packed example."""
   if 'labels' in batch:
-    logits_BSC = model.classify(batch['inputs'], batch['segment_ids'], batch['positions'],
-                                batch['labels'].shape[1], dropout_rng=dropout_rng)
+    logits_BSC = model.classify(
+      batch['inputs'],
+      batch['segment_ids'],
+      batch['positions'],
+      batch['labels'].shape[1],
+      dropout_rng=dropout_rng,
+    )
     return logits_BSC, batch['labels'], batch['label_weights']
-  logits_BLV = model(batch['inputs'], batch['segment_ids'], batch['positions'],
-                     batch.get('prefix'), dropout_rng=dropout_rng)
+  logits_BLV = model(
+    batch['inputs'],
+    batch['segment_ids'],
+    batch['positions'],
+    batch.get('prefix'),
+    dropout_rng=dropout_rng,
+  )
   return logits_BLV, batch['targets'], batch['weights']
 
 
@@ -78,15 +97,21 @@ def _groups(batch: Batch, num_objectives: int) -> dict[str, Any]:
   return {'groups_BL': batch['objective'], 'num_groups': len(config_lib.OBJECTIVES)}
 
 
-def _sums(logits, targets, weights, batch: Batch, z_loss: float,
-          num_objectives: int) -> dict[str, jax.Array]:
+def _sums(
+  logits, targets, weights, batch: Batch, z_loss: float, num_objectives: int
+) -> dict[str, jax.Array]:
   """The loss sums of a forward pass, per objective too when a mixture trains."""
-  return loss_lib.cross_entropy(logits, targets, weights, z_loss,
-                                **_groups(batch, num_objectives))
+  return loss_lib.cross_entropy(logits, targets, weights, z_loss, **_groups(batch, num_objectives))
 
 
-def _forward_sums(params, batch: Batch, model_def: nnx.GraphDef, z_loss: float,
-                  dropout_rng: jax.Array | None, num_objectives: int) -> dict[str, jax.Array]:
+def _forward_sums(
+  params,
+  batch: Batch,
+  model_def: nnx.GraphDef,
+  z_loss: float,
+  dropout_rng: jax.Array | None,
+  num_objectives: int,
+) -> dict[str, jax.Array]:
   """The loss sums of a batch. With model.loss_chunk the logits over the vocabulary are never
   built whole: the output projection runs inside the chunked loss."""
   model = nnx.merge(model_def, params)
@@ -94,13 +119,25 @@ def _forward_sums(params, batch: Batch, model_def: nnx.GraphDef, z_loss: float,
   if not chunk or 'labels' in batch:
     logits, targets, weights = _forward(model, batch, dropout_rng)
     return _sums(logits, targets, weights, batch, z_loss, num_objectives)
-  x_BLD = model.states(batch['inputs'], batch['segment_ids'], batch['positions'],
-                       batch.get('prefix'), dropout_rng=dropout_rng)
+  x_BLD = model.states(
+    batch['inputs'],
+    batch['segment_ids'],
+    batch['positions'],
+    batch.get('prefix'),
+    dropout_rng=dropout_rng,
+  )
   head_DV, bias_V = model.output_projection()
   return loss_lib.chunked_cross_entropy(
-      model.head_input(x_BLD), head_DV, batch['targets'], batch['weights'], chunk=chunk,
-      bias_V=bias_V, z_loss=z_loss, batch_shards=layers.shards('batch'),
-      **_groups(batch, num_objectives))
+    model.head_input(x_BLD),
+    head_DV,
+    batch['targets'],
+    batch['weights'],
+    chunk=chunk,
+    bias_V=bias_V,
+    z_loss=z_loss,
+    batch_shards=layers.shards('batch'),
+    **_groups(batch, num_objectives),
+  )
 
 
 def _objective_metrics(sums, objectives: tuple[str, ...], prefix: str) -> Metrics:
@@ -110,13 +147,20 @@ def _objective_metrics(sums, objectives: tuple[str, ...], prefix: str) -> Metric
   out = {}
   for name in objectives:
     k = config_lib.OBJECTIVES.index(name)
-    out[f'{prefix}loss_{name}'] = (sums['group_loss_sum'][k]
-                                   / jnp.maximum(sums['group_weight_sum'][k], 1.0))
+    out[f'{prefix}loss_{name}'] = sums['group_loss_sum'][k] / jnp.maximum(
+      sums['group_weight_sum'][k], 1.0
+    )
   return out
 
 
-def _grads(params, batch: Batch, total_weight: jax.Array, model_def: nnx.GraphDef,
-           cfg: StepConfig, dropout_rng: jax.Array | None):
+def _grads(
+  params,
+  batch: Batch,
+  total_weight: jax.Array,
+  model_def: nnx.GraphDef,
+  cfg: StepConfig,
+  dropout_rng: jax.Array | None,
+):
   """Gradient of the batch's mean loss (the total weight of the full batch divides every part)."""
 
   def objective(p):
@@ -126,9 +170,15 @@ def _grads(params, batch: Batch, total_weight: jax.Array, model_def: nnx.GraphDe
   return jax.grad(objective, has_aux=True)(params)
 
 
-def train_step(state: TrainState, batch: Batch, *, model_def: nnx.GraphDef,
-               optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-               cfg: StepConfig) -> tuple[TrainState, Metrics]:
+def train_step(
+  state: TrainState,
+  batch: Batch,
+  *,
+  model_def: nnx.GraphDef,
+  optimizer: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  cfg: StepConfig,
+) -> tuple[TrainState, Metrics]:
   """One optimizer step over the global batch, accumulated over `grad_accum_steps` micro-batches."""
   step = state['step']
   # Derived from (seed, step), so a resumed run draws the same dropout masks.
@@ -150,14 +200,20 @@ def train_step(state: TrainState, batch: Batch, *, model_def: nnx.GraphDef,
       return jax.tree.map(jnp.add, carry, (g, s)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    sums_shape = jax.eval_shape(lambda: _grads(params, jax.tree.map(lambda x: x[0], micro),
-                                               total_weight, model_def, cfg, rng)[1])
+    sums_shape = jax.eval_shape(
+      lambda: _grads(
+        params, jax.tree.map(lambda x: x[0], micro), total_weight, model_def, cfg, rng
+      )[1]
+    )
     zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
     (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), (jnp.arange(A), micro))
 
   updates, opt_state = optimizer.update(grads, state['opt_state'], params)
-  new_state = {'step': step + 1, 'params': optax.apply_updates(params, updates),
-               'opt_state': opt_state}
+  new_state = {
+    'step': step + 1,
+    'params': optax.apply_updates(params, updates),
+    'opt_state': opt_state,
+  }
   grad_norm = optax.global_norm(grads)
   loss = sums['loss_sum'] / total_weight
   skip_metrics = {}
@@ -168,14 +224,16 @@ def train_step(state: TrainState, batch: Batch, *, model_def: nnx.GraphDef,
     window = state['loss_window']
     mean, std = jnp.mean(window['losses']), jnp.std(window['losses'])
     # Judged only once the window is full; a floor on the spread keeps a flat window sane.
-    spike = ((window['count'] >= cfg.spike_window)
-             & (loss > mean + cfg.spike_threshold * jnp.maximum(std, 1e-3 * jnp.abs(mean))))
+    spike = (window['count'] >= cfg.spike_window) & (
+      loss > mean + cfg.spike_threshold * jnp.maximum(std, 1e-3 * jnp.abs(mean))
+    )
     accept &= ~spike
     enters = accept & jnp.isfinite(loss)  # Non-finite and skipped losses never enter.
     slot = window['count'] % cfg.spike_window
     new_state['loss_window'] = {
-        'losses': jnp.where(enters, window['losses'].at[slot].set(loss), window['losses']),
-        'count': window['count'] + enters.astype(jnp.int32)}
+      'losses': jnp.where(enters, window['losses'].at[slot].set(loss), window['losses']),
+      'count': window['count'] + enters.astype(jnp.int32),
+    }
     skip_metrics['spike'] = spike.astype(jnp.int32)
   if cfg.skip_nonfinite or cfg.spike_window:
     keep = lambda new, old: jnp.where(accept, new, old)
@@ -183,21 +241,28 @@ def train_step(state: TrainState, batch: Batch, *, model_def: nnx.GraphDef,
     new_state['opt_state'] = jax.tree.map(keep, opt_state, state['opt_state'])
     skip_metrics['skipped'] = 1 - accept.astype(jnp.int32)
   metrics = {
-      'loss': loss,
-      'z_loss': sums['z_loss_sum'] / total_weight,
-      'accuracy': sums['correct_sum'] / total_weight,
-      'grad_norm': grad_norm,
-      'lr': schedule(step),
-      'tokens': sums['weight_sum'],
-      **_objective_metrics(sums, cfg.objectives, ''),
-      **skip_metrics,
+    'loss': loss,
+    'z_loss': sums['z_loss_sum'] / total_weight,
+    'accuracy': sums['correct_sum'] / total_weight,
+    'grad_norm': grad_norm,
+    'lr': schedule(step),
+    'tokens': sums['weight_sum'],
+    **_objective_metrics(sums, cfg.objectives, ''),
+    **skip_metrics,
   }
   return new_state, metrics
 
 
-def eval_step(params, batch: Batch, bytes_per_token: jax.Array, baseline_id: jax.Array, *,
-              model_def: nnx.GraphDef, num_objectives: int = 1,
-              exact_match: bool = False) -> Metrics:
+def eval_step(
+  params,
+  batch: Batch,
+  bytes_per_token: jax.Array,
+  baseline_id: jax.Array,
+  *,
+  model_def: nnx.GraphDef,
+  num_objectives: int = 1,
+  exact_match: bool = False,
+) -> Metrics:
   """Sums over one held-out batch; the caller adds them up and divides.
 
   baseline_correct_sum counts the targets equal to `baseline_id` (the training split's most
@@ -208,8 +273,10 @@ def eval_step(params, batch: Batch, bytes_per_token: jax.Array, baseline_id: jax
   """
   if exact_match:  # Needs every position's argmax: the logits whole.
     logits, targets, weights = _forward(nnx.merge(model_def, params), batch, None)
-    sums = {**_sums(logits, targets, weights, batch, 0.0, num_objectives),
-            **_exact_sums(logits, batch)}
+    sums = {
+      **_sums(logits, targets, weights, batch, 0.0, num_objectives),
+      **_exact_sums(logits, batch),
+    }
   else:
     sums = _forward_sums(params, batch, model_def, 0.0, None, num_objectives)
   if 'labels' in batch:
@@ -247,16 +314,30 @@ def _traced_with(fn, activation_sharding):
   return traced
 
 
-def jit_train_step(model_def: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                   schedule: optax.Schedule, cfg: StepConfig, *, activation_sharding=None,
-                   **jit_kwargs):
-  step_fn = functools.partial(train_step, model_def=model_def, optimizer=optimizer,
-                              schedule=schedule, cfg=cfg)
+def jit_train_step(
+  model_def: nnx.GraphDef,
+  optimizer: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  cfg: StepConfig,
+  *,
+  activation_sharding=None,
+  **jit_kwargs,
+):
+  step_fn = functools.partial(
+    train_step, model_def=model_def, optimizer=optimizer, schedule=schedule, cfg=cfg
+  )
   return jax.jit(_traced_with(step_fn, activation_sharding), donate_argnums=0, **jit_kwargs)
 
 
-def jit_eval_step(model_def: nnx.GraphDef, num_objectives: int = 1, *, exact_match: bool = False,
-                  activation_sharding=None, **jit_kwargs):
-  step_fn = functools.partial(eval_step, model_def=model_def, num_objectives=num_objectives,
-                              exact_match=exact_match)
+def jit_eval_step(
+  model_def: nnx.GraphDef,
+  num_objectives: int = 1,
+  *,
+  exact_match: bool = False,
+  activation_sharding=None,
+  **jit_kwargs,
+):
+  step_fn = functools.partial(
+    eval_step, model_def=model_def, num_objectives=num_objectives, exact_match=exact_match
+  )
   return jax.jit(_traced_with(step_fn, activation_sharding), **jit_kwargs)

@@ -144,17 +144,26 @@ def load_sweep(config_spec: str, sweep_spec: str | None) -> Sweep:
     raise SweepError(f'{path} does not exist: give a Python file that defines get_sweep(arg).')
   module = config_lib.load_module(path)
   if not hasattr(module, 'get_sweep'):
-    raise SweepError(f'{path} defines no get_sweep(arg): add one beside get_config, or pass '
-                     '--sweep=FILE.py with one.')
+    raise SweepError(
+      f'{path} defines no get_sweep(arg): add one beside get_config, or pass '
+      '--sweep=FILE.py with one.'
+    )
   trials = module.get_sweep(arg or None)
   if not trials or not all(isinstance(t, dict) for t in trials):
-    raise SweepError(f'get_sweep in {path} must return a non-empty list of dicts of overrides '
-                     '(build it with pretrax.sweep.values, product, zip_, random).')
+    raise SweepError(
+      f'get_sweep in {path} must return a non-empty list of dicts of overrides '
+      '(build it with pretrax.sweep.values, product, zip_, random).'
+    )
   return [{k.removeprefix('config.'): v for k, v in t.items()} for t in trials]
 
 
-def expand(sweep: Sweep, config: ml_collections.ConfigDict, config_spec: str, workdir: str,
-           shared: dict[str, Any]) -> list[Trial]:
+def expand(
+  sweep: Sweep,
+  config: ml_collections.ConfigDict,
+  config_spec: str,
+  workdir: str,
+  shared: dict[str, Any],
+) -> list[Trial]:
   """Named trials with their workdirs and `pretrax train` arguments.
 
   `config` is the loaded config with the `shared` overrides applied: each swept key and value is
@@ -170,10 +179,16 @@ def expand(sweep: Sweep, config: ml_collections.ConfigDict, config_spec: str, wo
   trials = []
   for name, overrides in zip(names, sweep):
     trial_dir = os.path.join(workdir, name)
-    args = ('train', common[0], f'--workdir={trial_dir}', *common[1:],
-            *(_flag(k, v) for k, v in overrides.items()))
-    trials.append(Trial(name, overrides, trial_dir, args,
-                        steps=int(overrides.get('steps', config.steps))))
+    args = (
+      'train',
+      common[0],
+      f'--workdir={trial_dir}',
+      *common[1:],
+      *(_flag(k, v) for k, v in overrides.items()),
+    )
+    trials.append(
+      Trial(name, overrides, trial_dir, args, steps=int(overrides.get('steps', config.steps)))
+    )
   return trials
 
 
@@ -193,8 +208,9 @@ def _check_override(config: ml_collections.ConfigDict, key: str, value: Any) -> 
   try:
     probe[parts[-1]] = value
   except TypeError:
-    raise SweepError(f'the sweep sets {key}={value!r}, but {key} is a '
-                     f'{type(node[parts[-1]]).__name__}.') from None
+    raise SweepError(
+      f'the sweep sets {key}={value!r}, but {key} is a {type(node[parts[-1]]).__name__}.'
+    ) from None
 
 
 def _flag(key: str, value: Any) -> str:
@@ -310,8 +326,13 @@ def _start(trial: Trial, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
     f.write(f'==== pretrax sweep, {time.strftime("%Y-%m-%d %H:%M:%S")}: {trial.command}\n')
     f.flush()
     offset = f.tell()
-    process = subprocess.Popen([sys.executable, '-m', 'pretrax.cli', *trial.args], env=env,
-                               stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+      [sys.executable, '-m', 'pretrax.cli', *trial.args],
+      env=env,
+      stdin=subprocess.DEVNULL,
+      stdout=f,
+      stderr=subprocess.STDOUT,
+    )
   return process, offset
 
 
@@ -320,13 +341,24 @@ def _finish(trial: Trial, exit_code: int, start: float, offset: int) -> str:
   seconds = time.time() - start
   error = '' if exit_code == 0 else _error_line(trial, exit_code, offset)
   with open(os.path.join(trial.workdir, RESULT_FILE), 'w') as f:
-    json.dump({'command': trial.command, 'exit_code': exit_code, 'seconds': round(seconds, 1),
-               'error': error}, f, indent=1)
+    json.dump(
+      {
+        'command': trial.command,
+        'exit_code': exit_code,
+        'seconds': round(seconds, 1),
+        'error': error,
+      },
+      f,
+      indent=1,
+    )
   took = _duration(seconds)
   if exit_code == 0:
     row = summarize(trial)
-    losses = ', '.join(f'{label} {row[key]:.4f}' for key, label in
-                       (('train_loss', 'loss'), ('eval_loss', 'eval loss')) if row[key] != '')
+    losses = ', '.join(
+      f'{label} {row[key]:.4f}'
+      for key, label in (('train_loss', 'loss'), ('eval_loss', 'eval loss'))
+      if row[key] != ''
+    )
     return f'finished in {took}' + (f': {losses}' if losses else '')
   return f'{_status(exit_code).upper()} after {took} (exit {exit_code}): {error}'
 
@@ -368,8 +400,17 @@ def _read_result(trial: Trial) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------------
 # Results: the table and the plot.
 
-COLUMNS = ('status', 'train_loss', 'eval_loss', 'best_eval_loss', 'tokens_per_s', 'steps',
-           'seconds', 'exit_code', 'error')
+COLUMNS = (
+  'status',
+  'train_loss',
+  'eval_loss',
+  'best_eval_loss',
+  'tokens_per_s',
+  'steps',
+  'seconds',
+  'exit_code',
+  'error',
+)
 
 
 def _records(trial: Trial) -> list[dict[str, Any]]:
@@ -401,14 +442,17 @@ def summarize(trial: Trial) -> dict[str, Any]:
     status = 'incomplete'  # Metrics but no recorded exit: running, killed, or stopped early.
   speeds = [r['tokens_per_s'] for r in train if 'tokens_per_s' in r]
   return {
-      'trial': trial.name, **trial.overrides, 'status': status,
-      'train_loss': train[-1]['loss'] if train else '',
-      'eval_loss': evals[-1]['eval_loss'] if evals else '',
-      'best_eval_loss': min(r['eval_loss'] for r in evals) if evals else '',
-      'tokens_per_s': statistics.median(speeds) if speeds else '',
-      'steps': train[-1]['step'] if train else '',
-      'seconds': result.get('seconds', ''), 'exit_code': '' if exit_code is None else exit_code,
-      'error': result.get('error', ''),
+    'trial': trial.name,
+    **trial.overrides,
+    'status': status,
+    'train_loss': train[-1]['loss'] if train else '',
+    'eval_loss': evals[-1]['eval_loss'] if evals else '',
+    'best_eval_loss': min(r['eval_loss'] for r in evals) if evals else '',
+    'tokens_per_s': statistics.median(speeds) if speeds else '',
+    'steps': train[-1]['step'] if train else '',
+    'seconds': result.get('seconds', ''),
+    'exit_code': '' if exit_code is None else exit_code,
+    'error': result.get('error', ''),
   }
 
 
@@ -432,18 +476,38 @@ def markdown_table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
   def number(value: Any, spec: str) -> str:
     return '' if value == '' else format(value, spec)
 
-  head = ['trial', *keys, 'status', 'train loss', 'eval loss', 'best eval', 'tok/s', 'steps',
-          'time', 'error']
-  lines = ['| ' + ' | '.join(head) + ' |',
-           '| --- | ' + '---: | ' * len(keys) + '--- | ' + '---: | ' * 6 + '--- |']
+  head = [
+    'trial',
+    *keys,
+    'status',
+    'train loss',
+    'eval loss',
+    'best eval',
+    'tok/s',
+    'steps',
+    'time',
+    'error',
+  ]
+  lines = [
+    '| ' + ' | '.join(head) + ' |',
+    '| --- | ' + '---: | ' * len(keys) + '--- | ' + '---: | ' * 6 + '--- |',
+  ]
   for r in rows:
-    cells = [r['trial'], *(number(r.get(k, ''), 'g') if isinstance(r.get(k), float)
-                           else str(r.get(k, '')) for k in keys),
-             r['status'], number(r['train_loss'], '.4f'), number(r['eval_loss'], '.4f'),
-             number(r['best_eval_loss'], '.4f'), number(r['tokens_per_s'], ',.0f'),
-             str(r['steps']),
-             '' if r['seconds'] == '' else _duration(r['seconds']),
-             (f'exit {r["exit_code"]}: ' if r['error'] else '') + r['error']]
+    cells = [
+      r['trial'],
+      *(
+        number(r.get(k, ''), 'g') if isinstance(r.get(k), float) else str(r.get(k, ''))
+        for k in keys
+      ),
+      r['status'],
+      number(r['train_loss'], '.4f'),
+      number(r['eval_loss'], '.4f'),
+      number(r['best_eval_loss'], '.4f'),
+      number(r['tokens_per_s'], ',.0f'),
+      str(r['steps']),
+      '' if r['seconds'] == '' else _duration(r['seconds']),
+      (f'exit {r["exit_code"]}: ' if r['error'] else '') + r['error'],
+    ]
     lines.append('| ' + ' | '.join(c.replace('|', '\\|') for c in cells) + ' |')
   return '\n'.join(lines)
 
@@ -477,10 +541,18 @@ def plot_losses(trials: Sequence[Trial], path: str) -> None:
 # The command.
 
 
-def run_sweep(config: ml_collections.ConfigDict, config_spec: str, workdir: str, *,
-              shared: dict[str, Any], sweep_spec: str | None = None, parallel: int = 1,
-              print_only: bool = False, collect: bool = False,
-              log: Callable[[str], None] = print) -> int:
+def run_sweep(
+  config: ml_collections.ConfigDict,
+  config_spec: str,
+  workdir: str,
+  *,
+  shared: dict[str, Any],
+  sweep_spec: str | None = None,
+  parallel: int = 1,
+  print_only: bool = False,
+  collect: bool = False,
+  log: Callable[[str], None] = print,
+) -> int:
   """`pretrax sweep`: expands, then prints the commands or runs the trials and writes the results.
   With `collect`, runs nothing and writes the results of trials run elsewhere (`print_only`).
 
@@ -492,9 +564,11 @@ def run_sweep(config: ml_collections.ConfigDict, config_spec: str, workdir: str,
       print(trial.command)
     return 0
   if paths.is_remote(workdir):  # Trials' logs and results, and the table, are local files.
-    raise SweepError(f'--workdir={workdir}: a sweep runs and collects its trials in a local '
-                     'directory; for trials on a bucket, pass --print and start the commands '
-                     'with a launcher.')
+    raise SweepError(
+      f'--workdir={workdir}: a sweep runs and collects its trials in a local '
+      'directory; for trials on a bucket, pass --print and start the commands '
+      'with a launcher.'
+    )
   log(f'sweep of {len(trials)} trials in {workdir}, {parallel} at a time')
   start = time.time()
   interrupted = False
@@ -509,11 +583,15 @@ def run_sweep(config: ml_collections.ConfigDict, config_spec: str, workdir: str,
   scored = [r for r in rows if r['status'] == 'ok' and r['eval_loss'] != '']
   best = min(scored, key=lambda r: r['eval_loss']) if scored else None
   took = _duration(time.time() - start)
-  summary = (f'{len(rows) - len(bad)} of {len(rows)} trials ok in {took}'
-             + (f'; best eval loss {best["eval_loss"]:.4f}: {best["trial"]}' if best else ''))
+  summary = f'{len(rows) - len(bad)} of {len(rows)} trials ok in {took}' + (
+    f'; best eval loss {best["eval_loss"]:.4f}: {best["trial"]}' if best else ''
+  )
   if bad:
-    summary += (f'; SWEEP FAILED: {len(bad)} did not finish ('
-                + ', '.join(f'{r["trial"]}: {r["status"]}' for r in bad) + ')')
+    summary += (
+      f'; SWEEP FAILED: {len(bad)} did not finish ('
+      + ', '.join(f'{r["trial"]}: {r["status"]}' for r in bad)
+      + ')'
+    )
   log(summary)
   log(f'results in {workdir}: results.md, results.csv, loss_curves.png')
   if interrupted:

@@ -29,11 +29,12 @@ class TokenizerError(errors.PretraxError, ValueError):
 def _chunks(texts: Iterable[str], size: int = _TRAIN_CHUNK_CHARS) -> Iterator[str]:
   for text in texts:
     for start in range(0, len(text), size):
-      yield text[start:start + size]
+      yield text[start : start + size]
 
 
-def train(texts: Iterable[str], *, model_type: str = 'char', vocab_size: int = 512,
-          num_sentinels: int = 0) -> bytes:
+def train(
+  texts: Iterable[str], *, model_type: str = 'char', vocab_size: int = 512, num_sentinels: int = 0
+) -> bytes:
   """Trains a lossless SentencePiece model on `texts`; returns the serialized model.
 
   `num_sentinels` reserves that many sentinel pieces (ids 5, 6, ...) for span corruption.
@@ -43,34 +44,40 @@ def train(texts: Iterable[str], *, model_type: str = 'char', vocab_size: int = 5
     _train_into(model, texts, model_type, vocab_size, num_sentinels)
   except RuntimeError as e:  # SentencePiece's own checks (a vocabulary too small for the text).
     message = ' '.join(str(e).split()).split('] ')[-1]
-    raise TokenizerError(f'training a {model_type} tokenizer of {vocab_size} pieces failed: '
-                         f'{message} Set --config.tokenizer.vocab_size (or '
-                         'tokenizer.model_type) to fit the text.') from None
+    raise TokenizerError(
+      f'training a {model_type} tokenizer of {vocab_size} pieces failed: '
+      f'{message} Set --config.tokenizer.vocab_size (or '
+      'tokenizer.model_type) to fit the text.'
+    ) from None
   return model.getvalue()
 
 
-def _train_into(model: io.BytesIO, texts: Iterable[str], model_type: str, vocab_size: int,
-                num_sentinels: int) -> None:
+def _train_into(
+  model: io.BytesIO, texts: Iterable[str], model_type: str, vocab_size: int, num_sentinels: int
+) -> None:
   spm.SentencePieceTrainer.train(
-      sentence_iterator=_chunks(texts),
-      model_writer=model,
-      model_type=model_type,
-      vocab_size=vocab_size,
-      # Lossless: no normalisation, whitespace kept as is, no dummy prefix, bytes for the unseen.
-      normalization_rule_name='identity',
-      remove_extra_whitespaces=False,
-      add_dummy_prefix=False,
-      allow_whitespace_only_pieces=True,
-      byte_fallback=True,
-      character_coverage=1.0,
-      split_digits=False,
-      max_sentence_length=4 * _TRAIN_CHUNK_CHARS,  # In bytes; a chunk's UTF-8 fits.
-      # `char` models have as many pieces as the alphabet has characters; the size is a bound.
-      hard_vocab_limit=model_type != 'char',
-      pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-      control_symbols=[MASK_PIECE] + [SENTINEL_PIECE.format(i) for i in range(num_sentinels)],
-      num_threads=2,
-      minloglevel=2,
+    sentence_iterator=_chunks(texts),
+    model_writer=model,
+    model_type=model_type,
+    vocab_size=vocab_size,
+    # Lossless: no normalisation, whitespace kept as is, no dummy prefix, bytes for the unseen.
+    normalization_rule_name='identity',
+    remove_extra_whitespaces=False,
+    add_dummy_prefix=False,
+    allow_whitespace_only_pieces=True,
+    byte_fallback=True,
+    character_coverage=1.0,
+    split_digits=False,
+    max_sentence_length=4 * _TRAIN_CHUNK_CHARS,  # In bytes; a chunk's UTF-8 fits.
+    # `char` models have as many pieces as the alphabet has characters; the size is a bound.
+    hard_vocab_limit=model_type != 'char',
+    pad_id=PAD_ID,
+    unk_id=UNK_ID,
+    bos_id=BOS_ID,
+    eos_id=EOS_ID,
+    control_symbols=[MASK_PIECE] + [SENTINEL_PIECE.format(i) for i in range(num_sentinels)],
+    num_threads=2,
+    minloglevel=2,
   )
 
 
@@ -83,12 +90,15 @@ class Tokenizer:
       self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     except (RuntimeError, OSError, TypeError) as e:
       raise TokenizerError(
-          f'{where} is not a SentencePiece model, damaged or cut short ({" ".join(str(e).split())}'
-          '): restore it, or delete it to have it written again from the run\'s token store '
-          '(or trained anew).') from None
+        f'{where} is not a SentencePiece model, damaged or cut short ({" ".join(str(e).split())}'
+        "): restore it, or delete it to have it written again from the run's token store "
+        '(or trained anew).'
+      ) from None
     if self._sp.pad_id() != PAD_ID or self._sp.eos_id() != EOS_ID:
-      raise TokenizerError(f'{where} is not a pretrax tokenizer: pad and eos must have ids 0 and '
-                           '3; train one with `pretrax tokenizer`.')
+      raise TokenizerError(
+        f'{where} is not a pretrax tokenizer: pad and eos must have ids 0 and '
+        '3; train one with `pretrax tokenizer`.'
+      )
 
   @classmethod
   def load(cls, path: str) -> 'Tokenizer':
@@ -123,8 +133,9 @@ class Tokenizer:
 
   def special_ids(self) -> np.ndarray:
     """Boolean table over ids: True for pad, unk, bos, eos, mask and sentinels (never text)."""
-    return np.array([self._sp.is_control(i) or self._sp.is_unknown(i)
-                     for i in range(self.vocab_size)], np.bool_)
+    return np.array(
+      [self._sp.is_control(i) or self._sp.is_unknown(i) for i in range(self.vocab_size)], np.bool_
+    )
 
   def word_starts(self) -> np.ndarray:
     """Boolean table over ids: True for pieces that begin a word (they start with whitespace,

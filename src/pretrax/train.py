@@ -32,6 +32,7 @@ from pretrax import saved_run
 from pretrax.data import dataset
 from pretrax.data import objectives as objectives_lib
 
+
 def log(message: str) -> None:
   if jax.process_index() == 0:
     print(message, flush=True)
@@ -57,8 +58,12 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         mngr.close()
 
 
-def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
-           mngr: checkpoint.ocp.CheckpointManager) -> dict[str, Any]:
+def _train(
+  c: ml_collections.ConfigDict,
+  workdir: str,
+  stop: faults.StopSignals,
+  mngr: checkpoint.ocp.CheckpointManager,
+) -> dict[str, Any]:
   # ---- Config and data ----------------------------------------------------------------------
   checkpoint.check_resumable(mngr, c)
   data = load_data(c, workdir, has_checkpoints=mngr.latest_step() is not None)
@@ -74,8 +79,9 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
   log(f'model: {c.model.flavour}, {num_params:,} parameters, mesh {dict(run.mesh.shape)}')
 
   # ---- Steps, bookkeeping, the loop ---------------------------------------------------------
-  evaluate = train_eval.Evaluator(c, train_eval.held_out(c, run, data),
-                                  train_eval.task_scorer(c, run, data, log))
+  evaluate = train_eval.Evaluator(
+    c, train_eval.held_out(c, run, data), train_eval.task_scorer(c, run, data, log)
+  )
   run_log = RunLog.create(c, workdir, run, start, latest_step=mngr.latest_step)
   trace = _StepTrace(c.profile_steps, workdir)
   compile_s = 0.0
@@ -84,15 +90,27 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
       batches = _global_batches(c, run, data, start)
       first = next(batches)
       train_step, compile_s = _compiled_train_step(c, run, state, first)
-      log(f'compiled the train step in {compile_s:.1f} s; MFU against '
-          f'{run_log.peak / 1e9:,.0f} GFLOP/s ({run_log.peak_source})')
+      log(
+        f'compiled the train step in {compile_s:.1f} s; MFU against '
+        f'{run_log.peak / 1e9:,.0f} GFLOP/s ({run_log.peak_source})'
+      )
       run_log.restart_clock()
-      state = _loop(c, state, start, itertools.chain([first], batches), train_step, evaluate,
-                    run_log,
-                    lambda step, s: checkpoint.save(mngr, step, s, run_log.config_json),
-                    stop, trace)
+      state = _loop(
+        c,
+        state,
+        start,
+        itertools.chain([first], batches),
+        train_step,
+        evaluate,
+        run_log,
+        lambda step, s: checkpoint.save(mngr, step, s, run_log.config_json),
+        stop,
+        trace,
+      )
     else:
-      log(f'already at step {start} of {c.steps}: nothing to train (raise --config.steps to go on).')
+      log(
+        f'already at step {start} of {c.steps}: nothing to train (raise --config.steps to go on).'
+      )
   finally:
     trace.close()
     try:
@@ -101,17 +119,33 @@ def _train(c: ml_collections.ConfigDict, workdir: str, stop: faults.StopSignals,
       run_log.writer.close()
 
   text = _final_sample(c, run, state['params'], data)
-  log(f'outputs in {paths.path(workdir)}: metrics.jsonl, TensorBoard events, checkpoints/, '
-      f'{saved_run.TOKENIZER_FILE}')
-  return {'train': run_log.last_train, 'eval': run_log.last_eval, 'state': state,
-          'compile_s': compile_s, 'peak_flops': run_log.peak,
-          'flops_per_step': run_log.flops_per_step, 'sample': text}
+  log(
+    f'outputs in {paths.path(workdir)}: metrics.jsonl, TensorBoard events, checkpoints/, '
+    f'{saved_run.TOKENIZER_FILE}'
+  )
+  return {
+    'train': run_log.last_train,
+    'eval': run_log.last_eval,
+    'state': state,
+    'compile_s': compile_s,
+    'peak_flops': run_log.peak,
+    'flops_per_step': run_log.flops_per_step,
+    'sample': text,
+  }
 
 
-def _loop(c: ml_collections.ConfigDict, state: Any, start: int,
-          batches: Iterator[dict[str, jax.Array]], train_step: Callable,
-          evaluate: train_eval.Evaluator, run_log: 'RunLog', save: Callable[[int, Any], None],
-          stop: faults.StopSignals, trace: '_StepTrace') -> Any:
+def _loop(
+  c: ml_collections.ConfigDict,
+  state: Any,
+  start: int,
+  batches: Iterator[dict[str, jax.Array]],
+  train_step: Callable,
+  evaluate: train_eval.Evaluator,
+  run_log: 'RunLog',
+  save: Callable[[int, Any], None],
+  stop: faults.StopSignals,
+  trace: '_StepTrace',
+) -> Any:
   """Steps start+1 .. c.steps: step -> log -> eval -> save, stopping (saved) on a signal."""
   for step in range(start + 1, c.steps + 1):  # 1-based, as logged.
     batch = next(batches)
@@ -133,41 +167,55 @@ def _loop(c: ml_collections.ConfigDict, state: Any, start: int,
   return state
 
 
-def _initial_state(c: ml_collections.ConfigDict, workdir: str,
-                   mngr: checkpoint.ocp.CheckpointManager,
-                   run: state_lib.RunState) -> tuple[Any, int]:
+def _initial_state(
+  c: ml_collections.ConfigDict,
+  workdir: str,
+  mngr: checkpoint.ocp.CheckpointManager,
+  run: state_lib.RunState,
+) -> tuple[Any, int]:
   """(state, step): a fresh initialisation (or `init_from`'s parameters with a fresh optimizer),
   or the newest intact checkpoint."""
   if mngr.latest_step() is None:
     if c.init_from:
       return run.state_from(saved_run.initial_params(c, run, log)), 0
     return run.init(c.seed), 0
-  state = checkpoint.restore_newest_intact(mngr, workdir, run.abstract,
-                                           fallback=c.checkpoint.fallback, log=log)
+  state = checkpoint.restore_newest_intact(
+    mngr, workdir, run.abstract, fallback=c.checkpoint.fallback, log=log
+  )
   start = int(state['step'])
   log(f'resumed from {checkpoint.directory(workdir)}/{start} at step {start}')
   return state, start
 
 
-def _global_batches(c: ml_collections.ConfigDict, run: state_lib.RunState,
-                    data: dataset.RunData, start: int) -> Iterator[dict[str, jax.Array]]:
+def _global_batches(
+  c: ml_collections.ConfigDict, run: state_lib.RunState, data: dataset.RunData, start: int
+) -> Iterator[dict[str, jax.Array]]:
   """This process's batches from step `start` on, as global arrays over the mesh."""
   batches = data.train_batches(start)
   if c.fault.poison_step:
     batches = faults.poisoned(batches, c.fault.poison_step, start)
   for batch in batches:
-    yield {k: jax.make_array_from_process_local_data(run.batch_sharding, v)
-           for k, v in batch.items()}
+    yield {
+      k: jax.make_array_from_process_local_data(run.batch_sharding, v) for k, v in batch.items()
+    }
 
 
-def _compiled_train_step(c: ml_collections.ConfigDict, run: state_lib.RunState, state: Any,
-                         first_batch: dict[str, jax.Array]) -> tuple[Callable, float]:
+def _compiled_train_step(
+  c: ml_collections.ConfigDict,
+  run: state_lib.RunState,
+  state: Any,
+  first_batch: dict[str, jax.Array],
+) -> tuple[Callable, float]:
   """The train step compiled for the run's batches, refused if it cannot fit a device; and the
   seconds compiling took."""
-  step_fn = step_lib.jit_train_step(run.model_def, run.optimizer, run.schedule,
-                                    step_lib.step_config(c),
-                                    activation_sharding=run.activation_sharding,
-                                    out_shardings=(run.shardings, None))
+  step_fn = step_lib.jit_train_step(
+    run.model_def,
+    run.optimizer,
+    run.schedule,
+    step_lib.step_config(c),
+    activation_sharding=run.activation_sharding,
+    out_shardings=(run.shardings, None),
+  )
   started = time.perf_counter()
   compiled = step_fn.lower(state, first_batch).compile()
   seconds = time.perf_counter() - started
@@ -183,6 +231,7 @@ class RunLog:
   """What the loop records: each step's metrics fetched a step late (so dispatch stays ahead) and
   checked for non-finite values, written and printed every log_every steps with rates; the
   updates skipped since the last record; the last train and eval records."""
+
   c: ml_collections.ConfigDict
   writer: metrics_lib.MetricsWriter
   latest_step: Callable[[], int | None]  # The newest checkpoint, for the non-finite message.
@@ -199,19 +248,33 @@ class RunLog:
   last_eval: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @classmethod
-  def create(cls, c: ml_collections.ConfigDict, workdir: str, run: state_lib.RunState,
-             start: int, latest_step: Callable[[], int | None]) -> 'RunLog':
-    writer = metrics_lib.MetricsWriter(workdir, resume_step=start,
-                                       enabled=jax.process_index() == 0)
+  def create(
+    cls,
+    c: ml_collections.ConfigDict,
+    workdir: str,
+    run: state_lib.RunState,
+    start: int,
+    latest_step: Callable[[], int | None],
+  ) -> 'RunLog':
+    writer = metrics_lib.MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
     if writer.torn:
-      log(f'metrics.jsonl: dropped {writer.torn} line(s) cut mid-write by a crash; the steps '
-          'they held are written again as the run goes on')
+      log(
+        f'metrics.jsonl: dropped {writer.torn} line(s) cut mid-write by a crash; the steps '
+        'they held are written again as the run goes on'
+      )
     peak, peak_source = metrics_lib.peak_flops(c.peak_flops)
     tokens = c.data.batch_size * c.data.seq_len
-    return cls(c=c, writer=writer, latest_step=latest_step,
-               config_json=json.loads(c.to_json()), tokens_per_step=tokens,
-               flops_per_step=metrics_lib.flops_per_token(run.model_cfg, c.data.seq_len) * tokens,
-               peak=peak, peak_source=peak_source, clock=(time.perf_counter(), start))
+    return cls(
+      c=c,
+      writer=writer,
+      latest_step=latest_step,
+      config_json=json.loads(c.to_json()),
+      tokens_per_step=tokens,
+      flops_per_step=metrics_lib.flops_per_token(run.model_cfg, c.data.seq_len) * tokens,
+      peak=peak,
+      peak_source=peak_source,
+      clock=(time.perf_counter(), start),
+    )
 
   def restart_clock(self) -> None:
     """Time from here on is training time (not compiling, not evaluating)."""
@@ -239,16 +302,21 @@ class RunLog:
     bad = [k for k in ('loss', 'grad_norm') if not np.isfinite(values[k])]
     if bad and not self.c.optim.skip_nonfinite:
       raise faults.NonFiniteError(
-          f'{" and ".join(bad)} went non-finite at step {step} ({values[bad[0]]}); stopped '
-          f'without saving, the last checkpoint is step {self.latest_step()}. Fix the cause and '
-          'run the same command, or set --config.optim.skip_nonfinite=true to skip such steps.')
+        f'{" and ".join(bad)} went non-finite at step {step} ({values[bad[0]]}); stopped '
+        f'without saving, the last checkpoint is step {self.latest_step()}. Fix the cause and '
+        'run the same command, or set --config.optim.skip_nonfinite=true to skip such steps.'
+      )
 
   def _write_train(self, step: int, values: dict[str, float]) -> None:
     now = time.perf_counter()
     seconds = (now - self.clock[0]) / max(step - self.clock[1], 1)
     self.clock = (now, step)
-    record = {'step': step, **values, 'tokens_per_s': self.tokens_per_step / seconds,
-              'mfu': self.flops_per_step / seconds / self.peak}
+    record = {
+      'step': step,
+      **values,
+      'tokens_per_s': self.tokens_per_step / seconds,
+      'mfu': self.flops_per_step / seconds / self.peak,
+    }
     o = self.c.optim
     if o.skip_nonfinite or o.spike_window:
       record['skipped_steps'], self.skipped = self.skipped, 0
@@ -256,10 +324,18 @@ class RunLog:
       record['spike_steps'], self.spikes = self.spikes, 0
     self.writer.write(record)
     self.last_train = record
-    log(metrics_lib.progress_line(step=step, total=self.c.steps, loss=values['loss'],
-                                  lr=values['lr'], tokens_per_s=record['tokens_per_s'],
-                                  mfu=record['mfu'], ms_per_step=1000 * seconds,
-                                  eta_s=seconds * (self.c.steps - step)))
+    log(
+      metrics_lib.progress_line(
+        step=step,
+        total=self.c.steps,
+        loss=values['loss'],
+        lr=values['lr'],
+        tokens_per_s=record['tokens_per_s'],
+        mfu=record['mfu'],
+        ms_per_step=1000 * seconds,
+        eta_s=seconds * (self.c.steps - step),
+      )
+    )
 
   def write_eval(self, step: int, result: dict[str, float]) -> None:
     self.last_eval = {'step': step, **result}
@@ -269,8 +345,9 @@ class RunLog:
     self.restart_clock()  # Evaluation time is not training time.
 
 
-def _final_sample(c: ml_collections.ConfigDict, run: state_lib.RunState, params: Any,
-                  data: dataset.RunData) -> str:
+def _final_sample(
+  c: ml_collections.ConfigDict, run: state_lib.RunState, params: Any, data: dataset.RunData
+) -> str:
   """What the run prints at its end: generated text, or a masked LM's fill-ins on held-out text."""
   if not c.sample.length:
     return ''
@@ -279,8 +356,11 @@ def _final_sample(c: ml_collections.ConfigDict, run: state_lib.RunState, params:
     for i, window in enumerate(data.held_out_pieces()):
       if sum(len(e['inputs']) for e in examples) >= c.sample.length:
         break
-      examples.append(data.objectives.build(window, seed=c.seed,
-                                            stream=objectives_lib.EVAL_STREAM, epoch=0, index=i))
+      examples.append(
+        data.objectives.build(
+          window, seed=c.seed, stream=objectives_lib.EVAL_STREAM, epoch=0, index=i
+        )
+      )
     text = sample_lib.fill_in(run.model_def, params, data.tok, examples)
     log(f'---- masked-token predictions on held-out text ----\n{text}\n----')
     return text
@@ -290,23 +370,42 @@ def _final_sample(c: ml_collections.ConfigDict, run: state_lib.RunState, params:
     return text
   if c.objective == 'classification':
     return ''
-  text = sample_lib.generate(run.model_def, params, data.tok, c.sample.prompt,
-                             length=c.sample.length, seq_len=c.data.seq_len,
-                             temperature=c.sample.temperature, top_k=c.sample.top_k, seed=c.seed)
+  text = sample_lib.generate(
+    run.model_def,
+    params,
+    data.tok,
+    c.sample.prompt,
+    length=c.sample.length,
+    seq_len=c.data.seq_len,
+    temperature=c.sample.temperature,
+    top_k=c.sample.top_k,
+    seed=c.seed,
+  )
   log(f'---- sample (temperature {c.sample.temperature}) ----\n{text}\n----')
   return text
 
 
-def _answers(c: ml_collections.ConfigDict, run: state_lib.RunState, params: Any,
-             data: dataset.RunData, count: int = 3) -> str:
+def _answers(
+  c: ml_collections.ConfigDict,
+  run: state_lib.RunState,
+  params: Any,
+  data: dataset.RunData,
+  count: int = 3,
+) -> str:
   """An sft run's greedy answers to its first held-out prompts, beside the expected ones."""
   lines = []
   for ids, weights in itertools.islice(data.held_out_pieces(), count):
     first = int(np.argmax(weights > 0))  # The response starts at the first weighted token.
     prompt, expected = data.tok.decode(ids[:first]), data.tok.decode(ids[first:])
-    answer = sample_lib.generate(run.model_def, params, data.tok, prompt,
-                                 length=min(len(ids) - first + 8, c.sample.length),
-                                 seq_len=c.data.seq_len, temperature=0.0)[len(prompt):]
+    answer = sample_lib.generate(
+      run.model_def,
+      params,
+      data.tok,
+      prompt,
+      length=min(len(ids) - first + 8, c.sample.length),
+      seq_len=c.data.seq_len,
+      temperature=0.0,
+    )[len(prompt) :]
     lines += [f'prompt:   {prompt!r}', f'answer:   {answer!r}', f'expected: {expected!r}']
   return '\n'.join(lines)
 
@@ -336,8 +435,10 @@ class _StepTrace:
     if self.active and step == self.steps[1]:
       jax.block_until_ready(state)  # The last traced step finishes inside the trace.
       self.close()
-      log(f'profile of steps {self.steps[0]}-{step} in {self.dir} '
-          '(open with TensorBoard\'s profile plugin or xprof)')
+      log(
+        f'profile of steps {self.steps[0]}-{step} in {self.dir} '
+        "(open with TensorBoard's profile plugin or xprof)"
+      )
 
   def close(self) -> None:
     """Ends a trace still open (a run that ended or failed inside the traced steps)."""
@@ -349,8 +450,9 @@ class _StepTrace:
         shutil.rmtree(self.local_dir, ignore_errors=True)
 
 
-def load_data(c: ml_collections.ConfigDict, workdir: str,
-              has_checkpoints: bool = False) -> dataset.RunData:
+def load_data(
+  c: ml_collections.ConfigDict, workdir: str, has_checkpoints: bool = False
+) -> dataset.RunData:
   """The run's tokenizer and batches (see data/dataset.py); the tokenizer (and a classifier's
   labels) are kept in the workdir for `sample`, `eval` and `export`. A run that starts from
   another's parameters (init_from) uses that run's tokenizer unless tokenizer.path names one.
@@ -358,8 +460,14 @@ def load_data(c: ml_collections.ConfigDict, workdir: str,
   if c.init_from and not c.tokenizer.path:
     c = copy.deepcopy(c)
     c.tokenizer.path = saved_run.source_tokenizer(c.init_from)
-  data = dataset.load(c, workdir, process_index=jax.process_index(),
-                      process_count=jax.process_count(), has_checkpoints=has_checkpoints, log=log)
+  data = dataset.load(
+    c,
+    workdir,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    has_checkpoints=has_checkpoints,
+    log=log,
+  )
   if jax.process_index() == 0:
     data.tok.save(paths.join(workdir, saved_run.TOKENIZER_FILE))
     if c.objective == 'classification':
@@ -383,7 +491,8 @@ def check_step_fits(analysis, have: int) -> None:
   if need > have:
     gib = 1 << 30
     raise config_lib.ConfigError(
-        f'the train step needs {need / gib:,.1f} GiB per device ({temp / gib:,.1f} GiB of it '
-        f'activations and other temporaries) and a device has {have / gib:,.1f} GiB: lower '
-        'data.batch_size or data.seq_len, raise optim.grad_accum_steps, set model.remat=full, or '
-        'shard over more devices (see `pretrax plan`).')
+      f'the train step needs {need / gib:,.1f} GiB per device ({temp / gib:,.1f} GiB of it '
+      f'activations and other temporaries) and a device has {have / gib:,.1f} GiB: lower '
+      'data.batch_size or data.seq_len, raise optim.grad_accum_steps, set model.remat=full, or '
+      'shard over more devices (see `pretrax plan`).'
+    )

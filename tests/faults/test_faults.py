@@ -29,14 +29,28 @@ STOPPED = 75  # faults.STOPPED_EXIT_CODE
 
 
 def train_args(workdir, corpus_path, *overrides: str) -> list[str]:
-  return ['train', f'--config={TINY}', f'--workdir={workdir}', f'--config.data.path={corpus_path}',
-          '--config.data.fallback=', '--config.log_every=1', '--config.eval_every=1000',
-          PEAK_FLOPS_ARG, *overrides]
+  return [
+    'train',
+    f'--config={TINY}',
+    f'--workdir={workdir}',
+    f'--config.data.path={corpus_path}',
+    '--config.data.fallback=',
+    '--config.log_every=1',
+    '--config.eval_every=1000',
+    PEAK_FLOPS_ARG,
+    *overrides,
+  ]
 
 
 def start(args: list[str]) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, '-m', 'pretrax.cli', *args], cwd=REPO, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=pretrax_env())
+  return subprocess.Popen(
+    [sys.executable, '-m', 'pretrax.cli', *args],
+    cwd=REPO,
+    text=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    env=pretrax_env(),
+  )
 
 
 def wait_until(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -87,9 +101,11 @@ def one_line_error(result, *fragments: str) -> None:
 def straight(tmp_path_factory, corpus_path):
   """A 40-step run that nothing interrupts, to compare the hurt runs with (made once for all
   workers)."""
+
   def build(workdir):
-    result = run_cli(*train_args(workdir, corpus_path, '--config.steps=40',
-                                 '--config.checkpoint.every=10'))
+    result = run_cli(
+      *train_args(workdir, corpus_path, '--config.steps=40', '--config.checkpoint.every=10')
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
   return built_once(tmp_path_factory, 'faults_straight', build)
@@ -97,8 +113,9 @@ def straight(tmp_path_factory, corpus_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
-def test_stop_signal_saves_and_the_same_command_resumes_exactly(straight, tmp_path, corpus_path,
-                                                                signum):
+def test_stop_signal_saves_and_the_same_command_resumes_exactly(
+  straight, tmp_path, corpus_path, signum
+):
   # A different stop step per signal, the same on every run (a failure names it: `at`).
   at = random.Random(int(signum)).randint(3, 25)
   args = train_args(tmp_path, corpus_path, '--config.steps=40', '--config.checkpoint.every=10')
@@ -135,11 +152,14 @@ def test_a_live_workdir_is_locked_and_a_killed_run_leaves_no_lock(straight, tmp_
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_naming_step_and_metric_then_resumes(straight, tmp_path,
-                                                                  corpus_path):
+def test_non_finite_loss_stops_naming_step_and_metric_then_resumes(straight, tmp_path, corpus_path):
   args = train_args(tmp_path, corpus_path, '--config.steps=40', '--config.checkpoint.every=10')
-  one_line_error(run_cli(*args, '--config.fault.poison_step=17'),
-                 'loss', 'non-finite at step 17', 'last checkpoint is step 10')
+  one_line_error(
+    run_cli(*args, '--config.fault.poison_step=17'),
+    'loss',
+    'non-finite at step 17',
+    'last checkpoint is step 10',
+  )
   assert checkpoint.manager(str(tmp_path), read_only=True).all_steps() == [10]
   resumed = run_cli(*args)  # The bad batch is gone: the run goes on from step 10.
   assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -148,8 +168,15 @@ def test_non_finite_loss_stops_naming_step_and_metric_then_resumes(straight, tmp
 
 @pytest.mark.slow
 def test_non_finite_updates_are_skipped_and_counted_when_asked(tmp_path, corpus_path):
-  result = run_cli(*train_args(tmp_path, corpus_path, '--config.steps=12',
-                               '--config.fault.poison_step=5', '--config.optim.skip_nonfinite=true'))
+  result = run_cli(
+    *train_args(
+      tmp_path,
+      corpus_path,
+      '--config.steps=12',
+      '--config.fault.poison_step=5',
+      '--config.optim.skip_nonfinite=true',
+    )
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   records = {r['step']: r for r in metrics.read_metrics(str(tmp_path)) if 'loss' in r}
   assert [s for s, r in records.items() if r['skipped_steps']] == [5]
@@ -161,8 +188,13 @@ def test_non_finite_updates_are_skipped_and_counted_when_asked(tmp_path, corpus_
 @pytest.mark.slow
 def test_killed_during_an_async_save_resumes_from_the_last_complete_one(tmp_path, corpus_path):
   # A model large enough (~5M parameters, ~60 MB of state) that a save takes a while.
-  big = ['--config.model.embed_dim=256', '--config.model.num_layers=6', '--config.steps=12',
-         '--config.checkpoint.every=4', '--config.checkpoint.keep=5']
+  big = [
+    '--config.model.embed_dim=256',
+    '--config.model.num_layers=6',
+    '--config.steps=12',
+    '--config.checkpoint.every=4',
+    '--config.checkpoint.keep=5',
+  ]
   straight_dir = tmp_path / 'straight'
   assert run_cli(*train_args(straight_dir, corpus_path, *big)).returncode == 0
   hurt = tmp_path / 'hurt'
@@ -184,23 +216,41 @@ def test_killed_during_an_async_save_resumes_from_the_last_complete_one(tmp_path
 
 @pytest.mark.slow
 def test_a_save_that_cannot_write_stops_the_run_and_keeps_the_previous_checkpoint(
-    straight, tmp_path, corpus_path):
+  straight, tmp_path, corpus_path
+):
   args = train_args(tmp_path, corpus_path, '--config.steps=40', '--config.checkpoint.every=10')
-  assert run_cli(*args[:-2], '--config.steps=10', '--config.optim.schedule_steps=40',
-                 '--config.checkpoint.every=10').returncode == 0
+  assert (
+    run_cli(
+      *args[:-2],
+      '--config.steps=10',
+      '--config.optim.schedule_steps=40',
+      '--config.checkpoint.every=10',
+    ).returncode
+    == 0
+  )
   # Resumed under a kernel limit of 200 KB per file (a fifth of the state), ignoring SIGXFSZ: the
   # save's writes then fail with EFBIG, as writes to a full disk fail with ENOSPC. The save at 20
   # fails, not a simulation in our code. (A shell sets the limit: no fork hooks in this process.)
-  command = ' '.join(shlex.quote(a) for a in [sys.executable, '-m', 'pretrax.cli', *args,
-                                               '--config.optim.schedule_steps=40'])
-  result = subprocess.run(['bash', '-c', f'trap "" XFSZ; ulimit -f 195; exec {command}'],
-                          cwd=REPO, text=True, capture_output=True, timeout=600,
-                          env=pretrax_env())
+  command = ' '.join(
+    shlex.quote(a)
+    for a in [sys.executable, '-m', 'pretrax.cli', *args, '--config.optim.schedule_steps=40']
+  )
+  result = subprocess.run(
+    ['bash', '-c', f'trap "" XFSZ; ulimit -f 195; exec {command}'],
+    cwd=REPO,
+    text=True,
+    capture_output=True,
+    timeout=600,
+    env=pretrax_env(),
+  )
   # Orbax logs the failure from its threads (with tracebacks); the last line is ours.
   assert result.returncode == 2, result.stderr[-2000:]
   last = result.stderr.strip().splitlines()[-1]
-  for fragment in ('pretrax train: error: saving a checkpoint failed', 'step 10, is untouched',
-                   'run the same command'):
+  for fragment in (
+    'pretrax train: error: saving a checkpoint failed',
+    'step 10, is untouched',
+    'run the same command',
+  ):
     assert fragment in last, (fragment, last)
   # The storage's own words: the OS error, or TensorStore's when the limit hits a metadata write
   # first (which one depends on the order of the save's concurrent writes).
@@ -216,13 +266,22 @@ def test_a_save_that_cannot_write_stops_the_run_and_keeps_the_previous_checkpoin
 @pytest.mark.slow
 @pytest.mark.parametrize('damage', ['truncate', 'delete'])
 def test_a_damaged_checkpoint_is_named_and_fallback_resumes_from_an_intact_one(
-    straight, tmp_path, corpus_path, damage):
+  straight, tmp_path, corpus_path, damage
+):
   args = train_args(tmp_path, corpus_path, '--config.steps=40', '--config.checkpoint.every=10')
   # Stop at 30 on the straight run's schedule, then damage checkpoint 30's arrays.
-  assert run_cli(*args[:-1], '--config.steps=30', '--config.optim.schedule_steps=40',
-                 '--config.checkpoint.every=10').returncode == 0
-  arrays = sorted(glob.glob(str(tmp_path / 'checkpoints' / '30' / 'state' / '*' / 'd' / '*')),
-                  key=os.path.getsize)
+  assert (
+    run_cli(
+      *args[:-1],
+      '--config.steps=30',
+      '--config.optim.schedule_steps=40',
+      '--config.checkpoint.every=10',
+    ).returncode
+    == 0
+  )
+  arrays = sorted(
+    glob.glob(str(tmp_path / 'checkpoints' / '30' / 'state' / '*' / 'd' / '*')), key=os.path.getsize
+  )
   assert arrays
   for path in arrays if damage == 'delete' else arrays[-1:]:
     if damage == 'delete':
@@ -235,7 +294,7 @@ def test_a_damaged_checkpoint_is_named_and_fallback_resumes_from_an_intact_one(
   assert failed.returncode == 2, failed.stderr[-2000:]
   # Searched in all of stderr: when array files are missing, TensorStore's threads may print
   # a traceback ("Event loop is closed") into the middle of our line (a known wart).
-  error = failed.stderr[failed.stderr.index('pretrax train: error: checkpoint 30'):]
+  error = failed.stderr[failed.stderr.index('pretrax train: error: checkpoint 30') :]
   assert 'is damaged' in error and 'checkpoint.fallback=true' in error
 
   resumed = run_cli(*resume, '--config.checkpoint.fallback=true')
@@ -246,19 +305,25 @@ def test_a_damaged_checkpoint_is_named_and_fallback_resumes_from_an_intact_one(
 
 def test_a_checkpoint_fingerprint_catches_changed_arrays(tmp_path):
   """What Orbax reads back as fill values instead of failing must not pass as the saved state."""
-  state = {'w': jnp.arange(6, dtype=jnp.float32), 'b': jnp.ones(3, jnp.bfloat16),
-           'step': jnp.int32(7)}
+  state = {
+    'w': jnp.arange(6, dtype=jnp.float32),
+    'b': jnp.ones(3, jnp.bfloat16),
+    'step': jnp.int32(7),
+  }
   before = checkpoint.fingerprint(state)
   assert before == checkpoint.fingerprint(jax.tree.map(jnp.copy, state))
   assert before != checkpoint.fingerprint({**state, 'w': state['w'].at[3].set(0.0)})
   assert before != checkpoint.fingerprint({**state, 'b': jnp.zeros(3, jnp.bfloat16)})
 
 
-@pytest.mark.parametrize('name, content, fragment', [
+@pytest.mark.parametrize(
+  'name, content, fragment',
+  [
     ('latin1.txt', 'caf\u00e9'.encode('latin-1') * 50, 'not UTF-8'),
     ('binary.bin', bytes(range(256)) * 4, 'binary data'),
     ('zeros.bin', b'\x00' * 500, 'binary data'),
-])
+  ],
+)
 def test_bad_data_files_fail_before_training(tmp_path, corpus_path, name, content, fragment):
   bad = tmp_path / name
   bad.write_bytes(content)
@@ -271,11 +336,16 @@ def test_bad_files_are_skipped_and_counted_when_asked(tmp_path, corpus_path):
   (tmp_path / 'empty.txt').write_bytes(b'')  # No text: nothing to skip, nothing to learn.
   (tmp_path / 'zeros.bin').write_bytes(b'\x00' * 10)
   (tmp_path / 'latin1.txt').write_bytes('caf\u00e9'.encode('latin-1'))
-  result = run_cli(*train_args(tmp_path / 'run', f'{corpus_path},{tmp_path}/empty.txt,'
-                               f'{tmp_path}/zeros.bin,{tmp_path}/latin1.txt', '--config.steps=2',
-                               '--config.data.skip_bad_records=true',
-                               # Paragraphs as documents: some of them held out whatever the hash.
-                               '--config.data.separator=\n\n'))
+  result = run_cli(
+    *train_args(
+      tmp_path / 'run',
+      f'{corpus_path},{tmp_path}/empty.txt,{tmp_path}/zeros.bin,{tmp_path}/latin1.txt',
+      '--config.steps=2',
+      '--config.data.skip_bad_records=true',
+      # Paragraphs as documents: some of them held out whatever the hash.
+      '--config.data.separator=\n\n',
+    )
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert '2 bad record(s) skipped' in result.stdout
   assert 'zeros.bin:byte 0: binary data' in result.stdout
@@ -286,8 +356,11 @@ def test_bad_files_are_skipped_and_counted_when_asked(tmp_path, corpus_path):
 def test_too_little_disk_for_the_kept_checkpoints_fails_before_training(tmp_path, monkeypatch):
   monkeypatch.setattr(faults, '_free_bytes', lambda path: 300 << 20)
   faults.check_free_space(str(tmp_path), 50 << 20, keep=3)  # 4 x 50 MiB fit in 300.
-  with pytest.raises(faults.WorkdirError, match=r'has 300 MiB free but 5 \+ 1 checkpoints of 60 '
-                     r'MiB need 360 MiB: free space'):
+  with pytest.raises(
+    faults.WorkdirError,
+    match=r'has 300 MiB free but 5 \+ 1 checkpoints of 60 '
+    r'MiB need 360 MiB: free space',
+  ):
     faults.check_free_space(str(tmp_path), 60 << 20, keep=5)
 
 
@@ -309,15 +382,15 @@ class _Alive:
 
 
 def test_a_glob_that_matches_nothing_fails_before_training(tmp_path):
-  one_line_error(run_cli(*train_args(tmp_path, str(tmp_path / 'nothing' / '*.txt'))),
-                 'matches no file')
+  one_line_error(
+    run_cli(*train_args(tmp_path, str(tmp_path / 'nothing' / '*.txt'))), 'matches no file'
+  )
 
 
 def test_an_unwritable_workdir_fails_before_training(tmp_path, corpus_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a directory')
-  one_line_error(run_cli(*train_args(blocker / 'run', corpus_path)), 'is not writable',
-                 '--workdir')
+  one_line_error(run_cli(*train_args(blocker / 'run', corpus_path)), 'is not writable', '--workdir')
 
 
 def test_a_read_only_workdir_fails_before_training(tmp_path, corpus_path):
@@ -326,8 +399,10 @@ def test_a_read_only_workdir_fails_before_training(tmp_path, corpus_path):
   # Permission bits do not stop root; the immutable attribute does (where the filesystem has it).
   workdir.chmod(0o500)
   as_root = os.geteuid() == 0
-  if as_root and (not shutil.which('chattr') or subprocess.run(
-      ['chattr', '+i', str(workdir)], capture_output=True).returncode):
+  if as_root and (
+    not shutil.which('chattr')
+    or subprocess.run(['chattr', '+i', str(workdir)], capture_output=True).returncode
+  ):
     # Root, on a filesystem without the immutable attribute (common in containers): /proc's
     # directories exist and refuse new files even to root.
     one_line_error(run_cli(*train_args('/proc/1', corpus_path)), 'is not writable', '/proc/1')

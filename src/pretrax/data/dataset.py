@@ -29,7 +29,9 @@ from pretrax.data import prepare as prepare_lib
 from pretrax.data import sources
 from pretrax.data import store as store_lib
 
-SMALL_CORPUS_BYTES = 64 << 20  # Below this, tokenizing in worker processes costs more than it saves.
+SMALL_CORPUS_BYTES = (
+  64 << 20
+)  # Below this, tokenizing in worker processes costs more than it saves.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +68,9 @@ def _store_dir(root: str, name: str) -> str:
   return os.path.join(root, name) if name else root
 
 
-def _source_config(c: ml_collections.ConfigDict, path: str,
-                   tokenizer_path: str) -> ml_collections.ConfigDict:
+def _source_config(
+  c: ml_collections.ConfigDict, path: str, tokenizer_path: str
+) -> ml_collections.ConfigDict:
   out = copy.deepcopy(c)
   out.data.path = path
   if tokenizer_path:
@@ -85,8 +88,15 @@ def _locked(root: str):
     yield
 
 
-def build(c: ml_collections.ConfigDict, root: str, *, process_index: int, process_count: int,
-          has_checkpoints: bool, log: Callable[[str], None]) -> None:
+def build(
+  c: ml_collections.ConfigDict,
+  root: str,
+  *,
+  process_index: int,
+  process_count: int,
+  has_checkpoints: bool,
+  log: Callable[[str], None],
+) -> None:
   """Prepares (or finishes, or reuses) the run's stores under `root`."""
   specs = source_specs(c)
   plans = []
@@ -98,9 +108,12 @@ def build(c: ml_collections.ConfigDict, root: str, *, process_index: int, proces
   if c.data.mixture and not tokenizer_path:  # One tokenizer for every source.
     tokenizer_path = os.path.join(root, store_lib.TOKENIZER_FILE)
     _shared_tokenizer(plans, [w for _, _, w in specs], tokenizer_path, process_index, log)
-    plans = [prepare_lib.make_plan(_source_config(c, path, tokenizer_path),
-                                   [sources.InputFile(*f) for f in plan['files']])
-             for (_, path, _), plan in zip(specs, plans)]
+    plans = [
+      prepare_lib.make_plan(
+        _source_config(c, path, tokenizer_path), [sources.InputFile(*f) for f in plan['files']]
+      )
+      for (_, path, _), plan in zip(specs, plans)
+    ]
   total = sum(f[1] for plan in plans for f in plan['files'])
   workers = c.data.prepare_workers
   if workers < 0:
@@ -108,22 +121,26 @@ def build(c: ml_collections.ConfigDict, root: str, *, process_index: int, proces
   for (name, _, _), plan in zip(specs, plans):
     out = _store_dir(root, name)
     _discard_if_stale(out, plan, has_checkpoints, process_count, log)
-    prepare_lib.prepare_plan(plan, out, workers=workers, process_index=process_index,
-                             process_count=process_count, log=log)
+    prepare_lib.prepare_plan(
+      plan, out, workers=workers, process_index=process_index, process_count=process_count, log=log
+    )
 
 
-def _shared_tokenizer(plans: list[dict], weights: list[float], path: str, process_index: int,
-                      log: Callable[[str], None]) -> None:
+def _shared_tokenizer(
+  plans: list[dict], weights: list[float], path: str, process_index: int, log: Callable[[str], None]
+) -> None:
   """One tokenizer for a mixture: trained on each source's sample in proportion to its weight."""
   spec = plans[0]['tokenizer']
   shares = [int(spec['sample_mb'] * 1e6 * w / sum(weights)) for w in weights]
-  sample = lambda: (t for plan, share in zip(plans, shares)
-                    for t in prepare_lib.tokenizer_sample(plan, share))
+  sample = lambda: (
+    t for plan, share in zip(plans, shares) for t in prepare_lib.tokenizer_sample(plan, share)
+  )
   prepare_lib.tokenizer_at(path, spec, sample, process_index, log)
 
 
-def _discard_if_stale(out: str, plan: dict, has_checkpoints: bool, process_count: int,
-                      log: Callable[[str], None]) -> None:
+def _discard_if_stale(
+  out: str, plan: dict, has_checkpoints: bool, process_count: int, log: Callable[[str], None]
+) -> None:
   """A store of other inputs or settings is rebuilt, unless a checkpoint trained on it."""
   plan_path = os.path.join(out, store_lib.PLAN)
   if not os.path.exists(plan_path) or store_lib.read_json(plan_path) == plan:
@@ -134,20 +151,39 @@ def _discard_if_stale(out: str, plan: dict, has_checkpoints: bool, process_count
   shutil.rmtree(out)
 
 
-def load(c: ml_collections.ConfigDict, workdir: str, *, process_index: int, process_count: int,
-         has_checkpoints: bool, log: Callable[[str], None]) -> RunData:
+def load(
+  c: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  process_index: int,
+  process_count: int,
+  has_checkpoints: bool,
+  log: Callable[[str], None],
+) -> RunData:
   """The run's tokenizer, objectives and batches, building its stores first if need be."""
   if c.objective in config_lib.FINETUNE_OBJECTIVES:
-    return load_examples(c, workdir, process_index=process_index, process_count=process_count,
-                         has_checkpoints=has_checkpoints, log=log)
+    return load_examples(
+      c,
+      workdir,
+      process_index=process_index,
+      process_count=process_count,
+      has_checkpoints=has_checkpoints,
+      log=log,
+    )
   root = store_root(c, workdir)
   if not c.data.prepared:
     if paths.is_remote(workdir):
       with _locked(root):
         build(c, root, process_index=0, process_count=1, has_checkpoints=has_checkpoints, log=log)
     else:
-      build(c, root, process_index=process_index, process_count=process_count,
-            has_checkpoints=has_checkpoints, log=log)
+      build(
+        c,
+        root,
+        process_index=process_index,
+        process_count=process_count,
+        has_checkpoints=has_checkpoints,
+        log=log,
+      )
   specs = source_specs(c)
   stores = [store_lib.Store(_store_dir(root, name)) for name, _, _ in specs]
   if c.tokenizer.path and c.data.prepared:
@@ -156,84 +192,125 @@ def load(c: ml_collections.ConfigDict, workdir: str, *, process_index: int, proc
   for (name, _, _), store in zip(specs, stores):
     with open(store.tokenizer_path, 'rb') as f:
       if f.read() != tok.model_proto:
-        raise sources.DataError(f'the stores of {specs[0][0]} and {name} were tokenized '
-                                'differently: prepare every source with one tokenizer.')
+        raise sources.DataError(
+          f'the stores of {specs[0][0]} and {name} were tokenized '
+          'differently: prepare every source with one tokenizer.'
+        )
   seq_len = c.data.seq_len
-  run_sources = [pipeline.Source(name or 'data', weight,
-                                 pipeline.Windows(s.split('train'), seq_len,
-                                                  c.data.window_stride or seq_len),
-                                 s.split('eval'))
-                 for (name, _, weight), s in zip(specs, stores)]
+  run_sources = [
+    pipeline.Source(
+      name or 'data',
+      weight,
+      pipeline.Windows(s.split('train'), seq_len, c.data.window_stride or seq_len),
+      s.split('eval'),
+    )
+    for (name, _, weight), s in zip(specs, stores)
+  ]
   for source in run_sources:
     if not len(source.train) or source.eval.num_tokens < 2:
       raise config_lib.ConfigError(
-          f'the store of {source.name} has {source.train.split.num_tokens:,} training and '
-          f'{source.eval.num_tokens:,} held-out tokens: it needs a window of '
-          f'data.seq_len+1={seq_len + 1} to train and some text held out; use more text or '
-          'change data.eval_fraction.')
+        f'the store of {source.name} has {source.train.split.num_tokens:,} training and '
+        f'{source.eval.num_tokens:,} held-out tokens: it needs a window of '
+        f'data.seq_len+1={seq_len + 1} to train and some text held out; use more text or '
+        'change data.eval_fraction.'
+      )
   _log_stores(specs, stores, tok, seq_len, run_sources, log)
   objectives = objectives_lib.Objectives.from_config(c, tok)
-  where = dict(global_batch=c.data.batch_size, seed=c.seed, process_index=process_index,
-               process_count=process_count)
+  where = dict(
+    global_batch=c.data.batch_size,
+    seed=c.seed,
+    process_index=process_index,
+    process_count=process_count,
+  )
   return RunData(
-      tok=tok, objectives=objectives, sources=run_sources,
-      baseline_id=stores[0].most_frequent_token(tok),
-      train_batches=lambda start: pipeline.train_batches(
-          run_sources, objectives, start_step=start, threads=c.data.worker_count, **where),
-      eval_sets={s.name: (lambda s=s: pipeline.eval_batches(s.eval, objectives, seq_len=seq_len,
-                                                            **where))
-                 for s in run_sources},
-      held_out_pieces=lambda: pipeline.held_out_pieces(run_sources[0].eval, seq_len))
+    tok=tok,
+    objectives=objectives,
+    sources=run_sources,
+    baseline_id=stores[0].most_frequent_token(tok),
+    train_batches=lambda start: pipeline.train_batches(
+      run_sources, objectives, start_step=start, threads=c.data.worker_count, **where
+    ),
+    eval_sets={
+      s.name: (lambda s=s: pipeline.eval_batches(s.eval, objectives, seq_len=seq_len, **where))
+      for s in run_sources
+    },
+    held_out_pieces=lambda: pipeline.held_out_pieces(run_sources[0].eval, seq_len),
+  )
 
 
 def _log_stores(specs, stores, tok, seq_len, run_sources, log) -> None:
   for (name, _, weight), store, source in zip(specs, stores, run_sources):
     s = store.manifest['splits']
     label = f'{name} (weight {weight:g}): ' if name else ''
-    log(f'data: {label}{store.path}: {s["train"]["tokens"]:,} train / {s["eval"]["tokens"]:,} '
-        f'held-out tokens ({s["train"]["documents"]:,} / {s["eval"]["documents"]:,} documents), '
-        f'{len(source.train):,} training windows of {seq_len + 1}; vocab {tok.vocab_size}')
+    log(
+      f'data: {label}{store.path}: {s["train"]["tokens"]:,} train / {s["eval"]["tokens"]:,} '
+      f'held-out tokens ({s["train"]["documents"]:,} / {s["eval"]["documents"]:,} documents), '
+      f'{len(source.train):,} training windows of {seq_len + 1}; vocab {tok.vocab_size}'
+    )
 
 
-def load_examples(c: ml_collections.ConfigDict, workdir: str, *, process_index: int,
-                  process_count: int, has_checkpoints: bool,
-                  log: Callable[[str], None]) -> RunData:
+def load_examples(
+  c: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  process_index: int,
+  process_count: int,
+  has_checkpoints: bool,
+  log: Callable[[str], None],
+) -> RunData:
   """A fine-tuning run's data: its records encoded into an example store (data/examples.py)."""
   root = store_root(c, workdir)
   if paths.is_remote(workdir):
     with _locked(root):
       tok = examples.build(c, root, process_index=0, has_checkpoints=has_checkpoints, log=log)
   else:
-    tok = examples.build(c, root, process_index=process_index, has_checkpoints=has_checkpoints,
-                         log=log)
+    tok = examples.build(
+      c, root, process_index=process_index, has_checkpoints=has_checkpoints, log=log
+    )
   manifest = store_lib.read_json(os.path.join(root, store_lib.MANIFEST))
   train, held = (examples.ExampleSplit(root, s, manifest, c.objective) for s in ('train', 'eval'))
   if not len(train) or not len(held):
     raise config_lib.ConfigError(
-        f'{c.objective} needs training and held-out records; the store in {root} has {len(train)} '
-        f'and {len(held)}: add records, set finetune.eval_path, or change data.eval_fraction.')
+      f'{c.objective} needs training and held-out records; the store in {root} has {len(train)} '
+      f'and {len(held)}: add records, set finetune.eval_path, or change data.eval_fraction.'
+    )
   seq_len, seed = c.data.seq_len, c.seed
   train_rows = examples.packing(train, seq_len, seed)
   eval_rows = examples.packing(held, seq_len, None)
   longer = int(np.sum(train.lengths() > examples.longest(c.objective, seq_len)))
-  log(f'data: {root}: {len(train):,} training / {len(held):,} held-out {c.objective} examples in '
-      f'{len(train_rows):,} / {len(eval_rows):,} packed rows of {seq_len}'
-      + (f'; {longer:,} training examples cut to fit data.seq_len' if longer else '')
-      + (f'; labels {manifest["labels"]}' if c.objective == 'classification' else ''))
-  where = dict(seq_len=seq_len, global_batch=c.data.batch_size, process_index=process_index,
-               process_count=process_count)
+  log(
+    f'data: {root}: {len(train):,} training / {len(held):,} held-out {c.objective} examples in '
+    f'{len(train_rows):,} / {len(eval_rows):,} packed rows of {seq_len}'
+    + (f'; {longer:,} training examples cut to fit data.seq_len' if longer else '')
+    + (f'; labels {manifest["labels"]}' if c.objective == 'classification' else '')
+  )
+  where = dict(
+    seq_len=seq_len,
+    global_batch=c.data.batch_size,
+    process_index=process_index,
+    process_count=process_count,
+  )
   return RunData(
-      tok=tok, objectives=objectives_lib.Objectives.from_config(c, tok), sources=[],
-      baseline_id=_most_frequent_answer(train, tok),
-      train_batches=lambda start: examples.train_batches(
-          train, train_rows, seed=seed, start_step=start, threads=c.data.worker_count, **where),
-      eval_sets={'data': lambda: examples.eval_batches(held, eval_rows, **where)},
-      held_out_pieces=lambda: ((held.ids(i), held.loss_weights(i)) for i in range(len(held)))
-      if c.objective == 'sft' else iter(()), labels=tuple(manifest['labels']))
+    tok=tok,
+    objectives=objectives_lib.Objectives.from_config(c, tok),
+    sources=[],
+    baseline_id=_most_frequent_answer(train, tok),
+    train_batches=lambda start: examples.train_batches(
+      train, train_rows, seed=seed, start_step=start, threads=c.data.worker_count, **where
+    ),
+    eval_sets={'data': lambda: examples.eval_batches(held, eval_rows, **where)},
+    held_out_pieces=lambda: (
+      ((held.ids(i), held.loss_weights(i)) for i in range(len(held)))
+      if c.objective == 'sft'
+      else iter(())
+    ),
+    labels=tuple(manifest['labels']),
+  )
 
 
-def _most_frequent_answer(split: examples.ExampleSplit, tok: tokenizer_lib.Tokenizer,
-                          sample: int = 1 << 22) -> int:
+def _most_frequent_answer(
+  split: examples.ExampleSplit, tok: tokenizer_lib.Tokenizer, sample: int = 1 << 22
+) -> int:
   """The accuracy floor's guess: the most frequent label, or the most frequent token that an sft
   response has (in a bounded read of the first tokens)."""
   if split.labels is not None:

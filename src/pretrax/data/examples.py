@@ -71,8 +71,15 @@ class _SplitWriter:
     return {'examples': len(self.lengths), 'tokens': int(offsets[-1])}
 
 
-def write_store(plan: dict, out_dir: str, tok: tokenizer_lib.Tokenizer, f: Fields, *,
-                skip_bad: bool, log: Callable[[str], None]) -> dict:
+def write_store(
+  plan: dict,
+  out_dir: str,
+  tok: tokenizer_lib.Tokenizer,
+  f: Fields,
+  *,
+  skip_bad: bool,
+  log: Callable[[str], None],
+) -> dict:
   """Encodes every record into the store at out_dir; its manifest, written last, marks it whole."""
   dtype = store_lib.token_dtype(tok.vocab_size)
   writers = {s: _SplitWriter(out_dir, s, dtype, f.objective) for s in ('train', 'eval')}
@@ -82,27 +89,42 @@ def write_store(plan: dict, out_dir: str, tok: tokenizer_lib.Tokenizer, f: Field
       writers[split].add(*records.encode_record(line, f, tok))
     except BadRecord as e:
       if not skip_bad:
-        raise sources.DataError(f'{where}: {e}: fix the record, or set '
-                                '--config.data.skip_bad_records=true to skip (and count) such '
-                                'records.') from None
+        raise sources.DataError(
+          f'{where}: {e}: fix the record, or set '
+          '--config.data.skip_bad_records=true to skip (and count) such '
+          'records.'
+        ) from None
       bad.append(f'{where}: {e}')
   labels = list(f.labels) or sorted(set(writers['train'].labels))
   unseen = sorted(set(writers['eval'].labels) - set(labels))
   if unseen:
-    raise sources.DataError(f'held-out records have labels no training record has: {unseen[:5]}; '
-                            'list every label in --config.finetune.labels.')
+    raise sources.DataError(
+      f'held-out records have labels no training record has: {unseen[:5]}; '
+      'list every label in --config.finetune.labels.'
+    )
   index = {x: i for i, x in enumerate(labels)}
   splits = {s: w.close(index) for s, w in writers.items()}
-  manifest = {'splits': splits, 'dtype': np.dtype(dtype).name, 'labels': labels,
-              'skipped': len(bad), 'skipped_examples': bad[:20]}
+  manifest = {
+    'splits': splits,
+    'dtype': np.dtype(dtype).name,
+    'labels': labels,
+    'skipped': len(bad),
+    'skipped_examples': bad[:20],
+  }
   store_lib.write_json(os.path.join(out_dir, store_lib.MANIFEST), manifest)
   if bad:
     log(f'skipped {len(bad)} bad record(s) (data.skip_bad_records), e.g. {bad[0]}')
   return manifest
 
 
-def build(c: ml_collections.ConfigDict, out_dir: str, *, process_index: int,
-          has_checkpoints: bool, log: Callable[[str], None]) -> tokenizer_lib.Tokenizer:
+def build(
+  c: ml_collections.ConfigDict,
+  out_dir: str,
+  *,
+  process_index: int,
+  has_checkpoints: bool,
+  log: Callable[[str], None],
+) -> tokenizer_lib.Tokenizer:
   """Writes (or reuses) the store of the run's records at out_dir; process 0 writes it, the
   others wait for it. Returns its tokenizer."""
   plan = make_plan(c)
@@ -111,9 +133,11 @@ def build(c: ml_collections.ConfigDict, out_dir: str, *, process_index: int,
   if process_index == 0:
     if os.path.exists(plan_path) and store_lib.read_json(plan_path) != plan:
       if has_checkpoints:
-        raise sources.DataError(f'{out_dir} holds the examples of other records or settings than '
-                                'the ones this run\'s checkpoints trained on: use a new --workdir, '
-                                'or the same data and settings to resume.')
+        raise sources.DataError(
+          f'{out_dir} holds the examples of other records or settings than '
+          "the ones this run's checkpoints trained on: use a new --workdir, "
+          'or the same data and settings to resume.'
+        )
       log(f'{out_dir} holds examples of other records or settings: encoding them again')
       shutil.rmtree(out_dir)
     if not os.path.exists(manifest_path):
@@ -121,8 +145,12 @@ def build(c: ml_collections.ConfigDict, out_dir: str, *, process_index: int,
       store_lib.write_json(plan_path, plan)
       fields = Fields.from_config(c)
       tok = prepare_lib.tokenizer_at(
-          os.path.join(out_dir, store_lib.TOKENIZER_FILE), plan['tokenizer'],
-          lambda: training_texts(plan, fields, int(c.tokenizer.sample_mb * 1e6)), 0, log)
+        os.path.join(out_dir, store_lib.TOKENIZER_FILE),
+        plan['tokenizer'],
+        lambda: training_texts(plan, fields, int(c.tokenizer.sample_mb * 1e6)),
+        0,
+        log,
+      )
       write_store(plan, out_dir, tok, fields, skip_bad=c.data.skip_bad_records, log=log)
   prepare_lib.wait_for(manifest_path, 'process 0 to encode the fine-tuning records')
   return tokenizer_lib.Tokenizer.load(os.path.join(out_dir, store_lib.TOKENIZER_FILE))
@@ -140,18 +168,24 @@ def _split_lines(plan: dict) -> Iterator[tuple[str, str, bytes]]:
 
 def make_plan(c: ml_collections.ConfigDict) -> dict:
   """What a store is built from: two runs with equal plans share a store."""
+
   def described(spec: str) -> list:
     return [[x.path, x.size, x.mtime] for x in sources.describe(sources.expand_paths(spec))]
 
   files = described(c.data.path)
   if not files:
-    raise sources.DataError(f'data.path={c.data.path!r} matches no file: point it at the JSON '
-                            'lines records to fine-tune on.')
-  return {'kind': 'examples', 'files': files,
-          'eval_files': described(c.finetune.eval_path) if c.finetune.eval_path else [],
-          'eval_fraction': c.data.eval_fraction,
-          'fields': json.loads(json.dumps(dataclasses.asdict(Fields.from_config(c)))),
-          'tokenizer': prepare_lib.tokenizer_spec(c)}
+    raise sources.DataError(
+      f'data.path={c.data.path!r} matches no file: point it at the JSON '
+      'lines records to fine-tune on.'
+    )
+  return {
+    'kind': 'examples',
+    'files': files,
+    'eval_files': described(c.finetune.eval_path) if c.finetune.eval_path else [],
+    'eval_fraction': c.data.eval_fraction,
+    'fields': json.loads(json.dumps(dataclasses.asdict(Fields.from_config(c)))),
+    'tokenizer': prepare_lib.tokenizer_spec(c),
+  }
 
 
 def training_texts(plan: dict, f: Fields, budget_bytes: int) -> Iterator[str]:
@@ -164,8 +198,11 @@ def training_texts(plan: dict, f: Fields, budget_bytes: int) -> Iterator[str]:
       continue
     try:
       record = records.parse(line)
-      texts = ([t for t, _ in records.sft_parts(record, f)] if f.objective == 'sft'
-               else [records.text_of(record, f)])
+      texts = (
+        [t for t, _ in records.sft_parts(record, f)]
+        if f.objective == 'sft'
+        else [records.text_of(record, f)]
+      )
     except BadRecord:
       continue
     taken += sum(len(t) for t in texts)
@@ -183,13 +220,17 @@ class ExampleSplit:
     self.offsets = np.load(os.path.join(path, f'{split}.offsets.npy'))
     count = int(self.offsets[-1])
     dtype = np.dtype(manifest['dtype'])
-    self.tokens = (np.memmap(os.path.join(path, f'{split}.tokens'), dtype, 'r', shape=(count,))
-                   if count else np.zeros(0, dtype))
+    self.tokens = (
+      np.memmap(os.path.join(path, f'{split}.tokens'), dtype, 'r', shape=(count,))
+      if count
+      else np.zeros(0, dtype)
+    )
     self.weights = None
     self.labels = None
     if objective == 'sft' and count:
-      self.weights = np.memmap(os.path.join(path, f'{split}.weights'), np.uint8, 'r',
-                               shape=(count,))
+      self.weights = np.memmap(
+        os.path.join(path, f'{split}.weights'), np.uint8, 'r', shape=(count,)
+      )
     if objective == 'classification':
       self.labels = np.load(os.path.join(path, f'{split}.labels.npy'))
 
@@ -200,10 +241,10 @@ class ExampleSplit:
     return np.diff(self.offsets)
 
   def ids(self, i: int) -> np.ndarray:
-    return np.asarray(self.tokens[self.offsets[i]:self.offsets[i + 1]], np.int32)
+    return np.asarray(self.tokens[self.offsets[i] : self.offsets[i + 1]], np.int32)
 
   def loss_weights(self, i: int) -> np.ndarray:
-    return np.asarray(self.weights[self.offsets[i]:self.offsets[i + 1]], np.float32)
+    return np.asarray(self.weights[self.offsets[i] : self.offsets[i + 1]], np.float32)
 
 
 def longest(objective: str, seq_len: int) -> int:
@@ -236,12 +277,18 @@ def _empty_rows(objective: str, rows: int, seq_len: int) -> dict[str, np.ndarray
   shape = (rows, seq_len)
   out = {k: np.zeros(shape, np.int32) for k in ('inputs', 'segment_ids', 'positions')}
   if objective == 'sft':
-    out.update(targets=np.zeros(shape, np.int32), weights=np.zeros(shape, np.float32),
-               prefix=np.zeros(shape, np.int32), objective=np.zeros(shape, np.int32))
+    out.update(
+      targets=np.zeros(shape, np.int32),
+      weights=np.zeros(shape, np.float32),
+      prefix=np.zeros(shape, np.int32),
+      objective=np.zeros(shape, np.int32),
+    )
   else:
     segments = min(MAX_SEGMENTS, seq_len)
-    out.update(labels=np.zeros((rows, segments), np.int32),
-               label_weights=np.zeros((rows, segments), np.float32))
+    out.update(
+      labels=np.zeros((rows, segments), np.int32),
+      label_weights=np.zeros((rows, segments), np.float32),
+    )
   return out
 
 
@@ -254,15 +301,15 @@ def build_rows(split: ExampleSplit, rows: list[list[int]], seq_len: int) -> dict
       ids = split.ids(i)
       n = int(packed_length(split.objective, len(ids), seq_len))
       if split.objective == 'sft':
-        out['inputs'][r, at:at + n] = ids[:n]
-        out['targets'][r, at:at + n] = ids[1:n + 1]
-        out['weights'][r, at:at + n] = split.loss_weights(i)[1:n + 1]
+        out['inputs'][r, at : at + n] = ids[:n]
+        out['targets'][r, at : at + n] = ids[1 : n + 1]
+        out['weights'][r, at : at + n] = split.loss_weights(i)[1 : n + 1]
       else:
-        out['inputs'][r, at:at + n] = ids[:n]
+        out['inputs'][r, at : at + n] = ids[:n]
         out['labels'][r, segment - 1] = split.labels[i]
         out['label_weights'][r, segment - 1] = 1.0
-      out['segment_ids'][r, at:at + n] = segment
-      out['positions'][r, at:at + n] = np.arange(n)
+      out['segment_ids'][r, at : at + n] = segment
+      out['positions'][r, at : at + n] = np.arange(n)
       at += n
   return out
 
@@ -270,6 +317,7 @@ def build_rows(split: ExampleSplit, rows: list[list[int]], seq_len: int) -> dict
 @dataclasses.dataclass(frozen=True)
 class Packing:
   """A split's examples in rows: row r holds order[starts[r]:starts[r + 1]]."""
+
   order: np.ndarray
   starts: np.ndarray
 
@@ -277,7 +325,7 @@ class Packing:
     return len(self.starts) - 1
 
   def row(self, r: int) -> list[int]:
-    return self.order[self.starts[r]:self.starts[r + 1]].tolist()
+    return self.order[self.starts[r] : self.starts[r + 1]].tolist()
 
 
 def packing(split: ExampleSplit, seq_len: int, seed: int | None) -> Packing:
@@ -289,9 +337,18 @@ def packing(split: ExampleSplit, seq_len: int, seed: int | None) -> Packing:
   return Packing(order, pack(order, lengths, seq_len, max_per_row))
 
 
-def train_batches(split: ExampleSplit, rows: Packing, *, seq_len: int, global_batch: int,
-                  seed: int, start_step: int, process_index: int = 0, process_count: int = 1,
-                  threads: int = 2) -> Iterator[dict[str, np.ndarray]]:
+def train_batches(
+  split: ExampleSplit,
+  rows: Packing,
+  *,
+  seq_len: int,
+  global_batch: int,
+  seed: int,
+  start_step: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  threads: int = 2,
+) -> Iterator[dict[str, np.ndarray]]:
   """This process's slice of the global batch of every step from `start_step` on: rows in an
   order reshuffled every epoch, by index."""
   if not len(rows):
@@ -301,17 +358,27 @@ def train_batches(split: ExampleSplit, rows: Packing, *, seq_len: int, global_ba
 
   def batch_at(step: int) -> dict[str, np.ndarray]:
     first = step * global_batch + process_index * local
-    return build_rows(split, [rows.row(int(order[j])) for j in range(first, first + local)],
-                      seq_len)
+    return build_rows(
+      split, [rows.row(int(order[j])) for j in range(first, first + local)], seq_len
+    )
 
   steps = grain.MapDataset.range(start_step, 2**62).map(batch_at)
-  return iter(steps.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                                      prefetch_buffer_size=2 * threads or 1)))
+  return iter(
+    steps.to_iter_dataset(
+      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads or 1)
+    )
+  )
 
 
-def eval_batches(split: ExampleSplit, rows: Packing, *, seq_len: int, global_batch: int,
-                 process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+  split: ExampleSplit,
+  rows: Packing,
+  *,
+  seq_len: int,
+  global_batch: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
   """One ordered pass over the held-out rows, the last global batch padded with empty rows."""
   local = global_batch // process_count
   for first in range(0, len(rows), global_batch):

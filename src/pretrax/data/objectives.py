@@ -38,6 +38,7 @@ TRAIN_STREAM, EVAL_STREAM = 0, 1
 @dataclasses.dataclass(frozen=True)
 class Objectives:
   """The mixture and every builder's settings, plus the vocabulary facts the builders need."""
+
   names: tuple[str, ...]
   weights: np.ndarray  # float64, sums to 1.
   seq_len: int
@@ -54,24 +55,33 @@ class Objectives:
   mean_span_length: float = 3.0
 
   @classmethod
-  def from_config(cls, c: ml_collections.ConfigDict,
-                  tok: tokenizer_lib.Tokenizer) -> 'Objectives':
+  def from_config(cls, c: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer) -> 'Objectives':
     mixture = config_lib.objective_mixture(c.objective)
     names = tuple(name for name, _ in mixture)
     if 'span_corruption' in names and not len(tok.sentinel_ids):
       raise config_lib.ConfigError(
-          'objective span_corruption needs sentinel pieces and this tokenizer has none: leave '
-          'tokenizer.path empty to train one with them, or make one with `pretrax tokenizer '
-          '--sentinels=100`.')
+        'objective span_corruption needs sentinel pieces and this tokenizer has none: leave '
+        'tokenizer.path empty to train one with them, or make one with `pretrax tokenizer '
+        '--sentinels=100`.'
+      )
     m, s = c.masked_lm, c.span_corruption
     special = tok.special_ids()
-    return cls(names=names, weights=np.array([w for _, w in mixture]), seq_len=c.data.seq_len,
-               vocab_size=tok.vocab_size, special=special,
-               regular=np.flatnonzero(~special).astype(np.int32),
-               word_starts=tok.word_starts(), sentinels=tok.sentinel_ids,
-               mask_rate=m.rate, mask_token_fraction=m.mask_token_fraction,
-               random_token_fraction=m.random_token_fraction, whole_word=m.whole_word,
-               noise_density=s.noise_density, mean_span_length=s.mean_span_length)
+    return cls(
+      names=names,
+      weights=np.array([w for _, w in mixture]),
+      seq_len=c.data.seq_len,
+      vocab_size=tok.vocab_size,
+      special=special,
+      regular=np.flatnonzero(~special).astype(np.int32),
+      word_starts=tok.word_starts(),
+      sentinels=tok.sentinel_ids,
+      mask_rate=m.rate,
+      mask_token_fraction=m.mask_token_fraction,
+      random_token_fraction=m.random_token_fraction,
+      whole_word=m.whole_word,
+      noise_density=s.noise_density,
+      mean_span_length=s.mean_span_length,
+    )
 
   @property
   def packed_keys(self) -> tuple[str, ...]:
@@ -86,8 +96,7 @@ class Objectives:
       keys.append('objective')
     return tuple(keys)
 
-  def build(self, window: np.ndarray, *, seed: int, stream: int, epoch: int,
-            index: int) -> Example:
+  def build(self, window: np.ndarray, *, seed: int, stream: int, epoch: int, index: int) -> Example:
     """The example for `window` (at most seq_len + 1 tokens), drawn from its own generator."""
     if self.names == ('causal_lm',):  # Nothing random to draw: skip making a generator.
       example = causal_lm(window)
@@ -101,19 +110,28 @@ class Objectives:
     elif name == 'prefix_lm':
       example = prefix_lm(window, rng)
     elif name == 'span_corruption':
-      example = span_corruption(window, rng, sentinels=self.sentinels,
-                                noise_density=self.noise_density,
-                                mean_span_length=self.mean_span_length)
+      example = span_corruption(
+        window,
+        rng,
+        sentinels=self.sentinels,
+        noise_density=self.noise_density,
+        mean_span_length=self.mean_span_length,
+      )
     else:
-      example = masked_lm(window[:self.seq_len], rng, self)
-    example['objective'] = np.full(len(example['inputs']), config_lib.OBJECTIVES.index(name),
-                                   np.int32)
+      example = masked_lm(window[: self.seq_len], rng, self)
+    example['objective'] = np.full(
+      len(example['inputs']), config_lib.OBJECTIVES.index(name), np.int32
+    )
     return example
 
 
 def _example(inputs, targets, weights, prefix) -> Example:
-  return {'inputs': np.asarray(inputs, np.int32), 'targets': np.asarray(targets, np.int32),
-          'weights': np.asarray(weights, np.float32), 'prefix': np.asarray(prefix, np.int32)}
+  return {
+    'inputs': np.asarray(inputs, np.int32),
+    'targets': np.asarray(targets, np.int32),
+    'weights': np.asarray(weights, np.float32),
+    'prefix': np.asarray(prefix, np.int32),
+  }
 
 
 def causal_lm(window: np.ndarray) -> Example:
@@ -157,8 +175,9 @@ def masked_lm(tokens: np.ndarray, rng: np.random.Generator, o: Objectives) -> Ex
   where = np.flatnonzero(chosen)
   action = rng.random(len(where))
   to_mask = where[action < o.mask_token_fraction]
-  to_random = where[(action >= o.mask_token_fraction)
-                    & (action < o.mask_token_fraction + o.random_token_fraction)]
+  to_random = where[
+    (action >= o.mask_token_fraction) & (action < o.mask_token_fraction + o.random_token_fraction)
+  ]
   inputs[to_mask] = tokenizer_lib.MASK_ID
   inputs[to_random] = o.regular[rng.integers(0, len(o.regular), len(to_random))]
   n = len(tokens)
@@ -171,20 +190,30 @@ def _split(total: int, parts: int, rng: np.random.Generator) -> np.ndarray:
   return np.diff(np.concatenate([[0], cuts, [total]]))
 
 
-def _span_counts(m: int, noise_density: float, mean_span_length: float,
-                 max_spans: int) -> tuple[int, int]:
+def _span_counts(
+  m: int, noise_density: float, mean_span_length: float, max_spans: int
+) -> tuple[int, int]:
   """(noise tokens, noise spans) for m tokens, as T5 rounds them."""
   noise = min(max(1, int(round(m * noise_density))), m - 1)
   spans = min(max(1, int(round(noise / mean_span_length))), noise, m - noise, max_spans)
   return noise, spans
 
 
-def span_corruption(window: np.ndarray, rng: np.random.Generator, *, sentinels: np.ndarray,
-                    noise_density: float, mean_span_length: float) -> Example:
+def span_corruption(
+  window: np.ndarray,
+  rng: np.random.Generator,
+  *,
+  sentinels: np.ndarray,
+  noise_density: float,
+  mean_span_length: float,
+) -> Example:
   """Corrupts the first m tokens of the window, m as large as lets the corrupted text and the
   targets fit in the window's length together (each span costs two sentinels)."""
+
   def fits(m: int) -> bool:
-    return m + 2 * _span_counts(m, noise_density, mean_span_length, len(sentinels))[1] <= len(window)
+    return m + 2 * _span_counts(m, noise_density, mean_span_length, len(sentinels))[1] <= len(
+      window
+    )
 
   lo, hi = 1, len(window)  # The largest m that fits, by bisection (the total grows with m).
   while lo < hi:
@@ -201,8 +230,8 @@ def span_corruption(window: np.ndarray, rng: np.random.Generator, *, sentinels: 
   corrupted, targets = [], []  # Slices, joined once: no per-token Python.
   for i in range(spans):
     keep_start, noise_start, noise_end = bounds[2 * i], bounds[2 * i + 1], bounds[2 * i + 2]
-    corrupted += [tokens[keep_start:noise_start], sentinels[i:i + 1]]
-    targets += [sentinels[i:i + 1], tokens[noise_start:noise_end]]
+    corrupted += [tokens[keep_start:noise_start], sentinels[i : i + 1]]
+    targets += [sentinels[i : i + 1], tokens[noise_start:noise_end]]
   sequence = np.concatenate(corrupted + targets).astype(np.int32)
   n, c = len(sequence) - 1, sum(len(x) for x in corrupted)
   index = np.arange(n)

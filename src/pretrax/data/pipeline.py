@@ -32,6 +32,7 @@ BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights', 'prefi
 @dataclasses.dataclass(frozen=True)
 class Windows:
   """Windows of seq_len + 1 tokens every `stride` tokens of one split."""
+
   split: store_lib.Split
   seq_len: int
   stride: int
@@ -70,10 +71,15 @@ def causal_rows(windows_BxT: np.ndarray, lengths_B: np.ndarray) -> dict[str, np.
   starts[:, 0] = True
   starts[:, 1:] = eos[:, :-1]
   positions = index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)
-  return {'inputs': np.where(real, inputs, 0), 'targets': np.where(real, targets, 0),
-          'segment_ids': segment_ids.astype(np.int32), 'positions': positions.astype(np.int32),
-          'weights': (real & ~eos).astype(np.float32), 'prefix': np.zeros_like(inputs),
-          'objective': np.zeros_like(inputs)}
+  return {
+    'inputs': np.where(real, inputs, 0),
+    'targets': np.where(real, targets, 0),
+    'segment_ids': segment_ids.astype(np.int32),
+    'positions': positions.astype(np.int32),
+    'weights': (real & ~eos).astype(np.float32),
+    'prefix': np.zeros_like(inputs),
+    'objective': np.zeros_like(inputs),
+  }
 
 
 def _pieces(window: np.ndarray) -> list[tuple[int, int]]:
@@ -83,9 +89,18 @@ def _pieces(window: np.ndarray) -> list[tuple[int, int]]:
   return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def _fill_row(out: dict[str, np.ndarray], row: int, window: np.ndarray, length: int,
-              objectives: objectives_lib.Objectives, *, seed: int, stream: int, epoch: int,
-              window_id: int) -> None:
+def _fill_row(
+  out: dict[str, np.ndarray],
+  row: int,
+  window: np.ndarray,
+  length: int,
+  objectives: objectives_lib.Objectives,
+  *,
+  seed: int,
+  stream: int,
+  epoch: int,
+  window_id: int,
+) -> None:
   """Row `row` of a batch of any objective: each document piece's example laid where the piece
   was, seeded by the piece's place in the data. The row starts as padding (zeros)."""
   seq_len = len(window) - 1
@@ -95,19 +110,26 @@ def _fill_row(out: dict[str, np.ndarray], row: int, window: np.ndarray, length: 
     piece = window[a:b][:slots] if masked else window[a:b]
     if len(piece) < (1 if masked else 2):
       continue
-    example = objectives.build(piece, seed=seed, stream=stream, epoch=epoch,
-                               index=window_id * (seq_len + 1) + a)
+    example = objectives.build(
+      piece, seed=seed, stream=stream, epoch=epoch, index=window_id * (seq_len + 1) + a
+    )
     n = len(example['inputs'])
     for k in objectives_lib.EXAMPLE_KEYS:
-      out[k][row, a:a + n] = example[k]
-    out['segment_ids'][row, a:a + n] = segment
-    out['positions'][row, a:a + n] = np.arange(n)
+      out[k][row, a : a + n] = example[k]
+    out['segment_ids'][row, a : a + n] = segment
+    out['positions'][row, a : a + n] = np.arange(n)
 
 
-
-def build_batch(windows: list[np.ndarray], lengths: list[int],
-                objectives: objectives_lib.Objectives, *, seed: int, stream: int,
-                epochs: list[int], window_ids: list[int]) -> dict[str, np.ndarray]:
+def build_batch(
+  windows: list[np.ndarray],
+  lengths: list[int],
+  objectives: objectives_lib.Objectives,
+  *,
+  seed: int,
+  stream: int,
+  epochs: list[int],
+  window_ids: list[int],
+) -> dict[str, np.ndarray]:
   if objectives.names == ('causal_lm',):
     return causal_rows(np.stack(windows), np.asarray(lengths))
   shape = (len(windows), len(windows[0]) - 1)
@@ -123,6 +145,7 @@ def build_batch(windows: list[np.ndarray], lengths: list[int],
 @dataclasses.dataclass(frozen=True)
 class Source:
   """One weighted source of a run: its training windows and held-out split."""
+
   name: str
   weight: float
   train: Windows
@@ -141,14 +164,24 @@ def window_order(sources: list[Source], seed: int) -> grain.MapDataset:
   return grain.MapDataset.mix(streams, [source.weight for source in sources])
 
 
-def train_batches(sources: list[Source], objectives: objectives_lib.Objectives, *,
-                  global_batch: int, seed: int, start_step: int, process_index: int = 0,
-                  process_count: int = 1, threads: int = 2) -> Iterator[dict[str, np.ndarray]]:
+def train_batches(
+  sources: list[Source],
+  objectives: objectives_lib.Objectives,
+  *,
+  global_batch: int,
+  seed: int,
+  start_step: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  threads: int = 2,
+) -> Iterator[dict[str, np.ndarray]]:
   """This process's slice of the global batch of every step from `start_step` on."""
   for source in sources:
     if not len(source.train):
-      raise ValueError(f'source {source.name!r} has fewer training tokens than one window of '
-                       f'{source.train.seq_len + 1}: use more text or a shorter data.seq_len.')
+      raise ValueError(
+        f'source {source.name!r} has fewer training tokens than one window of '
+        f'{source.train.seq_len + 1}: use more text or a shorter data.seq_len.'
+      )
   order = window_order(sources, seed)
   local = global_batch // process_count
   seq_len = sources[0].train.seq_len
@@ -157,18 +190,34 @@ def train_batches(sources: list[Source], objectives: objectives_lib.Objectives, 
     first = step * global_batch + process_index * local
     picks = [order[j] for j in range(first, first + local)]
     windows = [sources[s].train.read(w) for s, w, _ in picks]
-    return build_batch(windows, [seq_len + 1] * local, objectives, seed=seed,
-                       stream=objectives_lib.TRAIN_STREAM, epochs=[e for _, _, e in picks],
-                       window_ids=[w for _, w, _ in picks])
+    return build_batch(
+      windows,
+      [seq_len + 1] * local,
+      objectives,
+      seed=seed,
+      stream=objectives_lib.TRAIN_STREAM,
+      epochs=[e for _, _, e in picks],
+      window_ids=[w for _, w, _ in picks],
+    )
 
   steps = grain.MapDataset.range(start_step, 2**62).map(batch_at)
-  return iter(steps.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                                      prefetch_buffer_size=2 * threads or 1)))
+  return iter(
+    steps.to_iter_dataset(
+      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads or 1)
+    )
+  )
 
 
-def eval_batches(split: store_lib.Split, objectives: objectives_lib.Objectives, *,
-                 seq_len: int, global_batch: int, seed: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+  split: store_lib.Split,
+  objectives: objectives_lib.Objectives,
+  *,
+  seq_len: int,
+  global_batch: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
   """One ordered pass over a held-out split: this process's slice of each global batch, the last
   one padded with empty rows. The examples are the same at every evaluation."""
   count = num_eval_windows(split, seq_len)
@@ -183,8 +232,15 @@ def eval_batches(split: store_lib.Split, objectives: objectives_lib.Objectives, 
         window[:n] = split.read(start, n)
       windows.append(window)
       lengths.append(n)
-    yield build_batch(windows, lengths, objectives, seed=seed,
-                      stream=objectives_lib.EVAL_STREAM, epochs=[0] * local, window_ids=list(ids))
+    yield build_batch(
+      windows,
+      lengths,
+      objectives,
+      seed=seed,
+      stream=objectives_lib.EVAL_STREAM,
+      epochs=[0] * local,
+      window_ids=list(ids),
+    )
 
 
 def held_out_pieces(split: store_lib.Split, seq_len: int) -> Iterator[np.ndarray]:

@@ -43,12 +43,16 @@ def input_files(c, log: Callable[[str], None] = print) -> list[sources.InputFile
   """The corpus files of `c.data` (or its fallback corpus); DataError naming the path if none."""
   files = sources.expand_paths(c.data.path) if c.data.path else []
   if not files and c.data.fallback:
-    log(f'data.path={c.data.path!r} not found: training on the Python standard library\'s '
-        'sources instead; point --config.data.path at your own text.')
+    log(
+      f"data.path={c.data.path!r} not found: training on the Python standard library's "
+      'sources instead; point --config.data.path at your own text.'
+    )
     return sources.describe(sources.stdlib_files())
   if not files:
-    raise sources.DataError(f'data.path={c.data.path!r} matches no file: point '
-                            '--config.data.path at files, directories or globs.')
+    raise sources.DataError(
+      f'data.path={c.data.path!r} matches no file: point '
+      '--config.data.path at files, directories or globs.'
+    )
   for path in files:
     sources.file_format(path)  # A format that cannot be, named before any work.
   return sources.describe(files)
@@ -75,22 +79,33 @@ def tokenizer_spec(c) -> dict:
   if tok.path:
     with open(tok.path, 'rb') as f:
       return {'path': os.path.abspath(tok.path), 'sha256': hashlib.sha256(f.read()).hexdigest()}
-  return {'model_type': tok.model_type, 'vocab_size': tok.vocab_size,
-          'sentinels': config_lib.num_sentinels(c), 'sample_mb': tok.sample_mb}
+  return {
+    'model_type': tok.model_type,
+    'vocab_size': tok.vocab_size,
+    'sentinels': config_lib.num_sentinels(c),
+    'sample_mb': tok.sample_mb,
+  }
 
 
 def make_plan(c, files: list[sources.InputFile]) -> dict:
   """Everything the store's bytes depend on; a resume or reuse must find the same."""
   tokenizer = tokenizer_spec(c)
-  reading = sources.Reading(separator=c.data.separator, text_field=c.data.text_field,
-                            eval_fraction=c.data.eval_fraction,
-                            position_boundary=_position_boundary(files, c))
-  plan = {'format': store_lib.FORMAT_VERSION, 'unit_bytes': sources.UNIT_BYTES,
-          'part_bytes': int(c.data.shard_mb * 1e6),
-          'files': [dataclasses.astuple(f) for f in files], 'reading': dataclasses.asdict(reading),
-          # The fallback corpus has a few files that are not UTF-8: not ours to fix.
-          'skip_bad_records': bool(c.data.skip_bad_records) or _is_stdlib(files),
-          'tokenizer': tokenizer}
+  reading = sources.Reading(
+    separator=c.data.separator,
+    text_field=c.data.text_field,
+    eval_fraction=c.data.eval_fraction,
+    position_boundary=_position_boundary(files, c),
+  )
+  plan = {
+    'format': store_lib.FORMAT_VERSION,
+    'unit_bytes': sources.UNIT_BYTES,
+    'part_bytes': int(c.data.shard_mb * 1e6),
+    'files': [dataclasses.astuple(f) for f in files],
+    'reading': dataclasses.asdict(reading),
+    # The fallback corpus has a few files that are not UTF-8: not ours to fix.
+    'skip_bad_records': bool(c.data.skip_bad_records) or _is_stdlib(files),
+    'tokenizer': tokenizer,
+  }
   return json.loads(json.dumps(plan))  # As plan.json reads back (lists, not tuples).
 
 
@@ -125,6 +140,7 @@ def _reading(plan: dict) -> sources.Reading:
 class Encoded:
   """A unit tokenized: per split, its tokens (EOS after each finished document) and where those
   documents end."""
+
   tokens: dict[str, np.ndarray]
   doc_ends: dict[str, np.ndarray]
   bad: list[str]
@@ -159,18 +175,25 @@ def encode_texts(tok: tokenizer_lib.Tokenizer, texts: list[str], num_threads: in
   short = [i for i, t in enumerate(texts) if len(t) <= ENCODE_CHARS]
   out: list = [None] * len(texts)
   if short:
-    for i, ids in zip(short, tok.encode_batch([texts[i] for i in short], num_threads=num_threads),
-                      strict=True):
+    for i, ids in zip(
+      short, tok.encode_batch([texts[i] for i in short], num_threads=num_threads), strict=True
+    ):
       out[i] = np.array(ids, dtype)
   for i, text in enumerate(texts):
     if out[i] is None:
-      out[i] = np.concatenate([np.array(tok.encode(piece), dtype)
-                               for piece in text_slices(text, ENCODE_CHARS)])
+      out[i] = np.concatenate(
+        [np.array(tok.encode(piece), dtype) for piece in text_slices(text, ENCODE_CHARS)]
+      )
   return out
 
 
-def encode_unit(unit: sources.Unit, tok: tokenizer_lib.Tokenizer, reading: sources.Reading,
-                skip_bad: bool, num_threads: int = 1) -> Encoded:
+def encode_unit(
+  unit: sources.Unit,
+  tok: tokenizer_lib.Tokenizer,
+  reading: sources.Reading,
+  skip_bad: bool,
+  num_threads: int = 1,
+) -> Encoded:
   docs = sources.decode_unit(unit, reading, skip_bad)
   ids = encode_texts(tok, docs.texts, num_threads)
   dtype = store_lib.token_dtype(tok.vocab_size)
@@ -202,14 +225,18 @@ class Encoder:
   """Encodes units in order, in `workers` processes (0: in this one, with SentencePiece's
   threads), with at most two units per worker in flight: the bound on memory."""
 
-  def __init__(self, tok: tokenizer_lib.Tokenizer, reading: sources.Reading, skip_bad: bool,
-               workers: int):
+  def __init__(
+    self, tok: tokenizer_lib.Tokenizer, reading: sources.Reading, skip_bad: bool, workers: int
+  ):
     self.tok, self.reading, self.skip_bad, self.workers = tok, reading, skip_bad, workers
     self.pool = None
     if workers > 0:
       context = multiprocessing.get_context('spawn')  # No fork of a process that may hold threads.
-      self.pool = context.Pool(workers, initializer=_start_worker,
-                               initargs=(tok.model_proto, dataclasses.asdict(reading), skip_bad))
+      self.pool = context.Pool(
+        workers,
+        initializer=_start_worker,
+        initargs=(tok.model_proto, dataclasses.asdict(reading), skip_bad),
+      )
 
   def map(self, items: Iterator[tuple]) -> Iterator[tuple]:
     """(meta, unit) -> (meta, unit.size, Encoded), in order."""
@@ -270,9 +297,11 @@ class _Progress:
       self.last = now
       seconds = max(now - self.start, 1e-9)
       left = max(self.total - self.disk, 0) * seconds / max(self.disk, 1)
-      self.log(f'prepare: {self.disk / 1e6:,.0f} of {self.total / 1e6:,.0f} MB of input '
-               f'({self.text / seconds / 1e6:.2f} MB/s of text, '
-               f'{self.tokens / seconds / 1e6:.2f} M tokens/s, ETA {left:.0f} s)')
+      self.log(
+        f'prepare: {self.disk / 1e6:,.0f} of {self.total / 1e6:,.0f} MB of input '
+        f'({self.text / seconds / 1e6:.2f} MB/s of text, '
+        f'{self.tokens / seconds / 1e6:.2f} M tokens/s, ETA {left:.0f} s)'
+      )
 
 
 def _with_disk_deltas(units: Iterator[tuple[int, sources.Unit]]) -> Iterator[tuple]:
@@ -285,8 +314,9 @@ def _with_disk_deltas(units: Iterator[tuple[int, sources.Unit]]) -> Iterator[tup
     position = unit.disk_end
 
 
-def prepare_group(plan: dict, group: int, files: list[int], out_dir: str, encoder: Encoder,
-                  progress: _Progress) -> None:
+def prepare_group(
+  plan: dict, group: int, files: list[int], out_dir: str, encoder: Encoder, progress: _Progress
+) -> None:
   """Writes the group's parts that are not marked done, then its group marker."""
   if os.path.exists(_marker(out_dir, f'{group:05d}')):
     return
@@ -298,8 +328,9 @@ def prepare_group(plan: dict, group: int, files: list[int], out_dir: str, encode
   dtype = store_lib.token_dtype(encoder.tok.vocab_size)
   bad_files: list[str] = []
   on_bad = bad_files.append if plan['skip_bad_records'] else None
-  units = ((i, unit) for i, unit in enumerate(_group_units(plan, files, on_bad))
-           if i >= resume_at)  # Units before the resume point are read, not tokenized.
+  units = (
+    (i, unit) for i, unit in enumerate(_group_units(plan, files, on_bad)) if i >= resume_at
+  )  # Units before the resume point are read, not tokenized.
   part, writer, size, bad, empty, end = len(done), None, 0, [], 0, resume_at
   try:
     for (index, disk), unit_size, encoded in encoder.map(_with_disk_deltas(units)):
@@ -326,8 +357,16 @@ def prepare_group(plan: dict, group: int, files: list[int], out_dir: str, encode
   store_lib.write_json(_marker(out_dir, f'{group:05d}'), {'parts': done})
 
 
-def _finish_part(out_dir: str, writer: store_lib.PartWriter, group: int, part: int,
-                 units_end: int, bad: list[str], empty: int, last: bool = False) -> dict:
+def _finish_part(
+  out_dir: str,
+  writer: store_lib.PartWriter,
+  group: int,
+  part: int,
+  units_end: int,
+  bad: list[str],
+  empty: int,
+  last: bool = False,
+) -> dict:
   """Closes the part's files, then marks it done: where the next part starts, whether the group
   ends with it, and what it skipped."""
   record = {**writer.close(), 'units_end': units_end, 'last': last, 'bad': bad, 'empty': empty}
@@ -352,24 +391,31 @@ def tokenizer_sample(plan: dict, budget_bytes: int) -> Iterator[str]:
       docs = sources.decode_unit(unit, reading, skip_bad=skip)
       for text, split in zip(docs.texts, docs.splits):
         if split == sources.TRAIN and taken < share:
-          text = text[:share - taken]
+          text = text[: share - taken]
           taken += len(text)
           yield text
       if taken >= share:
         break
 
 
-def _tokenizer(plan: dict, out_dir: str, process_index: int,
-               log: Callable[[str], None]) -> tokenizer_lib.Tokenizer:
+def _tokenizer(
+  plan: dict, out_dir: str, process_index: int, log: Callable[[str], None]
+) -> tokenizer_lib.Tokenizer:
   """The store's tokenizer: copied or trained by process 0, waited for by the others."""
   spec = plan['tokenizer']
   path = os.path.join(out_dir, store_lib.TOKENIZER_FILE)
-  return tokenizer_at(path, spec, lambda: tokenizer_sample(plan, int(spec['sample_mb'] * 1e6)),
-                      process_index, log)
+  return tokenizer_at(
+    path, spec, lambda: tokenizer_sample(plan, int(spec['sample_mb'] * 1e6)), process_index, log
+  )
 
 
-def tokenizer_at(path: str, spec: dict, sample: Callable[[], Iterable[str]], process_index: int,
-                 log: Callable[[str], None]) -> tokenizer_lib.Tokenizer:
+def tokenizer_at(
+  path: str,
+  spec: dict,
+  sample: Callable[[], Iterable[str]],
+  process_index: int,
+  log: Callable[[str], None],
+) -> tokenizer_lib.Tokenizer:
   """The tokenizer at `path`, written there first by process 0 (a copy of spec['path'], or one
   trained on `sample()` as `spec` says) and waited for by the other processes."""
   if not os.path.exists(path) and process_index == 0:
@@ -380,12 +426,20 @@ def tokenizer_at(path: str, spec: dict, sample: Callable[[], Iterable[str]], pro
       start = time.perf_counter()
       texts = list(sample())  # Bounded by spec['sample_mb'].
       if not any(texts):
-        raise sources.DataError('the corpus has no training text to fit a tokenizer on: check '
-                                'data.path, data.text_field and data.eval_fraction.')
-      proto = tokenizer_lib.train(texts, model_type=spec['model_type'],
-                                  vocab_size=spec['vocab_size'], num_sentinels=spec['sentinels'])
-      log(f'trained a {spec["model_type"]} tokenizer on a sample of at most '
-          f'{spec["sample_mb"]} MB in {time.perf_counter() - start:.1f} s')
+        raise sources.DataError(
+          'the corpus has no training text to fit a tokenizer on: check '
+          'data.path, data.text_field and data.eval_fraction.'
+        )
+      proto = tokenizer_lib.train(
+        texts,
+        model_type=spec['model_type'],
+        vocab_size=spec['vocab_size'],
+        num_sentinels=spec['sentinels'],
+      )
+      log(
+        f'trained a {spec["model_type"]} tokenizer on a sample of at most '
+        f'{spec["sample_mb"]} MB in {time.perf_counter() - start:.1f} s'
+      )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     store_lib.write_atomic(path, proto)
   wait_for(path, 'process 0 to write the tokenizer')
@@ -396,8 +450,10 @@ def wait_for(path: str, what: str, timeout_s: float = 24 * 3600) -> None:
   deadline = time.monotonic() + timeout_s
   while not os.path.exists(path):
     if time.monotonic() > deadline:
-      raise sources.DataError(f'waited {timeout_s:.0f} s for {what} ({path}): start every '
-                              'process of the preparation with the same --output.')
+      raise sources.DataError(
+        f'waited {timeout_s:.0f} s for {what} ({path}): start every '
+        'process of the preparation with the same --output.'
+      )
     time.sleep(_WAIT_S)
 
 
@@ -411,10 +467,11 @@ def _wait_for_others(out_dir: str, groups: list[list[int]], log: Callable[[str],
     time.sleep(_WAIT_S)
     if time.monotonic() - said > 60:
       said = time.monotonic()
-      missing = [g for g in range(len(groups))
-                 if not os.path.exists(_marker(out_dir, f'{g:05d}'))]
-      log(f'prepare: still waiting for {len(missing)} group(s) of other processes (first: '
-          f'{missing[:5]}); a process that stopped must be started again with the same command')
+      missing = [g for g in range(len(groups)) if not os.path.exists(_marker(out_dir, f'{g:05d}'))]
+      log(
+        f'prepare: still waiting for {len(missing)} group(s) of other processes (first: '
+        f'{missing[:5]}); a process that stopped must be started again with the same command'
+      )
   return store_lib.read_json(manifest_path)
 
 
@@ -428,8 +485,9 @@ def _check_plan(out_dir: str, plan: dict) -> None:
     if before != plan:
       changed = sorted(k for k in set(before) | set(plan) if before.get(k) != plan.get(k))
       raise sources.DataError(
-          f'{out_dir} holds a store of other inputs or settings ({", ".join(changed)} differ): '
-          'use another --output, or delete it to start over.')
+        f'{out_dir} holds a store of other inputs or settings ({", ".join(changed)} differ): '
+        'use another --output, or delete it to start over.'
+      )
   else:
     store_lib.write_json(path, plan)
 
@@ -442,24 +500,42 @@ def _finalize(out_dir: str, plan: dict, groups: list[list[int]], vocab_size: int
   parts = [p for m in markers for p in store_lib.read_json(m)['parts']]
   splits = {}
   for split in store_lib.SPLITS:
-    chosen = [{'name': p['name'], 'tokens': p['tokens'][split],
-               'documents': p['documents'][split]} for p in parts if p['tokens'][split]]
-    splits[split] = {'parts': chosen, 'tokens': sum(p['tokens'] for p in chosen),
-                     'documents': sum(p['documents'] for p in chosen)}
+    chosen = [
+      {'name': p['name'], 'tokens': p['tokens'][split], 'documents': p['documents'][split]}
+      for p in parts
+      if p['tokens'][split]
+    ]
+    splits[split] = {
+      'parts': chosen,
+      'tokens': sum(p['tokens'] for p in chosen),
+      'documents': sum(p['documents'] for p in chosen),
+    }
   bad = [b for p in parts for b in p['bad']]
-  manifest = {'format': store_lib.FORMAT_VERSION, 'vocab_size': vocab_size,
-              'dtype': store_lib.token_dtype(vocab_size).name, 'splits': splits,
-              'bad_records': len(bad), 'bad_examples': bad[:20],
-              'empty_documents': sum(p['empty'] for p in parts),
-              'input_files': len(plan['files']),
-              'input_bytes': sum(f[1] for f in plan['files']),
-              'plan_sha256': hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()}
+  manifest = {
+    'format': store_lib.FORMAT_VERSION,
+    'vocab_size': vocab_size,
+    'dtype': store_lib.token_dtype(vocab_size).name,
+    'splits': splits,
+    'bad_records': len(bad),
+    'bad_examples': bad[:20],
+    'empty_documents': sum(p['empty'] for p in parts),
+    'input_files': len(plan['files']),
+    'input_bytes': sum(f[1] for f in plan['files']),
+    'plan_sha256': hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest(),
+  }
   store_lib.write_json(os.path.join(out_dir, store_lib.MANIFEST), manifest)
   return manifest
 
 
-def prepare_plan(plan: dict, out_dir: str, *, workers: int, process_index: int = 0,
-                 process_count: int = 1, log: Callable[[str], None] = print) -> dict:
+def prepare_plan(
+  plan: dict,
+  out_dir: str,
+  *,
+  workers: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  log: Callable[[str], None] = print,
+) -> dict:
   """Prepares this process's share of `plan` into `out_dir`, then waits for the other processes'
   shares; returns the manifest."""
   manifest_path = os.path.join(out_dir, store_lib.MANIFEST)
@@ -472,8 +548,10 @@ def prepare_plan(plan: dict, out_dir: str, *, workers: int, process_index: int =
   mine = list(range(process_index, len(groups), process_count))
   total = sum(plan['files'][i][1] for g in mine for i in groups[g])
   what = f' (process {process_index} of {process_count})' if process_count > 1 else ''
-  log(f'prepare: {len(plan["files"])} file(s), {total / 1e6:,.1f} MB in {len(mine)} group(s) '
-      f'here{what}, {workers or "no"} worker process(es), into {out_dir}')
+  log(
+    f'prepare: {len(plan["files"])} file(s), {total / 1e6:,.1f} MB in {len(mine)} group(s) '
+    f'here{what}, {workers or "no"} worker process(es), into {out_dir}'
+  )
   start = time.perf_counter()
   encoder = Encoder(tok, _reading(plan), plan['skip_bad_records'], workers)
   progress = _Progress(total, log)
@@ -487,17 +565,32 @@ def prepare_plan(plan: dict, out_dir: str, *, workers: int, process_index: int =
     manifest = _wait_for_others(out_dir, groups, log)
   seconds = time.perf_counter() - start
   s = manifest['splits']
-  log(f'prepared {out_dir}: {s["train"]["tokens"]:,} train / {s["eval"]["tokens"]:,} held-out '
-      f'tokens, {s["train"]["documents"] + s["eval"]["documents"]:,} documents, '
-      f'{manifest["bad_records"]} bad record(s) skipped, in {seconds:.1f} s')
+  log(
+    f'prepared {out_dir}: {s["train"]["tokens"]:,} train / {s["eval"]["tokens"]:,} held-out '
+    f'tokens, {s["train"]["documents"] + s["eval"]["documents"]:,} documents, '
+    f'{manifest["bad_records"]} bad record(s) skipped, in {seconds:.1f} s'
+  )
   for example in manifest['bad_examples'][:3]:
     log(f'  skipped: {example}')
   return manifest
 
 
-def prepare(c, out_dir: str, *, workers: int, process_index: int = 0, process_count: int = 1,
-            log: Callable[[str], None] = print) -> dict:
+def prepare(
+  c,
+  out_dir: str,
+  *,
+  workers: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  log: Callable[[str], None] = print,
+) -> dict:
   """Prepares the corpus `c.data` names into a store at `out_dir` (see prepare_plan)."""
   plan = make_plan(c, input_files(c, log))
-  return prepare_plan(plan, out_dir, workers=workers, process_index=process_index,
-                      process_count=process_count, log=log)
+  return prepare_plan(
+    plan,
+    out_dir,
+    workers=workers,
+    process_index=process_index,
+    process_count=process_count,
+    log=log,
+  )

@@ -28,6 +28,7 @@ ROLES = ('system', 'user', 'assistant')
 @dataclasses.dataclass(frozen=True)
 class Fields:
   """Where an objective finds its parts in a record."""
+
   objective: str  # sft | classification
   prompt: str = 'prompt'
   response: str = 'response'
@@ -40,9 +41,15 @@ class Fields:
   def from_config(cls, c: ml_collections.ConfigDict) -> 'Fields':
     f = c.finetune
     labels = tuple(x.strip() for x in f.labels.split(',') if x.strip())
-    return cls(objective=c.objective, prompt=f.prompt_field, response=f.response_field,
-               messages=f.messages_field, text=c.data.text_field, label=f.label_field,
-               labels=labels)
+    return cls(
+      objective=c.objective,
+      prompt=f.prompt_field,
+      response=f.response_field,
+      messages=f.messages_field,
+      text=c.data.text_field,
+      label=f.label_field,
+      labels=labels,
+    )
 
 
 class BadRecord(Exception):
@@ -51,8 +58,10 @@ class BadRecord(Exception):
 
 def _string(record: dict, field: str, what: str) -> str:
   if field not in record:
-    raise BadRecord(f'no {field!r} field ({what}; set finetune.*_field or data.text_field to the '
-                    'field that holds it)')
+    raise BadRecord(
+      f'no {field!r} field ({what}; set finetune.*_field or data.text_field to the '
+      'field that holds it)'
+    )
   value = record[field]
   if not isinstance(value, str):
     raise BadRecord(f'{field!r} is {type(value).__name__}, not a string')
@@ -72,8 +81,9 @@ def chat_parts(messages, where_field: str) -> list[tuple[str, bool]]:
   for i, m in enumerate(messages):
     content = m.get('content') if isinstance(m, dict) else None
     if not isinstance(content, str) or m.get('role') not in ROLES:
-      raise BadRecord(f'message {i} is not {{"role": one of {", ".join(ROLES)}, "content": '
-                      'a string}')
+      raise BadRecord(
+        f'message {i} is not {{"role": one of {", ".join(ROLES)}, "content": a string}}'
+      )
     assistant = m['role'] == 'assistant'
     parts += [(f'{m["role"]}: ', False), (m['content'] + '\n', assistant)]
   if not any(trained and text.strip() for text, trained in parts):
@@ -92,8 +102,9 @@ def sft_parts(record: dict, f: Fields) -> list[tuple[str, bool]]:
   return [(prompt, False), (response, True)]
 
 
-def encode_sft(parts: list[tuple[str, bool]],
-               tok: tokenizer_lib.Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+def encode_sft(
+  parts: list[tuple[str, bool]], tok: tokenizer_lib.Tokenizer
+) -> tuple[np.ndarray, np.ndarray]:
   """(ids, weights): each part encoded on its own, then EOS, weighted as its part (the EOS as the
   last part). Encoding parts apart keeps the prompt's ids the same whatever the response is."""
   ids, weights = [], []
@@ -121,8 +132,9 @@ def parse(line: bytes) -> dict:
 def label_of(record: dict, f: Fields) -> str:
   """The record's label as a string (JSON numbers and booleans too: 1 and "1" are one label)."""
   if f.label not in record:
-    raise BadRecord(f'no {f.label!r} field (set finetune.label_field to the field that holds '
-                    'the label)')
+    raise BadRecord(
+      f'no {f.label!r} field (set finetune.label_field to the field that holds the label)'
+    )
   value = record[f.label]
   if isinstance(value, bool):
     value = str(value).lower()

@@ -61,13 +61,14 @@ def file_format(path: str) -> tuple[str, str]:
   compression = ''
   for suffix in ('.gz', '.zst'):
     if name.endswith(suffix):
-      compression, name = suffix[1:], name[:-len(suffix)]
+      compression, name = suffix[1:], name[: -len(suffix)]
   if name.endswith(('.jsonl', '.json')):
     return 'jsonl', compression
   if name.endswith('.parquet'):
     if compression:
-      raise DataError(f'{path}: Parquet compresses inside the file; remove the .{compression} '
-                      'layer around it.')
+      raise DataError(
+        f'{path}: Parquet compresses inside the file; remove the .{compression} layer around it.'
+      )
     return 'parquet', ''
   return 'text', compression
 
@@ -84,8 +85,8 @@ def _expand_remote(part: str) -> list[str]:
     if root.is_dir():
       return [str(p) for p in root.rglob('*') if p.is_file()]
     return [part] if root.exists() else []
-  base = part[:wildcards[0]].rsplit('/', 1)[0]  # The directory before the first wildcard.
-  return [str(p) for p in epath.Path(base).glob(part[len(base) + 1:]) if p.is_file()]
+  base = part[: wildcards[0]].rsplit('/', 1)[0]  # The directory before the first wildcard.
+  return [str(p) for p in epath.Path(base).glob(part[len(base) + 1 :]) if p.is_file()]
 
 
 def expand_paths(spec: str) -> list[str]:
@@ -140,6 +141,7 @@ class _ZstdStream(io.RawIOBase):
 
   def __init__(self, raw, path: str):
     import zstandard  # Only needed for .zst input.
+
     self._zstd, self._raw, self._path = zstandard, raw, path
     self._obj = zstandard.ZstdDecompressor().decompressobj()
     self._buffer, self._fed = b'', False
@@ -184,6 +186,7 @@ def _read_errors() -> tuple[type[Exception], ...]:
   kinds: list[type[Exception]] = [EOFError, OSError, gzip.BadGzipFile]
   try:
     import zstandard
+
     kinds.append(zstandard.ZstdError)
   except ImportError:
     pass
@@ -200,8 +203,9 @@ def read_lines(files: list[str]) -> Iterator[tuple[str, int, bytes]]:
           if line.strip():
             yield path, number, line
     except _read_errors() as e:
-      raise DataError(f'{path}: cannot be read ({type(e).__name__}: {e}): check the '
-                      'file.') from None
+      raise DataError(
+        f'{path}: cannot be read ({type(e).__name__}: {e}): check the file.'
+      ) from None
 
 
 # ---- Units ------------------------------------------------------------------------------------
@@ -215,6 +219,7 @@ class Unit:
   jsonl:   `payload` bytes of whole lines; `first` is the first line's number (1-based).
   parquet: `payload` a list of the column's values; `first` is the first row's number (0-based).
   """
+
   path: str
   kind: str
   first: int
@@ -227,6 +232,7 @@ class Unit:
 @dataclasses.dataclass(frozen=True)
 class Reading:
   """How to read every file of a corpus."""
+
   separator: str = ''
   text_field: str = 'text'
   eval_fraction: float = 0.1
@@ -271,17 +277,18 @@ def _through_next_cut(stream, block: bytes, cut: bytes, size: int) -> bytes:
 
   Chunks are kept in a list and joined once: growing one bytes object would copy a long record
   once per chunk, quadratic in its length."""
-  chunks, tail = [block], block[len(block) - len(cut) + 1:]  # A cut may straddle two chunks.
+  chunks, tail = [block], block[len(block) - len(cut) + 1 :]  # A cut may straddle two chunks.
   while chunk := _read(stream, size):
     chunks.append(chunk)
-    if cut in tail + chunk[:len(cut) - 1] or cut in chunk:
+    if cut in tail + chunk[: len(cut) - 1] or cut in chunk:
       break
-    tail = chunk[len(chunk) - len(cut) + 1:]
+    tail = chunk[len(chunk) - len(cut) + 1 :]
   return b''.join(chunks)
 
 
-def _blocks(stream, size: int, cut: bytes = b'\n', head: bytes = b'', whole: bool = False
-            ) -> Iterator[tuple[int, bytes]]:
+def _blocks(
+  stream, size: int, cut: bytes = b'\n', head: bytes = b'', whole: bool = False
+) -> Iterator[tuple[int, bytes]]:
   """(offset, bytes) blocks of about `size`, each ending just after a `cut`. `head` is what was
   already read from the stream.
 
@@ -328,8 +335,9 @@ def _text_units(path: str, stream, r: Reading) -> Iterator[Unit]:
     yield _text_unit(path, *previous, ends_doc=True, split=split, r=r)
 
 
-def _text_unit(path: str, offset: int, block: bytes, *, ends_doc: bool, split: int,
-               r: Reading) -> Unit:
+def _text_unit(
+  path: str, offset: int, block: bytes, *, ends_doc: bool, split: int, r: Reading
+) -> Unit:
   """A block of a one-document file; with a position boundary, the piece before it is train (and
   ends that part of the document) and the rest held out."""
   b = r.position_boundary
@@ -406,16 +414,20 @@ def _parquet_units(path: str, raw, r: Reading) -> Iterator[Unit]:
   try:
     parquet = pq.ParquetFile(raw)
   except (pa.ArrowException, OSError) as e:
-    raise _Unreadable(f'{path} is not a readable Parquet file ({" ".join(str(e).split())})'
-                      ) from None
+    raise _Unreadable(
+      f'{path} is not a readable Parquet file ({" ".join(str(e).split())})'
+    ) from None
   names = parquet.schema_arrow.names
   if r.text_field not in names:
-    raise DataError(f'{path} has no column {r.text_field!r} (it has {", ".join(names)}): set '
-                    '--config.data.text_field to the text column.')
+    raise DataError(
+      f'{path} has no column {r.text_field!r} (it has {", ".join(names)}): set '
+      '--config.data.text_field to the text column.'
+    )
   values, size, first, row = [], 0, 0, 0
   try:
-    for batch in parquet.iter_batches(batch_size=_parquet_batch_rows(parquet),
-                                      columns=[r.text_field]):
+    for batch in parquet.iter_batches(
+      batch_size=_parquet_batch_rows(parquet), columns=[r.text_field]
+    ):
       column = batch.column(0).to_pylist()
       values.extend(column)
       size += sum(len(v) for v in column if isinstance(v, str))
@@ -424,14 +436,16 @@ def _parquet_units(path: str, raw, r: Reading) -> Iterator[Unit]:
         yield Unit(path, 'parquet', first, values, size)
         values, size, first = [], 0, row
   except (pa.ArrowException, OSError) as e:
-    raise _Unreadable(f'{path}: the rows after row {row} are unreadable '
-                      f'({" ".join(str(e).split())})') from None
+    raise _Unreadable(
+      f'{path}: the rows after row {row} are unreadable ({" ".join(str(e).split())})'
+    ) from None
   if values:
     yield Unit(path, 'parquet', first, values, size)
 
 
-def file_units(path: str, r: Reading, on_bad: Callable[[str], None] | None = None
-               ) -> Iterator[Unit]:
+def file_units(
+  path: str, r: Reading, on_bad: Callable[[str], None] | None = None
+) -> Iterator[Unit]:
   """The units of one file, in order. A truncated or corrupt compressed file raises DataError, or
   with `on_bad` is reported to it and ends there."""
   fmt, compression = file_format(path)
@@ -446,12 +460,16 @@ def file_units(path: str, r: Reading, on_bad: Callable[[str], None] | None = Non
         yield dataclasses.replace(unit, disk_end=raw.tell())
   except (_Unreadable, *_read_errors()) as e:
     what = 'truncated or corrupt' if compression else 'unreadable'
-    message = (str(e) if isinstance(e, _Unreadable) else
-               f'{path} is {what} ({type(e).__name__}: {" ".join(str(e).split())})')
+    message = (
+      str(e)
+      if isinstance(e, _Unreadable)
+      else f'{path} is {what} ({type(e).__name__}: {" ".join(str(e).split())})'
+    )
     if on_bad is None:
-      raise DataError(f'{message}: fix or remove the file, or set '
-                      '--config.data.skip_bad_records=true to keep what precedes the damage.'
-                      ) from None
+      raise DataError(
+        f'{message}: fix or remove the file, or set '
+        '--config.data.skip_bad_records=true to keep what precedes the damage.'
+      ) from None
     on_bad(message)
 
 
@@ -461,6 +479,7 @@ def file_units(path: str, r: Reading, on_bad: Callable[[str], None] | None = Non
 @dataclasses.dataclass
 class Documents:
   """A unit decoded: texts with, for each, whether it ends its document and its split."""
+
   texts: list[str]
   ends: list[bool]
   splits: list[int]
@@ -470,8 +489,10 @@ class Documents:
 
 def _bad(where: str, reason: str, skip: bool, out: Documents) -> None:
   if not skip:
-    raise DataError(f'{where}: {reason}: fix the record, or set '
-                    '--config.data.skip_bad_records=true to skip (and count) such records.')
+    raise DataError(
+      f'{where}: {reason}: fix the record, or set '
+      '--config.data.skip_bad_records=true to skip (and count) such records.'
+    )
   out.bad.append(f'{where}: {reason}')
 
 
@@ -491,8 +512,12 @@ def decode_unit(unit: Unit, r: Reading, skip_bad: bool) -> Documents:
       try:
         text = piece.decode('utf-8')
       except UnicodeDecodeError as e:
-        _bad(f'{unit.path}:byte {unit.first + (end - len(piece)) + e.start}',
-             f'not UTF-8 text ({e.reason})', skip_bad, out)
+        _bad(
+          f'{unit.path}:byte {unit.first + (end - len(piece)) + e.start}',
+          f'not UTF-8 text ({e.reason})',
+          skip_bad,
+          out,
+        )
         continue
       _add(out, text, ends_doc, split, whole=False)
     return out
@@ -519,8 +544,12 @@ def _add_record(out: Documents, line: bytes, where: str, r: Reading, skip_bad: b
   except ValueError as e:
     return _bad(where, f'malformed JSON ({e})', skip_bad, out)
   if not isinstance(record, dict) or r.text_field not in record:
-    return _bad(where, f'no {r.text_field!r} field (set --config.data.text_field to the field '
-                'that holds the text)', skip_bad, out)
+    return _bad(
+      where,
+      f'no {r.text_field!r} field (set --config.data.text_field to the field that holds the text)',
+      skip_bad,
+      out,
+    )
   text = record[r.text_field]
   if not isinstance(text, str):
     return _bad(where, f'{r.text_field!r} is {type(text).__name__}, not a string', skip_bad, out)

@@ -102,6 +102,7 @@ class PartWriter:
 @dataclasses.dataclass(frozen=True)
 class Split:
   """One split of a store: its parts' tokens, memory-mapped, with their start offsets."""
+
   tokens: tuple[np.ndarray, ...]
   starts: np.ndarray  # int64: where each part begins in the split's concatenated stream.
 
@@ -116,8 +117,8 @@ class Split:
     done = 0
     while done < length:
       local = start + done - int(self.starts[k])
-      piece = self.tokens[k][local:local + length - done]
-      out[done:done + len(piece)] = piece
+      piece = self.tokens[k][local : local + length - done]
+      out[done : done + len(piece)] = piece
       done += len(piece)
       k += 1
     return out
@@ -128,17 +129,22 @@ class Store:
 
   def __init__(self, path: str):
     from pretrax.data import sources
+
     manifest = os.path.join(path, MANIFEST)
     if not os.path.exists(manifest):
-      hint = ('its preparation did not finish: run the same `pretrax prepare` command again to '
-              'finish it' if os.path.exists(os.path.join(path, PLAN)) else
-              'make one with `pretrax prepare --config=... --output=DIR`')
+      hint = (
+        'its preparation did not finish: run the same `pretrax prepare` command again to finish it'
+        if os.path.exists(os.path.join(path, PLAN))
+        else 'make one with `pretrax prepare --config=... --output=DIR`'
+      )
       raise sources.DataError(f'{path} is not a complete token store (no {MANIFEST}): {hint}.')
     self.path = path
     self.manifest = read_json(manifest)
     if self.manifest.get('format') != FORMAT_VERSION:
-      raise sources.DataError(f'{path} is a token store of format {self.manifest.get("format")}, '
-                              f'this pretrax reads format {FORMAT_VERSION}: prepare it again.')
+      raise sources.DataError(
+        f'{path} is a token store of format {self.manifest.get("format")}, '
+        f'this pretrax reads format {FORMAT_VERSION}: prepare it again.'
+      )
     self.dtype = np.dtype(self.manifest['dtype'])
     self.tokenizer_path = os.path.join(path, TOKENIZER_FILE)
     self._splits: dict[str, Split] = {}
@@ -150,8 +156,15 @@ class Store:
   def split(self, name: str) -> Split:
     if name not in self._splits:
       parts = self.manifest['splits'][name]['parts']
-      arrays = tuple(np.memmap(os.path.join(self.path, f'{name}-{p["name"]}.tokens'),
-                               self.dtype, 'r', shape=(p['tokens'],)) for p in parts)
+      arrays = tuple(
+        np.memmap(
+          os.path.join(self.path, f'{name}-{p["name"]}.tokens'),
+          self.dtype,
+          'r',
+          shape=(p['tokens'],),
+        )
+        for p in parts
+      )
       starts = np.concatenate([[0], np.cumsum([p['tokens'] for p in parts])]).astype(np.int64)
       self._splits[name] = Split(arrays, starts)
     return self._splits[name]

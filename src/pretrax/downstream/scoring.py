@@ -35,13 +35,15 @@ _SHORTEST_BUCKET = 16
 @dataclasses.dataclass(frozen=True)
 class Score:
   """What the model made of one request."""
+
   loglik: float  # Summed natural-log probability of the continuation's (scored) tokens.
   num_tokens: int  # Continuation tokens scored.
   is_greedy: bool  # Greedy decoding from the context reproduces the continuation exactly.
 
 
-def split_tokens(tok: tokenizer_lib.Tokenizer, context: str,
-                 continuation: str) -> tuple[list[int], list[int]]:
+def split_tokens(
+  tok: tokenizer_lib.Tokenizer, context: str, continuation: str
+) -> tuple[list[int], list[int]]:
   """(context ids, continuation ids), as lm-eval-harness splits them.
 
   Whitespace at the end of the context moves to the start of the continuation (tokenizers attach
@@ -56,12 +58,13 @@ def split_tokens(tok: tokenizer_lib.Tokenizer, context: str,
   if not context:
     return [tokenizer_lib.EOS_ID], tok.encode(continuation)
   context_ids = tok.encode(context)
-  continuation_ids = tok.encode(context + continuation)[len(context_ids):]
+  continuation_ids = tok.encode(context + continuation)[len(context_ids) :]
   return context_ids, continuation_ids or tok.encode(continuation)
 
 
-def window(context_ids: list[int], continuation_ids: list[int],
-           seq_len: int) -> tuple[list[int], list[int], int]:
+def window(
+  context_ids: list[int], continuation_ids: list[int], seq_len: int
+) -> tuple[list[int], list[int], int]:
   """(inputs, targets, scored): the model reads `inputs`, predicts `targets`, and the last
   `scored` targets are the continuation.
 
@@ -85,9 +88,16 @@ def bucket_rows(length: int, batch_tokens: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=('model_def',))
-def _score_batch(params, inputs_BL: jax.Array, targets_BL: jax.Array, segment_ids_BL: jax.Array,
-                 prefix_BL: jax.Array, scored_BL: jax.Array, *,
-                 model_def: nnx.GraphDef) -> tuple[jax.Array, jax.Array]:
+def _score_batch(
+  params,
+  inputs_BL: jax.Array,
+  targets_BL: jax.Array,
+  segment_ids_BL: jax.Array,
+  prefix_BL: jax.Array,
+  scored_BL: jax.Array,
+  *,
+  model_def: nnx.GraphDef,
+) -> tuple[jax.Array, jax.Array]:
   """(log-likelihood, greedy) of each row's scored targets; empty rows give (0, True)."""
   B, L = inputs_BL.shape
   positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
@@ -100,8 +110,9 @@ def _score_batch(params, inputs_BL: jax.Array, targets_BL: jax.Array, segment_id
   return loglik_B, ~jnp.any(wrong_BL, axis=1)
 
 
-def _batches(windows: Sequence[Window], seq_len: int,
-             batch_tokens: int) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
+def _batches(
+  windows: Sequence[Window], seq_len: int, batch_tokens: int
+) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
   """(request indices, arrays) per batch: requests grouped by bucket, rows padded to the
   bucket's fixed count with empty rows (segment 0, nothing scored)."""
   buckets = collections.defaultdict(list)
@@ -111,9 +122,10 @@ def _batches(windows: Sequence[Window], seq_len: int,
     rows = bucket_rows(L, batch_tokens)
     members = buckets[L]
     for start in range(0, len(members), rows):
-      indices = members[start:start + rows]
-      arrays = {k: np.zeros((rows, L), np.int32) for k in ('inputs', 'targets', 'segment_ids',
-                                                             'prefix')}
+      indices = members[start : start + rows]
+      arrays = {
+        k: np.zeros((rows, L), np.int32) for k in ('inputs', 'targets', 'segment_ids', 'prefix')
+      }
       arrays['scored'] = np.zeros((rows, L), np.bool_)
       for row, i in enumerate(indices):
         inputs, targets, scored = windows[i]
@@ -121,48 +133,81 @@ def _batches(windows: Sequence[Window], seq_len: int,
         arrays['inputs'][row, :n] = inputs
         arrays['targets'][row, :n] = targets
         arrays['segment_ids'][row, :n] = 1
-        arrays['prefix'][row, :n - scored + 1] = 1  # The inputs before the first continuation one.
-        arrays['scored'][row, n - scored:n] = 1
+        arrays['prefix'][row, : n - scored + 1] = 1  # The inputs before the first continuation one.
+        arrays['scored'][row, n - scored : n] = 1
       yield indices, arrays
 
 
-def windows_of(tok: tokenizer_lib.Tokenizer, requests: Sequence[tasks_lib.Request],
-               seq_len: int) -> list[Window]:
+def windows_of(
+  tok: tokenizer_lib.Tokenizer, requests: Sequence[tasks_lib.Request], seq_len: int
+) -> list[Window]:
   """Each request tokenised and cut to the model's window: what scoring reads, made once."""
   return [window(*split_tokens(tok, r.context, r.continuation), seq_len) for r in requests]
 
 
-def score_windows(model_def: nnx.GraphDef, params, windows: Sequence[Window], *, seq_len: int,
-                  batch_tokens: int = DEFAULT_BATCH_TOKENS) -> list[Score]:
+def score_windows(
+  model_def: nnx.GraphDef,
+  params,
+  windows: Sequence[Window],
+  *,
+  seq_len: int,
+  batch_tokens: int = DEFAULT_BATCH_TOKENS,
+) -> list[Score]:
   """Each window's log-likelihood, token count and greedy flag, in the order given."""
-  dispatched = [(indices, _score_batch(params, a['inputs'], a['targets'], a['segment_ids'],
-                                       a['prefix'], a['scored'], model_def=model_def))
-                for indices, a in _batches(windows, seq_len, batch_tokens)]
+  dispatched = [
+    (
+      indices,
+      _score_batch(
+        params,
+        a['inputs'],
+        a['targets'],
+        a['segment_ids'],
+        a['prefix'],
+        a['scored'],
+        model_def=model_def,
+      ),
+    )
+    for indices, a in _batches(windows, seq_len, batch_tokens)
+  ]
   logliks = np.zeros(len(windows), np.float64)
   greedy = np.zeros(len(windows), np.bool_)
   # Fetched once all batches are dispatched, so that building one overlaps scoring the last.
   for indices, (loglik_B, greedy_B) in jax.device_get(dispatched):
-    logliks[indices] = loglik_B[:len(indices)]
-    greedy[indices] = greedy_B[:len(indices)]
-  return [Score(loglik=float(logliks[i]), num_tokens=windows[i][2], is_greedy=bool(greedy[i]))
-          for i in range(len(windows))]
+    logliks[indices] = loglik_B[: len(indices)]
+    greedy[indices] = greedy_B[: len(indices)]
+  return [
+    Score(loglik=float(logliks[i]), num_tokens=windows[i][2], is_greedy=bool(greedy[i]))
+    for i in range(len(windows))
+  ]
 
 
-def score_requests(model_def: nnx.GraphDef, params, tok: tokenizer_lib.Tokenizer,
-                   requests: Sequence[tasks_lib.Request], *, seq_len: int,
-                   batch_tokens: int = DEFAULT_BATCH_TOKENS) -> list[Score]:
+def score_requests(
+  model_def: nnx.GraphDef,
+  params,
+  tok: tokenizer_lib.Tokenizer,
+  requests: Sequence[tasks_lib.Request],
+  *,
+  seq_len: int,
+  batch_tokens: int = DEFAULT_BATCH_TOKENS,
+) -> list[Score]:
   """Each request's log-likelihood, token count and greedy flag, in the order given."""
-  return score_windows(model_def, params, windows_of(tok, requests, seq_len), seq_len=seq_len,
-                       batch_tokens=batch_tokens)
+  return score_windows(
+    model_def,
+    params,
+    windows_of(tok, requests, seq_len),
+    seq_len=seq_len,
+    batch_tokens=batch_tokens,
+  )
 
 
 def scored_continuation(context: str, continuation: str) -> str:
   """The continuation text as scored: with the context's trailing whitespace moved onto it."""
-  return context[len(context.rstrip()):] + continuation
+  return context[len(context.rstrip()) :] + continuation
 
 
-def task_metrics(requests: Sequence[tasks_lib.Request],
-                 scores: Sequence[Score]) -> dict[str, float]:
+def task_metrics(
+  requests: Sequence[tasks_lib.Request], scores: Sequence[Score]
+) -> dict[str, float]:
   """A task's metrics over its documents.
 
   acc       the share of documents whose highest-log-likelihood choice is the gold one.
@@ -195,15 +240,26 @@ def task_metrics(requests: Sequence[tasks_lib.Request],
     gold_nats -= s.loglik
     gold_bytes += len(scored_continuation(r.context, r.continuation).encode('utf-8'))
   n = len(docs)
-  return {'acc': right / n, 'acc_norm': right_norm / n,
-          'bpb': gold_nats / math.log(2) / max(gold_bytes, 1), 'gold_greedy': gold_greedy / n,
-          'chance': chance / n, 'docs': n}
+  return {
+    'acc': right / n,
+    'acc_norm': right_norm / n,
+    'bpb': gold_nats / math.log(2) / max(gold_bytes, 1),
+    'gold_greedy': gold_greedy / n,
+    'chance': chance / n,
+    'docs': n,
+  }
 
 
-def score_by_task(model_def: nnx.GraphDef, params, tok: tokenizer_lib.Tokenizer,
-                  tasks: Sequence[tasks_lib.Task], *, seq_len: int,
-                  batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                  windows: Sequence[Window] | None = None) -> list[list[Score]]:
+def score_by_task(
+  model_def: nnx.GraphDef,
+  params,
+  tok: tokenizer_lib.Tokenizer,
+  tasks: Sequence[tasks_lib.Task],
+  *,
+  seq_len: int,
+  batch_tokens: int = DEFAULT_BATCH_TOKENS,
+  windows: Sequence[Window] | None = None,
+) -> list[list[Score]]:
   """Each task's request scores, in its requests' order; all tasks' requests share the batches.
   `windows`: the tasks' requests already tokenised (`windows_of`), as a caller that scores the
   same tasks again and again keeps them."""
@@ -211,15 +267,22 @@ def score_by_task(model_def: nnx.GraphDef, params, tok: tokenizer_lib.Tokenizer,
     windows = windows_of(tok, [r for t in tasks for r in t.requests], seq_len)
   scores = score_windows(model_def, params, windows, seq_len=seq_len, batch_tokens=batch_tokens)
   ends = np.cumsum([len(t.requests) for t in tasks])
-  return [scores[end - len(t.requests):end] for t, end in zip(tasks, ends)]
+  return [scores[end - len(t.requests) : end] for t, end in zip(tasks, ends)]
 
 
-def score_tasks(model_def: nnx.GraphDef, params, tok: tokenizer_lib.Tokenizer,
-                tasks: Sequence[tasks_lib.Task], *, seq_len: int,
-                batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                windows: Sequence[Window] | None = None) -> dict[str, dict[str, float]]:
+def score_tasks(
+  model_def: nnx.GraphDef,
+  params,
+  tok: tokenizer_lib.Tokenizer,
+  tasks: Sequence[tasks_lib.Task],
+  *,
+  seq_len: int,
+  batch_tokens: int = DEFAULT_BATCH_TOKENS,
+  windows: Sequence[Window] | None = None,
+) -> dict[str, dict[str, float]]:
   """Task name -> metrics (`task_metrics`) of a decoder's or prefix LM's parameters, live or
   restored, on any mesh."""
-  per_task = score_by_task(model_def, params, tok, tasks, seq_len=seq_len,
-                           batch_tokens=batch_tokens, windows=windows)
+  per_task = score_by_task(
+    model_def, params, tok, tasks, seq_len=seq_len, batch_tokens=batch_tokens, windows=windows
+  )
   return {t.name: task_metrics(t.requests, scores) for t, scores in zip(tasks, per_task)}

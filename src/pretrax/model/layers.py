@@ -21,7 +21,8 @@ Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 # Logical names -> a jax.sharding.Sharding, set while a sharded step is traced; None: unsharded.
 _ACTIVATION_SHARDING: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
-    'activation_sharding', default=None)
+  'activation_sharding', default=None
+)
 
 
 @contextlib.contextmanager
@@ -57,8 +58,13 @@ def constrain(x: jax.Array, names: tuple[str, ...]) -> jax.Array:
   return x if to_sharding is None else jax.lax.with_sharding_constraint(x, to_sharding(names))
 
 
-def param(rngs: nnx.Rngs, init: Initializer, shape: tuple[int, ...], names: tuple[str, ...],
-          dtype: jnp.dtype) -> nnx.Param:
+def param(
+  rngs: nnx.Rngs,
+  init: Initializer,
+  shape: tuple[int, ...],
+  names: tuple[str, ...],
+  dtype: jnp.dtype,
+) -> nnx.Param:
   """A parameter with its logical axis names; sharding is decided later, from the rules."""
   assert len(shape) == len(names), (shape, names)
   return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names, eager_sharding=False)
@@ -80,7 +86,7 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
   recompute their elementwise producers (the GELU and LayerNorm backward): ~30% of a small model's
   step. One flat token dim makes every gradient a plain 2-D dot. Free on accelerators.
   """
-  tokens, inner = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:]
+  tokens, inner = x.shape[: x.ndim - contract], x.shape[x.ndim - contract :]
   outer = w.shape[contract:]
   assert w.shape[:contract] == inner, (x.shape, w.shape)
   x_TI = x.reshape(math.prod(tokens), math.prod(inner))
@@ -91,10 +97,19 @@ def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
 class Embed(nnx.Module):
   """Token embedding; with tied embeddings also the output projection (output_projection)."""
 
-  def __init__(self, vocab_size: int, embed_dim: int, *, std: float, param_dtype: jnp.dtype,
-               dtype: jnp.dtype, rngs: nnx.Rngs):
-    self.embedding = param(rngs, normal(std), (vocab_size, embed_dim), ('vocab', 'embed'),
-                           param_dtype)
+  def __init__(
+    self,
+    vocab_size: int,
+    embed_dim: int,
+    *,
+    std: float,
+    param_dtype: jnp.dtype,
+    dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+  ):
+    self.embedding = param(
+      rngs, normal(std), (vocab_size, embed_dim), ('vocab', 'embed'), param_dtype
+    )
     self.dtype = dtype
 
   def __call__(self, ids_BL: jax.Array) -> jax.Array:
@@ -107,8 +122,9 @@ class Embed(nnx.Module):
 class LayerNorm(nnx.Module):
   """LayerNorm computed in float32, with an optional bias."""
 
-  def __init__(self, dim: int, *, eps: float, use_bias: bool, param_dtype: jnp.dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, dim: int, *, eps: float, use_bias: bool, param_dtype: jnp.dtype, rngs: nnx.Rngs
+  ):
     self.scale = param(rngs, ones, (dim,), ('norm',), param_dtype)
     self.bias = param(rngs, zeros, (dim,), ('norm',), param_dtype) if use_bias else None
     self.eps = eps
@@ -146,8 +162,11 @@ def _layer_norm_bwd(eps, residuals, d_y):
   normed, inv_std, scale = residuals
   d_normed = d_y * scale
   d_scale = jnp.sum((d_y * normed).reshape(-1, normed.shape[-1]), axis=0)
-  d_x = inv_std * (d_normed - jnp.mean(d_normed, axis=-1, keepdims=True)
-                   - normed * jnp.mean(d_normed * normed, axis=-1, keepdims=True))
+  d_x = inv_std * (
+    d_normed
+    - jnp.mean(d_normed, axis=-1, keepdims=True)
+    - normed * jnp.mean(d_normed * normed, axis=-1, keepdims=True)
+  )
   return d_x, d_scale
 
 
@@ -170,13 +189,26 @@ class RMSNorm(nnx.Module):
 class Mlp(nnx.Module):
   """GELU (tanh) MLP for the gpt2 flavour, SwiGLU for llama."""
 
-  def __init__(self, embed_dim: int, mlp_dim: int, *, gated: bool, use_bias: bool, std: float,
-               out_std: float, param_dtype: jnp.dtype, dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    embed_dim: int,
+    mlp_dim: int,
+    *,
+    gated: bool,
+    use_bias: bool,
+    std: float,
+    out_std: float,
+    param_dtype: jnp.dtype,
+    dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+  ):
     D, F = embed_dim, mlp_dim
     self.gated = gated
     self.dtype = dtype
     self.wi = param(rngs, normal(std), (D, F), ('embed', 'mlp'), param_dtype)
-    self.wi_gate = param(rngs, normal(std), (D, F), ('embed', 'mlp'), param_dtype) if gated else None
+    self.wi_gate = (
+      param(rngs, normal(std), (D, F), ('embed', 'mlp'), param_dtype) if gated else None
+    )
     self.wo = param(rngs, normal(out_std), (F, D), ('mlp', 'embed'), param_dtype)
     self.bi = param(rngs, zeros, (F,), ('mlp',), param_dtype) if use_bias else None
     self.bi_gate = param(rngs, zeros, (F,), ('mlp',), param_dtype) if use_bias and gated else None

@@ -25,10 +25,16 @@ def _dtype(name: str) -> jnp.dtype:
 
 def _norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
   if cfg.flavour == 'llama':
-    return layers.RMSNorm(cfg.embed_dim, eps=cfg.norm_eps, param_dtype=_dtype(cfg.param_dtype),
-                          rngs=rngs)
-  return layers.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps, use_bias=cfg.use_bias,
-                          param_dtype=_dtype(cfg.param_dtype), rngs=rngs)
+    return layers.RMSNorm(
+      cfg.embed_dim, eps=cfg.norm_eps, param_dtype=_dtype(cfg.param_dtype), rngs=rngs
+    )
+  return layers.LayerNorm(
+    cfg.embed_dim,
+    eps=cfg.norm_eps,
+    use_bias=cfg.use_bias,
+    param_dtype=_dtype(cfg.param_dtype),
+    rngs=rngs,
+  )
 
 
 class Attention(nnx.Module):
@@ -40,9 +46,15 @@ class Attention(nnx.Module):
     std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.num_layers)
     self.cfg = cfg
     self.q = layers.param(rngs, layers.normal(std), (D, N, H), ('embed', 'heads', 'head_dim'), pdt)
-    self.k = layers.param(rngs, layers.normal(std), (D, K, H), ('embed', 'kv_heads', 'head_dim'), pdt)
-    self.v = layers.param(rngs, layers.normal(std), (D, K, H), ('embed', 'kv_heads', 'head_dim'), pdt)
-    self.o = layers.param(rngs, layers.normal(out_std), (N, H, D), ('heads', 'head_dim', 'embed'), pdt)
+    self.k = layers.param(
+      rngs, layers.normal(std), (D, K, H), ('embed', 'kv_heads', 'head_dim'), pdt
+    )
+    self.v = layers.param(
+      rngs, layers.normal(std), (D, K, H), ('embed', 'kv_heads', 'head_dim'), pdt
+    )
+    self.o = layers.param(
+      rngs, layers.normal(out_std), (N, H, D), ('heads', 'head_dim', 'embed'), pdt
+    )
     if cfg.use_bias:
       self.q_bias = layers.param(rngs, layers.zeros, (N, H), ('heads', 'head_dim'), pdt)
       self.k_bias = layers.param(rngs, layers.zeros, (K, H), ('kv_heads', 'head_dim'), pdt)
@@ -51,23 +63,37 @@ class Attention(nnx.Module):
     else:
       self.q_bias = self.k_bias = self.v_bias = self.o_bias = None
 
-  def __call__(self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
-               prefix_BL: jax.Array | None) -> jax.Array:
+  def __call__(
+    self,
+    x_BLD: jax.Array,
+    segment_ids_BL: jax.Array,
+    positions_BL: jax.Array,
+    prefix_BL: jax.Array | None,
+  ) -> jax.Array:
     cfg = self.cfg
     cast = lambda p: p[...].astype(cfg.dtype)
     q_BLNH = jnp.einsum('BLD,DNH->BLNH', x_BLD, cast(self.q))
     k_BLKH = jnp.einsum('BLD,DKH->BLKH', x_BLD, cast(self.k))
     v_BLKH = jnp.einsum('BLD,DKH->BLKH', x_BLD, cast(self.v))
     if self.q_bias is not None:
-      q_BLNH, k_BLKH, v_BLKH = (q_BLNH + cast(self.q_bias), k_BLKH + cast(self.k_bias),
-                                v_BLKH + cast(self.v_bias))
+      q_BLNH, k_BLKH, v_BLKH = (
+        q_BLNH + cast(self.q_bias),
+        k_BLKH + cast(self.k_bias),
+        v_BLKH + cast(self.v_bias),
+      )
     if cfg.flavour == 'llama':
       q_BLNH = layers.rope(q_BLNH, positions_BL, cfg.rope_theta)
       k_BLKH = layers.rope(k_BLKH, positions_BL, cfg.rope_theta)
     out_BLNH = attention_lib.attention(
-        q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, causal=cfg.attention != 'bidirectional',
-        prefix_BT=prefix_BL if cfg.attention == 'prefix' else None, backend=cfg.attention_backend,
-        max_segments=cfg.max_segments)
+      q_BLNH,
+      k_BLKH,
+      v_BLKH,
+      segment_ids_BL,
+      causal=cfg.attention != 'bidirectional',
+      prefix_BT=prefix_BL if cfg.attention == 'prefix' else None,
+      backend=cfg.attention_backend,
+      max_segments=cfg.max_segments,
+    )
     # Named, so that remat='dots_attention' keeps it: the kernel is a custom call, not a dot.
     out_BLNH = checkpoint_name(out_BLNH, 'attention')
     y_BLD = jnp.einsum('BLNH,NHD->BLD', out_BLNH, cast(self.o))
@@ -85,12 +111,25 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, rngs)
     self.mlp_norm = _norm(cfg, rngs)
     self.mlp = layers.Mlp(
-        cfg.embed_dim, cfg.mlp_dim, gated=cfg.flavour == 'llama', use_bias=cfg.use_bias,
-        std=cfg.init_std, out_std=cfg.init_std / math.sqrt(2 * cfg.num_layers),
-        param_dtype=_dtype(cfg.param_dtype), dtype=_dtype(cfg.dtype), rngs=rngs)
+      cfg.embed_dim,
+      cfg.mlp_dim,
+      gated=cfg.flavour == 'llama',
+      use_bias=cfg.use_bias,
+      std=cfg.init_std,
+      out_std=cfg.init_std / math.sqrt(2 * cfg.num_layers),
+      param_dtype=_dtype(cfg.param_dtype),
+      dtype=_dtype(cfg.dtype),
+      rngs=rngs,
+    )
 
-  def __call__(self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
-               prefix_BL: jax.Array | None, dropout_rng: jax.Array | None) -> jax.Array:
+  def __call__(
+    self,
+    x_BLD: jax.Array,
+    segment_ids_BL: jax.Array,
+    positions_BL: jax.Array,
+    prefix_BL: jax.Array | None,
+    dropout_rng: jax.Array | None,
+  ) -> jax.Array:
     rate = self.cfg.dropout
     attn_rng, mlp_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
     h = self.attn(self.attn_norm(x_BLD), segment_ids_BL, positions_BL, prefix_BL)
@@ -105,11 +144,13 @@ class Transformer(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     pdt, dt = _dtype(cfg.param_dtype), _dtype(cfg.dtype)
     self.cfg = cfg
-    self.embed = layers.Embed(cfg.vocab_size, cfg.embed_dim, std=cfg.init_std, param_dtype=pdt,
-                              dtype=dt, rngs=rngs)
+    self.embed = layers.Embed(
+      cfg.vocab_size, cfg.embed_dim, std=cfg.init_std, param_dtype=pdt, dtype=dt, rngs=rngs
+    )
     if cfg.flavour == 'gpt2':
-      self.pos_embed = layers.param(rngs, layers.normal(cfg.init_std), (cfg.max_len, cfg.embed_dim),
-                                    ('position', 'embed'), pdt)
+      self.pos_embed = layers.param(
+        rngs, layers.normal(cfg.init_std), (cfg.max_len, cfg.embed_dim), ('position', 'embed'), pdt
+      )
     else:
       self.pos_embed = None
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
@@ -117,11 +158,14 @@ class Transformer(nnx.Module):
     if cfg.tie_embeddings:
       self.head = None
     else:
-      self.head = layers.param(rngs, layers.normal(cfg.init_std), (cfg.embed_dim, cfg.vocab_size),
-                               ('embed', 'vocab'), pdt)
+      self.head = layers.param(
+        rngs, layers.normal(cfg.init_std), (cfg.embed_dim, cfg.vocab_size), ('embed', 'vocab'), pdt
+      )
     if cfg.mlm_head:
       D = cfg.embed_dim
-      self.mlm_dense = layers.param(rngs, layers.normal(cfg.init_std), (D, D), ('embed', 'mlp'), pdt)
+      self.mlm_dense = layers.param(
+        rngs, layers.normal(cfg.init_std), (D, D), ('embed', 'mlp'), pdt
+      )
       self.mlm_dense_bias = layers.param(rngs, layers.zeros, (D,), ('mlp',), pdt)
       self.mlm_norm = _norm(cfg, rngs)
       self.mlm_bias = layers.param(rngs, layers.zeros, (cfg.vocab_size,), ('vocab',), pdt)
@@ -132,22 +176,36 @@ class Transformer(nnx.Module):
       D, C = cfg.embed_dim, cfg.num_classes
       self.pooler = layers.param(rngs, layers.normal(cfg.init_std), (D, D), ('embed', 'mlp'), pdt)
       self.pooler_bias = layers.param(rngs, layers.zeros, (D,), ('mlp',), pdt)
-      self.classifier = layers.param(rngs, layers.normal(cfg.init_std), (D, C), ('mlp', 'classes'),
-                                     pdt)
+      self.classifier = layers.param(
+        rngs, layers.normal(cfg.init_std), (D, C), ('mlp', 'classes'), pdt
+      )
       self.classifier_bias = layers.param(rngs, layers.zeros, (C,), ('classes',), pdt)
     else:
       self.pooler = self.pooler_bias = self.classifier = self.classifier_bias = None
 
-  def __call__(self, ids_BL: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
-               prefix_BL: jax.Array | None = None, *,
-               dropout_rng: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self,
+    ids_BL: jax.Array,
+    segment_ids_BL: jax.Array,
+    positions_BL: jax.Array,
+    prefix_BL: jax.Array | None = None,
+    *,
+    dropout_rng: jax.Array | None = None,
+  ) -> jax.Array:
     """Logits (B, L, V). `prefix_BL` marks bidirectional tokens when cfg.attention is 'prefix'."""
-    return self.lm_head(self.states(ids_BL, segment_ids_BL, positions_BL, prefix_BL,
-                                    dropout_rng=dropout_rng))
+    return self.lm_head(
+      self.states(ids_BL, segment_ids_BL, positions_BL, prefix_BL, dropout_rng=dropout_rng)
+    )
 
-  def states(self, ids_BL: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
-             prefix_BL: jax.Array | None = None, *,
-             dropout_rng: jax.Array | None = None) -> jax.Array:
+  def states(
+    self,
+    ids_BL: jax.Array,
+    segment_ids_BL: jax.Array,
+    positions_BL: jax.Array,
+    prefix_BL: jax.Array | None = None,
+    *,
+    dropout_rng: jax.Array | None = None,
+  ) -> jax.Array:
     """The final states (B, L, D) of token ids: embeddings (with dropout) through the stack."""
     x_BLD = layers.dropout(self.embed_tokens(ids_BL, positions_BL), self.cfg.dropout, dropout_rng)
     return self.hidden(x_BLD, segment_ids_BL, positions_BL, prefix_BL, dropout_rng=dropout_rng)
@@ -159,16 +217,28 @@ class Transformer(nnx.Module):
       x_BLD = x_BLD + jnp.take(table, positions_BL, axis=0).astype(self.cfg.dtype)
     return x_BLD
 
-  def decode(self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
-             prefix_BL: jax.Array | None = None, *,
-             dropout_rng: jax.Array | None = None) -> jax.Array:
+  def decode(
+    self,
+    x_BLD: jax.Array,
+    segment_ids_BL: jax.Array,
+    positions_BL: jax.Array,
+    prefix_BL: jax.Array | None = None,
+    *,
+    dropout_rng: jax.Array | None = None,
+  ) -> jax.Array:
     """The transformer stack and output head, from input embeddings to float32 logits."""
     x_BLD = self.hidden(x_BLD, segment_ids_BL, positions_BL, prefix_BL, dropout_rng=dropout_rng)
     return self.lm_head(x_BLD)
 
-  def hidden(self, x_BLD: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
-             prefix_BL: jax.Array | None = None, *,
-             dropout_rng: jax.Array | None = None) -> jax.Array:
+  def hidden(
+    self,
+    x_BLD: jax.Array,
+    segment_ids_BL: jax.Array,
+    positions_BL: jax.Array,
+    prefix_BL: jax.Array | None = None,
+    *,
+    dropout_rng: jax.Array | None = None,
+  ) -> jax.Array:
     """The transformer stack, from input embeddings to the final norm's output."""
     cfg = self.cfg
     activation = ('batch', 'length', 'activation_embed')
@@ -211,8 +281,15 @@ class Transformer(nnx.Module):
     bias_V = None if self.mlm_bias is None else self.mlm_bias[...].astype(dt)
     return head_DV, bias_V
 
-  def classify(self, ids_BL: jax.Array, segment_ids_BL: jax.Array, positions_BL: jax.Array,
-               num_segments: int, *, dropout_rng: jax.Array | None = None) -> jax.Array:
+  def classify(
+    self,
+    ids_BL: jax.Array,
+    segment_ids_BL: jax.Array,
+    positions_BL: jax.Array,
+    num_segments: int,
+    *,
+    dropout_rng: jax.Array | None = None,
+  ) -> jax.Array:
     """Float32 class logits (B, S, C) of segments 1..S of each row (packed examples): the mean of
     each segment's final states, pooled. A segment absent from a row gets the bias's logits."""
     cfg = self.cfg
@@ -221,10 +298,13 @@ class Transformer(nnx.Module):
     member_BLS = (segment_ids_BL[..., None] == jnp.arange(1, num_segments + 1)).astype(cfg.dtype)
     count_BS = jnp.maximum(jnp.sum(member_BLS, axis=1), 1.0)
     mean_BSD = jnp.einsum('BLS,BLD->BSD', member_BLS, x_BLD) / count_BS[..., None]
-    pooled_BSD = jnp.tanh(layers.dense(mean_BSD, self.pooler[...].astype(cfg.dtype))
-                          + self.pooler_bias[...].astype(cfg.dtype))
-    pooled_BSD = layers.dropout(pooled_BSD, cfg.dropout,
-                                None if dropout_rng is None else jax.random.fold_in(dropout_rng, 0))
+    pooled_BSD = jnp.tanh(
+      layers.dense(mean_BSD, self.pooler[...].astype(cfg.dtype))
+      + self.pooler_bias[...].astype(cfg.dtype)
+    )
+    pooled_BSD = layers.dropout(
+      pooled_BSD, cfg.dropout, None if dropout_rng is None else jax.random.fold_in(dropout_rng, 0)
+    )
     logits_BSC = layers.dense(pooled_BSD, self.classifier[...].astype(cfg.dtype))
     return (logits_BSC + self.classifier_bias[...].astype(cfg.dtype)).astype(jnp.float32)
 
@@ -251,11 +331,12 @@ def _dots_and_attention():
 
 
 _REMAT_POLICIES = {
-    'dots': lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    'dots_attention': _dots_and_attention,
-    'full': lambda: jax.checkpoint_policies.nothing_saveable,
-    'offload': lambda: jax.checkpoint_policies.offload_dot_with_no_batch_dims(
-        offload_src='device', offload_dst='pinned_host'),
+  'dots': lambda: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  'dots_attention': _dots_and_attention,
+  'full': lambda: jax.checkpoint_policies.nothing_saveable,
+  'offload': lambda: jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+    offload_src='device', offload_dst='pinned_host'
+  ),
 }
 
 
