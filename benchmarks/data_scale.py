@@ -30,9 +30,9 @@ in this run:
 7. Batch pipeline tokens/s per objective at 64 x 1024 (threads=2) from the larger store, in this
    process, beside the consumption of one 8-GPU node (CONSUMPTION_TOKENS_PER_S).
 
-Prints Markdown tables (and writes them to --out if given), with a fingerprint of src/ at the start and the
-end (the code measured must not change during the run). The corpora and stores are deleted at the
-end unless --keep_data.
+Prints Markdown tables (and writes them to --out if given), with a fingerprint of src/ at the start
+and the end (the code measured must not change during the run). The corpora and stores are deleted
+at the end unless --keep_data.
 """
 
 import argparse
@@ -106,7 +106,7 @@ def perturbed(paragraph: str, rng: np.random.Generator) -> str:
   where = [(i, j) for i, words in enumerate(lines) for j in range(len(words))]
   chosen = [where[k] for k in np.flatnonzero(rng.random(len(where)) < SHUFFLED_WORDS)]
   moved = [lines[i][j] for i, j in chosen]
-  for (i, j), k in zip(chosen, rng.permutation(len(moved))):
+  for (i, j), k in zip(chosen, rng.permutation(len(moved)), strict=True):
     lines[i][j] = moved[k]
   return '\n'.join(' '.join(words) for words in lines)
 
@@ -492,7 +492,7 @@ def raw_baseline(p: Prepared, tokenizer: str, raw_mb: float, threads: int) -> No
   docs = [d for f in p.corpus.files for d in read_documents(f, budget / len(p.corpus.files))]
   sizes = [len(d.encode('utf-8')) for d in docs]
   chunks, chunk, size = [], [], 0
-  for doc, n in zip(docs, sizes):
+  for doc, n in zip(docs, sizes, strict=True):
     chunk.append(doc)
     size += n
     if size >= ENCODE_CHUNK_BYTES:

@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -338,7 +337,7 @@ def attention_case(
       )
       ms = median_ms(compiled, (*args, ids_BT, prefix_BT), reps)
       out, grads = compiled(*args, ids_BT, prefix_BT)
-      values = dict(zip(('out', 'dq', 'dk', 'dv'), (out, *grads)))
+      values = dict(zip(('out', 'dq', 'dk', 'dv'), (out, *grads), strict=True))
       reference = values if backend == 'xla' else reference
       ran = which_ran(
         backend, max_segments, fallback, calls_cudnn, ids_BT, prefix=prefix_BT is not None

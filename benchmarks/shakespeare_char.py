@@ -23,10 +23,9 @@ import jax.numpy as jnp
 
 from pretrax import config as config_lib
 from pretrax import loss as loss_lib
-from pretrax import metrics
+from pretrax import metrics, train
 from pretrax import state as state_lib
 from pretrax import step as step_lib
-from pretrax import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # For the optional PyTorch reference beside this file.

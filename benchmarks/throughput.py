@@ -17,8 +17,8 @@ stays on the device, so only the step is timed. Prints one markdown table row:
 - memory: the allocator's peak_bytes_in_use where the device reports it (GPU, TPU), else XLA's
   compile-time estimate (arguments + temporaries of the compiled step), marked 'XLA est.'.
 - pipeline tokens/s: the real data path alone (the store of data.prepared, else the one built
-  from data.path) producing this process's batches of the same shape; 'pipeline / step' divides it by
-  the tokens/s the step consumes on this process. Issue 9 wants at least 2.
+  from data.path) producing this process's batches of the same shape; 'pipeline / step' divides it
+  by the tokens/s the step consumes on this process. Issue 9 wants at least 2.
 """
 
 import json
@@ -27,18 +27,16 @@ import sys
 import tempfile
 import time
 
-from absl import app
-from absl import flags
+from absl import app, flags
 import jax
 import jaxlib
-import numpy as np
 from ml_collections import config_flags
+import numpy as np
 
 from pretrax import config as config_lib
-from pretrax import metrics
+from pretrax import metrics, train
 from pretrax import state as state_lib
 from pretrax import step as step_lib
-from pretrax import train
 
 FLAGS = flags.FLAGS
 

@@ -210,8 +210,8 @@ def fill_in_accuracy(workdir: str, records: str) -> float:
   import jax.numpy as jnp
   import numpy as np
 
-  from pretrax import tokenizer as tokenizer_lib
   from pretrax import saved_run
+  from pretrax import tokenizer as tokenizer_lib
 
   model = saved_run.load(workdir)
   encoder = nnx.merge(model.run.model_def, model.params)

@@ -164,7 +164,7 @@ def make_people(count: int, seed: int) -> list[dict[str, str]]:
     for part in (people[:half], people[half:]):
       dealt = [values[i % len(values)] for i in range(len(part))]
       rng.shuffle(dealt)
-      for person, value in zip(part, dealt):
+      for person, value in zip(part, dealt, strict=True):
         person[attribute] = value
   return people
 

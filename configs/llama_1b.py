@@ -4,8 +4,8 @@
       --config.data.path='/data/corpus/*.txt' --config.tokenizer.path=/data/tok.model
 
 16 layers, width 2048, 32 query heads and 8 key/value heads of 64, MLP 8192, tied embeddings,
-RoPE theta 500000, bfloat16 compute, sequences of 2048, the loss in chunks of 256 positions. For accelerators (FSDP over all
-devices); on a CPU it builds under `jax.eval_shape`.
+RoPE theta 500000, bfloat16 compute, sequences of 2048, the loss in chunks of 256 positions. For
+accelerators (FSDP over all devices); on a CPU it builds under `jax.eval_shape`.
 """
 
 from pretrax.config import base_config

@@ -12,10 +12,10 @@ connection on its own thread, one request at a time: the emulator's single threa
 idle keep-alive connection from a client the tests have frozen (SIGSTOP) and serve no one else.
 """
 
+from http import HTTPStatus
 import http.server
 import sys
 import threading
-from http import HTTPStatus
 
 from gcp_storage_emulator import server
 from gcp_storage_emulator.handlers import objects

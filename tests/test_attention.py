@@ -14,8 +14,7 @@ import pytest
 
 from conftest import load_config, run_python
 from pretrax import config as config_lib
-from pretrax import metrics
-from pretrax import train
+from pretrax import metrics, train
 from pretrax.model import attention
 
 B, L, N, H = 2, 128, 4, 16  # One splash block (128) per sequence keeps interpret mode quick.
@@ -46,7 +45,7 @@ def _assert_matches_xla(backend: str, mask: str, num_kv_heads: int, **kwargs):
   value, grads = _values_and_grads(backend, mask, num_kv_heads, **kwargs)
   value_ref, grads_ref = _values_and_grads('xla', mask, num_kv_heads)
   np.testing.assert_allclose(value, value_ref, rtol=1e-5)
-  for name, a, b in zip('qkv', grads, grads_ref):
+  for name, a, b in zip('qkv', grads, grads_ref, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-5, err_msg=f'd{name}')
 
 
@@ -214,7 +213,7 @@ def _random_packed_rows(rng: np.random.Generator, rows: int, length: int, max_do
     docs = rng.integers(1, max_docs + 1)
     cuts = np.sort(rng.choice(np.arange(1, length), size=docs, replace=False))
     bounds = [0, *cuts.tolist()]
-    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
       out[r, a:b] = i + 1
     if rng.random() < 0.3 and docs > 1:  # Padding in place of one document.
       out[r][out[r] == 1] = 0
@@ -356,7 +355,7 @@ def test_cudnn_routing_matches_xla(monkeypatch, mask, rows, max_segments, kernel
   )
   assert set(ran) == {kernel}
   np.testing.assert_allclose(value, value_ref, rtol=2e-2)
-  for name, a, b in zip('qkv', grads, grads_ref):
+  for name, a, b in zip('qkv', grads, grads_ref, strict=True):
     np.testing.assert_allclose(
       a.astype(jnp.float32) * (1 if name != 'q' else real),
       b.astype(jnp.float32) * (1 if name != 'q' else real),
@@ -471,11 +470,11 @@ def test_the_dense_branch_keeps_no_t_by_t_residual_beside_the_variable_length_on
   T = 48
   ids = jnp.array([[1] * 20 + [2] * 28, [1] * 40 + [0] * 8], jnp.int32)
   q = jax.random.normal(jax.random.key(0), (2, T, 2, 16), jnp.bfloat16)
-  f = lambda q: jnp.sum(
-    attention.attention(q, q, q, ids, causal=True, backend='cudnn', platform='cuda').astype(
-      jnp.float32
-    )
-  )
+
+  def f(q):
+    out = attention.attention(q, q, q, ids, causal=True, backend='cudnn', platform='cuda')
+    return jnp.sum(out.astype(jnp.float32))
+
   jax.ad_checkpoint.print_saved_residuals(f, q)
   saved = capsys.readouterr().out
   assert f'{T},{T}]' not in saved, saved  # No (..., T, T) array.

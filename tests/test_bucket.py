@@ -1,6 +1,6 @@
 """A workdir on a bucket (gs://...), against a local GCS (tests/gcs_server.py): the same real
-`pretrax train` processes as on a disk write their checkpoints through Orbax/TensorStore and the rest
-through etils/gcsfs; a stop and a resume give the run a local disk gives, bit for bit."""
+`pretrax train` processes as on a disk write their checkpoints through Orbax/TensorStore and the
+rest through etils/gcsfs; a stop and a resume give the run a local disk gives, bit for bit."""
 
 import logging
 import os
@@ -11,10 +11,6 @@ import time
 import urllib.request
 
 from etils import epath
-import portpicker
-import pytest
-
-from conftest import PEAK_FLOPS_ARG, REPO, load_config, run_cli
 from faults import test_faults
 from faults.test_faults import (
   STOPPED,
@@ -24,6 +20,10 @@ from faults.test_faults import (
   train_args,
   wait_until,
 )
+import portpicker
+import pytest
+
+from conftest import PEAK_FLOPS_ARG, REPO, load_config, run_cli
 from pretrax import faults, metrics, sample, train
 from pretrax.interop import hf
 
@@ -82,7 +82,7 @@ def test_a_bucket_run_is_locked_stops_resumes_and_matches_a_local_run(
   proc.send_signal(signal.SIGCONT)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == STOPPED, err[-2000:]
-  line = [l for l in err.splitlines() if l.startswith('pretrax train:')][-1]
+  line = [err_line for err_line in err.splitlines() if err_line.startswith('pretrax train:')][-1]
   stopped = int(line.split('after step ')[1].split(';')[0])
   assert 10 <= stopped < 40, line
   assert not epath.Path(f'{workdir}/lock').exists()
@@ -99,16 +99,21 @@ def test_a_bucket_run_is_locked_stops_resumes_and_matches_a_local_run(
   assert not partial.exists()
   assert_same_run(local, workdir, 40)  # Same losses at every step, same final parameters.
   names = [p.name for p in epath.Path(workdir).iterdir()]
-  assert 'tokenizer.model' in names and not 'lock' in names
+  assert 'tokenizer.model' in names and 'lock' not in names
   assert sum(n.startswith('events.out.tfevents') for n in names) == 2  # One per process.
 
   # Reading a bucket run back: greedy samples and Hugging Face exports equal the local run's, and
   # an export imports into a bucket workdir.
-  greedy = lambda w: sample.from_workdir(str(w), 'ROMEO:', length=20, temperature=0.0)
+  def greedy(w):
+    return sample.from_workdir(str(w), 'ROMEO:', length=20, temperature=0.0)
+
   assert greedy(workdir) == greedy(local)
   for run in (local, workdir):
     hf.export(str(run), str(tmp_path / f'hf_{run is local}'), log=lambda _: None)
-  exported = lambda name: (tmp_path / name / 'model.safetensors').read_bytes()
+
+  def exported(name):
+    return (tmp_path / name / 'model.safetensors').read_bytes()
+
   assert exported('hf_True') == exported('hf_False')
   c = load_config('tiny')
   c.data.path, c.data.fallback = corpus_path, ''

@@ -18,7 +18,7 @@ TINY = 'configs/tiny.py'
 
 def _one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
   assert result.returncode == 2, result.stderr[-2000:]
-  lines = [l for l in result.stderr.splitlines() if l.startswith('pretrax ')]
+  lines = [line for line in result.stderr.splitlines() if line.startswith('pretrax ')]
   assert len(lines) == 1, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr
   for fragment in fragments:

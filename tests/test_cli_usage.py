@@ -9,14 +9,15 @@ import sys
 import pytest
 
 from conftest import PEAK_FLOPS_ARG, REPO, run_cli
-from pretrax import cli, config as config_lib, errors, metrics
+from pretrax import cli, errors, metrics
+from pretrax import config as config_lib
 
 TINY = 'configs/tiny.py'
 
 
 def _one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
   assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-  lines = [l for l in result.stderr.strip().splitlines() if l.startswith('pretrax')]
+  lines = [line for line in result.stderr.strip().splitlines() if line.startswith('pretrax')]
   assert len(lines) >= 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
   for fragment in fragments:
     assert fragment in lines[0], (fragment, lines[0])
@@ -42,8 +43,8 @@ def test_every_command_answers_help_with_its_flags_and_an_example(command):
     out = result.stdout
     assert out.startswith(f'usage: pretrax {command}') and 'flags:' in out
     assert f'example:\n  pretrax {command} ' in out
-  flag_lines = [l for l in out.splitlines() if l.startswith('  --')]
-  assert len(flag_lines) >= 2 and all(': ' in l for l in flag_lines)
+  flag_lines = [line for line in out.splitlines() if line.startswith('  --')]
+  assert len(flag_lines) >= 2 and all(': ' in line for line in flag_lines)
 
 
 def test_top_level_help_and_a_mistyped_command():
@@ -72,7 +73,8 @@ def test_print_config_shows_every_field_with_its_meaning_and_trains_nothing(tmp_
   lines = result.stdout.splitlines()
   assert 'optim.lr = 0.0123' in lines  # The override, not the file's value.
   assert any(
-    l.startswith('optim.schedule_steps = 0  # Length of the schedule; 0: steps.') for l in lines
+    line.startswith('optim.schedule_steps = 0  # Length of the schedule; 0: steps.')
+    for line in lines
   )
   fields = _leaves(json.loads(config_lib.load(os.path.join(REPO, TINY)).to_json()))
   assert len(lines) == fields > 50  # One line per field.

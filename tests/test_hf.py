@@ -19,8 +19,7 @@ from conftest import load_config, require
 from pretrax import checkpoint
 from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
-from pretrax.interop import hf
-from pretrax.interop import hf_tokenizer
+from pretrax.interop import hf, hf_tokenizer
 
 # Text that trips tokenizers up: runs of spaces, tabs, newlines, bytes never seen in training,
 # a literal '▁', emoji, CJK, control characters, a byte-order mark.
@@ -80,7 +79,8 @@ def _random_run(c, tok: tokenizer_lib.Tokenizer, workdir: str, seed: int = 0):
   leaves, treedef = jax.tree.flatten(state['params'])
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   state['params'] = jax.tree.unflatten(
-    treedef, [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    treedef,
+    [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)],
   )
   state['step'] = jnp.asarray(7, state['step'].dtype)
   mngr = checkpoint.manager(workdir, async_save=False)
@@ -321,5 +321,8 @@ def test_tokenizer_encodes_and_decodes_as_pretrax(tmp_path, corpus_path, model_t
     if model_type != 'unigram':
       assert their_ids == ours_ids, repr(t[:50])
     else:  # Unigram may break an exact tie between two segmentations the other way.
-      score = lambda ids: sum(processor.get_score(i) for i in ids)
+
+      def score(ids):
+        return sum(processor.get_score(i) for i in ids)
+
       assert their_ids == ours_ids or np.isclose(score(their_ids), score(ours_ids), atol=1e-4)

@@ -285,10 +285,12 @@ def test_sigterm_on_every_host_stops_all_processes_at_one_step_with_a_checkpoint
     p.send_signal(signal.SIGTERM)
   outputs = [p.communicate(timeout=300) for p in procs]
   lines = []
-  for p, (_, err) in zip(procs, outputs):
+  for p, (_, err) in zip(procs, outputs, strict=True):
     assert p.returncode == 75, err[-3000:]
-    lines.append([l for l in err.splitlines() if l.startswith('pretrax train:')][-1])
-  steps = {int(l.split('after step ')[1].split(';')[0]) for l in lines}
+    lines.append(
+      [err_line for err_line in err.splitlines() if err_line.startswith('pretrax train:')][-1]
+    )
+  steps = {int(line.split('after step ')[1].split(';')[0]) for line in lines}
   assert len(steps) == 1, lines  # The same step on both.
   stopped = steps.pop()
   assert 3 <= stopped < 5000

@@ -81,7 +81,7 @@ class StandIns:
   def calls(self, tool: str | None = None) -> list[dict]:
     if not self.log.exists():
       return []
-    records = [json.loads(l) for l in self.log.read_text().splitlines()]
+    records = [json.loads(line) for line in self.log.read_text().splitlines()]
     return [r for r in records if tool in (None, r['tool'])]
 
   def clear(self) -> None:
@@ -393,7 +393,7 @@ def test_tpu_dry_run_prints_every_command_and_runs_none(standins, tmp_path):
   result = standins.run(TPU, 'setup', '--dry-run', env=SETTINGS)
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
-  assert [l.split()[:2] for l in lines] == [['+', 'git'], ['+', 'gcloud'], ['+', 'gcloud']]
+  assert [line.split()[:2] for line in lines] == [['+', 'git'], ['+', 'gcloud'], ['+', 'gcloud']]
   assert standins.calls() == [] and not (tmp_path / 'pretrax-pod.tar.gz').exists()
   result = standins.run(TPU, 'run', *TRAIN, '--dry-run', env=SETTINGS)
   assert result.stdout.startswith('+ gcloud compute tpus tpu-vm ssh pod ')
@@ -479,7 +479,7 @@ SLURM_ENV = {
 def test_slurm_batch_script_asks_for_a_task_per_gpu_requeue_and_sigterm():
   with open(SBATCH) as f:
     text = f.read()
-  directives = [l.split(None, 1)[1] for l in text.splitlines() if l.startswith('#SBATCH')]
+  directives = [line.split(None, 1)[1] for line in text.splitlines() if line.startswith('#SBATCH')]
   for wanted in (
     '--ntasks-per-node=8',
     '--gpus-per-node=8',
@@ -697,7 +697,7 @@ def test_local_dry_run_prints_each_process_and_runs_nothing(standins, tmp_path):
   )
   assert result.returncode == 0, result.stderr
   lines = result.stdout.splitlines()
-  assert len(lines) == 2 and all(l.startswith('+ env ') for l in lines)
+  assert len(lines) == 2 and all(line.startswith('+ env ') for line in lines)
   for i, line in enumerate(lines):
     assert '--xla_force_host_platform_device_count=4' in line
     assert f'--num_processes=2 --process_id={i}' in line

@@ -97,7 +97,7 @@ def test_chunked_cross_entropy_equals_the_whole_logits_in_sums_and_gradients(chu
   assert sums.keys() == sums_ref.keys()
   for k in sums:
     np.testing.assert_allclose(sums[k], sums_ref[k], rtol=1e-6, atol=1e-5, err_msg=k)
-  for name, a, b in zip(('x', 'head', 'bias'), grads, grads_ref):
+  for name, a, b in zip(('x', 'head', 'bias'), grads, grads_ref, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6, err_msg=f'd{name}')
 
 
@@ -106,7 +106,7 @@ def test_chunked_cross_entropy_in_bfloat16_keeps_dtypes_and_stays_close():
   (value, _), grads = _objective(8, targets, weights, groups)(x, head, bias)
   (value_ref, _), grads_ref = _objective(0, targets, weights, groups)(x, head, bias)
   np.testing.assert_allclose(value, value_ref, rtol=1e-3)
-  for a, b in zip(grads, grads_ref):
+  for a, b in zip(grads, grads_ref, strict=True):
     assert a.dtype == jnp.bfloat16
     scale = float(jnp.max(jnp.abs(b.astype(jnp.float32))))
     np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), atol=2e-2 * scale)
@@ -115,10 +115,16 @@ def test_chunked_cross_entropy_in_bfloat16_keeps_dtypes_and_stays_close():
 def test_chunked_cross_entropy_gradient_is_objective_sums_alone():
   """The gradient is taken in the forward loop for objective_sum; the reports carry none."""
   x, head, bias, targets, weights, _ = _head_problem()
-  sums = lambda x: loss.chunked_cross_entropy(x, head, targets, weights, chunk=8, z_loss=1e-2)
-  assert float(jnp.max(jnp.abs(jax.grad(lambda x: sums(x)['objective_sum'])(x)))) > 0
+
+  def largest_gradient(key):  # Of the sum named key, with respect to x.
+    def f(x):
+      return loss.chunked_cross_entropy(x, head, targets, weights, chunk=8, z_loss=1e-2)[key]
+
+    return float(jnp.max(jnp.abs(jax.grad(f)(x))))
+
+  assert largest_gradient('objective_sum') > 0
   for report in ('loss_sum', 'z_loss_sum', 'correct_sum'):
-    assert float(jnp.max(jnp.abs(jax.grad(lambda x: sums(x)[report])(x)))) == 0, report
+    assert largest_gradient(report) == 0, report
 
 
 def test_chunked_loss_never_holds_the_whole_logits():
@@ -190,13 +196,15 @@ def test_train_steps_with_a_chunked_loss_match_the_whole_logits(objective, grad_
   per-objective losses and micro-batches all come out as with the logits whole."""
   state, history = _train_two_steps(objective, 0, grad_accum_steps)
   state_c, history_c = _train_two_steps(objective, 5, grad_accum_steps)  # 5 does not divide 32.
-  for m, m_c in zip(history, history_c):
+  for m, m_c in zip(history, history_c, strict=True):
     assert m.keys() == m_c.keys()
     for k in m:
       np.testing.assert_allclose(m_c[k], m[k], rtol=2e-5, atol=1e-6, err_msg=k)
   # Adam divides by the gradient's own scale, so float rounding in a near-zero gradient can move
   # a parameter by a small fraction of the learning rate (5e-3 here).
-  for a, b in zip(jax.tree.leaves(state_c['params']), jax.tree.leaves(state['params'])):
+  for a, b in zip(
+    jax.tree.leaves(state_c['params']), jax.tree.leaves(state['params']), strict=True
+  ):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
@@ -254,7 +262,8 @@ def test_chunked_loss_on_sharded_meshes_matches_the_whole_logits():
           positions = np.tile(np.arange(shape[1]), (shape[0], 1))
           host = {'inputs': rng.integers(0, 64, shape), 'targets': rng.integers(0, 64, shape),
                   'segment_ids': np.ones(shape), 'positions': positions,
-                  'weights': np.ones(shape), 'prefix': np.zeros(shape), 'objective': np.zeros(shape)}
+                  'weights': np.ones(shape), 'prefix': np.zeros(shape),
+                  'objective': np.zeros(shape)}
           batch = {k: jax.device_put(v.astype(np.float32 if k == 'weights' else np.int32),
                                      run.batch_sharding) for k, v in host.items()}
           train_step = step_lib.jit_train_step(

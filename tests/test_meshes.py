@@ -43,7 +43,10 @@ def train_args(workdir, corpus_path, mesh=None) -> list[str]:
     *MODEL,
   ]
   if mesh:
-    args += [f'--config.mesh.{axis}={size}' for axis, size in zip(('data', 'fsdp', 'tensor'), mesh)]
+    args += [
+      f'--config.mesh.{axis}={size}'
+      for axis, size in zip(('data', 'fsdp', 'tensor'), mesh, strict=True)
+    ]
   return args
 
 
@@ -71,7 +74,9 @@ def losses(workdir) -> list[float]:
 def runs(tmp_path_factory, corpus_path) -> dict:
   """Every mesh's run, in one process of 8 devices (one start-up for all four); the single-device
   run goes through the CLI, with the same settings as these. Made once for all workers."""
-  name = lambda mesh: 'x'.join(map(str, mesh))
+
+  def name(mesh):
+    return 'x'.join(map(str, mesh))
 
   def build(root):
     script = f"""
@@ -127,10 +132,13 @@ def test_export_a_2x2x2_checkpoint_to_transformers(runs, tmp_path):
   one-device process; transformers then computes what pretrax computes from that checkpoint."""
   torch = require('torch')
   transformers = require('transformers')
+  from flax import nnx
   import jax.numpy as jnp
   import ml_collections
-  from flax import nnx
-  from pretrax import checkpoint, state as state_lib, tokenizer as tokenizer_lib
+
+  from pretrax import checkpoint
+  from pretrax import state as state_lib
+  from pretrax import tokenizer as tokenizer_lib
   from pretrax.interop import hf
 
   workdir = str(runs[(2, 2, 2)])

@@ -64,7 +64,9 @@ def test_training_batches_draw_each_source_by_its_weight(tmp_path):
 
   weights = np.array([w for _, w, _ in SOURCES.values()])
   shares = counts / counts.sum()
-  assert np.abs(shares - weights / weights.sum()).max() < 0.02, dict(zip(SOURCES, shares))
+  assert np.abs(shares - weights / weights.sum()).max() < 0.02, dict(
+    zip(SOURCES, shares, strict=True)
+  )
 
 
 def test_a_path_may_hold_colons_the_weight_follows_the_last():

@@ -1,4 +1,5 @@
-"""The model: causality and document isolation by gradient, remat, GELU, GQA, every config builds."""
+"""The model: causality and document isolation by gradient, remat, GELU, GQA, every config
+builds."""
 
 import os
 
@@ -72,7 +73,10 @@ def test_prefix_lm_sees_its_whole_prefix_and_only_the_past_after_it(flavour):
   seg = jnp.array([[1] * 9 + [2] * 7], jnp.int32)
   pos = jnp.array([list(range(9)) + list(range(7))], jnp.int32)
   prefix = jnp.array([[1] * 4 + [0] * 5 + [1] * 2 + [0] * 5], jnp.int32)
-  grads = lambda t: embedding_grads(model, ids, seg, pos, t, prefix)[0]
+
+  def grads(t):
+    return embedding_grads(model, ids, seg, pos, t, prefix)[0]
+
   g = grads(1)  # Inside the first prefix: all of the prefix, nothing after it.
   assert np.all(g[:4] > 0) and np.all(g[4:] == 0), g
   g = grads(3)  # The prefix's last token does not see the first token after it.
@@ -137,7 +141,10 @@ def test_remat_changes_nothing(policy):
 
   def loss_and_grads(remat):
     graphdef, params = nnx.split(small_model(remat=remat))
-    f = lambda p: jnp.mean(nnx.merge(graphdef, p)(ids, seg, pos) ** 2)
+
+    def f(p):
+      return jnp.mean(nnx.merge(graphdef, p)(ids, seg, pos) ** 2)
+
     return jax.jit(jax.value_and_grad(f))(params)
 
   (v0, g0), (v1, g1) = loss_and_grads('none'), loss_and_grads(policy)
@@ -167,12 +174,12 @@ def test_dots_attention_keeps_the_splash_kernels_outputs(capsys):
   ids = jnp.ones((1, 128), jnp.int32)
 
   def kept(policy):
-    f = lambda q: jnp.sum(
-      attention.attention(
+    def f(q):
+      out = attention.attention(
         q, q, q, ids, causal=True, backend='splash', platform='tpu', interpret=True
       )
-      ** 2
-    )
+      return jnp.sum(out**2)
+
     jax.ad_checkpoint.print_saved_residuals(
       jax.checkpoint(f, policy=transformer._REMAT_POLICIES[policy]()), q
     )
@@ -183,7 +190,10 @@ def test_dots_attention_keeps_the_splash_kernels_outputs(capsys):
 
 def test_gelu_custom_gradient_matches_autodiff():
   x = jnp.linspace(-6.0, 6.0, 1001)
-  reference = lambda v: jnp.sum(jax.nn.gelu(v, approximate=True))
+
+  def reference(v):
+    return jnp.sum(jax.nn.gelu(v, approximate=True))
+
   np.testing.assert_allclose(layers.gelu_tanh(x), jax.nn.gelu(x, approximate=True), atol=1e-6)
   np.testing.assert_allclose(
     jax.grad(lambda v: jnp.sum(layers.gelu_tanh(v)))(x), jax.grad(reference)(x), atol=1e-5
@@ -214,7 +224,10 @@ def test_every_config_builds_abstractly(name):
   assert all(
     isinstance(s, jax.sharding.NamedSharding) for s in jax.tree.leaves(run.shardings['params'])
   )
-  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+
+  def is_adam(x):
+    return isinstance(x, optax.ScaleByAdamState)
+
   adam = [s for s in jax.tree.leaves(run.shardings['opt_state'], is_leaf=is_adam) if is_adam(s)]
   params_specs = [s.spec for s in jax.tree.leaves(run.shardings['params'])]
   assert len(adam) == 1 and any(spec != jax.sharding.PartitionSpec() for spec in params_specs)
@@ -233,18 +246,19 @@ def test_cpu_attention_matches_the_generic_path(num_kv_heads):
   seg = jnp.array([[1] * 5 + [2] * 7, [1] * 9 + [0] * 3])
   d_out = jax.random.normal(keys[3], (B, T, N, H))
   prefix = jnp.array([[1] * 3 + [0] * 2 + [1] * 4 + [0] * 3, [1] * 6 + [0] * 6])
+
+  def run(backend, causal, prefix_BT):
+    def f(q, k, v):
+      out = attention.attention(q, k, v, seg, causal=causal, prefix_BT=prefix_BT, backend=backend)
+      return jnp.sum(out * d_out)
+
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
+
   for causal, prefix_BT in ((True, None), (True, prefix), (False, None)):
-
-    def run(backend):
-      f = lambda q, k, v: jnp.sum(
-        attention.attention(q, k, v, seg, causal=causal, prefix_BT=prefix_BT, backend=backend)
-        * d_out
-      )
-      return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
-
-    (value_cpu, grads_cpu), (value_ref, grads_ref) = run('cpu'), run('xla')
+    value_cpu, grads_cpu = run('cpu', causal, prefix_BT)
+    value_ref, grads_ref = run('xla', causal, prefix_BT)
     np.testing.assert_allclose(value_cpu, value_ref, rtol=1e-5)
-    for a, b in zip(grads_cpu, grads_ref):
+    for a, b in zip(grads_cpu, grads_ref, strict=True):
       np.testing.assert_allclose(a, b, atol=2e-5)
 
 
@@ -260,5 +274,5 @@ def test_layer_norm_gradient_matches_autodiff():
   ours = jax.grad(lambda x, s: jnp.sum(layers.layer_norm(x, s, 1e-5) * d_y), (0, 1))(x, scale)
   ref = jax.grad(lambda x, s: jnp.sum(reference(x, s) * d_y), (0, 1))(x, scale)
   np.testing.assert_allclose(layers.layer_norm(x, scale, 1e-5), reference(x, scale), atol=1e-5)
-  for a, b in zip(ours, ref):
+  for a, b in zip(ours, ref, strict=True):
     np.testing.assert_allclose(a, b, atol=1e-4)

@@ -135,9 +135,10 @@ def test_masks_are_identical_after_a_resume(tmp_path, corpus_path):
   s = make_store(tmp_path, [text[i : i + 700] for i in range(0, len(text), 700)])
   o = make(tokenizer.Tokenizer.load(s.tokenizer_path), 'masked_lm')
   source = pipeline.Source('data', 1.0, pipeline.Windows(s.split('train'), L, L), s.split('eval'))
-  make_iter = lambda start: pipeline.train_batches(
-    [source], o, global_batch=4, seed=3, start_step=start
-  )
+
+  def make_iter(start):
+    return pipeline.train_batches([source], o, global_batch=4, seed=3, start_step=start)
+
   it = make_iter(0)
   for _ in range(3):
     next(it)

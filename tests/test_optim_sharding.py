@@ -3,9 +3,9 @@
 import textwrap
 
 import jax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from conftest import load_config, run_python
 from pretrax import config as config_lib

@@ -127,7 +127,7 @@ def test_plan_command_rejects_an_impossible_mesh_in_one_line():
     '--config.mesh.fsdp=3',
   )
   assert result.returncode == 2, result.stderr[-2000:]
-  lines = [l for l in result.stderr.splitlines() if l.startswith('pretrax ')]
+  lines = [line for line in result.stderr.splitlines() if line.startswith('pretrax ')]
   assert len(lines) == 1 and 'needs 3 devices but there are 8' in lines[0], result.stderr[-2000:]
 
 

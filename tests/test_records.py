@@ -115,7 +115,7 @@ def test_a_separator_that_straddles_a_block_boundary_still_separates(tmp_path):
   ]
   texts, ends = sum((d.texts for d in docs), []), sum((d.ends for d in docs), [])
   whole, current = [], ''
-  for text, ends_doc in zip(texts, ends):
+  for text, ends_doc in zip(texts, ends, strict=True):
     current += text
     if ends_doc:
       whole, current = whole + [current], ''

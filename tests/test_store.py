@@ -160,7 +160,7 @@ def test_two_processes_prepare_one_store_identical_to_one_process(tmp_path, docu
     if p.poll() is None:
       p.kill()
   outs = [p.communicate() for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  for p, (out, err) in zip(procs, outs, strict=True):
     assert p.returncode == 0, (out[-2000:], err[-2000:])
   assert 'process 1 of 2' in outs[1][0] and 'process 0 of 2' in outs[0][0]
   assert _data_files(tmp_path / 'alone') == _data_files(tmp_path / 'joint')
@@ -312,7 +312,7 @@ def test_bad_input_ends_prepare_with_one_line_and_exit_2(tmp_path):
     '--workers=1',
   )
   assert result.returncode == 2
-  lines = [l for l in result.stderr.strip().splitlines() if l.startswith('pretrax ')]
+  lines = [line for line in result.stderr.strip().splitlines() if line.startswith('pretrax ')]
   assert len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
   assert 'bad.jsonl:2' in lines[0] and 'skip_bad_records' in lines[0]
 
@@ -345,7 +345,7 @@ def test_mixture_shares_are_within_1_percent_of_their_weights_over_10000_batches
   weights = {'web': 0.7, 'code': 0.2, 'books': 0.1}
   run = [
     pipeline.Source(n, weights[n], pipeline.Windows(s.split('train'), 64, 64), s.split('eval'))
-    for n, s in zip(weights, sources_)
+    for n, s in zip(weights, sources_, strict=True)
   ]
   order = pipeline.window_order(run, seed=0)
   batch = 12
@@ -450,7 +450,9 @@ def test_reads_and_windows_across_part_boundaries_equal_the_one_part_stores(
   spans += [(0, 1), (0, a.num_tokens), (a.num_tokens - 1, 1)]  # the first and the last.
   spans += [
     (int(s), int(n))
-    for s, n in zip(rng.integers(0, a.num_tokens - 20_000, 200), rng.integers(1, 20_000, 200))
+    for s, n in zip(
+      rng.integers(0, a.num_tokens - 20_000, 200), rng.integers(1, 20_000, 200), strict=True
+    )
   ]  # Over several.
   for start, length in spans:
     np.testing.assert_array_equal(

@@ -1,4 +1,5 @@
-"""Sweeps: expansion into named trials, bad sweeps, and a real learning-rate sweep on the tiny config."""
+"""Sweeps: expansion into named trials, bad sweeps, and a real learning-rate sweep on the tiny
+config."""
 
 import csv
 import json
@@ -126,7 +127,7 @@ def test_print_gives_one_runnable_command_per_trial(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.splitlines()
   assert len(lines) == 3 and not os.listdir(tmp_path)  # Prints; runs and writes nothing.
-  for line, lr in zip(lines, ('0.002', '0.005', '0.01')):
+  for line, lr in zip(lines, ('0.002', '0.005', '0.01'), strict=True):
     assert shlex.split(line) == [
       'pretrax',
       'train',
@@ -164,7 +165,7 @@ def test_bad_sweeps_fail_with_one_line(tmp_path, args, fragments):
     fragments = ('optim.lrr', 'names no config field', 'did you mean "optim.lr"')
   result = run_cli('sweep', *args, f'--workdir={tmp_path / "w"}', '--print')
   assert result.returncode == 2, result.stderr[-3000:]
-  lines = [l for l in result.stderr.splitlines() if l.startswith('pretrax sweep: error:')]
+  lines = [line for line in result.stderr.splitlines() if line.startswith('pretrax sweep: error:')]
   assert len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
   for fragment in fragments:
     assert fragment in lines[0], lines[0]
@@ -256,7 +257,9 @@ def test_collect_counts_trials_run_elsewhere(tmp_path):
   trials = sweep.expand(
     sweep.values('optim.lr', [1e-3, 2e-3]), load_config('tiny'), TINY, str(tmp_path), {}
   )
-  for trial, last_step in zip(trials, (50, 20)):  # tiny trains 50 steps: the second stopped short.
+  for trial, last_step in zip(
+    trials, (50, 20), strict=True
+  ):  # tiny trains 50 steps: the second stopped short.
     os.makedirs(trial.workdir)
     with open(os.path.join(trial.workdir, 'metrics.jsonl'), 'w') as f:
       for step in range(10, last_step + 1, 10):

@@ -62,10 +62,10 @@ def test_benchmark_prints_a_table_and_json(tmp_path, corpus_path, pipeline):
     timeout=300,
   )
   assert result.returncode == 0, result.stderr[-3000:]
-  lines = [l for l in result.stdout.splitlines() if l.startswith('|')]
+  lines = [line for line in result.stdout.splitlines() if line.startswith('|')]
   assert len(lines) == 3, result.stdout
   header = [c.strip() for c in lines[0].strip('|').split('|')]
-  cells = dict(zip(header, (c.strip() for c in lines[2].strip('|').split('|'))))
+  cells = dict(zip(header, (c.strip() for c in lines[2].strip('|').split('|')), strict=True))
   number = r'[\d,]+(\.\d+)?'
   assert re.fullmatch(number, cells['step ms']), cells
   assert re.fullmatch(number, cells['tokens/s']), cells
@@ -104,7 +104,7 @@ def test_bad_profile_steps_fail_with_one_line(tmp_path):
     'train', '--config=configs/tiny.py', f'--workdir={tmp_path}', '--config.profile_steps=2'
   )
   assert result.returncode == 2, result.stderr[-2000:]
-  lines = [l for l in result.stderr.splitlines() if l.startswith('pretrax ')]
+  lines = [line for line in result.stderr.splitlines() if line.startswith('pretrax ')]
   assert len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
   assert "profile_steps='2' must be START:COUNT" in lines[0]
 

@@ -1,4 +1,5 @@
-"""Training end to end (in process): the loss falls, and a stopped-and-resumed run is the same run."""
+"""Training end to end (in process): the loss falls, and a stopped-and-resumed run is the same
+run."""
 
 import json
 import os
@@ -8,11 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import PEAK_FLOPS, SHAKESPEARE, load_config
-from pretrax import checkpoint, metrics
+from pretrax import checkpoint, metrics, tokenizer, train
 from pretrax import state as state_lib
 from pretrax import step as step_lib
-from pretrax import tokenizer
-from pretrax import train
 
 
 def test_loss_falls_on_real_text(tiny_config, tmp_path):
@@ -66,9 +65,14 @@ def test_stop_and_resume_equals_uninterrupted(tiny_config, tmp_path, accum, obje
   a, b = metrics.read_metrics(straight), metrics.read_metrics(stopped)
   train_steps = [r['step'] for r in b if 'loss' in r]
   assert train_steps == list(range(1, 31)), 'a step is missing or logged twice'
-  losses = lambda recs: [(r['step'], r['loss']) for r in recs if 'loss' in r]
+
+  def losses(recs):
+    return [(r['step'], r['loss']) for r in recs if 'loss' in r]
+
+  def evals(recs):
+    return [(r['step'], r['eval_loss']) for r in recs if 'eval_loss' in r]
+
   assert losses(a) == losses(b)  # Bit for bit.
-  evals = lambda recs: [(r['step'], r['eval_loss']) for r in recs if 'eval_loss' in r]
   assert evals(b)[-1] == evals(a)[-1]
   for x, y in zip(
     jax.tree.leaves(_final_params(straight, c, 30)),
@@ -196,7 +200,10 @@ def test_bfloat16_compute_tracks_float32(tiny_config, tmp_path):
   assert f32[-1] < f32[0] - 1.5  # Both learn...
   # ...along the same curve: means over 5 steps (single steps of a model this small can swing
   # by 10% on one batch either way) agree within 3%.
-  window_means = lambda x: x.reshape(-1, 5).mean(axis=1)
+
+  def window_means(x):
+    return x.reshape(-1, 5).mean(axis=1)
+
   np.testing.assert_allclose(window_means(bf16), window_means(f32), rtol=0.03)
   assert abs(losses['bfloat16_eval'] - losses['float32_eval']) < 0.05
   params = _final_params(str(tmp_path / 'bfloat16'), c, 40)

@@ -1,10 +1,10 @@
 """Orbax checkpoints holding the train state and the config; the checks a resume makes.
 
 The data position is the step itself: batches are read by index. Layout:
-DIR/checkpoints/<step>/{state,config,fingerprint,topology}. Saves are asynchronous: the loop goes on while
-the arrays are written into a temporary directory, renamed to <step> once complete, so a step
-directory is always a whole checkpoint. DIR may be a bucket (gs://...): there Orbax writes <step>
-in place and marks it whole with a commit file (see `remove_partial`).
+DIR/checkpoints/<step>/{state,config,fingerprint,topology}. Saves are asynchronous: the loop goes
+on while the arrays are written into a temporary directory, renamed to <step> once complete, so a
+step directory is always a whole checkpoint. DIR may be a bucket (gs://...): there Orbax writes
+<step> in place and marks it whole with a commit file (see `remove_partial`).
 """
 
 from collections.abc import Callable
@@ -17,8 +17,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from pretrax import config as config_lib
-from pretrax import errors
-from pretrax import paths
+from pretrax import errors, paths
 
 _TMP_MARKER = '.orbax-checkpoint-tmp'
 _COMMIT_FILE = 'commit_success.txt'  # Orbax's mark of a whole checkpoint on a bucket.
@@ -149,7 +148,9 @@ def restore(
     raise CheckpointError(f'{where} is damaged ({type(e).__name__}: {detail})') from None
   expected = restored['fingerprint']['bit_sums']
   actual = fingerprint(restored['state'])
-  bad = sum(a != b for a, b in zip(actual, expected)) + abs(len(actual) - len(expected))
+  # Not strict: a different number of arrays is damage too, which the length term counts.
+  differ = sum(a != b for a, b in zip(actual, expected, strict=False))
+  bad = differ + abs(len(actual) - len(expected))
   if bad:
     raise CheckpointError(
       f'{where} is damaged: {bad} of {len(expected)} arrays differ from what was saved'

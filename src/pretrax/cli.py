@@ -15,8 +15,7 @@ import re
 import shlex
 import sys
 
-from absl import flags
-from absl import logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from pretrax import errors
@@ -331,8 +330,7 @@ def _run_eval() -> None:
 
 def _run_tokenizer() -> None:
   from pretrax import tokenizer
-  from pretrax.data import prepare
-  from pretrax.data import sources
+  from pretrax.data import prepare, sources
 
   _require_flags('input', 'output')
   files = sources.expand_paths(FLAGS.input)

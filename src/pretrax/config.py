@@ -13,6 +13,7 @@ import os
 import re
 import tokenize
 import types
+from typing import Any
 
 import ml_collections
 
@@ -32,7 +33,7 @@ STDLIB_CORPUS = 'python-stdlib'
 
 
 def load(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """`get_config(arg)` of a config file, as `--config=PATH[:ARG]` loads it (for scripts and tests)."""
+  """`get_config(arg)` of a config file, as `--config=PATH[:ARG]` loads it (scripts, tests)."""
   return load_module(path).get_config(arg)
 
 
@@ -40,6 +41,8 @@ def load_module(path: str) -> types.ModuleType:
   """A config (or sweep) file as a module, imported from its path."""
   name = os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(f'pretrax_config_{name}', path)
+  if spec is None or spec.loader is None:  # No loader takes a path without a Python suffix.
+    raise ConfigError(f'{path} is not a Python file: a config is a .py file with get_config().')
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -479,7 +482,10 @@ def implied(flat: dict) -> dict:
   """A flattened config with every 'this value means another field's' default spelt out (0 steps
   of schedule = steps, ...): two configs mean the same run when these agree."""
   out = dict(flat)
-  get = lambda k, default=0: flat.get(k, default)
+
+  def get(key: str, default: Any = 0) -> Any:
+    return flat.get(key, default)
+
   fills = {
     'optim.schedule_steps': get('steps'),
     'model.max_len': get('data.seq_len'),
@@ -764,7 +770,7 @@ def mixture(spec: str) -> list[tuple[str, str, float]]:
     except ValueError:
       value = -1.0
     _require(
-      name.isidentifier() and path and 0 < value < float('inf'),
+      name.isidentifier() and bool(path) and 0 < value < float('inf'),
       f'data.mixture item {item!r} is not NAME=PATH:WEIGHT with a positive, finite weight, '
       'e.g. web=/data/web/*.parquet:0.7',
     )

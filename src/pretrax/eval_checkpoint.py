@@ -12,8 +12,7 @@ from collections.abc import Callable, Sequence
 import json
 
 from pretrax import config as config_lib
-from pretrax import paths
-from pretrax import saved_run
+from pretrax import paths, saved_run
 from pretrax.downstream import scoring
 from pretrax.downstream import tasks as tasks_lib
 
@@ -52,7 +51,7 @@ def _sample_lines(task: tasks_lib.Task, scores: Sequence[scoring.Score]) -> str:
       ensure_ascii=False,
     )
     + '\n'
-    for r, s in zip(task.requests, scores)
+    for r, s in zip(task.requests, scores, strict=True)
   )
 
 
@@ -87,7 +86,7 @@ def evaluate(
   out = paths.path(output or default_output(workdir, model.step))
   out.mkdir(parents=True, exist_ok=True)
   results = {}
-  for t, task_scores in zip(tasks, per_task):
+  for t, task_scores in zip(tasks, per_task, strict=True):
     results[t.name] = scoring.task_metrics(t.requests, task_scores)
     (out / samples_file(t.name)).write_text(_sample_lines(t, task_scores), encoding='utf-8')
   summary = {

@@ -9,25 +9,30 @@
   processes the stop step is agreed through JAX's preemption sync point, so all save the same step.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import errno
 import fcntl
+import io
 import json
 import os
 import signal
 import threading
 import time
 import types
+from typing import Any
 import uuid
 
 import jax
 import numpy as np
 
-from pretrax import errors
-from pretrax import paths
+from pretrax import errors, paths
 
 # Exit status of a run stopped by a signal after saving: EX_TEMPFAIL, "try again later".
 STOPPED_EXIT_CODE = 75
+
+# A signal's disposition as `signal.signal` takes and returns it: a function, SIG_DFL or SIG_IGN,
+# or None for one that was not set from Python.
+_Handler = Callable[[int, types.FrameType | None], Any] | int | signal.Handlers | None
 
 
 class WorkdirError(errors.PretraxError, OSError):
@@ -113,8 +118,8 @@ class WorkdirLock:
   def __init__(self, workdir: str):
     self.workdir = workdir
     self.path = paths.join(workdir, 'lock')
-    self._file = None
-    self._lease = None
+    self._file: io.TextIOWrapper | None = None
+    self._lease: BucketLease | None = None
 
   def __enter__(self) -> 'WorkdirLock':
     if jax.process_index() != 0:
@@ -233,9 +238,9 @@ class StopSignals:
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-  def __init__(self):
+  def __init__(self) -> None:
     self.received: str | None = None
-    self._previous: dict[int, object] = {}
+    self._previous: dict[int, _Handler] = {}
 
   def _handle(self, signum: int, frame: types.FrameType | None) -> None:
     del frame

@@ -84,8 +84,11 @@ def chunked_cross_entropy(
   """
   chunk = min(chunk, x_BLD.shape[1])
   pad = -x_BLD.shape[1] % chunk
+
+  def widen(a):
+    return jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+
   if pad:  # Padded positions weigh nothing, so they change no sum.
-    widen = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
     x_BLD, targets_BL, weights_BL = widen(x_BLD), widen(targets_BL), widen(weights_BL)
     groups_BL = None if groups_BL is None else widen(groups_BL)
   return _projected_sums(
@@ -142,7 +145,9 @@ def _per_token(x_BLD, head_DV, bias_V, targets_BL, chunk: int):
 
   def one_chunk(i, per_token):
     values = _chunk_values(_slice(x_BLD, i, chunk), head_DV, bias_V, _slice(targets_BL, i, chunk))
-    return tuple(_place(a_BL, a_N, i, chunk) for a_BL, a_N in zip(per_token, values[1:4]))
+    return tuple(
+      _place(a_BL, a_N, i, chunk) for a_BL, a_N in zip(per_token, values[1:4], strict=True)
+    )
 
   zeros = tuple(jnp.zeros((B, L), jnp.float32) for _ in range(3))
   return jax.lax.fori_loop(0, L // chunk, one_chunk, zeros)
@@ -155,7 +160,9 @@ def _per_token_and_gradient(
   chunk by chunk as each chunk's logits are made."""
   B, L, _ = x_BLD.shape
   S = batch_shards
-  per_shard = lambda a_N: a_N.reshape((S, -1) + a_N.shape[1:])  # Rows stay with their device.
+
+  def per_shard(a_N):
+    return a_N.reshape((S, -1) + a_N.shape[1:])  # Rows stay with their device.
 
   def one_chunk(i, carry):
     lse_BL, nll_BL, correct_BL, d_x_BLD, d_head_SDV, d_bias_SV = carry
@@ -179,7 +186,7 @@ def _per_token_and_gradient(
     per_token = (lse_BL, nll_BL, correct_BL, d_x_BLD)
     values = (lse_N, nll_N, correct_N, d_logits_NV @ head_DV.T)
     return (
-      *(_place(a_BL, a_N, i, chunk) for a_BL, a_N in zip(per_token, values)),
+      *(_place(a_BL, a_N, i, chunk) for a_BL, a_N in zip(per_token, values, strict=True)),
       d_head_SDV,
       d_bias_SV,
     )
@@ -226,7 +233,7 @@ def _projected_sums_bwd(chunk, z_loss, num_groups, batch_shards, residuals, d_su
   scale = d_sums['objective_sum']
   d_x_BLD, d_head_DV, d_bias_V = (
     None if g is None else (g.astype(jnp.float32) * scale).astype(like.dtype)
-    for g, like in zip(grads, dtypes)
+    for g, like in zip(grads, dtypes, strict=True)
   )
   return d_x_BLD, d_head_DV, d_bias_V, None, None, None
 

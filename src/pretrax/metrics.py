@@ -98,7 +98,7 @@ class MetricsWriter:
     self.enabled = enabled
     self.path = paths.path(workdir) / 'metrics.jsonl'
     self.remote = paths.is_remote(workdir)
-    self._tb = None
+    self._tb: Any | None = None  # tensorboardX's (untyped) SummaryWriter; None: off or closed.
     self._lines: list[str] = []
     self._uploaded_at = time.monotonic()
     self._unsaved = False
@@ -110,7 +110,9 @@ class MetricsWriter:
     lines = _lines(self.path)
     records, self.torn = _parse(lines)
     kept = [
-      line for line, r in zip(lines, records) if r is not None and r.get('step', 0) <= resume_step
+      line
+      for line, r in zip(lines, records, strict=True)
+      if r is not None and r.get('step', 0) <= resume_step
     ]
     if self.remote:
       self._lines = kept
@@ -132,6 +134,7 @@ class MetricsWriter:
       with open(self.path, 'a') as f:
         f.write(line)
     step = clean['step']
+    assert self._tb is not None, 'MetricsWriter.write after close()'
     for key, value in clean.items():
       if key != 'step' and isinstance(value, (int, float)):
         self._tb.add_scalar(key, value, step)
@@ -147,6 +150,7 @@ class MetricsWriter:
       return
     if self._unsaved:
       self._upload()
+    assert self._tb is not None, 'MetricsWriter.flush after close()'
     self._tb.flush()
 
   def close(self) -> None:
@@ -164,7 +168,9 @@ def _summary_writer(logdir: str, purge_step: int | None):
   """
   hide_torch = 'torch' not in sys.modules
   if hide_torch:
-    sys.modules['torch'] = None  # `import torch` raises ImportError, as if it were not installed.
+    # `import torch` raises ImportError, as if it were not installed. None in sys.modules is
+    # Python's documented way to say so; typeshed types the dict as holding modules only.
+    sys.modules['torch'] = None  # type: ignore[assignment]
   try:
     from tensorboardX import SummaryWriter
   finally:

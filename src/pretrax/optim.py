@@ -10,7 +10,8 @@ _EMBEDDING_NAMES = ('embedding', 'pos_embed')
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:
-  """Linear warmup from 0, then cosine or linear decay to min_lr, warmup-stable-decay, or constant."""
+  """Linear warmup from 0, then cosine or linear decay to min_lr, warmup-stable-decay, or
+  constant."""
   warmup = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
   rest = cfg.total_steps - cfg.warmup_steps
   if cfg.schedule == 'cosine':

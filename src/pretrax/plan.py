@@ -227,6 +227,8 @@ def plan(
   run = state_lib.build(c, vocab_size, devices)
   mesh = dict(run.mesh.shape)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(run.abstract['params'])
+  # jaxlib's PyTreeDef is compiled and has no type stubs: mypy cannot see its methods.
+  axes_of = treedef.flatten_up_to(run.logical_axes)  # type: ignore[attr-defined]
   params = tuple(
     ParamPlan(
       path=jax.tree_util.keystr(path, simple=True, separator='.'),
@@ -237,7 +239,7 @@ def plan(
       bytes_per_device=_shard_bytes(x),
       replicated=len(devices) > 1 and x.sharding.shard_shape(x.shape) == x.shape,
     )
-    for (path, x), axes in zip(leaves, treedef.flatten_up_to(run.logical_axes))
+    for (path, x), axes in zip(leaves, axes_of, strict=True)
   )
   param_bytes = sum(p.bytes_per_device for p in params)
   opt_state_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(run.abstract['opt_state']))
@@ -352,7 +354,7 @@ def format_plan(p: Plan, device_memory_gib: float | None = None) -> str:
   ]
   lines += [
     '  '.join(
-      f'{v:<{w}}' if i < 4 else f'{v:>{w}}' for i, (v, w) in enumerate(zip(r, widths))
+      f'{v:<{w}}' if i < 4 else f'{v:>{w}}' for i, (v, w) in enumerate(zip(r, widths, strict=True))
     ).rstrip()
     for r in rows
   ]

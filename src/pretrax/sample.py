@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pretrax import config as config_lib
-from pretrax import tokenizer as tokenizer_lib
 from pretrax import saved_run
+from pretrax import tokenizer as tokenizer_lib
 
 
 @functools.partial(jax.jit, static_argnames=('model_def', 'top_k'))
@@ -98,9 +98,11 @@ def fill_in(
 ) -> str:
   """A masked LM's predictions on masked examples, three lines each: the text, what the encoder
   read (<mask> shown as _), and the text with its predictions at the chosen positions."""
-  show = lambda ids: ''.join(
-    tok.decode([i]) if i != tokenizer_lib.MASK_ID else '_' for i in ids
-  ).replace('\n', '\u21b5')
+
+  def show(ids) -> str:
+    text = ''.join(tok.decode([i]) if i != tokenizer_lib.MASK_ID else '_' for i in ids)
+    return text.replace('\n', '\u21b5')  # Each text on one line of its own.
+
   lines, right, total = [], 0, 0
   for e in examples:
     predicted = np.asarray(_predict(params, jnp.asarray(e['inputs'])[None], model_def=model_def))

@@ -14,9 +14,8 @@ from typing import Any
 import jax
 import ml_collections
 
-from pretrax import checkpoint
+from pretrax import checkpoint, paths
 from pretrax import config as config_lib
-from pretrax import paths
 from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
 
@@ -165,7 +164,7 @@ def initial_params(
   ]
   problems += [
     f'{name} is {a.shape} here and {tuple(values[name].shape)} there'
-    for name, (_, a) in zip(names, flat)
+    for name, (_, a) in zip(names, flat, strict=True)
     if name in values and tuple(values[name].shape) != a.shape
   ]
   if problems:
@@ -176,11 +175,11 @@ def initial_params(
     )
   new = [name for name in names if name not in values]
   # A random initialisation (a whole model's, briefly) only when a new head needs its values.
-  fresh = dict(zip(names, jax.tree.leaves(run.init_params(c.seed)))) if new else {}
+  fresh = dict(zip(names, jax.tree.leaves(run.init_params(c.seed)), strict=True)) if new else {}
   # Host arrays (a Hugging Face start) or arrays already on this mesh (a workdir's).
   leaves = [
     fresh[name] if name in new else jax.device_put(values[name].astype(a.dtype), a.sharding)
-    for name, (_, a) in zip(names, flat)
+    for name, (_, a) in zip(names, flat, strict=True)
   ]
   unused = sorted(set(values) - set(names))
   log(

@@ -5,10 +5,11 @@ optimizer state), `tensor` (model parallelism inside matmuls). The model names i
 (`pretrax.model.layers`); only this module turns those names into `PartitionSpec`s.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import optax
 
@@ -85,7 +86,7 @@ def _resolve(sizes: list[int], num_devices: int, what: str) -> list[int]:
     sizes[free[0]] = num_devices // fixed
   if sizes[0] * sizes[1] * sizes[2] != num_devices:
     raise ShardingError(
-      f'{what} {dict(zip(MESH_AXES, sizes))} needs '
+      f'{what} {dict(zip(MESH_AXES, sizes, strict=True))} needs '
       f'{sizes[0] * sizes[1] * sizes[2]} devices but there are {num_devices}: '
       'set one axis to -1.'
     )
@@ -109,13 +110,14 @@ def mesh_shapes(
     )
   what = 'mesh per slice/node' if granules > 1 else 'mesh'
   ici = _resolve([int(mesh_cfg[a]) for a in MESH_AXES], num_devices // granules, what)
-  return tuple(ici), tuple(dcn)
+  return (ici[0], ici[1], ici[2]), (dcn[0], dcn[1], dcn[2])
 
 
 def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
   """Sizes of the (data, fsdp, tensor) mesh axes over all devices."""
   ici, dcn = mesh_shapes(mesh_cfg, num_devices)
-  return tuple(i * d for i, d in zip(ici, dcn))
+  data, fsdp, tensor = (i * d for i, d in zip(ici, dcn, strict=True))
+  return data, fsdp, tensor
 
 
 def make_mesh(
@@ -144,7 +146,7 @@ def make_mesh(
 
 def logical_to_spec(names: Sequence[str | None], rules: Mapping[str, object]) -> P:
   """PartitionSpec for a tuple of logical axis names; an unknown name is an error."""
-  axes = []
+  axes: list[object] = []  # Each a mesh axis, a tuple of them, or None (rules' values).
   for name in names:
     if name is None:
       axes.append(None)
@@ -185,8 +187,9 @@ def check_divisible(abstract_params, shardings, logical_axes) -> None:
   (JAX needs even shards), with the logical axis at fault and the ways out."""
   paths = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
   all_names = jax.tree.leaves(logical_axes, is_leaf=lambda n: isinstance(n, tuple))
-  for (path, x), s, names in zip(paths, jax.tree.leaves(shardings), all_names):
-    for dim, (size, axes) in enumerate(zip(x.shape, s.spec)):
+  for (path, x), s, names in zip(paths, jax.tree.leaves(shardings), all_names, strict=True):
+    # A PartitionSpec may stop before the array's last dims: those are not sharded.
+    for dim, (size, axes) in enumerate(zip(x.shape, s.spec, strict=False)):
       if axes is None:
         continue
       parts = 1
@@ -231,6 +234,8 @@ def batch_sharding(mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RULES) -> N
   return NamedSharding(mesh, logical_to_spec(('batch', 'length'), rules))
 
 
-def activation_sharding(mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RULES):
+def activation_sharding(
+  mesh: Mesh, rules: Mapping[str, object] = DEFAULT_RULES
+) -> Callable[[Sequence[str | None]], NamedSharding]:
   """Logical activation names -> NamedSharding, for the model's `layers.constrain`."""
   return lambda names: NamedSharding(mesh, logical_to_spec(names, rules))

@@ -14,8 +14,7 @@ import ml_collections
 import optax
 
 from pretrax import config as config_lib
-from pretrax import optim
-from pretrax import sharding
+from pretrax import optim, sharding
 from pretrax import step as step_lib
 from pretrax.model import transformer
 

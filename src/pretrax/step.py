@@ -184,7 +184,8 @@ def train_step(
   # Derived from (seed, step), so a resumed run draws the same dropout masks.
   rng = jax.random.fold_in(jax.random.key(cfg.seed), step) if cfg.dropout else None
   # What the loss averages over: weighted targets, or a classification batch's examples.
-  total_weight = jnp.maximum(jnp.sum(batch.get('label_weights', batch.get('weights'))), 1.0)
+  weights = batch['label_weights'] if 'label_weights' in batch else batch['weights']
+  total_weight = jnp.maximum(jnp.sum(weights), 1.0)
   params = state['params']
 
   if cfg.grad_accum_steps == 1:
@@ -236,7 +237,7 @@ def train_step(
     }
     skip_metrics['spike'] = spike.astype(jnp.int32)
   if cfg.skip_nonfinite or cfg.spike_window:
-    keep = lambda new, old: jnp.where(accept, new, old)
+    keep = functools.partial(jnp.where, accept)  # keep(new, old): old where the step is skipped.
     new_state['params'] = jax.tree.map(keep, new_state['params'], params)
     new_state['opt_state'] = jax.tree.map(keep, opt_state, state['opt_state'])
     skip_metrics['skipped'] = 1 - accept.astype(jnp.int32)

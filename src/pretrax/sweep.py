@@ -1,11 +1,13 @@
-"""Sweeps: a config's variants as named trials, run here or printed for a launcher; one table, one plot.
+"""Sweeps: a config's variants as named trials, run here or printed for a launcher; one table,
+one plot.
 
 A sweep is declared beside its config, as `get_sweep(arg)` in the config file (or in a separate
 file passed with `--sweep=FILE.py[:ARG]`). It returns a list of trials, each a dict of config
 overrides keyed as on the command line without `--config.` (`{'optim.lr': 1e-3}`), built with:
 
   values(key, [v1, v2, ...])          one trial per value
-  product(s1, s2, ...)                every combination of the trials of s1, s2, ... (s2 varies fastest)
+  product(s1, s2, ...)                every combination of the trials of s1, s2, ... (s2 varies
+                                      fastest)
   zip_(s1, s2, ...)                   the i-th trials of s1, s2, ... merged; all the same length
   random(key, dist, n, seed)          n values drawn from log_uniform(lo, hi), uniform(lo, hi) or
                                       choice([...]), the same n for the same seed
@@ -49,8 +51,7 @@ from typing import Any
 import ml_collections
 
 from pretrax import config as config_lib
-from pretrax import errors
-from pretrax import paths
+from pretrax import errors, paths
 
 Sweep = list[dict[str, Any]]
 # Where a trial's process exit code says it stopped on a signal after saving (faults.py).
@@ -80,7 +81,7 @@ def zip_(*sweeps: Sweep) -> Sweep:
   lengths = [len(s) for s in sweeps]
   if len(set(lengths)) > 1:
     raise SweepError(f'zip_ needs sweeps of one length; got lengths {lengths}.')
-  return [_merge(combo) for combo in zip(*sweeps)]
+  return [_merge(combo) for combo in zip(*sweeps, strict=True)]
 
 
 def log_uniform(low: float, high: float) -> Callable[[Any], float]:
@@ -177,7 +178,7 @@ def expand(
   names = _unique(_name(trial, _short_keys(sweep)) for trial in sweep)
   common = [f'--config={config_spec}'] + [_flag(k, v) for k, v in shared.items()]
   trials = []
-  for name, overrides in zip(names, sweep):
+  for name, overrides in zip(names, sweep, strict=True):
     trial_dir = os.path.join(workdir, name)
     args = (
       'train',
@@ -230,7 +231,7 @@ def _flag_value(key: str, value: Any) -> str:
 def _short_keys(sweep: Sweep) -> dict[str, str]:
   keys = list(dict.fromkeys(k for trial in sweep for k in trial))
   last = [k.rsplit('.', 1)[-1] for k in keys]
-  return {k: s if last.count(s) == 1 else k for k, s in zip(keys, last)}
+  return {k: s if last.count(s) == 1 else k for k, s in zip(keys, last, strict=True)}
 
 
 def _name(trial: dict[str, Any], short: dict[str, str]) -> str:
@@ -265,7 +266,9 @@ LOG_FILE = 'train.log'
 def finished(trial: Trial) -> bool:
   """Ran to a zero exit with this very command (a changed override or step count runs it again)."""
   result = _read_result(trial)
-  return bool(result) and result.get('exit_code') == 0 and result.get('command') == trial.command
+  if not result:
+    return False
+  return result.get('exit_code') == 0 and result.get('command') == trial.command
 
 
 def run(trials: Sequence[Trial], parallel: int = 1, log: Callable[[str], None] = print) -> None:
@@ -525,9 +528,15 @@ def plot_losses(trials: Sequence[Trial], path: str) -> None:
     evals = [(r['step'], r['eval_loss']) for r in records if 'eval_loss' in r]
     if not train and not evals:
       continue
-    color = ax.plot(*zip(*train), label=trial.name)[0].get_color() if train else None
+    color = ax.plot(*zip(*train, strict=True), label=trial.name)[0].get_color() if train else None
     if evals:
-      ax.plot(*zip(*evals), 'o', color=color, markersize=5, label=None if train else trial.name)
+      ax.plot(
+        *zip(*evals, strict=True),
+        'o',
+        color=color,
+        markersize=5,
+        label=None if train else trial.name,
+      )
   ax.set_xlabel('step')
   ax.set_ylabel('loss')
   ax.set_title(f'{os.path.basename(os.path.dirname(path))}: train loss (lines), eval loss (dots)')

@@ -1,8 +1,8 @@
 """SentencePiece tokenizers that round-trip any text exactly, with fixed special ids.
 
-Ids 0-3 are pad, unk, bos, eos in every pretrax tokenizer; id 4 is the mask token (masked LM), and
-span corruption's sentinels `<sentinel_0>`, `<sentinel_1>`, ... follow it when the tokenizer is trained
-with them. Byte fallback means no text is ever unknown.
+Ids 0-3 are pad, unk, bos, eos in every pretrax tokenizer; id 4 is the mask token (masked LM),
+and span corruption's sentinels `<sentinel_0>`, `<sentinel_1>`, ... follow it when the tokenizer
+is trained with them. Byte fallback means no text is ever unknown.
 """
 
 from collections.abc import Iterable, Iterator
@@ -11,8 +11,7 @@ import io
 import numpy as np
 import sentencepiece as spm
 
-from pretrax import errors
-from pretrax import paths
+from pretrax import errors, paths
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3, 4
 MASK_PIECE = '<mask>'
@@ -126,7 +125,7 @@ class Tokenizer:
   @property
   def sentinel_ids(self) -> np.ndarray:
     """Ids of `<sentinel_0>`, `<sentinel_1>`, ... in order; empty if trained without them."""
-    ids = []
+    ids: list[int] = []
     while (i := self._sp.piece_to_id(SENTINEL_PIECE.format(len(ids)))) != self._sp.unk_id():
       ids.append(i)
     return np.array(ids, np.int32)

@@ -18,17 +18,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from pretrax import checkpoint
+from pretrax import checkpoint, faults, paths, saved_run, train_eval
 from pretrax import config as config_lib
-from pretrax import train_eval
-from pretrax import faults
 from pretrax import metrics as metrics_lib
-from pretrax import paths
 from pretrax import plan as plan_lib
 from pretrax import sample as sample_lib
 from pretrax import state as state_lib
 from pretrax import step as step_lib
-from pretrax import saved_run
 from pretrax.data import dataset
 from pretrax.data import objectives as objectives_lib
 
@@ -352,8 +348,9 @@ def _final_sample(
   if not c.sample.length:
     return ''
   if c.objective == 'masked_lm':
-    examples = []
+    examples: list[objectives_lib.Example] = []
     for i, window in enumerate(data.held_out_pieces()):
+      assert isinstance(window, np.ndarray)  # A window of text; sft's pieces are pairs.
       if sum(len(e['inputs']) for e in examples) >= c.sample.length:
         break
       examples.append(
@@ -432,7 +429,7 @@ class _StepTrace:
       self.active = True
 
   def after(self, step: int, state: Any) -> None:
-    if self.active and step == self.steps[1]:
+    if self.active and self.steps and step == self.steps[1]:
       jax.block_until_ready(state)  # The last traced step finishes inside the trace.
       self.close()
       log(

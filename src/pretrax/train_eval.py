@@ -41,6 +41,8 @@ def held_out(
       }
       out = jax.device_get(eval_step(params, batch, bytes_per_token, baseline_id))
       sums = out if sums is None else jax.tree.map(np.add, sums, out)
+    if sums is None:  # dataset.load rejects an empty held-out split, so only eval_batches < 0.
+      raise ValueError(f'eval_batches={c.eval_batches}: no held-out batch was evaluated')
     return sums
 
   def evaluate(params: Any) -> dict[str, float]:
@@ -114,7 +116,7 @@ class Evaluator:
     record = {}
     if step % self.c.eval_every == 0 or step == self.c.steps:
       record.update(self.held_out(params))
-    if self._tasks_due(step):
+    if self.tasks is not None and self._tasks_due(step):  # Due only when there are tasks.
       record.update(self.tasks(params))
     return record
 

@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 
 from conftest import PEAK_FLOPS_ARG, REPO, built_once, pretrax_env, run_cli
-from pretrax import checkpoint, faults, metrics
+from pretrax import checkpoint, faults, metrics, tokenizer
 from pretrax import state as state_lib
-from pretrax import tokenizer
 
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
 STOPPED = 75  # faults.STOPPED_EXIT_CODE
@@ -80,8 +79,11 @@ def final_params(workdir, step: int):
 
 def assert_same_run(a, b, steps: int) -> None:
   """Same losses at every step and the same final parameters, bit for bit."""
+
   # Lists, not {step: loss}: a step logged twice after a resume must show.
-  losses = lambda w: [(r['step'], r['loss']) for r in metrics.read_metrics(str(w)) if 'loss' in r]
+  def losses(w):
+    return [(r['step'], r['loss']) for r in metrics.read_metrics(str(w)) if 'loss' in r]
+
   assert losses(a) == losses(b)
   assert [s for s, _ in losses(b)] == list(range(1, steps + 1)), 'a step missing or logged twice'
   pa, pb = jax.tree.leaves(final_params(a, steps)), jax.tree.leaves(final_params(b, steps))
@@ -91,7 +93,7 @@ def assert_same_run(a, b, steps: int) -> None:
 
 def one_line_error(result, *fragments: str) -> None:
   assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-  lines = [l for l in result.stderr.strip().splitlines() if l.startswith('pretrax ')]
+  lines = [line for line in result.stderr.strip().splitlines() if line.startswith('pretrax ')]
   assert len(lines) == 1 and 'Traceback' not in result.stderr, result.stderr[-2000:]
   for fragment in fragments:
     assert fragment in lines[0], (fragment, lines[0])
@@ -124,7 +126,7 @@ def test_stop_signal_saves_and_the_same_command_resumes_exactly(
   proc.send_signal(signum)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == STOPPED, (at, err[-2000:])
-  line = [l for l in err.splitlines() if l.startswith('pretrax train:')][-1]
+  line = [err_line for err_line in err.splitlines() if err_line.startswith('pretrax train:')][-1]
   stopped = int(line.split('after step ')[1].split(';')[0])
   assert at <= stopped < 40 and 'Resume with the same command: pretrax train' in line, line
   assert stopped in checkpoint.manager(str(tmp_path), read_only=True).all_steps()
@@ -200,7 +202,10 @@ def test_killed_during_an_async_save_resumes_from_the_last_complete_one(tmp_path
   hurt = tmp_path / 'hurt'
   args = train_args(hurt, corpus_path, *big)
   proc = start(args)
-  partial = lambda: glob.glob(str(hurt / 'checkpoints' / '8.orbax-checkpoint-tmp*'))
+
+  def partial():
+    return glob.glob(str(hurt / 'checkpoints' / '8.orbax-checkpoint-tmp*'))
+
   wait_until(partial, proc)
   proc.kill()  # SIGKILL while step 8's checkpoint is being written.
   proc.wait()

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import os
 import shutil
@@ -22,11 +23,9 @@ import numpy as np
 from pretrax import config as config_lib
 from pretrax import paths
 from pretrax import tokenizer as tokenizer_lib
-from pretrax.data import examples
+from pretrax.data import examples, pipeline, sources
 from pretrax.data import objectives as objectives_lib
-from pretrax.data import pipeline
 from pretrax.data import prepare as prepare_lib
-from pretrax.data import sources
 from pretrax.data import store as store_lib
 
 SMALL_CORPUS_BYTES = (
@@ -43,7 +42,7 @@ class RunData:
   train_batches: Callable[[int], Iterator[dict[str, np.ndarray]]]  # Start step -> batches.
   eval_sets: dict[str, Callable[[], Iterable[dict[str, np.ndarray]]]]  # Source -> one pass.
   # Held-out document pieces of at most seq_len + 1 tokens (sft: (ids, loss weights) of examples).
-  held_out_pieces: Callable[[], Iterable[np.ndarray]]
+  held_out_pieces: Callable[[], Iterable[np.ndarray | tuple[np.ndarray, np.ndarray]]]
   labels: tuple[str, ...] = ()  # The classification objective's label set, in index order.
 
 
@@ -100,7 +99,7 @@ def build(
   """Prepares (or finishes, or reuses) the run's stores under `root`."""
   specs = source_specs(c)
   plans = []
-  for name, path, _ in specs:
+  for _, path, _ in specs:
     cs = _source_config(c, path, '')
     cs.data.fallback = c.data.fallback if not c.data.mixture else ''
     plans.append(prepare_lib.make_plan(cs, prepare_lib.input_files(cs, log)))
@@ -112,13 +111,13 @@ def build(
       prepare_lib.make_plan(
         _source_config(c, path, tokenizer_path), [sources.InputFile(*f) for f in plan['files']]
       )
-      for (_, path, _), plan in zip(specs, plans)
+      for (_, path, _), plan in zip(specs, plans, strict=True)
     ]
   total = sum(f[1] for plan in plans for f in plan['files'])
   workers = c.data.prepare_workers
   if workers < 0:
     workers = (os.cpu_count() or 1) if total > SMALL_CORPUS_BYTES else 0
-  for (name, _, _), plan in zip(specs, plans):
+  for (name, _, _), plan in zip(specs, plans, strict=True):
     out = _store_dir(root, name)
     _discard_if_stale(out, plan, has_checkpoints, process_count, log)
     prepare_lib.prepare_plan(
@@ -132,9 +131,14 @@ def _shared_tokenizer(
   """One tokenizer for a mixture: trained on each source's sample in proportion to its weight."""
   spec = plans[0]['tokenizer']
   shares = [int(spec['sample_mb'] * 1e6 * w / sum(weights)) for w in weights]
-  sample = lambda: (
-    t for plan, share in zip(plans, shares) for t in prepare_lib.tokenizer_sample(plan, share)
-  )
+
+  def sample() -> Iterator[str]:
+    return (
+      t
+      for plan, share in zip(plans, shares, strict=True)
+      for t in prepare_lib.tokenizer_sample(plan, share)
+    )
+
   prepare_lib.tokenizer_at(path, spec, sample, process_index, log)
 
 
@@ -189,7 +193,7 @@ def load(
   if c.tokenizer.path and c.data.prepared:
     log('tokenizer.path is ignored: a prepared store comes with its tokenizer')
   tok = tokenizer_lib.Tokenizer.load(stores[0].tokenizer_path)
-  for (name, _, _), store in zip(specs, stores):
+  for (name, _, _), store in zip(specs, stores, strict=True):
     with open(store.tokenizer_path, 'rb') as f:
       if f.read() != tok.model_proto:
         raise sources.DataError(
@@ -204,7 +208,7 @@ def load(
       pipeline.Windows(s.split('train'), seq_len, c.data.window_stride or seq_len),
       s.split('eval'),
     )
-    for (name, _, weight), s in zip(specs, stores)
+    for (name, _, weight), s in zip(specs, stores, strict=True)
   ]
   for source in run_sources:
     if not len(source.train) or source.eval.num_tokens < 2:
@@ -231,7 +235,7 @@ def load(
       run_sources, objectives, start_step=start, threads=c.data.worker_count, **where
     ),
     eval_sets={
-      s.name: (lambda s=s: pipeline.eval_batches(s.eval, objectives, seq_len=seq_len, **where))
+      s.name: functools.partial(pipeline.eval_batches, s.eval, objectives, seq_len=seq_len, **where)
       for s in run_sources
     },
     held_out_pieces=lambda: pipeline.held_out_pieces(run_sources[0].eval, seq_len),
@@ -239,7 +243,7 @@ def load(
 
 
 def _log_stores(specs, stores, tok, seq_len, run_sources, log) -> None:
-  for (name, _, weight), store, source in zip(specs, stores, run_sources):
+  for (name, _, weight), store, source in zip(specs, stores, run_sources, strict=True):
     s = store.manifest['splits']
     label = f'{name} (weight {weight:g}): ' if name else ''
     log(
@@ -315,6 +319,8 @@ def _most_frequent_answer(
   response has (in a bounded read of the first tokens)."""
   if split.labels is not None:
     return int(np.argmax(np.bincount(split.labels))) if len(split.labels) else 0
+  if split.weights is None:
+    raise ValueError(f'the {split.objective} split has neither labels nor loss weights')
   n = min(sample, len(split.tokens))
   tokens = np.asarray(split.tokens[:n])[np.asarray(split.weights[:n]) > 0]
   return int(np.argmax(np.bincount(tokens, minlength=tok.vocab_size)))

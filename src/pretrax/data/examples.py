@@ -30,10 +30,9 @@ import numpy as np
 
 from pretrax import tokenizer as tokenizer_lib
 from pretrax.data import prepare as prepare_lib
-from pretrax.data import records
-from pretrax.data.records import BadRecord, Fields
-from pretrax.data import sources
+from pretrax.data import records, sources
 from pretrax.data import store as store_lib
+from pretrax.data.records import BadRecord, Fields
 
 MAX_SEGMENTS = 64  # Classification: at most this many examples in a row (the head's pooling width).
 _TOKENIZER_SAMPLE_RECORDS = 200_000
@@ -244,6 +243,8 @@ class ExampleSplit:
     return np.asarray(self.tokens[self.offsets[i] : self.offsets[i + 1]], np.int32)
 
   def loss_weights(self, i: int) -> np.ndarray:
+    if self.weights is None:
+      raise ValueError(f'a {self.objective} split without tokens holds no loss weights')
     return np.asarray(self.weights[self.offsets[i] : self.offsets[i + 1]], np.float32)
 
 
@@ -305,6 +306,7 @@ def build_rows(split: ExampleSplit, rows: list[list[int]], seq_len: int) -> dict
         out['targets'][r, at : at + n] = ids[1 : n + 1]
         out['weights'][r, at : at + n] = split.loss_weights(i)[1 : n + 1]
       else:
+        assert split.labels is not None  # Every split but sft's is classification's: labelled.
         out['inputs'][r, at : at + n] = ids[:n]
         out['labels'][r, segment - 1] = split.labels[i]
         out['label_weights'][r, segment - 1] = 1.0

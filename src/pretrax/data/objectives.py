@@ -243,14 +243,16 @@ def uncorrupt(sequence: np.ndarray, prefix_length: int, sentinels: np.ndarray) -
   corrupted, targets = sequence[:prefix_length], sequence[prefix_length:]
   span_of = {int(s): i for i, s in enumerate(sentinels)}
   spans: dict[int, list[int]] = {}
-  current = None
+  current: int | None = None
   for t in targets.tolist():
     if t in span_of:
       current = span_of[t]
       spans[current] = []
+    elif current is None:
+      raise ValueError('span-corruption targets must start with a sentinel')
     else:
       spans[current].append(t)
-  out = []
+  out: list[int] = []
   for t in corrupted.tolist():
     out.extend(spans[span_of[t]] if t in span_of else [t])
   return np.array(out, np.int32)

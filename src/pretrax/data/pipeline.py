@@ -12,8 +12,8 @@ each EOS (attention never crosses a document), positions count from each documen
 the prediction across the boundary has no weight. The causal objective is built for a whole batch
 at once in NumPy; the others (objectives.py) build each document piece of a row, laid where it was.
 
-Batch keys, each (batch, seq_len): inputs, targets, segment_ids, positions, prefix, objective (int32)
-and weights (float32).
+Batch keys, each (batch, seq_len): inputs, targets, segment_ids, positions, prefix, objective
+(int32) and weights (float32).
 """
 
 from collections.abc import Iterator
@@ -86,7 +86,7 @@ def _pieces(window: np.ndarray) -> list[tuple[int, int]]:
   """(start, end) of each document piece of a window: up to and including its EOS."""
   ends = np.flatnonzero(window[:-1] == tokenizer_lib.EOS_ID) + 1
   bounds = [0, *ends.tolist(), len(window)]
-  return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+  return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
 def _fill_row(
@@ -134,7 +134,7 @@ def build_batch(
     return causal_rows(np.stack(windows), np.asarray(lengths))
   shape = (len(windows), len(windows[0]) - 1)
   out = {k: np.zeros(shape, np.float32 if k == 'weights' else np.int32) for k in BATCH_KEYS}
-  for row, (w, n, e, i) in enumerate(zip(windows, lengths, epochs, window_ids)):
+  for row, (w, n, e, i) in enumerate(zip(windows, lengths, epochs, window_ids, strict=True)):
     _fill_row(out, row, w, n, objectives, seed=seed, stream=stream, epoch=e, window_id=i)
   return out
 

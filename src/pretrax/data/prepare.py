@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import os
 import time
+from typing import Any
 
 import numpy as np
 
@@ -209,7 +210,8 @@ def encode_unit(
   return Encoded(tokens, doc_ends, docs.bad, docs.empty)
 
 
-_worker: tuple | None = None  # (tokenizer, reading, skip_bad) in a worker process.
+# (tokenizer, reading, skip_bad) in a worker process.
+_worker: tuple[tokenizer_lib.Tokenizer, sources.Reading, bool] | None = None
 
 
 def _start_worker(model_proto: bytes, reading: dict, skip_bad: bool) -> None:
@@ -218,6 +220,8 @@ def _start_worker(model_proto: bytes, reading: dict, skip_bad: bool) -> None:
 
 
 def _encode_in_worker(unit: sources.Unit) -> Encoded:
+  if _worker is None:
+    raise RuntimeError('_encode_in_worker runs only in a pool started with _start_worker')
   return encode_unit(unit, *_worker)
 
 
@@ -245,7 +249,9 @@ class Encoder:
       for meta, unit in items:
         yield meta, unit.size, encode_unit(unit, self.tok, self.reading, self.skip_bad, threads)
       return
-    pending = collections.deque()
+    pending: collections.deque[tuple[Any, int, multiprocessing.pool.AsyncResult[Encoded]]] = (
+      collections.deque()
+    )
     for meta, unit in items:
       pending.append((meta, unit.size, self.pool.apply_async(_encode_in_worker, (unit,))))
       while len(pending) >= 2 * self.workers:
@@ -270,7 +276,7 @@ def _marker(out_dir: str, name: str) -> str:
 
 def _done_parts(out_dir: str, group: int) -> list[dict]:
   """The parts of `group` marked done, in order (contiguous from 0)."""
-  done = []
+  done: list[dict] = []
   while os.path.exists(path := _marker(out_dir, store_lib.part_name(group, len(done)))):
     done.append(store_lib.read_json(path))
   return done
@@ -389,7 +395,7 @@ def tokenizer_sample(plan: dict, budget_bytes: int) -> Iterator[str]:
     taken = 0
     for unit in sources.file_units(files[i][0], reading, on_bad=(lambda _: None) if skip else None):
       docs = sources.decode_unit(unit, reading, skip_bad=skip)
-      for text, split in zip(docs.texts, docs.splits):
+      for text, split in zip(docs.texts, docs.splits, strict=True):
         if split == sources.TRAIN and taken < share:
           text = text[: share - taken]
           taken += len(text)

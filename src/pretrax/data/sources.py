@@ -9,8 +9,8 @@ Paths are local or on a bucket (`gs://`, through etils.epath / fsspec).
 
 The main process only reads bytes and cuts them into units at line (or separator) boundaries;
 `decode_unit`, which runs in the tokenizing workers, parses them into documents. A unit never holds
-more than a few MB, so nothing here grows with the corpus. Unit boundaries depend on the bytes alone,
-which makes everything downstream the same for any number of workers and hosts.
+more than a few MB, so nothing here grows with the corpus. Unit boundaries depend on the bytes
+alone, which makes everything downstream the same for any number of workers and hosts.
 
 Held-out documents are chosen by a hash of their text (so exact duplicates share a split), except in
 a corpus of a single text document, which is cut by position as nanoGPT cuts Tiny Shakespeare.
@@ -341,6 +341,7 @@ def _text_unit(
   """A block of a one-document file; with a position boundary, the piece before it is train (and
   ends that part of the document) and the rest held out."""
   b = r.position_boundary
+  pieces: tuple[tuple[int, bool, int], ...]
   if b and offset < b < offset + len(block):
     cut = _char_boundary(block, b - offset)
     pieces = ((cut, True, TRAIN), (len(block), ends_doc, EVAL))
@@ -449,6 +450,7 @@ def file_units(
   """The units of one file, in order. A truncated or corrupt compressed file raises DataError, or
   with `on_bad` is reported to it and ends there."""
   fmt, compression = file_format(path)
+  damage: tuple[type[Exception], ...] = (_Unreadable, *_read_errors())
   try:
     with _open_raw(path) as raw:
       if fmt == 'parquet':
@@ -458,7 +460,7 @@ def file_units(
         units = _jsonl_units(path, stream) if fmt == 'jsonl' else _text_units(path, stream, r)
       for unit in units:
         yield dataclasses.replace(unit, disk_end=raw.tell())
-  except (_Unreadable, *_read_errors()) as e:
+  except damage as e:
     what = 'truncated or corrupt' if compression else 'unreadable'
     message = (
       str(e)
@@ -501,6 +503,7 @@ def decode_unit(unit: Unit, r: Reading, skip_bad: bool) -> Documents:
   with `skip_bad` is counted and left out."""
   out = Documents([], [], [], [])
   if unit.kind == 'text':
+    assert isinstance(unit.payload, bytes)  # Text and JSONL units hold bytes, parquet ones a list.
     start = 0
     for end, ends_doc, split in unit.pieces:
       piece = unit.payload[start:end]
@@ -522,6 +525,7 @@ def decode_unit(unit: Unit, r: Reading, skip_bad: bool) -> Documents:
       _add(out, text, ends_doc, split, whole=False)
     return out
   if unit.kind == 'jsonl':
+    assert isinstance(unit.payload, bytes)
     lines = unit.payload.split(b'\n')
     for i, line in enumerate(lines):
       if line.strip():

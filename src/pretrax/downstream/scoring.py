@@ -223,7 +223,7 @@ def task_metrics(
   Ties go to the first choice. Choices are numbered 0..k-1 within each document.
   """
   docs: dict = collections.defaultdict(list)
-  for r, s in zip(requests, scores):
+  for r, s in zip(requests, scores, strict=True):
     docs[r.doc_id].append((r, s))
   right = right_norm = gold_greedy = chance = 0.0
   gold_nats = gold_bytes = 0.0
@@ -267,7 +267,7 @@ def score_by_task(
     windows = windows_of(tok, [r for t in tasks for r in t.requests], seq_len)
   scores = score_windows(model_def, params, windows, seq_len=seq_len, batch_tokens=batch_tokens)
   ends = np.cumsum([len(t.requests) for t in tasks])
-  return [scores[end - len(t.requests) : end] for t, end in zip(tasks, ends)]
+  return [scores[end - len(t.requests) : end] for t, end in zip(tasks, ends, strict=True)]
 
 
 def score_tasks(
@@ -285,4 +285,6 @@ def score_tasks(
   per_task = score_by_task(
     model_def, params, tok, tasks, seq_len=seq_len, batch_tokens=batch_tokens, windows=windows
   )
-  return {t.name: task_metrics(t.requests, scores) for t, scores in zip(tasks, per_task)}
+  return {
+    t.name: task_metrics(t.requests, scores) for t, scores in zip(tasks, per_task, strict=True)
+  }

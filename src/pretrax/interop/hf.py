@@ -20,6 +20,7 @@ Shape letters: V vocab, D embed, N query heads, K kv heads, H head dim, F mlp hi
 
 from collections.abc import Callable
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -30,13 +31,11 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
-from pretrax import checkpoint
+from pretrax import checkpoint, paths
 from pretrax import config as config_lib
-from pretrax import paths
 from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
-from pretrax.interop import hf_tokenizer
-from pretrax.interop import safetensors
+from pretrax.interop import hf_tokenizer, safetensors
 
 GPT2, LLAMA, XLMR = 'GPT2LMHeadModel', 'LlamaForCausalLM', 'XLMRobertaXLForMaskedLM'
 DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16)}
@@ -156,7 +155,10 @@ def hf_config(m: config_lib.ModelConfig, arch: str, dtype: str) -> dict[str, Any
 def model_fields(hf: dict[str, Any]) -> dict[str, Any]:
   """Our model config's fields (by `pretrax.config.ModelConfig` name) implied by a config.json."""
   arch = (hf.get('architectures') or [None])[0]
-  get = lambda key, default=None: hf.get(key, default)
+
+  def get(key: str, default: Any = None) -> Any:
+    return hf.get(key, default)
+
   if arch == GPT2:
     D = get('n_embd')
     return dict(
@@ -318,7 +320,10 @@ def tensor_map(m: config_lib.ModelConfig, arch: str) -> list[Tensor]:
 def _gpt2_tensors(m: config_lib.ModelConfig) -> list[Tensor]:
   """GPT2LMHeadModel: fused q/k/v, Conv1D (in, out) weights."""
   V, D, N, H, F, P = m.vocab_size, m.embed_dim, m.num_heads, m.head_dim, m.mlp_dim, m.max_len
-  bias = lambda path: path if m.use_bias else None
+
+  def bias(path: str) -> str | None:
+    return path if m.use_bias else None
+
   norm_bias = (lambda path: path) if m.flavour == 'gpt2' and m.use_bias else (lambda path: None)
   out = []
   out += [
@@ -401,7 +406,10 @@ def _llama_tensors(m: config_lib.ModelConfig) -> list[Tensor]:
 def _roberta_tensors(m: config_lib.ModelConfig) -> list[Tensor]:
   """RobertaForMaskedLM: the encoder and its masked-LM head."""
   V, D, N, H, F, P = m.vocab_size, m.embed_dim, m.num_heads, m.head_dim, m.mlp_dim, m.max_len
-  bias = lambda path: path if m.use_bias else None
+
+  def bias(path: str) -> str | None:
+    return path if m.use_bias else None
+
   norm_bias = (lambda path: path) if m.flavour == 'gpt2' and m.use_bias else (lambda path: None)
   out = []
   r = 'roberta.embeddings'
@@ -498,7 +506,9 @@ class CheckpointParams:
 
   def read(self, path: str) -> np.ndarray:
     keys, _, expected = self._leaves[path]
-    item = restore_args = None
+    # The same nesting as the saved tree, down to this one leaf.
+    item: dict[str, Any] | None = None
+    restore_args: dict[str, Any] | None = None
     for key in reversed(keys):
       item = {key: 0 if item is None else item}
       restore_args = {
@@ -591,12 +601,14 @@ def export(
   target = np.dtype(DTYPES[dtype])
 
   def compute(t: Tensor) -> np.ndarray:
-    if all(s is None for s in t.sources):
+    # A tensor's sources are all ours or all None (a bias the model does not have): no mix.
+    sources = [s for s in t.sources if s is not None]
+    if not sources:
       return np.zeros(t.shape, target)
-    return t.to_hf(*(params.read(s).astype(np.float32) for s in t.sources)).astype(target)
+    return t.to_hf(*(params.read(s).astype(np.float32) for s in sources)).astype(target)
 
   specs = [
-    safetensors.TensorSpec(t.name, t.shape, target, lambda t=t: compute(t))
+    safetensors.TensorSpec(t.name, t.shape, target, functools.partial(compute, t))
     for t in tensor_map(m, arch)
   ]
   parent = os.path.dirname(os.path.abspath(out_dir))
@@ -739,7 +751,7 @@ def _read_values(
     if all(s is None for s in t.sources):
       _zero_or_refuse(t.name, y, hf_dir)
       continue
-    for source, part in zip(t.sources, t.from_hf(y)):
+    for source, part in zip(t.sources, t.from_hf(y), strict=True):
       if source is None:
         _zero_or_refuse(t.name, part, hf_dir)
       else:
@@ -769,7 +781,8 @@ def _write_step_zero(
       f'the configured model has parameters no tensor of {hf_dir} fills: {", ".join(missing[:5])}.'
     )
   leaves = [
-    jax.device_put(values[name].astype(a.dtype), a.sharding) for name, (_, a) in zip(names, flat)
+    jax.device_put(values[name].astype(a.dtype), a.sharding)
+    for name, (_, a) in zip(names, flat, strict=True)
   ]
   state = run.state_from(jax.tree_util.tree_unflatten(treedef, leaves))
   if not paths.is_remote(workdir):

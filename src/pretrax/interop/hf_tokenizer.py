@@ -14,11 +14,15 @@ unigram model may split a word differently where two segmentations score exactly
 
 import json
 import os
+from typing import Any
 
-from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+from sentencepiece import sentencepiece_model_pb2
 
 from pretrax import tokenizer as tokenizer_lib
 
+# protoc's generated module builds its message classes at import time and ships no stubs, so mypy
+# sees none of them: typed Any once here rather than ignored at each use.
+sp_pb2: Any = sentencepiece_model_pb2
 SENTENCEPIECE_FILE = 'tokenizer.model'
 _Piece = sp_pb2.ModelProto.SentencePiece
 

@@ -42,7 +42,8 @@ class TensorSpec:
 
 
 def _shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
-  shards, size = [[]], 0
+  shards: list[list[TensorSpec]] = [[]]
+  size = 0
   for spec in specs:
     if shards[-1] and size + spec.nbytes > max_shard_bytes:
       shards.append([])
@@ -53,7 +54,8 @@ def _shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSp
 
 
 def _write_file(path: str, specs: list[TensorSpec], metadata: dict[str, str]) -> None:
-  header, offset = {'__metadata__': metadata}, 0
+  header: dict[str, object] = {'__metadata__': metadata}
+  offset = 0
   for spec in specs:
     header[spec.name] = {
       'dtype': _TO_NAME[spec.dtype],
@@ -83,7 +85,7 @@ def write(out_dir: str, specs: list[TensorSpec], *, max_shard_bytes: int) -> lis
     return [SINGLE_FILE]
   names = [f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors' for i in range(len(shards))]
   weight_map = {}
-  for name, shard in zip(names, shards):
+  for name, shard in zip(names, shards, strict=True):
     _write_file(os.path.join(out_dir, name), shard, metadata)
     weight_map.update({spec.name: name for spec in shard})
   index = {'metadata': {'total_size': sum(s.nbytes for s in specs)}, 'weight_map': weight_map}

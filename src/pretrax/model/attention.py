@@ -27,6 +27,7 @@ Backends (`backend=`, from `model.attention_backend`; 'auto' picks by platform):
 A fallback is logged once per reason. Tests hold every backend to the 'xla' values and gradients.
 """
 
+from collections.abc import Callable
 import functools
 import logging
 import re
@@ -66,7 +67,10 @@ def resolve_backend(backend: str, platform: str) -> str:
 
 def _compute_capability() -> tuple[int, int] | None:
   capability = getattr(jax.devices()[0], 'compute_capability', None)
-  return tuple(int(x) for x in capability.split('.')[:2]) if capability else None
+  if not capability:
+    return None
+  major, minor = capability.split('.')[:2]  # e.g. '9.0'
+  return int(major), int(minor)
 
 
 def cudnn_unsupported_reason(
@@ -337,7 +341,7 @@ def _cudnn(
   max_segments: int,
 ) -> jax.Array:
   """cuDNN without a mask where the rows allow (`cudnn_kernel`), else with a dense one."""
-  dense = functools.partial(
+  dense: Callable[[], jax.Array] = functools.partial(
     _cudnn_dense, q_BTNH, k_BSKH, v_BSKH, segment_ids_BT, causal=causal, prefix_BT=prefix_BT
   )
   reason = cudnn_packed_unsupported_reason(

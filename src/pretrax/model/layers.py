@@ -19,14 +19,17 @@ import jax.numpy as jnp
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
-# Logical names -> a jax.sharding.Sharding, set while a sharded step is traced; None: unsharded.
-_ACTIVATION_SHARDING: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+# Logical names -> their sharding on the step's mesh (sharding.activation_sharding).
+ToSharding = Callable[[tuple[str, ...]], jax.sharding.NamedSharding]
+
+# Set while a sharded step is traced; None: unsharded.
+_ACTIVATION_SHARDING: contextvars.ContextVar[ToSharding | None] = contextvars.ContextVar(
   'activation_sharding', default=None
 )
 
 
 @contextlib.contextmanager
-def activation_sharding(to_sharding: Callable[[tuple[str, ...]], object] | None) -> Iterator[None]:
+def activation_sharding(to_sharding: ToSharding | None) -> Iterator[None]:
   """While a model is traced inside, `constrain` pins activations to `to_sharding(names)`."""
   token = _ACTIVATION_SHARDING.set(to_sharding)
   try:
@@ -35,7 +38,7 @@ def activation_sharding(to_sharding: Callable[[tuple[str, ...]], object] | None)
     _ACTIVATION_SHARDING.reset(token)
 
 
-def current_activation_sharding() -> Callable[[tuple[str, ...]], object] | None:
+def current_activation_sharding() -> ToSharding | None:
   """The logical names -> sharding map of the step being traced; None when nothing is sharded."""
   return _ACTIVATION_SHARDING.get()
 
@@ -215,11 +218,13 @@ class Mlp(nnx.Module):
     self.bo = param(rngs, zeros, (D,), ('embed',), param_dtype) if use_bias else None
 
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
-    cast = lambda p: p[...].astype(self.dtype)
+    def cast(p: nnx.Param) -> jax.Array:
+      return p[...].astype(self.dtype)
+
     h_BLF = dense(x_BLD, cast(self.wi))
     if self.bi is not None:
       h_BLF = h_BLF + cast(self.bi)
-    if self.gated:
+    if self.wi_gate is not None:  # Built when gated (SwiGLU).
       gate_BLF = dense(x_BLD, cast(self.wi_gate))
       if self.bi_gate is not None:
         gate_BLF = gate_BLF + cast(self.bi_gate)

@@ -56,10 +56,16 @@ class Attention(nnx.Module):
       rngs, layers.normal(out_std), (N, H, D), ('heads', 'head_dim', 'embed'), pdt
     )
     if cfg.use_bias:
-      self.q_bias = layers.param(rngs, layers.zeros, (N, H), ('heads', 'head_dim'), pdt)
-      self.k_bias = layers.param(rngs, layers.zeros, (K, H), ('kv_heads', 'head_dim'), pdt)
-      self.v_bias = layers.param(rngs, layers.zeros, (K, H), ('kv_heads', 'head_dim'), pdt)
-      self.o_bias = layers.param(rngs, layers.zeros, (D,), ('embed',), pdt)
+      self.q_bias: nnx.Param | None = layers.param(
+        rngs, layers.zeros, (N, H), ('heads', 'head_dim'), pdt
+      )
+      self.k_bias: nnx.Param | None = layers.param(
+        rngs, layers.zeros, (K, H), ('kv_heads', 'head_dim'), pdt
+      )
+      self.v_bias: nnx.Param | None = layers.param(
+        rngs, layers.zeros, (K, H), ('kv_heads', 'head_dim'), pdt
+      )
+      self.o_bias: nnx.Param | None = layers.param(rngs, layers.zeros, (D,), ('embed',), pdt)
     else:
       self.q_bias = self.k_bias = self.v_bias = self.o_bias = None
 
@@ -71,16 +77,19 @@ class Attention(nnx.Module):
     prefix_BL: jax.Array | None,
   ) -> jax.Array:
     cfg = self.cfg
-    cast = lambda p: p[...].astype(cfg.dtype)
+
+    def cast(p: nnx.Param) -> jax.Array:
+      return p[...].astype(cfg.dtype)
+
     q_BLNH = jnp.einsum('BLD,DNH->BLNH', x_BLD, cast(self.q))
     k_BLKH = jnp.einsum('BLD,DKH->BLKH', x_BLD, cast(self.k))
     v_BLKH = jnp.einsum('BLD,DKH->BLKH', x_BLD, cast(self.v))
     if self.q_bias is not None:
-      q_BLNH, k_BLKH, v_BLKH = (
-        q_BLNH + cast(self.q_bias),
-        k_BLKH + cast(self.k_bias),
-        v_BLKH + cast(self.v_bias),
-      )
+      q_BLNH = q_BLNH + cast(self.q_bias)
+    if self.k_bias is not None:
+      k_BLKH = k_BLKH + cast(self.k_bias)
+    if self.v_bias is not None:
+      v_BLKH = v_BLKH + cast(self.v_bias)
     if cfg.flavour == 'llama':
       q_BLNH = layers.rope(q_BLNH, positions_BL, cfg.rope_theta)
       k_BLKH = layers.rope(k_BLKH, positions_BL, cfg.rope_theta)
@@ -148,7 +157,7 @@ class Transformer(nnx.Module):
       cfg.vocab_size, cfg.embed_dim, std=cfg.init_std, param_dtype=pdt, dtype=dt, rngs=rngs
     )
     if cfg.flavour == 'gpt2':
-      self.pos_embed = layers.param(
+      self.pos_embed: nnx.Param | None = layers.param(
         rngs, layers.normal(cfg.init_std), (cfg.max_len, cfg.embed_dim), ('position', 'embed'), pdt
       )
     else:
@@ -163,23 +172,29 @@ class Transformer(nnx.Module):
       )
     if cfg.mlm_head:
       D = cfg.embed_dim
-      self.mlm_dense = layers.param(
+      self.mlm_dense: nnx.Param | None = layers.param(
         rngs, layers.normal(cfg.init_std), (D, D), ('embed', 'mlp'), pdt
       )
-      self.mlm_dense_bias = layers.param(rngs, layers.zeros, (D,), ('mlp',), pdt)
-      self.mlm_norm = _norm(cfg, rngs)
-      self.mlm_bias = layers.param(rngs, layers.zeros, (cfg.vocab_size,), ('vocab',), pdt)
+      self.mlm_dense_bias: nnx.Param | None = layers.param(rngs, layers.zeros, (D,), ('mlp',), pdt)
+      self.mlm_norm: nnx.Module | None = _norm(cfg, rngs)
+      self.mlm_bias: nnx.Param | None = layers.param(
+        rngs, layers.zeros, (cfg.vocab_size,), ('vocab',), pdt
+      )
     else:
       self.mlm_dense = self.mlm_dense_bias = self.mlm_norm = self.mlm_bias = None
     if cfg.num_classes:
       # BERT's pooler (dense + tanh) and a linear classifier, over the mean of a segment's states.
       D, C = cfg.embed_dim, cfg.num_classes
-      self.pooler = layers.param(rngs, layers.normal(cfg.init_std), (D, D), ('embed', 'mlp'), pdt)
-      self.pooler_bias = layers.param(rngs, layers.zeros, (D,), ('mlp',), pdt)
-      self.classifier = layers.param(
+      self.pooler: nnx.Param | None = layers.param(
+        rngs, layers.normal(cfg.init_std), (D, D), ('embed', 'mlp'), pdt
+      )
+      self.pooler_bias: nnx.Param | None = layers.param(rngs, layers.zeros, (D,), ('mlp',), pdt)
+      self.classifier: nnx.Param | None = layers.param(
         rngs, layers.normal(cfg.init_std), (D, C), ('mlp', 'classes'), pdt
       )
-      self.classifier_bias = layers.param(rngs, layers.zeros, (C,), ('classes',), pdt)
+      self.classifier_bias: nnx.Param | None = layers.param(
+        rngs, layers.zeros, (C,), ('classes',), pdt
+      )
     else:
       self.pooler = self.pooler_bias = self.classifier = self.classifier_bias = None
 
@@ -265,8 +280,8 @@ class Transformer(nnx.Module):
   def head_input(self, x_BLD: jax.Array) -> jax.Array:
     """What the output projection reads: the final states, or BERT's transform of them."""
     cfg = self.cfg
-    if self.mlm_dense is None:
-      return x_BLD
+    if self.mlm_dense is None or self.mlm_dense_bias is None or self.mlm_norm is None:
+      return x_BLD  # No masked-LM head (cfg.mlm_head builds all three of its parts).
     h_BLD = layers.dense(x_BLD, self.mlm_dense[...].astype(cfg.dtype))
     # Exact (erf) GELU, as BERT's and RoBERTa's heads, so that the head exports exactly.
     h_BLD = jax.nn.gelu(h_BLD + self.mlm_dense_bias[...].astype(cfg.dtype), approximate=False)
@@ -293,20 +308,23 @@ class Transformer(nnx.Module):
     """Float32 class logits (B, S, C) of segments 1..S of each row (packed examples): the mean of
     each segment's final states, pooled. A segment absent from a row gets the bias's logits."""
     cfg = self.cfg
+    pooler, pooler_bias = self.pooler, self.pooler_bias
+    classifier, classifier_bias = self.classifier, self.classifier_bias
+    if pooler is None or pooler_bias is None or classifier is None or classifier_bias is None:
+      raise ValueError('classify needs a classifier head: build the model with num_classes > 0.')
     x_BLD = self.states(ids_BL, segment_ids_BL, positions_BL, dropout_rng=dropout_rng)
     # member_BLS[b, l, s]: token l of row b belongs to segment s + 1 (0 is padding).
     member_BLS = (segment_ids_BL[..., None] == jnp.arange(1, num_segments + 1)).astype(cfg.dtype)
     count_BS = jnp.maximum(jnp.sum(member_BLS, axis=1), 1.0)
     mean_BSD = jnp.einsum('BLS,BLD->BSD', member_BLS, x_BLD) / count_BS[..., None]
     pooled_BSD = jnp.tanh(
-      layers.dense(mean_BSD, self.pooler[...].astype(cfg.dtype))
-      + self.pooler_bias[...].astype(cfg.dtype)
+      layers.dense(mean_BSD, pooler[...].astype(cfg.dtype)) + pooler_bias[...].astype(cfg.dtype)
     )
     pooled_BSD = layers.dropout(
       pooled_BSD, cfg.dropout, None if dropout_rng is None else jax.random.fold_in(dropout_rng, 0)
     )
-    logits_BSC = layers.dense(pooled_BSD, self.classifier[...].astype(cfg.dtype))
-    return (logits_BSC + self.classifier_bias[...].astype(cfg.dtype)).astype(jnp.float32)
+    logits_BSC = layers.dense(pooled_BSD, classifier[...].astype(cfg.dtype))
+    return (logits_BSC + classifier_bias[...].astype(cfg.dtype)).astype(jnp.float32)
 
 
 # What each block keeps for the backward pass; the rest is recomputed. Matmuls over flattened
