@@ -28,7 +28,10 @@ def _one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> Non
 @pytest.mark.parametrize(
   'override,fragments',
   [
-    ('--config.model.num_layrs=3', ('--config.model.num_layrs', 'did you mean "num_layers"')),
+    ('--config.model.num_layrs=3', ('--config.model.num_layrs', 'did you mean model.num_layers')),
+    # A field in the wrong section is named too, with the nearest whole names.
+    ('--config.eval.every=4', ('--config.eval.every names no config field', 'eval_every')),
+    ('--config.optim.sed=4', ('--config.optim.sed names no config field', 'did you mean seed?')),
     ('--config.model.num_layers=three', ('--config.model.num_layers', 'three')),
     ('--config.data.path=/no/such/file.txt', ('data.path', '/no/such/file.txt')),
   ],

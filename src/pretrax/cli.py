@@ -420,14 +420,26 @@ COMMANDS = {
 }
 
 
-def _unknown_key_message(argv: list[str], error: Exception) -> str:
-  text = str(error).strip('"\'').replace('\\n', ' ').replace("\\'", "'")
-  name = text.split("'")[1] if text.count("'") >= 2 else ''
-  overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
-  culprit = next((a for a in overrides if name in a.split('.')[1:]), None)
-  hint = text.split('Did you mean', 1)
-  fix = f'did you mean{hint[1]}' if len(hint) > 1 else 'see the config file for valid keys.'
-  return f'{culprit or "a --config override"} names no config field; {fix}'
+def _unknown_key_message(argv: list[str], spec: str | None, error: Exception) -> str:
+  """The first --config override that names no field of the config, with the nearest fields."""
+  from pretrax import config as config_lib
+
+  try:
+    path, _, arg = (spec or '').partition(':')
+    c = config_lib.load(path, arg or None) if path else config_lib.base_config()
+  except Exception:  # The error being reported is the override; the file was checked before.
+    c = config_lib.base_config()
+  fields = set(config_lib.field_names(c))
+  for override in argv:
+    key = override.split('=', 1)[0].removeprefix('--config.')
+    if override.startswith('--config.') and key not in fields:
+      near = config_lib.nearest_fields(c, key)
+      fix = f'did you mean {" or ".join(near)}?' if near else 'see --print_config for every field.'
+      return f'--config.{key} names no config field; {fix}'
+  detail = ' '.join(str(error).split())
+  return (
+    f'a --config override names no config field ({detail}): see --print_config for every field.'
+  )
 
 
 def _fail(command: str, message: str) -> None:
@@ -553,7 +565,7 @@ def _parse(command: str, argv: list[str]) -> None:
   except flags.Error as e:
     _fail(command, _flag_error_message(str(e), spec))
   except (AttributeError, KeyError) as e:  # ml_collections: an override names no config field.
-    _fail(command, _unknown_key_message(argv, e))
+    _fail(command, _unknown_key_message(argv, spec, e))
   except Exception as e:  # get_config itself failed (a bad variant argument, say).
     _fail(
       command, f'--config={spec}: get_config failed: {type(e).__name__}: {" ".join(str(e).split())}'

@@ -6,6 +6,7 @@ only happen in one place and is caught by the locked ConfigDict.
 """
 
 import dataclasses
+import difflib
 import importlib.util
 import inspect
 import io
@@ -79,6 +80,33 @@ def field_comments() -> dict[str, str]:
     comments[match.group(1)] = ' '.join(above + ([inline] if inline else []))
     above = []
   return comments
+
+
+def field_names(c: ml_collections.ConfigDict) -> list[str]:
+  """Every field of `c` as `--config.` names it ('optim.lr'), its sections too ('optim')."""
+  names = []
+  for key in c.keys():
+    names.append(key)
+    if isinstance(c[key], ml_collections.ConfigDict):
+      names += [f'{key}.{name}' for name in field_names(c[key])]
+  return names
+
+
+def nearest_fields(c: ml_collections.ConfigDict, name: str, count: int = 3) -> list[str]:
+  """The fields of `c` most like `name`: the fix for a mistyped override. First those of `name`'s
+  section with a last part like its own ('optim.lrr' -> 'optim.lr'), then whole names alike
+  ('eval.every' -> 'eval_every'), then like last parts in other sections ('optim.sed' -> 'seed')."""
+  fields = field_names(c)
+  section, _, last = name.rpartition('.')
+  lasts = [f.rpartition('.')[2] for f in fields]
+  near_lasts = difflib.get_close_matches(last, lasts, n=count, cutoff=0.75)
+  by_last = sorted(
+    (f for f, f_last in zip(fields, lasts, strict=True) if f_last in near_lasts),
+    key=lambda f: near_lasts.index(f.rpartition('.')[2]),
+  )
+  same_section = [f for f in by_last if f.rpartition('.')[0] == section]
+  by_whole = difflib.get_close_matches(name, fields, n=count, cutoff=0.8)
+  return list(dict.fromkeys(same_section + by_whole + by_last))[:count]
 
 
 def describe(c: ml_collections.ConfigDict) -> str:
