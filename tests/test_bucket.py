@@ -25,7 +25,7 @@ import pytest
 
 from conftest import PEAK_FLOPS_ARG, REPO, load_config, run_cli
 from pretrax import faults, metrics, sample, train
-from pretrax.interop import hf
+from pretrax.interop import hf_export, hf_import
 
 BUCKET = 'pretrax-test'
 
@@ -109,7 +109,7 @@ def test_a_bucket_run_is_locked_stops_resumes_and_matches_a_local_run(
 
   assert greedy(workdir) == greedy(local)
   for run in (local, workdir):
-    hf.export(str(run), str(tmp_path / f'hf_{run is local}'), log=lambda _: None)
+    hf_export.export(str(run), str(tmp_path / f'hf_{run is local}'), log=lambda _: None)
 
   def exported(name):
     return (tmp_path / name / 'model.safetensors').read_bytes()
@@ -117,7 +117,7 @@ def test_a_bucket_run_is_locked_stops_resumes_and_matches_a_local_run(
   assert exported('hf_True') == exported('hf_False')
   c = load_config('tiny')
   c.data.path, c.data.fallback = corpus_path, ''
-  hf.import_model(str(tmp_path / 'hf_False'), c, f'{gcs}/imported', log=lambda _: None)
+  hf_import.import_model(str(tmp_path / 'hf_False'), c, f'{gcs}/imported', log=lambda _: None)
   assert epath.Path(f'{gcs}/imported/checkpoints/0/commit_success.txt').exists()
   assert (
     epath.Path(f'{gcs}/imported/tokenizer.model').read_bytes()

@@ -489,10 +489,10 @@ def test_logliks_equal_transformers_on_the_exported_checkpoint(model, workdir, t
   from conftest import require
 
   torch, transformers = require('torch'), require('transformers')
-  from pretrax.interop import hf
+  from pretrax.interop import hf_export
 
   out = str(tmp_path / 'hf')
-  hf.export(workdir, out, log=lambda _: None)
+  hf_export.export(workdir, out, log=lambda _: None)
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   hf_tok = transformers.AutoTokenizer.from_pretrained(out)
   # Cuts inside words too, where BPE merges across the boundary (either corpus's).

@@ -240,12 +240,12 @@ def test_init_from_takes_the_parameters_adds_a_fresh_head_and_names_mismatches(t
 
 
 def test_init_from_a_hugging_face_directory(tmp_path, records):
-  from pretrax.interop import hf
+  from pretrax.interop import hf_export
 
   tok = tokenizer_lib.Tokenizer.load(records['tokenizer'])
   c = _config('causal_lm', records['qa'], '')
   source = _flat(_saved_run(c, tok, str(tmp_path / 'run')))
-  hf.export(str(tmp_path / 'run'), str(tmp_path / 'hf'), log=lambda _: None)
+  hf_export.export(str(tmp_path / 'run'), str(tmp_path / 'hf'), log=lambda _: None)
   c.objective, c.init_from = 'sft', str(tmp_path / 'hf')
   assert saved_run.source_tokenizer(c.init_from) == str(tmp_path / 'hf' / 'tokenizer.model')
   said = []

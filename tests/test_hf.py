@@ -19,7 +19,7 @@ from conftest import load_config, require
 from pretrax import checkpoint
 from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
-from pretrax.interop import hf, hf_tokenizer
+from pretrax.interop import hf_arch, hf_export, hf_import, hf_tokenizer
 
 # Text that trips tokenizers up: runs of spaces, tabs, newlines, bytes never seen in training,
 # a literal '▁', emoji, CJK, control characters, a byte-order mark.
@@ -117,10 +117,12 @@ def test_export_matches_transformers_and_imports_back(tmp_path, corpus_path, cha
   c = _config(name, corpus_path)
   run, params = _random_run(c, char_tokenizer, str(tmp_path / 'run'))
   out = str(tmp_path / 'hf')
-  arch = hf.export(str(tmp_path / 'run'), out, log=lambda _: None)
-  assert arch == {'encoder': hf.XLMR, 'llama_gqa': hf.LLAMA, 'llama_bias_untied': hf.LLAMA}.get(
-    name, hf.GPT2
-  )
+  arch = hf_export.export(str(tmp_path / 'run'), out, log=lambda _: None)
+  assert arch == {
+    'encoder': hf_arch.XLMR,
+    'llama_gqa': hf_arch.LLAMA,
+    'llama_bias_untied': hf_arch.LLAMA,
+  }.get(name, hf_arch.GPT2)
 
   model = _hf_class(arch).from_pretrained(out).eval()
   tok = _hf_class('AutoTokenizer').from_pretrained(out)
@@ -133,7 +135,7 @@ def test_export_matches_transformers_and_imports_back(tmp_path, corpus_path, cha
   assert np.abs(ours - theirs).max() < 1e-4, np.abs(ours - theirs).max()
 
   # Export -> import gives back the same parameters, bit for bit.
-  imported = hf.import_model(out, c, str(tmp_path / 'imported'), log=lambda _: None)
+  imported = hf_import.import_model(out, c, str(tmp_path / 'imported'), log=lambda _: None)
   flat = {
     state_lib.param_path(k): np.asarray(v)
     for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
@@ -147,7 +149,7 @@ def test_bfloat16_and_sharded_export(tmp_path, corpus_path, char_tokenizer):
   c = _config('llama_gqa', corpus_path)
   run, params = _random_run(c, char_tokenizer, str(tmp_path / 'run'))
   out = str(tmp_path / 'hf')
-  hf.export(
+  hf_export.export(
     str(tmp_path / 'run'), out, dtype='bfloat16', max_shard_bytes=20_000, log=lambda _: None
   )
   with open(os.path.join(out, 'model.safetensors.index.json')) as f:
@@ -174,7 +176,7 @@ HF_MODELS = {
       n_head=2,
       n_inner=96,
       activation_function='gelu_new',
-      architectures=[hf.GPT2],
+      architectures=[hf_arch.GPT2],
     ),
   ),
   'llama': (
@@ -192,7 +194,7 @@ HF_MODELS = {
       attention_bias=True,
       mlp_bias=True,
       tie_word_embeddings=False,
-      architectures=[hf.LLAMA],
+      architectures=[hf_arch.LLAMA],
     ),
   ),
   'xlmr': (
@@ -207,7 +209,7 @@ HF_MODELS = {
       hidden_act='gelu_new',
       max_position_embeddings=25,
       pad_token_id=0,
-      architectures=[hf.XLMR],
+      architectures=[hf_arch.XLMR],
     ),
   ),
 }
@@ -230,7 +232,9 @@ def test_import_matches_a_transformers_model(tmp_path, corpus_path, name):
   arg, overrides, _ = HF_MODELS[name]
   c = _config(None, corpus_path, arg, dict(overrides, **{'model.vocab_size': 72}))
   model = _transformers_model(name, 72, str(tmp_path / 'hf'))
-  params = hf.import_model(str(tmp_path / 'hf'), c, str(tmp_path / 'run'), log=lambda _: None)
+  params = hf_import.import_model(
+    str(tmp_path / 'hf'), c, str(tmp_path / 'run'), log=lambda _: None
+  )
   run = state_lib.build(c, 72)
   mngr = checkpoint.manager(str(tmp_path / 'run'), read_only=True)
   assert mngr.latest_step() == 0
@@ -248,8 +252,8 @@ def test_import_names_every_mismatch(tmp_path, corpus_path):
   _transformers_model('gpt2', 72, str(tmp_path / 'hf'))
   c = load_config('tiny', 'llama')
   c.model.vocab_size, c.model.num_layers = 72, 3
-  with pytest.raises(hf.ConversionError) as e:
-    hf.import_model(str(tmp_path / 'hf'), c, str(tmp_path / 'run'))
+  with pytest.raises(hf_arch.ConversionError) as e:
+    hf_import.import_model(str(tmp_path / 'hf'), c, str(tmp_path / 'run'))
   message = str(e.value)
   for fragment in (
     "model.flavour='llama' but config.json's GPT2LMHeadModel means flavour='gpt2'",
@@ -259,8 +263,10 @@ def test_import_names_every_mismatch(tmp_path, corpus_path):
     assert fragment in message, message
   # Matching shapes, but biases the configured model lacks: refused, not dropped.
   c = _config(None, corpus_path, None, {'model.vocab_size': 72})
-  with pytest.raises(hf.ConversionError, match=r'transformer\.h\.0\..*bias is not zero.*use_bias'):
-    hf.import_model(str(tmp_path / 'hf'), c, str(tmp_path / 'run'))
+  with pytest.raises(
+    hf_arch.ConversionError, match=r'transformer\.h\.0\..*bias is not zero.*use_bias'
+  ):
+    hf_import.import_model(str(tmp_path / 'hf'), c, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
 
 
@@ -278,8 +284,8 @@ def test_export_refuses_what_the_target_cannot_express(
   c = _config('gpt2', corpus_path)
   _override(c, overrides)
   _random_run(c, char_tokenizer, str(tmp_path / 'run'))
-  with pytest.raises(hf.ConversionError, match=reason):
-    hf.export(str(tmp_path / 'run'), str(tmp_path / 'hf'))
+  with pytest.raises(hf_arch.ConversionError, match=reason):
+    hf_export.export(str(tmp_path / 'run'), str(tmp_path / 'hf'))
   assert not os.path.exists(tmp_path / 'hf')
 
 
@@ -298,8 +304,8 @@ def test_a_damaged_checkpoint_is_not_exported(tmp_path, corpus_path, char_tokeni
     for i in range(len(data) // 16, len(data), len(data) // 8 or 1):
       data[i] ^= 0xFF
     open(path, 'wb').write(bytes(data))
-  with pytest.raises((checkpoint.CheckpointError, hf.ConversionError)):
-    hf.export(str(tmp_path / 'run'), str(tmp_path / 'hf'))
+  with pytest.raises((checkpoint.CheckpointError, hf_arch.ConversionError)):
+    hf_export.export(str(tmp_path / 'run'), str(tmp_path / 'hf'))
   assert not os.path.exists(tmp_path / 'hf')
 
 

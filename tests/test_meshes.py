@@ -139,10 +139,10 @@ def test_export_a_2x2x2_checkpoint_to_transformers(runs, tmp_path):
   from pretrax import checkpoint
   from pretrax import state as state_lib
   from pretrax import tokenizer as tokenizer_lib
-  from pretrax.interop import hf
+  from pretrax.interop import hf_export
 
   workdir = str(runs[(2, 2, 2)])
-  hf.export(workdir, str(tmp_path / 'hf'), log=lambda _: None)
+  hf_export.export(workdir, str(tmp_path / 'hf'), log=lambda _: None)
   model = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / 'hf')).eval()
 
   mngr = checkpoint.manager(workdir, read_only=True)

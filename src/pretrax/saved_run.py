@@ -135,9 +135,9 @@ def _source_values(c: ml_collections.ConfigDict) -> tuple[dict[str, Any], str]:
   """The parameters `init_from` names, by path, and a description of where they come from."""
   path, step = config_lib.init_source(c.init_from)
   if _is_hf_dir(path):
-    from pretrax.interop import hf  # Local: only a Hugging Face start needs the converter.
+    from pretrax.interop import hf_import  # Local: only a Hugging Face start needs the converter.
 
-    values, _ = hf.read_params(path, c)
+    values, _ = hf_import.read_params(path, c)
     return values, f'{path} (Hugging Face)'
   if not paths.path(checkpoint.directory(path)).exists():
     raise FileNotFoundError(

@@ -1,0 +1,202 @@
+"""Export: a pretrax checkpoint as a transformers model directory with its tokenizer.
+
+The parameters are restored one at a time (each checked against the checkpoint's fingerprint),
+mapped by `hf_tensors` and written by `safetensors` one tensor at a time, so an export never holds
+the whole model; the directory appears whole or not at all.
+"""
+
+from collections.abc import Callable
+import functools
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import ml_collections
+import ml_dtypes
+import numpy as np
+
+from pretrax import checkpoint, paths
+from pretrax import config as config_lib
+from pretrax import state as state_lib
+from pretrax.interop import hf_arch, hf_tensors, hf_tokenizer, safetensors
+
+DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16)}
+
+
+# ---------------------------------------------------------------------------------------------
+# A checkpoint's parameters, read one at a time.
+
+
+def _bit_sum(x: np.ndarray) -> int:
+  """checkpoint.fingerprint's sum for one array, on the host."""
+  width = {1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize]
+  return int(np.sum(np.ascontiguousarray(x).view(width), dtype=np.uint64) % 2**32)
+
+
+class CheckpointParams:
+  """The parameters of one saved train state, each restored on its own (as a host array) and
+  checked against the fingerprint taken when it was saved; nothing else is loaded."""
+
+  def __init__(self, state_dir: str, bit_sums: list[int]):
+    self._dir = state_dir
+    self._checkpointer = checkpoint.ocp.PyTreeCheckpointer()
+    try:
+      tree = self._checkpointer.metadata(state_dir).item_metadata.tree
+    except Exception as e:  # Missing or garbled metadata: Orbax raises many kinds.
+      raise checkpoint.CheckpointError(
+        f'{state_dir} is damaged: its metadata is unreadable ({type(e).__name__}).'
+      ) from None
+    # The fingerprint lists every array of the state in jax.tree order: params come after the
+    # keys that sort before 'params'.
+    offset = sum(len(jax.tree.leaves(tree[k])) for k in sorted(tree) if k < 'params')
+    if len(jax.tree.leaves(tree)) != len(bit_sums):
+      raise checkpoint.CheckpointError(
+        f'{state_dir} does not match its fingerprint: the checkpoint is damaged.'
+      )
+    self._leaves = {}
+    for i, (keypath, meta) in enumerate(jax.tree_util.tree_flatten_with_path(tree['params'])[0]):
+      keys = tuple(getattr(k, 'key', k) for k in keypath)
+      self._leaves[state_lib.param_path(keypath)] = (keys, meta, bit_sums[offset + i])
+
+  def shape(self, path: str) -> tuple[int, ...]:
+    return tuple(self._leaves[path][1].shape)
+
+  def paths(self) -> list[str]:
+    return list(self._leaves)
+
+  def read(self, path: str) -> np.ndarray:
+    keys, _, expected = self._leaves[path]
+    # The same nesting as the saved tree, down to this one leaf.
+    item: dict[str, Any] | None = None
+    restore_args: dict[str, Any] | None = None
+    for key in reversed(keys):
+      item = {key: 0 if item is None else item}
+      restore_args = {
+        key: checkpoint.ocp.RestoreArgs(restore_type=np.ndarray)
+        if restore_args is None
+        else restore_args
+      }
+    try:
+      restored = self._checkpointer.restore(
+        self._dir,
+        args=checkpoint.ocp.args.PyTreeRestore(
+          item={'params': item}, restore_args={'params': restore_args}, partial_restore=True
+        ),
+      )
+    except Exception as e:  # TensorStore raises many kinds; all mean "unreadable".
+      raise checkpoint.CheckpointError(
+        f'{self._dir}: parameter {path} is unreadable '
+        f'({type(e).__name__}); the checkpoint is damaged.'
+      ) from None
+    array = restored['params']
+    for key in keys:
+      array = array[key]
+    if _bit_sum(array) != expected:
+      raise checkpoint.CheckpointError(
+        f'{self._dir}: parameter {path} differs from what was saved; the checkpoint is damaged.'
+      )
+    return array
+
+
+def _tokenizer_path(c: ml_collections.ConfigDict, workdir: str) -> str:
+  candidates = [paths.join(workdir, hf_tokenizer.SENTENCEPIECE_FILE)]
+  if c.data.get('prepared'):  # A store keeps its tokenizer (a mixture's, in one of its sources).
+    candidates += [os.path.join(c.data.prepared, hf_tokenizer.SENTENCEPIECE_FILE)]
+  candidates.append(c.tokenizer.path)
+  for path in candidates:
+    if path and paths.path(path).exists():
+      return path
+  raise FileNotFoundError(
+    f'no tokenizer for the run in {workdir} (looked for {", ".join(p for p in candidates if p)}).'
+  )
+
+
+def export(
+  workdir: str,
+  out_dir: str,
+  *,
+  step: int | None = None,
+  dtype: str = 'float32',
+  max_shard_bytes: int = 5 << 30,
+  log: Callable[[str], None] = print,
+) -> str:
+  """Writes the run's checkpoint (the latest, or `step`) as a transformers model directory with
+  its tokenizer. The directory appears whole or not at all. Returns the architecture."""
+  if dtype not in DTYPES:
+    raise hf_arch.ConversionError(f'--dtype={dtype} is not one of {", ".join(DTYPES)}.')
+  if os.path.exists(out_dir) and os.listdir(out_dir):
+    raise hf_arch.ConversionError(f'{out_dir} is not empty: export into a new --out directory.')
+  if not paths.path(checkpoint.directory(workdir)).exists():
+    raise FileNotFoundError(
+      f'no checkpoints in {workdir}: train there first with `pretrax train --workdir=...`.'
+    )
+  mngr = checkpoint.manager(workdir, read_only=True)
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None or step not in mngr.all_steps():
+      raise FileNotFoundError(
+        f'no checkpoint at step {step} in {checkpoint.directory(workdir)}; '
+        f'it has steps {sorted(mngr.all_steps())}.'
+      )
+    saved = mngr.restore(
+      step,
+      args=checkpoint.ocp.args.Composite(
+        config=checkpoint.ocp.args.JsonRestore(), fingerprint=checkpoint.ocp.args.JsonRestore()
+      ),
+    )
+  finally:
+    mngr.close()
+  c = ml_collections.ConfigDict(saved['config'])
+  if c.objective == 'classification':
+    raise hf_arch.ConversionError(
+      f'{workdir} is a classifier: no transformers model has its head (the '
+      'mean of the states, then a pooler): export the run it started from.'
+    )
+  params = CheckpointParams(
+    paths.join(checkpoint.directory(workdir), str(step), 'state'), saved['fingerprint']['bit_sums']
+  )
+  m = config_lib.model_config(c, params.shape('embed/embedding')[0])
+  arch = hf_arch.architecture(m)
+  tokenizer_path = _tokenizer_path(c, workdir)
+  target = np.dtype(DTYPES[dtype])
+
+  def compute(t: hf_tensors.Tensor) -> np.ndarray:
+    # A tensor's sources are all ours or all None (a bias the model does not have): no mix.
+    sources = [s for s in t.sources if s is not None]
+    if not sources:
+      return np.zeros(t.shape, target)
+    return t.to_hf(*(params.read(s).astype(np.float32) for s in sources)).astype(target)
+
+  specs = [
+    safetensors.TensorSpec(t.name, t.shape, target, functools.partial(compute, t))
+    for t in hf_tensors.tensor_map(m, arch)
+  ]
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  partial = os.path.join(parent, f'.{os.path.basename(os.path.abspath(out_dir))}.partial')
+  shutil.rmtree(partial, ignore_errors=True)
+  os.makedirs(partial)
+  try:
+    files = safetensors.write(partial, specs, max_shard_bytes=max_shard_bytes)
+    with open(os.path.join(partial, 'config.json'), 'w') as f:
+      json.dump(hf_arch.hf_config(m, arch, dtype), f, indent=2)
+    files += hf_tokenizer.save(
+      paths.path(tokenizer_path).read_bytes(), partial, model_max_length=m.max_len
+    )
+    with open(os.path.join(partial, 'pretrax.json'), 'w') as f:
+      json.dump(
+        {'workdir': str(paths.path(workdir)), 'step': step, 'config': saved['config']}, f, indent=2
+      )
+    if os.path.exists(out_dir):
+      os.rmdir(out_dir)  # Empty, checked above.
+    os.rename(partial, out_dir)
+  finally:
+    shutil.rmtree(partial, ignore_errors=True)
+  size = sum(s.nbytes for s in specs)
+  log(
+    f'exported step {step} of {workdir} as {arch} ({size / 2**20:.1f} MiB of {dtype} weights, '
+    f'{len(specs)} tensors) to {out_dir}: ' + ', '.join(['config.json'] + files)
+  )
+  return arch
