@@ -6,7 +6,8 @@ import pytest
 
 from conftest import make_store
 from pretrax import config, tokenizer
-from pretrax.data import objectives, pipeline, prepare, store
+from pretrax.data import objectives, pipeline, store
+from pretrax.data import units as units_lib
 
 L = 16
 
@@ -68,7 +69,7 @@ def test_the_store_holds_every_document_then_eos_in_its_split(data, documents):
   s, tok = data
   expected = {'train': [], 'eval': []}
   for d in documents:
-    split = 'eval' if prepare.sources.held_out(d.encode(), 0.1) else 'train'
+    split = 'eval' if units_lib.held_out(d.encode(), 0.1) else 'train'
     expected[split] += tok.encode(d) + [tokenizer.EOS_ID]
   assert expected['train'] and expected['eval']
   for split in ('train', 'eval'):

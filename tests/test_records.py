@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from pretrax import config, tokenizer
+from pretrax.data import documents as documents_lib
 from pretrax.data import prepare, sources, store
+from pretrax.data import units as units_lib
 
 MB = 1 << 20
 
@@ -50,7 +52,7 @@ def _documents(s: store.Store) -> dict[str, list[str]]:
 def _by_split(documents: list[str], eval_fraction: float = 0.1) -> dict[str, list[str]]:
   out = {'train': [], 'eval': []}
   for d in documents:
-    out['eval' if sources.held_out(d.encode(), eval_fraction) else 'train'].append(d)
+    out['eval' if units_lib.held_out(d.encode(), eval_fraction) else 'train'].append(d)
   return out
 
 
@@ -98,8 +100,8 @@ def test_a_long_record_is_not_lost_when_bad_records_are_skipped(tmp_path):
 def test_a_text_document_without_a_newline_streams_in_pieces_of_one_document(tmp_path):
   text = _long_text(5 * MB, seed=2).replace('\n', ' ')  # No newline to cut at.
   (tmp_path / 'one.txt').write_text(text, encoding='utf-8')
-  units = list(sources.file_units(str(tmp_path / 'one.txt'), sources.Reading()))
-  assert len(units) >= 3 and max(u.size for u in units) <= 2 * sources.UNIT_BYTES + MB
+  units = list(units_lib.file_units(str(tmp_path / 'one.txt'), units_lib.Reading()))
+  assert len(units) >= 3 and max(u.size for u in units) <= 2 * units_lib.UNIT_BYTES + MB
   s = _prepare(_config(str(tmp_path / 'one.txt'), eval_fraction=0.0), tmp_path / 'store')
   assert _documents(s) == {'train': [text], 'eval': []}
 
@@ -108,10 +110,10 @@ def test_a_separator_that_straddles_a_block_boundary_still_separates(tmp_path):
   # The first document ends 3 bytes before the first MB: the separator's 7 bytes cross it.
   first = 'x' * (MB - 3)
   (tmp_path / 'docs.txt').write_text(first + '<|doc|>second<|doc|>third')
-  reading = sources.Reading(separator='<|doc|>', eval_fraction=0.0)
+  reading = units_lib.Reading(separator='<|doc|>', eval_fraction=0.0)
   docs = [
-    sources.decode_unit(u, reading, skip_bad=False)
-    for u in sources.file_units(str(tmp_path / 'docs.txt'), reading)
+    documents_lib.decode_unit(u, reading, skip_bad=False)
+    for u in units_lib.file_units(str(tmp_path / 'docs.txt'), reading)
   ]
   texts, ends = sum((d.texts for d in docs), []), sum((d.ends for d in docs), [])
   whole, current = [], ''
@@ -131,7 +133,7 @@ def test_a_parquet_cell_of_many_mb_is_one_document_read_a_few_rows_at_a_time(tmp
   path = str(tmp_path / 'cells.parquet')
   pq.write_table(pa.table({'text': documents}), path)
   # Read whole, 1024 rows of such cells would be GBs: the batch follows the average row.
-  assert sources._parquet_batch_rows(pq.ParquetFile(path)) < 1024
+  assert units_lib._parquet_batch_rows(pq.ParquetFile(path)) < 1024
   s = _prepare(_config(path), tmp_path / 'store')
   assert _documents(s) == _by_split(documents)
 

@@ -16,7 +16,8 @@ import pytest
 
 from conftest import REPO, pretrax_env, run_cli
 from pretrax import config, metrics, tokenizer
-from pretrax.data import pipeline, prepare, sources, store
+from pretrax.data import corpus, pipeline, prepare, sources, store
+from pretrax.data import units as units_lib
 
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
 
@@ -89,14 +90,14 @@ def test_every_format_and_compression_gives_the_ids_of_plain_text(tmp_path, docu
   tok = tokenizer.Tokenizer.load(mixed.tokenizer_path)
   train = mixed.split('train')
   text = tok.decode(t for t in train.read(0, train.num_tokens) if t != tokenizer.EOS_ID)
-  assert text == ''.join(d for d in documents if not sources.held_out(d.encode(), 0.1))
+  assert text == ''.join(d for d in documents if not units_lib.held_out(d.encode(), 0.1))
 
 
 def test_the_store_is_byte_identical_for_any_number_of_workers(tmp_path, documents, monkeypatch):
   # Units of 16 KB (cut in this process; the workers only decode them): groups of ~20 units each,
   # far more than the 2 in flight per worker, from files whose texts all differ, so a unit that
   # comes back out of order changes the bytes.
-  monkeypatch.setattr(sources, 'UNIT_BYTES', 1 << 14)
+  monkeypatch.setattr(units_lib, 'UNIT_BYTES', 1 << 14)
   (tmp_path / 'in').mkdir()
   for k in range(6):
     (tmp_path / 'in' / f'{k}.jsonl').write_text(
@@ -104,9 +105,9 @@ def test_the_store_is_byte_identical_for_any_number_of_workers(tmp_path, documen
     )
   c = _config(str(tmp_path / 'in'), shard_mb=0.1)
   stores = {w: _prepare(c, tmp_path / f'workers{w}', workers=w) for w in (0, 2, 3)}
-  plan = prepare.make_plan(c, prepare.input_files(c))
+  plan = corpus.make_plan(c, corpus.input_files(c))
   units = [
-    sum(1 for f in g for _ in sources.file_units(plan['files'][f][0], prepare._reading(plan)))
+    sum(1 for f in g for _ in units_lib.file_units(plan['files'][f][0], corpus.reading(plan)))
     for g in prepare.groups_of(plan)
   ]
   assert len(units) >= 2 and min(units) > 2 * 3, units
@@ -388,14 +389,14 @@ def test_the_tokenizer_trains_on_a_bounded_sample_from_across_the_files(tmp_path
   for k in range(10):
     (tmp_path / 'in' / f'{k}.jsonl').write_text(_jsonl([f'file{k} ' + d for d in documents]))
   c = _config(str(tmp_path / 'in'))
-  plan = prepare.make_plan(c, prepare.input_files(c))
+  plan = corpus.make_plan(c, corpus.input_files(c))
   sample = list(prepare.tokenizer_sample(plan, 50_000))
   assert 45_000 <= sum(len(t) for t in sample) <= 50_000
   assert {t.split(' ')[0] for t in sample if t.startswith('file')} == {
     f'file{k}' for k in range(10)
   }
   whole = {f'file{k} ' + d for k in range(10) for d in documents}
-  assert not any(sources.held_out(t.encode(), 0.1) for t in sample if t in whole)
+  assert not any(units_lib.held_out(t.encode(), 0.1) for t in sample if t in whole)
 
 
 def test_a_single_text_document_is_split_by_position_like_nanogpt(tmp_path):
@@ -439,7 +440,7 @@ def test_reads_and_windows_across_part_boundaries_equal_the_one_part_stores(
   c = _config(str(tmp_path / 'in.jsonl'), shard_mb=1000.0)
   c.tokenizer.model_type = 'char'
   one = _prepare(c, tmp_path / 'one')
-  monkeypatch.setattr(sources, 'UNIT_BYTES', 1 << 12)  # Units of 4 KB, a part each.
+  monkeypatch.setattr(units_lib, 'UNIT_BYTES', 1 << 12)  # Units of 4 KB, a part each.
   c.data.shard_mb, c.tokenizer.path = 0.004, one.tokenizer_path
   many = _prepare(c, tmp_path / 'many')
   a, b = one.split('train'), many.split('train')

@@ -23,7 +23,7 @@ import numpy as np
 from pretrax import config as config_lib
 from pretrax import paths
 from pretrax import tokenizer as tokenizer_lib
-from pretrax.data import examples, pipeline, sources
+from pretrax.data import corpus, examples, handoff, pipeline, sources
 from pretrax.data import objectives as objectives_lib
 from pretrax.data import prepare as prepare_lib
 from pretrax.data import store as store_lib
@@ -102,13 +102,13 @@ def build(
   for _, path, _ in specs:
     cs = _source_config(c, path, '')
     cs.data.fallback = c.data.fallback if not c.data.mixture else ''
-    plans.append(prepare_lib.make_plan(cs, prepare_lib.input_files(cs, log)))
+    plans.append(corpus.make_plan(cs, corpus.input_files(cs, log)))
   tokenizer_path = c.tokenizer.path
   if c.data.mixture and not tokenizer_path:  # One tokenizer for every source.
     tokenizer_path = os.path.join(root, store_lib.TOKENIZER_FILE)
     _shared_tokenizer(plans, [w for _, _, w in specs], tokenizer_path, process_index, log)
     plans = [
-      prepare_lib.make_plan(
+      corpus.make_plan(
         _source_config(c, path, tokenizer_path), [sources.InputFile(*f) for f in plan['files']]
       )
       for (_, path, _), plan in zip(specs, plans, strict=True)
@@ -139,7 +139,7 @@ def _shared_tokenizer(
       for t in prepare_lib.tokenizer_sample(plan, share)
     )
 
-  prepare_lib.tokenizer_at(path, spec, sample, process_index, log)
+  handoff.tokenizer_at(path, spec, sample, process_index, log)
 
 
 def _discard_if_stale(

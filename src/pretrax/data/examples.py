@@ -29,9 +29,9 @@ import ml_collections
 import numpy as np
 
 from pretrax import tokenizer as tokenizer_lib
-from pretrax.data import prepare as prepare_lib
-from pretrax.data import records, sources
+from pretrax.data import corpus, handoff, records, sources
 from pretrax.data import store as store_lib
+from pretrax.data import units as units_lib
 from pretrax.data.records import BadRecord, Fields
 
 MAX_SEGMENTS = 64  # Classification: at most this many examples in a row (the head's pooling width).
@@ -143,7 +143,7 @@ def build(
       os.makedirs(out_dir, exist_ok=True)
       store_lib.write_json(plan_path, plan)
       fields = Fields.from_config(c)
-      tok = prepare_lib.tokenizer_at(
+      tok = handoff.tokenizer_at(
         os.path.join(out_dir, store_lib.TOKENIZER_FILE),
         plan['tokenizer'],
         lambda: training_texts(plan, fields, int(c.tokenizer.sample_mb * 1e6)),
@@ -151,7 +151,7 @@ def build(
         log,
       )
       write_store(plan, out_dir, tok, fields, skip_bad=c.data.skip_bad_records, log=log)
-  prepare_lib.wait_for(manifest_path, 'process 0 to encode the fine-tuning records')
+  handoff.wait_for(manifest_path, 'process 0 to encode the fine-tuning records')
   return tokenizer_lib.Tokenizer.load(os.path.join(out_dir, store_lib.TOKENIZER_FILE))
 
 
@@ -159,7 +159,7 @@ def _split_lines(plan: dict) -> Iterator[tuple[str, str, bytes]]:
   """(split, where, line) of every record: eval files are held out whole; without them a record
   is held out by a hash of its bytes, the same on every machine."""
   for path, number, line in sources.read_lines([p for p, _, _ in plan['files']]):
-    held = not plan['eval_files'] and sources.held_out(line.strip(), plan['eval_fraction'])
+    held = not plan['eval_files'] and units_lib.held_out(line.strip(), plan['eval_fraction'])
     yield ('eval' if held else 'train'), f'{path}:{number}', line
   for path, number, line in sources.read_lines([p for p, _, _ in plan['eval_files']]):
     yield 'eval', f'{path}:{number}', line
@@ -183,7 +183,7 @@ def make_plan(c: ml_collections.ConfigDict) -> dict:
     'eval_files': described(c.finetune.eval_path) if c.finetune.eval_path else [],
     'eval_fraction': c.data.eval_fraction,
     'fields': json.loads(json.dumps(dataclasses.asdict(Fields.from_config(c)))),
-    'tokenizer': prepare_lib.tokenizer_spec(c),
+    'tokenizer': corpus.tokenizer_spec(c),
   }
 
 
