@@ -44,7 +44,7 @@ import jaxlib
 import numpy as np
 
 from pretrax import loss
-from pretrax.model import attention
+from pretrax.model import attention, attention_cudnn
 
 # name: (B, T, N, K, H), as configs/gpt2_small.py and configs/llama_1b.py shape attention.
 ATTENTION_SHAPES = {'gpt2_small': (8, 1024, 12, 12, 64), 'llama_1b': (4, 2048, 32, 8, 64)}
@@ -277,7 +277,7 @@ def which_ran(
   prefix: bool,
 ) -> str:
   """The kernel that ran: 'xla' where attention logged a fallback to it; for cuDNN, the kernel
-  the batch's rows select (attention.cudnn_kernel: plain, variable-length or dense mask, the
+  the batch's rows select (attention_cudnn.cudnn_kernel: plain, variable-length or dense mask, the
   variable-length form only where max_segments and the setup allow it), and only if the
   compiled program calls cuDNN at all."""
   if any(m.endswith(f'using xla instead of {backend}.') for m in fallback):
@@ -288,8 +288,8 @@ def which_ran(
     ran = 'cudnn dense mask'
   else:
     allowed = not any(m.endswith('instead of cudnn variable-length.') for m in fallback)
-    fits = attention.segment_layout(ids_BT, max_segments)[2] if allowed else None
-    ran = 'cudnn ' + attention.CUDNN_KERNELS[int(attention.cudnn_kernel(ids_BT, fits))]
+    fits = attention_cudnn.segment_layout(ids_BT, max_segments)[2] if allowed else None
+    ran = 'cudnn ' + attention_cudnn.CUDNN_KERNELS[int(attention_cudnn.cudnn_kernel(ids_BT, fits))]
   if ran.startswith('cudnn') and not calls_cudnn:
     ran = 'unknown: no cuDNN attention call in the compiled program'
   return ran

@@ -15,7 +15,7 @@ import pytest
 from conftest import load_config, run_python
 from pretrax import config as config_lib
 from pretrax import metrics, train
-from pretrax.model import attention
+from pretrax.model import attention, attention_cudnn, attention_splash, masks
 
 B, L, N, H = 2, 128, 4, 16  # One splash block (128) per sequence keeps interpret mode quick.
 # Two packed documents and padding (segment 0) in one row, a single document in the other.
@@ -133,11 +133,11 @@ def test_splash_under_a_data_and_tensor_mesh_runs_per_shard():
 )
 def test_cudnn_unsupported_reason(dtype, q_shape, capability, expected):
   k_shape = q_shape[:2] + (4, q_shape[3])
-  reason = attention.cudnn_unsupported_reason(
+  reason = attention_cudnn.cudnn_unsupported_reason(
     jnp.dtype(dtype), q_shape, k_shape, platform='cuda', compute_capability=capability
   )
   assert reason == expected if expected is None else expected in reason
-  assert 'NVIDIA' in attention.cudnn_unsupported_reason(
+  assert 'NVIDIA' in attention_cudnn.cudnn_unsupported_reason(
     jnp.dtype(dtype), q_shape, k_shape, platform='tpu', compute_capability=None
   )
 
@@ -153,9 +153,9 @@ def test_cudnn_unsupported_reason(dtype, q_shape, capability, expected):
   ],
 )
 def test_splash_unsupported_reason(kwargs, expected):
-  reason = attention.splash_unsupported_reason((2, 1024, 8, 128), **kwargs)
+  reason = attention_splash.splash_unsupported_reason((2, 1024, 8, 128), **kwargs)
   assert reason == expected if expected is None else expected in reason
-  assert 'multiple of 128' in attention.splash_unsupported_reason(
+  assert 'multiple of 128' in attention_splash.splash_unsupported_reason(
     (2, 1000, 8, 128), platform='tpu', prefix=False
   )
 
@@ -235,7 +235,9 @@ def _layout_by_hand(ids_T: np.ndarray) -> list[tuple[int, int]]:
 def test_segment_layout_matches_the_runs_of_every_row(max_segments):
   rng = np.random.default_rng(max_segments)
   ids = _random_packed_rows(rng, rows=64, length=48, max_docs=6)
-  lengths, offsets, fits = jax.jit(attention.segment_layout, static_argnums=1)(ids, max_segments)
+  lengths, offsets, fits = jax.jit(attention_cudnn.segment_layout, static_argnums=1)(
+    ids, max_segments
+  )
   lengths, offsets = np.asarray(lengths), np.asarray(offsets)
   assert lengths.shape == (64, max_segments) and offsets.shape == (64, max_segments + 1)
   every_row_fits = True
@@ -255,8 +257,8 @@ def test_segment_layout_matches_the_runs_of_every_row(max_segments):
 def test_segment_layout_refuses_a_segment_split_in_two():
   # Segment 1 comes back after segment 2: one id, two runs. A dense mask joins them, runs do not.
   ids = jnp.array([[1, 1, 2, 2, 1, 1, 0, 0]], jnp.int32)
-  assert not bool(attention.segment_layout(ids, 8)[2])
-  assert bool(attention.segment_layout(jnp.array([[1, 1, 2, 2, 3, 3, 0, 0]]), 8)[2])
+  assert not bool(attention_cudnn.segment_layout(ids, 8)[2])
+  assert bool(attention_cudnn.segment_layout(jnp.array([[1, 1, 2, 2, 3, 3, 0, 0]]), 8)[2])
 
 
 def _varlen_mask(lengths_BM, offsets_BM1, T: int, causal: bool) -> jax.Array:
@@ -274,10 +276,10 @@ def _varlen_mask(lengths_BM, offsets_BM1, T: int, causal: bool) -> jax.Array:
 @pytest.mark.parametrize('causal', [True, False])
 def test_the_variable_length_layout_is_the_segment_mask_on_every_real_token(causal):
   ids = jnp.asarray(_random_packed_rows(np.random.default_rng(1), rows=32, length=40, max_docs=5))
-  lengths, offsets, fits = attention.segment_layout(ids, 5)
+  lengths, offsets, fits = attention_cudnn.segment_layout(ids, 5)
   assert bool(fits)
   real_B1T1 = (ids != 0)[:, :, None]
-  ours = attention.attention_mask(ids, causal=causal)
+  ours = masks.attention_mask(ids, causal=causal)
   theirs = _varlen_mask(lengths, offsets, 40, causal)
   np.testing.assert_array_equal(ours & real_B1T1, theirs)  # Padding queries: no meaning there.
 
@@ -288,7 +290,7 @@ def _emulated_cudnn(monkeypatch, ran: list[str]):
 
   def dense(q, k, v, segment_ids, *, causal, prefix_BT):
     jax.debug.callback(lambda: ran.append('dense'))
-    mask = attention.attention_mask(segment_ids, causal=causal, prefix_BT=prefix_BT)
+    mask = masks.attention_mask(segment_ids, causal=causal, prefix_BT=prefix_BT)
     return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation='xla')
 
   def varlen(q, k, v, lengths, offsets, *, causal):
@@ -303,11 +305,11 @@ def _emulated_cudnn(monkeypatch, ran: list[str]):
     jax.debug.callback(lambda: ran.append('plain'))
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation='xla')
 
-  monkeypatch.setattr(attention, '_cudnn_dense', dense)
-  monkeypatch.setattr(attention, '_cudnn_varlen', varlen)
-  monkeypatch.setattr(attention, '_cudnn_plain', plain)
-  monkeypatch.setattr(attention, '_compute_capability', lambda: (9, 0))
-  monkeypatch.setattr(attention, '_cudnn_version', lambda: 91000)
+  monkeypatch.setattr(attention_cudnn, '_cudnn_dense', dense)
+  monkeypatch.setattr(attention_cudnn, '_cudnn_varlen', varlen)
+  monkeypatch.setattr(attention_cudnn, '_cudnn_plain', plain)
+  monkeypatch.setattr(attention_cudnn, 'current_compute_capability', lambda: (9, 0))
+  monkeypatch.setattr(attention_cudnn, '_cudnn_version', lambda: 91000)
   monkeypatch.setattr(jax, '__version__', '0.11.2')  # Past JAX 0.10's grouped-query offsets.
 
 
@@ -389,7 +391,7 @@ def test_cudnn_packed_unsupported_reason(kwargs, expected):
     cudnn_version=91000,
     jax_version='0.11.2',
   )
-  reason = attention.cudnn_packed_unsupported_reason(**{**args, **kwargs})
+  reason = attention_cudnn.cudnn_packed_unsupported_reason(**{**args, **kwargs})
   assert reason is None if expected is None else expected in reason
 
 
@@ -398,7 +400,7 @@ def test_cudnn_without_the_variable_length_form_takes_the_dense_mask_and_says_wh
 ):
   ran = []
   _emulated_cudnn(monkeypatch, ran)
-  monkeypatch.setattr(attention, '_compute_capability', lambda: (8, 0))  # An A100.
+  monkeypatch.setattr(attention_cudnn, 'current_compute_capability', lambda: (8, 0))  # An A100.
   monkeypatch.setattr(attention, '_warned', set())
   q = jnp.ones((2, 8, 2, 8), jnp.bfloat16)
   ids = jnp.array([[1, 1, 1, 2, 2, 2, 0, 0]] * 2, jnp.int32)
@@ -431,11 +433,11 @@ def test_cudnn_variable_length_call_passes_the_layout_and_mask_type(
       calls.append(kwargs)
       return q
 
-  monkeypatch.setattr(attention, '_cudnn_module', lambda: Recorder)
+  monkeypatch.setattr(attention_cudnn, '_cudnn_module', lambda: Recorder)
   ids = jnp.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]], jnp.int32)
-  lengths, offsets, _ = attention.segment_layout(ids, max_segments)
+  lengths, offsets, _ = attention_cudnn.segment_layout(ids, max_segments)
   q = jnp.ones((2, 6, 2, 16), jnp.bfloat16)
-  attention._cudnn_varlen(q, q, q, lengths, offsets, causal=causal)
+  attention_cudnn._cudnn_varlen(q, q, q, lengths, offsets, causal=causal)
   ((kwargs,),) = [calls]
   expected = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
   assert kwargs['mask_type'] == expected and kwargs['scale'] == pytest.approx(0.25)
@@ -464,9 +466,13 @@ def test_the_dense_branch_keeps_no_t_by_t_residual_beside_the_variable_length_on
     lambda res, d: (d * res[3] + res[4][..., None], res[1], res[2]),
   )
   monkeypatch.setattr(
-    attention, '_cudnn_varlen', lambda q, k, v, lengths, offsets, *, causal: flash_like(q, k, v)
+    attention_cudnn,
+    '_cudnn_varlen',
+    lambda q, k, v, lengths, offsets, *, causal: flash_like(q, k, v),
   )
-  monkeypatch.setattr(attention, '_cudnn_plain', lambda q, k, v, *, causal: flash_like(q, k, v))
+  monkeypatch.setattr(
+    attention_cudnn, '_cudnn_plain', lambda q, k, v, *, causal: flash_like(q, k, v)
+  )
   T = 48
   ids = jnp.array([[1] * 20 + [2] * 28, [1] * 40 + [0] * 8], jnp.int32)
   q = jax.random.normal(jax.random.key(0), (2, T, 2, 16), jnp.bfloat16)
@@ -491,7 +497,7 @@ def test_cudnn_kernels_that_refuse_the_inputs_leave_the_dense_mask_and_say_why(m
   def refuses(*args, **kwargs):
     raise NotImplementedError('Unsupported sequence length')
 
-  monkeypatch.setattr(attention, '_cudnn_varlen', refuses)
+  monkeypatch.setattr(attention_cudnn, '_cudnn_varlen', refuses)
   q = jnp.ones((2, 8, 2, 8), jnp.bfloat16)
   ids = jnp.array([[1, 1, 1, 2, 2, 2, 0, 0]] * 2, jnp.int32)
   with caplog.at_level(logging.WARNING):
@@ -514,8 +520,8 @@ def pretend_hopper(monkeypatch):
   monkeypatch.setattr(cudnn, 'check_cudnn_version', lambda: 91000)
   monkeypatch.setattr(cudnn, 'check_compute_capability', lambda capability: True)
   monkeypatch.setattr(cudnn, 'is_cuda_compute_capability_equal', lambda capability: False)
-  monkeypatch.setattr(attention, '_compute_capability', lambda: (9, 0))
-  monkeypatch.setattr(attention, '_cudnn_version', lambda: 91000)
+  monkeypatch.setattr(attention_cudnn, 'current_compute_capability', lambda: (9, 0))
+  monkeypatch.setattr(attention_cudnn, '_cudnn_version', lambda: 91000)
 
 
 def _cudnn_loss(ids, causal: bool, num_kv_heads: int = 4):

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, load_config
 from pretrax import config as config_lib
 from pretrax import state as state_lib
-from pretrax.model import attention, layers, transformer
+from pretrax.model import attention, layers, masks, transformer
 
 L = 16
 
@@ -90,7 +90,7 @@ def test_prefix_lm_sees_its_whole_prefix_and_only_the_past_after_it(flavour):
 def test_prefix_mask_at_the_boundary():
   seg = jnp.array([[1, 1, 1, 1, 1, 2, 2, 2]], jnp.int32)
   prefix = jnp.array([[1, 1, 0, 0, 0, 1, 1, 0]], jnp.int32)
-  mask = np.asarray(attention.attention_mask(seg, causal=True, prefix_BT=prefix)[0]).astype(int)
+  mask = np.asarray(masks.attention_mask(seg, causal=True, prefix_BT=prefix)[0]).astype(int)
   np.testing.assert_array_equal(
     mask,
     [
@@ -126,7 +126,7 @@ def test_packed_documents_do_not_see_each_other(flavour):
 
 def test_attention_mask_pattern():
   seg = jnp.array([[1, 1, 2, 2, 0]])
-  mask = np.asarray(attention.attention_mask(seg, causal=True)[0])
+  mask = np.asarray(masks.attention_mask(seg, causal=True)[0])
   expected = np.array(
     [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]], bool
   )

@@ -9,13 +9,13 @@ import shlex
 import pytest
 
 from conftest import PEAK_FLOPS_ARG, REPO, load_config, run_cli
-from pretrax import sweep
+from pretrax import sweep, sweep_report, sweep_trials
 
 TINY = 'configs/tiny.py'
 
 
 def _expand(trials, shared=None):
-  return sweep.expand(trials, load_config('tiny'), TINY, 'runs/s', shared or {})
+  return sweep_trials.expand(trials, load_config('tiny'), TINY, 'runs/s', shared or {})
 
 
 def test_product_zip_and_values_count_and_name_trials():
@@ -49,7 +49,9 @@ def test_product_zip_and_values_count_and_name_trials():
 @pytest.mark.parametrize('name', ['tiny', 'shakespeare_char'])
 def test_the_configs_sweeps_expand(name):
   path = os.path.join(REPO, 'configs', f'{name}.py')
-  trials = sweep.expand(sweep.load_sweep(path, None), load_config(name), path, 'runs/s', {})
+  trials = sweep_trials.expand(
+    sweep_trials.load_sweep(path, None), load_config(name), path, 'runs/s', {}
+  )
   assert [t.name for t in trials] == [
     f'lr={v}'
     for v in {'tiny': ('0.002', '0.005', '0.01'), 'shakespeare_char': ('0.0005', '0.001', '0.002')}[
@@ -254,7 +256,7 @@ def test_learning_rate_sweep_runs_tables_plots_and_skips_finished_trials(tmp_pat
 
 def test_collect_counts_trials_run_elsewhere(tmp_path):
   """A launcher ran the printed commands: no result.json, only each trial's metrics."""
-  trials = sweep.expand(
+  trials = sweep_trials.expand(
     sweep.values('optim.lr', [1e-3, 2e-3]), load_config('tiny'), TINY, str(tmp_path), {}
   )
   for trial, last_step in zip(
@@ -265,7 +267,7 @@ def test_collect_counts_trials_run_elsewhere(tmp_path):
       for step in range(10, last_step + 1, 10):
         f.write(json.dumps({'step': step, 'loss': 5.0 - step / 20, 'tokens_per_s': 1000.0}) + '\n')
       f.write(json.dumps({'step': last_step, 'eval_loss': 3.5}) + '\n')
-  rows, _ = sweep.write_results(trials, str(tmp_path))
+  rows, _ = sweep_report.write_results(trials, str(tmp_path))
   assert [r['status'] for r in rows] == ['ok', 'incomplete']
   assert rows[0]['train_loss'] == 2.5 and rows[0]['steps'] == 50 and rows[0]['eval_loss'] == 3.5
   assert os.path.getsize(tmp_path / 'loss_curves.png') > 1000
