@@ -191,23 +191,7 @@ def train_step(
   if cfg.grad_accum_steps == 1:
     grads, sums = _grads(params, batch, total_weight, model_def, cfg, rng)
   else:
-    A = cfg.grad_accum_steps
-    micro = jax.tree.map(lambda x: x.reshape((A, x.shape[0] // A) + x.shape[1:]), batch)
-
-    def accumulate(carry, inputs):
-      i, micro_batch = inputs
-      micro_rng = None if rng is None else jax.random.fold_in(rng, i)
-      g, s = _grads(params, micro_batch, total_weight, model_def, cfg, micro_rng)
-      return jax.tree.map(jnp.add, carry, (g, s)), None
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    sums_shape = jax.eval_shape(
-      lambda: _grads(
-        params, jax.tree.map(lambda x: x[0], micro), total_weight, model_def, cfg, rng
-      )[1]
-    )
-    zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
-    (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), (jnp.arange(A), micro))
+    grads, sums = _accumulated_grads(params, batch, total_weight, model_def, cfg, rng)
 
   updates, opt_state = optimizer.update(grads, state['opt_state'], params)
   new_state = {
@@ -217,6 +201,56 @@ def train_step(
   }
   grad_norm = optax.global_norm(grads)
   loss = sums['loss_sum'] / total_weight
+  new_state, skip_metrics = _skip_bad_steps(state, new_state, loss, grad_norm, cfg)
+  metrics = {
+    'loss': loss,
+    'z_loss': sums['z_loss_sum'] / total_weight,
+    'accuracy': sums['correct_sum'] / total_weight,
+    'grad_norm': grad_norm,
+    'lr': schedule(step),
+    'tokens': sums['weight_sum'],
+    **_objective_metrics(sums, cfg.objectives, ''),
+    **skip_metrics,
+  }
+  return new_state, metrics
+
+
+def _accumulated_grads(
+  params,
+  batch: Batch,
+  total_weight: jax.Array,
+  model_def: nnx.GraphDef,
+  cfg: StepConfig,
+  rng: jax.Array | None,
+):
+  """The gradients and loss sums of the batch as `grad_accum_steps` micro-batches in a scan: the
+  same sums as one pass (each micro-batch divides by the whole batch's weight)."""
+  A = cfg.grad_accum_steps
+  micro = jax.tree.map(lambda x: x.reshape((A, x.shape[0] // A) + x.shape[1:]), batch)
+
+  def accumulate(carry, inputs):
+    i, micro_batch = inputs
+    micro_rng = None if rng is None else jax.random.fold_in(rng, i)
+    g, s = _grads(params, micro_batch, total_weight, model_def, cfg, micro_rng)
+    return jax.tree.map(jnp.add, carry, (g, s)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  sums_shape = jax.eval_shape(
+    lambda: _grads(params, jax.tree.map(lambda x: x[0], micro), total_weight, model_def, cfg, rng)[
+      1
+    ]
+  )
+  zero_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape)
+  (grads, sums), _ = jax.lax.scan(accumulate, (zeros, zero_sums), (jnp.arange(A), micro))
+  return grads, sums
+
+
+def _skip_bad_steps(
+  state: TrainState, new_state: TrainState, loss: jax.Array, grad_norm: jax.Array, cfg: StepConfig
+) -> tuple[TrainState, Metrics]:
+  """`new_state`, or `state`'s parameters and optimizer state kept where the step is skipped (a
+  non-finite loss or gradient with optim.skip_nonfinite; a loss spike over the recent window with
+  optim.spike_window), and the metrics that say so."""
   skip_metrics = {}
   accept = jnp.bool_(True)
   if cfg.skip_nonfinite:
@@ -238,20 +272,10 @@ def train_step(
     skip_metrics['spike'] = spike.astype(jnp.int32)
   if cfg.skip_nonfinite or cfg.spike_window:
     keep = functools.partial(jnp.where, accept)  # keep(new, old): old where the step is skipped.
-    new_state['params'] = jax.tree.map(keep, new_state['params'], params)
-    new_state['opt_state'] = jax.tree.map(keep, opt_state, state['opt_state'])
+    new_state['params'] = jax.tree.map(keep, new_state['params'], state['params'])
+    new_state['opt_state'] = jax.tree.map(keep, new_state['opt_state'], state['opt_state'])
     skip_metrics['skipped'] = 1 - accept.astype(jnp.int32)
-  metrics = {
-    'loss': loss,
-    'z_loss': sums['z_loss_sum'] / total_weight,
-    'accuracy': sums['correct_sum'] / total_weight,
-    'grad_norm': grad_norm,
-    'lr': schedule(step),
-    'tokens': sums['weight_sum'],
-    **_objective_metrics(sums, cfg.objectives, ''),
-    **skip_metrics,
-  }
-  return new_state, metrics
+  return new_state, skip_metrics
 
 
 def eval_step(
