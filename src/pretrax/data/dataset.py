@@ -192,32 +192,9 @@ def load(
   stores = [store_lib.Store(_store_dir(root, name)) for name, _, _ in specs]
   if c.tokenizer.path and c.data.prepared:
     log('tokenizer.path is ignored: a prepared store comes with its tokenizer')
-  tok = tokenizer_lib.Tokenizer.load(stores[0].tokenizer_path)
-  for (name, _, _), store in zip(specs, stores, strict=True):
-    with open(store.tokenizer_path, 'rb') as f:
-      if f.read() != tok.model_proto:
-        raise sources.DataError(
-          f'the stores of {specs[0][0]} and {name} were tokenized '
-          'differently: prepare every source with one tokenizer.'
-        )
+  tok = _one_tokenizer(specs, stores)
   seq_len = c.data.seq_len
-  run_sources = [
-    pipeline.Source(
-      name or 'data',
-      weight,
-      pipeline.Windows(s.split('train'), seq_len, c.data.window_stride or seq_len),
-      s.split('eval'),
-    )
-    for (name, _, weight), s in zip(specs, stores, strict=True)
-  ]
-  for source in run_sources:
-    if not len(source.train) or source.eval.num_tokens < 2:
-      raise config_lib.ConfigError(
-        f'the store of {source.name} has {source.train.split.num_tokens:,} training and '
-        f'{source.eval.num_tokens:,} held-out tokens: it needs a window of '
-        f'data.seq_len+1={seq_len + 1} to train and some text held out; use more text or '
-        'change data.eval_fraction.'
-      )
+  run_sources = _run_sources(c, specs, stores)
   _log_stores(specs, stores, tok, seq_len, run_sources, log)
   objectives = objectives_lib.Objectives.from_config(c, tok)
   where = dict(
@@ -240,6 +217,47 @@ def load(
     },
     held_out_pieces=lambda: pipeline.held_out_pieces(run_sources[0].eval, seq_len),
   )
+
+
+def _one_tokenizer(
+  specs: list[tuple[str, str, float]], stores: list[store_lib.Store]
+) -> tokenizer_lib.Tokenizer:
+  """The tokenizer every source's store was made with; DataError if two differ."""
+  tok = tokenizer_lib.Tokenizer.load(stores[0].tokenizer_path)
+  for (name, _, _), store in zip(specs, stores, strict=True):
+    with open(store.tokenizer_path, 'rb') as f:
+      if f.read() != tok.model_proto:
+        raise sources.DataError(
+          f'the stores of {specs[0][0]} and {name} were tokenized '
+          'differently: prepare every source with one tokenizer.'
+        )
+  return tok
+
+
+def _run_sources(
+  c: ml_collections.ConfigDict, specs: list[tuple[str, str, float]], stores: list[store_lib.Store]
+) -> list[pipeline.Source]:
+  """Each source's training windows and held-out split, with its weight; ConfigError for a store
+  too small to give one window or anything to evaluate on."""
+  seq_len = c.data.seq_len
+  run_sources = [
+    pipeline.Source(
+      name or 'data',
+      weight,
+      pipeline.Windows(s.split('train'), seq_len, c.data.window_stride or seq_len),
+      s.split('eval'),
+    )
+    for (name, _, weight), s in zip(specs, stores, strict=True)
+  ]
+  for source in run_sources:
+    if not len(source.train) or source.eval.num_tokens < 2:
+      raise config_lib.ConfigError(
+        f'the store of {source.name} has {source.train.split.num_tokens:,} training and '
+        f'{source.eval.num_tokens:,} held-out tokens: it needs a window of '
+        f'data.seq_len+1={seq_len + 1} to train and some text held out; use more text or '
+        'change data.eval_fraction.'
+      )
+  return run_sources
 
 
 def _log_stores(specs, stores, tok, seq_len, run_sources, log) -> None:

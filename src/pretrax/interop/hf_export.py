@@ -113,21 +113,8 @@ def _tokenizer_path(c: ml_collections.ConfigDict, workdir: str) -> str:
   )
 
 
-def export(
-  workdir: str,
-  out_dir: str,
-  *,
-  step: int | None = None,
-  dtype: str = 'float32',
-  max_shard_bytes: int = 5 << 30,
-  log: Callable[[str], None] = print,
-) -> str:
-  """Writes the run's checkpoint (the latest, or `step`) as a transformers model directory with
-  its tokenizer. The directory appears whole or not at all. Returns the architecture."""
-  if dtype not in DTYPES:
-    raise hf_arch.ConversionError(f'--dtype={dtype} is not one of {", ".join(DTYPES)}.')
-  if os.path.exists(out_dir) and os.listdir(out_dir):
-    raise hf_arch.ConversionError(f'{out_dir} is not empty: export into a new --out directory.')
+def _saved_step(workdir: str, step: int | None) -> tuple[int, dict]:
+  """The step to export (the latest if None) and its saved config and fingerprint."""
   if not paths.path(checkpoint.directory(workdir)).exists():
     raise FileNotFoundError(
       f'no checkpoints in {workdir}: train there first with `pretrax train --workdir=...`.'
@@ -148,6 +135,25 @@ def export(
     )
   finally:
     mngr.close()
+  return step, saved
+
+
+def export(
+  workdir: str,
+  out_dir: str,
+  *,
+  step: int | None = None,
+  dtype: str = 'float32',
+  max_shard_bytes: int = 5 << 30,
+  log: Callable[[str], None] = print,
+) -> str:
+  """Writes the run's checkpoint (the latest, or `step`) as a transformers model directory with
+  its tokenizer. The directory appears whole or not at all. Returns the architecture."""
+  if dtype not in DTYPES:
+    raise hf_arch.ConversionError(f'--dtype={dtype} is not one of {", ".join(DTYPES)}.')
+  if os.path.exists(out_dir) and os.listdir(out_dir):
+    raise hf_arch.ConversionError(f'{out_dir} is not empty: export into a new --out directory.')
+  step, saved = _saved_step(workdir, step)
   c = ml_collections.ConfigDict(saved['config'])
   if c.objective == 'classification':
     raise hf_arch.ConversionError(
