@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from pretrax import config as config_lib
+from pretrax import config_views, metrics, train
 from pretrax import loss as loss_lib
-from pretrax import metrics, train
 from pretrax import state as state_lib
 from pretrax import step as step_lib
 
@@ -105,7 +105,7 @@ def step_timings(c) -> dict[str, float]:
 
 
 def result_mfu(c, step_ms: float, peak: float, vocab_size: int) -> float:
-  model_cfg = config_lib.model_config(c, vocab_size=vocab_size)
+  model_cfg = config_views.model_config(c, vocab_size=vocab_size)
   flops = metrics.flops_per_token(model_cfg, c.data.seq_len) * c.data.batch_size * c.data.seq_len
   return flops / (step_ms / 1000) / peak
 

@@ -34,7 +34,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from pretrax import config as config_lib
-from pretrax import metrics, train
+from pretrax import config_check, config_specs, metrics, train
 from pretrax import state as state_lib
 from pretrax import step as step_lib
 
@@ -103,7 +103,7 @@ def synthetic_batch(
   """A host batch of pipeline.BATCH_KEYS: random tokens in `segments` documents per row (see
   document_layout); every token is real (weight 1)."""
   shape = (rows, c.data.seq_len)
-  objective = config_lib.OBJECTIVES.index(config_lib.objective_mixture(c.objective)[0][0])
+  objective = config_lib.OBJECTIVES.index(config_specs.objective_mixture(c.objective)[0][0])
   segment_ids, positions = document_layout(rows, c.data.seq_len, segments, rng)
   return {
     'inputs': rng.integers(0, vocab_size, shape, dtype=np.int32),
@@ -145,7 +145,7 @@ def _flops(x: float) -> str:
 def benchmark(
   c, config_name: str, steps: int, warmup: int, pipeline_batches: int, segments: int = 1
 ) -> dict:
-  config_lib.validate(c, num_devices=jax.device_count())
+  config_check.validate(c, num_devices=jax.device_count())
   with tempfile.TemporaryDirectory(prefix='pretrax-throughput-') as workdir:
     data = train.load_data(c, workdir)  # Writes the tokenizer into the throwaway workdir.
     # ---- Input pipeline alone, first: nothing else competes for the host yet.

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import load_config, run_python
 from pretrax import config as config_lib
-from pretrax import metrics, train
+from pretrax import config_check, metrics, train
 from pretrax.model import attention, attention_cudnn, attention_splash, masks
 
 B, L, N, H = 2, 128, 4, 16  # One splash block (128) per sequence keeps interpret mode quick.
@@ -183,7 +183,7 @@ def test_an_unknown_backend_fails_in_validation_in_one_line():
     match=r"^model.attention_backend='flash' is not one "
     r'of auto, xla, cudnn, splash, cpu.$',
   ):
-    config_lib.validate(c, check_data=False)
+    config_check.validate(c, check_data=False)
   assert config_lib.ATTENTION_BACKENDS == attention.BACKENDS
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import PEAK_FLOPS_ARG, REPO, load_config, require, run_cli
 from pretrax import config as config_lib
-from pretrax import metrics
+from pretrax import config_check, metrics
 
 TINY = 'configs/tiny.py'
 
@@ -59,7 +59,7 @@ def test_impossible_configs_name_the_fields(changes, fragments):
     section, _, field = key.rpartition('.')
     (c[section] if section else c)[field] = value
   with pytest.raises(config_lib.ConfigError) as error:
-    config_lib.validate(c, check_data=False)
+    config_check.validate(c, check_data=False)
   for fragment in fragments:
     assert fragment in str(error.value)
 
@@ -67,7 +67,7 @@ def test_impossible_configs_name_the_fields(changes, fragments):
 def test_batch_must_split_over_devices():
   c = load_config('tiny')
   with pytest.raises(config_lib.ConfigError, match='not divisible by 3 device'):
-    config_lib.validate(c, num_devices=3, check_data=False)
+    config_check.validate(c, num_devices=3, check_data=False)
 
 
 @pytest.mark.slow

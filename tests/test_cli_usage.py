@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import PEAK_FLOPS_ARG, REPO, run_cli
-from pretrax import cli, errors, metrics
+from pretrax import cli, config_fields, config_views, errors, metrics
 from pretrax import config as config_lib
 
 TINY = 'configs/tiny.py'
@@ -86,7 +86,7 @@ def _leaves(d: dict) -> int:
 
 
 def test_every_base_field_has_a_comment_or_a_self_explaining_name():
-  comments = config_lib.field_comments()
+  comments = config_fields.field_comments()
   assert comments['data.text_field'].startswith('JSON lines and Parquet')
   assert (
     comments['optim.schedule_steps']
@@ -180,7 +180,7 @@ def test_paths_are_compared_as_the_files_they_name(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
 
   def meant(**fields) -> dict:
-    return config_lib.implied({k.replace('__', '.'): v for k, v in fields.items()})
+    return config_views.implied({k.replace('__', '.'): v for k, v in fields.items()})
 
   same = [f'{tmp_path}/sub/../data/x.txt', 'data/x.txt', './data//x.txt', 'link/x.txt']
   assert len({meant(data__path=p)['data.path'] for p in same}) == 1

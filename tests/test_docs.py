@@ -20,6 +20,7 @@ import sys
 import ml_collections
 
 from pretrax import config as config_lib
+from pretrax import config_fields
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 REFERENCE = REPO / 'docs' / 'config-reference.md'
@@ -37,7 +38,7 @@ def documents() -> list[pathlib.Path]:
 
 
 def _field_parts(line: str) -> tuple[str, str, str]:
-  """`name = value  # meaning`, as config.describe prints a field, split into its three parts."""
+  """`name = value  # meaning`, as config_fields.describe prints a field, in its three parts."""
   name, rest = line.split(' = ', 1)
   value, _, meaning = rest.partition('  # ')
   return name, value, meaning
@@ -50,7 +51,7 @@ def _cell(text: str) -> str:
 def config_reference() -> str:
   """Every field of the base config with its default and its meaning, one table per section."""
   sections: dict[str, list[str]] = {}
-  for line in config_lib.describe(config_lib.base_config()).splitlines():
+  for line in config_fields.describe(config_lib.base_config()).splitlines():
     name, value, meaning = _field_parts(line)
     section = name.split('.')[0] if '.' in name else 'run'
     row = f'| `{name}` | `{_cell(value)}` | {_cell(meaning)} |'

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config, run_python
-from pretrax import config as config_lib
-from pretrax import loss
+from pretrax import config_views, loss
 from pretrax.model import transformer
 
 
@@ -28,7 +27,7 @@ def _model(**changes):
   c = load_config('tiny')
   for k, v in changes.items():
     c.model[k] = v
-  return transformer.build(config_lib.model_config(c, vocab_size=40), seed=0)
+  return transformer.build(config_views.model_config(c, vocab_size=40), seed=0)
 
 
 def test_bfloat16_compute_gives_float32_logits_close_to_float32():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from pretrax import config
+from pretrax import config, config_check, config_specs
 from pretrax.data import dataset
 
 # Disjoint alphabets under a char tokenizer: every token of a row says which source it came from.
@@ -37,7 +37,7 @@ def test_training_batches_draw_each_source_by_its_weight(tmp_path):
   c.data.mixture = ','.join(items)
   c.data.seq_len, c.data.batch_size = 16, 8
   c.tokenizer.sample_mb = 1.0
-  config.validate(c)
+  config_check.validate(c)
   # What train.load_data does, without a device: the stores, the tokenizer, the batches.
   data = dataset.load(
     c,
@@ -70,11 +70,11 @@ def test_training_batches_draw_each_source_by_its_weight(tmp_path):
 
 
 def test_a_path_may_hold_colons_the_weight_follows_the_last():
-  assert config.mixture('web=gs://bucket/dir/*.parquet:0.7, code=/data/code:0.3') == [
+  assert config_specs.mixture('web=gs://bucket/dir/*.parquet:0.7, code=/data/code:0.3') == [
     ('web', 'gs://bucket/dir/*.parquet', 0.7),
     ('code', '/data/code', 0.3),
   ]
-  assert config.mixture('') == []  # No mixture: data.path is the one source.
+  assert config_specs.mixture('') == []  # No mixture: data.path is the one source.
 
 
 @pytest.mark.parametrize(
@@ -94,7 +94,7 @@ def test_a_path_may_hold_colons_the_weight_follows_the_last():
 )
 def test_a_bad_item_is_named_with_the_form_it_should_take(item):
   with pytest.raises(config.ConfigError) as error:
-    config.mixture(f'code=/data/code:0.3,{item}')
+    config_specs.mixture(f'code=/data/code:0.3,{item}')
   message = str(error.value)
   assert repr(item) in message and 'NAME=PATH:WEIGHT' in message, message
   assert 'positive' in message and 'finite' in message
@@ -102,11 +102,11 @@ def test_a_bad_item_is_named_with_the_form_it_should_take(item):
 
 def test_a_source_named_twice_is_an_error():
   with pytest.raises(config.ConfigError, match=r"names a source twice: \['web', 'code', 'web'\]"):
-    config.mixture('web=/a:0.5,code=/b:0.2,web=/c:0.3')
+    config_specs.mixture('web=/a:0.5,code=/b:0.2,web=/c:0.3')
 
 
 @pytest.mark.parametrize('spec', [',', ' ', 'web=/a:0.5,,code=/b:0.5', 'web=/a:1,'])
 def test_an_empty_item_is_an_error(spec):
   # Not skipped: ',' alone gave a mixture of no sources, which crashed the run with IndexError.
   with pytest.raises(config.ConfigError, match='empty item'):
-    config.mixture(spec)
+    config_specs.mixture(spec)

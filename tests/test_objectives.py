@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import make_store
-from pretrax import config, tokenizer
+from pretrax import config, config_specs, tokenizer
 from pretrax.data import objectives, pipeline
 
 L = 64
@@ -238,12 +238,12 @@ def test_mixture_chooses_objectives_by_weight(tok, windows):
 )
 def test_bad_objectives_are_named(spec, fragment):
   with pytest.raises(config.ConfigError, match=fragment):
-    config.objective_mixture(spec)
+    config_specs.objective_mixture(spec)
 
 
 def test_mixture_weights_are_normalised():
-  assert config.objective_mixture('causal_lm:3,prefix_lm:1') == (
+  assert config_specs.objective_mixture('causal_lm:3,prefix_lm:1') == (
     ('causal_lm', 0.75),
     ('prefix_lm', 0.25),
   )
-  assert config.objective_mixture('prefix_lm') == (('prefix_lm', 1.0),)
+  assert config_specs.objective_mixture('prefix_lm') == (('prefix_lm', 1.0),)

@@ -8,17 +8,16 @@ import numpy as np
 import pytest
 
 from conftest import load_config, run_python
-from pretrax import config as config_lib
-from pretrax import optim, sharding
+from pretrax import config_views, optim, sharding
 from pretrax import state as state_lib
 
 
-def _optim_cfg(**changes) -> config_lib.OptimConfig:
+def _optim_cfg(**changes) -> config_views.OptimConfig:
   c = load_config('tiny')
   c.steps = 100
   for k, v in changes.items():
     c.optim[k] = v
-  return config_lib.optim_config(c)
+  return config_views.optim_config(c)
 
 
 def test_decay_mask_spares_embeddings_norms_and_biases_by_default():

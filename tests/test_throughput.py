@@ -10,7 +10,7 @@ import pytest
 
 from conftest import PEAK_FLOPS_ARG, REPO, load_config, run_cli
 from pretrax import config as config_lib
-from pretrax import metrics
+from pretrax import config_check, config_specs, metrics
 from pretrax.data import prepare
 
 
@@ -111,7 +111,7 @@ def test_bad_profile_steps_fail_with_one_line(tmp_path):
 
 @pytest.mark.parametrize('spec,steps', [('', None), ('10:3', (10, 12)), ('1:1', (1, 1))])
 def test_profile_steps_parse(spec, steps):
-  assert config_lib.profile_steps(spec) == steps
+  assert config_specs.profile_steps(spec) == steps
 
 
 @pytest.mark.parametrize('spec', ['0:2', '3', '3:0', 'a:b', '3:-1'])
@@ -119,4 +119,4 @@ def test_profile_steps_refuse_nonsense(spec):
   c = load_config('tiny')
   c.profile_steps = spec
   with pytest.raises(config_lib.ConfigError, match='profile_steps'):
-    config_lib.validate(c, check_data=False)
+    config_check.validate(c, check_data=False)

@@ -17,7 +17,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from pretrax import config as config_lib
-from pretrax import errors, paths
+from pretrax import config_views, errors, paths
 
 _TMP_MARKER = '.orbax-checkpoint-tmp'
 _COMMIT_FILE = 'commit_success.txt'  # Orbax's mark of a whole checkpoint on a bucket.
@@ -222,7 +222,7 @@ def check_resumable(mngr: ocp.CheckpointManager, c: ml_collections.ConfigDict) -
   now, before = _flatten(json.loads(c.to_json())), _flatten(saved)
   # A default that stands for another field's value (schedule_steps 0 = steps) is compared by
   # what it means: written out or implied, the same schedule is the same run.
-  now_meant, before_meant = config_lib.implied(now), config_lib.implied(before)
+  now_meant, before_meant = config_views.implied(now), config_views.implied(before)
   # A field that a newer version added is absent from older checkpoints: fine at its default.
   defaults = _flatten(json.loads(config_lib.base_config().to_json()))
   changed = [

@@ -37,17 +37,18 @@ USAGE = _usage(COMMANDS)
 def _unknown_key_message(argv: list[str], spec: str | None, error: Exception) -> str:
   """The first --config override that names no field of the config, with the nearest fields."""
   from pretrax import config as config_lib
+  from pretrax import config_fields
 
   try:
     path, _, arg = (spec or '').partition(':')
     c = config_lib.load(path, arg or None) if path else config_lib.base_config()
   except Exception:  # The error being reported is the override; the file was checked before.
     c = config_lib.base_config()
-  fields = set(config_lib.field_names(c))
+  fields = set(config_fields.field_names(c))
   for override in argv:
     key = override.split('=', 1)[0].removeprefix('--config.')
     if override.startswith('--config.') and key not in fields:
-      near = config_lib.nearest_fields(c, key)
+      near = config_fields.nearest_fields(c, key)
       fix = f'did you mean {" or ".join(near)}?' if near else 'see --print_config for every field.'
       return f'--config.{key} names no config field; {fix}'
   detail = ' '.join(str(error).split())
@@ -204,10 +205,10 @@ def main(argv: list[str] | None = None) -> None:
   from pretrax import faults
 
   if 'print_config' in FLAGS and FLAGS.print_config:
-    from pretrax import config as config_lib
+    from pretrax import config_fields
 
     try:
-      print(config_lib.describe(FLAGS.config), flush=True)
+      print(config_fields.describe(FLAGS.config), flush=True)
     except BrokenPipeError:  # `| head`: the reader has what it wanted.
       os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(0)

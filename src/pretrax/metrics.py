@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from pretrax import paths
-from pretrax.config import ModelConfig
+from pretrax.config_views import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets, keyed by the start of JAX's
 # `device_kind` (e.g. 'NVIDIA H100 80GB HBM3', 'TPU v5 lite' for v5e, 'TPU v6 lite' for v6e).

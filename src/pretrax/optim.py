@@ -3,7 +3,7 @@
 import jax
 import optax
 
-from pretrax.config import OptimConfig
+from pretrax.config_views import OptimConfig
 
 # Parameter names (last path entry) that are embedding tables, not projections.
 _EMBEDDING_NAMES = ('embedding', 'pos_embed')

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from pretrax import config as config_lib
+from pretrax import config_check
 from pretrax import state as state_lib
 from pretrax import step as step_lib
 from pretrax.data import pipeline
@@ -223,7 +223,7 @@ def plan(
   if attention_memory not in ATTENTION_MEMORY:
     raise ValueError(f'attention_memory={attention_memory!r} is not one of {ATTENTION_MEMORY}.')
   devices = list(devices if devices is not None else jax.devices())
-  config_lib.validate(c, num_devices=len(devices), check_data=False)
+  config_check.validate(c, num_devices=len(devices), check_data=False)
   run = state_lib.build(c, vocab_size, devices)
   mesh = dict(run.mesh.shape)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(run.abstract['params'])

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from pretrax import checkpoint, paths
+from pretrax import checkpoint, config_specs, config_views, paths
 from pretrax import config as config_lib
 from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
@@ -84,7 +84,7 @@ def load(
     path = tokenizer_path(workdir, c)
     tok = tokenizer_lib.Tokenizer.load(path)
     run = state_lib.build(
-      config_lib.on_local_devices(c, mesh), tok.vocab_size, num_classes=len(labels(workdir, c))
+      config_views.on_local_devices(c, mesh), tok.vocab_size, num_classes=len(labels(workdir, c))
     )
     state, _ = checkpoint.restore(mngr, step, run.abstract)
   finally:
@@ -116,7 +116,7 @@ def _is_hf_dir(path: str) -> bool:
 
 def source_tokenizer(spec: str) -> str:
   """The tokenizer of the run (or Hugging Face directory) that `init_from` names."""
-  path, _ = config_lib.init_source(spec)
+  path, _ = config_specs.init_source(spec)
   if not paths.path(path).exists():
     raise FileNotFoundError(
       f'init_from={spec!r}: {path} does not exist: name the workdir of a '
@@ -133,7 +133,7 @@ def source_tokenizer(spec: str) -> str:
 
 def _source_values(c: ml_collections.ConfigDict) -> tuple[dict[str, Any], str]:
   """The parameters `init_from` names, by path, and a description of where they come from."""
-  path, step = config_lib.init_source(c.init_from)
+  path, step = config_specs.init_source(c.init_from)
   if _is_hf_dir(path):
     from pretrax.interop import hf_import  # Local: only a Hugging Face start needs the converter.
 

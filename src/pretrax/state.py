@@ -13,8 +13,7 @@ import jax
 import ml_collections
 import optax
 
-from pretrax import config as config_lib
-from pretrax import optim, sharding
+from pretrax import config_views, optim, sharding
 from pretrax import step as step_lib
 from pretrax.model import transformer
 
@@ -23,7 +22,7 @@ from pretrax.model import transformer
 class RunState:
   """The static pieces of a run and the abstract (shape + sharding) train state."""
 
-  model_cfg: config_lib.ModelConfig
+  model_cfg: config_views.ModelConfig
   model_def: nnx.GraphDef
   optimizer: optax.GradientTransformation
   schedule: optax.Schedule
@@ -67,12 +66,12 @@ def param_path(keypath) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in keypath)
 
 
-def _params(model_cfg: config_lib.ModelConfig, seed: int) -> Any:
+def _params(model_cfg: config_views.ModelConfig, seed: int) -> Any:
   return nnx.to_pure_dict(nnx.split(transformer.build(model_cfg, seed))[1])
 
 
 def _init(
-  model_cfg: config_lib.ModelConfig,
+  model_cfg: config_views.ModelConfig,
   optimizer: optax.GradientTransformation,
   seed: int,
   spike_window: int,
@@ -86,8 +85,8 @@ def build(
   devices: list[jax.Device] | None = None,
   num_classes: int = 0,
 ) -> RunState:
-  model_cfg = config_lib.model_config(c, vocab_size, num_classes)
-  optim_cfg = config_lib.optim_config(c)
+  model_cfg = config_views.model_config(c, vocab_size, num_classes)
+  optim_cfg = config_views.optim_config(c)
   optimizer = optim.optimizer(optim_cfg)
   model_def, abstract_params = nnx.split(nnx.eval_shape(lambda: transformer.build(model_cfg, 0)))
   mesh = sharding.make_mesh(c.mesh, devices)

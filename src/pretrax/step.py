@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from pretrax import config as config_lib
+from pretrax import config_specs
 from pretrax import loss as loss_lib
 from pretrax.model import layers
 
@@ -47,7 +48,7 @@ def step_config(c) -> StepConfig:
     z_loss=c.optim.z_loss,
     dropout=c.model.dropout > 0,
     seed=c.seed,
-    objectives=tuple(name for name, _ in config_lib.objective_mixture(c.objective)),
+    objectives=tuple(name for name, _ in config_specs.objective_mixture(c.objective)),
     skip_nonfinite=c.optim.skip_nonfinite,
     spike_window=c.optim.spike_window,
     spike_threshold=c.optim.spike_threshold,

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from pretrax import checkpoint, faults, paths, saved_run, train_eval
+from pretrax import checkpoint, config_check, config_specs, faults, paths, saved_run, train_eval
 from pretrax import config as config_lib
 from pretrax import metrics as metrics_lib
 from pretrax import plan as plan_lib
@@ -39,7 +39,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   Raises faults.Stopped after saving when a SIGTERM or SIGINT asked it to stop.
   """
-  config_lib.validate(c, num_devices=jax.device_count())
+  config_check.validate(c, num_devices=jax.device_count())
   faults.check_writable(workdir)
   with faults.WorkdirLock(workdir), faults.StopSignals() as stop:
     mngr = checkpoint.manager(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
@@ -413,7 +413,7 @@ class _StepTrace:
   local files: for a bucket workdir it writes to a temporary directory, uploaded when it ends."""
 
   def __init__(self, spec: str, workdir: str):
-    self.steps = config_lib.profile_steps(spec)
+    self.steps = config_specs.profile_steps(spec)
     self.dir = paths.join(workdir, 'profile')
     if jax.process_count() > 1:  # Processes on one host would otherwise share a file name.
       self.dir = paths.join(self.dir, f'process_{jax.process_index()}')

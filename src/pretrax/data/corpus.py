@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 
-from pretrax import config as config_lib
+from pretrax import config_views
 from pretrax.data import sources
 from pretrax.data import store as store_lib
 from pretrax.data import units as units_lib
@@ -62,7 +62,7 @@ def tokenizer_spec(c) -> dict:
   return {
     'model_type': tok.model_type,
     'vocab_size': tok.vocab_size,
-    'sentinels': config_lib.num_sentinels(c),
+    'sentinels': config_views.num_sentinels(c),
     'sample_mb': tok.sample_mb,
   }
 

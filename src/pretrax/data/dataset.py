@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from pretrax import config as config_lib
-from pretrax import paths
+from pretrax import config_specs, paths
 from pretrax import tokenizer as tokenizer_lib
 from pretrax.data import corpus, examples, handoff, pipeline, sources
 from pretrax.data import objectives as objectives_lib
@@ -49,7 +49,7 @@ class RunData:
 def source_specs(c: ml_collections.ConfigDict) -> list[tuple[str, str, float]]:
   """(name, path, weight) of each source: the mixture's, or data.path as the one source ''."""
   if c.data.mixture:
-    return config_lib.mixture(c.data.mixture)
+    return config_specs.mixture(c.data.mixture)
   return [('', c.data.path, 1.0)]
 
 

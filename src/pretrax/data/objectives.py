@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from pretrax import config as config_lib
+from pretrax import config_specs
 from pretrax import tokenizer as tokenizer_lib
 
 Example = dict[str, np.ndarray]
@@ -56,7 +57,7 @@ class Objectives:
 
   @classmethod
   def from_config(cls, c: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer) -> 'Objectives':
-    mixture = config_lib.objective_mixture(c.objective)
+    mixture = config_specs.objective_mixture(c.objective)
     names = tuple(name for name, _ in mixture)
     if 'span_corruption' in names and not len(tok.sentinel_ids):
       raise config_lib.ConfigError(

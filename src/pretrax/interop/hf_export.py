@@ -17,8 +17,7 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
-from pretrax import checkpoint, paths
-from pretrax import config as config_lib
+from pretrax import checkpoint, config_views, paths
 from pretrax import state as state_lib
 from pretrax.interop import hf_arch, hf_tensors, hf_tokenizer, safetensors
 
@@ -163,7 +162,7 @@ def export(
   params = CheckpointParams(
     paths.join(checkpoint.directory(workdir), str(step), 'state'), saved['fingerprint']['bit_sums']
   )
-  m = config_lib.model_config(c, params.shape('embed/embedding')[0])
+  m = config_views.model_config(c, params.shape('embed/embedding')[0])
   arch = hf_arch.architecture(m)
   tokenizer_path = _tokenizer_path(c, workdir)
   target = np.dtype(DTYPES[dtype])

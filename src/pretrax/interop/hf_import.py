@@ -14,8 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from pretrax import checkpoint, paths
-from pretrax import config as config_lib
+from pretrax import checkpoint, config_views, paths
 from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
 from pretrax.interop import hf_arch, hf_tensors, hf_tokenizer, safetensors
@@ -90,7 +89,7 @@ def _matching_model(hf_dir: str, c: ml_collections.ConfigDict):
     tok = tokenizer_lib.Tokenizer.load(c.tokenizer.path)
   elif os.path.exists(sp_path):
     tok = tokenizer_lib.Tokenizer.load(sp_path)
-  m = config_lib.model_config(c, tok.vocab_size if tok else hf['vocab_size'])
+  m = config_views.model_config(c, tok.vocab_size if tok else hf['vocab_size'])
   problems = hf_arch.mismatches(m, hf)
   if arch == hf_arch.LLAMA and bool(hf.get('attention_bias')) != bool(hf.get('mlp_bias')):
     problems.append('config.json has attention_bias != mlp_bias; pretrax has one model.use_bias')
@@ -108,7 +107,7 @@ def _matching_model(hf_dir: str, c: ml_collections.ConfigDict):
 
 
 def _read_values(
-  reader: 'safetensors.Reader', m: config_lib.ModelConfig, arch: str, hf_dir: str
+  reader: 'safetensors.Reader', m: config_views.ModelConfig, arch: str, hf_dir: str
 ) -> dict[str, np.ndarray]:
   """Our parameters (by path) from the transformers tensors, float32 on the host."""
   values: dict[str, np.ndarray] = {}
@@ -151,7 +150,7 @@ def _write_step_zero(
   flattened (path, abstract array) pairs."""
   # Whatever mesh the config trains on, importing uses this machine's devices (`train` restores
   # onto its own mesh); the checkpoint keeps the config as given.
-  run = state_lib.build(config_lib.on_local_devices(c), vocab_size)
+  run = state_lib.build(config_views.on_local_devices(c), vocab_size)
   flat, treedef = jax.tree_util.tree_flatten_with_path(run.abstract['params'])
   names = [state_lib.param_path(k) for k, _ in flat]
   missing = [name for name in names if name not in values]

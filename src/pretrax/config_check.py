@@ -1,0 +1,211 @@
+"""Validation in one place: every impossible combination fails here, before anything compiles, with
+a ConfigError naming the fields and the fix; and the corpus files a config names.
+
+The top config module: imports config.py, config_specs.py and config_views.py, and (locally, for
+file checks only) data/sources.py.
+"""
+
+import os
+
+import ml_collections
+
+from pretrax.config import (
+  ATTENTION_BACKENDS,
+  DTYPES,
+  FINETUNE_OBJECTIVES,
+  FLAVOURS,
+  SCHEDULES,
+  STDLIB_CORPUS,
+  TOKENIZER_TYPES,
+  ConfigError,
+  one_of,
+  require,
+)
+from pretrax.config_specs import init_source, mixture, objective_mixture, profile_steps
+from pretrax.config_views import REMAT_POLICIES, attention_kind, remat_policy
+
+
+def validate(
+  c: ml_collections.ConfigDict, *, num_devices: int = 1, check_data: bool = True
+) -> None:
+  """Raises ConfigError naming the fields and the fix for anything that cannot run."""
+  objective_mixture(c.objective)
+  one_of('tokenizer.model_type', c.tokenizer.model_type, TOKENIZER_TYPES)
+  _validate_model(c.model, c.data.seq_len)
+  _validate_batches(c.data, c.optim, num_devices)
+  _validate_optim(c.optim)
+  _validate_objectives(c)
+  _validate_run(c)
+  if check_data:
+    _validate_files(c)
+
+
+def _validate_model(m: ml_collections.ConfigDict, seq_len: int) -> None:
+  one_of('model.flavour', m.flavour, FLAVOURS)
+  one_of('model.param_dtype', m.param_dtype, DTYPES)
+  one_of('model.dtype', m.dtype, DTYPES)
+  one_of('model.remat', remat_policy(m.remat), REMAT_POLICIES)
+  one_of('model.attention_backend', m.attention_backend, ATTENTION_BACKENDS)
+  for name in ('num_layers', 'num_heads', 'embed_dim'):
+    require(m[name] > 0, f'model.{name}={m[name]} must be positive.')
+  for name in ('loss_chunk', 'max_segments'):
+    require(m[name] >= 0, f'model.{name}={m[name]} must be 0 or more.')
+  require(
+    m.head_dim > 0 or m.embed_dim % m.num_heads == 0,
+    f'model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}: '
+    'change one of them or set model.head_dim.',
+  )
+  kv_heads = m.num_kv_heads or m.num_heads
+  require(
+    m.num_heads % kv_heads == 0,
+    f'model.num_kv_heads={kv_heads} does not divide model.num_heads={m.num_heads}: '
+    'grouped-query attention needs whole groups.',
+  )
+  if m.flavour == 'llama':
+    head_dim = m.head_dim or m.embed_dim // m.num_heads
+    require(head_dim % 2 == 0, f'model head_dim={head_dim} must be even for RoPE.')
+  require(
+    m.max_len == 0 or seq_len <= m.max_len,
+    f'data.seq_len={seq_len} exceeds model.max_len={m.max_len}: '
+    'raise model.max_len or lower data.seq_len.',
+  )
+  require(0.0 <= m.dropout < 1.0, f'model.dropout={m.dropout} must be in [0, 1).')
+
+
+def _validate_batches(
+  d: ml_collections.ConfigDict, o: ml_collections.ConfigDict, num_devices: int
+) -> None:
+  require(d.seq_len > 1, f'data.seq_len={d.seq_len} must be at least 2.')
+  require(
+    0 <= d.window_stride <= d.seq_len,
+    f'data.window_stride={d.window_stride} must be between 0 (= seq_len) and '
+    f'data.seq_len={d.seq_len}: a larger stride would skip tokens.',
+  )
+  require(
+    0.0 < d.eval_fraction < 1.0,
+    f'data.eval_fraction={d.eval_fraction} must be strictly between 0 and 1.',
+  )
+  require(d.batch_size > 0, f'data.batch_size={d.batch_size} must be positive.')
+  require(d.shard_mb > 0, f'data.shard_mb={d.shard_mb} must be positive.')
+  per_step = num_devices * o.grad_accum_steps
+  require(o.grad_accum_steps >= 1, f'optim.grad_accum_steps={o.grad_accum_steps} must be >= 1.')
+  require(
+    d.batch_size % per_step == 0,
+    f'data.batch_size={d.batch_size} is not divisible by {num_devices} device(s) x '
+    f'optim.grad_accum_steps={o.grad_accum_steps}: make it a multiple of {per_step}.',
+  )
+  mixture(d.mixture)
+
+
+def _validate_optim(o: ml_collections.ConfigDict) -> None:
+  one_of('optim.schedule', o.schedule, SCHEDULES)
+  require(o.spike_window >= 0, f'optim.spike_window={o.spike_window} must be >= 0 (0: off).')
+  require(
+    o.spike_threshold > 0,
+    f'optim.spike_threshold={o.spike_threshold} must be positive (standard deviations).',
+  )
+  require(o.warmup_steps >= 0, f'optim.warmup_steps={o.warmup_steps} must be >= 0.')
+  require(o.schedule_steps >= 0, f'optim.schedule_steps={o.schedule_steps} must be >= 0.')
+  require(0 <= o.min_lr <= o.lr, f'optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}.')
+  require(
+    0.0 < o.decay_fraction <= 1.0, f'optim.decay_fraction={o.decay_fraction} must be in (0, 1].'
+  )
+
+
+def _validate_objectives(c: ml_collections.ConfigDict) -> None:
+  """The masked LM's and span corruption's settings; what a fine-tune and in-loop tasks need."""
+  lm, sc = c.masked_lm, c.span_corruption
+  require(0.0 < lm.rate < 1.0, f'masked_lm.rate={lm.rate} must be strictly between 0 and 1.')
+  require(
+    lm.mask_token_fraction >= 0
+    and lm.random_token_fraction >= 0
+    and lm.mask_token_fraction + lm.random_token_fraction <= 1.0,
+    f'masked_lm.mask_token_fraction={lm.mask_token_fraction} and '
+    f'masked_lm.random_token_fraction={lm.random_token_fraction} must be >= 0 and sum '
+    'to at most 1 (the rest stay unchanged).',
+  )
+  require(
+    0.0 < sc.noise_density < 1.0,
+    f'span_corruption.noise_density={sc.noise_density} must be strictly between 0 and 1.',
+  )
+  require(
+    sc.mean_span_length >= 1.0,
+    f'span_corruption.mean_span_length={sc.mean_span_length} must be at least 1.',
+  )
+  init_source(c.init_from)
+  if c.objective in FINETUNE_OBJECTIVES:
+    require(
+      not c.data.mixture and not c.data.prepared,
+      f'objective={c.objective} reads records from data.path (and finetune.eval_path): '
+      'data.mixture and data.prepared are for pre-training corpora.',
+    )
+  require(
+    c.eval.tasks_every >= 0 and c.eval.limit >= 0,
+    f'eval.tasks_every={c.eval.tasks_every} and eval.limit={c.eval.limit} must be >= 0 '
+    '(0: every eval_every steps; all questions).',
+  )
+  require(
+    not c.eval.tasks or attention_kind(c.objective) != 'bidirectional',
+    f'eval.tasks scores continuations by their likelihood under a decoder; objective='
+    f'{c.objective} trains a model that does not give one: set eval.tasks="".',
+  )
+
+
+def _validate_run(c: ml_collections.ConfigDict) -> None:
+  """Steps, intervals, checkpoints, profiling, the tokenizer sample."""
+  require(c.steps > 0, f'steps={c.steps} must be positive.')
+  for name in ('log_every', 'eval_every'):
+    require(c[name] > 0, f'{name}={c[name]} must be positive.')
+  require(c.checkpoint.every > 0, f'checkpoint.every={c.checkpoint.every} must be positive.')
+  require(c.checkpoint.keep > 0, f'checkpoint.keep={c.checkpoint.keep} must be positive.')
+  profile_steps(c.profile_steps)
+  require(
+    c.tokenizer.sample_mb > 0, f'tokenizer.sample_mb={c.tokenizer.sample_mb} must be positive.'
+  )
+
+
+def _validate_files(c: ml_collections.ConfigDict) -> None:
+  """The files the config names exist."""
+  if c.objective in FINETUNE_OBJECTIVES and c.finetune.eval_path:
+    from pretrax.data import sources  # Local: validation only needs the file system part.
+
+    require(
+      bool(sources.expand_paths(c.finetune.eval_path)),
+      f'finetune.eval_path={c.finetune.eval_path!r} matches no file: point it at the '
+      'held-out records, or set it to "" to hold out data.eval_fraction of data.path.',
+    )
+  if not c.data.prepared:
+    resolve_data_paths(c)
+    if c.tokenizer.path:
+      require(
+        os.path.isfile(c.tokenizer.path),
+        f'tokenizer.path={c.tokenizer.path!r} does not exist: point it at a SentencePiece '
+        '.model file, or set it to "" to train one on the data.',
+      )
+
+
+def resolve_data_paths(c: ml_collections.ConfigDict) -> list[str]:
+  """The files the config names, or the fallback corpus; a clear error if there are none."""
+  from pretrax.data import sources  # Local: validation only needs the file system part.
+
+  if c.data.mixture:
+    files = []
+    for name, path, _ in mixture(c.data.mixture):
+      found = sources.expand_paths(path)
+      require(
+        bool(found),
+        f'data.mixture source {name}={path!r} matches no file: point it at '
+        'files, directories or globs.',
+      )
+      files += found
+    return files
+  files = sources.expand_paths(c.data.path) if c.data.path else []
+  if files:
+    return files
+  if c.data.fallback:
+    one_of('data.fallback', c.data.fallback, (STDLIB_CORPUS,))
+    return sources.stdlib_files()
+  raise ConfigError(
+    f'data.path={c.data.path!r} matches no file: point --config.data.path at a text file, '
+    'a directory or a glob.'
+  )
