@@ -21,6 +21,7 @@ from pretrax import checkpoint, eval_checkpoint, sample, saved_run
 from pretrax import config as config_lib
 from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
+from pretrax import workdir as workdir_lib
 from pretrax.downstream import scoring
 from pretrax.downstream import tasks as tasks_lib
 
@@ -577,7 +578,7 @@ def test_an_encoder_is_refused_in_one_line(tmp_path, corpus_path):
   checkpoint.save(mngr, 1, run.init(0), json.loads(c.to_json()))
   checkpoint.wait(mngr)
   mngr.close()
-  tok.save(str(tmp_path / saved_run.TOKENIZER_FILE))
+  tok.save(str(tmp_path / workdir_lib.TOKENIZER_FILE))
   with pytest.raises(config_lib.ConfigError, match='encoder, which gives no next-token'):
     eval_checkpoint.evaluate(
       str(tmp_path), [_write_task(tmp_path / 'qa.jsonl')], log=lambda _: None

@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 
 from pretrax import config as config_lib
 from pretrax import config_views, errors, paths
+from pretrax import workdir as workdir_lib
 
 _TMP_MARKER = '.orbax-checkpoint-tmp'
 _COMMIT_FILE = 'commit_success.txt'  # Orbax's mark of a whole checkpoint on a bucket.
@@ -25,7 +26,7 @@ _COMMIT_FILE = 'commit_success.txt'  # Orbax's mark of a whole checkpoint on a b
 
 def directory(workdir: str) -> str:
   """WORKDIR/checkpoints: absolute when local, as written for a bucket (gs://...)."""
-  return paths.join(workdir, 'checkpoints')
+  return workdir_lib.checkpoints(workdir)
 
 
 def manager(
@@ -160,7 +161,7 @@ def restore(
 
 def set_aside(workdir: str, step: int) -> str:
   """Moves a damaged step out of the way (to WORKDIR/damaged_checkpoints/), keeping it to study."""
-  target = paths.path(workdir) / 'damaged_checkpoints' / str(step)
+  target = paths.path(workdir_lib.damaged_checkpoint(workdir, step))
   if target.exists():
     target.rmtree()
   paths.move_tree(paths.join(directory(workdir), str(step)), target)

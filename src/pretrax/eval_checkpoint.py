@@ -13,6 +13,7 @@ import json
 
 from pretrax import config as config_lib
 from pretrax import paths, saved_run
+from pretrax import workdir as workdir_lib
 from pretrax.downstream import scoring
 from pretrax.downstream import tasks as tasks_lib
 
@@ -20,7 +21,7 @@ TABLE_KEYS = ('docs', 'chance', 'acc', 'acc_norm', 'bpb', 'gold_greedy')
 
 
 def default_output(workdir: str, step: int) -> str:
-  return paths.join(workdir, 'eval', f'step_{step}')
+  return workdir_lib.eval_dir(workdir, step)
 
 
 def samples_file(task_name: str) -> str:

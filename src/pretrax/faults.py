@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from pretrax import errors, paths
+from pretrax import workdir as workdir_lib
 
 # Exit status of a run stopped by a signal after saving: EX_TEMPFAIL, "try again later".
 STOPPED_EXIT_CODE = 75
@@ -117,7 +118,7 @@ class WorkdirLock:
 
   def __init__(self, workdir: str):
     self.workdir = workdir
-    self.path = paths.join(workdir, 'lock')
+    self.path = workdir_lib.lock_file(workdir)
     self._file: io.TextIOWrapper | None = None
     self._lease: BucketLease | None = None
 
@@ -169,7 +170,7 @@ class BucketLease:
 
   def __init__(self, workdir: str):
     self.workdir = workdir
-    self.path = paths.path(workdir) / 'lock'
+    self.path = paths.path(workdir_lib.lock_file(workdir))
     self.owner = f'pid {os.getpid()} on {os.uname().nodename}'
     self.token = uuid.uuid4().hex
     self._stop = threading.Event()

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from pretrax import paths
+from pretrax import workdir as workdir_lib
 from pretrax.config_views import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets, keyed by the start of JAX's
@@ -96,7 +97,7 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True):
     self.enabled = enabled
-    self.path = paths.path(workdir) / 'metrics.jsonl'
+    self.path = paths.path(workdir_lib.metrics_file(workdir))
     self.remote = paths.is_remote(workdir)
     self._tb: Any | None = None  # tensorboardX's (untyped) SummaryWriter; None: off or closed.
     self._lines: list[str] = []
@@ -211,7 +212,7 @@ def _parse(lines: list[str]) -> tuple[list[dict | None], int]:
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The records of a run's metrics.jsonl (lines cut mid-write left out); FileNotFoundError when
   the run wrote none."""
-  path = paths.path(workdir) / 'metrics.jsonl'
+  path = paths.path(workdir_lib.metrics_file(workdir))
   if not path.exists():
     raise FileNotFoundError(f'no metrics in {workdir}: {path} does not exist.')
   return [r for r in _parse(_lines(path))[0] if r is not None]

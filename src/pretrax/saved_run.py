@@ -18,9 +18,8 @@ from pretrax import checkpoint, config_specs, config_views, paths
 from pretrax import config as config_lib
 from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
+from pretrax import workdir as workdir_lib
 
-TOKENIZER_FILE = 'tokenizer.model'
-LABELS_FILE = 'labels.json'  # A classification run's labels, in the order of its classes.
 # Parameters a fine-tune may add to what it starts from: the classification head.
 NEW_HEAD = ('pooler', 'pooler_bias', 'classifier', 'classifier_bias')
 
@@ -52,15 +51,9 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 
 def tokenizer_path(workdir: str, c: ml_collections.ConfigDict) -> str:
-  """The tokenizer a run kept in its workdir, or the one its config named."""
-  saved = paths.join(workdir, TOKENIZER_FILE)
-  if paths.path(saved).exists():
-    return saved
-  if c.tokenizer.path and paths.path(c.tokenizer.path).exists():
-    return c.tokenizer.path
-  raise FileNotFoundError(
-    f'no tokenizer for the run in {workdir}: neither {saved} nor '
-    f'tokenizer.path={c.tokenizer.path!r} exists.'
+  """The tokenizer a run kept in its workdir, else its prepared store's, else its config's."""
+  return workdir_lib.find_tokenizer(
+    workdir, c.data.get('prepared', ''), c.tokenizer.get('path', '')
   )
 
 
@@ -96,7 +89,7 @@ def labels(workdir: str, c: ml_collections.ConfigDict) -> list[str]:
   """A classification run's labels (saved by `train`); [] for other objectives."""
   if c.objective != 'classification':
     return []
-  path = paths.path(paths.join(workdir, LABELS_FILE))
+  path = paths.path(workdir_lib.labels_file(workdir))
   if not path.exists():
     raise FileNotFoundError(f'{path} is missing: it names the classes of the run in {workdir}.')
   return json.loads(path.read_text())
@@ -122,7 +115,7 @@ def source_tokenizer(spec: str) -> str:
       f'init_from={spec!r}: {path} does not exist: name the workdir of a '
       'pretrax run or a Hugging Face model directory.'
     )
-  candidate = paths.join(path, TOKENIZER_FILE)
+  candidate = workdir_lib.tokenizer_file(path)
   if not paths.path(candidate).exists():
     raise config_lib.ConfigError(
       f'init_from={spec!r}: {candidate} does not exist, so the tokenizer the parameters were '

@@ -13,6 +13,7 @@ import os
 import statistics
 from typing import Any
 
+from pretrax import workdir as workdir_lib
 from pretrax.sweep_trials import Trial
 
 # Where a trial's process exit code says it stopped on a signal after saving (faults.py).
@@ -58,7 +59,7 @@ COLUMNS = (
 
 def _records(trial: Trial) -> list[dict[str, Any]]:
   try:
-    with open(os.path.join(trial.workdir, 'metrics.jsonl')) as f:
+    with open(workdir_lib.metrics_file(trial.workdir)) as f:
       lines = f.read().splitlines()
   except OSError:
     return []

@@ -25,6 +25,7 @@ from pretrax import plan as plan_lib
 from pretrax import sample as sample_lib
 from pretrax import state as state_lib
 from pretrax import step as step_lib
+from pretrax import workdir as workdir_lib
 from pretrax.data import dataset
 from pretrax.data import objectives as objectives_lib
 
@@ -117,7 +118,7 @@ def _train(
   text = _final_sample(c, run, state['params'], data)
   log(
     f'outputs in {paths.path(workdir)}: metrics.jsonl, TensorBoard events, checkpoints/, '
-    f'{saved_run.TOKENIZER_FILE}'
+    f'{workdir_lib.TOKENIZER_FILE}'
   )
   return {
     'train': run_log.last_train,
@@ -414,7 +415,7 @@ class _StepTrace:
 
   def __init__(self, spec: str, workdir: str):
     self.steps = config_specs.profile_steps(spec)
-    self.dir = paths.join(workdir, 'profile')
+    self.dir = workdir_lib.profile_dir(workdir)
     if jax.process_count() > 1:  # Processes on one host would otherwise share a file name.
       self.dir = paths.join(self.dir, f'process_{jax.process_index()}')
     self.local_dir = self.dir
@@ -466,9 +467,9 @@ def load_data(
     log=log,
   )
   if jax.process_index() == 0:
-    data.tok.save(paths.join(workdir, saved_run.TOKENIZER_FILE))
+    data.tok.save(workdir_lib.tokenizer_file(workdir))
     if c.objective == 'classification':
-      labels = paths.path(paths.join(workdir, saved_run.LABELS_FILE))
+      labels = paths.path(workdir_lib.labels_file(workdir))
       labels.write_text(json.dumps(list(data.labels)))
   return data
 

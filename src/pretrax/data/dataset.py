@@ -23,6 +23,7 @@ import numpy as np
 from pretrax import config as config_lib
 from pretrax import config_specs, paths
 from pretrax import tokenizer as tokenizer_lib
+from pretrax import workdir as workdir_lib
 from pretrax.data import corpus, examples, handoff, pipeline, sources
 from pretrax.data import objectives as objectives_lib
 from pretrax.data import prepare as prepare_lib
@@ -59,7 +60,7 @@ def store_root(c: ml_collections.ConfigDict, workdir: str) -> str:
   if paths.is_remote(workdir):  # Memory-mapped reading needs a local disk.
     cache = os.environ.get('PRETRAX_CACHE', os.path.expanduser('~/.cache/pretrax'))
     return os.path.join(cache, 'stores', hashlib.sha256(workdir.encode()).hexdigest()[:16])
-  return paths.join(workdir, 'data')
+  return workdir_lib.data_dir(workdir)
 
 
 def _store_dir(root: str, name: str) -> str:

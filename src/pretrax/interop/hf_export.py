@@ -19,6 +19,7 @@ import numpy as np
 
 from pretrax import checkpoint, config_views, paths
 from pretrax import state as state_lib
+from pretrax import workdir as workdir_lib
 from pretrax.interop import hf_arch, hf_tensors, hf_tokenizer, safetensors
 
 DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16)}
@@ -99,19 +100,6 @@ class CheckpointParams:
     return array
 
 
-def _tokenizer_path(c: ml_collections.ConfigDict, workdir: str) -> str:
-  candidates = [paths.join(workdir, hf_tokenizer.SENTENCEPIECE_FILE)]
-  if c.data.get('prepared'):  # A store keeps its tokenizer (a mixture's, in one of its sources).
-    candidates += [os.path.join(c.data.prepared, hf_tokenizer.SENTENCEPIECE_FILE)]
-  candidates.append(c.tokenizer.path)
-  for path in candidates:
-    if path and paths.path(path).exists():
-      return path
-  raise FileNotFoundError(
-    f'no tokenizer for the run in {workdir} (looked for {", ".join(p for p in candidates if p)}).'
-  )
-
-
 def _saved_step(workdir: str, step: int | None) -> tuple[int, dict]:
   """The step to export (the latest if None) and its saved config and fingerprint."""
   if not paths.path(checkpoint.directory(workdir)).exists():
@@ -164,7 +152,9 @@ def export(
   )
   m = config_views.model_config(c, params.shape('embed/embedding')[0])
   arch = hf_arch.architecture(m)
-  tokenizer_path = _tokenizer_path(c, workdir)
+  tokenizer_path = workdir_lib.find_tokenizer(
+    workdir, c.data.get('prepared', ''), c.tokenizer.get('path', '')
+  )
   target = np.dtype(DTYPES[dtype])
 
   def compute(t: hf_tensors.Tensor) -> np.ndarray:

@@ -17,6 +17,7 @@ import numpy as np
 from pretrax import checkpoint, config_views, paths
 from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
+from pretrax import workdir as workdir_lib
 from pretrax.interop import hf_arch, hf_tensors, hf_tokenizer, safetensors
 
 
@@ -43,9 +44,7 @@ def import_model(
   values = _read_values(reader, m, arch, hf_dir)
   flat = _write_step_zero(c, workdir, values, m.vocab_size, hf_dir)
   if tok is not None and not c.tokenizer.path:
-    paths.path(workdir).joinpath(hf_tokenizer.SENTENCEPIECE_FILE).write_bytes(
-      paths.path(sp_path).read_bytes()
-    )
+    paths.path(workdir_lib.tokenizer_file(workdir)).write_bytes(paths.path(sp_path).read_bytes())
   unused = sorted(set(reader.names()) - {t.name for t in hf_tensors.tensor_map(m, arch)})
   log(
     f'imported {arch} from {hf_dir} ({sum(v.size for v in values.values()):,} parameters) as '
