@@ -213,6 +213,17 @@ def test_a_run_resumes_with_its_corpus_spelled_another_way(tmp_path, corpus_path
   )
   assert again.returncode == 0, again.stderr[-2000:]
   assert 'at step 2' in again.stdout
+  # Through a symlinked directory: the checkpoint's config and the workdir's store both take it.
+  os.symlink(os.path.dirname(corpus_path), tmp_path / 'link')
+  linked = os.path.join(tmp_path, 'link', os.path.basename(corpus_path))
+  third = _train(
+    tmp_path / 'run',
+    '--config.steps=6',
+    '--config.checkpoint.every=2',
+    f'--config.data.path={linked}',
+  )
+  assert third.returncode == 0, third.stderr[-2000:]
+  assert 'at step 4' in third.stdout
 
 
 @pytest.mark.slow

@@ -90,7 +90,7 @@ def make_plan(c, files: list[sources.InputFile]) -> dict:
 
 
 def _is_stdlib(files: list[sources.InputFile]) -> bool:
-  stdlib = set(sources.stdlib_files())
+  stdlib = {os.path.realpath(f) for f in sources.stdlib_files()}  # As describe names them.
   return bool(files) and all(f.path in stdlib for f in files)
 
 

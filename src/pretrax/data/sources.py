@@ -97,6 +97,8 @@ def expand_paths(spec: str) -> list[str]:
 
 
 def describe(paths: list[str]) -> list[InputFile]:
+  """Each file with its size and mtime. A local path is resolved to the file it names (symlinks,
+  '..'): a store's plan, like a resume's config check, takes two spellings of a corpus as one."""
   out = []
   for p in paths:
     if _is_remote(p):
@@ -104,7 +106,7 @@ def describe(paths: list[str]) -> list[InputFile]:
       out.append(InputFile(p, int(info.length), float(info.mtime or 0)))
     else:
       info = os.stat(p)
-      out.append(InputFile(os.path.abspath(p), info.st_size, info.st_mtime))
+      out.append(InputFile(os.path.realpath(p), info.st_size, info.st_mtime))
   return out
 
 
