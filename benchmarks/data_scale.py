@@ -562,12 +562,14 @@ _FIRST_BATCH = """
 import json, sys, time
 started = float(sys.argv[1])
 from pretrax import config as config_lib
+from pretrax import run_config
 from pretrax import tokenizer as tokenizer_lib
 from pretrax.data import objectives, pipeline, store
 imported = time.time()
 s = store.Store(sys.argv[2])
 c = config_lib.load(sys.argv[3])
 c.data.seq_len = int(sys.argv[4])
+c = run_config.build(c, check_data=False)
 tok = tokenizer_lib.Tokenizer.load(s.tokenizer_path)
 objs = objectives.Objectives.from_config(c, tok)
 source = pipeline.Source('data', 1.0, pipeline.Windows(s.split('train'), c.data.seq_len,
@@ -623,6 +625,7 @@ def pipeline_throughput(
   `min_batches` and `min_seconds` (so the prefetched batches weigh little), at most
   `max_seconds`."""
   from pretrax import config as config_lib
+  from pretrax import run_config
   from pretrax import tokenizer as tokenizer_lib
   from pretrax.data import objectives, pipeline, store
 
@@ -630,6 +633,7 @@ def pipeline_throughput(
   c = config_lib.load(CONFIG)
   c.objective = objective
   c.data.seq_len = SEQ_LEN
+  c = run_config.build(c, check_data=False)
   objs = objectives.Objectives.from_config(c, tokenizer_lib.Tokenizer.load(s.tokenizer_path))
   source = pipeline.Source(
     'data', 1.0, pipeline.Windows(s.split('train'), SEQ_LEN, SEQ_LEN), s.split('eval')

@@ -22,10 +22,11 @@ import jax
 import jax.numpy as jnp
 
 from pretrax import config as config_lib
-from pretrax import config_views, metrics, train
 from pretrax import loss as loss_lib
+from pretrax import metrics, run_config, train
 from pretrax import state as state_lib
 from pretrax import step as step_lib
+from pretrax.config_types import RunConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # For the optional PyTorch reference beside this file.
@@ -48,7 +49,7 @@ def interleaved_median_ms(fns: dict, rounds: int = 10, per_round: int = 8) -> di
   return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
-def step_timings(c) -> dict[str, float]:
+def step_timings(c: RunConfig) -> dict[str, float]:
   """The jitted pieces alone, on a real batch of the configured shape."""
   data = train.load_data(c, tempfile.mkdtemp(prefix='pretrax-bench-'))  # Builds the store.
   batches = data.train_batches(0)
@@ -104,8 +105,8 @@ def step_timings(c) -> dict[str, float]:
   return timings
 
 
-def result_mfu(c, step_ms: float, peak: float, vocab_size: int) -> float:
-  model_cfg = config_views.model_config(c, vocab_size=vocab_size)
+def result_mfu(c: RunConfig, step_ms: float, peak: float, vocab_size: int) -> float:
+  model_cfg = run_config.model_config(c, vocab_size)
   flops = metrics.flops_per_token(model_cfg, c.data.seq_len) * c.data.batch_size * c.data.seq_len
   return flops / (step_ms / 1000) / peak
 
@@ -118,13 +119,15 @@ def main() -> None:
   parser.add_argument('--workdir', default='')
   args = parser.parse_args()
 
-  c = config_lib.load(os.path.join(HERE, '..', 'configs', 'shakespeare_char.py'))
-  c.steps = args.steps
-  c.sample.length = 0
-  c.log_every = 50
-  c.eval_every = args.steps
-  timings = step_timings(c)
-  peak = c.peak_flops = timings['peak_flops']
+  cfg = config_lib.load(os.path.join(HERE, '..', 'configs', 'shakespeare_char.py'))
+  # --steps=0 times the jitted step alone; a valid config still needs a step to schedule.
+  cfg.steps = max(args.steps, 1)
+  cfg.sample.length = 0
+  cfg.log_every = 50
+  cfg.eval_every = cfg.steps
+  timings = step_timings(run_config.build(cfg, num_devices=jax.device_count()))
+  peak = cfg.peak_flops = timings['peak_flops']
+  c = run_config.build(cfg, num_devices=jax.device_count())  # With the measured peak.
   step_mfu = result_mfu(c, timings['step_ms'], peak, timings['vocab_size'])
   if not args.steps:
     for key, value in timings.items():

@@ -34,7 +34,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from pretrax import config as config_lib
-from pretrax import config_check, config_specs, metrics, train
+from pretrax import config_specs, metrics, run_config, train
 from pretrax import state as state_lib
 from pretrax import step as step_lib
 
@@ -145,7 +145,7 @@ def _flops(x: float) -> str:
 def benchmark(
   c, config_name: str, steps: int, warmup: int, pipeline_batches: int, segments: int = 1
 ) -> dict:
-  config_check.validate(c, num_devices=jax.device_count())
+  c = run_config.build(c, num_devices=jax.device_count())  # Validated and resolved, as train's.
   with tempfile.TemporaryDirectory(prefix='pretrax-throughput-') as workdir:
     data = train.load_data(c, workdir)  # Writes the tokenizer into the throwaway workdir.
     # ---- Input pipeline alone, first: nothing else competes for the host yet.

@@ -105,7 +105,7 @@ def make_store(
   """A token store of `documents` (one JSON-lines file, prepared in this process)."""
   import json
 
-  from pretrax import config
+  from pretrax import config, run_config
   from pretrax.data import prepare, store
 
   corpus = tmp_path / 'docs.jsonl'
@@ -115,7 +115,8 @@ def make_store(
   c.tokenizer.model_type, c.tokenizer.vocab_size, c.tokenizer.sentinels = model_type, 300, sentinels
   for k, v in data.items():
     c.data[k] = v
-  prepare.prepare(c, str(tmp_path / 'store'), workers=workers, log=lambda _: None)
+  run = run_config.resolve(c.to_dict())  # Below the command line: resolved, not validated.
+  prepare.prepare(run, str(tmp_path / 'store'), workers=workers, log=lambda _: None)
   return store.Store(str(tmp_path / 'store'))
 
 

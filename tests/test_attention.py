@@ -14,7 +14,7 @@ import pytest
 
 from conftest import load_config, run_python
 from pretrax import config as config_lib
-from pretrax import config_check, metrics, train
+from pretrax import config_check, metrics, run_config, train
 from pretrax.model import attention, attention_cudnn, attention_splash, masks
 
 B, L, N, H = 2, 128, 4, 16  # One splash block (128) per sequence keeps interpret mode quick.
@@ -194,7 +194,7 @@ def test_the_tiny_model_trains_the_same_with_xla_and_cpu_attention(tiny_config, 
   losses = {}
   for backend in ('xla', 'cpu'):
     c.model.attention_backend = backend
-    train.train(c, str(tmp_path / backend))
+    train.train(run_config.build(c, num_devices=jax.device_count()), str(tmp_path / backend))
     losses[backend] = [
       r['loss'] for r in metrics.read_metrics(str(tmp_path / backend)) if 'loss' in r
     ]
@@ -596,6 +596,7 @@ def test_the_train_step_lowers_for_cuda_and_dots_attention_runs_each_forward_onc
   c = load_config('tiny')
   c.model.dtype, c.model.attention_backend = 'bfloat16', 'cudnn'
   c.model.remat, c.model.loss_chunk = remat, 8
+  c = run_config.build(c, check_data=False)
   run = state_lib.build(c, 64)
   train_step = step_lib.jit_train_step(
     run.model_def, run.optimizer, run.schedule, step_lib.step_config(c)

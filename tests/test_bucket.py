@@ -20,11 +20,12 @@ from faults.test_faults import (
   train_args,
   wait_until,
 )
+import jax
 import portpicker
 import pytest
 
 from conftest import PEAK_FLOPS_ARG, REPO, load_config, run_cli
-from pretrax import faults, metrics, sample, train
+from pretrax import faults, metrics, run_config, sample, train
 from pretrax.interop import hf_export, hf_import
 
 BUCKET = 'pretrax-test'
@@ -117,7 +118,8 @@ def test_a_bucket_run_is_locked_stops_resumes_and_matches_a_local_run(
   assert exported('hf_True') == exported('hf_False')
   c = load_config('tiny')
   c.data.path, c.data.fallback = corpus_path, ''
-  hf_import.import_model(str(tmp_path / 'hf_False'), c, f'{gcs}/imported', log=lambda _: None)
+  run = run_config.build(c, check_data=False)
+  hf_import.import_model(str(tmp_path / 'hf_False'), run, f'{gcs}/imported', log=lambda _: None)
   assert epath.Path(f'{gcs}/imported/checkpoints/0/commit_success.txt').exists()
   assert (
     epath.Path(f'{gcs}/imported/tokenizer.model').read_bytes()
@@ -159,7 +161,9 @@ def test_a_missing_bucket_fails_before_training_and_makes_nothing_locally(
 ):
   monkeypatch.chdir(tmp_path)
   with pytest.raises(faults.WorkdirError, match='gs://no-such-bucket/run is not writable'):
-    train.train(tiny_config, 'gs://no-such-bucket/run')
+    train.train(
+      run_config.build(tiny_config, num_devices=jax.device_count()), 'gs://no-such-bucket/run'
+    )
   assert os.listdir(tmp_path) == []  # No local "gs:" directory.
 
 
@@ -282,7 +286,7 @@ def test_a_corpus_on_a_bucket_prepares_into_the_store_of_the_same_files_on_disk(
   def prepared(path: str, out) -> store.Store:
     c = config_lib.base_config()
     c.data.path, c.tokenizer.model_type = path, 'char'
-    prepare.prepare(c, str(out), workers=0, log=lambda _: None)
+    prepare.prepare(run_config.build(c, check_data=False), str(out), workers=0, log=lambda _: None)
     return store.Store(str(out))
 
   remote = prepared(f'{gcs}/corpus/*', tmp_path / 'remote')

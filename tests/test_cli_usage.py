@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import PEAK_FLOPS_ARG, REPO, run_cli
-from pretrax import cli, config_fields, config_views, errors, metrics
+from pretrax import cli, config_fields, errors, metrics, run_config
 from pretrax import config as config_lib
 
 TINY = 'configs/tiny.py'
@@ -168,9 +168,58 @@ def test_a_resume_compares_what_fields_mean_and_still_refuses_real_changes(tmp_p
   changed = _train(
     workdir, '--config.steps=12', '--config.optim.schedule_steps=16', '--config.checkpoint.every=4'
   )
-  _one_line_error(changed, 'optim.schedule_steps: 0 (means 8) -> 16')
+  # Both sides as resolved values: the checkpoint's 0 saved as the 8 it meant.
+  _one_line_error(changed, 'optim.schedule_steps: 8 -> 16')
   lr = _train(workdir, '--config.steps=12', '--config.optim.lr=0.1')
   _one_line_error(lr, 'optim.lr')
+
+
+def _resolved(**fields):
+  """The base config with `fields` ('optim__lr' for optim.lr), resolved as a run's config is."""
+  c = config_lib.base_config()
+  for key, value in fields.items():
+    section, _, name = key.replace('__', '.').rpartition('.')
+    (c[section] if section else c)[name] = value
+  return run_config.resolve(c.to_dict())
+
+
+def _differences(now: dict, before: dict) -> list[str]:
+  return run_config.differences(_resolved(**now), _resolved(**before))
+
+
+def test_a_default_that_stands_for_another_fields_value_compares_by_what_it_means():
+  # schedule_steps 0 means `steps`: written out or implied, the same schedule is the same run.
+  assert _differences({'steps': 30}, {'steps': 30, 'optim__schedule_steps': 30}) == []
+  # A schedule that differs from what the 0 means is named, with the resolved values both sides.
+  assert _differences({'steps': 30}, {'steps': 30, 'optim__schedule_steps': 20}) == [
+    'optim.schedule_steps: 20 -> 30'
+  ]
+  assert (
+    run_config.differences(
+      _resolved(steps=30), _resolved(steps=20, optim__schedule_steps=30), ignore=('steps',)
+    )
+    == []
+  )
+  # The model's derived sizes and the data's window stride, likewise.
+  embed = _resolved().model.embed_dim
+  assert _differences({'model__mlp_dim': 0}, {'model__mlp_dim': 4 * embed}) == []
+  assert _differences({'model__mlp_dim': 0}, {'model__mlp_dim': 64}) == [
+    f'model.mlp_dim: 64 -> {4 * embed}'
+  ]
+  seq_len = _resolved().data.seq_len
+  assert _differences({'data__window_stride': 0}, {'data__window_stride': seq_len}) == []
+  assert _differences({'eval_every': 7}, {'eval_every': 7, 'eval__tasks_every': 7}) == []
+  assert _differences({'tokenizer__sentinels': -1}, {'tokenizer__sentinels': 0}) == []
+  assert (
+    _differences(
+      {'objective': 'span_corruption', 'tokenizer__sentinels': -1},
+      {'objective': 'span_corruption', 'tokenizer__sentinels': 100},
+    )
+    == []
+  )
+  # An older checkpoint's bool remat is the policy it meant.
+  older = run_config.from_saved({'model': {'remat': True}})
+  assert run_config.differences(_resolved(model__remat='full'), older) == []
 
 
 def test_paths_are_compared_as_the_files_they_name(tmp_path, monkeypatch):
@@ -179,19 +228,28 @@ def test_paths_are_compared_as_the_files_they_name(tmp_path, monkeypatch):
   os.symlink(tmp_path / 'data', tmp_path / 'link')
   monkeypatch.chdir(tmp_path)
 
-  def meant(**fields) -> dict:
-    return config_views.implied({k.replace('__', '.'): v for k, v in fields.items()})
-
   same = [f'{tmp_path}/sub/../data/x.txt', 'data/x.txt', './data//x.txt', 'link/x.txt']
-  assert len({meant(data__path=p)['data.path'] for p in same}) == 1
-  assert meant(data__path='data/x.txt') != meant(data__path='data/y.txt')
-  assert meant(data__mixture='web=./data/x.txt:0.7,code=gs://b/c:0.3') == meant(
-    data__mixture=f'web={tmp_path}/link/x.txt:0.70, code=gs://b/c:.3'
+  for path in same:
+    assert _differences({'data__path': path}, {'data__path': same[0]}) == [], path
+  data = os.path.realpath(tmp_path / 'data')
+  assert _differences({'data__path': 'data/x.txt'}, {'data__path': 'data/y.txt'}) == [
+    f"data.path: '{data}/y.txt' -> '{data}/x.txt'"
+  ]
+  assert (
+    _differences(
+      {'data__mixture': 'web=./data/x.txt:0.7,code=gs://b/c:0.3'},
+      {'data__mixture': f'web={tmp_path}/link/x.txt:0.70, code=gs://b/c:.3'},
+    )
+    == []
   )
   # Buckets have no aliases: kept as written, and different spellings stay different.
-  assert meant(data__path='gs://b/a/../c')['data.path'] == 'gs://b/a/../c'
-  assert meant(init_from='link:500') == meant(init_from=f'{tmp_path}/data/:500')
-  assert meant(init_from='data:500') != meant(init_from='data:600')
+  assert _differences({'data__path': 'gs://b/a/../c'}, {'data__path': 'gs://b/c'}) == [
+    "data.path: 'gs://b/c' -> 'gs://b/a/../c'"
+  ]
+  assert _differences({'init_from': 'link:500'}, {'init_from': f'{tmp_path}/data/:500'}) == []
+  assert _differences({'init_from': 'data:500'}, {'init_from': 'data:600'}) == [
+    f"init_from: '{data}:600' -> '{data}:500'"
+  ]
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import make_store
-from pretrax import config, tokenizer
+from pretrax import config, run_config, tokenizer
 from pretrax.data import objectives, pipeline, store
 from pretrax.data import units as units_lib
 
@@ -32,7 +32,7 @@ def data(tmp_path_factory, documents):
 def _objectives(tok, objective='causal_lm'):
   c = config.base_config()
   c.data.seq_len, c.objective = L, objective
-  return objectives.Objectives.from_config(c, tok)
+  return objectives.Objectives.from_config(run_config.build(c, check_data=False), tok)
 
 
 def _source(s: store.Store, stride: int = L) -> pipeline.Source:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import PEAK_FLOPS_ARG, built_once, load_config, run_cli, run_python
-from pretrax import checkpoint, eval_checkpoint, sample, saved_run
+from pretrax import checkpoint, eval_checkpoint, run_config, sample, saved_run
 from pretrax import config as config_lib
 from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
@@ -275,7 +275,7 @@ def test_batches_compile_a_few_shapes_and_match_unpadded_scoring(model, tmp_path
 def test_a_prefix_lm_reads_the_context_both_ways_and_the_continuation_causally(model):
   c = load_config('tiny')
   c.objective = 'prefix_lm'
-  run = state_lib.build(c, model.tok.vocab_size)
+  run = state_lib.build(run_config.build(c, check_data=False), model.tok.vocab_size)
   params = run.init(0)['params']
   # Short enough for the window under any corpus's tokenizer (at worst a piece per character).
   context, continuation = 'ROMEO: soft', ' light'
@@ -550,10 +550,11 @@ def test_sharded_parameters_score_the_same(workdir, model, tmp_path):
   got = run_python(
     f"""
       import json
-      from pretrax import config, saved_run
+      import dataclasses
+      from pretrax import config, run_config, saved_run
       from pretrax.downstream import scoring, tasks
-      mesh = config.base_config().mesh
-      mesh.data, mesh.fsdp, mesh.tensor = 1, 2, 2
+      base = run_config.resolve(config.base_config().to_dict()).mesh
+      mesh = dataclasses.replace(base, data=1, fsdp=2, tensor=2)
       m = saved_run.load({workdir!r}, mesh=mesh)
       assert len(m.params['embed']['embedding'].sharding.device_set) == 4
       print(json.dumps(scoring.score_tasks(m.run.model_def, m.params, m.tok,
@@ -573,9 +574,10 @@ def test_an_encoder_is_refused_in_one_line(tmp_path, corpus_path):
   c.data.path, c.data.fallback, c.objective = corpus_path, '', 'masked_lm'
   with open(corpus_path, encoding='utf-8') as f:
     tok = tokenizer_lib.Tokenizer(tokenizer_lib.train([f.read(20_000)], vocab_size=400))
-  run = state_lib.build(c, tok.vocab_size)
+  cfg = run_config.build(c)
+  run = state_lib.build(cfg, tok.vocab_size)
   mngr = checkpoint.manager(str(tmp_path), async_save=False)
-  checkpoint.save(mngr, 1, run.init(0), json.loads(c.to_json()))
+  checkpoint.save(mngr, 1, run.init(0), run_config.to_dict(cfg))
   checkpoint.wait(mngr)
   mngr.close()
   tok.save(str(tmp_path / workdir_lib.TOKENIZER_FILE))

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from conftest import PEAK_FLOPS_ARG, built_once, load_config, require, run_cli
-from pretrax import checkpoint, saved_run
+from pretrax import checkpoint, run_config, saved_run
 from pretrax import config as config_lib
 from pretrax import sample as sample_lib
 from pretrax import state as state_lib
 from pretrax import step as step_lib
 from pretrax import tokenizer as tokenizer_lib
+from pretrax.config_types import RunConfig
 from pretrax.data import examples, sources
 from pretrax.data import records as records_lib
 
@@ -69,9 +70,13 @@ def _config(objective: str, path: str, tokenizer: str, **finetune) -> ml_collect
   return c
 
 
+def _built(c: ml_collections.ConfigDict) -> RunConfig:
+  return run_config.build(c, check_data=False)
+
+
 def _store(c, tmp_path) -> tuple[tokenizer_lib.Tokenizer, dict, str]:
   out = str(tmp_path / 'store')
-  tok = examples.build(c, out, process_index=0, has_checkpoints=False, log=lambda _: None)
+  tok = examples.build(_built(c), out, process_index=0, has_checkpoints=False, log=lambda _: None)
   with open(os.path.join(out, 'manifest.json')) as f:
     return tok, json.load(f), out
 
@@ -113,7 +118,7 @@ def test_chat_records_train_on_the_assistant_turns(tmp_path, records):
   }
   c = _config('sft', _write_jsonl(tmp_path / 'chat.jsonl', [chat]), records['tokenizer'])
   tok = tokenizer_lib.Tokenizer.load(records['tokenizer'])
-  parts = records_lib.sft_parts(chat, records_lib.Fields.from_config(c))
+  parts = records_lib.sft_parts(chat, records_lib.Fields.from_config(_built(c)))
   ids, weights = records_lib.encode_sft(parts, tok)
   assert tok.decode(ids) == (
     'system: be brief\nuser: hi\nassistant: yo\nuser: bye\nassistant: ok\n'
@@ -193,11 +198,12 @@ def test_exact_match_counts_segments_whose_every_target_is_the_argmax():
 
 def _saved_run(c, tok, workdir: str, seed: int = 3):
   """A step-5 checkpoint of `c`'s model with random parameters (as `train` leaves it)."""
+  c = _built(c)
   run = state_lib.build(c, tok.vocab_size)
   state = run.init(seed)
   state['step'] = jnp.asarray(5, state['step'].dtype)
   mngr = checkpoint.manager(workdir, async_save=False)
-  checkpoint.save(mngr, 5, state, json.loads(c.to_json()))
+  checkpoint.save(mngr, 5, state, run_config.to_dict(c))
   checkpoint.wait(mngr)
   mngr.close()
   tok.save(os.path.join(workdir, 'tokenizer.model'))
@@ -218,25 +224,25 @@ def test_init_from_takes_the_parameters_adds_a_fresh_head_and_names_mismatches(t
 
   c = _config('classification', records['cls'], '')
   c.init_from = str(tmp_path / 'mlm') + ':4'
-  run = state_lib.build(c, tok.vocab_size, num_classes=6)
+  run = state_lib.build(_built(c), tok.vocab_size, num_classes=6)
   with pytest.raises(FileNotFoundError, match=r'no checkpoint at step 4 .* it has steps \[5\]'):
-    saved_run.initial_params(c, run, print)
+    saved_run.initial_params(_built(c), run, print)
   c.init_from = str(tmp_path / 'mlm') + ':5'
   said = []
-  params = _flat(saved_run.initial_params(c, run, said.append))
+  params = _flat(saved_run.initial_params(_built(c), run, said.append))
   for name in set(params) - set(saved_run.NEW_HEAD):
     np.testing.assert_array_equal(params[name], source[name], err_msg=name)
   assert set(saved_run.NEW_HEAD) <= set(params) and 'mlm_bias' not in params
   assert 'new (random) parameters: classifier' in said[0] and 'left out: mlm_bias' in said[0]
 
   c.model.embed_dim = 32
-  wider = state_lib.build(c, tok.vocab_size, num_classes=6)
+  wider = state_lib.build(_built(c), tok.vocab_size, num_classes=6)
   with pytest.raises(
     config_lib.ConfigError,
     match=r'19 parameters differ: blocks/0/attn/k is '
     r'\(32, 2, 16\) here and \(64, 2, 32\) there',
   ):
-    saved_run.initial_params(c, wider, said.append)
+    saved_run.initial_params(_built(c), wider, said.append)
 
 
 def test_init_from_a_hugging_face_directory(tmp_path, records):
@@ -249,7 +255,8 @@ def test_init_from_a_hugging_face_directory(tmp_path, records):
   c.objective, c.init_from = 'sft', str(tmp_path / 'hf')
   assert saved_run.source_tokenizer(c.init_from) == str(tmp_path / 'hf' / 'tokenizer.model')
   said = []
-  params = _flat(saved_run.initial_params(c, state_lib.build(c, tok.vocab_size), said.append))
+  run = state_lib.build(_built(c), tok.vocab_size)
+  params = _flat(saved_run.initial_params(_built(c), run, said.append))
   assert set(params) == set(source) and 'Hugging Face' in said[0]
   for name, value in source.items():
     np.testing.assert_array_equal(params[name], value, err_msg=name)

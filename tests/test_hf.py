@@ -16,7 +16,7 @@ import pytest
 import sentencepiece as spm
 
 from conftest import load_config, require
-from pretrax import checkpoint
+from pretrax import checkpoint, run_config
 from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
 from pretrax.interop import hf_arch, hf_export, hf_import, hf_tokenizer
@@ -74,6 +74,7 @@ def char_tokenizer(corpus_path) -> tokenizer_lib.Tokenizer:
 
 def _random_run(c, tok: tokenizer_lib.Tokenizer, workdir: str, seed: int = 0):
   """A step-7 checkpoint of `c`'s model with every parameter random; returns the params."""
+  c = run_config.build(c, check_data=False)
   run = state_lib.build(c, tok.vocab_size)
   state = run.init(seed)
   leaves, treedef = jax.tree.flatten(state['params'])
@@ -84,7 +85,7 @@ def _random_run(c, tok: tokenizer_lib.Tokenizer, workdir: str, seed: int = 0):
   )
   state['step'] = jnp.asarray(7, state['step'].dtype)
   mngr = checkpoint.manager(workdir, async_save=False)
-  checkpoint.save(mngr, 7, state, json.loads(c.to_json()))
+  checkpoint.save(mngr, 7, state, run_config.to_dict(c))
   checkpoint.wait(mngr)
   mngr.close()
   tok.save(os.path.join(workdir, hf_tokenizer.SENTENCEPIECE_FILE))
@@ -135,7 +136,9 @@ def test_export_matches_transformers_and_imports_back(tmp_path, corpus_path, cha
   assert np.abs(ours - theirs).max() < 1e-4, np.abs(ours - theirs).max()
 
   # Export -> import gives back the same parameters, bit for bit.
-  imported = hf_import.import_model(out, c, str(tmp_path / 'imported'), log=lambda _: None)
+  imported = hf_import.import_model(
+    out, run_config.build(c, check_data=False), str(tmp_path / 'imported'), log=lambda _: None
+  )
   flat = {
     state_lib.param_path(k): np.asarray(v)
     for k, v in jax.tree_util.tree_flatten_with_path(params)[0]
@@ -231,6 +234,7 @@ def _transformers_model(name: str, vocab_size: int, out: str):
 def test_import_matches_a_transformers_model(tmp_path, corpus_path, name):
   arg, overrides, _ = HF_MODELS[name]
   c = _config(None, corpus_path, arg, dict(overrides, **{'model.vocab_size': 72}))
+  c = run_config.build(c, check_data=False)
   model = _transformers_model(name, 72, str(tmp_path / 'hf'))
   params = hf_import.import_model(
     str(tmp_path / 'hf'), c, str(tmp_path / 'run'), log=lambda _: None
@@ -253,7 +257,9 @@ def test_import_names_every_mismatch(tmp_path, corpus_path):
   c = load_config('tiny', 'llama')
   c.model.vocab_size, c.model.num_layers = 72, 3
   with pytest.raises(hf_arch.ConversionError) as e:
-    hf_import.import_model(str(tmp_path / 'hf'), c, str(tmp_path / 'run'))
+    hf_import.import_model(
+      str(tmp_path / 'hf'), run_config.build(c, check_data=False), str(tmp_path / 'run')
+    )
   message = str(e.value)
   for fragment in (
     "model.flavour='llama' but config.json's GPT2LMHeadModel means flavour='gpt2'",
@@ -262,7 +268,7 @@ def test_import_names_every_mismatch(tmp_path, corpus_path):
   ):
     assert fragment in message, message
   # Matching shapes, but biases the configured model lacks: refused, not dropped.
-  c = _config(None, corpus_path, None, {'model.vocab_size': 72})
+  c = run_config.build(_config(None, corpus_path, None, {'model.vocab_size': 72}), check_data=False)
   with pytest.raises(
     hf_arch.ConversionError, match=r'transformer\.h\.0\..*bias is not zero.*use_bias'
   ):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config, run_python
-from pretrax import config_views, loss
+from pretrax import loss, run_config
 from pretrax.model import transformer
 
 
@@ -27,7 +27,7 @@ def _model(**changes):
   c = load_config('tiny')
   for k, v in changes.items():
     c.model[k] = v
-  return transformer.build(config_views.model_config(c, vocab_size=40), seed=0)
+  return transformer.build(run_config.model_config(run_config.build(c, check_data=False), 40), 0)
 
 
 def test_bfloat16_compute_gives_float32_logits_close_to_float32():
@@ -159,6 +159,7 @@ def _train_two_steps(objective: str, loss_chunk: int, grad_accum_steps: int = 1)
   c.model.tie_embeddings = objective != 'causal_lm'  # An untied head too.
   c.optim.grad_accum_steps = grad_accum_steps
   c.optim.z_loss = 1e-3
+  c = run_config.build(c, check_data=False)
   run = state_lib.build(c, vocab_size=40)
   rng = np.random.default_rng(0)
   B, L = c.data.batch_size, c.data.seq_len
@@ -214,12 +215,14 @@ def test_the_chunked_loss_loop_needs_no_collective_under_fsdp():
     """
       from conftest import load_config
       from pretrax import plan as plan_lib
+      from pretrax import run_config
       from pretrax import state as state_lib
       from pretrax import step as step_lib
 
       c = load_config('tiny')
       c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
       c.model.loss_chunk = 8
+      c = run_config.build(c, num_devices=8, check_data=False)
       run = state_lib.build(c, 64)
       train_step = step_lib.jit_train_step(
           run.model_def, run.optimizer, run.schedule, step_lib.step_config(c),
@@ -246,6 +249,7 @@ def test_chunked_loss_on_sharded_meshes_matches_the_whole_logits():
       import jax
       import numpy as np
       from conftest import load_config
+      from pretrax import run_config
       from pretrax import state as state_lib
       from pretrax import step as step_lib
 
@@ -255,6 +259,7 @@ def test_chunked_loss_on_sharded_meshes_matches_the_whole_logits():
           c = load_config('tiny')
           c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
           c.model.loss_chunk, c.model.tie_embeddings = chunk, False
+          c = run_config.build(c, num_devices=8, check_data=False)
           run = state_lib.build(c, 64)
           rng = np.random.default_rng(0)
           shape = (c.data.batch_size, c.data.seq_len)

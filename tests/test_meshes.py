@@ -81,7 +81,8 @@ def runs(tmp_path_factory, corpus_path) -> dict:
   def build(root):
     script = f"""
         from conftest import load_config
-        from pretrax import train
+        import jax
+        from pretrax import run_config, train
         for mesh, workdir in {[(m, str(root / name(m))) for m in MESHES]!r}:
           c = load_config('tiny')
           c.data.path, c.data.fallback = {corpus_path!r}, ''
@@ -89,7 +90,7 @@ def runs(tmp_path_factory, corpus_path) -> dict:
           c.model.num_heads, c.model.vocab_multiple = 4, 8
           c.peak_flops = {PEAK_FLOPS!r}
           c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
-          train.train(c, workdir)
+          train.train(run_config.build(c, num_devices=jax.device_count()), workdir)
     """
     run_python(script, devices=8, timeout=900)
     run_on(1, train_args(root / '1x1x1', corpus_path))
@@ -134,9 +135,8 @@ def test_export_a_2x2x2_checkpoint_to_transformers(runs, tmp_path):
   transformers = require('transformers')
   from flax import nnx
   import jax.numpy as jnp
-  import ml_collections
 
-  from pretrax import checkpoint
+  from pretrax import checkpoint, run_config
   from pretrax import state as state_lib
   from pretrax import tokenizer as tokenizer_lib
   from pretrax.interop import hf_export
@@ -146,8 +146,8 @@ def test_export_a_2x2x2_checkpoint_to_transformers(runs, tmp_path):
   model = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / 'hf')).eval()
 
   mngr = checkpoint.manager(workdir, read_only=True)
-  c = ml_collections.ConfigDict(checkpoint.restore_config(mngr, STEPS))
-  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, 1
+  # On this one device: the mesh data=-1, fsdp=1, tensor=1.
+  c = run_config.on_local_devices(run_config.from_saved(checkpoint.restore_config(mngr, STEPS)))
   tok = tokenizer_lib.Tokenizer.load(os.path.join(workdir, 'tokenizer.model'))
   run = state_lib.build(c, tok.vocab_size)
   state, _ = checkpoint.restore(mngr, STEPS, run.abstract)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from pretrax import config, config_check, config_specs
+from pretrax import config, config_specs, run_config
 from pretrax.data import dataset
 
 # Disjoint alphabets under a char tokenizer: every token of a row says which source it came from.
@@ -37,10 +37,10 @@ def test_training_batches_draw_each_source_by_its_weight(tmp_path):
   c.data.mixture = ','.join(items)
   c.data.seq_len, c.data.batch_size = 16, 8
   c.tokenizer.sample_mb = 1.0
-  config_check.validate(c)
+  run = run_config.build(c)
   # What train.load_data does, without a device: the stores, the tokenizer, the batches.
   data = dataset.load(
-    c,
+    run,
     str(tmp_path / 'run'),
     process_index=0,
     process_count=1,

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from conftest import REPO, load_config
-from pretrax import config_check, config_views
+from pretrax import run_config
 from pretrax import state as state_lib
 from pretrax.model import attention, layers, masks, transformer
 
@@ -26,7 +26,7 @@ def small_model(
   c.objective = objective
   for k, v in overrides.items():
     c.model[k] = v
-  return transformer.build(config_views.model_config(c, vocab_size=50), seed=0)
+  return transformer.build(run_config.model_config(run_config.build(c, check_data=False), 50), 0)
 
 
 def embedding_grads(model, ids_BL, segment_ids_BL, positions_BL, out_position, prefix_BL=None):
@@ -213,8 +213,7 @@ def test_grouped_query_attention_shapes_and_init_scale():
 )
 def test_every_config_builds_abstractly(name):
   c = load_config(name)
-  config_check.validate(c, check_data=False)
-  run = state_lib.build(c, vocab_size=c.tokenizer.vocab_size)
+  run = state_lib.build(run_config.build(c, check_data=False), c.tokenizer.vocab_size)
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.abstract['params']))
   expected = {'gpt2_small': (124e6, 125e6), 'llama_1b': (1.0e9, 1.1e9), 'bert_base': (109e6, 112e6)}
   if name in expected:

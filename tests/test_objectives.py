@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import make_store
-from pretrax import config, config_specs, tokenizer
+from pretrax import config, config_specs, run_config, tokenizer
 from pretrax.data import objectives, pipeline
 
 L = 64
@@ -37,7 +37,7 @@ def make(tok, objective: str, **settings) -> objectives.Objectives:
   for key, value in settings.items():
     group, name = key.split('__')
     c[group][name] = value
-  return objectives.Objectives.from_config(c, tok)
+  return objectives.Objectives.from_config(run_config.build(c, check_data=False), tok)
 
 
 def build_all(o, windows, count=None, seed=0):

@@ -8,22 +8,23 @@ import numpy as np
 import pytest
 
 from conftest import load_config, run_python
-from pretrax import config_views, optim, sharding
+from pretrax import optim, run_config, sharding
 from pretrax import state as state_lib
+from pretrax.config_types import OptimSection
 
 
-def _optim_cfg(**changes) -> config_views.OptimConfig:
+def _optim_cfg(**changes) -> OptimSection:
   c = load_config('tiny')
   c.steps = 100
   for k, v in changes.items():
     c.optim[k] = v
-  return config_views.optim_config(c)
+  return run_config.build(c, check_data=False).optim
 
 
 def test_decay_mask_spares_embeddings_norms_and_biases_by_default():
   c = load_config('tiny')
   c.model.use_bias = True
-  run = state_lib.build(c, vocab_size=64)
+  run = state_lib.build(run_config.build(c, check_data=False), vocab_size=64)
   params = run.abstract['params']
   mask = optim.decay_mask(params, _optim_cfg())
   assert mask['embed']['embedding'] is False
@@ -54,37 +55,41 @@ def test_unknown_logical_axis_is_an_error():
     sharding.logical_to_spec(('embed', 'experts'), sharding.DEFAULT_RULES)
 
 
+def _mesh(c):
+  return run_config.build(c, check_data=False).mesh
+
+
 def test_rules_from_config_override_the_table_and_reject_impossible_entries():
   c = load_config('tiny')
   c.mesh.rules = 'embed=, mlp=fsdp+tensor'
-  rules = sharding.rules(c.mesh)
+  rules = sharding.rules(_mesh(c))
   assert rules['embed'] is None and rules['mlp'] == ('fsdp', 'tensor')
   assert sharding.logical_to_spec(('embed', 'mlp'), rules) == P(None, ('fsdp', 'tensor'))
   c.mesh.rules = 'mlp=fsdp+tensor'  # embed is on fsdp too: one axis, two dims.
   with pytest.raises(sharding.ShardingError, match="map mesh axis 'fsdp' to two dimensions"):
-    sharding.logical_to_spec(('embed', 'mlp'), sharding.rules(c.mesh))
+    sharding.logical_to_spec(('embed', 'mlp'), sharding.rules(_mesh(c)))
   for bad, message in (
     ('embd=fsdp', 'expected LOGICAL=AXIS'),
     ('embed=model', "unknown mesh axis 'model'"),
   ):
     c.mesh.rules = bad
     with pytest.raises(sharding.ShardingError, match=message):
-      sharding.rules(c.mesh)
+      sharding.rules(_mesh(c))
 
 
 def test_mesh_shape_resolves_minus_one_and_rejects_bad_shapes():
   c = load_config('tiny')
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 2, 2
-  assert sharding.mesh_shape(c.mesh, 8) == (2, 2, 2)
+  assert sharding.mesh_shape(_mesh(c), 8) == (2, 2, 2)
   c.mesh.data = 3
   with pytest.raises(sharding.ShardingError, match='needs 12 devices but there are 8'):
-    sharding.mesh_shape(c.mesh, 8)
+    sharding.mesh_shape(_mesh(c), 8)
 
 
 def test_every_logical_name_in_every_config_resolves():
   for name in ('tiny', 'shakespeare_char', 'gpt2_small', 'llama_1b'):
     c = load_config(name)
-    run = state_lib.build(c, vocab_size=c.tokenizer.vocab_size)
+    run = state_lib.build(run_config.build(c, check_data=False), c.tokenizer.vocab_size)
     assert jax.tree.leaves(run.shardings['params'])
 
 
@@ -93,10 +98,12 @@ def test_params_and_moments_are_sharded_as_the_rules_say_on_8_devices():
   script = textwrap.dedent("""
       import jax
       from conftest import load_config
+      from pretrax import run_config
       from pretrax import state as state_lib
       from jax.sharding import PartitionSpec as P
       c = load_config('tiny', 'llama')
       c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+      c = run_config.build(c, num_devices=8, check_data=False)
       run = state_lib.build(c, vocab_size=64)
       state = run.init(0)
       attn = state['params']['blocks'][0]['attn']

@@ -34,6 +34,7 @@ def test_plan_bytes_equal_the_shards_of_a_real_state_on_8_devices():
       import jax
       from conftest import load_config
       from pretrax import plan as plan_lib
+      from pretrax import run_config
       from pretrax import state as state_lib
 
       def shard_bytes(tree):
@@ -45,8 +46,9 @@ def test_plan_bytes_equal_the_shards_of_a_real_state_on_8_devices():
       for data, fsdp, tensor in [(2, 2, 2), (1, 8, 1)]:
         c = load_config('tiny')
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
-        p = plan_lib.plan(c, 64)
-        state = state_lib.build(c, 64).init(0)
+        run = run_config.build(c, num_devices=8, check_data=False)
+        p = plan_lib.plan(run, 64)
+        state = state_lib.build(run, 64).init(0)
         out[f'{data},{fsdp},{tensor}'] = {
             'plan': {q.path: q.bytes_per_device for q in p.params},
             'real': shard_bytes(state['params']),
@@ -56,7 +58,8 @@ def test_plan_bytes_equal_the_shards_of_a_real_state_on_8_devices():
             'warnings': p.warnings,
         }
       c.mesh.rules = 'embed='  # On (1, 8, 1): no state to compare, only the warnings.
-      out['replicated_warnings'] = plan_lib.plan(c, 64).warnings
+      run = run_config.build(c, num_devices=8, check_data=False)
+      out['replicated_warnings'] = plan_lib.plan(run, 64).warnings
       print(json.dumps(out))
   """).splitlines()[-1]
   )
@@ -102,12 +105,14 @@ def test_plan_counts_attention_as_a_fused_kernel_and_the_chunked_loss_without_it
       import json
       from conftest import load_config
       from pretrax import plan as plan_lib
+      from pretrax import run_config
 
       def temp(memory, loss_chunk=0):
         c = load_config('tiny')
         c.data.seq_len, c.data.batch_size, c.model.vocab_size = 512, 64, 8192
         c.model.loss_chunk = loss_chunk
-        return plan_lib.plan(c, 8192, attention_memory=memory).temp_bytes
+        run = run_config.build(c, num_devices=8, check_data=False)
+        return plan_lib.plan(run, 8192, attention_memory=memory).temp_bytes
 
       print(json.dumps({'compiled': temp('compiled'), 'fused': temp('fused'),
                         'fused_chunked': temp('fused', loss_chunk=64)}))
@@ -153,6 +158,7 @@ def test_partition_specs_of_every_config_match_the_golden_file():
       import jax
       from conftest import load_config
       from pretrax import plan as plan_lib
+      from pretrax import run_config
       from pretrax import state as state_lib
 
       def as_list(spec):
@@ -160,7 +166,7 @@ def test_partition_specs_of_every_config_match_the_golden_file():
 
       out = {{}}
       for name in {CONFIGS!r}:
-        c = load_config(*name.split(':'))
+        c = run_config.resolve(load_config(*name.split(':')).to_dict())  # As configured.
         run = state_lib.build(c, plan_lib.vocab_size(c))
         leaves, treedef = jax.tree_util.tree_flatten_with_path(run.shardings['params'])
         out[name] = {{'mesh': dict(run.mesh.shape), 'params': {{

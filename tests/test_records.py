@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from pretrax import config, tokenizer
+from pretrax import config, run_config, tokenizer
 from pretrax.data import documents as documents_lib
 from pretrax.data import prepare, sources, store
 from pretrax.data import units as units_lib
@@ -33,7 +33,8 @@ def _config(path: str, **data) -> config.ml_collections.ConfigDict:
 
 
 def _prepare(c, out, workers: int = 0) -> store.Store:
-  prepare.prepare(c, str(out), workers=workers, log=lambda _: None)
+  # Resolved, not validated: the store's own tests, below the command line (eval_fraction=0).
+  prepare.prepare(run_config.resolve(c.to_dict()), str(out), workers=workers, log=lambda _: None)
   return store.Store(str(out))
 
 

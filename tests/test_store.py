@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, pretrax_env, run_cli
-from pretrax import config, metrics, tokenizer
+from pretrax import config, metrics, run_config, tokenizer
 from pretrax.data import corpus, pipeline, prepare, sources, store
 from pretrax.data import units as units_lib
 
@@ -38,8 +38,14 @@ def _config(path: str, **data) -> config.ml_collections.ConfigDict:
   return c
 
 
+def _resolved(c: config.ml_collections.ConfigDict):
+  """`c` as the run config that preparing takes (resolved, not validated: these are the store's
+  own tests, below the command line)."""
+  return run_config.resolve(c.to_dict())
+
+
 def _prepare(c, out, workers: int = 0, **kw) -> store.Store:
-  prepare.prepare(c, str(out), workers=workers, log=lambda _: None, **kw)
+  prepare.prepare(_resolved(c), str(out), workers=workers, log=lambda _: None, **kw)
   return store.Store(str(out))
 
 
@@ -105,7 +111,8 @@ def test_the_store_is_byte_identical_for_any_number_of_workers(tmp_path, documen
     )
   c = _config(str(tmp_path / 'in'), shard_mb=0.1)
   stores = {w: _prepare(c, tmp_path / f'workers{w}', workers=w) for w in (0, 2, 3)}
-  plan = corpus.make_plan(c, corpus.input_files(c))
+  run = _resolved(c)
+  plan = corpus.make_plan(run, corpus.input_files(run))
   units = [
     sum(1 for f in g for _ in units_lib.file_units(plan['files'][f][0], corpus.reading(plan)))
     for g in prepare.groups_of(plan)
@@ -389,7 +396,8 @@ def test_the_tokenizer_trains_on_a_bounded_sample_from_across_the_files(tmp_path
   for k in range(10):
     (tmp_path / 'in' / f'{k}.jsonl').write_text(_jsonl([f'file{k} ' + d for d in documents]))
   c = _config(str(tmp_path / 'in'))
-  plan = corpus.make_plan(c, corpus.input_files(c))
+  run = _resolved(c)
+  plan = corpus.make_plan(run, corpus.input_files(run))
   sample = list(prepare.tokenizer_sample(plan, 50_000))
   assert 45_000 <= sum(len(t) for t in sample) <= 50_000
   assert {t.split(' ')[0] for t in sample if t.startswith('file')} == {
@@ -485,4 +493,4 @@ def _objectives_of(tok):
 
   c = config.base_config()
   c.data.seq_len = 64
-  return objectives.Objectives.from_config(c, tok)
+  return objectives.Objectives.from_config(_resolved(c), tok)

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import PEAK_FLOPS_ARG, REPO, load_config, run_cli
 from pretrax import config as config_lib
-from pretrax import config_check, config_specs, metrics
+from pretrax import config_check, config_specs, metrics, run_config
 from pretrax.data import prepare
 
 
@@ -43,7 +43,8 @@ def test_benchmark_prints_a_table_and_json(tmp_path, corpus_path, pipeline):
   if pipeline == 'prepared':
     c = load_config('tiny')
     c.data.path, c.data.fallback = corpus_path, ''
-    prepare.prepare(c, str(tmp_path / 'prepared'), workers=1, log=lambda _: None)
+    run = run_config.build(c)
+    prepare.prepare(run, str(tmp_path / 'prepared'), workers=1, log=lambda _: None)
     args.append(f'--config.data.prepared={tmp_path / "prepared"}')
   result = subprocess.run(
     [

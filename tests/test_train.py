@@ -1,7 +1,6 @@
 """Training end to end (in process): the loss falls, and a stopped-and-resumed run is the same
 run."""
 
-import json
 import os
 
 import jax
@@ -9,14 +8,19 @@ import numpy as np
 import pytest
 
 from conftest import PEAK_FLOPS, SHAKESPEARE, load_config
-from pretrax import checkpoint, metrics, tokenizer, train
+from pretrax import checkpoint, metrics, run_config, tokenizer, train
 from pretrax import state as state_lib
 from pretrax import step as step_lib
 
 
+def _train(c, workdir: str) -> dict:
+  """`train.train` on `c` as the command line builds it: validated for this process's devices."""
+  return train.train(run_config.build(c, num_devices=jax.device_count()), workdir)
+
+
 def test_loss_falls_on_real_text(tiny_config, tmp_path):
   tiny_config.steps, tiny_config.log_every = 60, 1
-  result = train.train(tiny_config, str(tmp_path))
+  result = _train(tiny_config, str(tmp_path))
   records = [r for r in metrics.read_metrics(str(tmp_path)) if 'loss' in r]
   first, last = records[0]['loss'], records[-1]['loss']
   assert last < first - 2.0, (first, last)
@@ -30,7 +34,7 @@ def test_loss_falls_on_real_text(tiny_config, tmp_path):
 
 def _final_params(workdir, c, step):
   tok = tokenizer.Tokenizer.load(os.path.join(workdir, 'tokenizer.model'))
-  run = state_lib.build(c, tok.vocab_size)
+  run = state_lib.build(run_config.build(c, check_data=False), tok.vocab_size)
   mngr = checkpoint.manager(workdir, read_only=True)
   state, _ = checkpoint.restore(mngr, step, run.abstract)
   mngr.close()
@@ -53,14 +57,14 @@ def test_stop_and_resume_equals_uninterrupted(tiny_config, tmp_path, accum, obje
   c.objective = objective  # Masks, spans and splits must also be the same after resuming.
   c.model.dropout = 0.1  # Dropout keys must also continue where they stopped.
   straight, stopped = str(tmp_path / 'straight'), str(tmp_path / 'stopped')
-  train.train(c, straight)
+  _train(c, straight)
 
   # Stop after 17 of the schedule's 30 steps, then run the same command to the end.
   c.optim.schedule_steps = 30
   c.steps = 17
-  train.train(c, stopped)
+  _train(c, stopped)
   c.steps = 30
-  train.train(c, stopped)
+  _train(c, stopped)
 
   a, b = metrics.read_metrics(straight), metrics.read_metrics(stopped)
   train_steps = [r['step'] for r in b if 'loss' in r]
@@ -85,9 +89,9 @@ def test_stop_and_resume_equals_uninterrupted(tiny_config, tmp_path, accum, obje
 def test_gradient_accumulation_matches_the_full_batch(tiny_config, tmp_path):
   c = tiny_config
   c.steps, c.log_every, c.eval_every = 5, 1, 5
-  train.train(c, str(tmp_path / 'full'))
+  _train(c, str(tmp_path / 'full'))
   c.optim.grad_accum_steps = 4
-  train.train(c, str(tmp_path / 'accumulated'))
+  _train(c, str(tmp_path / 'accumulated'))
   full = [r['loss'] for r in metrics.read_metrics(str(tmp_path / 'full')) if 'loss' in r]
   accumulated = [
     r['loss'] for r in metrics.read_metrics(str(tmp_path / 'accumulated')) if 'loss' in r
@@ -97,10 +101,10 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_config, tmp_path):
 
 def test_resume_with_a_different_model_is_refused(tiny_config, tmp_path):
   tiny_config.steps = 2
-  train.train(tiny_config, str(tmp_path))
+  _train(tiny_config, str(tmp_path))
   tiny_config.model.num_layers = 3
   with pytest.raises(train.config_lib.ConfigError, match='model.num_layers: 2 -> 3'):
-    train.train(tiny_config, str(tmp_path))
+    _train(tiny_config, str(tmp_path))
 
 
 @pytest.mark.slow
@@ -110,7 +114,7 @@ def test_masked_lm_learns_well_beyond_the_most_frequent_token(corpus_path, tmp_p
   c.data.path, c.data.fallback = corpus_path, ''
   c.steps, c.eval_every, c.log_every, c.sample.length = 300, 300, 100, 0
   c.peak_flops = PEAK_FLOPS
-  result = train.train(c, str(tmp_path))['eval']
+  result = _train(c, str(tmp_path))['eval']
   # Twice the baseline is the bar on Shakespeare (61% vs 15% after the full run; 300 steps reach
   # 2.8 times it). Without ../shared the corpus is Python source, where spaces are a third of the
   # text and the baseline is twice as high; 300 steps reach 1.7-1.8 times it there (Python 3.11 to
@@ -125,6 +129,7 @@ def _spike_setup():
   c = load_config('tiny')
   c.optim.spike_window, c.optim.spike_threshold = 4, 3.0
   c.optim.warmup_steps, c.steps = 0, 100
+  c = run_config.build(c, check_data=False)
   run = state_lib.build(c, vocab_size=64)
   step = step_lib.jit_train_step(
     run.model_def, run.optimizer, run.schedule, step_lib.step_config(c)
@@ -170,7 +175,7 @@ def test_the_spike_window_survives_a_checkpoint(tmp_path):
   for _ in range(20):
     state, _ = step(state, batch)
   mngr = checkpoint.manager(str(tmp_path), keep=1, async_save=False)
-  checkpoint.save(mngr, 20, state, json.loads(c.to_json()))
+  checkpoint.save(mngr, 20, state, run_config.to_dict(c))
   checkpoint.wait(mngr)
   restored, _ = checkpoint.restore(mngr, 20, run.abstract)
   mngr.close()
@@ -191,7 +196,7 @@ def test_bfloat16_compute_tracks_float32(tiny_config, tmp_path):
   losses = {}
   for dtype in ('float32', 'bfloat16'):
     c.model.dtype = dtype
-    result = train.train(c, str(tmp_path / dtype))
+    result = _train(c, str(tmp_path / dtype))
     losses[dtype] = np.array(
       [r['loss'] for r in metrics.read_metrics(str(tmp_path / dtype)) if 'loss' in r]
     )

@@ -8,17 +8,16 @@ step directory is always a whole checkpoint. DIR may be a bucket (gs://...): the
 """
 
 from collections.abc import Callable
-import json
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import orbax.checkpoint as ocp
 
 from pretrax import config as config_lib
-from pretrax import config_views, errors, paths
+from pretrax import errors, paths, run_config
 from pretrax import workdir as workdir_lib
+from pretrax.config_types import RunConfig
 
 _TMP_MARKER = '.orbax-checkpoint-tmp'
 _COMMIT_FILE = 'commit_success.txt'  # Orbax's mark of a whole checkpoint on a bucket.
@@ -199,20 +198,11 @@ RESUMABLE_CHANGES = (
 )
 
 
-def _flatten(d: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    key = f'{prefix}{k}'
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + '.'))
-    else:
-      out[key] = v
-  return out
-
-
-def check_resumable(mngr: ocp.CheckpointManager, c: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the fields (and what they meant) if the latest checkpoint was
-  trained with another config than `c`, except fields that may change."""
+def check_resumable(mngr: ocp.CheckpointManager, c: RunConfig) -> None:
+  """Raises ConfigError naming the fields if the latest checkpoint was trained with another
+  config than `c`, except fields that may change. Both configs are resolved (a default that
+  stands for another field's value is compared by what it means), the saved one brought forward
+  from its version by run_config.from_saved."""
   step = mngr.latest_step()
   if step is None:
     return
@@ -220,30 +210,10 @@ def check_resumable(mngr: ocp.CheckpointManager, c: ml_collections.ConfigDict) -
     saved = restore_config(mngr, step)
   except Exception:  # Damaged: the restore names the damage (and may fall back).
     return
-  now, before = _flatten(json.loads(c.to_json())), _flatten(saved)
-  # A default that stands for another field's value (schedule_steps 0 = steps) is compared by
-  # what it means: written out or implied, the same schedule is the same run.
-  now_meant, before_meant = config_views.implied(now), config_views.implied(before)
-  # A field that a newer version added is absent from older checkpoints: fine at its default.
-  defaults = _flatten(json.loads(config_lib.base_config().to_json()))
-  changed = [
-    k
-    for k in sorted(set(now) | set(before))
-    if now.get(k) != before.get(k)
-    and now_meant.get(k) != before_meant.get(k)
-    and not (k not in before and k in defaults and now.get(k) == defaults[k])
-    and not any(k == f or k.startswith(f + '.') for f in RESUMABLE_CHANGES)
-  ]
+  changed = run_config.differences(c, run_config.from_saved(saved), ignore=RESUMABLE_CHANGES)
   if changed:
-
-    def shown(raw: dict, meant: dict, k: str) -> str:
-      return f'{raw.get(k)!r}' + (f' (means {meant[k]!r})' if meant.get(k) != raw.get(k) else '')
-
-    detail = ', '.join(
-      f'{k}: {shown(before, before_meant, k)} -> {shown(now, now_meant, k)}' for k in changed
-    )
     raise config_lib.ConfigError(
-      f'the checkpoint at step {step} was trained with a different config ({detail}): '
+      f'the checkpoint at step {step} was trained with a different config ({", ".join(changed)}): '
       'use a new --workdir, or the same values to resume.'
     )
 

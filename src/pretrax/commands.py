@@ -224,34 +224,37 @@ def _explicit_path_never_falls_back() -> None:
 
 
 def _run_train() -> None:
-  from pretrax import train
+  import jax
+
+  from pretrax import run_config, train
 
   _require_flags('config', 'workdir')
   _explicit_path_never_falls_back()
   _join_hosts()
-  train.train(FLAGS.config, FLAGS.workdir)
+  train.train(run_config.build(FLAGS.config, num_devices=jax.device_count()), FLAGS.workdir)
 
 
 def _run_plan() -> None:
-  from pretrax import plan
+  import jax
+
+  from pretrax import plan, run_config
 
   _require_flags('config')
   if FLAGS.mesh:
     sizes = FLAGS.mesh.split(',')
     if len(sizes) != 3 or not all(x.strip().lstrip('-').isdigit() for x in sizes):
       raise UsageError(f'--mesh={FLAGS.mesh!r}: give three sizes DATA,FSDP,TENSOR, e.g. 1,8,1.')
-    c = FLAGS.config
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = (int(x) for x in sizes)
+    mesh = FLAGS.config.mesh
+    mesh.data, mesh.fsdp, mesh.tensor = (int(x) for x in sizes)
   if FLAGS.devices:
     plan.use_fake_cpu_devices(FLAGS.devices)
-  result = plan.plan(
-    FLAGS.config, plan.vocab_size(FLAGS.config), attention_memory=FLAGS.attention_memory
-  )
+  c = run_config.build(FLAGS.config, num_devices=jax.device_count(), check_data=False)
+  result = plan.plan(c, plan.vocab_size(c), attention_memory=FLAGS.attention_memory)
   print(plan.format_plan(result, FLAGS.device_memory_gib))
 
 
 def _run_prepare() -> None:
-  from pretrax import hosts
+  from pretrax import hosts, run_config
   from pretrax.data import dataset
 
   _require_flags('config', 'output')
@@ -260,7 +263,7 @@ def _run_prepare() -> None:
   workers = FLAGS.workers if FLAGS.workers >= 0 else (os.cpu_count() or 1)
   FLAGS.config.data.prepare_workers = workers
   dataset.build(
-    FLAGS.config,
+    run_config.build(FLAGS.config, check_data=False),
     FLAGS.output,
     process_index=index,
     process_count=count,
@@ -351,10 +354,11 @@ def _run_export() -> None:
 
 
 def _run_import() -> None:
+  from pretrax import run_config
   from pretrax.interop import hf_import
 
   _require_flags('hf', 'config', 'workdir')
-  hf_import.import_model(FLAGS.hf, FLAGS.config, FLAGS.workdir)
+  hf_import.import_model(FLAGS.hf, run_config.build(FLAGS.config, check_data=False), FLAGS.workdir)
   print(
     f'continue pre-training with: pretrax train --config=... --workdir={FLAGS.workdir} '
     '(the same config and overrides)'

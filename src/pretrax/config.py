@@ -4,8 +4,8 @@ ConfigError.
 Experiment files in `configs/` start from `base_config()` and change a few fields. The comments on
 the section functions' lines are the fields' documentation: config_fields.py reads them back from
 this source (SECTIONS). This module imports no other config module; above it, in order:
-config_fields.py (comments, describe), config_specs.py (the string languages), config_views.py
-(frozen views and derived defaults), config_check.py (validation).
+config_fields.py (comments, describe), config_specs.py (the string languages), config_types.py
+(the typed run config), config_check.py (validation), run_config.py (ConfigDict -> RunConfig).
 """
 
 import importlib.util

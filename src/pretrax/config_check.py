@@ -1,8 +1,7 @@
 """Validation in one place: every impossible combination fails here, before anything compiles, with
 a ConfigError naming the fields and the fix; and the corpus files a config names.
 
-The top config module: imports config.py, config_specs.py and config_views.py, and (locally, for
-file checks only) data/sources.py.
+Imports config.py and config_specs.py, and (locally, for file checks only) data/sources.py.
 """
 
 import os
@@ -21,8 +20,15 @@ from pretrax.config import (
   one_of,
   require,
 )
-from pretrax.config_specs import init_source, mixture, objective_mixture, profile_steps
-from pretrax.config_views import REMAT_POLICIES, attention_kind, remat_policy
+from pretrax.config_specs import (
+  REMAT_POLICIES,
+  attention_kind,
+  init_source,
+  mixture,
+  objective_mixture,
+  profile_steps,
+  remat_policy,
+)
 
 
 def validate(

@@ -1,6 +1,7 @@
 """The config's small string languages, parsed: the objective mixture ('causal_lm:3,prefix_lm:1'),
 `init_from` ('WORKDIR:STEP'), `data.mixture` ('NAME=PATH:WEIGHT,...') and `profile_steps`
-('START:COUNT'). A malformed string raises ConfigError naming the field and the form to write.
+('START:COUNT'); and what a field's value implies (`model.remat`'s policy, the objective's
+attention). A malformed string raises ConfigError naming the field and the form to write.
 
 Imports only config.py.
 """
@@ -98,3 +99,21 @@ def profile_steps(spec: str) -> tuple[int, int] | None:
     'e.g. --config.profile_steps=10:3 traces steps 10 to 12.',
   )
   return int(start), int(start) + int(count) - 1
+
+
+REMAT_POLICIES = ('none', 'dots', 'dots_attention', 'full', 'offload')
+
+
+def remat_policy(value) -> str:
+  """model.remat as a policy name; checkpoints of older versions saved a bool (True: full)."""
+  if isinstance(value, bool):
+    return 'full' if value else 'none'
+  return value
+
+
+def attention_kind(objective: str) -> str:
+  """The attention the objective needs: masked_lm an encoder's, prefix objectives a prefix."""
+  names = [n for n, _ in objective_mixture(objective)]
+  if names in (['masked_lm'], ['classification']):
+    return 'bidirectional'
+  return 'prefix' if set(names) & {'span_corruption', 'prefix_lm'} else 'causal'

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from pretrax import paths
 from pretrax import workdir as workdir_lib
-from pretrax.config_views import ModelConfig
+from pretrax.config_types import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets, keyed by the start of JAX's
 # `device_kind` (e.g. 'NVIDIA H100 80GB HBM3', 'TPU v5 lite' for v5e, 'TPU v6 lite' for v6e).

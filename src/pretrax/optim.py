@@ -3,23 +3,23 @@
 import jax
 import optax
 
-from pretrax.config_views import OptimConfig
+from pretrax.config_types import OptimSection
 
 # Parameter names (last path entry) that are embedding tables, not projections.
 _EMBEDDING_NAMES = ('embedding', 'pos_embed')
 
 
-def schedule(cfg: OptimConfig) -> optax.Schedule:
+def schedule(cfg: OptimSection) -> optax.Schedule:
   """Linear warmup from 0, then cosine or linear decay to min_lr, warmup-stable-decay, or
   constant."""
   warmup = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
-  rest = cfg.total_steps - cfg.warmup_steps
+  rest = cfg.schedule_steps - cfg.warmup_steps
   if cfg.schedule == 'cosine':
     after = optax.cosine_decay_schedule(cfg.lr, max(rest, 1), alpha=cfg.min_lr / cfg.lr)
   elif cfg.schedule == 'linear':  # BERT's.
     after = optax.linear_schedule(cfg.lr, cfg.min_lr, max(rest, 1))
   elif cfg.schedule == 'wsd':
-    decay_steps = max(int(round(cfg.total_steps * cfg.decay_fraction)), 1)
+    decay_steps = max(int(round(cfg.schedule_steps * cfg.decay_fraction)), 1)
     after = optax.join_schedules(
       [optax.constant_schedule(cfg.lr), optax.linear_schedule(cfg.lr, cfg.min_lr, decay_steps)],
       boundaries=[max(rest - decay_steps, 0)],
@@ -29,7 +29,7 @@ def schedule(cfg: OptimConfig) -> optax.Schedule:
   return optax.join_schedules([warmup, after], boundaries=[cfg.warmup_steps])
 
 
-def decay_mask(params, cfg: OptimConfig):
+def decay_mask(params, cfg: OptimSection):
   """True where weight decay applies: projections always; embeddings, norms, biases if asked."""
 
   def decays(path, leaf) -> bool:
@@ -43,7 +43,7 @@ def decay_mask(params, cfg: OptimConfig):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+def optimizer(cfg: OptimSection) -> optax.GradientTransformation:
   adamw = optax.adamw(
     schedule(cfg),
     b1=cfg.b1,

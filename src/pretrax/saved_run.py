@@ -12,13 +12,13 @@ import os
 from typing import Any
 
 import jax
-import ml_collections
 
-from pretrax import checkpoint, config_specs, config_views, paths
+from pretrax import checkpoint, config_specs, paths, run_config
 from pretrax import config as config_lib
 from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
 from pretrax import workdir as workdir_lib
+from pretrax.config_types import MeshSection, RunConfig
 
 # Parameters a fine-tune may add to what it starts from: the classification head.
 NEW_HEAD = ('pooler', 'pooler_bias', 'classifier', 'classifier_bias')
@@ -26,7 +26,7 @@ NEW_HEAD = ('pooler', 'pooler_bias', 'classifier', 'classifier_bias')
 
 @dataclasses.dataclass(frozen=True)
 class Trained:
-  config: ml_collections.ConfigDict  # The run's config, as its checkpoint saved it.
+  config: RunConfig  # The run's config, as its checkpoint saved it (run_config.from_saved).
   step: int
   tok: tokenizer_lib.Tokenizer
   tokenizer_path: str
@@ -50,16 +50,12 @@ def checkpoint_steps(workdir: str) -> list[int]:
   return steps
 
 
-def tokenizer_path(workdir: str, c: ml_collections.ConfigDict) -> str:
+def tokenizer_path(workdir: str, c: RunConfig) -> str:
   """The tokenizer a run kept in its workdir, else its prepared store's, else its config's."""
-  return workdir_lib.find_tokenizer(
-    workdir, c.data.get('prepared', ''), c.tokenizer.get('path', '')
-  )
+  return workdir_lib.find_tokenizer(workdir, c.data.prepared, c.tokenizer.path)
 
 
-def load(
-  workdir: str, step: int | None = None, mesh: ml_collections.ConfigDict | None = None
-) -> Trained:
+def load(workdir: str, step: int | None = None, mesh: MeshSection | None = None) -> Trained:
   """The checkpoint at `step` (default: the latest) of the run in `workdir`.
 
   `mesh`: a config's mesh section to restore onto (fine-tuning restores straight into its own
@@ -73,11 +69,11 @@ def load(
     )
   mngr = checkpoint.manager(workdir, read_only=True)
   try:
-    c = ml_collections.ConfigDict(checkpoint.restore_config(mngr, step))
+    c = run_config.from_saved(checkpoint.restore_config(mngr, step))
     path = tokenizer_path(workdir, c)
     tok = tokenizer_lib.Tokenizer.load(path)
     run = state_lib.build(
-      config_views.on_local_devices(c, mesh), tok.vocab_size, num_classes=len(labels(workdir, c))
+      run_config.on_local_devices(c, mesh), tok.vocab_size, num_classes=len(labels(workdir, c))
     )
     state, _ = checkpoint.restore(mngr, step, run.abstract)
   finally:
@@ -85,7 +81,7 @@ def load(
   return Trained(config=c, step=step, tok=tok, tokenizer_path=path, run=run, params=state['params'])
 
 
-def labels(workdir: str, c: ml_collections.ConfigDict) -> list[str]:
+def labels(workdir: str, c: RunConfig) -> list[str]:
   """A classification run's labels (saved by `train`); [] for other objectives."""
   if c.objective != 'classification':
     return []
@@ -124,7 +120,7 @@ def source_tokenizer(spec: str) -> str:
   return candidate
 
 
-def _source_values(c: ml_collections.ConfigDict) -> tuple[dict[str, Any], str]:
+def _source_values(c: RunConfig) -> tuple[dict[str, Any], str]:
   """The parameters `init_from` names, by path, and a description of where they come from."""
   path, step = config_specs.init_source(c.init_from)
   if _is_hf_dir(path):
@@ -143,9 +139,7 @@ def _source_values(c: ml_collections.ConfigDict) -> tuple[dict[str, Any], str]:
   return {state_lib.param_path(k): v for k, v in flat}, f'{path} at step {source.step}'
 
 
-def initial_params(
-  c: ml_collections.ConfigDict, run: state_lib.RunState, log: Callable[[str], None]
-) -> Any:
+def initial_params(c: RunConfig, run: state_lib.RunState, log: Callable[[str], None]) -> Any:
   """This run's parameters taken from the run `init_from` names, in this run's shardings. Shapes
   must match; a new classification head starts fresh, and a head this run lacks (a masked LM's)
   is left out. Raises ConfigError naming the parameters that differ."""

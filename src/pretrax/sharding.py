@@ -10,10 +10,10 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-import ml_collections
 import optax
 
 from pretrax import errors
+from pretrax.config_types import MeshSection
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 # Axes that may also span the data-centre network (between TPU slices or GPU nodes): only data
@@ -45,7 +45,7 @@ class ShardingError(errors.PretraxError, ValueError):
   """A mesh or rule that cannot work; the message names it and the fix."""
 
 
-def rules(mesh_cfg: ml_collections.ConfigDict) -> dict[str, str | tuple[str, ...] | None]:
+def rules(mesh_cfg: MeshSection) -> dict[str, str | tuple[str, ...] | None]:
   """The rules table with the config's overrides, `mesh.rules='NAME=AXIS[+AXIS],...'` (an empty
   AXIS replicates), e.g. `--config.mesh.rules=embed=,mlp=fsdp+tensor`."""
   table = dict(DEFAULT_RULES)
@@ -94,7 +94,7 @@ def _resolve(sizes: list[int], num_devices: int, what: str) -> list[int]:
 
 
 def mesh_shapes(
-  mesh_cfg: ml_collections.ConfigDict, num_devices: int
+  mesh_cfg: MeshSection, num_devices: int
 ) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
   """(per-granule shape, DCN shape) of (data, fsdp, tensor). A granule is a TPU slice or a GPU
   node (process); `mesh.dcn_data` and `mesh.dcn_fsdp` say how many granules each axis spans, and
@@ -109,20 +109,18 @@ def mesh_shapes(
       f'{num_devices} devices.'
     )
   what = 'mesh per slice/node' if granules > 1 else 'mesh'
-  ici = _resolve([int(mesh_cfg[a]) for a in MESH_AXES], num_devices // granules, what)
+  ici = _resolve([int(getattr(mesh_cfg, a)) for a in MESH_AXES], num_devices // granules, what)
   return (ici[0], ici[1], ici[2]), (dcn[0], dcn[1], dcn[2])
 
 
-def mesh_shape(mesh_cfg: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+def mesh_shape(mesh_cfg: MeshSection, num_devices: int) -> tuple[int, int, int]:
   """Sizes of the (data, fsdp, tensor) mesh axes over all devices."""
   ici, dcn = mesh_shapes(mesh_cfg, num_devices)
   data, fsdp, tensor = (i * d for i, d in zip(ici, dcn, strict=True))
   return data, fsdp, tensor
 
 
-def make_mesh(
-  mesh_cfg: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None
-) -> Mesh:
+def make_mesh(mesh_cfg: MeshSection, devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = list(devices if devices is not None else jax.devices())
   ici, dcn = mesh_shapes(mesh_cfg, len(devices))
   # Auto axes: the compiler propagates shardings between our explicit constraints.

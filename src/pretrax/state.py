@@ -10,11 +10,11 @@ from typing import Any
 
 from flax import nnx
 import jax
-import ml_collections
 import optax
 
-from pretrax import config_views, optim, sharding
+from pretrax import optim, run_config, sharding
 from pretrax import step as step_lib
+from pretrax.config_types import ModelConfig, RunConfig
 from pretrax.model import transformer
 
 
@@ -22,7 +22,7 @@ from pretrax.model import transformer
 class RunState:
   """The static pieces of a run and the abstract (shape + sharding) train state."""
 
-  model_cfg: config_views.ModelConfig
+  model_cfg: ModelConfig
   model_def: nnx.GraphDef
   optimizer: optax.GradientTransformation
   schedule: optax.Schedule
@@ -66,12 +66,12 @@ def param_path(keypath) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in keypath)
 
 
-def _params(model_cfg: config_views.ModelConfig, seed: int) -> Any:
+def _params(model_cfg: ModelConfig, seed: int) -> Any:
   return nnx.to_pure_dict(nnx.split(transformer.build(model_cfg, seed))[1])
 
 
 def _init(
-  model_cfg: config_views.ModelConfig,
+  model_cfg: ModelConfig,
   optimizer: optax.GradientTransformation,
   seed: int,
   spike_window: int,
@@ -80,14 +80,13 @@ def _init(
 
 
 def build(
-  c: ml_collections.ConfigDict,
+  c: RunConfig,
   vocab_size: int,
   devices: list[jax.Device] | None = None,
   num_classes: int = 0,
 ) -> RunState:
-  model_cfg = config_views.model_config(c, vocab_size, num_classes)
-  optim_cfg = config_views.optim_config(c)
-  optimizer = optim.optimizer(optim_cfg)
+  model_cfg = run_config.model_config(c, vocab_size, num_classes)
+  optimizer = optim.optimizer(c.optim)
   model_def, abstract_params = nnx.split(nnx.eval_shape(lambda: transformer.build(model_cfg, 0)))
   mesh = sharding.make_mesh(c.mesh, devices)
   rules = sharding.rules(c.mesh)
@@ -109,7 +108,7 @@ def build(
     model_cfg=model_cfg,
     model_def=model_def,
     optimizer=optimizer,
-    schedule=optim.schedule(optim_cfg),
+    schedule=optim.schedule(c.optim),
     mesh=mesh,
     rules=rules,
     logical_axes=logical_axes,

@@ -17,6 +17,7 @@ import optax
 from pretrax import config as config_lib
 from pretrax import config_specs
 from pretrax import loss as loss_lib
+from pretrax.config_types import RunConfig
 from pretrax.model import layers
 
 TrainState = dict[str, Any]
@@ -41,8 +42,8 @@ class StepConfig:
   spike_threshold: float = 6.0
 
 
-def step_config(c) -> StepConfig:
-  """The step's settings from a run's ConfigDict."""
+def step_config(c: RunConfig) -> StepConfig:
+  """The step's settings from a run's config."""
   return StepConfig(
     grad_accum_steps=c.optim.grad_accum_steps,
     z_loss=c.optim.z_loss,

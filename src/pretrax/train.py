@@ -5,7 +5,6 @@ optimizer state, data position and step, so the run continues as if it had never
 """
 
 from collections.abc import Callable, Iterator
-import copy
 import dataclasses
 import itertools
 import json
@@ -15,10 +14,9 @@ import time
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
-from pretrax import checkpoint, config_check, config_specs, faults, paths, saved_run, train_eval
+from pretrax import checkpoint, config_specs, faults, paths, run_config, saved_run, train_eval
 from pretrax import config as config_lib
 from pretrax import metrics as metrics_lib
 from pretrax import plan as plan_lib
@@ -26,6 +24,7 @@ from pretrax import sample as sample_lib
 from pretrax import state as state_lib
 from pretrax import step as step_lib
 from pretrax import workdir as workdir_lib
+from pretrax.config_types import RunConfig
 from pretrax.data import dataset
 from pretrax.data import objectives as objectives_lib
 
@@ -35,12 +34,12 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the run in `workdir`; returns the final train and eval metrics.
+def train(c: RunConfig, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the final train and eval metrics. `c` is
+  built (validated, resolved) by run_config.build for this run's devices.
 
   Raises faults.Stopped after saving when a SIGTERM or SIGINT asked it to stop.
   """
-  config_check.validate(c, num_devices=jax.device_count())
   faults.check_writable(workdir)
   with faults.WorkdirLock(workdir), faults.StopSignals() as stop:
     mngr = checkpoint.manager(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
@@ -56,7 +55,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def _train(
-  c: ml_collections.ConfigDict,
+  c: RunConfig,
   workdir: str,
   stop: faults.StopSignals,
   mngr: checkpoint.ocp.CheckpointManager,
@@ -132,7 +131,7 @@ def _train(
 
 
 def _loop(
-  c: ml_collections.ConfigDict,
+  c: RunConfig,
   state: Any,
   start: int,
   batches: Iterator[dict[str, jax.Array]],
@@ -165,7 +164,7 @@ def _loop(
 
 
 def _initial_state(
-  c: ml_collections.ConfigDict,
+  c: RunConfig,
   workdir: str,
   mngr: checkpoint.ocp.CheckpointManager,
   run: state_lib.RunState,
@@ -185,7 +184,7 @@ def _initial_state(
 
 
 def _global_batches(
-  c: ml_collections.ConfigDict, run: state_lib.RunState, data: dataset.RunData, start: int
+  c: RunConfig, run: state_lib.RunState, data: dataset.RunData, start: int
 ) -> Iterator[dict[str, jax.Array]]:
   """This process's batches from step `start` on, as global arrays over the mesh."""
   batches = data.train_batches(start)
@@ -198,7 +197,7 @@ def _global_batches(
 
 
 def _compiled_train_step(
-  c: ml_collections.ConfigDict,
+  c: RunConfig,
   run: state_lib.RunState,
   state: Any,
   first_batch: dict[str, jax.Array],
@@ -229,7 +228,7 @@ class RunLog:
   checked for non-finite values, written and printed every log_every steps with rates; the
   updates skipped since the last record; the last train and eval records."""
 
-  c: ml_collections.ConfigDict
+  c: RunConfig
   writer: metrics_lib.MetricsWriter
   latest_step: Callable[[], int | None]  # The newest checkpoint, for the non-finite message.
   config_json: dict[str, Any]
@@ -247,7 +246,7 @@ class RunLog:
   @classmethod
   def create(
     cls,
-    c: ml_collections.ConfigDict,
+    c: RunConfig,
     workdir: str,
     run: state_lib.RunState,
     start: int,
@@ -265,7 +264,7 @@ class RunLog:
       c=c,
       writer=writer,
       latest_step=latest_step,
-      config_json=json.loads(c.to_json()),
+      config_json=run_config.to_dict(c),
       tokens_per_step=tokens,
       flops_per_step=metrics_lib.flops_per_token(run.model_cfg, c.data.seq_len) * tokens,
       peak=peak,
@@ -342,9 +341,7 @@ class RunLog:
     self.restart_clock()  # Evaluation time is not training time.
 
 
-def _final_sample(
-  c: ml_collections.ConfigDict, run: state_lib.RunState, params: Any, data: dataset.RunData
-) -> str:
+def _final_sample(c: RunConfig, run: state_lib.RunState, params: Any, data: dataset.RunData) -> str:
   """What the run prints at its end: generated text, or a masked LM's fill-ins on held-out text."""
   if not c.sample.length:
     return ''
@@ -384,7 +381,7 @@ def _final_sample(
 
 
 def _answers(
-  c: ml_collections.ConfigDict,
+  c: RunConfig,
   run: state_lib.RunState,
   params: Any,
   data: dataset.RunData,
@@ -448,16 +445,14 @@ class _StepTrace:
         shutil.rmtree(self.local_dir, ignore_errors=True)
 
 
-def load_data(
-  c: ml_collections.ConfigDict, workdir: str, has_checkpoints: bool = False
-) -> dataset.RunData:
+def load_data(c: RunConfig, workdir: str, has_checkpoints: bool = False) -> dataset.RunData:
   """The run's tokenizer and batches (see data/dataset.py); the tokenizer (and a classifier's
   labels) are kept in the workdir for `sample`, `eval` and `export`. A run that starts from
   another's parameters (init_from) uses that run's tokenizer unless tokenizer.path names one.
   (Also used by benchmarks/throughput.py to time the pipeline alone.)"""
   if c.init_from and not c.tokenizer.path:
-    c = copy.deepcopy(c)
-    c.tokenizer.path = saved_run.source_tokenizer(c.init_from)
+    source = saved_run.source_tokenizer(c.init_from)
+    c = dataclasses.replace(c, tokenizer=dataclasses.replace(c.tokenizer, path=source))
   data = dataset.load(
     c,
     workdir,

@@ -7,19 +7,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from pretrax import config as config_lib
 from pretrax import state as state_lib
 from pretrax import step as step_lib
+from pretrax.config_types import RunConfig
 from pretrax.data import dataset
 from pretrax.downstream import scoring
 from pretrax.downstream import tasks as tasks_lib
 
 
 def held_out(
-  c: ml_collections.ConfigDict, run: state_lib.RunState, data: dataset.RunData
+  c: RunConfig, run: state_lib.RunState, data: dataset.RunData
 ) -> Callable[[Any], dict[str, float]]:
   """params -> the held-out metrics of every source (at most c.eval_batches batches each)."""
   eval_step = step_lib.jit_eval_step(
@@ -53,7 +53,7 @@ def held_out(
 
 
 def task_scorer(
-  c: ml_collections.ConfigDict,
+  c: RunConfig,
   run: state_lib.RunState,
   data: dataset.RunData,
   log: Callable[[str], None],
@@ -66,7 +66,7 @@ def task_scorer(
     [n.strip() for n in c.eval.tasks.split(',') if n.strip()], c.eval.limit or None
   )
   log(
-    f'downstream tasks every {c.eval.tasks_every or c.eval_every} steps: '
+    f'downstream tasks every {c.eval.tasks_every} steps: '
     + ', '.join(f'{t.name} ({len({r.doc_id for r in t.requests})} questions)' for t in tasks)
   )
 
@@ -101,12 +101,12 @@ class Evaluator:
   """What is evaluated at a step: the held-out loss every eval_every steps, the downstream tasks
   every eval.tasks_every (default eval_every), both at the last step."""
 
-  c: ml_collections.ConfigDict
+  c: RunConfig
   held_out: Callable[[Any], dict[str, float]]
   tasks: Callable[[Any], dict[str, float]] | None
 
   def _tasks_due(self, step: int) -> bool:
-    every = self.c.eval.tasks_every or self.c.eval_every
+    every = self.c.eval.tasks_every
     return self.tasks is not None and (step % every == 0 or step == self.c.steps)
 
   def due(self, step: int) -> bool:
@@ -122,7 +122,7 @@ class Evaluator:
 
 
 def eval_record(
-  c: ml_collections.ConfigDict,
+  c: RunConfig,
   objective_names: tuple[str, ...],
   per_source: dict[str, dict[str, Any]],
 ) -> dict[str, float]:

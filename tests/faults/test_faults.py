@@ -15,12 +15,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from conftest import PEAK_FLOPS_ARG, REPO, built_once, pretrax_env, run_cli
-from pretrax import checkpoint, faults, metrics, tokenizer
+from pretrax import checkpoint, faults, metrics, run_config, tokenizer
 from pretrax import state as state_lib
 
 TINY = os.path.join(REPO, 'configs', 'tiny.py')
@@ -69,7 +68,7 @@ def logged_steps(workdir) -> list[int]:
 
 def final_params(workdir, step: int):
   mngr = checkpoint.manager(str(workdir), read_only=True)
-  c = ml_collections.ConfigDict(checkpoint.restore_config(mngr, step))
+  c = run_config.from_saved(checkpoint.restore_config(mngr, step))
   tok = tokenizer.Tokenizer.load(os.path.join(workdir, 'tokenizer.model'))
   run = state_lib.build(c, tok.vocab_size)
   state, _ = checkpoint.restore(mngr, step, run.abstract)

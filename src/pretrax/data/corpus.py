@@ -13,13 +13,13 @@ import hashlib
 import json
 import os
 
-from pretrax import config_views
+from pretrax.config_types import RunConfig
 from pretrax.data import sources
 from pretrax.data import store as store_lib
 from pretrax.data import units as units_lib
 
 
-def input_files(c, log: Callable[[str], None] = print) -> list[sources.InputFile]:
+def input_files(c: RunConfig, log: Callable[[str], None] = print) -> list[sources.InputFile]:
   """The corpus files of `c.data` (or its fallback corpus); DataError naming the path if none."""
   files = sources.expand_paths(c.data.path) if c.data.path else []
   if not files and c.data.fallback:
@@ -38,7 +38,7 @@ def input_files(c, log: Callable[[str], None] = print) -> list[sources.InputFile
   return sources.describe(files)
 
 
-def _position_boundary(files: list[sources.InputFile], c) -> int:
+def _position_boundary(files: list[sources.InputFile], c: RunConfig) -> int:
   """For a corpus of one plain text document (Tiny Shakespeare), the byte where the held-out
   part starts; 0 for every other corpus (held out by document)."""
   if len(files) != 1 or c.data.separator:
@@ -53,7 +53,7 @@ def _position_boundary(files: list[sources.InputFile], c) -> int:
   return max(1, int(round(size * (1.0 - c.data.eval_fraction))))
 
 
-def tokenizer_spec(c) -> dict:
+def tokenizer_spec(c: RunConfig) -> dict:
   """The tokenizer a store is made with: a given file (and its hash), or training settings."""
   tok = c.tokenizer
   if tok.path:
@@ -62,12 +62,12 @@ def tokenizer_spec(c) -> dict:
   return {
     'model_type': tok.model_type,
     'vocab_size': tok.vocab_size,
-    'sentinels': config_views.num_sentinels(c),
+    'sentinels': c.tokenizer.sentinels,
     'sample_mb': tok.sample_mb,
   }
 
 
-def make_plan(c, files: list[sources.InputFile]) -> dict:
+def make_plan(c: RunConfig, files: list[sources.InputFile]) -> dict:
   """Everything the store's bytes depend on; a resume or reuse must find the same."""
   tokenizer = tokenizer_spec(c)
   reading = units_lib.Reading(

@@ -9,7 +9,6 @@ tokenizer settings are unchanged. A bucket workdir keeps its store in a local ca
 
 from collections.abc import Callable, Iterable, Iterator
 import contextlib
-import copy
 import dataclasses
 import fcntl
 import functools
@@ -17,13 +16,13 @@ import hashlib
 import os
 import shutil
 
-import ml_collections
 import numpy as np
 
 from pretrax import config as config_lib
-from pretrax import config_specs, paths
+from pretrax import paths
 from pretrax import tokenizer as tokenizer_lib
 from pretrax import workdir as workdir_lib
+from pretrax.config_types import RunConfig, Source
 from pretrax.data import corpus, examples, handoff, pipeline, sources
 from pretrax.data import objectives as objectives_lib
 from pretrax.data import prepare as prepare_lib
@@ -47,14 +46,7 @@ class RunData:
   labels: tuple[str, ...] = ()  # The classification objective's label set, in index order.
 
 
-def source_specs(c: ml_collections.ConfigDict) -> list[tuple[str, str, float]]:
-  """(name, path, weight) of each source: the mixture's, or data.path as the one source ''."""
-  if c.data.mixture:
-    return config_specs.mixture(c.data.mixture)
-  return [('', c.data.path, 1.0)]
-
-
-def store_root(c: ml_collections.ConfigDict, workdir: str) -> str:
+def store_root(c: RunConfig, workdir: str) -> str:
   if c.data.prepared:
     return c.data.prepared
   if paths.is_remote(workdir):  # Memory-mapped reading needs a local disk.
@@ -68,14 +60,13 @@ def _store_dir(root: str, name: str) -> str:
   return os.path.join(root, name) if name else root
 
 
-def _source_config(
-  c: ml_collections.ConfigDict, path: str, tokenizer_path: str
-) -> ml_collections.ConfigDict:
-  out = copy.deepcopy(c)
-  out.data.path = path
-  if tokenizer_path:
-    out.tokenizer.path = tokenizer_path
-  return out
+def _source_config(c: RunConfig, path: str, tokenizer_path: str) -> RunConfig:
+  """`c` for one source of its mixture: that source's path (a mixture's sources have no fallback
+  corpus) and, if given, the mixture's shared tokenizer."""
+  fallback = c.data.fallback if not c.data.mixture else ''
+  data = dataclasses.replace(c.data, path=path, fallback=fallback)
+  tokenizer = dataclasses.replace(c.tokenizer, path=tokenizer_path or c.tokenizer.path)
+  return dataclasses.replace(c, data=data, tokenizer=tokenizer)
 
 
 @contextlib.contextmanager
@@ -89,7 +80,7 @@ def _locked(root: str):
 
 
 def build(
-  c: ml_collections.ConfigDict,
+  c: RunConfig,
   root: str,
   *,
   process_index: int,
@@ -98,28 +89,27 @@ def build(
   log: Callable[[str], None],
 ) -> None:
   """Prepares (or finishes, or reuses) the run's stores under `root`."""
-  specs = source_specs(c)
+  specs = c.data.sources
   plans = []
-  for _, path, _ in specs:
-    cs = _source_config(c, path, '')
-    cs.data.fallback = c.data.fallback if not c.data.mixture else ''
+  for source in specs:
+    cs = _source_config(c, source.path, '')
     plans.append(corpus.make_plan(cs, corpus.input_files(cs, log)))
   tokenizer_path = c.tokenizer.path
   if c.data.mixture and not tokenizer_path:  # One tokenizer for every source.
     tokenizer_path = os.path.join(root, store_lib.TOKENIZER_FILE)
-    _shared_tokenizer(plans, [w for _, _, w in specs], tokenizer_path, process_index, log)
+    _shared_tokenizer(plans, [s.weight for s in specs], tokenizer_path, process_index, log)
     plans = [
       corpus.make_plan(
-        _source_config(c, path, tokenizer_path), [sources.InputFile(*f) for f in plan['files']]
+        _source_config(c, s.path, tokenizer_path), [sources.InputFile(*f) for f in plan['files']]
       )
-      for (_, path, _), plan in zip(specs, plans, strict=True)
+      for s, plan in zip(specs, plans, strict=True)
     ]
   total = sum(f[1] for plan in plans for f in plan['files'])
   workers = c.data.prepare_workers
   if workers < 0:
     workers = (os.cpu_count() or 1) if total > SMALL_CORPUS_BYTES else 0
-  for (name, _, _), plan in zip(specs, plans, strict=True):
-    out = _store_dir(root, name)
+  for source, plan in zip(specs, plans, strict=True):
+    out = _store_dir(root, source.name)
     _discard_if_stale(out, plan, has_checkpoints, process_count, log)
     prepare_lib.prepare_plan(
       plan, out, workers=workers, process_index=process_index, process_count=process_count, log=log
@@ -157,7 +147,7 @@ def _discard_if_stale(
 
 
 def load(
-  c: ml_collections.ConfigDict,
+  c: RunConfig,
   workdir: str,
   *,
   process_index: int,
@@ -189,8 +179,8 @@ def load(
         has_checkpoints=has_checkpoints,
         log=log,
       )
-  specs = source_specs(c)
-  stores = [store_lib.Store(_store_dir(root, name)) for name, _, _ in specs]
+  specs = c.data.sources
+  stores = [store_lib.Store(_store_dir(root, s.name)) for s in specs]
   if c.tokenizer.path and c.data.prepared:
     log('tokenizer.path is ignored: a prepared store comes with its tokenizer')
   tok = _one_tokenizer(specs, stores)
@@ -221,34 +211,34 @@ def load(
 
 
 def _one_tokenizer(
-  specs: list[tuple[str, str, float]], stores: list[store_lib.Store]
+  specs: tuple[Source, ...], stores: list[store_lib.Store]
 ) -> tokenizer_lib.Tokenizer:
   """The tokenizer every source's store was made with; DataError if two differ."""
   tok = tokenizer_lib.Tokenizer.load(stores[0].tokenizer_path)
-  for (name, _, _), store in zip(specs, stores, strict=True):
+  for source, store in zip(specs, stores, strict=True):
     with open(store.tokenizer_path, 'rb') as f:
       if f.read() != tok.model_proto:
         raise sources.DataError(
-          f'the stores of {specs[0][0]} and {name} were tokenized '
+          f'the stores of {specs[0].name} and {source.name} were tokenized '
           'differently: prepare every source with one tokenizer.'
         )
   return tok
 
 
 def _run_sources(
-  c: ml_collections.ConfigDict, specs: list[tuple[str, str, float]], stores: list[store_lib.Store]
+  c: RunConfig, specs: tuple[Source, ...], stores: list[store_lib.Store]
 ) -> list[pipeline.Source]:
   """Each source's training windows and held-out split, with its weight; ConfigError for a store
   too small to give one window or anything to evaluate on."""
   seq_len = c.data.seq_len
   run_sources = [
     pipeline.Source(
-      name or 'data',
-      weight,
-      pipeline.Windows(s.split('train'), seq_len, c.data.window_stride or seq_len),
+      spec.name or 'data',
+      spec.weight,
+      pipeline.Windows(s.split('train'), seq_len, c.data.window_stride),
       s.split('eval'),
     )
-    for (name, _, weight), s in zip(specs, stores, strict=True)
+    for spec, s in zip(specs, stores, strict=True)
   ]
   for source in run_sources:
     if not len(source.train) or source.eval.num_tokens < 2:
@@ -262,9 +252,9 @@ def _run_sources(
 
 
 def _log_stores(specs, stores, tok, seq_len, run_sources, log) -> None:
-  for (name, _, weight), store, source in zip(specs, stores, run_sources, strict=True):
+  for spec, store, source in zip(specs, stores, run_sources, strict=True):
     s = store.manifest['splits']
-    label = f'{name} (weight {weight:g}): ' if name else ''
+    label = f'{spec.name} (weight {spec.weight:g}): ' if spec.name else ''
     log(
       f'data: {label}{store.path}: {s["train"]["tokens"]:,} train / {s["eval"]["tokens"]:,} '
       f'held-out tokens ({s["train"]["documents"]:,} / {s["eval"]["documents"]:,} documents), '
@@ -273,7 +263,7 @@ def _log_stores(specs, stores, tok, seq_len, run_sources, log) -> None:
 
 
 def load_examples(
-  c: ml_collections.ConfigDict,
+  c: RunConfig,
   workdir: str,
   *,
   process_index: int,

@@ -25,10 +25,10 @@ import os
 import shutil
 
 import grain
-import ml_collections
 import numpy as np
 
 from pretrax import tokenizer as tokenizer_lib
+from pretrax.config_types import RunConfig
 from pretrax.data import corpus, handoff, records, sources
 from pretrax.data import store as store_lib
 from pretrax.data import units as units_lib
@@ -117,7 +117,7 @@ def write_store(
 
 
 def build(
-  c: ml_collections.ConfigDict,
+  c: RunConfig,
   out_dir: str,
   *,
   process_index: int,
@@ -165,7 +165,7 @@ def _split_lines(plan: dict) -> Iterator[tuple[str, str, bytes]]:
     yield 'eval', f'{path}:{number}', line
 
 
-def make_plan(c: ml_collections.ConfigDict) -> dict:
+def make_plan(c: RunConfig) -> dict:
   """What a store is built from: two runs with equal plans share a store."""
 
   def described(spec: str) -> list:

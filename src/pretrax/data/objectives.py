@@ -23,12 +23,12 @@ masked_lm        BERT's: a rate of non-special tokens is chosen (whole words opt
 
 import dataclasses
 
-import ml_collections
 import numpy as np
 
 from pretrax import config as config_lib
 from pretrax import config_specs
 from pretrax import tokenizer as tokenizer_lib
+from pretrax.config_types import RunConfig
 
 Example = dict[str, np.ndarray]
 EXAMPLE_KEYS = ('inputs', 'targets', 'weights', 'prefix', 'objective')
@@ -56,7 +56,7 @@ class Objectives:
   mean_span_length: float = 3.0
 
   @classmethod
-  def from_config(cls, c: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer) -> 'Objectives':
+  def from_config(cls, c: RunConfig, tok: tokenizer_lib.Tokenizer) -> 'Objectives':
     mixture = config_specs.objective_mixture(c.objective)
     names = tuple(name for name, _ in mixture)
     if 'span_corruption' in names and not len(tok.sentinel_ids):

@@ -17,10 +17,10 @@ the store (examples.py) turns into one line naming the file and line, or skips a
 import dataclasses
 import json
 
-import ml_collections
 import numpy as np
 
 from pretrax import tokenizer as tokenizer_lib
+from pretrax.config_types import RunConfig
 
 ROLES = ('system', 'user', 'assistant')
 
@@ -38,7 +38,7 @@ class Fields:
   labels: tuple[str, ...] = ()  # The label set; () = the training records' distinct labels.
 
   @classmethod
-  def from_config(cls, c: ml_collections.ConfigDict) -> 'Fields':
+  def from_config(cls, c: RunConfig) -> 'Fields':
     f = c.finetune
     labels = tuple(x.strip() for x in f.labels.split(',') if x.strip())
     return cls(

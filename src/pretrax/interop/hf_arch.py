@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from pretrax import config as config_lib
-from pretrax import config_views
 from pretrax import tokenizer as tokenizer_lib
+from pretrax.config_types import ModelConfig
 
 GPT2, LLAMA, XLMR = 'GPT2LMHeadModel', 'LlamaForCausalLM', 'XLMRobertaXLForMaskedLM'
 
@@ -29,7 +29,7 @@ class ConversionError(config_lib.ConfigError):
   """A model, config or directory that cannot be converted; the message says why and what to do."""
 
 
-def architecture(m: config_views.ModelConfig) -> str:
+def architecture(m: ModelConfig) -> str:
   """The transformers architecture with our layout, or ConversionError naming what has none."""
 
   def refuse(feature: str, fix: str) -> ConversionError:
@@ -68,7 +68,7 @@ def architecture(m: config_views.ModelConfig) -> str:
   return arch
 
 
-def hf_config(m: config_views.ModelConfig, arch: str, dtype: str) -> dict[str, Any]:
+def hf_config(m: ModelConfig, arch: str, dtype: str) -> dict[str, Any]:
   """config.json for `arch`, from our frozen model config."""
   common = dict(
     architectures=[arch],
@@ -133,7 +133,7 @@ def hf_config(m: config_views.ModelConfig, arch: str, dtype: str) -> dict[str, A
 
 
 def model_fields(hf: dict[str, Any]) -> dict[str, Any]:
-  """Our model config's fields (by `config_views.ModelConfig` name) implied by a config.json."""
+  """Our model config's fields (by `ModelConfig` name) implied by a config.json."""
   arch = (hf.get('architectures') or [None])[0]
 
   def get(key: str, default: Any = None) -> Any:
@@ -234,7 +234,7 @@ _OUR_KEY = dict(
 )
 
 
-def mismatches(m: config_views.ModelConfig, hf: dict[str, Any]) -> list[str]:
+def mismatches(m: ModelConfig, hf: dict[str, Any]) -> list[str]:
   """What differs between our model config and a config.json, each named on both sides."""
   arch = hf['architectures'][0]
   out = []

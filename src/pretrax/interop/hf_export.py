@@ -13,11 +13,10 @@ import shutil
 from typing import Any
 
 import jax
-import ml_collections
 import ml_dtypes
 import numpy as np
 
-from pretrax import checkpoint, config_views, paths
+from pretrax import checkpoint, paths, run_config
 from pretrax import state as state_lib
 from pretrax import workdir as workdir_lib
 from pretrax.interop import hf_arch, hf_tensors, hf_tokenizer, safetensors
@@ -141,7 +140,7 @@ def export(
   if os.path.exists(out_dir) and os.listdir(out_dir):
     raise hf_arch.ConversionError(f'{out_dir} is not empty: export into a new --out directory.')
   step, saved = _saved_step(workdir, step)
-  c = ml_collections.ConfigDict(saved['config'])
+  c = run_config.from_saved(saved['config'])
   if c.objective == 'classification':
     raise hf_arch.ConversionError(
       f'{workdir} is a classifier: no transformers model has its head (the '
@@ -150,11 +149,9 @@ def export(
   params = CheckpointParams(
     paths.join(checkpoint.directory(workdir), str(step), 'state'), saved['fingerprint']['bit_sums']
   )
-  m = config_views.model_config(c, params.shape('embed/embedding')[0])
+  m = run_config.model_config(c, params.shape('embed/embedding')[0])
   arch = hf_arch.architecture(m)
-  tokenizer_path = workdir_lib.find_tokenizer(
-    workdir, c.data.get('prepared', ''), c.tokenizer.get('path', '')
-  )
+  tokenizer_path = workdir_lib.find_tokenizer(workdir, c.data.prepared, c.tokenizer.path)
   target = np.dtype(DTYPES[dtype])
 
   def compute(t: hf_tensors.Tensor) -> np.ndarray:

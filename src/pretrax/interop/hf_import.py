@@ -11,13 +11,13 @@ import os
 from typing import Any
 
 import jax
-import ml_collections
 import numpy as np
 
-from pretrax import checkpoint, config_views, paths
+from pretrax import checkpoint, paths, run_config
 from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
 from pretrax import workdir as workdir_lib
+from pretrax.config_types import ModelConfig, RunConfig
 from pretrax.interop import hf_arch, hf_tensors, hf_tokenizer, safetensors
 
 
@@ -30,7 +30,7 @@ def _zero_or_refuse(name: str, y: np.ndarray, hf_dir: str) -> None:
 
 
 def import_model(
-  hf_dir: str, c: ml_collections.ConfigDict, workdir: str, log: Callable[[str], None] = print
+  hf_dir: str, c: RunConfig, workdir: str, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
   """Writes a step-0 checkpoint of `c`'s model with the weights of the transformers model in
   `hf_dir` (a local directory). Returns the params as host arrays."""
@@ -60,7 +60,7 @@ def import_model(
   return {state_lib.param_path(k): values[state_lib.param_path(k)] for k, _ in flat}
 
 
-def read_params(hf_dir: str, c: ml_collections.ConfigDict) -> tuple[dict[str, np.ndarray], str]:
+def read_params(hf_dir: str, c: RunConfig) -> tuple[dict[str, np.ndarray], str]:
   """The transformers model in `hf_dir` as our parameters (by path, float32 on the host) for
   `c`'s model, and the path of its SentencePiece tokenizer ('' if it has none): what
   `init_from` starts a run from."""
@@ -69,7 +69,7 @@ def read_params(hf_dir: str, c: ml_collections.ConfigDict) -> tuple[dict[str, np
   return values, sp_path if tok is not None and not c.tokenizer.path else ''
 
 
-def _matching_model(hf_dir: str, c: ml_collections.ConfigDict):
+def _matching_model(hf_dir: str, c: RunConfig):
   """(architecture, our model config, tokenizer or None, its path in hf_dir) for a config.json
   that `c` matches; ConversionError naming every field that does not."""
   config_path = os.path.join(hf_dir, 'config.json')
@@ -88,7 +88,7 @@ def _matching_model(hf_dir: str, c: ml_collections.ConfigDict):
     tok = tokenizer_lib.Tokenizer.load(c.tokenizer.path)
   elif os.path.exists(sp_path):
     tok = tokenizer_lib.Tokenizer.load(sp_path)
-  m = config_views.model_config(c, tok.vocab_size if tok else hf['vocab_size'])
+  m = run_config.model_config(c, tok.vocab_size if tok else hf['vocab_size'])
   problems = hf_arch.mismatches(m, hf)
   if arch == hf_arch.LLAMA and bool(hf.get('attention_bias')) != bool(hf.get('mlp_bias')):
     problems.append('config.json has attention_bias != mlp_bias; pretrax has one model.use_bias')
@@ -106,7 +106,7 @@ def _matching_model(hf_dir: str, c: ml_collections.ConfigDict):
 
 
 def _read_values(
-  reader: 'safetensors.Reader', m: config_views.ModelConfig, arch: str, hf_dir: str
+  reader: 'safetensors.Reader', m: ModelConfig, arch: str, hf_dir: str
 ) -> dict[str, np.ndarray]:
   """Our parameters (by path) from the transformers tensors, float32 on the host."""
   values: dict[str, np.ndarray] = {}
@@ -139,7 +139,7 @@ def _read_values(
 
 
 def _write_step_zero(
-  c: ml_collections.ConfigDict,
+  c: RunConfig,
   workdir: str,
   values: dict[str, np.ndarray],
   vocab_size: int,
@@ -149,7 +149,7 @@ def _write_step_zero(
   flattened (path, abstract array) pairs."""
   # Whatever mesh the config trains on, importing uses this machine's devices (`train` restores
   # onto its own mesh); the checkpoint keeps the config as given.
-  run = state_lib.build(config_views.on_local_devices(c), vocab_size)
+  run = state_lib.build(run_config.on_local_devices(c), vocab_size)
   flat, treedef = jax.tree_util.tree_flatten_with_path(run.abstract['params'])
   names = [state_lib.param_path(k) for k, _ in flat]
   missing = [name for name in names if name not in values]
@@ -166,7 +166,7 @@ def _write_step_zero(
     os.makedirs(workdir, exist_ok=True)
   mngr = checkpoint.manager(workdir, async_save=False)
   try:
-    checkpoint.save(mngr, 0, state, json.loads(c.to_json()))
+    checkpoint.save(mngr, 0, state, run_config.to_dict(c))
     checkpoint.wait(mngr)
   finally:
     mngr.close()

@@ -15,7 +15,7 @@ import dataclasses
 
 import numpy as np
 
-from pretrax import config_views
+from pretrax.config_types import ModelConfig
 from pretrax.interop import hf_arch
 
 
@@ -53,12 +53,12 @@ def _bias(name, size, source, ours_shape):
   )
 
 
-def tensor_map(m: config_views.ModelConfig, arch: str) -> list[Tensor]:
+def tensor_map(m: ModelConfig, arch: str) -> list[Tensor]:
   """Every tensor of the transformers model (tied ones once), in the order they are written."""
   return {hf_arch.GPT2: _gpt2_tensors, hf_arch.LLAMA: _llama_tensors}.get(arch, _roberta_tensors)(m)
 
 
-def _gpt2_tensors(m: config_views.ModelConfig) -> list[Tensor]:
+def _gpt2_tensors(m: ModelConfig) -> list[Tensor]:
   """GPT2LMHeadModel: fused q/k/v, Conv1D (in, out) weights."""
   V, D, N, H, F, P = m.vocab_size, m.embed_dim, m.num_heads, m.head_dim, m.mlp_dim, m.max_len
 
@@ -110,7 +110,7 @@ def _gpt2_tensors(m: config_views.ModelConfig) -> list[Tensor]:
   return out
 
 
-def _llama_tensors(m: config_views.ModelConfig) -> list[Tensor]:
+def _llama_tensors(m: ModelConfig) -> list[Tensor]:
   """LlamaForCausalLM: (out, in) weights, separate q/k/v, a gated MLP."""
   V, D, N, K, H, F = (m.vocab_size, m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim)
   out = []
@@ -144,7 +144,7 @@ def _llama_tensors(m: config_views.ModelConfig) -> list[Tensor]:
   return out
 
 
-def _roberta_tensors(m: config_views.ModelConfig) -> list[Tensor]:
+def _roberta_tensors(m: ModelConfig) -> list[Tensor]:
   """RobertaForMaskedLM: the encoder and its masked-LM head."""
   V, D, N, H, F, P = m.vocab_size, m.embed_dim, m.num_heads, m.head_dim, m.mlp_dim, m.max_len
 

@@ -14,7 +14,7 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
-from pretrax.config_views import ModelConfig
+from pretrax.config_types import ModelConfig
 from pretrax.model import attention as attention_lib
 from pretrax.model import layers
 

@@ -1,0 +1,224 @@
+"""The resolved run config as frozen dataclasses, one per section of config.py's base config.
+
+Every module below the command line takes these (or the one section it needs), never a
+ConfigDict: run_config.py builds them once, with every "0 means another field's value" default
+resolved, so a field holds what it means. A field's documentation is the comment on its line in
+config.py, printed by `--print_config`; tests/test_config.py keeps these fields and config.py's in
+step.
+
+Imports only config_specs.py (the string languages), and through it config.py.
+"""
+
+import dataclasses
+
+from pretrax.config_specs import mixture
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+  flavour: str
+  vocab_size: int  # 0: the tokenizer's (known once the data is), rounded up to vocab_multiple.
+  vocab_multiple: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  embed_dim: int
+  head_dim: int
+  mlp_dim: int
+  max_len: int
+  use_bias: bool
+  tie_embeddings: bool
+  dropout: float
+  norm_eps: float
+  rope_theta: float
+  init_std: float
+  param_dtype: str
+  dtype: str
+  remat: str
+  loss_chunk: int
+  max_segments: int
+  attention_backend: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """One weighted corpus of a run: `data.path` alone is the one source, named '' (its store is the
+  store root; a mixture's sources each have a subdirectory)."""
+
+  name: str
+  path: str
+  weight: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+  path: str
+  fallback: str
+  separator: str
+  text_field: str
+  skip_bad_records: bool
+  mixture: str
+  prepare_workers: int
+  shard_mb: float
+  seq_len: int
+  window_stride: int
+  batch_size: int
+  eval_fraction: float
+  worker_count: int
+  prepared: str
+
+  @property
+  def sources(self) -> tuple[Source, ...]:
+    """The weighted corpora: data.mixture's sources, or data.path as one source."""
+    if self.mixture:
+      return tuple(Source(*spec) for spec in mixture(self.mixture))
+    return (Source('', self.path, 1.0),)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedLMSection:
+  rate: float
+  mask_token_fraction: float
+  random_token_fraction: float
+  whole_word: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanCorruptionSection:
+  noise_density: float
+  mean_span_length: float
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSection:
+  eval_path: str
+  prompt_field: str
+  response_field: str
+  messages_field: str
+  label_field: str
+  labels: str
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+  tasks: str
+  tasks_every: int
+  limit: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSection:
+  path: str
+  model_type: str
+  vocab_size: int
+  sentinels: int
+  sample_mb: float
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+  lr: float
+  min_lr: float
+  schedule: str
+  schedule_steps: int
+  warmup_steps: int
+  decay_fraction: float
+  b1: float
+  b2: float
+  eps: float
+  weight_decay: float
+  decay_embeddings: bool
+  decay_norms_and_biases: bool
+  clip_norm: float
+  grad_accum_steps: int
+  z_loss: float
+  skip_nonfinite: bool
+  spike_window: int
+  spike_threshold: float
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+  every: int
+  keep: int
+  async_save: bool
+  fallback: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+  data: int
+  fsdp: int
+  tensor: int
+  dcn_data: int
+  dcn_fsdp: int
+  rules: str
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultSection:
+  poison_step: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSection:
+  prompt: str
+  length: int
+  temperature: float
+  top_k: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  seed: int
+  steps: int
+  objective: str
+  init_from: str
+  log_every: int
+  eval_every: int
+  eval_batches: int
+  peak_flops: float
+  profile_steps: str
+  model: ModelSection
+  data: DataSection
+  masked_lm: MaskedLMSection
+  span_corruption: SpanCorruptionSection
+  finetune: FinetuneSection
+  eval: EvalSection
+  tokenizer: TokenizerSection
+  optim: OptimSection
+  checkpoint: CheckpointSection
+  mesh: MeshSection
+  fault: FaultSection
+  sample: SampleSection
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """What the model is built from: the model section with the tokenizer's vocabulary and what the
+  objective asks of the architecture (its attention, an MLM head, a classification head)."""
+
+  flavour: str
+  vocab_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  embed_dim: int
+  head_dim: int
+  mlp_dim: int
+  max_len: int
+  use_bias: bool
+  tie_embeddings: bool
+  dropout: float
+  norm_eps: float
+  rope_theta: float
+  init_std: float
+  param_dtype: str
+  dtype: str
+  remat: str  # none | dots | dots_attention | full | offload
+  attention: str = 'causal'  # causal | prefix (bidirectional over batch['prefix']) | bidirectional
+  mlm_head: bool = False  # BERT's head: dense, GELU, norm, then the (tied) projection with a bias.
+  num_classes: int = 0  # > 0: a pooled classification head (classify()) over this many labels.
+  attention_backend: str = 'auto'  # auto | xla | cudnn | splash | cpu (see model/attention.py)
+  loss_chunk: int = 0  # Positions per chunk of the output projection and loss; 0: all at once.
+  max_segments: int = 16  # Documents per row for cuDNN's variable-length attention; 0: dense mask.
