@@ -579,7 +579,7 @@ batches = pipeline.train_batches([source], objs, global_batch=int(sys.argv[5]), 
 batch = next(batches)
 done = time.time()
 print(json.dumps({'imports': imported - started, 'total': done - started,
-                  'shape': list(batch['inputs'].shape)}), flush=True)
+                  'shape': list(batch.inputs.shape)}), flush=True)
 """
 
 
@@ -651,7 +651,7 @@ def pipeline_throughput(
     if elapsed >= max_seconds or (count >= min_batches and elapsed >= min_seconds):
       break
     batch = next(batches)
-    assert batch['inputs'].shape == (BATCH, SEQ_LEN), batch['inputs'].shape
+    assert batch.inputs.shape == (BATCH, SEQ_LEN), batch.inputs.shape
     count += 1
   return Throughput(objective, count, time.perf_counter() - start, cpu.other_cores())
 

@@ -61,8 +61,8 @@ def step_timings(c: RunConfig) -> dict[str, float]:
 
   def loss(p):
     m = nnx.merge(run.model_def, p)
-    logits = m(batch['inputs'], batch['segment_ids'], batch['positions'])
-    sums = loss_lib.cross_entropy(logits, batch['targets'], batch['weights'])
+    logits = m(batch.inputs, batch.segment_ids, batch.positions)
+    sums = loss_lib.cross_entropy(logits, batch.targets, batch.weights)
     return sums['loss_sum'] / sums['weight_sum']
 
   forward = jax.jit(loss)

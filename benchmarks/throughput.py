@@ -37,6 +37,7 @@ from pretrax import config as config_lib
 from pretrax import config_specs, metrics, run_config, train
 from pretrax import state as state_lib
 from pretrax import step as step_lib
+from pretrax.data.batch import Batch
 
 FLAGS = flags.FLAGS
 
@@ -99,21 +100,21 @@ def document_layout(
 
 def synthetic_batch(
   c, vocab_size: int, rows: int, rng: np.random.Generator, segments: int = 1
-) -> dict:
-  """A host batch of pipeline.BATCH_KEYS: random tokens in `segments` documents per row (see
+) -> Batch[np.ndarray]:
+  """A host language-model batch: random tokens in `segments` documents per row (see
   document_layout); every token is real (weight 1)."""
   shape = (rows, c.data.seq_len)
   objective = config_lib.OBJECTIVES.index(config_specs.objective_mixture(c.objective)[0][0])
   segment_ids, positions = document_layout(rows, c.data.seq_len, segments, rng)
-  return {
-    'inputs': rng.integers(0, vocab_size, shape, dtype=np.int32),
-    'targets': rng.integers(0, vocab_size, shape, dtype=np.int32),
-    'segment_ids': segment_ids,
-    'positions': positions,
-    'weights': np.ones(shape, np.float32),
-    'prefix': np.zeros(shape, np.int32),
-    'objective': np.full(shape, objective, np.int32),
-  }
+  return Batch(  # inputs before targets: the generator's draws in that order.
+    inputs=rng.integers(0, vocab_size, shape, dtype=np.int32),
+    segment_ids=segment_ids,
+    positions=positions,
+    targets=rng.integers(0, vocab_size, shape, dtype=np.int32),
+    weights=np.ones(shape, np.float32),
+    prefix=np.zeros(shape, np.int32),
+    objective=np.full(shape, objective, np.int32),
+  )
 
 
 def time_pipeline(batches, count: int, min_seconds: float = 2.0) -> float:
@@ -170,9 +171,7 @@ def benchmark(
     np.random.default_rng(c.seed + jax.process_index()),
     segments,
   )
-  batch = {
-    k: jax.make_array_from_process_local_data(run.batch_sharding, v) for k, v in host.items()
-  }
+  batch = jax.make_array_from_process_local_data(run.batch_sharding, host)
   start = time.perf_counter()
   compiled = train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - start

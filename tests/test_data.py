@@ -1,6 +1,7 @@
 """Batches from a token store: documents kept apart, every target once, determinism by (seed, step),
 the same global batch on any number of processes, windows at every offset."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -8,6 +9,7 @@ from conftest import make_store
 from pretrax import config, run_config, tokenizer
 from pretrax.data import objectives, pipeline, store
 from pretrax.data import units as units_lib
+from pretrax.data.batch import Batch
 
 L = 16
 
@@ -65,6 +67,11 @@ def _take(
   return [next(it) for _ in range(count)]
 
 
+def _assert_same(got: Batch, want: Batch) -> None:
+  for field, x, y in zip(Batch._fields, got, want, strict=True):
+    np.testing.assert_array_equal(x, y, err_msg=field)
+
+
 def test_the_store_holds_every_document_then_eos_in_its_split(data, documents):
   s, tok = data
   expected = {'train': [], 'eval': []}
@@ -81,11 +88,12 @@ def test_the_store_holds_every_document_then_eos_in_its_split(data, documents):
 def test_batches_keep_documents_apart(data, objective):
   s, tok = data
   for b in _take(s, tok, count=10, objective=objective):
-    assert set(b) == set(pipeline.BATCH_KEYS)
-    assert all(v.shape == (8, L) for v in b.values())
-    assert np.all(b['weights'][b['segment_ids'] == 0] == 0)
+    fields = {k: v for k, v in b._asdict().items() if v is not None}
+    assert set(fields) == set(Batch._fields) - {'labels', 'label_weights'}  # A language model's.
+    assert all(v.shape == (8, L) for v in fields.values())
+    assert np.all(b.weights[b.segment_ids == 0] == 0)
     for row in range(8):
-      seg, pos = b['segment_ids'][row], b['positions'][row]
+      seg, pos = b.segment_ids[row], b.positions[row]
       for sid in set(seg.tolist()) - {0}:
         # Each document is contiguous and its positions count from 0.
         idx = np.flatnonzero(seg == sid)
@@ -93,22 +101,22 @@ def test_batches_keep_documents_apart(data, objective):
         np.testing.assert_array_equal(pos[idx], np.arange(len(idx)))
       for t in range(L - 1):
         if objective == 'causal_lm' and seg[t] and seg[t] == seg[t + 1]:
-          assert b['targets'][row, t] == b['inputs'][row, t + 1]
+          assert b.targets[row, t] == b.inputs[row, t + 1]
         # Nothing is learnt across a document boundary.
-        if b['inputs'][row, t] == tokenizer.EOS_ID and objective == 'causal_lm':
-          assert b['weights'][row, t] == 0 and seg[t + 1] == seg[t] + 1
+        if b.inputs[row, t] == tokenizer.EOS_ID and objective == 'causal_lm':
+          assert b.weights[row, t] == 0 and seg[t + 1] == seg[t] + 1
 
 
 def test_a_causal_window_across_documents_gets_segments_positions_and_weights():
   window = np.array([[7, 8, tokenizer.EOS_ID, 9, 10, tokenizer.EOS_ID, 11, 12, 13]], np.int32)
   rows = pipeline.causal_rows(window, np.array([9]))
-  np.testing.assert_array_equal(rows['segment_ids'][0], [1, 1, 1, 2, 2, 2, 3, 3])
-  np.testing.assert_array_equal(rows['positions'][0], [0, 1, 2, 0, 1, 2, 0, 1])
-  np.testing.assert_array_equal(rows['weights'][0], [1, 1, 0, 1, 1, 0, 1, 1])
-  np.testing.assert_array_equal(rows['targets'][0], window[0, 1:])
+  np.testing.assert_array_equal(rows.segment_ids[0], [1, 1, 1, 2, 2, 2, 3, 3])
+  np.testing.assert_array_equal(rows.positions[0], [0, 1, 2, 0, 1, 2, 0, 1])
+  np.testing.assert_array_equal(rows.weights[0], [1, 1, 0, 1, 1, 0, 1, 1])
+  np.testing.assert_array_equal(rows.targets[0], window[0, 1:])
   short = pipeline.causal_rows(window, np.array([4]))  # Three targets, the rest padding.
-  np.testing.assert_array_equal(short['segment_ids'][0], [1, 1, 1, 0, 0, 0, 0, 0])
-  np.testing.assert_array_equal(short['weights'][0], [1, 1, 0, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(short.segment_ids[0], [1, 1, 1, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(short.weights[0], [1, 1, 0, 0, 0, 0, 0, 0])
 
 
 def test_batches_are_a_function_of_seed_and_step_on_any_number_of_processes(data):
@@ -121,16 +129,14 @@ def test_batches_are_a_function_of_seed_and_step_on_any_number_of_processes(data
       strict=True,
     )
     for one, (a, b) in zip(whole, halves, strict=True):
-      for k in pipeline.BATCH_KEYS:
-        np.testing.assert_array_equal(one[k], np.concatenate([a[k], b[k]]))
+      _assert_same(one, jax.tree.map(lambda x, y: np.concatenate([x, y]), a, b))
     # Starting at step 1 on a quarter of the processes: what the whole batch held there.
     later = _take(s, tok, start=1, count=2, process_index=1, process_count=4, objective=objective)
-    for k in pipeline.BATCH_KEYS:
-      np.testing.assert_array_equal(later[0][k], whole[1][k][2:4])
-      np.testing.assert_array_equal(later[1][k], whole[2][k][2:4])
-  assert not np.array_equal(whole[0]['inputs'], whole[1]['inputs'])
+    _assert_same(later[0], jax.tree.map(lambda x: x[2:4], whole[1]))
+    _assert_same(later[1], jax.tree.map(lambda x: x[2:4], whole[2]))
+  assert not np.array_equal(whole[0].inputs, whole[1].inputs)
   other_seed = _take(s, tok, seed=1)
-  assert any((x['inputs'] != y['inputs']).any() for x, y in zip(whole, other_seed, strict=True))
+  assert any((x.inputs != y.inputs).any() for x, y in zip(whole, other_seed, strict=True))
 
 
 def test_an_epoch_sees_every_window_once_then_reshuffles(data):
@@ -159,10 +165,10 @@ def test_processes_evaluate_disjoint_windows_that_cover_every_target_once(data):
 
   whole, halves = read(0, 1), zip(read(0, 2), read(1, 2), strict=True)
   for one, (a, b) in zip(whole, halves, strict=True):
-    assert a['inputs'].shape == (4, L)
-    for k in pipeline.BATCH_KEYS:  # Each process holds its own rows of the one global batch.
-      np.testing.assert_array_equal(one[k], np.concatenate([a[k], b[k]]))
-  assert sum(int(b['weights'].sum()) for b in whole) == targets
+    assert a.inputs.shape == (4, L)
+    # Each process holds its own rows of the one global batch.
+    _assert_same(one, jax.tree.map(lambda x, y: np.concatenate([x, y]), a, b))
+  assert sum(int(b.weights.sum()) for b in whole) == targets
 
 
 def test_a_smaller_stride_gives_windows_at_every_offset(data):

@@ -19,6 +19,7 @@ from pretrax import tokenizer as tokenizer_lib
 from pretrax.config_types import RunConfig
 from pretrax.data import examples, sources
 from pretrax.data import records as records_lib
+from pretrax.data.batch import Batch
 
 CITIES = ['rome', 'oslo', 'lima', 'kiev', 'bern', 'doha']
 
@@ -98,12 +99,13 @@ def test_sft_loss_is_on_the_response_and_its_eos_only(tmp_path, records):
 
   rows = examples.build_rows(s, [[0, 0]], seq_len=32)  # The example twice, packed in one row.
   n = len(ids) - 1
-  np.testing.assert_array_equal(rows['inputs'][0, :n], ids[:-1])
-  np.testing.assert_array_equal(rows['targets'][0, :n], ids[1:])
-  np.testing.assert_array_equal(rows['weights'][0, :n], weights[1:])
-  np.testing.assert_array_equal(rows['segment_ids'][0, : 2 * n], [1] * n + [2] * n)
-  np.testing.assert_array_equal(rows['positions'][0, n : 2 * n], np.arange(n))
-  assert rows['weights'][0, 2 * n :].sum() == 0
+  assert rows.labels is None and rows.weights is not None
+  np.testing.assert_array_equal(rows.inputs[0, :n], ids[:-1])
+  np.testing.assert_array_equal(rows.targets[0, :n], ids[1:])
+  np.testing.assert_array_equal(rows.weights[0, :n], weights[1:])
+  np.testing.assert_array_equal(rows.segment_ids[0, : 2 * n], [1] * n + [2] * n)
+  np.testing.assert_array_equal(rows.positions[0, n : 2 * n], np.arange(n))
+  assert rows.weights[0, 2 * n :].sum() == 0
 
 
 def test_chat_records_train_on_the_assistant_turns(tmp_path, records):
@@ -172,20 +174,23 @@ def test_training_rows_pack_whole_examples_and_depend_on_seed_and_step_only(tmp_
     return [next(it) for _ in range(2)]
 
   again = batches(3)  # Built from scratch twice: the step alone makes the batch.
-  for k, v in batches(3)[0].items():
-    np.testing.assert_array_equal(v, again[0][k], err_msg=k)
-  assert not np.array_equal(batches(0)[0]['inputs'], again[0]['inputs'])
+  for field, v, w in zip(Batch._fields, batches(3)[0], again[0], strict=True):
+    np.testing.assert_array_equal(v, w, err_msg=field)
+  assert not np.array_equal(batches(0)[0].inputs, again[0].inputs)
 
 
 def test_exact_match_counts_segments_whose_every_target_is_the_argmax():
   # Two rows over a 3-token vocabulary; the logits' argmax is the token id given per position.
   argmax = np.array([[1, 2, 0, 1], [2, 2, 2, 0]])
   targets = np.array([[1, 2, 0, 2], [2, 1, 2, 0]])
-  batch = {
-    'targets': jnp.asarray(targets),
-    'weights': jnp.asarray([[1, 1, 0, 1], [1, 1, 1, 0]], jnp.float32),
-    'segment_ids': jnp.asarray([[1, 1, 2, 3], [1, 1, 2, 0]]),
-  }
+  segment_ids = jnp.asarray([[1, 1, 2, 3], [1, 1, 2, 0]])
+  batch = Batch(
+    inputs=jnp.zeros_like(segment_ids),
+    segment_ids=segment_ids,
+    positions=jnp.zeros_like(segment_ids),
+    targets=jnp.asarray(targets),
+    weights=jnp.asarray([[1, 1, 0, 1], [1, 1, 1, 0]], jnp.float32),
+  )
   logits = jax.nn.one_hot(argmax, 3) * 5.0
   sums = jax.device_get(step_lib._exact_sums(logits, batch))
   # Row 0: segment 1 right, segment 2 has no weight, segment 3 wrong. Row 1: segment 1 wrong

@@ -124,7 +124,7 @@ def _benchmark(name: str):
 def test_synthetic_batch_packs_contiguous_documents(segments):
   c = load_config('tiny')
   batch = _benchmark('throughput').synthetic_batch(c, 100, 6, np.random.default_rng(0), segments)
-  ids, positions = batch['segment_ids'], batch['positions']
+  ids, positions = batch.segment_ids, batch.positions
   assert ids.shape == positions.shape == (6, c.data.seq_len)
   for ids_L, positions_L in zip(ids, positions, strict=True):
     starts = np.flatnonzero(np.diff(ids_L, prepend=0))  # Where a document begins.
@@ -133,7 +133,7 @@ def test_synthetic_batch_packs_contiguous_documents(segments):
     assert np.all(positions_L[starts] == 0)
     inside = np.setdiff1d(np.arange(1, len(ids_L)), starts)
     assert np.all(positions_L[inside] == positions_L[inside - 1] + 1)
-  assert np.all(batch['weights'] == 1)
+  assert np.all(batch.weights == 1)
 
 
 def test_synthetic_batch_refuses_more_documents_than_tokens():

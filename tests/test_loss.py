@@ -1,5 +1,6 @@
 """The weighted cross-entropy and the model's dtype and head options."""
 
+import functools
 import json
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 
 from conftest import load_config, run_python
 from pretrax import loss, run_config
+from pretrax.data.batch import Batch
 from pretrax.model import transformer
 
 
@@ -164,18 +166,16 @@ def _train_two_steps(objective: str, loss_chunk: int, grad_accum_steps: int = 1)
   rng = np.random.default_rng(0)
   B, L = c.data.batch_size, c.data.seq_len
   ids = np.sort(rng.integers(1, 4, (B, L)), axis=1).astype(np.int32)  # Three packed documents.
-  batch = {
-    'inputs': rng.integers(0, 40, (B, L)),
-    'targets': rng.integers(0, 40, (B, L)),
-    'segment_ids': ids,
-    'positions': np.tile(np.arange(L), (B, 1)),
-    'weights': (rng.random((B, L)) > 0.2).astype(np.float32),
-    'prefix': (np.tile(np.arange(L), (B, 1)) < 5).astype(np.int32),
-    'objective': rng.integers(0, 2, (B, L)),
-  }
-  batch = {
-    k: jnp.asarray(v, jnp.float32 if k == 'weights' else jnp.int32) for k, v in batch.items()
-  }
+  as_int = functools.partial(jnp.asarray, dtype=jnp.int32)
+  batch = Batch(  # In this order: the generator's draws.
+    inputs=as_int(rng.integers(0, 40, (B, L))),
+    segment_ids=as_int(ids),
+    positions=as_int(np.tile(np.arange(L), (B, 1))),
+    targets=as_int(rng.integers(0, 40, (B, L))),
+    weights=jnp.asarray(rng.random((B, L)) > 0.2, jnp.float32),
+    prefix=as_int(np.tile(np.arange(L), (B, 1)) < 5),
+    objective=as_int(rng.integers(0, 2, (B, L))),
+  )
   train_step = step_lib.jit_train_step(
     run.model_def, run.optimizer, run.schedule, step_lib.step_config(c)
   )
@@ -252,6 +252,7 @@ def test_chunked_loss_on_sharded_meshes_matches_the_whole_logits():
       from pretrax import run_config
       from pretrax import state as state_lib
       from pretrax import step as step_lib
+      from pretrax.data.batch import Batch
 
       out = {}
       for mesh in [(1, 8, 1), (2, 2, 2)]:
@@ -264,12 +265,12 @@ def test_chunked_loss_on_sharded_meshes_matches_the_whole_logits():
           rng = np.random.default_rng(0)
           shape = (c.data.batch_size, c.data.seq_len)
           positions = np.tile(np.arange(shape[1]), (shape[0], 1))
-          host = {'inputs': rng.integers(0, 64, shape), 'targets': rng.integers(0, 64, shape),
-                  'segment_ids': np.ones(shape), 'positions': positions,
-                  'weights': np.ones(shape), 'prefix': np.zeros(shape),
-                  'objective': np.zeros(shape)}
-          batch = {k: jax.device_put(v.astype(np.float32 if k == 'weights' else np.int32),
-                                     run.batch_sharding) for k, v in host.items()}
+          ints = lambda x: x.astype(np.int32)
+          host = Batch(inputs=ints(rng.integers(0, 64, shape)), segment_ids=ints(np.ones(shape)),
+                       positions=ints(positions), targets=ints(rng.integers(0, 64, shape)),
+                       weights=np.ones(shape, np.float32), prefix=ints(np.zeros(shape)),
+                       objective=ints(np.zeros(shape)))
+          batch = jax.device_put(host, run.batch_sharding)
           train_step = step_lib.jit_train_step(
               run.model_def, run.optimizer, run.schedule, step_lib.step_config(c),
               activation_sharding=run.activation_sharding, out_shardings=(run.shardings, None))

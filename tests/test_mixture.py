@@ -57,7 +57,7 @@ def test_training_batches_draw_each_source_by_its_weight(tmp_path):
   counts = np.zeros(len(SOURCES), int)
   batches = data.train_batches(0)
   for _ in range(BATCHES):
-    owner_BxL = owner[next(batches)['inputs']]
+    owner_BxL = owner[next(batches).inputs]
     in_row_BxS = (owner_BxL[:, :, None] == np.arange(len(SOURCES))).any(axis=1)
     assert (in_row_BxS.sum(axis=1) == 1).all()  # A row is a window of one source.
     counts += in_row_BxS.sum(axis=0)

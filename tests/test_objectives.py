@@ -6,6 +6,7 @@ import pytest
 from conftest import make_store
 from pretrax import config, config_specs, run_config, tokenizer
 from pretrax.data import objectives, pipeline
+from pretrax.data.batch import Batch
 
 L = 64
 
@@ -51,17 +52,17 @@ def test_masking_rates_match_the_config(tok, windows):
   special = tok.special_ids()
   candidates = chosen = masked = replaced = kept = 0
   for e in examples:
-    sel = e['weights'] > 0
-    candidates += int((~special[e['targets']]).sum())
+    sel = e.weights > 0
+    candidates += int((~special[e.targets]).sum())
     chosen += int(sel.sum())
-    masked += int((e['inputs'][sel] == tokenizer.MASK_ID).sum())
+    masked += int((e.inputs[sel] == tokenizer.MASK_ID).sum())
     replaced += int(
-      ((e['inputs'][sel] != tokenizer.MASK_ID) & (e['inputs'][sel] != e['targets'][sel])).sum()
+      ((e.inputs[sel] != tokenizer.MASK_ID) & (e.inputs[sel] != e.targets[sel])).sum()
     )
-    kept += int((e['inputs'][sel] == e['targets'][sel]).sum())
+    kept += int((e.inputs[sel] == e.targets[sel]).sum())
     # Nothing outside the chosen positions changes; the encoder sees everything.
-    np.testing.assert_array_equal(e['inputs'][~sel], e['targets'][~sel])
-    assert np.all(e['prefix'] == 1)
+    np.testing.assert_array_equal(e.inputs[~sel], e.targets[~sel])
+    assert np.all(e.prefix == 1)
   assert chosen > 10_000
   assert abs(chosen / candidates - 0.15) < 0.005, chosen / candidates
   assert abs(masked / chosen - 0.8) < 0.015, masked / chosen
@@ -79,9 +80,9 @@ def test_other_rates_are_honoured(tok, windows):
     masked_lm__random_token_fraction=0.0,
   )
   examples = build_all(o, windows, 300)
-  chosen = np.concatenate([e['weights'] > 0 for e in examples])
+  chosen = np.concatenate([e.weights > 0 for e in examples])
   assert abs(chosen.mean() - 0.4) < 0.01
-  inputs = np.concatenate([e['inputs'] for e in examples])
+  inputs = np.concatenate([e.inputs for e in examples])
   assert np.all(inputs[chosen] == tokenizer.MASK_ID)
 
 
@@ -94,12 +95,12 @@ def test_special_tokens_and_padding_are_never_chosen(tok):
     window = rng.choice(regular, L + 1).astype(np.int32)
     window[rng.choice(L, 20, replace=False)] = rng.choice(special, 20)
     e = o.build(window, seed=0, stream=0, epoch=0, index=i)
-    is_special = tok.special_ids()[e['targets']]
-    assert not np.any(e['weights'][is_special]), 'a special token was chosen'
-    np.testing.assert_array_equal(e['inputs'][is_special], e['targets'][is_special])
+    is_special = tok.special_ids()[e.targets]
+    assert not np.any(e.weights[is_special]), 'a special token was chosen'
+    np.testing.assert_array_equal(e.inputs[is_special], e.targets[is_special])
     # Random replacements are never special either.
-    changed = (e['inputs'] != e['targets']) & (e['inputs'] != tokenizer.MASK_ID)
-    assert not np.any(tok.special_ids()[e['inputs'][changed]])
+    changed = (e.inputs != e.targets) & (e.inputs != tokenizer.MASK_ID)
+    assert not np.any(tok.special_ids()[e.inputs[changed]])
 
 
 def test_whole_word_masking_takes_whole_words(tok, windows):
@@ -107,7 +108,7 @@ def test_whole_word_masking_takes_whole_words(tok, windows):
   starts_table = tok.word_starts()
   total = chosen_total = 0
   for e in build_all(o, windows, 400):
-    targets, chosen = e['targets'], e['weights'] > 0
+    targets, chosen = e.targets, e.weights > 0
     starts = starts_table[targets].copy()
     starts[0] = True
     word_of = np.cumsum(starts)
@@ -124,9 +125,9 @@ def test_masks_depend_only_on_seed_and_example(tok, windows):
   a = o.build(windows[5], seed=0, stream=0, epoch=0, index=5)
   b = o.build(windows[5], seed=0, stream=0, epoch=0, index=5)
   c = o.build(windows[5], seed=0, stream=0, epoch=1, index=5)
-  for key in objectives.EXAMPLE_KEYS:
-    np.testing.assert_array_equal(a[key], b[key])
-  assert not np.array_equal(a['weights'], c['weights']), 'a new epoch should draw new masks'
+  for field, x, y in zip(objectives.Example._fields, a, b, strict=True):
+    np.testing.assert_array_equal(x, y, err_msg=field)
+  assert not np.array_equal(a.weights, c.weights), 'a new epoch should draw new masks'
 
 
 def test_masks_are_identical_after_a_resume(tmp_path, corpus_path):
@@ -146,9 +147,9 @@ def test_masks_are_identical_after_a_resume(tmp_path, corpus_path):
   resumed = make_iter(3)  # A resumed run starts reading at its step.
   for want in expected:
     got = next(resumed)
-    for key in pipeline.BATCH_KEYS:
-      np.testing.assert_array_equal(got[key], want[key])
-    assert not np.any(got['weights'][got['segment_ids'] == 0]), 'padding was chosen'
+    for field, x, y in zip(Batch._fields, got, want, strict=True):
+      np.testing.assert_array_equal(x, y, err_msg=field)
+    assert not np.any(got.weights[got.segment_ids == 0]), 'padding was chosen'
 
 
 def test_span_corruption_reassembles_into_the_original(tok, windows):
@@ -157,13 +158,13 @@ def test_span_corruption_reassembles_into_the_original(tok, windows):
   noise = kept = spans = 0
   for i, e in enumerate(build_all(o, windows, 500)):
     window = windows[i]
-    assert len(e['inputs']) <= L
-    sequence = np.concatenate([e['inputs'], e['targets'][-1:]])
-    prefix_length = int(e['prefix'].sum())
+    assert len(e.inputs) <= L
+    sequence = np.concatenate([e.inputs, e.targets[-1:]])
+    prefix_length = int(e.prefix.sum())
     restored = objectives.uncorrupt(sequence, prefix_length, sentinels)
     np.testing.assert_array_equal(restored, window[: len(restored)])
     # The loss is on the targets part only, from the last prefix position on.
-    np.testing.assert_array_equal(e['weights'], np.arange(len(e['inputs'])) >= prefix_length - 1)
+    np.testing.assert_array_equal(e.weights, np.arange(len(e.inputs)) >= prefix_length - 1)
     n_spans = int(np.isin(sequence[:prefix_length], sentinels).sum())
     assert list(sequence[prefix_length:][np.isin(sequence[prefix_length:], sentinels)]) == list(
       sentinels[:n_spans]
@@ -184,8 +185,8 @@ def test_span_corruption_settings(tok, windows):
   )
   noise = total = spans = 0
   for e in build_all(o, windows, 300):
-    sequence = np.concatenate([e['inputs'], e['targets'][-1:]])
-    p = int(e['prefix'].sum())
+    sequence = np.concatenate([e.inputs, e.targets[-1:]])
+    p = int(e.prefix.sum())
     n_spans = int(np.isin(sequence[:p], tok.sentinel_ids).sum())
     noise += len(sequence) - p - n_spans
     total += len(sequence) - 2 * n_spans
@@ -204,19 +205,19 @@ def test_prefix_lm_splits_and_weights(tok, windows):
   o = make(tok, 'prefix_lm')
   lengths = []
   for i, e in enumerate(build_all(o, windows, 300)):
-    np.testing.assert_array_equal(e['inputs'], windows[i][:-1])
-    np.testing.assert_array_equal(e['targets'], windows[i][1:])
-    p = int(e['prefix'].sum())
-    assert 1 <= p <= len(e['inputs']) and np.all(e['prefix'][:p] == 1)
+    np.testing.assert_array_equal(e.inputs, windows[i][:-1])
+    np.testing.assert_array_equal(e.targets, windows[i][1:])
+    p = int(e.prefix.sum())
+    assert 1 <= p <= len(e.inputs) and np.all(e.prefix[:p] == 1)
     # Predictions that could read their target inside the prefix do not count.
-    np.testing.assert_array_equal(e['weights'], np.arange(len(e['inputs'])) >= p - 1)
-    lengths.append(p / len(e['inputs']))
+    np.testing.assert_array_equal(e.weights, np.arange(len(e.inputs)) >= p - 1)
+    lengths.append(p / len(e.inputs))
   assert 0.4 < np.mean(lengths) < 0.6  # Uniform split points.
 
 
 def test_mixture_chooses_objectives_by_weight(tok, windows):
   o = make(tok, 'causal_lm:2,span_corruption:1,prefix_lm:1')
-  chosen = [int(e['objective'][0]) for e in build_all(o, windows)]
+  chosen = [int(e.objective[0]) for e in build_all(o, windows)]
   counts = np.bincount(chosen, minlength=len(config.OBJECTIVES)) / len(chosen)
   index = config.OBJECTIVES.index
   assert len(chosen) > 2000

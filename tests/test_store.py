@@ -114,7 +114,7 @@ def test_the_store_is_byte_identical_for_any_number_of_workers(tmp_path, documen
   run = _resolved(c)
   plan = corpus.make_plan(run, corpus.input_files(run))
   units = [
-    sum(1 for f in g for _ in units_lib.file_units(plan['files'][f][0], corpus.reading(plan)))
+    sum(1 for f in g for _ in units_lib.file_units(plan.files[f].path, plan.reading))
     for g in prepare.groups_of(plan)
   ]
   assert len(units) >= 2 and min(units) > 2 * 3, units
@@ -398,7 +398,7 @@ def test_the_tokenizer_trains_on_a_bounded_sample_from_across_the_files(tmp_path
   c = _config(str(tmp_path / 'in'))
   run = _resolved(c)
   plan = corpus.make_plan(run, corpus.input_files(run))
-  sample = list(prepare.tokenizer_sample(plan, 50_000))
+  sample = list(prepare.tokenizer_sample(plan.files, plan.reading, plan.skip_bad_records, 50_000))
   assert 45_000 <= sum(len(t) for t in sample) <= 50_000
   assert {t.split(' ')[0] for t in sample if t.startswith('file')} == {
     f'file{k}' for k in range(10)
@@ -483,9 +483,8 @@ def test_reads_and_windows_across_part_boundaries_equal_the_one_part_stores(
   ]
   for _ in range(20):
     x, y = next(batches[0]), next(batches[1])
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+    for field, u, v in zip(x._fields, x, y, strict=True):
+      np.testing.assert_array_equal(u, v, err_msg=field)
 
 
 def _objectives_of(tok):

@@ -11,6 +11,7 @@ from conftest import PEAK_FLOPS, SHAKESPEARE, load_config
 from pretrax import checkpoint, metrics, run_config, tokenizer, train
 from pretrax import state as state_lib
 from pretrax import step as step_lib
+from pretrax.data.batch import Batch
 
 
 def _train(c, workdir: str) -> dict:
@@ -137,17 +138,17 @@ def _spike_setup():
   rng = np.random.default_rng(0)
   B, L = c.data.batch_size, c.data.seq_len
   inputs = rng.integers(5, 64, (B, L)).astype(np.int32)
-  batch = {
-    'inputs': inputs,
-    'targets': np.roll(inputs, -1, axis=1),
-    'segment_ids': np.ones((B, L), np.int32),
-    'positions': np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
-    'weights': np.ones((B, L), np.float32),
-    'prefix': np.zeros((B, L), np.int32),
-    'objective': np.zeros((B, L), np.int32),
-  }
+  batch = Batch(
+    inputs=inputs,
+    segment_ids=np.ones((B, L), np.int32),
+    positions=np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
+    targets=np.roll(inputs, -1, axis=1),
+    weights=np.ones((B, L), np.float32),
+    prefix=np.zeros((B, L), np.int32),
+    objective=np.zeros((B, L), np.int32),
+  )
   state = run.init(0)
-  surprise = {**batch, 'targets': rng.integers(5, 64, (B, L)).astype(np.int32)}
+  surprise = batch._replace(targets=rng.integers(5, 64, (B, L)).astype(np.int32))
   return c, run, step, state, batch, surprise
 
 

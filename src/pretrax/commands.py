@@ -307,7 +307,7 @@ def _run_eval() -> None:
 
 def _run_tokenizer() -> None:
   from pretrax import tokenizer
-  from pretrax.data import prepare, sources
+  from pretrax.data import prepare, sources, units
 
   _require_flags('input', 'output')
   files = sources.expand_paths(FLAGS.input)
@@ -315,11 +315,12 @@ def _run_tokenizer() -> None:
     raise FileNotFoundError(
       f'--input={FLAGS.input!r} matches no file: give files, directories or globs.'
     )
-  plan = {
-    'files': [(f.path, f.size, f.mtime) for f in sources.describe(files)],
-    'reading': {'separator': FLAGS.separator, 'text_field': FLAGS.text_field, 'eval_fraction': 0.0},
-  }
-  documents = prepare.tokenizer_sample(plan, int(FLAGS.sample_mb * 1e6))
+  documents = prepare.tokenizer_sample(
+    sources.describe(files),
+    units.Reading(separator=FLAGS.separator, text_field=FLAGS.text_field, eval_fraction=0.0),
+    skip_bad=True,
+    budget_bytes=int(FLAGS.sample_mb * 1e6),
+  )
   tok = tokenizer.Tokenizer(
     tokenizer.train(
       documents,

@@ -27,6 +27,7 @@ import numpy as np
 
 from pretrax import errors, paths
 from pretrax import workdir as workdir_lib
+from pretrax.data.batch import Batch
 
 # Exit status of a run stopped by a signal after saving: EX_TEMPFAIL, "try again later".
 STOPPED_EXIT_CODE = 75
@@ -275,9 +276,13 @@ class StopSignals:
 
 
 def poisoned(
-  batches: Iterator[dict[str, np.ndarray]], step: int, start: int
-) -> Iterator[dict[str, np.ndarray]]:
+  batches: Iterator[Batch[np.ndarray]], step: int, start: int
+) -> Iterator[Batch[np.ndarray]]:
   """The batches, with NaN weights in the one of (1-based) `step` (config.fault.poison_step): a
   rehearsal of the non-finite-loss path, kept out of the loop."""
   for k, batch in enumerate(batches, start=start + 1):
-    yield {**batch, 'weights': batch['weights'] * np.nan} if k == step else batch
+    if k == step and batch.label_weights is not None:  # Classification: its loss weighs labels.
+      batch = batch._replace(label_weights=np.full_like(batch.label_weights, np.nan))
+    elif k == step and batch.weights is not None:
+      batch = batch._replace(weights=np.full_like(batch.weights, np.nan))
+    yield batch

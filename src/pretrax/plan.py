@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from pretrax import state as state_lib
 from pretrax import step as step_lib
 from pretrax.config_types import RunConfig
-from pretrax.data import pipeline
+from pretrax.data.batch import Batch
 from pretrax.model import attention as attention_lib
 
 GiB = 1024**3
@@ -113,17 +113,25 @@ def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
   return math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
 
 
-def _abstract_batch(c: RunConfig, run: state_lib.RunState):
-  shape = (c.data.batch_size, c.data.seq_len)
-  return {
-    k: jax.ShapeDtypeStruct(
-      shape, jnp.float32 if k == 'weights' else jnp.int32, sharding=run.batch_sharding
-    )
-    for k in pipeline.BATCH_KEYS
-  }
+def _abstract_batch(c: RunConfig, run: state_lib.RunState) -> Batch[jax.ShapeDtypeStruct]:
+  """The shapes of a language-model batch (data/pipeline.py's) on the run's mesh."""
+
+  def shaped(dtype) -> jax.ShapeDtypeStruct:
+    shape = (c.data.batch_size, c.data.seq_len)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=run.batch_sharding)
+
+  return Batch(
+    inputs=shaped(jnp.int32),
+    segment_ids=shaped(jnp.int32),
+    positions=shaped(jnp.int32),
+    targets=shaped(jnp.int32),
+    weights=shaped(jnp.float32),
+    prefix=shaped(jnp.int32),
+    objective=shaped(jnp.int32),
+  )
 
 
-def _compile_train_step(c: RunConfig, run: state_lib.RunState, batch):
+def _compile_train_step(c: RunConfig, run: state_lib.RunState, batch: Batch[jax.ShapeDtypeStruct]):
   """The train step exactly as `train` jits it, compiled for the abstract state and batch."""
   train_step = step_lib.jit_train_step(
     run.model_def,
@@ -259,7 +267,7 @@ def plan(
     params=params,
     param_bytes=param_bytes,
     opt_state_bytes=opt_state_bytes,
-    batch_bytes=sum(_shard_bytes(x) for x in batch.values()),
+    batch_bytes=sum(_shard_bytes(x) for x in jax.tree.leaves(batch)),
     xla=xla_fields(analysis),
     compile_s=compile_s,
     warnings=tuple(_warnings(params, mesh, param_bytes + opt_state_bytes)),

@@ -15,6 +15,7 @@ import numpy as np
 from pretrax import config as config_lib
 from pretrax import saved_run
 from pretrax import tokenizer as tokenizer_lib
+from pretrax.data import objectives as objectives_lib
 
 
 @functools.partial(jax.jit, static_argnames=('model_def', 'top_k'))
@@ -94,7 +95,7 @@ def fill_in(
   model_def: nnx.GraphDef,
   params,
   tok: tokenizer_lib.Tokenizer,
-  examples: list[dict[str, np.ndarray]],
+  examples: list[objectives_lib.Example],
 ) -> str:
   """A masked LM's predictions on masked examples, three lines each: the text, what the encoder
   read (<mask> shown as _), and the text with its predictions at the chosen positions."""
@@ -105,14 +106,14 @@ def fill_in(
 
   lines, right, total = [], 0, 0
   for e in examples:
-    predicted = np.asarray(_predict(params, jnp.asarray(e['inputs'])[None], model_def=model_def))
-    chosen = e['weights'] > 0
-    filled = np.where(chosen, predicted, e['targets'])
-    right += int(np.sum(predicted[chosen] == e['targets'][chosen]))
+    predicted = np.asarray(_predict(params, jnp.asarray(e.inputs)[None], model_def=model_def))
+    chosen = e.weights > 0
+    filled = np.where(chosen, predicted, e.targets)
+    right += int(np.sum(predicted[chosen] == e.targets[chosen]))
     total += int(chosen.sum())
     lines += [
-      f'text:      {show(e["targets"])}',
-      f'masked:    {show(e["inputs"])}',
+      f'text:      {show(e.targets)}',
+      f'masked:    {show(e.inputs)}',
       f'predicted: {show(filled)}',
     ]
   return '\n'.join(lines + [f'{right} of {total} chosen tokens right'])

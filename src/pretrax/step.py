@@ -18,10 +18,10 @@ from pretrax import config as config_lib
 from pretrax import config_specs
 from pretrax import loss as loss_lib
 from pretrax.config_types import RunConfig
+from pretrax.data.batch import Batch
 from pretrax.model import layers
 
 TrainState = dict[str, Any]
-Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
@@ -68,39 +68,50 @@ def init_state(
   return state
 
 
+def _scored(batch: Batch[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """(targets, weights) the loss reads: a classification batch's labels and label weights, a
+  language-model batch's targets and weights."""
+  labelled = batch.labels is not None
+  targets = batch.labels if labelled else batch.targets
+  weights = batch.label_weights if labelled else batch.weights
+  assert targets is not None and weights is not None, 'a batch without targets or labels'
+  return targets, weights
+
+
 def _forward(
-  model, batch: Batch, dropout_rng: jax.Array | None
+  model, batch: Batch[jax.Array], dropout_rng: jax.Array | None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(logits, targets, weights): over the vocabulary at every position, or, for a
   classification batch (it has `labels`), over the classes for each packed example."""
-  if 'labels' in batch:
+  targets, weights = _scored(batch)
+  if batch.labels is not None:
     logits_BSC = model.classify(
-      batch['inputs'],
-      batch['segment_ids'],
-      batch['positions'],
-      batch['labels'].shape[1],
+      batch.inputs,
+      batch.segment_ids,
+      batch.positions,
+      batch.labels.shape[1],
       dropout_rng=dropout_rng,
     )
-    return logits_BSC, batch['labels'], batch['label_weights']
+    return logits_BSC, targets, weights
   logits_BLV = model(
-    batch['inputs'],
-    batch['segment_ids'],
-    batch['positions'],
-    batch.get('prefix'),
+    batch.inputs,
+    batch.segment_ids,
+    batch.positions,
+    batch.prefix,
     dropout_rng=dropout_rng,
   )
-  return logits_BLV, batch['targets'], batch['weights']
+  return logits_BLV, targets, weights
 
 
-def _groups(batch: Batch, num_objectives: int) -> dict[str, Any]:
+def _groups(batch: Batch[jax.Array], num_objectives: int) -> dict[str, Any]:
   """The per-objective grouping of the loss sums, when a mixture trains."""
   if num_objectives < 2:
     return {}
-  return {'groups_BL': batch['objective'], 'num_groups': len(config_lib.OBJECTIVES)}
+  return {'groups_BL': batch.objective, 'num_groups': len(config_lib.OBJECTIVES)}
 
 
 def _sums(
-  logits, targets, weights, batch: Batch, z_loss: float, num_objectives: int
+  logits, targets, weights, batch: Batch[jax.Array], z_loss: float, num_objectives: int
 ) -> dict[str, jax.Array]:
   """The loss sums of a forward pass, per objective too when a mixture trains."""
   return loss_lib.cross_entropy(logits, targets, weights, z_loss, **_groups(batch, num_objectives))
@@ -108,7 +119,7 @@ def _sums(
 
 def _forward_sums(
   params,
-  batch: Batch,
+  batch: Batch[jax.Array],
   model_def: nnx.GraphDef,
   z_loss: float,
   dropout_rng: jax.Array | None,
@@ -118,22 +129,23 @@ def _forward_sums(
   built whole: the output projection runs inside the chunked loss."""
   model = nnx.merge(model_def, params)
   chunk = model.cfg.loss_chunk
-  if not chunk or 'labels' in batch:
+  if not chunk or batch.labels is not None:
     logits, targets, weights = _forward(model, batch, dropout_rng)
     return _sums(logits, targets, weights, batch, z_loss, num_objectives)
   x_BLD = model.states(
-    batch['inputs'],
-    batch['segment_ids'],
-    batch['positions'],
-    batch.get('prefix'),
+    batch.inputs,
+    batch.segment_ids,
+    batch.positions,
+    batch.prefix,
     dropout_rng=dropout_rng,
   )
   head_DV, bias_V = model.output_projection()
+  targets_BL, weights_BL = _scored(batch)
   return loss_lib.chunked_cross_entropy(
     model.head_input(x_BLD),
     head_DV,
-    batch['targets'],
-    batch['weights'],
+    targets_BL,
+    weights_BL,
     chunk=chunk,
     bias_V=bias_V,
     z_loss=z_loss,
@@ -157,7 +169,7 @@ def _objective_metrics(sums, objectives: tuple[str, ...], prefix: str) -> Metric
 
 def _grads(
   params,
-  batch: Batch,
+  batch: Batch[jax.Array],
   total_weight: jax.Array,
   model_def: nnx.GraphDef,
   cfg: StepConfig,
@@ -174,7 +186,7 @@ def _grads(
 
 def train_step(
   state: TrainState,
-  batch: Batch,
+  batch: Batch[jax.Array],
   *,
   model_def: nnx.GraphDef,
   optimizer: optax.GradientTransformation,
@@ -186,7 +198,7 @@ def train_step(
   # Derived from (seed, step), so a resumed run draws the same dropout masks.
   rng = jax.random.fold_in(jax.random.key(cfg.seed), step) if cfg.dropout else None
   # What the loss averages over: weighted targets, or a classification batch's examples.
-  weights = batch['label_weights'] if 'label_weights' in batch else batch['weights']
+  _, weights = _scored(batch)
   total_weight = jnp.maximum(jnp.sum(weights), 1.0)
   params = state['params']
 
@@ -219,7 +231,7 @@ def train_step(
 
 def _accumulated_grads(
   params,
-  batch: Batch,
+  batch: Batch[jax.Array],
   total_weight: jax.Array,
   model_def: nnx.GraphDef,
   cfg: StepConfig,
@@ -282,7 +294,7 @@ def _skip_bad_steps(
 
 def eval_step(
   params,
-  batch: Batch,
+  batch: Batch[jax.Array],
   bytes_per_token: jax.Array,
   baseline_id: jax.Array,
   *,
@@ -306,23 +318,22 @@ def eval_step(
     }
   else:
     sums = _forward_sums(params, batch, model_def, 0.0, None, num_objectives)
-  if 'labels' in batch:
-    targets, weights = batch['labels'], batch['label_weights']
-  else:
-    targets, weights = batch['targets'], batch['weights']
+  targets, weights = _scored(batch)
+  if batch.labels is None:  # Bytes per token mean something for tokens, not labels.
     sums['byte_sum'] = jnp.sum(bytes_per_token[targets] * weights)
   sums['baseline_correct_sum'] = jnp.sum((targets == baseline_id) * weights)
   return sums
 
 
-def _exact_sums(logits_BLV: jax.Array, batch: Batch) -> Metrics:
+def _exact_sums(logits_BLV: jax.Array, batch: Batch[jax.Array]) -> Metrics:
   """answer_sum and exact_sum (see eval_step), per segment of each row."""
-  B, L = batch['targets'].shape
-  wrong_BL = (jnp.argmax(logits_BLV, axis=-1) != batch['targets']) * batch['weights']
+  targets_BL, weights_BL = _scored(batch)
+  B, L = targets_BL.shape
+  wrong_BL = (jnp.argmax(logits_BLV, axis=-1) != targets_BL) * weights_BL
   # One id per (row, segment); segment ids are at most L (at most one segment per token).
-  segment_BL = jnp.arange(B)[:, None] * (L + 1) + batch['segment_ids']
+  segment_BL = jnp.arange(B)[:, None] * (L + 1) + batch.segment_ids
   wrong = jax.ops.segment_sum(wrong_BL.ravel(), segment_BL.ravel(), B * (L + 1))
-  weight = jax.ops.segment_sum(batch['weights'].ravel(), segment_BL.ravel(), B * (L + 1))
+  weight = jax.ops.segment_sum(weights_BL.ravel(), segment_BL.ravel(), B * (L + 1))
   answers = weight > 0
   return {'answer_sum': jnp.sum(answers), 'exact_sum': jnp.sum(answers & (wrong == 0))}
 

@@ -27,6 +27,7 @@ from pretrax import workdir as workdir_lib
 from pretrax.config_types import RunConfig
 from pretrax.data import dataset
 from pretrax.data import objectives as objectives_lib
+from pretrax.data.batch import Batch
 
 
 def log(message: str) -> None:
@@ -134,7 +135,7 @@ def _loop(
   c: RunConfig,
   state: Any,
   start: int,
-  batches: Iterator[dict[str, jax.Array]],
+  batches: Iterator[Batch[jax.Array]],
   train_step: Callable,
   evaluate: train_eval.Evaluator,
   run_log: 'RunLog',
@@ -185,22 +186,20 @@ def _initial_state(
 
 def _global_batches(
   c: RunConfig, run: state_lib.RunState, data: dataset.RunData, start: int
-) -> Iterator[dict[str, jax.Array]]:
+) -> Iterator[Batch[jax.Array]]:
   """This process's batches from step `start` on, as global arrays over the mesh."""
   batches = data.train_batches(start)
   if c.fault.poison_step:
     batches = faults.poisoned(batches, c.fault.poison_step, start)
   for batch in batches:
-    yield {
-      k: jax.make_array_from_process_local_data(run.batch_sharding, v) for k, v in batch.items()
-    }
+    yield jax.make_array_from_process_local_data(run.batch_sharding, batch)
 
 
 def _compiled_train_step(
   c: RunConfig,
   run: state_lib.RunState,
   state: Any,
-  first_batch: dict[str, jax.Array],
+  first_batch: Batch[jax.Array],
 ) -> tuple[Callable, float]:
   """The train step compiled for the run's batches, refused if it cannot fit a device; and the
   seconds compiling took."""
@@ -349,7 +348,7 @@ def _final_sample(c: RunConfig, run: state_lib.RunState, params: Any, data: data
     examples: list[objectives_lib.Example] = []
     for i, window in enumerate(data.held_out_pieces()):
       assert isinstance(window, np.ndarray)  # A window of text; sft's pieces are pairs.
-      if sum(len(e['inputs']) for e in examples) >= c.sample.length:
+      if sum(len(e.inputs) for e in examples) >= c.sample.length:
         break
       examples.append(
         data.objectives.build(

@@ -14,6 +14,7 @@ from pretrax import state as state_lib
 from pretrax import step as step_lib
 from pretrax.config_types import RunConfig
 from pretrax.data import dataset
+from pretrax.data.batch import Batch
 from pretrax.downstream import scoring
 from pretrax.downstream import tasks as tasks_lib
 
@@ -31,15 +32,13 @@ def held_out(
   bytes_per_token = jnp.asarray(data.tok.bytes_per_token())
   baseline_id = jnp.int32(data.baseline_id)
 
-  def sums_of(params: Any, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, Any]:
+  def sums_of(params: Any, batches: Iterable[Batch[np.ndarray]]) -> dict[str, Any]:
     sums = None
     for i, batch in enumerate(batches):
       if c.eval_batches and i >= c.eval_batches:
         break
-      batch = {
-        k: jax.make_array_from_process_local_data(run.batch_sharding, v) for k, v in batch.items()
-      }
-      out = jax.device_get(eval_step(params, batch, bytes_per_token, baseline_id))
+      on_mesh = jax.make_array_from_process_local_data(run.batch_sharding, batch)
+      out = jax.device_get(eval_step(params, on_mesh, bytes_per_token, baseline_id))
       sums = out if sums is None else jax.tree.map(np.add, sums, out)
     if sums is None:  # dataset.load rejects an empty held-out split, so only eval_batches < 0.
       raise ValueError(f'eval_batches={c.eval_batches}: no held-out batch was evaluated')

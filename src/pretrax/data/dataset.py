@@ -14,7 +14,6 @@ import fcntl
 import functools
 import hashlib
 import os
-import shutil
 
 import numpy as np
 
@@ -25,8 +24,10 @@ from pretrax import workdir as workdir_lib
 from pretrax.config_types import RunConfig, Source
 from pretrax.data import corpus, examples, handoff, pipeline, sources
 from pretrax.data import objectives as objectives_lib
+from pretrax.data import plan as plan_lib
 from pretrax.data import prepare as prepare_lib
 from pretrax.data import store as store_lib
+from pretrax.data.batch import Batch
 
 SMALL_CORPUS_BYTES = (
   64 << 20
@@ -39,8 +40,8 @@ class RunData:
   objectives: objectives_lib.Objectives
   sources: list[pipeline.Source]
   baseline_id: int  # The most frequent non-special training token: the accuracy floor.
-  train_batches: Callable[[int], Iterator[dict[str, np.ndarray]]]  # Start step -> batches.
-  eval_sets: dict[str, Callable[[], Iterable[dict[str, np.ndarray]]]]  # Source -> one pass.
+  train_batches: Callable[[int], Iterator[Batch[np.ndarray]]]  # Start step -> batches.
+  eval_sets: dict[str, Callable[[], Iterable[Batch[np.ndarray]]]]  # Source -> one pass.
   # Held-out document pieces of at most seq_len + 1 tokens (sft: (ids, loss weights) of examples).
   held_out_pieces: Callable[[], Iterable[np.ndarray | tuple[np.ndarray, np.ndarray]]]
   labels: tuple[str, ...] = ()  # The classification objective's label set, in index order.
@@ -99,51 +100,45 @@ def build(
     tokenizer_path = os.path.join(root, store_lib.TOKENIZER_FILE)
     _shared_tokenizer(plans, [s.weight for s in specs], tokenizer_path, process_index, log)
     plans = [
-      corpus.make_plan(
-        _source_config(c, s.path, tokenizer_path), [sources.InputFile(*f) for f in plan['files']]
-      )
+      corpus.make_plan(_source_config(c, s.path, tokenizer_path), list(plan.files))
       for s, plan in zip(specs, plans, strict=True)
     ]
-  total = sum(f[1] for plan in plans for f in plan['files'])
+  total = sum(f.size for plan in plans for f in plan.files)
   workers = c.data.prepare_workers
   if workers < 0:
     workers = (os.cpu_count() or 1) if total > SMALL_CORPUS_BYTES else 0
   for source, plan in zip(specs, plans, strict=True):
-    out = _store_dir(root, source.name)
-    _discard_if_stale(out, plan, has_checkpoints, process_count, log)
     prepare_lib.prepare_plan(
-      plan, out, workers=workers, process_index=process_index, process_count=process_count, log=log
+      plan,
+      _store_dir(root, source.name),
+      workers=workers,
+      process_index=process_index,
+      process_count=process_count,
+      # A store of other inputs or settings is prepared again, unless a checkpoint trained on it
+      # (or other processes may be reading it): then prepare_plan refuses it, naming what differs.
+      discard_stale=not has_checkpoints and process_count == 1,
+      log=log,
     )
 
 
 def _shared_tokenizer(
-  plans: list[dict], weights: list[float], path: str, process_index: int, log: Callable[[str], None]
+  plans: list[plan_lib.TokenPlan],
+  weights: list[float],
+  path: str,
+  process_index: int,
+  log: Callable[[str], None],
 ) -> None:
   """One tokenizer for a mixture: trained on each source's sample in proportion to its weight."""
-  spec = plans[0]['tokenizer']
-  shares = [int(spec['sample_mb'] * 1e6 * w / sum(weights)) for w in weights]
 
-  def sample() -> Iterator[str]:
+  def sample(mb: float) -> Iterator[str]:
+    shares = [int(mb * 1e6 * w / sum(weights)) for w in weights]
     return (
       t
       for plan, share in zip(plans, shares, strict=True)
-      for t in prepare_lib.tokenizer_sample(plan, share)
+      for t in prepare_lib.tokenizer_sample(plan.files, plan.reading, plan.skip_bad_records, share)
     )
 
-  handoff.tokenizer_at(path, spec, sample, process_index, log)
-
-
-def _discard_if_stale(
-  out: str, plan: dict, has_checkpoints: bool, process_count: int, log: Callable[[str], None]
-) -> None:
-  """A store of other inputs or settings is rebuilt, unless a checkpoint trained on it."""
-  plan_path = os.path.join(out, store_lib.PLAN)
-  if not os.path.exists(plan_path) or store_lib.read_json(plan_path) == plan:
-    return
-  if has_checkpoints or process_count > 1:
-    return  # Not ours to delete: prepare_plan refuses it, naming what differs.
-  log(f'{out} holds a store of other inputs or settings: preparing it again')
-  shutil.rmtree(out)
+  handoff.tokenizer_at(path, plans[0].tokenizer, sample, process_index, log)
 
 
 def load(

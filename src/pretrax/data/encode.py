@@ -106,9 +106,9 @@ def encode_unit(
 _worker: tuple[tokenizer_lib.Tokenizer, units_lib.Reading, bool] | None = None
 
 
-def _start_worker(model_proto: bytes, reading: dict, skip_bad: bool) -> None:
+def _start_worker(model_proto: bytes, reading: units_lib.Reading, skip_bad: bool) -> None:
   global _worker
-  _worker = (tokenizer_lib.Tokenizer(model_proto), units_lib.Reading(**reading), skip_bad)
+  _worker = (tokenizer_lib.Tokenizer(model_proto), reading, skip_bad)
 
 
 def _encode_in_worker(unit: units_lib.Unit) -> Encoded:
@@ -131,7 +131,7 @@ class Encoder:
       self.pool = context.Pool(
         workers,
         initializer=_start_worker,
-        initargs=(tok.model_proto, dataclasses.asdict(reading), skip_bad),
+        initargs=(tok.model_proto, reading, skip_bad),
       )
 
   def map(self, items: Iterator[tuple]) -> Iterator[tuple]:

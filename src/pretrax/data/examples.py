@@ -20,9 +20,7 @@ examples are packed in file order and read once per evaluation.
 
 from collections.abc import Callable, Iterator
 import dataclasses
-import json
 import os
-import shutil
 
 import grain
 import numpy as np
@@ -30,8 +28,10 @@ import numpy as np
 from pretrax import tokenizer as tokenizer_lib
 from pretrax.config_types import RunConfig
 from pretrax.data import corpus, handoff, records, sources
+from pretrax.data import plan as plan_lib
 from pretrax.data import store as store_lib
 from pretrax.data import units as units_lib
+from pretrax.data.batch import Batch
 from pretrax.data.records import BadRecord, Fields
 
 MAX_SEGMENTS = 64  # Classification: at most this many examples in a row (the head's pooling width).
@@ -71,15 +71,15 @@ class _SplitWriter:
 
 
 def write_store(
-  plan: dict,
+  plan: plan_lib.ExamplePlan,
   out_dir: str,
   tok: tokenizer_lib.Tokenizer,
-  f: Fields,
   *,
   skip_bad: bool,
   log: Callable[[str], None],
 ) -> dict:
   """Encodes every record into the store at out_dir; its manifest, written last, marks it whole."""
+  f = plan.fields
   dtype = store_lib.token_dtype(tok.vocab_size)
   writers = {s: _SplitWriter(out_dir, s, dtype, f.objective) for s in ('train', 'eval')}
   bad: list[str] = []
@@ -124,52 +124,53 @@ def build(
   has_checkpoints: bool,
   log: Callable[[str], None],
 ) -> tokenizer_lib.Tokenizer:
-  """Writes (or reuses) the store of the run's records at out_dir; process 0 writes it, the
-  others wait for it. Returns its tokenizer."""
+  """Writes (or reuses) the store of the run's records at out_dir (handoff.build_once: process 0
+  writes it, the others wait for it). Returns its tokenizer."""
   plan = make_plan(c)
-  plan_path = os.path.join(out_dir, store_lib.PLAN)
-  manifest_path = os.path.join(out_dir, store_lib.MANIFEST)
-  if process_index == 0:
-    if os.path.exists(plan_path) and store_lib.read_json(plan_path) != plan:
-      if has_checkpoints:
-        raise sources.DataError(
-          f'{out_dir} holds the examples of other records or settings than '
-          "the ones this run's checkpoints trained on: use a new --workdir, "
-          'or the same data and settings to resume.'
-        )
-      log(f'{out_dir} holds examples of other records or settings: encoding them again')
-      shutil.rmtree(out_dir)
-    if not os.path.exists(manifest_path):
-      os.makedirs(out_dir, exist_ok=True)
-      store_lib.write_json(plan_path, plan)
-      fields = Fields.from_config(c)
-      tok = handoff.tokenizer_at(
-        os.path.join(out_dir, store_lib.TOKENIZER_FILE),
-        plan['tokenizer'],
-        lambda: training_texts(plan, fields, int(c.tokenizer.sample_mb * 1e6)),
-        0,
-        log,
-      )
-      write_store(plan, out_dir, tok, fields, skip_bad=c.data.skip_bad_records, log=log)
-  handoff.wait_for(manifest_path, 'process 0 to encode the fine-tuning records')
-  return tokenizer_lib.Tokenizer.load(os.path.join(out_dir, store_lib.TOKENIZER_FILE))
+  tokenizer_path = os.path.join(out_dir, store_lib.TOKENIZER_FILE)
+
+  def encode() -> None:
+    tok = handoff.tokenizer_at(
+      tokenizer_path, plan.tokenizer, lambda mb: training_texts(plan, int(mb * 1e6)), 0, log
+    )
+    write_store(plan, out_dir, tok, skip_bad=c.data.skip_bad_records, log=log)
+
+  stale = handoff.Stale(
+    discard=not has_checkpoints,
+    refusal=lambda _: (
+      f'{out_dir} holds the examples of other records or settings than '
+      "the ones this run's checkpoints trained on: use a new --workdir, "
+      'or the same data and settings to resume.'
+    ),
+    rebuilding=f'{out_dir} holds examples of other records or settings: encoding them again',
+  )
+  handoff.build_once(
+    out_dir,
+    plan.to_json(),
+    stale=stale,
+    build=encode,
+    process_index=process_index,
+    what='encode the fine-tuning records',
+    log=log,
+  )
+  return tokenizer_lib.Tokenizer.load(tokenizer_path)
 
 
-def _split_lines(plan: dict) -> Iterator[tuple[str, str, bytes]]:
+def _split_lines(plan: plan_lib.ExamplePlan) -> Iterator[tuple[str, str, bytes]]:
   """(split, where, line) of every record: eval files are held out whole; without them a record
   is held out by a hash of its bytes, the same on every machine."""
-  for path, number, line in sources.read_lines([p for p, _, _ in plan['files']]):
-    held = not plan['eval_files'] and units_lib.held_out(line.strip(), plan['eval_fraction'])
+  for path, number, line in sources.read_lines([f.path for f in plan.files]):
+    held = not plan.eval_files and units_lib.held_out(line.strip(), plan.eval_fraction)
     yield ('eval' if held else 'train'), f'{path}:{number}', line
-  for path, number, line in sources.read_lines([p for p, _, _ in plan['eval_files']]):
+  for path, number, line in sources.read_lines([f.path for f in plan.eval_files]):
     yield 'eval', f'{path}:{number}', line
 
 
-def make_plan(c: RunConfig) -> dict:
+def make_plan(c: RunConfig) -> plan_lib.ExamplePlan:
   """What a store is built from: two runs with equal plans share a store."""
 
-  def described(spec: str) -> list:
-    return [[x.path, x.size, x.mtime] for x in sources.describe(sources.expand_paths(spec))]
+  def described(spec: str) -> tuple[sources.InputFile, ...]:
+    return tuple(sources.describe(sources.expand_paths(spec))) if spec else ()
 
   files = described(c.data.path)
   if not files:
@@ -177,18 +178,18 @@ def make_plan(c: RunConfig) -> dict:
       f'data.path={c.data.path!r} matches no file: point it at the JSON '
       'lines records to fine-tune on.'
     )
-  return {
-    'kind': 'examples',
-    'files': files,
-    'eval_files': described(c.finetune.eval_path) if c.finetune.eval_path else [],
-    'eval_fraction': c.data.eval_fraction,
-    'fields': json.loads(json.dumps(dataclasses.asdict(Fields.from_config(c)))),
-    'tokenizer': corpus.tokenizer_spec(c),
-  }
+  return plan_lib.ExamplePlan(
+    files=files,
+    eval_files=described(c.finetune.eval_path),
+    eval_fraction=c.data.eval_fraction,
+    fields=Fields.from_config(c),
+    tokenizer=corpus.tokenizer_spec(c),
+  )
 
 
-def training_texts(plan: dict, f: Fields, budget_bytes: int) -> Iterator[str]:
+def training_texts(plan: plan_lib.ExamplePlan, budget_bytes: int) -> Iterator[str]:
   """Texts of the first training records, up to a budget: what a new tokenizer learns from."""
+  f = plan.fields
   taken = 0
   for i, (split, _, line) in enumerate(_split_lines(plan)):
     if taken >= budget_bytes or i >= _TOKENIZER_SAMPLE_RECORDS:
@@ -274,26 +275,32 @@ def pack(order: np.ndarray, lengths: np.ndarray, seq_len: int, max_per_row: int)
   return np.asarray(starts if len(order) else [0], np.int64)
 
 
-def _empty_rows(objective: str, rows: int, seq_len: int) -> dict[str, np.ndarray]:
+def _empty_rows(objective: str, rows: int, seq_len: int) -> Batch[np.ndarray]:
+  """A batch of padding: an sft batch has the language-model fields (prefix and objective stay 0:
+  causal attention, one objective), a classification batch a label slot per example of a row."""
   shape = (rows, seq_len)
-  out = {k: np.zeros(shape, np.int32) for k in ('inputs', 'segment_ids', 'positions')}
+  inputs, segment_ids, positions = (np.zeros(shape, np.int32) for _ in range(3))
   if objective == 'sft':
-    out.update(
+    return Batch(
+      inputs,
+      segment_ids,
+      positions,
       targets=np.zeros(shape, np.int32),
       weights=np.zeros(shape, np.float32),
       prefix=np.zeros(shape, np.int32),
       objective=np.zeros(shape, np.int32),
     )
-  else:
-    segments = min(MAX_SEGMENTS, seq_len)
-    out.update(
-      labels=np.zeros((rows, segments), np.int32),
-      label_weights=np.zeros((rows, segments), np.float32),
-    )
-  return out
+  segments = min(MAX_SEGMENTS, seq_len)
+  return Batch(
+    inputs,
+    segment_ids,
+    positions,
+    labels=np.zeros((rows, segments), np.int32),
+    label_weights=np.zeros((rows, segments), np.float32),
+  )
 
 
-def build_rows(split: ExampleSplit, rows: list[list[int]], seq_len: int) -> dict[str, np.ndarray]:
+def build_rows(split: ExampleSplit, rows: list[list[int]], seq_len: int) -> Batch[np.ndarray]:
   """A batch whose row r packs the examples rows[r], each in its own segment."""
   out = _empty_rows(split.objective, len(rows), seq_len)
   for r, examples in enumerate(rows):
@@ -301,17 +308,16 @@ def build_rows(split: ExampleSplit, rows: list[list[int]], seq_len: int) -> dict
     for segment, i in enumerate(examples, start=1):
       ids = split.ids(i)
       n = int(packed_length(split.objective, len(ids), seq_len))
-      if split.objective == 'sft':
-        out['inputs'][r, at : at + n] = ids[:n]
-        out['targets'][r, at : at + n] = ids[1 : n + 1]
-        out['weights'][r, at : at + n] = split.loss_weights(i)[1 : n + 1]
-      else:
+      out.inputs[r, at : at + n] = ids[:n]
+      if out.targets is not None and out.weights is not None:  # sft: the next tokens, weighted.
+        out.targets[r, at : at + n] = ids[1 : n + 1]
+        out.weights[r, at : at + n] = split.loss_weights(i)[1 : n + 1]
+      if out.labels is not None and out.label_weights is not None:  # Classification: the label.
         assert split.labels is not None  # Every split but sft's is classification's: labelled.
-        out['inputs'][r, at : at + n] = ids[:n]
-        out['labels'][r, segment - 1] = split.labels[i]
-        out['label_weights'][r, segment - 1] = 1.0
-      out['segment_ids'][r, at : at + n] = segment
-      out['positions'][r, at : at + n] = np.arange(n)
+        out.labels[r, segment - 1] = split.labels[i]
+        out.label_weights[r, segment - 1] = 1.0
+      out.segment_ids[r, at : at + n] = segment
+      out.positions[r, at : at + n] = np.arange(n)
       at += n
   return out
 
@@ -350,7 +356,7 @@ def train_batches(
   process_index: int = 0,
   process_count: int = 1,
   threads: int = 2,
-) -> Iterator[dict[str, np.ndarray]]:
+) -> Iterator[Batch[np.ndarray]]:
   """This process's slice of the global batch of every step from `start_step` on: rows in an
   order reshuffled every epoch, by index."""
   if not len(rows):
@@ -358,7 +364,7 @@ def train_batches(
   order = grain.MapDataset.range(len(rows)).shuffle(seed=seed + 7).repeat()
   local = global_batch // process_count
 
-  def batch_at(step: int) -> dict[str, np.ndarray]:
+  def batch_at(step: int) -> Batch[np.ndarray]:
     first = step * global_batch + process_index * local
     return build_rows(
       split, [rows.row(int(order[j])) for j in range(first, first + local)], seq_len
@@ -380,7 +386,7 @@ def eval_batches(
   global_batch: int,
   process_index: int = 0,
   process_count: int = 1,
-) -> Iterator[dict[str, np.ndarray]]:
+) -> Iterator[Batch[np.ndarray]]:
   """One ordered pass over the held-out rows, the last global batch padded with empty rows."""
   local = global_batch // process_count
   for first in range(0, len(rows), global_batch):

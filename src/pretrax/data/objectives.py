@@ -5,7 +5,8 @@ window index), so an example's masks, spans and split points are fixed by the se
 example's identity: a resumed run sees exactly the masks it would have seen, and so does a run on
 another number of processes.
 
-An example is a dict of equal-length arrays (at most seq_len), packed later like any other:
+An example (`Example`) is a record of equal-length arrays (at most seq_len), packed later into
+a batch's rows (data/batch.py) like any other:
   inputs, targets  int32    what the model reads, what each position must predict
   weights          float32  1 where the prediction counts in the loss
   prefix           int32    1 where attention is bidirectional (the prefix), 0 where causal
@@ -22,6 +23,7 @@ masked_lm        BERT's: a rate of non-special tokens is chosen (whole words opt
 """
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,8 +32,17 @@ from pretrax import config_specs
 from pretrax import tokenizer as tokenizer_lib
 from pretrax.config_types import RunConfig
 
-Example = dict[str, np.ndarray]
-EXAMPLE_KEYS = ('inputs', 'targets', 'weights', 'prefix', 'objective')
+
+class Example(NamedTuple):
+  """One example's arrays, each as long as the example (see the module docstring)."""
+
+  inputs: np.ndarray
+  targets: np.ndarray
+  weights: np.ndarray
+  prefix: np.ndarray
+  objective: np.ndarray
+
+
 # Distinct generator streams for training and evaluation examples of the same window.
 TRAIN_STREAM, EVAL_STREAM = 0, 1
 
@@ -84,25 +95,10 @@ class Objectives:
       mean_span_length=s.mean_span_length,
     )
 
-  @property
-  def packed_keys(self) -> tuple[str, ...]:
-    """The example keys that carry information for this mixture; the pipeline packs only these
-    (packing costs per key) and fills the others with their constant values."""
-    keys = ['inputs', 'targets']
-    if self.names != ('causal_lm',):
-      keys.append('weights')
-    if set(self.names) & {'span_corruption', 'prefix_lm'}:
-      keys.append('prefix')
-    if len(self.names) > 1:
-      keys.append('objective')
-    return tuple(keys)
-
   def build(self, window: np.ndarray, *, seed: int, stream: int, epoch: int, index: int) -> Example:
     """The example for `window` (at most seq_len + 1 tokens), drawn from its own generator."""
     if self.names == ('causal_lm',):  # Nothing random to draw: skip making a generator.
-      example = causal_lm(window)
-      example['objective'] = np.zeros(len(example['inputs']), np.int32)
-      return example
+      return causal_lm(window)  # Its objective, causal_lm's index, is 0.
     rng = np.random.default_rng([seed, stream, epoch, index])
     k = 0 if len(self.names) == 1 else int(rng.choice(len(self.names), p=self.weights))
     name = self.names[k]
@@ -120,19 +116,20 @@ class Objectives:
       )
     else:
       example = masked_lm(window[: self.seq_len], rng, self)
-    example['objective'] = np.full(
-      len(example['inputs']), config_lib.OBJECTIVES.index(name), np.int32
+    return example._replace(
+      objective=np.full(len(example.inputs), config_lib.OBJECTIVES.index(name), np.int32)
     )
-    return example
 
 
 def _example(inputs, targets, weights, prefix) -> Example:
-  return {
-    'inputs': np.asarray(inputs, np.int32),
-    'targets': np.asarray(targets, np.int32),
-    'weights': np.asarray(weights, np.float32),
-    'prefix': np.asarray(prefix, np.int32),
-  }
+  """An example of objective 0 (causal_lm); Objectives.build sets the objective it drew."""
+  return Example(
+    inputs=np.asarray(inputs, np.int32),
+    targets=np.asarray(targets, np.int32),
+    weights=np.asarray(weights, np.float32),
+    prefix=np.asarray(prefix, np.int32),
+    objective=np.zeros(len(inputs), np.int32),
+  )
 
 
 def causal_lm(window: np.ndarray) -> Example:

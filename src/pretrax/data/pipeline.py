@@ -12,8 +12,7 @@ each EOS (attention never crosses a document), positions count from each documen
 the prediction across the boundary has no weight. The causal objective is built for a whole batch
 at once in NumPy; the others (objectives.py) build each document piece of a row, laid where it was.
 
-Batch keys, each (batch, seq_len): inputs, targets, segment_ids, positions, prefix, objective
-(int32) and weights (float32).
+A batch is a language-model `Batch` (data/batch.py): every field but labels and label_weights.
 """
 
 from collections.abc import Iterator
@@ -25,8 +24,7 @@ import numpy as np
 from pretrax import tokenizer as tokenizer_lib
 from pretrax.data import objectives as objectives_lib
 from pretrax.data import store as store_lib
-
-BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'weights', 'prefix', 'objective')
+from pretrax.data.batch import Batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +56,7 @@ def eval_window(split: store_lib.Split, seq_len: int, i: int) -> tuple[int, int]
 # ---- Rows -------------------------------------------------------------------------------------
 
 
-def causal_rows(windows_BxT: np.ndarray, lengths_B: np.ndarray) -> dict[str, np.ndarray]:
+def causal_rows(windows_BxT: np.ndarray, lengths_B: np.ndarray) -> Batch[np.ndarray]:
   """Causal LM rows of a batch of windows (int32, seq_len + 1 wide, the first lengths_B[i] real)."""
   inputs, targets = windows_BxT[:, :-1], windows_BxT[:, 1:]
   seq_len = inputs.shape[1]
@@ -71,15 +69,15 @@ def causal_rows(windows_BxT: np.ndarray, lengths_B: np.ndarray) -> dict[str, np.
   starts[:, 0] = True
   starts[:, 1:] = eos[:, :-1]
   positions = index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)
-  return {
-    'inputs': np.where(real, inputs, 0),
-    'targets': np.where(real, targets, 0),
-    'segment_ids': segment_ids.astype(np.int32),
-    'positions': positions.astype(np.int32),
-    'weights': (real & ~eos).astype(np.float32),
-    'prefix': np.zeros_like(inputs),
-    'objective': np.zeros_like(inputs),
-  }
+  return Batch(
+    inputs=np.where(real, inputs, 0),
+    segment_ids=segment_ids.astype(np.int32),
+    positions=positions.astype(np.int32),
+    targets=np.where(real, targets, 0),
+    weights=(real & ~eos).astype(np.float32),
+    prefix=np.zeros_like(inputs),
+    objective=np.zeros_like(inputs),
+  )
 
 
 def _pieces(window: np.ndarray) -> list[tuple[int, int]]:
@@ -89,9 +87,7 @@ def _pieces(window: np.ndarray) -> list[tuple[int, int]]:
   return [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
-def _fill_row(
-  out: dict[str, np.ndarray],
-  row: int,
+def _row_examples(
   window: np.ndarray,
   length: int,
   objectives: objectives_lib.Objectives,
@@ -100,9 +96,9 @@ def _fill_row(
   stream: int,
   epoch: int,
   window_id: int,
-) -> None:
-  """Row `row` of a batch of any objective: each document piece's example laid where the piece
-  was, seeded by the piece's place in the data. The row starts as padding (zeros)."""
+) -> Iterator[tuple[int, int, objectives_lib.Example]]:
+  """(segment, start, example) of each document piece of a window of any objective: the piece's
+  example, to be laid where the piece was, seeded by the piece's place in the data."""
   seq_len = len(window) - 1
   masked = objectives.names == ('masked_lm',)
   for segment, (a, b) in enumerate(_pieces(window[:length]), start=1):
@@ -110,14 +106,8 @@ def _fill_row(
     piece = window[a:b][:slots] if masked else window[a:b]
     if len(piece) < (1 if masked else 2):
       continue
-    example = objectives.build(
-      piece, seed=seed, stream=stream, epoch=epoch, index=window_id * (seq_len + 1) + a
-    )
-    n = len(example['inputs'])
-    for k in objectives_lib.EXAMPLE_KEYS:
-      out[k][row, a : a + n] = example[k]
-    out['segment_ids'][row, a : a + n] = segment
-    out['positions'][row, a : a + n] = np.arange(n)
+    index = window_id * (seq_len + 1) + a
+    yield segment, a, objectives.build(piece, seed=seed, stream=stream, epoch=epoch, index=index)
 
 
 def build_batch(
@@ -129,14 +119,36 @@ def build_batch(
   stream: int,
   epochs: list[int],
   window_ids: list[int],
-) -> dict[str, np.ndarray]:
+) -> Batch[np.ndarray]:
   if objectives.names == ('causal_lm',):
     return causal_rows(np.stack(windows), np.asarray(lengths))
   shape = (len(windows), len(windows[0]) - 1)
-  out = {k: np.zeros(shape, np.float32 if k == 'weights' else np.int32) for k in BATCH_KEYS}
+  # The examples' arrays, as (B, L) columns; they and the layout start as padding (zeros).
+  columns = objectives_lib.Example(
+    inputs=np.zeros(shape, np.int32),
+    targets=np.zeros(shape, np.int32),
+    weights=np.zeros(shape, np.float32),
+    prefix=np.zeros(shape, np.int32),
+    objective=np.zeros(shape, np.int32),
+  )
+  segment_ids, positions = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
   for row, (w, n, e, i) in enumerate(zip(windows, lengths, epochs, window_ids, strict=True)):
-    _fill_row(out, row, w, n, objectives, seed=seed, stream=stream, epoch=e, window_id=i)
-  return out
+    pieces = _row_examples(w, n, objectives, seed=seed, stream=stream, epoch=e, window_id=i)
+    for segment, a, example in pieces:
+      end = a + len(example.inputs)
+      for column, values in zip(columns, example, strict=True):  # Field by field.
+        column[row, a:end] = values
+      segment_ids[row, a:end] = segment
+      positions[row, a:end] = np.arange(end - a)
+  return Batch(
+    inputs=columns.inputs,
+    segment_ids=segment_ids,
+    positions=positions,
+    targets=columns.targets,
+    weights=columns.weights,
+    prefix=columns.prefix,
+    objective=columns.objective,
+  )
 
 
 # ---- Training and evaluation streams ----------------------------------------------------------
@@ -174,7 +186,7 @@ def train_batches(
   process_index: int = 0,
   process_count: int = 1,
   threads: int = 2,
-) -> Iterator[dict[str, np.ndarray]]:
+) -> Iterator[Batch[np.ndarray]]:
   """This process's slice of the global batch of every step from `start_step` on."""
   for source in sources:
     if not len(source.train):
@@ -186,7 +198,7 @@ def train_batches(
   local = global_batch // process_count
   seq_len = sources[0].train.seq_len
 
-  def batch_at(step: int) -> dict[str, np.ndarray]:
+  def batch_at(step: int) -> Batch[np.ndarray]:
     first = step * global_batch + process_index * local
     picks = [order[j] for j in range(first, first + local)]
     windows = [sources[s].train.read(w) for s, w, _ in picks]
@@ -217,7 +229,7 @@ def eval_batches(
   seed: int,
   process_index: int = 0,
   process_count: int = 1,
-) -> Iterator[dict[str, np.ndarray]]:
+) -> Iterator[Batch[np.ndarray]]:
   """One ordered pass over a held-out split: this process's slice of each global batch, the last
   one padded with empty rows. The examples are the same at every evaluation."""
   count = num_eval_windows(split, seq_len)

@@ -13,17 +13,20 @@ and redoes only those that were in flight. The store's files are byte-identical 
 of workers and hosts, and whether or not a run was interrupted (see store.py).
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 import hashlib
 import json
+import math
 import os
 import time
 
 import numpy as np
 
 from pretrax import tokenizer as tokenizer_lib
+from pretrax.config_types import RunConfig
 from pretrax.data import corpus, encode, handoff, sources
 from pretrax.data import documents as documents_lib
+from pretrax.data import plan as plan_lib
 from pretrax.data import store as store_lib
 from pretrax.data import units as units_lib
 
@@ -33,14 +36,16 @@ _SAMPLE_FILES = 64  # The tokenizer's sample is drawn from at most this many fil
 # ---- Groups and parts -------------------------------------------------------------------------
 
 
-def groups_of(plan: dict) -> list[list[int]]:
+def groups_of(plan: plan_lib.TokenPlan) -> list[list[int]]:
   """Consecutive files of about one shard's input each (a larger file alone): the grain of sharing
   work between hosts."""
-  groups, current, size = [], [], 0
-  for i, (_, file_size, _) in enumerate(plan['files']):
+  groups: list[list[int]] = []
+  current: list[int] = []
+  size = 0
+  for i, file in enumerate(plan.files):
     current.append(i)
-    size += file_size
-    if size >= plan['part_bytes']:
+    size += file.size
+    if size >= plan.part_bytes:
       groups.append(current)
       current, size = [], 0
   if current:
@@ -60,10 +65,9 @@ def _done_parts(out_dir: str, group: int) -> list[dict]:
   return done
 
 
-def _group_units(plan: dict, files: list[int], on_bad) -> Iterator[units_lib.Unit]:
-  reading = corpus.reading(plan)
+def _group_units(plan: plan_lib.TokenPlan, files: list[int], on_bad) -> Iterator[units_lib.Unit]:
   for i in files:
-    yield from units_lib.file_units(plan['files'][i][0], reading, on_bad)
+    yield from units_lib.file_units(plan.files[i].path, plan.reading, on_bad)
 
 
 class _Progress:
@@ -99,7 +103,7 @@ def _with_disk_deltas(units: Iterator[tuple[int, units_lib.Unit]]) -> Iterator[t
 
 
 def prepare_group(
-  plan: dict,
+  plan: plan_lib.TokenPlan,
   group: int,
   files: list[int],
   out_dir: str,
@@ -116,7 +120,7 @@ def prepare_group(
   resume_at = done[-1]['units_end'] if done else 0
   dtype = store_lib.token_dtype(encoder.tok.vocab_size)
   bad_files: list[str] = []
-  on_bad = bad_files.append if plan['skip_bad_records'] else None
+  on_bad = bad_files.append if plan.skip_bad_records else None
   units = (
     (i, unit) for i, unit in enumerate(_group_units(plan, files, on_bad)) if i >= resume_at
   )  # Units before the resume point are read, not tokenized.
@@ -132,7 +136,7 @@ def prepare_group(
       empty += encoded.empty
       progress.add(disk, unit_size, sum(len(t) for t in encoded.tokens.values()))
       end = index + 1
-      if size >= plan['part_bytes']:
+      if size >= plan.part_bytes:
         done.append(_finish_part(out_dir, writer, group, part, end, bad, empty))
         part, writer, size, bad, empty = part + 1, None, 0, [], 0
   except BaseException:  # A bad record, a dead worker, SIGTERM: the part in progress is dropped.
@@ -166,20 +170,23 @@ def _finish_part(
 # ---- The tokenizer ----------------------------------------------------------------------------
 
 
-def tokenizer_sample(plan: dict, budget_bytes: int) -> Iterator[str]:
-  """Training text for the tokenizer: the first training documents of up to _SAMPLE_FILES files
-  spread evenly over the corpus, an equal share of `budget_bytes` from each."""
-  files = plan['files']
+def tokenizer_sample(
+  files: Sequence[sources.InputFile],
+  reading: units_lib.Reading,
+  skip_bad: bool,
+  budget_bytes: int,
+) -> Iterator[str]:
+  """Training text for the tokenizer: the first training documents of up to _SAMPLE_FILES of
+  `files` spread evenly over the corpus, an equal share of `budget_bytes` from each. Takes a plan's
+  parts (files, reading, skip_bad_records), not the plan: `pretrax tokenizer` has no store."""
   picks = sorted({int(i) for i in np.linspace(0, len(files) - 1, min(len(files), _SAMPLE_FILES))})
   share = budget_bytes // len(picks)
-  reading = corpus.reading(plan)
-  skip = plan.get('skip_bad_records', True)
   for i in picks:
     taken = 0
     for unit in units_lib.file_units(
-      files[i][0], reading, on_bad=(lambda _: None) if skip else None
+      files[i].path, reading, on_bad=(lambda _: None) if skip_bad else None
     ):
-      docs = documents_lib.decode_unit(unit, reading, skip_bad=skip)
+      docs = documents_lib.decode_unit(unit, reading, skip_bad=skip_bad)
       for text, split in zip(docs.texts, docs.splits, strict=True):
         if split == units_lib.TRAIN and taken < share:
           text = text[: share - taken]
@@ -190,52 +197,55 @@ def tokenizer_sample(plan: dict, budget_bytes: int) -> Iterator[str]:
 
 
 def _tokenizer(
-  plan: dict, out_dir: str, process_index: int, log: Callable[[str], None]
+  plan: plan_lib.TokenPlan, out_dir: str, process_index: int, log: Callable[[str], None]
 ) -> tokenizer_lib.Tokenizer:
   """The store's tokenizer: copied or trained by process 0, waited for by the others."""
-  spec = plan['tokenizer']
   path = os.path.join(out_dir, store_lib.TOKENIZER_FILE)
-  return handoff.tokenizer_at(
-    path, spec, lambda: tokenizer_sample(plan, int(spec['sample_mb'] * 1e6)), process_index, log
-  )
+
+  def sample(mb: float) -> Iterator[str]:
+    return tokenizer_sample(plan.files, plan.reading, plan.skip_bad_records, int(mb * 1e6))
+
+  return handoff.tokenizer_at(path, plan.tokenizer, sample, process_index, log)
 
 
 def _wait_for_others(out_dir: str, groups: list[list[int]], log: Callable[[str], None]) -> dict:
-  """Waits for the manifest that the process finishing last writes, saying now and then which
-  groups are still missing (a process that died must be run again: the same command)."""
+  """Waits (with no time limit) for the manifest that the process finishing last writes, saying
+  now and then which groups are still missing (a process that died must be run again: the same
+  command)."""
   manifest_path = os.path.join(out_dir, store_lib.MANIFEST)
-  said = time.monotonic()
+
+  def news() -> str:
+    missing = [g for g in range(len(groups)) if not os.path.exists(_marker(out_dir, f'{g:05d}'))]
+    return (
+      f'prepare: still waiting for {len(missing)} group(s) of other processes (first: '
+      f'{missing[:5]}); a process that stopped must be started again with the same command'
+    )
+
   log('prepare: this share is done; waiting for the other processes')
-  while not os.path.exists(manifest_path):
-    time.sleep(handoff.WAIT_S)
-    if time.monotonic() - said > 60:
-      said = time.monotonic()
-      missing = [g for g in range(len(groups)) if not os.path.exists(_marker(out_dir, f'{g:05d}'))]
-      log(
-        f'prepare: still waiting for {len(missing)} group(s) of other processes (first: '
-        f'{missing[:5]}); a process that stopped must be started again with the same command'
-      )
+  handoff.wait_for(
+    manifest_path, 'the other processes to finish', timeout_s=math.inf, news=news, log=log
+  )
   return store_lib.read_json(manifest_path)
 
 
 # ---- The whole preparation --------------------------------------------------------------------
 
 
-def _check_plan(out_dir: str, plan: dict) -> None:
-  path = os.path.join(out_dir, store_lib.PLAN)
-  if os.path.exists(path):
-    before = store_lib.read_json(path)
-    if before != plan:
-      changed = sorted(k for k in set(before) | set(plan) if before.get(k) != plan.get(k))
-      raise sources.DataError(
-        f'{out_dir} holds a store of other inputs or settings ({", ".join(changed)} differ): '
-        'use another --output, or delete it to start over.'
-      )
-  else:
-    store_lib.write_json(path, plan)
+def _stale(out_dir: str, discard: bool) -> handoff.Stale:
+  """A store of another plan: prepared again when `discard`, else refused naming what differs."""
+  return handoff.Stale(
+    discard=discard,
+    refusal=lambda changed: (
+      f'{out_dir} holds a store of other inputs or settings ({", ".join(changed)} differ): '
+      'use another --output, or delete it to start over.'
+    ),
+    rebuilding=f'{out_dir} holds a store of other inputs or settings: preparing it again',
+  )
 
 
-def _finalize(out_dir: str, plan: dict, groups: list[list[int]], vocab_size: int) -> dict | None:
+def _finalize(
+  out_dir: str, plan: plan_lib.TokenPlan, groups: list[list[int]], vocab_size: int
+) -> dict | None:
   """Writes the manifest once every group is done; None while some are not."""
   markers = [_marker(out_dir, f'{g:05d}') for g in range(len(groups))]
   if not all(os.path.exists(m) for m in markers):
@@ -262,41 +272,45 @@ def _finalize(out_dir: str, plan: dict, groups: list[list[int]], vocab_size: int
     'bad_records': len(bad),
     'bad_examples': bad[:20],
     'empty_documents': sum(p['empty'] for p in parts),
-    'input_files': len(plan['files']),
-    'input_bytes': sum(f[1] for f in plan['files']),
-    'plan_sha256': hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest(),
+    'input_files': len(plan.files),
+    'input_bytes': sum(f.size for f in plan.files),
+    'plan_sha256': hashlib.sha256(json.dumps(plan.to_json(), sort_keys=True).encode()).hexdigest(),
   }
   store_lib.write_json(os.path.join(out_dir, store_lib.MANIFEST), manifest)
   return manifest
 
 
 def prepare_plan(
-  plan: dict,
+  plan: plan_lib.TokenPlan,
   out_dir: str,
   *,
   workers: int,
   process_index: int = 0,
   process_count: int = 1,
+  discard_stale: bool = False,
   log: Callable[[str], None] = print,
 ) -> dict:
   """Prepares this process's share of `plan` into `out_dir`, then waits for the other processes'
-  shares; returns the manifest."""
+  shares; returns the manifest. A store of another plan in `out_dir` is prepared again if
+  `discard_stale` (one process, and no checkpoint trained on it), else refused."""
   manifest_path = os.path.join(out_dir, store_lib.MANIFEST)
+  # Not handoff.build_once (process 0 builds, the others wait): here every process checks the plan
+  # and prepares its share of the groups, and whichever finishes last writes the manifest.
+  handoff.check_plan(out_dir, plan.to_json(), _stale(out_dir, discard_stale), log)
   os.makedirs(os.path.join(out_dir, store_lib.PARTS_DIR), exist_ok=True)
-  _check_plan(out_dir, plan)
   if os.path.exists(manifest_path):
     return store_lib.read_json(manifest_path)
   tok = _tokenizer(plan, out_dir, process_index, log)
   groups = groups_of(plan)
   mine = list(range(process_index, len(groups), process_count))
-  total = sum(plan['files'][i][1] for g in mine for i in groups[g])
+  total = sum(plan.files[i].size for g in mine for i in groups[g])
   what = f' (process {process_index} of {process_count})' if process_count > 1 else ''
   log(
-    f'prepare: {len(plan["files"])} file(s), {total / 1e6:,.1f} MB in {len(mine)} group(s) '
+    f'prepare: {len(plan.files)} file(s), {total / 1e6:,.1f} MB in {len(mine)} group(s) '
     f'here{what}, {workers or "no"} worker process(es), into {out_dir}'
   )
   start = time.perf_counter()
-  encoder = encode.Encoder(tok, corpus.reading(plan), plan['skip_bad_records'], workers)
+  encoder = encode.Encoder(tok, plan.reading, plan.skip_bad_records, workers)
   progress = _Progress(total, log)
   try:
     for g in mine:
@@ -319,7 +333,7 @@ def prepare_plan(
 
 
 def prepare(
-  c,
+  c: RunConfig,
   out_dir: str,
   *,
   workers: int,
