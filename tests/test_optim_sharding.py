@@ -51,8 +51,8 @@ def test_schedules_warm_up_then_follow_their_shape(schedule):
 
 
 def test_unknown_logical_axis_is_an_error():
-  with pytest.raises(sharding.ShardingError, match="'experts' has no rule"):
-    sharding.logical_to_spec(('embed', 'experts'), sharding.DEFAULT_RULES)
+  with pytest.raises(sharding.ShardingError, match="'shards_of_nothing' has no rule"):
+    sharding.logical_to_spec(('embed', 'shards_of_nothing'), sharding.DEFAULT_RULES)
 
 
 def _mesh(c):

@@ -43,18 +43,22 @@ def _final_params(workdir, c, step):
 
 
 @pytest.mark.parametrize(
-  'accum, objective',
+  'accum, objective, experts',
   [
-    (1, 'causal_lm'),
-    (2, 'causal_lm'),
-    (1, 'masked_lm'),
-    (2, 'causal_lm:1,span_corruption:1,prefix_lm:1'),
+    (1, 'causal_lm', 0),
+    (2, 'causal_lm', 0),
+    (1, 'masked_lm', 0),
+    (2, 'causal_lm:1,span_corruption:1,prefix_lm:1', 0),
+    # Mixture-of-Experts: the routing losses and the balancing bias (a parameter the step sets
+    # itself, outside the optimizer) must also continue where they stopped.
+    (2, 'causal_lm', 4),
   ],
 )
-def test_stop_and_resume_equals_uninterrupted(tiny_config, tmp_path, accum, objective):
+def test_stop_and_resume_equals_uninterrupted(tiny_config, tmp_path, accum, objective, experts):
   c = tiny_config
   c.steps, c.log_every, c.eval_every, c.checkpoint.every = 30, 1, 10, 10
   c.optim.grad_accum_steps = accum
+  c.model.moe.num_experts, c.model.moe.bias_rate = experts, 0.01
   c.objective = objective  # Masks, spans and splits must also be the same after resuming.
   c.model.dropout = 0.1  # Dropout keys must also continue where they stopped.
   straight, stopped = str(tmp_path / 'straight'), str(tmp_path / 'stopped')
@@ -79,6 +83,8 @@ def test_stop_and_resume_equals_uninterrupted(tiny_config, tmp_path, accum, obje
 
   assert losses(a) == losses(b)  # Bit for bit.
   assert evals(b)[-1] == evals(a)[-1]
+  routing = [[(r['step'], r.get('moe_imbalance')) for r in recs if 'loss' in r] for recs in (a, b)]
+  assert routing[0] == routing[1]
   for x, y in zip(
     jax.tree.leaves(_final_params(straight, c, 30)),
     jax.tree.leaves(_final_params(stopped, c, 30)),

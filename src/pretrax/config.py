@@ -25,6 +25,7 @@ SCHEDULES = ('cosine', 'linear', 'wsd', 'constant')
 TOKENIZER_TYPES = ('char', 'bpe', 'unigram')
 DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTION_BACKENDS = ('auto', 'xla', 'cudnn', 'splash', 'cpu')  # = model.attention.BACKENDS
+ROUTER_SCORES = ('softmax', 'sigmoid')
 # A corpus every machine has: the Python standard library's own sources.
 STDLIB_CORPUS = 'python-stdlib'
 
@@ -135,6 +136,31 @@ def _model_fields(c: ml_collections.ConfigDict) -> None:
   # auto: cuDNN on NVIDIA GPUs, splash on TPUs, the CPU kernel on CPUs, xla elsewhere; a shape,
   # dtype or mask a kernel cannot take falls back to xla with a logged reason.
   c.model.attention_backend = 'auto'
+  _moe_fields(c)
+
+
+def _moe_fields(c: ml_collections.ConfigDict) -> None:
+  """Mixture-of-Experts: in MoE layers each token goes through top_k of num_experts MLPs."""
+  c.model.moe = ml_collections.ConfigDict()
+  c.model.moe.num_experts = 0  # 0: every layer has a dense MLP (no experts).
+  c.model.moe.top_k = 2  # Experts each token is sent to.
+  c.model.moe.expert_dim = 0  # Hidden width of one expert's MLP; 0: model.mlp_dim.
+  c.model.moe.shared_experts = 0  # Experts every token also goes through (DeepSeek's shared ones).
+  c.model.moe.every = 1  # After the first_dense layers, every this many layers is an MoE layer.
+  c.model.moe.first_dense = 0  # The first this many layers keep a dense MLP (DeepSeek-V3: 3).
+  # The router's scores: softmax (Switch, Mixtral, Qwen) | sigmoid (DeepSeek-V3). It runs in
+  # float32 whatever model.dtype is.
+  c.model.moe.score = 'softmax'
+  c.model.moe.renormalise = True  # Divide the chosen experts' scores by their sum.
+  # Copies each expert takes, as a multiple of its even share (tokens x top_k / num_experts);
+  # copies past it are dropped (counted in metrics). 0: dropless (a grouped matmul, none dropped).
+  c.model.moe.capacity_factor = 0.0
+  c.model.moe.balance_loss = 0.01  # Weight of the load-balancing loss over the batch (Switch).
+  c.model.moe.sequence_balance_loss = 0.0  # The same per sequence (DeepSeek-V3: 0.0001).
+  c.model.moe.router_z_loss = 0.001  # Weight of mean(logsumexp(router logits)^2) (ST-MoE).
+  # Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores only to
+  # choose experts, moved by this much per step toward underloaded experts; 0: off (V3: 0.001).
+  c.model.moe.bias_rate = 0.0
 
 
 def _data_fields(c: ml_collections.ConfigDict) -> None:
@@ -282,6 +308,7 @@ def _support_fields(c: ml_collections.ConfigDict) -> None:
 SECTIONS = (
   base_config,
   _model_fields,
+  _moe_fields,
   _data_fields,
   _objective_fields,
   _finetune_fields,

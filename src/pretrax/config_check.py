@@ -13,6 +13,7 @@ from pretrax.config import (
   DTYPES,
   FINETUNE_OBJECTIVES,
   FLAVOURS,
+  ROUTER_SCORES,
   SCHEDULES,
   STDLIB_CORPUS,
   TOKENIZER_TYPES,
@@ -38,6 +39,7 @@ def validate(
   objective_mixture(c.objective)
   one_of('tokenizer.model_type', c.tokenizer.model_type, TOKENIZER_TYPES)
   _validate_model(c.model, c.data.seq_len)
+  _validate_moe(c.model.moe, c.model.num_layers)
   _validate_batches(c.data, c.optim, num_devices)
   _validate_optim(c.optim)
   _validate_objectives(c)
@@ -76,6 +78,28 @@ def _validate_model(m: ml_collections.ConfigDict, seq_len: int) -> None:
     'raise model.max_len or lower data.seq_len.',
   )
   require(0.0 <= m.dropout < 1.0, f'model.dropout={m.dropout} must be in [0, 1).')
+
+
+def _validate_moe(moe: ml_collections.ConfigDict, num_layers: int) -> None:
+  """model.moe: sizes that can route, layers that exist, weights that cannot be negative."""
+  one_of('model.moe.score', moe.score, ROUTER_SCORES)
+  for name in ('num_experts', 'expert_dim', 'shared_experts', 'first_dense'):
+    require(moe[name] >= 0, f'model.moe.{name}={moe[name]} must be 0 or more.')
+  for name in ('capacity_factor', 'balance_loss', 'sequence_balance_loss', 'router_z_loss'):
+    require(moe[name] >= 0, f'model.moe.{name}={moe[name]} must be 0 or more.')
+  require(moe.bias_rate >= 0, f'model.moe.bias_rate={moe.bias_rate} must be 0 or more (0: off).')
+  require(moe.every >= 1, f'model.moe.every={moe.every} must be at least 1.')
+  if not moe.num_experts:
+    return
+  require(
+    1 <= moe.top_k <= moe.num_experts,
+    f'model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts={moe.num_experts}.',
+  )
+  require(
+    moe.first_dense < num_layers,
+    f'model.moe.first_dense={moe.first_dense} leaves no MoE layer of model.num_layers='
+    f'{num_layers}: lower it, or set model.moe.num_experts=0 for a dense model.',
+  )
 
 
 def _validate_batches(

@@ -15,6 +15,33 @@ from pretrax.config_specs import mixture
 
 
 @dataclasses.dataclass(frozen=True)
+class MoeConfig:
+  """model.moe: the Mixture-of-Experts layers (model/moe.py); 0 experts is a dense model."""
+
+  num_experts: int = 0
+  top_k: int = 2
+  expert_dim: int = 0  # Resolved: model.mlp_dim when 0.
+  shared_experts: int = 0
+  every: int = 1
+  first_dense: int = 0
+  score: str = 'softmax'  # softmax | sigmoid
+  renormalise: bool = True
+  capacity_factor: float = 0.0  # 0: dropless.
+  balance_loss: float = 0.01
+  sequence_balance_loss: float = 0.0
+  router_z_loss: float = 0.001
+  bias_rate: float = 0.0
+
+  def is_moe(self, layer: int) -> bool:
+    """Whether block `layer` (0-based) has experts rather than a dense MLP."""
+    return (
+      self.num_experts > 0
+      and layer >= self.first_dense
+      and (layer - self.first_dense) % self.every == 0
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelSection:
   flavour: str
   vocab_size: int  # 0: the tokenizer's (known once the data is), rounded up to vocab_multiple.
@@ -38,6 +65,7 @@ class ModelSection:
   loss_chunk: int
   max_segments: int
   attention_backend: str
+  moe: MoeConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,9 +244,10 @@ class ModelConfig:
   param_dtype: str
   dtype: str
   remat: str  # none | dots | dots_attention | full | offload
-  attention: str = 'causal'  # causal | prefix (bidirectional over batch['prefix']) | bidirectional
+  attention: str = 'causal'  # causal | prefix (bidirectional over batch.prefix) | bidirectional
   mlm_head: bool = False  # BERT's head: dense, GELU, norm, then the (tied) projection with a bias.
   num_classes: int = 0  # > 0: a pooled classification head (classify()) over this many labels.
   attention_backend: str = 'auto'  # auto | xla | cudnn | splash | cpu (see model/attention.py)
   loss_chunk: int = 0  # Positions per chunk of the output projection and loss; 0: all at once.
   max_segments: int = 16  # Documents per row for cuDNN's variable-length attention; 0: dense mask.
+  moe: MoeConfig = MoeConfig()  # No experts: a dense model.

@@ -35,12 +35,17 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
   Matmul parameters include the output projection (tied or not) but not the embedding lookups.
   The attention term counts the full L x L score and value matmuls, forward and backward, as PaLM
-  and nanoGPT do: causal attention is not halved, so MFU is comparable with theirs.
+  and nanoGPT do: causal attention is not halved, so MFU is comparable with theirs. An MoE layer
+  counts its active parameters, those a token goes through: the router (D x E) and top_k +
+  shared_experts experts of D x expert_dim x (3 or 2), not all the experts it holds.
   """
   D, N, K, H, F = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
   attn = D * N * H * 2 + D * K * H * 2
-  mlp = D * F * (3 if cfg.flavour == 'llama' else 2)
-  matmul_params = cfg.num_layers * (attn + mlp) + D * cfg.vocab_size
+  per_width = D * (3 if cfg.flavour == 'llama' else 2)  # MLP parameters per hidden unit.
+  moe = cfg.moe
+  active_moe = D * moe.num_experts + per_width * moe.expert_dim * (moe.top_k + moe.shared_experts)
+  mlps = sum(active_moe if moe.is_moe(layer) else per_width * F for layer in range(cfg.num_layers))
+  matmul_params = cfg.num_layers * attn + mlps + D * cfg.vocab_size
   return 6.0 * matmul_params + 12.0 * cfg.num_layers * N * H * seq_len
 
 
@@ -235,10 +240,13 @@ def progress_line(
   mfu: float,
   ms_per_step: float,
   eta_s: float,
+  imbalance: float | None = None,
 ) -> str:
+  """The progress line; `imbalance`, an MoE model's worst expert load over the mean."""
   width = len(str(total))
+  experts = '' if imbalance is None else f' | expert load {imbalance:.2f}x mean'
   return (
-    f'step {step:>{width}}/{total} | loss {loss:.4f} | lr {lr:.2e} | '
+    f'step {step:>{width}}/{total} | loss {loss:.4f} | lr {lr:.2e}{experts} | '
     f'{tokens_per_s:,.0f} tok/s | MFU {100 * mfu:.1f}% | {ms_per_step:.1f} ms/step | '
     f'ETA {format_duration(eta_s)}'
   )

@@ -1,12 +1,19 @@
-"""The Optax chain: global-norm clipping, then AdamW with a decay mask and a schedule."""
+"""The Optax chain: global-norm clipping, then AdamW with a decay mask and a schedule.
+
+Parameters that the train step sets itself (an MoE router's balancing bias, `FROZEN_NAMES`) are
+left out: no update, no weight decay, no optimizer state.
+"""
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from pretrax.config_types import OptimSection
 
 # Parameter names (last path entry) that are embedding tables, not projections.
 _EMBEDDING_NAMES = ('embedding', 'pos_embed')
+# Parameter names the optimizer never touches (model/moe.py's ROUTER_BIAS).
+FROZEN_NAMES = ('router_bias',)
 
 
 def schedule(cfg: OptimSection) -> optax.Schedule:
@@ -43,7 +50,52 @@ def decay_mask(params, cfg: OptimSection):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def optimizer(cfg: OptimSection) -> optax.GradientTransformation:
+def optimizer(cfg: OptimSection, frozen: bool = False) -> optax.GradientTransformation:
+  """The run's optimizer; with `frozen` (a model that has FROZEN_NAMES parameters), those are
+  taken out of the tree it sees (zero updates, no state, no weight decay). Without it the
+  optimizer state has the structure it always had, so older checkpoints restore."""
+  trained = _trained(cfg)
+  return _skipping_frozen(trained) if frozen else trained
+
+
+def without_frozen(tree):
+  """A params-shaped tree of nested dicts without its FROZEN_NAMES entries: the tree the
+  optimizer's state follows. Anything else (optax's placeholder for a whole tree) as it is."""
+  if not isinstance(tree, dict):
+    return tree
+  return {
+    k: without_frozen(v) if isinstance(v, dict) else v
+    for k, v in tree.items()
+    if k not in FROZEN_NAMES
+  }
+
+
+def _with_zeros(updates, like):
+  """`updates` (without frozen entries) with a zero update for each frozen entry of `like`."""
+  return {
+    k: jnp.zeros_like(v)
+    if k in FROZEN_NAMES
+    else (_with_zeros(updates[k], v) if isinstance(v, dict) else updates[k])
+    for k, v in like.items()
+  }
+
+
+def _skipping_frozen(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner` over the parameters other than FROZEN_NAMES: its state holds nothing of them
+  (unlike optax.masked, whose state keeps the tree's shape), and their updates are zero."""
+
+  def init(params):
+    return inner.init(without_frozen(params))
+
+  def update(updates, state, params=None):
+    kept = None if params is None else without_frozen(params)
+    out, state = inner.update(without_frozen(updates), state, kept)
+    return _with_zeros(out, updates), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def _trained(cfg: OptimSection) -> optax.GradientTransformation:
   adamw = optax.adamw(
     schedule(cfg),
     b1=cfg.b1,

@@ -50,15 +50,17 @@ def upgrade(saved: dict[str, Any]) -> dict[str, Any]:
   """A saved config in this version's fields, the one place old configs are brought forward:
   a field an older version lacked takes its default (which keeps that version's behaviour),
   a field this version dropped is left out, and `model.remat`'s old bool becomes a policy."""
-  out = config_lib.base_config().to_dict()
-  for section, value in saved.items():
-    if section not in out:
-      continue
-    if isinstance(out[section], dict):
-      out[section].update({k: v for k, v in value.items() if k in out[section]})
-    else:
-      out[section] = value
+  out = _merged(config_lib.base_config().to_dict(), saved)
   out['model']['remat'] = remat_policy(out['model']['remat'])
+  return out
+
+
+def _merged(defaults: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+  """`defaults` with the values `saved` has for its fields, section by section."""
+  out = dict(defaults)
+  for key, value in saved.items():
+    if key in out:
+      out[key] = _merged(out[key], value) if isinstance(out[key], dict) else value
   return out
 
 
@@ -71,6 +73,9 @@ def resolve(fields: dict[str, Any]) -> RunConfig:
   model['head_dim'] = model['head_dim'] or model['embed_dim'] // model['num_heads']
   model['mlp_dim'] = model['mlp_dim'] or 4 * model['embed_dim']
   model['max_len'] = model['max_len'] or data['seq_len']
+  moe = model['moe'] = dict(model['moe'])
+  if moe['num_experts']:  # A dense model's expert settings mean nothing: left as written.
+    moe['expert_dim'] = moe['expert_dim'] or model['mlp_dim']
   data['window_stride'] = data['window_stride'] or data['seq_len']
   optim['schedule_steps'] = optim['schedule_steps'] or f['steps']
   f['eval'] = dict(f['eval'], tasks_every=f['eval']['tasks_every'] or f['eval_every'])
@@ -101,12 +106,16 @@ def to_dict(run: RunConfig) -> dict[str, Any]:
 
 def flat(run: RunConfig) -> dict[str, Any]:
   """Every field by its `--config.` name ('optim.lr') with its value."""
+  return _flat(to_dict(run), '')
+
+
+def _flat(fields: dict[str, Any], prefix: str) -> dict[str, Any]:
   out = {}
-  for key, value in to_dict(run).items():
+  for key, value in fields.items():
     if isinstance(value, dict):
-      out.update({f'{key}.{k}': v for k, v in value.items()})
+      out.update(_flat(value, f'{prefix}{key}.'))
     else:
-      out[key] = value
+      out[f'{prefix}{key}'] = value
   return out
 
 
@@ -188,4 +197,5 @@ def model_config(run: RunConfig, vocab_size: int, num_classes: int = 0) -> Model
     attention_backend=m.attention_backend,
     loss_chunk=m.loss_chunk,
     max_segments=m.max_segments,
+    moe=m.moe,
   )

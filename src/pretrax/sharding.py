@@ -38,6 +38,14 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
   'position': None,
   'norm': None,
   'classes': None,  # A classifier's few labels: not worth splitting.
+  # Mixture-of-Experts (model/moe.py). By default experts are sharded like a dense MLP (FSDP over
+  # their embed dim, tensor over their hidden dim); expert parallelism puts whole experts on
+  # devices instead: --config.mesh.rules=experts=fsdp,expert_embed= .
+  'experts': None,
+  'expert_embed': 'fsdp',
+  'expert_mlp': 'tensor',
+  'router': None,  # The router's (embed, experts) weight: small, and every token needs all of it.
+  'capacity': None,  # A capacity buffer's slots.
 }
 
 
@@ -208,15 +216,21 @@ def check_divisible(abstract_params, shardings, logical_axes) -> None:
 
 
 def state_shardings(
-  abstract_state, params_shardings, mesh: Mesh, optimizer: optax.GradientTransformation
+  abstract_state,
+  params_shardings,
+  mesh: Mesh,
+  optimizer: optax.GradientTransformation,
+  optimized_shardings=None,
 ):
-  """Shardings for the whole train state: optimizer moments follow their parameters."""
+  """Shardings for the whole train state: optimizer moments follow their parameters.
+  `optimized_shardings`: those of the parameters the optimizer keeps state for, when it leaves
+  some out (optim.without_frozen); default all of them."""
   replicated = NamedSharding(mesh, P())
   opt = optax.tree_map_params(
     optimizer,
     lambda _, s: s,
     abstract_state['opt_state'],
-    params_shardings,
+    params_shardings if optimized_shardings is None else optimized_shardings,
     transform_non_params=lambda _: replicated,
   )
   # Anything else in the state (the step, loss-spike statistics) is small: every device has it.

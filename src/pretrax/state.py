@@ -86,7 +86,7 @@ def build(
   num_classes: int = 0,
 ) -> RunState:
   model_cfg = run_config.model_config(c, vocab_size, num_classes)
-  optimizer = optim.optimizer(c.optim)
+  optimizer = optim.optimizer(c.optim, frozen=model_cfg.moe.num_experts > 0)
   model_def, abstract_params = nnx.split(nnx.eval_shape(lambda: transformer.build(model_cfg, 0)))
   mesh = sharding.make_mesh(c.mesh, devices)
   rules = sharding.rules(c.mesh)
@@ -100,7 +100,9 @@ def build(
   )
   sharding.check_divisible(nnx.to_pure_dict(abstract_params), params_shardings, logical_axes)
   abstract_state = jax.eval_shape(lambda: _init(model_cfg, optimizer, 0, c.optim.spike_window))
-  shardings = sharding.state_shardings(abstract_state, params_shardings, mesh, optimizer)
+  shardings = sharding.state_shardings(
+    abstract_state, params_shardings, mesh, optimizer, optim.without_frozen(params_shardings)
+  )
   abstract = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
   )

@@ -17,9 +17,10 @@ import optax
 from pretrax import config as config_lib
 from pretrax import config_specs
 from pretrax import loss as loss_lib
-from pretrax.config_types import RunConfig
+from pretrax.config_types import MoeConfig, RunConfig
 from pretrax.data.batch import Batch
 from pretrax.model import layers
+from pretrax.model import moe as moe_lib
 
 TrainState = dict[str, Any]
 Metrics = dict[str, jax.Array]
@@ -40,6 +41,10 @@ class StepConfig:
   # lives in the train state, so a resumed run judges spikes exactly as before.
   spike_window: int = 0
   spike_threshold: float = 6.0
+  # Mixture-of-Experts: the blocks with experts (none: a dense model), and their settings (the
+  # auxiliary losses' weights, the balancing bias's rate).
+  moe_layers: tuple[int, ...] = ()
+  moe: MoeConfig = MoeConfig()
 
 
 def step_config(c: RunConfig) -> StepConfig:
@@ -53,6 +58,8 @@ def step_config(c: RunConfig) -> StepConfig:
     skip_nonfinite=c.optim.skip_nonfinite,
     spike_window=c.optim.spike_window,
     spike_threshold=c.optim.spike_threshold,
+    moe_layers=tuple(i for i in range(c.model.num_layers) if c.model.moe.is_moe(i)),
+    moe=c.model.moe,
   )
 
 
@@ -125,22 +132,43 @@ def _forward_sums(
   dropout_rng: jax.Array | None,
   num_objectives: int,
 ) -> dict[str, jax.Array]:
-  """The loss sums of a batch. With model.loss_chunk the logits over the vocabulary are never
-  built whole: the output projection runs inside the chunked loss."""
+  """The loss sums of a batch, with an MoE model's routing sums (moe.layer_sums). With
+  model.loss_chunk the logits over the vocabulary are never built whole: the output projection
+  runs inside the chunked loss."""
   model = nnx.merge(model_def, params)
-  chunk = model.cfg.loss_chunk
-  if not chunk or batch.labels is not None:
-    logits, targets, weights = _forward(model, batch, dropout_rng)
-    return _sums(logits, targets, weights, batch, z_loss, num_objectives)
-  x_BLD = model.states(
+  x_BLD, all_stats = model.states_and_stats(
     batch.inputs,
     batch.segment_ids,
     batch.positions,
+    # A classification batch has no prefix; its encoder ignores one anyway.
     batch.prefix,
     dropout_rng=dropout_rng,
   )
-  head_DV, bias_V = model.output_projection()
+  sums = _head_sums(model, x_BLD, batch, z_loss, dropout_rng, num_objectives)
+  return {**sums, **moe_lib.layer_sums(all_stats, model.cfg.moe)}
+
+
+def _head_sums(
+  model,
+  x_BLD: jax.Array,
+  batch: Batch[jax.Array],
+  z_loss: float,
+  dropout_rng: jax.Array | None,
+  num_objectives: int,
+) -> dict[str, jax.Array]:
+  """The loss sums of the final states: over the classes of each packed example, the whole
+  vocabulary at once, or the vocabulary chunk by chunk (model.loss_chunk)."""
   targets_BL, weights_BL = _scored(batch)
+  if batch.labels is not None:
+    logits_BSC = model.classify_states(
+      x_BLD, batch.segment_ids, batch.labels.shape[1], dropout_rng=dropout_rng
+    )
+    return _sums(logits_BSC, targets_BL, weights_BL, batch, z_loss, num_objectives)
+  chunk = model.cfg.loss_chunk
+  if not chunk:
+    logits_BLV = model.lm_head(x_BLD)
+    return _sums(logits_BLV, targets_BL, weights_BL, batch, z_loss, num_objectives)
+  head_DV, bias_V = model.output_projection()
   return loss_lib.chunked_cross_entropy(
     model.head_input(x_BLD),
     head_DV,
@@ -179,7 +207,9 @@ def _grads(
 
   def objective(p):
     sums = _forward_sums(p, batch, model_def, cfg.z_loss, dropout_rng, len(cfg.objectives))
-    return sums['objective_sum'] / total_weight, sums
+    # The routing losses are means over a micro-batch's tokens: averaged over micro-batches.
+    aux = sums.get('moe_aux_loss', 0.0) / cfg.grad_accum_steps
+    return sums['objective_sum'] / total_weight + aux, sums
 
   return jax.grad(objective, has_aux=True)(params)
 
@@ -208,11 +238,12 @@ def train_step(
     grads, sums = _accumulated_grads(params, batch, total_weight, model_def, cfg, rng)
 
   updates, opt_state = optimizer.update(grads, state['opt_state'], params)
-  new_state = {
-    'step': step + 1,
-    'params': optax.apply_updates(params, updates),
-    'opt_state': opt_state,
-  }
+  new_params = optax.apply_updates(params, updates)
+  if cfg.moe_layers and cfg.moe.bias_rate:
+    new_params = moe_lib.with_updated_biases(
+      new_params, sums['moe_load'], cfg.moe_layers, cfg.moe.bias_rate
+    )
+  new_state = {'step': step + 1, 'params': new_params, 'opt_state': opt_state}
   grad_norm = optax.global_norm(grads)
   loss = sums['loss_sum'] / total_weight
   new_state, skip_metrics = _skip_bad_steps(state, new_state, loss, grad_norm, cfg)
@@ -224,6 +255,7 @@ def train_step(
     'lr': schedule(step),
     'tokens': sums['weight_sum'],
     **_objective_metrics(sums, cfg.objectives, ''),
+    **moe_lib.routing_metrics(sums, cfg.grad_accum_steps, cfg.moe_layers),
     **skip_metrics,
   }
   return new_state, metrics

@@ -329,6 +329,7 @@ class RunLog:
         mfu=record['mfu'],
         ms_per_step=1000 * seconds,
         eta_s=seconds * (self.c.steps - step),
+        imbalance=values.get('moe_imbalance'),
       )
     )
 

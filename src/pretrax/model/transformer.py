@@ -2,7 +2,7 @@
 
 gpt2: learned positions, LayerNorm, GELU MLP. llama: RoPE, RMSNorm, SwiGLU, grouped-query attention.
 `cfg.attention` makes it a decoder ('causal'), a prefix LM ('prefix': bidirectional over the tokens
-that batch['prefix'] marks) or an encoder ('bidirectional'); `cfg.mlm_head` adds BERT's prediction
+that batch.prefix marks) or an encoder ('bidirectional'); `cfg.mlm_head` adds BERT's prediction
 head (dense, exact GELU, norm, then the output projection with a bias) for masked LM.
 Shape suffixes: B batch, L length, D embed, N query heads, K key/value heads, H head dim, V vocab.
 """
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from pretrax.config_types import ModelConfig
 from pretrax.model import attention as attention_lib
 from pretrax.model import layers
+from pretrax.model import moe as moe_lib
 
 
 def _dtype(name: str) -> jnp.dtype:
@@ -111,25 +112,45 @@ class Attention(nnx.Module):
     return y_BLD
 
 
-class Block(nnx.Module):
-  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+def _mlp(cfg: ModelConfig, layer: int, rngs: nnx.Rngs) -> nnx.Module:
+  """Block `layer`'s MLP: dense, or experts where cfg.moe puts them."""
+  gated, std = cfg.flavour == 'llama', cfg.init_std
+  out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+  pdt, dt = _dtype(cfg.param_dtype), _dtype(cfg.dtype)
+  if cfg.moe.is_moe(layer):
+    return moe_lib.MoeMlp(
+      cfg.embed_dim,
+      cfg.moe,
+      gated=gated,
+      std=std,
+      out_std=out_std,
+      param_dtype=pdt,
+      dtype=dt,
+      rngs=rngs,
+    )
+  return layers.Mlp(
+    cfg.embed_dim,
+    cfg.mlp_dim,
+    gated=gated,
+    use_bias=cfg.use_bias,
+    std=std,
+    out_std=out_std,
+    param_dtype=pdt,
+    dtype=dt,
+    rngs=rngs,
+  )
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); the MLP is a
+  Mixture-of-Experts in the layers cfg.moe names."""
+
+  def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
     self.cfg = cfg
     self.attn_norm = _norm(cfg, rngs)
     self.attn = Attention(cfg, rngs)
     self.mlp_norm = _norm(cfg, rngs)
-    self.mlp = layers.Mlp(
-      cfg.embed_dim,
-      cfg.mlp_dim,
-      gated=cfg.flavour == 'llama',
-      use_bias=cfg.use_bias,
-      std=cfg.init_std,
-      out_std=cfg.init_std / math.sqrt(2 * cfg.num_layers),
-      param_dtype=_dtype(cfg.param_dtype),
-      dtype=_dtype(cfg.dtype),
-      rngs=rngs,
-    )
+    self.mlp = _mlp(cfg, layer, rngs)
 
   def __call__(
     self,
@@ -138,13 +159,18 @@ class Block(nnx.Module):
     positions_BL: jax.Array,
     prefix_BL: jax.Array | None,
     dropout_rng: jax.Array | None,
-  ) -> jax.Array:
+  ) -> tuple[jax.Array, moe_lib.MoeStats | None]:
+    """The block's output, and an MoE layer's routing statistics (None for a dense MLP)."""
     rate = self.cfg.dropout
     attn_rng, mlp_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
     h = self.attn(self.attn_norm(x_BLD), segment_ids_BL, positions_BL, prefix_BL)
     x_BLD = x_BLD + layers.dropout(h, rate, attn_rng)
-    h = self.mlp(self.mlp_norm(x_BLD))
-    return x_BLD + layers.dropout(h, rate, mlp_rng)
+    stats = None
+    if isinstance(self.mlp, moe_lib.MoeMlp):
+      h, stats = self.mlp(self.mlp_norm(x_BLD))
+    else:
+      h = self.mlp(self.mlp_norm(x_BLD))
+    return x_BLD + layers.dropout(h, rate, mlp_rng), stats
 
 
 class Transformer(nnx.Module):
@@ -162,7 +188,7 @@ class Transformer(nnx.Module):
       )
     else:
       self.pos_embed = None
-    self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_layers)])
     self.final_norm = _norm(cfg, rngs)
     if cfg.tie_embeddings:
       self.head = None
@@ -222,8 +248,24 @@ class Transformer(nnx.Module):
     dropout_rng: jax.Array | None = None,
   ) -> jax.Array:
     """The final states (B, L, D) of token ids: embeddings (with dropout) through the stack."""
+    return self.states_and_stats(
+      ids_BL, segment_ids_BL, positions_BL, prefix_BL, dropout_rng=dropout_rng
+    )[0]
+
+  def states_and_stats(
+    self,
+    ids_BL: jax.Array,
+    segment_ids_BL: jax.Array,
+    positions_BL: jax.Array,
+    prefix_BL: jax.Array | None = None,
+    *,
+    dropout_rng: jax.Array | None = None,
+  ) -> tuple[jax.Array, tuple[moe_lib.MoeStats, ...]]:
+    """`states`, and each MoE layer's routing statistics (see hidden_and_stats)."""
     x_BLD = layers.dropout(self.embed_tokens(ids_BL, positions_BL), self.cfg.dropout, dropout_rng)
-    return self.hidden(x_BLD, segment_ids_BL, positions_BL, prefix_BL, dropout_rng=dropout_rng)
+    return self.hidden_and_stats(
+      x_BLD, segment_ids_BL, positions_BL, prefix_BL, dropout_rng=dropout_rng
+    )
 
   def embed_tokens(self, ids_BL: jax.Array, positions_BL: jax.Array) -> jax.Array:
     x_BLD = self.embed(ids_BL)
@@ -255,18 +297,37 @@ class Transformer(nnx.Module):
     dropout_rng: jax.Array | None = None,
   ) -> jax.Array:
     """The transformer stack, from input embeddings to the final norm's output."""
+    x_BLD, _ = self.hidden_and_stats(
+      x_BLD, segment_ids_BL, positions_BL, prefix_BL, dropout_rng=dropout_rng
+    )
+    return x_BLD
+
+  def hidden_and_stats(
+    self,
+    x_BLD: jax.Array,
+    segment_ids_BL: jax.Array,
+    positions_BL: jax.Array,
+    prefix_BL: jax.Array | None = None,
+    *,
+    dropout_rng: jax.Array | None = None,
+  ) -> tuple[jax.Array, tuple[moe_lib.MoeStats, ...]]:
+    """`hidden`, and the routing statistics of each MoE layer in order (() for a dense model):
+    returned, not stored, so that they pass through remat like any output."""
     cfg = self.cfg
     activation = ('batch', 'length', 'activation_embed')
     x_BLD = layers.constrain(x_BLD, activation)
+    all_stats = []
     for i, block in enumerate(self.blocks):
       rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i + 1)
       if cfg.remat != 'none':
         remat_call = nnx.remat(type(block).__call__, policy=_REMAT_POLICIES[cfg.remat]())
-        x_BLD = remat_call(block, x_BLD, segment_ids_BL, positions_BL, prefix_BL, rng)
+        x_BLD, stats = remat_call(block, x_BLD, segment_ids_BL, positions_BL, prefix_BL, rng)
       else:
-        x_BLD = block(x_BLD, segment_ids_BL, positions_BL, prefix_BL, rng)
+        x_BLD, stats = block(x_BLD, segment_ids_BL, positions_BL, prefix_BL, rng)
       x_BLD = layers.constrain(x_BLD, activation)
-    return self.final_norm(x_BLD)
+      if stats is not None:
+        all_stats.append(stats)
+    return self.final_norm(x_BLD), tuple(all_stats)
 
   def lm_head(self, x_BLD: jax.Array) -> jax.Array:
     """Final states to float32 logits over the vocabulary (through BERT's head for masked LM)."""
@@ -307,12 +368,23 @@ class Transformer(nnx.Module):
   ) -> jax.Array:
     """Float32 class logits (B, S, C) of segments 1..S of each row (packed examples): the mean of
     each segment's final states, pooled. A segment absent from a row gets the bias's logits."""
+    x_BLD = self.states(ids_BL, segment_ids_BL, positions_BL, dropout_rng=dropout_rng)
+    return self.classify_states(x_BLD, segment_ids_BL, num_segments, dropout_rng=dropout_rng)
+
+  def classify_states(
+    self,
+    x_BLD: jax.Array,
+    segment_ids_BL: jax.Array,
+    num_segments: int,
+    *,
+    dropout_rng: jax.Array | None = None,
+  ) -> jax.Array:
+    """`classify` from the final states."""
     cfg = self.cfg
     pooler, pooler_bias = self.pooler, self.pooler_bias
     classifier, classifier_bias = self.classifier, self.classifier_bias
     if pooler is None or pooler_bias is None or classifier is None or classifier_bias is None:
       raise ValueError('classify needs a classifier head: build the model with num_classes > 0.')
-    x_BLD = self.states(ids_BL, segment_ids_BL, positions_BL, dropout_rng=dropout_rng)
     # member_BLS[b, l, s]: token l of row b belongs to segment s + 1 (0 is padding).
     member_BLS = (segment_ids_BL[..., None] == jnp.arange(1, num_segments + 1)).astype(cfg.dtype)
     count_BS = jnp.maximum(jnp.sum(member_BLS, axis=1), 1.0)
