@@ -246,7 +246,9 @@ class ModelConfig:
   remat: str  # none | dots | dots_attention | full | offload
   attention: str = 'causal'  # causal | prefix (bidirectional over batch.prefix) | bidirectional
   mlm_head: bool = False  # BERT's head: dense, GELU, norm, then the (tied) projection with a bias.
-  num_classes: int = 0  # > 0: a pooled classification head (classify()) over this many labels.
+  num_classes: int = (
+    0  # > 0: a pooled classification head (Transformer.classify) over this many labels.
+  )
   attention_backend: str = 'auto'  # auto | xla | cudnn | splash | cpu (see model/attention.py)
   loss_chunk: int = 0  # Positions per chunk of the output projection and loss; 0: all at once.
   max_segments: int = 16  # Documents per row for cuDNN's variable-length attention; 0: dense mask.

@@ -168,34 +168,20 @@ def on_local_devices(run: RunConfig, mesh: MeshSection | None = None) -> RunConf
 
 
 def model_config(run: RunConfig, vocab_size: int, num_classes: int = 0) -> ModelConfig:
-  """The model's frozen config; `vocab_size` is the tokenizer's when the config leaves it 0;
-  `num_classes`, the classification objective's label count (from its data)."""
+  """The model's frozen config: the model section's fields, the vocabulary (`vocab_size` is the
+  tokenizer's when the config leaves it 0, rounded up to vocab_multiple), and what the objective
+  asks of the architecture; `num_classes`, the classification objective's label count."""
   m = run.model
   vocab_size = m.vocab_size or vocab_size
+  shared = {
+    f.name: getattr(m, f.name) for f in dataclasses.fields(ModelConfig) if hasattr(m, f.name)
+  }
   return ModelConfig(
-    flavour=m.flavour,
-    vocab_size=-(-vocab_size // m.vocab_multiple) * m.vocab_multiple,
-    num_layers=m.num_layers,
-    num_heads=m.num_heads,
-    num_kv_heads=m.num_kv_heads,
-    embed_dim=m.embed_dim,
-    head_dim=m.head_dim,
-    mlp_dim=m.mlp_dim,
-    max_len=m.max_len,
-    use_bias=m.use_bias,
-    tie_embeddings=m.tie_embeddings,
-    dropout=m.dropout,
-    norm_eps=m.norm_eps,
-    rope_theta=m.rope_theta,
-    init_std=m.init_std,
-    param_dtype=m.param_dtype,
-    dtype=m.dtype,
-    remat=m.remat,
-    attention=attention_kind(run.objective),
-    mlm_head=run.objective == 'masked_lm',
-    num_classes=num_classes if run.objective == 'classification' else 0,
-    attention_backend=m.attention_backend,
-    loss_chunk=m.loss_chunk,
-    max_segments=m.max_segments,
-    moe=m.moe,
+    **{
+      **shared,
+      'vocab_size': -(-vocab_size // m.vocab_multiple) * m.vocab_multiple,
+      'attention': attention_kind(run.objective),
+      'mlm_head': run.objective == 'masked_lm',
+      'num_classes': num_classes if run.objective == 'classification' else 0,
+    }
   )

@@ -85,29 +85,25 @@ def _scored(batch: Batch[jax.Array]) -> tuple[jax.Array, jax.Array]:
   return targets, weights
 
 
-def _forward(
-  model, batch: Batch[jax.Array], dropout_rng: jax.Array | None
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(logits, targets, weights): over the vocabulary at every position, or, for a
-  classification batch (it has `labels`), over the classes for each packed example."""
-  targets, weights = _scored(batch)
-  if batch.labels is not None:
-    logits_BSC = model.classify(
-      batch.inputs,
-      batch.segment_ids,
-      batch.positions,
-      batch.labels.shape[1],
-      dropout_rng=dropout_rng,
-    )
-    return logits_BSC, targets, weights
-  logits_BLV = model(
+def _states(model, batch: Batch[jax.Array], dropout_rng: jax.Array | None):
+  """(final states, MoE routing statistics) of a batch (Transformer.states_and_stats)."""
+  return model.states_and_stats(
     batch.inputs,
     batch.segment_ids,
     batch.positions,
-    batch.prefix,
+    batch.prefix,  # None in a classification batch; an encoder ignores it anyway.
     dropout_rng=dropout_rng,
   )
-  return logits_BLV, targets, weights
+
+
+def _logits(
+  model, x_BLD: jax.Array, batch: Batch[jax.Array], dropout_rng: jax.Array | None
+) -> jax.Array:
+  """Float32 logits of the final states: over the vocabulary at every position, or, for a
+  classification batch (it has `labels`), over the classes of each packed example."""
+  if batch.labels is not None:
+    return model.classify(x_BLD, batch.segment_ids, batch.labels.shape[1], dropout_rng=dropout_rng)
+  return model.lm_head(x_BLD)
 
 
 def _groups(batch: Batch[jax.Array], num_objectives: int) -> dict[str, Any]:
@@ -136,14 +132,7 @@ def _forward_sums(
   model.loss_chunk the logits over the vocabulary are never built whole: the output projection
   runs inside the chunked loss."""
   model = nnx.merge(model_def, params)
-  x_BLD, all_stats = model.states_and_stats(
-    batch.inputs,
-    batch.segment_ids,
-    batch.positions,
-    # A classification batch has no prefix; its encoder ignores one anyway.
-    batch.prefix,
-    dropout_rng=dropout_rng,
-  )
+  x_BLD, all_stats = _states(model, batch, dropout_rng)
   sums = _head_sums(model, x_BLD, batch, z_loss, dropout_rng, num_objectives)
   return {**sums, **moe_lib.layer_sums(all_stats, model.cfg.moe)}
 
@@ -159,15 +148,10 @@ def _head_sums(
   """The loss sums of the final states: over the classes of each packed example, the whole
   vocabulary at once, or the vocabulary chunk by chunk (model.loss_chunk)."""
   targets_BL, weights_BL = _scored(batch)
-  if batch.labels is not None:
-    logits_BSC = model.classify_states(
-      x_BLD, batch.segment_ids, batch.labels.shape[1], dropout_rng=dropout_rng
-    )
-    return _sums(logits_BSC, targets_BL, weights_BL, batch, z_loss, num_objectives)
   chunk = model.cfg.loss_chunk
-  if not chunk:
-    logits_BLV = model.lm_head(x_BLD)
-    return _sums(logits_BLV, targets_BL, weights_BL, batch, z_loss, num_objectives)
+  if not chunk or batch.labels is not None:
+    logits = _logits(model, x_BLD, batch, dropout_rng)
+    return _sums(logits, targets_BL, weights_BL, batch, z_loss, num_objectives)
   head_DV, bias_V = model.output_projection()
   return loss_lib.chunked_cross_entropy(
     model.head_input(x_BLD),
@@ -342,15 +326,16 @@ def eval_step(
   exact_sum those whose every weighted target is the argmax: a response that greedy decoding
   from its prompt reproduces exactly.
   """
+  targets, weights = _scored(batch)
   if exact_match:  # Needs every position's argmax: the logits whole.
-    logits, targets, weights = _forward(nnx.merge(model_def, params), batch, None)
+    model = nnx.merge(model_def, params)
+    logits = _logits(model, _states(model, batch, None)[0], batch, None)
     sums = {
       **_sums(logits, targets, weights, batch, 0.0, num_objectives),
       **_exact_sums(logits, batch),
     }
   else:
     sums = _forward_sums(params, batch, model_def, 0.0, None, num_objectives)
-  targets, weights = _scored(batch)
   if batch.labels is None:  # Bytes per token mean something for tokens, not labels.
     sums['byte_sum'] = jnp.sum(bytes_per_token[targets] * weights)
   sums['baseline_correct_sum'] = jnp.sum((targets == baseline_id) * weights)

@@ -67,26 +67,28 @@ def route(x_TD: jax.Array, router_DE: jax.Array, bias_E: jax.Array, cfg: MoeConf
   return Routing(expert_TK.astype(jnp.int32), weight_TK, probs_TE, logits_TE)
 
 
-def balance_loss(expert_TK: jax.Array, probs_TE: jax.Array) -> jax.Array:
-  """E * sum_e f_e * P_e over the given tokens: f_e the share of the T*K copies sent to e, P_e
-  the mean probability of e. 1 when routing is uniform; E when every token picks one expert."""
+def balance_loss(load_E: jax.Array, probs_TE: jax.Array) -> jax.Array:
+  """E * sum_e f_e * P_e over some tokens: f_e the share of their copies sent to e (`load_E`
+  counts them), P_e the mean probability of e. 1 when routing is uniform; E when every token
+  picks one expert."""
   E = probs_TE.shape[-1]
-  share_E = jnp.sum(jax.nn.one_hot(expert_TK, E, dtype=jnp.float32), axis=(0, 1)) / expert_TK.size
-  return E * jnp.sum(share_E * jnp.mean(probs_TE, axis=0))
+  return E * jnp.sum(load_E / jnp.sum(load_E) * jnp.mean(probs_TE, axis=0))
 
 
 def stats(routing: Routing, num_sequences: int, dropped: jax.Array) -> MoeStats:
   E = routing.probs_TE.shape[-1]
   T, K = routing.expert_TK.shape
-  per_sequence = jax.vmap(balance_loss)(
-    routing.expert_TK.reshape(num_sequences, T // num_sequences, K),
-    routing.probs_TE.reshape(num_sequences, T // num_sequences, E),
-  )
+  S = num_sequences
+  # Each sequence's load, counted once: the batch's load is their sum.
+  onehot_STKE = jax.nn.one_hot(routing.expert_TK.reshape(S, T // S, K), E, dtype=jnp.float32)
+  load_SE = jnp.sum(onehot_STKE, axis=(1, 2))
+  load_E = jnp.sum(load_SE, axis=0)
+  per_sequence = jax.vmap(balance_loss)(load_SE, routing.probs_TE.reshape(S, T // S, E))
   return MoeStats(
-    balance_loss=balance_loss(routing.expert_TK, routing.probs_TE),
+    balance_loss=balance_loss(load_E, routing.probs_TE),
     sequence_balance_loss=jnp.mean(per_sequence),
     z_loss=jnp.mean(jnp.square(jax.nn.logsumexp(routing.logits_TE, axis=-1))),
-    load_E=jnp.sum(jax.nn.one_hot(routing.expert_TK, E, dtype=jnp.float32), axis=(0, 1)),
+    load_E=load_E,
     dropped=dropped,
   )
 

@@ -284,23 +284,10 @@ class Transformer(nnx.Module):
     dropout_rng: jax.Array | None = None,
   ) -> jax.Array:
     """The transformer stack and output head, from input embeddings to float32 logits."""
-    x_BLD = self.hidden(x_BLD, segment_ids_BL, positions_BL, prefix_BL, dropout_rng=dropout_rng)
-    return self.lm_head(x_BLD)
-
-  def hidden(
-    self,
-    x_BLD: jax.Array,
-    segment_ids_BL: jax.Array,
-    positions_BL: jax.Array,
-    prefix_BL: jax.Array | None = None,
-    *,
-    dropout_rng: jax.Array | None = None,
-  ) -> jax.Array:
-    """The transformer stack, from input embeddings to the final norm's output."""
     x_BLD, _ = self.hidden_and_stats(
       x_BLD, segment_ids_BL, positions_BL, prefix_BL, dropout_rng=dropout_rng
     )
-    return x_BLD
+    return self.lm_head(x_BLD)
 
   def hidden_and_stats(
     self,
@@ -311,8 +298,9 @@ class Transformer(nnx.Module):
     *,
     dropout_rng: jax.Array | None = None,
   ) -> tuple[jax.Array, tuple[moe_lib.MoeStats, ...]]:
-    """`hidden`, and the routing statistics of each MoE layer in order (() for a dense model):
-    returned, not stored, so that they pass through remat like any output."""
+    """The transformer stack, from input embeddings to the final norm's output; and the routing
+    statistics of each MoE layer in order (() for a dense model), returned rather than stored so
+    that they pass through remat like any output."""
     cfg = self.cfg
     activation = ('batch', 'length', 'activation_embed')
     x_BLD = layers.constrain(x_BLD, activation)
@@ -359,27 +347,15 @@ class Transformer(nnx.Module):
 
   def classify(
     self,
-    ids_BL: jax.Array,
-    segment_ids_BL: jax.Array,
-    positions_BL: jax.Array,
-    num_segments: int,
-    *,
-    dropout_rng: jax.Array | None = None,
-  ) -> jax.Array:
-    """Float32 class logits (B, S, C) of segments 1..S of each row (packed examples): the mean of
-    each segment's final states, pooled. A segment absent from a row gets the bias's logits."""
-    x_BLD = self.states(ids_BL, segment_ids_BL, positions_BL, dropout_rng=dropout_rng)
-    return self.classify_states(x_BLD, segment_ids_BL, num_segments, dropout_rng=dropout_rng)
-
-  def classify_states(
-    self,
     x_BLD: jax.Array,
     segment_ids_BL: jax.Array,
     num_segments: int,
     *,
     dropout_rng: jax.Array | None = None,
   ) -> jax.Array:
-    """`classify` from the final states."""
+    """Float32 class logits (B, S, C) of segments 1..S of each row (packed examples), from the
+    final states (B, L, D): the mean of each segment's states, pooled. A segment absent from a row
+    gets the bias's logits."""
     cfg = self.cfg
     pooler, pooler_bias = self.pooler, self.pooler_bias
     classifier, classifier_bias = self.classifier, self.classifier_bias
