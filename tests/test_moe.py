@@ -56,21 +56,25 @@ def test_dropless_and_ample_capacity_equal_every_expert_on_every_token(score, ga
         np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
 
 
-def test_capacity_drops_the_copies_past_each_experts_slots_first_choices_first():
+@pytest.mark.parametrize('groups', [1, 4])
+def test_capacity_drops_the_copies_past_each_experts_slots_first_choices_first(groups):
+  """Each group of T / groups tokens (a sequence, in the model) has its own C slots per expert."""
   cfg = moe.MoeConfig(num_experts=E, top_k=2, expert_dim=F)
   x, router, wi, gate, wo = _weights(gated=False)
   routing = moe.route(x, router, jnp.zeros(E), cfg)
-  factor = 0.5
-  C = moe.capacity(T, 2, E, factor)
-  y, dropped = moe.with_capacity(x, routing, wi, gate, wo, factor)
-  # By hand: walk first choices of every token, then second choices, filling C slots per expert.
+  factor, N = 0.5, T // groups
+  C = moe.capacity(N, 2, E, factor)
+  y, dropped = moe.with_capacity(x, routing, wi, gate, wo, factor, groups=groups)
+  # By hand, per group: walk first choices of every token, then second choices, filling C slots.
   expert = np.asarray(routing.expert_TK)
-  used, kept = np.zeros(E, int), np.zeros((T, 2), bool)
-  for k in range(2):
-    for t in range(T):
-      e = expert[t, k]
-      kept[t, k] = used[e] < C
-      used[e] += 1
+  kept = np.zeros((T, 2), bool)
+  for g in range(groups):
+    used = np.zeros(E, int)
+    for k in range(2):
+      for t in range(g * N, (g + 1) * N):
+        e = expert[t, k]
+        kept[t, k] = used[e] < C
+        used[e] += 1
   assert float(dropped) == (~kept).sum() > 0
   masked = routing._replace(weight_TK=routing.weight_TK * kept)
   np.testing.assert_allclose(y, moe.dense_reference(x, masked, wi, gate, wo), atol=1e-5)

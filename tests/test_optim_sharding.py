@@ -80,9 +80,11 @@ def test_rules_from_config_override_the_table_and_reject_impossible_entries():
 def test_mesh_shape_resolves_minus_one_and_rejects_bad_shapes():
   c = load_config('tiny')
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 2, 2
-  assert sharding.mesh_shape(_mesh(c), 8) == (2, 2, 2)
+  assert sharding.mesh_shape(_mesh(c), 8) == {'data': 2, 'fsdp': 2, 'expert': 1, 'tensor': 2}
+  c.mesh.data, c.mesh.expert = 1, 2
+  assert sharding.mesh_shape(_mesh(c), 8) == {'data': 1, 'fsdp': 2, 'expert': 2, 'tensor': 2}
   c.mesh.data = 3
-  with pytest.raises(sharding.ShardingError, match='needs 12 devices but there are 8'):
+  with pytest.raises(sharding.ShardingError, match='needs 24 devices but there are 8'):
     sharding.mesh_shape(_mesh(c), 8)
 
 

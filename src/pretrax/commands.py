@@ -75,8 +75,7 @@ def _define_plan() -> None:
   flags.DEFINE_string(
     'mesh',
     '',
-    'DATA,FSDP,TENSOR sizes (one may be -1), short for '
-    '--config.mesh.data=... --config.mesh.fsdp=... --config.mesh.tensor=...',
+    'DATA,FSDP[,EXPERT],TENSOR sizes (one may be -1), short for --config.mesh.data=... etc.',
   )
 
 
@@ -242,10 +241,12 @@ def _run_plan() -> None:
   _require_flags('config')
   if FLAGS.mesh:
     sizes = FLAGS.mesh.split(',')
-    if len(sizes) != 3 or not all(x.strip().lstrip('-').isdigit() for x in sizes):
-      raise UsageError(f'--mesh={FLAGS.mesh!r}: give three sizes DATA,FSDP,TENSOR, e.g. 1,8,1.')
+    if len(sizes) not in (3, 4) or not all(x.strip().lstrip('-').isdigit() for x in sizes):
+      raise UsageError(f'--mesh={FLAGS.mesh!r}: give sizes DATA,FSDP[,EXPERT],TENSOR, e.g. 1,8,1.')
     mesh = FLAGS.config.mesh
-    mesh.data, mesh.fsdp, mesh.tensor = (int(x) for x in sizes)
+    if len(sizes) == 3:
+      sizes.insert(2, '1')
+    mesh.data, mesh.fsdp, mesh.expert, mesh.tensor = (int(x) for x in sizes)
   if FLAGS.devices:
     plan.use_fake_cpu_devices(FLAGS.devices)
   c = run_config.build(FLAGS.config, num_devices=jax.device_count(), check_data=False)
@@ -420,7 +421,7 @@ COMMANDS = {
     Command(
       'plan',
       (
-        f'{_CONFIG} [--devices=N] [--mesh=DATA,FSDP,TENSOR]',
+        f'{_CONFIG} [--devices=N] [--mesh=DATA,FSDP[,EXPERT],TENSOR]',
         '[--device_memory_gib=GIB]',
         _OVERRIDES,
       ),

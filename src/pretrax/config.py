@@ -286,6 +286,9 @@ def _support_fields(c: ml_collections.ConfigDict) -> None:
   # Small models want `data` (replicated weights, no gathers), large ones `fsdp`.
   c.mesh.data = -1
   c.mesh.fsdp = 1
+  # Expert parallelism: a Mixture-of-Experts layer's experts split over this many devices, tokens
+  # sent to their experts' devices and back; dense layers use the axis as data parallelism.
+  c.mesh.expert = 1
   c.mesh.tensor = 1
   # Slices / nodes spanned over the data-centre network by each data-parallel axis (hybrid mesh).
   c.mesh.dcn_data = 1

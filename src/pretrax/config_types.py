@@ -177,6 +177,7 @@ class CheckpointSection:
 class MeshSection:
   data: int
   fsdp: int
+  expert: int
   tensor: int
   dcn_data: int
   dcn_fsdp: int

@@ -163,7 +163,9 @@ def on_local_devices(run: RunConfig, mesh: MeshSection | None = None) -> RunConf
   """`run` on this machine's devices: the mesh `mesh` (another run's), or every local device on
   `data`. Reading a checkpoint back does not depend on the mesh that wrote it."""
   if mesh is None:
-    mesh = MeshSection(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, rules=run.mesh.rules)
+    mesh = MeshSection(
+      data=-1, fsdp=1, expert=1, tensor=1, dcn_data=1, dcn_fsdp=1, rules=run.mesh.rules
+    )
   return dataclasses.replace(run, mesh=mesh)
 
 

@@ -1,11 +1,14 @@
 """The device mesh and the one table that maps logical axis names to mesh axes.
 
 Mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism with sharded parameters and
-optimizer state), `tensor` (model parallelism inside matmuls). The model names its axes logically
-(`pretrax.model.layers`); only this module turns those names into `PartitionSpec`s.
+optimizer state), `expert` (expert parallelism: each device holds some of a Mixture-of-Experts
+layer's experts, and the dense layers treat the axis as more data parallelism), `tensor` (model
+parallelism inside matmuls, innermost so that it gets the fastest links). The model names its
+axes logically (`pretrax.model.layers`); only this module turns those names into `PartitionSpec`s.
 """
 
 from collections.abc import Callable, Mapping, Sequence
+import math
 
 import jax
 from jax.sharding import Mesh, NamedSharding
@@ -15,7 +18,7 @@ import optax
 from pretrax import errors
 from pretrax.config_types import MeshSection
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 # Axes that may also span the data-centre network (between TPU slices or GPU nodes): only data
 # parallelism, whose one all-reduce per step tolerates the slower links.
 DCN_AXES = ('data', 'fsdp')
@@ -25,7 +28,7 @@ DCN_AXES = ('data', 'fsdp')
 # length, activation_embed, activation_vocab (the embedding dim of activations is not `embed`: the
 # batch already uses fsdp, and one mesh axis cannot shard two dims of an array).
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
-  'batch': ('data', 'fsdp'),
+  'batch': ('data', 'fsdp', 'expert'),
   'length': None,
   'activation_embed': None,
   'activation_vocab': 'tensor',
@@ -38,14 +41,18 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
   'position': None,
   'norm': None,
   'classes': None,  # A classifier's few labels: not worth splitting.
-  # Mixture-of-Experts (model/moe.py). By default experts are sharded like a dense MLP (FSDP over
-  # their embed dim, tensor over their hidden dim); expert parallelism puts whole experts on
-  # devices instead: --config.mesh.rules=experts=fsdp,expert_embed= .
-  'experts': None,
+  # Mixture-of-Experts (model/moe.py). Whole experts live on the devices of the `expert` axis
+  # (expert parallelism; with mesh.expert=1 every device has every expert); inside one expert the
+  # weights are sharded like a dense MLP (FSDP over embed, tensor over hidden).
+  'experts': 'expert',
   'expert_embed': 'fsdp',
   'expert_mlp': 'tensor',
   'router': None,  # The router's (embed, experts) weight: small, and every token needs all of it.
   'capacity': None,  # A capacity buffer's slots.
+  # The token groups of a capacity buffer once dispatched to their experts: `batch` less the axes
+  # that now split the experts (the all-to-all trades one for the other). rules() derives it from
+  # the two unless mesh.rules sets it.
+  'expert_batch': ('data', 'fsdp'),
 }
 
 
@@ -73,7 +80,20 @@ def rules(mesh_cfg: MeshSection) -> dict[str, str | tuple[str, ...] | None]:
         f'(the mesh has {", ".join(MESH_AXES)}).'
       )
     table[name] = names[0] if len(names) == 1 else (names or None)
+  if 'expert_batch=' not in mesh_cfg.rules.replace(' ', ''):
+    table['expert_batch'] = _without(table['batch'], table['experts'])
   return table
+
+
+def axes_of(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+  """A rules-table value as a tuple of mesh axes (none for a replicated dim)."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _without(entry, remove) -> str | tuple[str, ...] | None:
+  """The dispatched token groups keep the batch's axes except the ones the experts now use."""
+  kept = tuple(a for a in axes_of(entry) if a not in axes_of(remove))
+  return kept[0] if len(kept) == 1 else (kept or None)
 
 
 def _resolve(sizes: list[int], num_devices: int, what: str) -> list[int]:
@@ -92,22 +112,20 @@ def _resolve(sizes: list[int], num_devices: int, what: str) -> list[int]:
         f'({fixed}) must divide the device count.'
       )
     sizes[free[0]] = num_devices // fixed
-  if sizes[0] * sizes[1] * sizes[2] != num_devices:
+  if math.prod(sizes) != num_devices:
     raise ShardingError(
       f'{what} {dict(zip(MESH_AXES, sizes, strict=True))} needs '
-      f'{sizes[0] * sizes[1] * sizes[2]} devices but there are {num_devices}: '
+      f'{math.prod(sizes)} devices but there are {num_devices}: '
       'set one axis to -1.'
     )
   return sizes
 
 
-def mesh_shapes(
-  mesh_cfg: MeshSection, num_devices: int
-) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-  """(per-granule shape, DCN shape) of (data, fsdp, tensor). A granule is a TPU slice or a GPU
+def mesh_shapes(mesh_cfg: MeshSection, num_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(per-granule shape, DCN shape) in MESH_AXES order. A granule is a TPU slice or a GPU
   node (process); `mesh.dcn_data` and `mesh.dcn_fsdp` say how many granules each axis spans, and
   the per-granule sizes (`mesh.data`, ...) cover the devices of one granule."""
-  dcn = [int(mesh_cfg.dcn_data), int(mesh_cfg.dcn_fsdp), 1]
+  dcn = [int(mesh_cfg.dcn_data), int(mesh_cfg.dcn_fsdp), 1, 1]  # Only data parallelism spans DCN.
   if min(dcn) < 1:
     raise ShardingError(f'mesh.dcn_data={dcn[0]} and mesh.dcn_fsdp={dcn[1]} must be >= 1.')
   granules = dcn[0] * dcn[1]
@@ -118,14 +136,13 @@ def mesh_shapes(
     )
   what = 'mesh per slice/node' if granules > 1 else 'mesh'
   ici = _resolve([int(getattr(mesh_cfg, a)) for a in MESH_AXES], num_devices // granules, what)
-  return (ici[0], ici[1], ici[2]), (dcn[0], dcn[1], dcn[2])
+  return tuple(ici), tuple(dcn)
 
 
-def mesh_shape(mesh_cfg: MeshSection, num_devices: int) -> tuple[int, int, int]:
-  """Sizes of the (data, fsdp, tensor) mesh axes over all devices."""
+def mesh_shape(mesh_cfg: MeshSection, num_devices: int) -> dict[str, int]:
+  """Size of each mesh axis over all devices, by name (MESH_AXES order)."""
   ici, dcn = mesh_shapes(mesh_cfg, num_devices)
-  data, fsdp, tensor = (i * d for i, d in zip(ici, dcn, strict=True))
-  return data, fsdp, tensor
+  return {axis: i * d for axis, i, d in zip(MESH_AXES, ici, dcn, strict=True)}
 
 
 def make_mesh(mesh_cfg: MeshSection, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -133,7 +150,7 @@ def make_mesh(mesh_cfg: MeshSection, devices: Sequence[jax.Device] | None = None
   ici, dcn = mesh_shapes(mesh_cfg, len(devices))
   # Auto axes: the compiler propagates shardings between our explicit constraints.
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  if dcn == (1, 1, 1):
+  if math.prod(dcn) == 1:
     return jax.make_mesh(ici, MESH_AXES, axis_types=auto, devices=devices)
   # Hybrid: the DCN part of each axis is outermost, so it crosses granules and the rest stays on
   # the fast links inside one. TPU devices know their slice; elsewhere a process is a node.

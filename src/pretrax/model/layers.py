@@ -20,7 +20,7 @@ import jax.numpy as jnp
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 # Logical names -> their sharding on the step's mesh (sharding.activation_sharding).
-ToSharding = Callable[[tuple[str, ...]], jax.sharding.NamedSharding]
+ToSharding = Callable[[tuple[str | None, ...]], jax.sharding.NamedSharding]
 
 # Set while a sharded step is traced; None: unsharded.
 _ACTIVATION_SHARDING: contextvars.ContextVar[ToSharding | None] = contextvars.ContextVar(
@@ -54,7 +54,7 @@ def shards(name: str) -> int:
   return math.prod(sharding.mesh.shape[a] for a in axes)
 
 
-def constrain(x: jax.Array, names: tuple[str, ...]) -> jax.Array:
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
   """`x` with its sharding fixed to its logical axes, so the compiler does not have to guess where
   the batch and model dimensions live between blocks; unchanged when nothing is sharded."""
   to_sharding = _ACTIVATION_SHARDING.get()

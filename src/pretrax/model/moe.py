@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from pretrax.config_types import MoeConfig
-from pretrax.model import layers
+from pretrax.model import expert_parallel, layers
 
 ROUTER_BIAS = 'router_bias'  # The parameter name optim.py keeps out of the optimizer.
 
@@ -105,19 +105,34 @@ def dropless(
   gate_EDF: jax.Array | None,
   wo_EFD: jax.Array,
 ) -> jax.Array:
-  """Every token copy through its expert: copies sorted by expert, one grouped matmul per weight."""
-  T, K = routing.expert_TK.shape
+  """Every token copy through its expert, none dropped; split over devices by
+  `expert_parallel.dropless_sharded` when the experts are."""
+  if expert_parallel.expert_axes():
+    return expert_parallel.dropless_sharded(
+      _dropless_local, x_TD, routing, wi_EDF, gate_EDF, wo_EFD
+    )
+  return _dropless_local(x_TD, routing.expert_TK, routing.weight_TK, wi_EDF, gate_EDF, wo_EFD, 0)
+
+
+def _dropless_local(x_TD, expert_TK, weight_TK, wi_EDF, gate_EDF, wo_EFD, first_expert):
+  """The copies routed to experts first_expert ... first_expert + E - 1 (the weights' experts)
+  through them: copies sorted by expert, one grouped matmul per weight; other copies give 0."""
+  T, K = expert_TK.shape
   E = wi_EDF.shape[0]
-  flat_X = routing.expert_TK.reshape(T * K)  # X = T*K token copies, token-major.
+  local_TK = expert_TK - first_expert
+  here_TK = (local_TK >= 0) & (local_TK < E)
+  # Copies of other devices' experts sort last, past every group (key E), and are masked below.
+  flat_X = jnp.where(here_TK, local_TK, E).reshape(T * K)  # X = T*K token copies, token-major.
   order_X = jnp.argsort(flat_X, stable=True)
   x_XD = jnp.take(x_TD, order_X // K, axis=0)
-  sizes_E = jnp.bincount(flat_X, length=E).astype(jnp.int32)
+  sizes_E = jnp.bincount(flat_X, length=E + 1)[:E].astype(jnp.int32)
   h_XF = jax.lax.ragged_dot(x_XD, wi_EDF, sizes_E)
   gate_XF = None if gate_EDF is None else jax.lax.ragged_dot(x_XD, gate_EDF, sizes_E)
   y_XD = jax.lax.ragged_dot(_activate(h_XF, gate_XF), wo_EFD, sizes_E)
   # Back to token-major order, then each token's K outputs weighed and summed.
   y_TKD = jnp.zeros_like(y_XD).at[order_X].set(y_XD).reshape(T, K, -1)
-  return jnp.einsum('TKD,TK->TD', y_TKD.astype(jnp.float32), routing.weight_TK)
+  y_TKD = jnp.where(here_TK[..., None], y_TKD.astype(jnp.float32), 0.0)
+  return jnp.einsum('TKD,TK->TD', y_TKD, weight_TK)
 
 
 def capacity(num_tokens: int, top_k: int, num_experts: int, factor: float) -> int:
@@ -131,30 +146,60 @@ def with_capacity(
   gate_EDF: jax.Array | None,
   wo_EFD: jax.Array,
   factor: float,
+  groups: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
-  """The experts on fixed (E, C, D) buffers; returns (output, copies dropped)."""
+  """The experts on fixed (E, C, D) buffers, one per group of tokens (the layer's groups are its
+  sequences, as GShard's); returns (output, copies dropped).
+
+  Under a mesh, the tokens of a group live where their sequence does (the `batch` axes); the
+  buffers then move so that each device holds its experts' slots of every group (`experts` over
+  the expert axis) - an all-to-all both ways, the only communication expert parallelism needs."""
   T, K = routing.expert_TK.shape
   E, D = wi_EDF.shape[0], x_TD.shape[-1]
-  C = capacity(T, K, E, factor)
-  # Slots in choice-major order: every token's first choice is placed before any second choice.
-  expert_KT = routing.expert_TK.T
-  onehot_KTE = jax.nn.one_hot(expert_KT, E, dtype=jnp.int32)
-  slot_KT = jnp.sum(
-    (jnp.cumsum(onehot_KTE.reshape(K * T, E), axis=0) - 1).reshape(K, T, E) * onehot_KTE, axis=-1
-  )
-  kept_KT = slot_KT < C
+  G, N = groups, T // groups
+  C = capacity(N, K, E, factor)
+  x_GND = x_TD.reshape(G, N, D)
+  expert_GKN = routing.expert_TK.reshape(G, N, K).transpose(0, 2, 1)
+  slot_GKN = jax.vmap(_slots, in_axes=(0, None))(expert_GKN, E)
+  kept_GKN = slot_GKN < C
   # Dropped copies scatter out of bounds ('drop') and gather zeros ('fill').
-  slot_KT = jnp.where(kept_KT, slot_KT, C)
-  x_KTD = jnp.broadcast_to(x_TD, (K, T, D))
-  buffer_ECD = jnp.zeros((E, C, D), x_TD.dtype).at[expert_KT, slot_KT].set(x_KTD, mode='drop')
-  buffer_ECD = layers.constrain(buffer_ECD, ('experts', 'capacity', 'activation_embed'))
-  h_ECF = jnp.einsum('ECD,EDF->ECF', buffer_ECD, wi_EDF)
-  gate_ECF = None if gate_EDF is None else jnp.einsum('ECD,EDF->ECF', buffer_ECD, gate_EDF)
-  y_ECD = jnp.einsum('ECF,EFD->ECD', _activate(h_ECF, gate_ECF), wo_EFD)
-  y_ECD = layers.constrain(y_ECD, ('experts', 'capacity', 'activation_embed'))
-  y_KTD = y_ECD.at[expert_KT, slot_KT].get(mode='fill', fill_value=0)
-  y_TD = jnp.einsum('KTD,TK->TD', y_KTD.astype(jnp.float32), routing.weight_TK)
-  return y_TD, jnp.sum(~kept_KT).astype(jnp.float32)
+  slot_GKN = jnp.where(kept_GKN, slot_GKN, C)
+  # vmap over groups: a scatter with a batch dimension, which the partitioner splits by group.
+  buffer_GECD = jax.vmap(_dispatch, in_axes=(0, 0, 0, None))(x_GND, expert_GKN, slot_GKN, (E, C))
+  buffer_GECD = layers.constrain(buffer_GECD, ('batch', None, 'capacity', 'activation_embed'))
+  buffer_GECD = layers.constrain(buffer_GECD, _AT_EXPERTS)  # All-to-all: tokens to experts.
+  h_GECF = jnp.einsum('GECD,EDF->GECF', buffer_GECD, wi_EDF)
+  gate_GECF = None if gate_EDF is None else jnp.einsum('GECD,EDF->GECF', buffer_GECD, gate_EDF)
+  y_GECD = jnp.einsum('GECF,EFD->GECD', _activate(h_GECF, gate_GECF), wo_EFD)
+  y_GECD = layers.constrain(y_GECD, _AT_EXPERTS)
+  y_GECD = layers.constrain(y_GECD, ('batch', None, 'capacity', 'activation_embed'))  # And back.
+  y_GKND = jax.vmap(_combine)(y_GECD, expert_GKN, slot_GKN)
+  weight_GNK = routing.weight_TK.reshape(G, N, K)
+  y_GND = jnp.einsum('GKND,GNK->GND', y_GKND.astype(jnp.float32), weight_GNK)
+  return y_GND.reshape(T, D), jnp.sum(~kept_GKN).astype(jnp.float32)
+
+
+_AT_EXPERTS = ('expert_batch', 'experts', 'capacity', 'activation_embed')
+
+
+def _slots(expert_KN: jax.Array, num_experts: int) -> jax.Array:
+  """Each copy's slot in its expert's buffer, in choice-major order: every token's first choice is
+  placed before any second choice."""
+  K, N = expert_KN.shape
+  onehot_KNE = jax.nn.one_hot(expert_KN, num_experts, dtype=jnp.int32)
+  before_KNE = (jnp.cumsum(onehot_KNE.reshape(K * N, -1), axis=0) - 1).reshape(K, N, -1)
+  return jnp.sum(before_KNE * onehot_KNE, axis=-1)
+
+
+def _dispatch(x_ND, expert_KN, slot_KN, buffer_shape: tuple[int, int]) -> jax.Array:
+  K, (N, D) = expert_KN.shape[0], x_ND.shape
+  x_KND = jnp.broadcast_to(x_ND, (K, N, D))
+  buffer_ECD = jnp.zeros((*buffer_shape, D), x_ND.dtype)
+  return buffer_ECD.at[expert_KN, slot_KN].set(x_KND, mode='drop')
+
+
+def _combine(y_ECD, expert_KN, slot_KN) -> jax.Array:
+  return y_ECD.at[expert_KN, slot_KN].get(mode='fill', fill_value=0)
 
 
 def dense_reference(
@@ -234,7 +279,8 @@ class MoeMlp(nnx.Module):
     gate = None if self.wi_gate is None else self.wi_gate[...].astype(self.dtype)
     wo = self.wo[...].astype(self.dtype)
     if self.cfg.capacity_factor > 0:
-      y_TD, dropped = with_capacity(x_TD, routing, wi, gate, wo, self.cfg.capacity_factor)
+      factor = self.cfg.capacity_factor
+      y_TD, dropped = with_capacity(x_TD, routing, wi, gate, wo, factor, groups=B)
     else:
       y_TD, dropped = dropless(x_TD, routing, wi, gate, wo), jnp.zeros((), jnp.float32)
     y_BLD = y_TD.reshape(B, L, D).astype(x_BLD.dtype)
