@@ -1,4 +1,4 @@
-"""Which transformers architecture a pretrax model is, and its config.json both ways.
+"""Which transformers architecture a pretrax model is, and the config.json that export writes.
 
 Each flavour maps to the transformers architecture whose layout is ours, tensor for tensor:
 
@@ -6,41 +6,47 @@ Each flavour maps to the transformers architecture whose layout is ours, tensor 
   llama decoder -> LlamaForCausalLM         (RoPE on two halves, RMSNorm, SwiGLU, grouped kv heads)
   gpt2 encoder  -> XLMRobertaXLForMaskedLM  (masked LM: pre-norm BERT with a final norm and BERT's
                                              head; BertForMaskedLM normalises after each residual)
+  llama decoder with experts, softmax router -> MixtralForCausalLM
+  llama decoder with experts, sigmoid router -> Glm4MoeForCausalLM (DeepSeek-V3's router, its
+                                                 shared experts and dense first layers, with
+                                                 Llama's attention)
 
 A feature the target cannot express (a prefix-LM mask, grouped kv heads in GPT-2, a Llama-flavour
-encoder's head) is refused with its reason before anything is written. On import, a config.json is
-read back into our model config's fields and every field that differs from the run's is named on
-both sides. The lowest of the Hugging Face modules: `hf_tensors`, `hf_export` and `hf_import`
-build on it.
+encoder's head, a router the target lacks) is refused with its reason before anything is written.
+`hf_fields` reads a config.json back. The lowest of the Hugging Face modules: `hf_fields`,
+`hf_tensors`, `hf_export` and `hf_import` build on it.
 """
 
 from typing import Any
-
-import numpy as np
 
 from pretrax import config as config_lib
 from pretrax import tokenizer as tokenizer_lib
 from pretrax.config_types import ModelConfig
 
 GPT2, LLAMA, XLMR = 'GPT2LMHeadModel', 'LlamaForCausalLM', 'XLMRobertaXLForMaskedLM'
+MIXTRAL, GLM4_MOE = 'MixtralForCausalLM', 'Glm4MoeForCausalLM'
+MOE = (MIXTRAL, GLM4_MOE)
 
 
 class ConversionError(config_lib.ConfigError):
   """A model, config or directory that cannot be converted; the message says why and what to do."""
 
 
+def refuse(feature: str, fix: str) -> ConversionError:
+  """The error for a model export cannot write: what the target lacks, then what to do."""
+  return ConversionError(f'cannot export: {feature}; {fix}')
+
+
 def architecture(m: ModelConfig) -> str:
   """The transformers architecture with our layout, or ConversionError naming what has none."""
-
-  def refuse(feature: str, fix: str) -> ConversionError:
-    return ConversionError(f'cannot export: {feature}; {fix}')
-
   if m.attention == 'prefix':
     raise refuse(
       'a prefix-LM model attends bidirectionally over its prefix, which no '
       'transformers causal LM can express',
       'export a causal_lm or masked_lm run.',
     )
+  if m.moe.num_experts:
+    return _moe_architecture(m)
   if m.attention == 'bidirectional':
     if m.flavour == 'llama':
       raise refuse(
@@ -66,6 +72,74 @@ def architecture(m: ModelConfig) -> str:
         'leave model.head_dim at 0.',
       )
   return arch
+
+
+def _moe_architecture(m: ModelConfig) -> str:
+  """Mixtral for a softmax router, GLM-4.5's MoE for a sigmoid one; ConversionError naming what
+  the target has no place for."""
+  moe = m.moe
+  arch = GLM4_MOE if moe.score == 'sigmoid' else MIXTRAL
+  sigmoid = f'or train with model.moe.score=sigmoid, exported as {GLM4_MOE}'
+  problems = [
+    (
+      m.attention == 'bidirectional',
+      'a Mixture-of-Experts encoder: no transformers masked LM has experts',
+      'export a causal_lm run.',
+    ),
+    (
+      m.flavour != 'llama',
+      "GELU experts (the gpt2 flavour): transformers' MoE decoders have SwiGLU experts",
+      'train with --config.model.flavour=llama.',
+    ),
+    (m.use_bias, f'model.use_bias=True: {arch} has no biases', 'train with model.use_bias=false.'),
+    (
+      moe.every != 1,
+      f'model.moe.every={moe.every}: {arch} has experts in every layer'
+      + (' after the first first_k_dense_replace' if arch == GLM4_MOE else ''),
+      'train with model.moe.every=1.',
+    ),
+  ]
+  if arch == MIXTRAL:
+    problems += [
+      (
+        moe.first_dense != 0,
+        f'model.moe.first_dense={moe.first_dense}: {MIXTRAL} has experts in every layer',
+        f'train with model.moe.first_dense=0, {sigmoid}.',
+      ),
+      (
+        moe.shared_experts != 0,
+        f'model.moe.shared_experts={moe.shared_experts}: {MIXTRAL} has no shared expert '
+        "(Qwen2MoeForCausalLM's is scaled by a sigmoid gate that pretrax's lack)",
+        f'train with model.moe.shared_experts=0, {sigmoid}.',
+      ),
+      (
+        not moe.renormalise,
+        f"model.moe.renormalise=False: {MIXTRAL} renormalises the chosen experts' weights "
+        '(Qwen3-MoE and OLMoE need not, but normalise queries and keys, which pretrax does not)',
+        f'train with model.moe.renormalise=true, {sigmoid}.',
+      ),
+    ]
+  for bad, feature, fix in problems:
+    if bad:
+      raise refuse(feature, fix)
+  return arch
+
+
+def _llama_config(m: ModelConfig) -> dict[str, Any]:
+  """The config.json keys of Llama's attention, norms and positions, which every llama-flavour
+  target shares."""
+  return dict(
+    num_hidden_layers=m.num_layers,
+    num_attention_heads=m.num_heads,
+    num_key_value_heads=m.num_kv_heads,
+    hidden_size=m.embed_dim,
+    head_dim=m.head_dim,
+    max_position_embeddings=m.max_len,
+    rms_norm_eps=m.norm_eps,
+    hidden_act='silu',
+    rope_parameters={'rope_type': 'default', 'rope_theta': m.rope_theta},
+    attention_dropout=0.0,
+  )
 
 
 def hf_config(m: ModelConfig, arch: str, dtype: str) -> dict[str, Any]:
@@ -99,20 +173,13 @@ def hf_config(m: ModelConfig, arch: str, dtype: str) -> dict[str, Any]:
     return dict(
       common,
       model_type='llama',
-      num_hidden_layers=m.num_layers,
-      num_attention_heads=m.num_heads,
-      num_key_value_heads=m.num_kv_heads,
-      hidden_size=m.embed_dim,
-      head_dim=m.head_dim,
+      **_llama_config(m),
       intermediate_size=m.mlp_dim,
-      max_position_embeddings=m.max_len,
-      rms_norm_eps=m.norm_eps,
-      hidden_act='silu',
-      rope_parameters={'rope_type': 'default', 'rope_theta': m.rope_theta},
       attention_bias=m.use_bias,
       mlp_bias=m.use_bias,
-      attention_dropout=0.0,
     )
+  if arch in MOE:
+    return _moe_config(m, arch, common)
   return dict(
     common,
     model_type='xlm-roberta-xl',
@@ -132,123 +199,40 @@ def hf_config(m: ModelConfig, arch: str, dtype: str) -> dict[str, Any]:
   )
 
 
-def model_fields(hf: dict[str, Any]) -> dict[str, Any]:
-  """Our model config's fields (by `ModelConfig` name) implied by a config.json."""
-  arch = (hf.get('architectures') or [None])[0]
-
-  def get(key: str, default: Any = None) -> Any:
-    return hf.get(key, default)
-
-  if arch == GPT2:
-    D = get('n_embd')
+def _moe_config(m: ModelConfig, arch: str, common: dict[str, Any]) -> dict[str, Any]:
+  """config.json for Mixtral or GLM-4.5's MoE: Llama's keys and the router's."""
+  moe = m.moe
+  if arch == MIXTRAL:
     return dict(
-      flavour='gpt2',
-      attention='causal',
-      vocab_size=get('vocab_size'),
-      num_layers=get('n_layer'),
-      num_heads=get('n_head'),
-      num_kv_heads=get('n_head'),
-      embed_dim=D,
-      head_dim=D // get('n_head'),
-      mlp_dim=get('n_inner') or 4 * D,
-      max_len=get('n_positions'),
-      norm_eps=get('layer_norm_epsilon', 1e-5),
-      tie_embeddings=get('tie_word_embeddings', True),
+      common,
+      model_type='mixtral',
+      **_llama_config(m),
+      intermediate_size=moe.expert_dim,
+      num_local_experts=moe.num_experts,
+      num_experts_per_tok=moe.top_k,
+      sliding_window=None,
+      router_aux_loss_coef=moe.balance_loss,
+      router_jitter_noise=0.0,
     )
-  if arch == LLAMA:
-    rope = get('rope_parameters') or {}
-    return dict(
-      flavour='llama',
-      attention='causal',
-      vocab_size=get('vocab_size'),
-      num_layers=get('num_hidden_layers'),
-      num_heads=get('num_attention_heads'),
-      num_kv_heads=get('num_key_value_heads') or get('num_attention_heads'),
-      embed_dim=get('hidden_size'),
-      head_dim=get('head_dim') or get('hidden_size') // get('num_attention_heads'),
-      mlp_dim=get('intermediate_size'),
-      max_len=get('max_position_embeddings'),
-      norm_eps=get('rms_norm_eps', 1e-6),
-      rope_theta=rope.get('rope_theta', get('rope_theta', 10000.0)),
-      tie_embeddings=get('tie_word_embeddings', False),
-    )
-  if arch == XLMR:
-    D, N = get('hidden_size'), get('num_attention_heads')
-    return dict(
-      flavour='gpt2',
-      attention='bidirectional',
-      mlm_head=True,
-      vocab_size=get('vocab_size'),
-      num_layers=get('num_hidden_layers'),
-      num_heads=N,
-      num_kv_heads=N,
-      embed_dim=D,
-      head_dim=D // N,
-      mlp_dim=get('intermediate_size'),
-      max_len=get('max_position_embeddings') - get('pad_token_id', 1) - 1,
-      norm_eps=get('layer_norm_eps', 1e-5),
-      tie_embeddings=get('tie_word_embeddings', True),
-    )
-  raise ConversionError(
-    f'config.json names architecture {arch!r}; pretrax converts {GPT2}, {LLAMA} and {XLMR}.'
+  llama = _llama_config(m)
+  # GLM's default rotates half of each head; ours rotates all of it.
+  llama['rope_parameters']['partial_rotary_factor'] = 1.0
+  return dict(
+    common,
+    model_type='glm4_moe',
+    **llama,
+    intermediate_size=m.mlp_dim,
+    moe_intermediate_size=moe.expert_dim,
+    n_routed_experts=moe.num_experts,
+    num_experts_per_tok=moe.top_k,
+    n_shared_experts=moe.shared_experts,
+    first_k_dense_replace=moe.first_dense,
+    norm_topk_prob=moe.renormalise,
+    # One group of experts and no scaling: DeepSeek-V3's router as ours.
+    routed_scaling_factor=1.0,
+    n_group=1,
+    topk_group=1,
+    use_qk_norm=False,
+    attention_bias=False,
+    num_nextn_predict_layers=0,
   )
-
-
-# The config.json key that sets each of our fields, to name it in a mismatch.
-_HF_KEY = {
-  GPT2: dict(
-    num_layers='n_layer',
-    num_heads='n_head',
-    embed_dim='n_embd',
-    mlp_dim='n_inner',
-    max_len='n_positions',
-    norm_eps='layer_norm_epsilon',
-  ),
-  LLAMA: dict(
-    num_layers='num_hidden_layers',
-    num_heads='num_attention_heads',
-    num_kv_heads='num_key_value_heads',
-    embed_dim='hidden_size',
-    mlp_dim='intermediate_size',
-    max_len='max_position_embeddings',
-    norm_eps='rms_norm_eps',
-    rope_theta='rope_parameters.rope_theta',
-  ),
-  XLMR: dict(
-    num_layers='num_hidden_layers',
-    num_heads='num_attention_heads',
-    embed_dim='hidden_size',
-    mlp_dim='intermediate_size',
-    max_len='max_position_embeddings',
-    norm_eps='layer_norm_eps',
-  ),
-}
-_OUR_KEY = dict(
-  flavour='model.flavour',
-  attention='objective',
-  mlm_head='objective',
-  tie_embeddings='model.tie_embeddings',
-  num_kv_heads='model.num_kv_heads',
-  head_dim='model.head_dim',
-  vocab_size='model.vocab_size (or the tokenizer)',
-)
-
-
-def mismatches(m: ModelConfig, hf: dict[str, Any]) -> list[str]:
-  """What differs between our model config and a config.json, each named on both sides."""
-  arch = hf['architectures'][0]
-  out = []
-  for field, theirs in model_fields(hf).items():
-    ours = getattr(m, field)
-    if ours != theirs and not (isinstance(ours, float) and np.isclose(ours, theirs)):
-      ours_named = f'{_OUR_KEY.get(field, "model." + field)}={ours!r}'
-      hf_key = {
-        'vocab_size': 'vocab_size',
-        'tie_embeddings': 'tie_word_embeddings',
-        **_HF_KEY[arch],
-      }.get(field)
-      if hf_key:
-        out.append(f'{ours_named} but config.json has {hf_key}={theirs!r}')
-      else:  # Implied by the architecture (flavour, attention) or derived (head_dim).
-        out.append(f"{ours_named} but config.json's {arch} means {field}={theirs!r}")
-  return out

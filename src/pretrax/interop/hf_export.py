@@ -19,6 +19,7 @@ import numpy as np
 from pretrax import checkpoint, paths, run_config
 from pretrax import state as state_lib
 from pretrax import workdir as workdir_lib
+from pretrax.config_types import ModelConfig
 from pretrax.interop import hf_arch, hf_tensors, hf_tokenizer, safetensors
 
 DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16)}
@@ -99,6 +100,20 @@ class CheckpointParams:
     return array
 
 
+def _refuse_nonzero(params: CheckpointParams, m: ModelConfig, arch: str) -> None:
+  """ConversionError, before anything is written, for a parameter `arch` has no place for that is
+  not zero: a router bias (aux-loss-free balancing) would choose other experts than Mixtral's
+  router does, so the exported model would compute something else."""
+  for path in hf_tensors.zero_params(m, arch):
+    if np.any(params.read(path) != 0):
+      raise hf_arch.refuse(
+        f'{path} is not zero (model.moe.bias_rate={m.moe.bias_rate} balanced the experts with '
+        f'it) and {arch} has no router bias, so it would choose other experts',
+        'export a run trained with model.moe.bias_rate=0, or with model.moe.score=sigmoid '
+        f'({hf_arch.GLM4_MOE} has the bias).',
+      )
+
+
 def _saved_step(workdir: str, step: int | None) -> tuple[int, dict]:
   """The step to export (the latest if None) and its saved config and fingerprint."""
   if not paths.path(checkpoint.directory(workdir)).exists():
@@ -151,15 +166,19 @@ def export(
   )
   m = run_config.model_config(c, params.shape('embed/embedding')[0])
   arch = hf_arch.architecture(m)
+  _refuse_nonzero(params, m, arch)
   tokenizer_path = workdir_lib.find_tokenizer(workdir, c.data.prepared, c.tokenizer.path)
   target = np.dtype(DTYPES[dtype])
+  # The last parameter read, kept: each expert is a tensor of its own, and an (E, ...) parameter's
+  # experts are written one after another.
+  read = functools.lru_cache(maxsize=1)(lambda path: params.read(path).astype(np.float32))
 
   def compute(t: hf_tensors.Tensor) -> np.ndarray:
     # A tensor's sources are all ours or all None (a bias the model does not have): no mix.
     sources = [s for s in t.sources if s is not None]
     if not sources:
       return np.zeros(t.shape, target)
-    return t.to_hf(*(params.read(s).astype(np.float32) for s in sources)).astype(target)
+    return t.to_hf(*(read(s) for s in sources)).astype(target)
 
   specs = [
     safetensors.TensorSpec(t.name, t.shape, target, functools.partial(compute, t))

@@ -18,7 +18,7 @@ from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
 from pretrax import workdir as workdir_lib
 from pretrax.config_types import ModelConfig, RunConfig
-from pretrax.interop import hf_arch, hf_tensors, hf_tokenizer, safetensors
+from pretrax.interop import hf_arch, hf_fields, hf_tensors, hf_tokenizer, safetensors
 
 
 def _zero_or_refuse(name: str, y: np.ndarray, hf_dir: str) -> None:
@@ -45,7 +45,7 @@ def import_model(
   flat = _write_step_zero(c, workdir, values, m.vocab_size, hf_dir)
   if tok is not None and not c.tokenizer.path:
     paths.path(workdir_lib.tokenizer_file(workdir)).write_bytes(paths.path(sp_path).read_bytes())
-  unused = sorted(set(reader.names()) - {t.name for t in hf_tensors.tensor_map(m, arch)})
+  unused = sorted(set(reader.names()) - {t.name for t in _tensor_map(reader, m, arch)})
   log(
     f'imported {arch} from {hf_dir} ({sum(v.size for v in values.values()):,} parameters) as '
     f'step 0 in {workdir}'
@@ -80,7 +80,7 @@ def _matching_model(hf_dir: str, c: RunConfig):
     )
   with open(config_path) as f:
     hf = json.load(f)
-  hf_arch.model_fields(hf)  # Refuses an architecture we do not convert.
+  hf_fields.model_fields(hf)  # Refuses an architecture we do not convert.
   arch = hf['architectures'][0]
   sp_path = os.path.join(hf_dir, hf_tokenizer.SENTENCEPIECE_FILE)
   tok = None
@@ -89,7 +89,7 @@ def _matching_model(hf_dir: str, c: RunConfig):
   elif os.path.exists(sp_path):
     tok = tokenizer_lib.Tokenizer.load(sp_path)
   m = run_config.model_config(c, tok.vocab_size if tok else hf['vocab_size'])
-  problems = hf_arch.mismatches(m, hf)
+  problems = hf_fields.mismatches(m, hf)
   if arch == hf_arch.LLAMA and bool(hf.get('attention_bias')) != bool(hf.get('mlp_bias')):
     problems.append('config.json has attention_bias != mlp_bias; pretrax has one model.use_bias')
   elif arch == hf_arch.LLAMA and m.use_bias != bool(hf.get('attention_bias')):
@@ -105,13 +105,20 @@ def _matching_model(hf_dir: str, c: RunConfig):
   return arch, m, tok, sp_path
 
 
+def _tensor_map(reader: 'safetensors.Reader', m: ModelConfig, arch: str) -> list[hf_tensors.Tensor]:
+  """The tensor map of the layout the directory has: experts one tensor each, or fused."""
+  fused = any(name.endswith('.experts.gate_up_proj') for name in reader.names())
+  return hf_tensors.tensor_map(m, arch, fused)
+
+
 def _read_values(
   reader: 'safetensors.Reader', m: ModelConfig, arch: str, hf_dir: str
 ) -> dict[str, np.ndarray]:
   """Our parameters (by path) from the transformers tensors, float32 on the host."""
   values: dict[str, np.ndarray] = {}
+  experts: dict[str, dict[int, np.ndarray]] = {}  # Our (E, ...) parameters, expert by expert.
   token_type = None
-  for t in hf_tensors.tensor_map(m, arch):
+  for t in _tensor_map(reader, m, arch):
     if t.name not in reader:
       raise hf_arch.ConversionError(
         f'{hf_dir} has no tensor {t.name}, which {arch} with this config.json must have.'
@@ -131,8 +138,14 @@ def _read_values(
     for source, part in zip(t.sources, t.from_hf(y), strict=True):
       if source is None:
         _zero_or_refuse(t.name, part, hf_dir)
+      elif t.expert is not None:
+        experts.setdefault(source, {})[t.expert] = part
       else:
         values[source] = part
+  for source, parts in experts.items():
+    values[source] = np.stack([parts[j] for j in range(len(parts))])
+  for path, shape in hf_tensors.zero_params(m, arch).items():
+    values[path] = np.zeros(shape, np.float32)
   if arch == hf_arch.XLMR:
     values['pos_embed'] = values['pos_embed'] + token_type
   return values

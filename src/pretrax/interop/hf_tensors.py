@@ -7,7 +7,12 @@ are stored (in, out) by us and by GPT-2's Conv1D, (out, in) by torch Linear laye
 Biases our model lacks map to no source: export writes them as zeros, which computes the same
 function; import requires them to be zero.
 
-Shape letters: V vocab, D embed, N query heads, K kv heads, H head dim, F mlp hidden, P positions.
+Experts: transformers holds them fused in memory (gate_up_proj (E, 2F, D), down_proj (E, D, F))
+but saves one tensor per expert per weight, the layout every version and other loaders read;
+export writes that layout and import reads either.
+
+Shape letters: V vocab, D embed, N query heads, K kv heads, H head dim, F mlp hidden, P positions,
+E experts.
 """
 
 from collections.abc import Callable
@@ -29,6 +34,7 @@ class Tensor:
   sources: tuple[str | None, ...]
   to_hf: Callable[..., np.ndarray]
   from_hf: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+  expert: int | None = None  # One expert's slice (axis 0) of its source: import stacks them.
 
 
 def _same(name, shape, source):
@@ -53,9 +59,21 @@ def _bias(name, size, source, ours_shape):
   )
 
 
-def tensor_map(m: ModelConfig, arch: str) -> list[Tensor]:
-  """Every tensor of the transformers model (tied ones once), in the order they are written."""
+def tensor_map(m: ModelConfig, arch: str, fused: bool = False) -> list[Tensor]:
+  """Every tensor of the transformers model (tied ones once), in the order they are written;
+  `fused`: its experts as transformers holds them in memory (see the module docstring)."""
+  if arch in hf_arch.MOE:
+    return _moe_tensors(m, arch, fused)
   return {hf_arch.GPT2: _gpt2_tensors, hf_arch.LLAMA: _llama_tensors}.get(arch, _roberta_tensors)(m)
+
+
+def zero_params(m: ModelConfig, arch: str) -> dict[str, tuple[int, ...]]:
+  """Our parameters (path: shape) that `arch` has no tensor for, so are zero in a model it holds:
+  Mixtral's routers have no bias. Import sets them to zero; export refuses them unless zero."""
+  if arch != hf_arch.MIXTRAL:
+    return {}
+  layers = [i for i in range(m.num_layers) if m.moe.is_moe(i)]
+  return {f'blocks/{i}/mlp/router_bias': (m.moe.num_experts,) for i in layers}
 
 
 def _gpt2_tensors(m: ModelConfig) -> list[Tensor]:
@@ -117,17 +135,7 @@ def _llama_tensors(m: ModelConfig) -> list[Tensor]:
   out.append(_same('model.embed_tokens.weight', (V, D), 'embed/embedding'))
   for i in range(m.num_layers):
     b, h = f'blocks/{i}', f'model.layers.{i}'
-    out += [
-      _same(f'{h}.input_layernorm.weight', (D,), f'{b}/attn_norm/scale'),
-      _matrix(f'{h}.self_attn.q_proj.weight', (N * H, D), f'{b}/attn/q', (D, N, H), True),
-      _matrix(f'{h}.self_attn.k_proj.weight', (K * H, D), f'{b}/attn/k', (D, K, H), True),
-      _matrix(f'{h}.self_attn.v_proj.weight', (K * H, D), f'{b}/attn/v', (D, K, H), True),
-      _matrix(f'{h}.self_attn.o_proj.weight', (D, N * H), f'{b}/attn/o', (N, H, D), True),
-      _same(f'{h}.post_attention_layernorm.weight', (D,), f'{b}/mlp_norm/scale'),
-      _matrix(f'{h}.mlp.gate_proj.weight', (F, D), f'{b}/mlp/wi_gate', (D, F), True),
-      _matrix(f'{h}.mlp.up_proj.weight', (F, D), f'{b}/mlp/wi', (D, F), True),
-      _matrix(f'{h}.mlp.down_proj.weight', (D, F), f'{b}/mlp/wo', (F, D), True),
-    ]
+    out += _llama_attention(m, b, h) + _swiglu(f'{h}.mlp', f'{b}/mlp', D, F)
     if m.use_bias:
       out += [
         _bias(f'{h}.self_attn.q_proj.bias', N * H, f'{b}/attn/q_bias', (N, H)),
@@ -138,10 +146,109 @@ def _llama_tensors(m: ModelConfig) -> list[Tensor]:
         _same(f'{h}.mlp.up_proj.bias', (F,), f'{b}/mlp/bi'),
         _same(f'{h}.mlp.down_proj.bias', (D,), f'{b}/mlp/bo'),
       ]
-  out.append(_same('model.norm.weight', (D,), 'final_norm/scale'))
+  return out + _llama_output(m)
+
+
+def _llama_attention(m: ModelConfig, b: str, h: str) -> list[Tensor]:
+  """Block `b`'s norms and attention weights as Llama's layer `h` names them (no biases)."""
+  D, N, K, H = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim
+  return [
+    _same(f'{h}.input_layernorm.weight', (D,), f'{b}/attn_norm/scale'),
+    _matrix(f'{h}.self_attn.q_proj.weight', (N * H, D), f'{b}/attn/q', (D, N, H), True),
+    _matrix(f'{h}.self_attn.k_proj.weight', (K * H, D), f'{b}/attn/k', (D, K, H), True),
+    _matrix(f'{h}.self_attn.v_proj.weight', (K * H, D), f'{b}/attn/v', (D, K, H), True),
+    _matrix(f'{h}.self_attn.o_proj.weight', (D, N * H), f'{b}/attn/o', (N, H, D), True),
+    _same(f'{h}.post_attention_layernorm.weight', (D,), f'{b}/mlp_norm/scale'),
+  ]
+
+
+def _swiglu(hf: str, ours: str | None, D: int, F: int) -> list[Tensor]:
+  """A SwiGLU MLP's weights (`ours` None: one the model does not have, written as zeros)."""
+
+  def at(name: str) -> str | None:
+    return None if ours is None else f'{ours}/{name}'
+
+  return [
+    _matrix(f'{hf}.gate_proj.weight', (F, D), at('wi_gate'), (D, F), True),
+    _matrix(f'{hf}.up_proj.weight', (F, D), at('wi'), (D, F), True),
+    _matrix(f'{hf}.down_proj.weight', (D, F), at('wo'), (F, D), True),
+  ]
+
+
+def _llama_output(m: ModelConfig) -> list[Tensor]:
+  V, D = m.vocab_size, m.embed_dim
+  out = [_same('model.norm.weight', (D,), 'final_norm/scale')]
   if not m.tie_embeddings:
     out.append(_matrix('lm_head.weight', (V, D), 'head', (D, V), True))
   return out
+
+
+# Each MoE architecture's names for an expert's gate, up and down projections, on disk.
+_EXPERT_NAMES = {
+  hf_arch.MIXTRAL: ('w1', 'w3', 'w2'),
+  hf_arch.GLM4_MOE: ('gate_proj', 'up_proj', 'down_proj'),
+}
+
+
+def _moe_tensors(m: ModelConfig, arch: str, fused: bool) -> list[Tensor]:
+  """MixtralForCausalLM, Glm4MoeForCausalLM: Llama's attention; a router (E, D) and experts in
+  each MoE layer; GLM's dense first layers, router bias and shared experts."""
+  V, D, E = m.vocab_size, m.embed_dim, m.moe.num_experts
+  F, shared = m.moe.expert_dim, m.moe.shared_experts
+  glm = arch == hf_arch.GLM4_MOE
+  out = [_same('model.embed_tokens.weight', (V, D), 'embed/embedding')]
+  for i in range(m.num_layers):
+    b, h = f'blocks/{i}', f'model.layers.{i}'
+    out += _llama_attention(m, b, h)
+    if not m.moe.is_moe(i):
+      out += _swiglu(f'{h}.mlp', f'{b}/mlp', D, m.mlp_dim)
+      continue
+    # Mixtral's checkpoints keep its first name for the layer; transformers renames it on load.
+    moe = f'{h}.block_sparse_moe' if arch == hf_arch.MIXTRAL and not fused else f'{h}.mlp'
+    out.append(_matrix(f'{moe}.gate.weight', (E, D), f'{b}/mlp/router', (D, E), True))
+    if glm:  # DeepSeek-V3's bias: it chooses experts, never weighs them, as ours.
+      out.append(_same(f'{moe}.gate.e_score_correction_bias', (E,), f'{b}/mlp/router_bias'))
+    out += _fused_experts(moe, f'{b}/mlp', E, D, F) if fused else _experts(arch, moe, b, E, D, F)
+    if glm:  # Always there: zero-width when the model has no shared experts.
+      out += _swiglu(f'{moe}.shared_experts', f'{b}/mlp/shared' if shared else None, D, F * shared)
+  return out + _llama_output(m)
+
+
+def _experts(arch: str, moe: str, b: str, E: int, D: int, F: int) -> list[Tensor]:
+  """One (out, in) tensor per expert per weight; weight by weight, so that export reads each of
+  our (E, ...) parameters once for all its experts."""
+
+  def expert(name: str, shape: tuple[int, ...], source: str, j: int) -> Tensor:
+    return Tensor(name, shape, (source,), lambda x: x[j].T, lambda y: (y.T,), expert=j)
+
+  gate, up, down = _EXPERT_NAMES[arch]
+  out = []
+  for hf_name, ours, shape in ((gate, 'wi_gate', (F, D)), (up, 'wi', (F, D)), (down, 'wo', (D, F))):
+    out += [
+      expert(f'{moe}.experts.{j}.{hf_name}.weight', shape, f'{b}/mlp/{ours}', j) for j in range(E)
+    ]
+  return out
+
+
+def _fused_experts(moe: str, mlp: str, E: int, D: int, F: int) -> list[Tensor]:
+  """transformers' in-memory layout (`save_pretrained(save_original_format=False)` writes it):
+  gate and up concatenated in that order, (out, in) per expert."""
+  return [
+    Tensor(
+      f'{moe}.experts.gate_up_proj',
+      (E, 2 * F, D),
+      (f'{mlp}/wi_gate', f'{mlp}/wi'),
+      lambda gate, up: np.concatenate([gate, up], axis=2).transpose(0, 2, 1),
+      lambda y: tuple(np.split(y.transpose(0, 2, 1), 2, axis=2)),
+    ),
+    Tensor(
+      f'{moe}.experts.down_proj',
+      (E, D, F),
+      (f'{mlp}/wo',),
+      lambda wo: wo.transpose(0, 2, 1),
+      lambda y: (y.transpose(0, 2, 1),),
+    ),
+  ]
 
 
 def _roberta_tensors(m: ModelConfig) -> list[Tensor]:
