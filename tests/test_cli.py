@@ -5,11 +5,12 @@ Killed, stopped and misfed runs are in tests/faults/."""
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import PEAK_FLOPS_ARG, REPO, load_config, require, run_cli
+from conftest import PEAK_FLOPS_ARG, REPO, fake_devices_env, load_config, require, run_cli
 from pretrax import config as config_lib
 from pretrax import config_check, metrics
 
@@ -51,6 +52,8 @@ def test_bad_overrides_fail_with_one_line(tmp_path, override, fragments):
     ({'model.num_kv_heads': 3, 'model.flavour': 'llama'}, ('model.num_kv_heads=3',)),
     ({'data.batch_size': 6, 'optim.grad_accum_steps': 4}, ('data.batch_size=6', 'multiple of 4')),
     ({'objective': 'causal'}, ('objective=',)),
+    ({'model.moe.num_experts': 4, 'model.moe.top_k': 6}, ('top_k=6', 'num_experts=4')),
+    ({'model.moe.num_experts': 4, 'model.moe.first_dense': 2}, ('first_dense=2', 'num_layers=2')),
   ],
 )
 def test_impossible_configs_name_the_fields(changes, fragments):
@@ -62,6 +65,40 @@ def test_impossible_configs_name_the_fields(changes, fragments):
     config_check.validate(c, check_data=False)
   for fragment in fragments:
     assert fragment in str(error.value)
+
+
+@pytest.mark.parametrize(
+  'devices, overrides, fragments',
+  [
+    (1, ['model.moe.top_k=6'], ('model.moe.top_k=6', 'model.moe.num_experts=4')),
+    # Expert parallelism: 4 experts do not split over 3 devices of the expert axis.
+    (3, ['mesh.expert=3'], ('model.moe.num_experts=4', 'mesh axis expert (mesh.expert=3)')),
+    # The same with the experts put on the fsdp axis instead. The dense weights split 3 ways
+    # (width 48), so the experts are the one thing at fault.
+    (
+      3,
+      ['mesh.rules=experts=fsdp,expert_embed=', 'mesh.fsdp=3', 'model.embed_dim=48'],
+      ('model.moe.num_experts=4', 'mesh axis fsdp', 'a multiple of 3', 'mesh.rules=experts='),
+    ),
+  ],
+  ids=['top_k', 'experts_over_expert', 'experts_over_fsdp'],
+)
+def test_bad_moe_settings_fail_in_one_line_before_anything_runs(
+  tmp_path, devices, overrides, fragments
+):
+  workdir = tmp_path / 'run'
+  settings = ['model.moe.num_experts=4', 'data.batch_size=6', *overrides]
+  args = ['train', f'--config={TINY}', f'--workdir={workdir}', *(f'--config.{s}' for s in settings)]
+  result = subprocess.run(
+    [sys.executable, '-m', 'pretrax.cli', *args],
+    cwd=REPO,
+    text=True,
+    capture_output=True,
+    timeout=300,
+    env=fake_devices_env(devices),
+  )
+  _one_line_error(result, *fragments)
+  assert not workdir.exists()  # Refused before reading data, let alone compiling.
 
 
 def test_batch_must_split_over_devices():

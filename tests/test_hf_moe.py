@@ -1,12 +1,16 @@
-"""Hugging Face export and import of Mixture-of-Experts models, checked against transformers.
+"""Hugging Face export and import of Mixture-of-Experts and qk-norm models, checked against
+transformers.
 
-Mixtral (softmax router, the chosen experts renormalised) and GLM-4.5's MoE (DeepSeek-V3's sigmoid
-router and bias, shared experts, dense first layers, with Llama's attention), both ways: the same
-logits within 1e-4 and the same greedy text as `pretrax.sample`. The MoE decoders whose layers ours
+Mixtral (softmax router, the chosen experts renormalised), GLM-4.5's MoE (DeepSeek-V3's sigmoid
+router and bias, shared experts, dense first layers, with Llama's attention and optionally a
+per-head qk-norm), Qwen3-MoE (softmax router, q_norm and k_norm per head, dense layers anywhere),
+OLMoE (softmax router, q_norm and k_norm over all heads) and dense Qwen3, both ways: the same
+logits within 1e-4 and the same greedy text as `pretrax.sample`. The decoders whose layers ours
 cannot hold are refused on import, and models no target holds on export, each with one line.
 
 Every model has random weights, norms and router biases, so a gate swapped with an up projection,
-a transposed expert or a missing renormalisation shows in the logits.
+a transposed expert, a missing renormalisation or a qk-norm scale on the wrong axis shows in the
+logits.
 """
 
 import os
@@ -20,7 +24,8 @@ from conftest import load_config, require
 from pretrax import checkpoint, run_config, sample
 from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
-from pretrax.interop import hf_arch, hf_export, hf_import, hf_tensors, hf_tokenizer
+from pretrax.config_types import MoeConfig
+from pretrax.interop import hf_arch, hf_export, hf_fields, hf_import, hf_tensors, hf_tokenizer
 
 MOE = {'model.moe.num_experts': 4, 'model.moe.top_k': 2, 'model.moe.expert_dim': 40}
 MODELS = {  # name: (the pretrax overrides, the transformers architecture)
@@ -38,11 +43,38 @@ MODELS = {  # name: (the pretrax overrides, the transformers architecture)
     ),
     hf_arch.GLM4_MOE,
   ),
-  # No shared experts (GLM writes zero-width ones) and the chosen weights not renormalised.
+  # No shared experts (GLM writes zero-width ones), the chosen weights not renormalised, and
+  # GLM's per-head qk-norm (use_qk_norm).
   'glm4_moe_plain': (
-    dict(MOE, **{'model.moe.score': 'sigmoid', 'model.moe.renormalise': False}),
+    dict(
+      MOE,
+      **{'model.moe.score': 'sigmoid', 'model.moe.renormalise': False, 'model.qk_norm': 'head'},
+    ),
     hf_arch.GLM4_MOE,
   ),
+  # Experts in layers 1 and 3 (mlp_only_layers 0 and 2), a head_dim of its own, not renormalised.
+  'qwen3_moe': (
+    dict(
+      MOE,
+      **{
+        'model.num_layers': 4,
+        'model.head_dim': 24,
+        'model.qk_norm': 'head',
+        'model.moe.first_dense': 1,
+        'model.moe.every': 2,
+        'model.moe.renormalise': False,
+      },
+    ),
+    hf_arch.QWEN3_MOE,
+  ),
+  'olmoe': (
+    dict(
+      MOE,
+      **{'model.tie_embeddings': False, 'model.qk_norm': 'full'},
+    ),
+    hf_arch.OLMOE,
+  ),
+  'qwen3': ({'model.qk_norm': 'head', 'model.head_dim': 24}, hf_arch.QWEN3),
 }
 PROMPT = 'ROMEO:\nWhat light'
 
@@ -136,7 +168,7 @@ def test_export_matches_transformers_and_imports_back(tmp_path, corpus_path, cha
   overrides, arch = MODELS[name]
   c = _config(corpus_path, overrides)
   run, params = _random_run(
-    c, char_tokenizer, str(tmp_path / 'run'), zero_router_bias=arch == hf_arch.MIXTRAL
+    c, char_tokenizer, str(tmp_path / 'run'), zero_router_bias=arch in hf_arch.NO_ROUTER_BIAS
   )
   out = str(tmp_path / 'hf')
   assert hf_export.export(str(tmp_path / 'run'), out, log=lambda _: None) == arch
@@ -169,6 +201,20 @@ def _hf_config(name: str, vocab_size: int, **kwargs):
   if name == 'mixtral':
     made = dict(intermediate_size=40, num_local_experts=4, tie_word_embeddings=True)
     return transformers.MixtralConfig(**dict(common, **made, **kwargs))
+  if name in ('qwen3_moe', 'qwen3'):
+    made = dict(intermediate_size=96, head_dim=24, tie_word_embeddings=True)
+    if name == 'qwen3':
+      del common['num_experts_per_tok']
+      return transformers.Qwen3Config(**dict(common, **made, **kwargs))
+    made.update(
+      moe_intermediate_size=40, num_experts=4, num_hidden_layers=4, mlp_only_layers=[0, 2]
+    )
+    return transformers.Qwen3MoeConfig(**dict(common, **dict(made, **kwargs)))
+  if name == 'olmoe':
+    made = dict(
+      intermediate_size=40, num_experts=4, norm_topk_prob=True, pad_token_id=0, eos_token_id=2
+    )
+    return transformers.OlmoeConfig(**dict(common, **dict(made, **kwargs)))
   made = dict(
     intermediate_size=96,
     moe_intermediate_size=40,
@@ -182,8 +228,15 @@ def _hf_config(name: str, vocab_size: int, **kwargs):
   return transformers.Glm4MoeConfig(**dict(common, **dict(made, **kwargs)))
 
 
-@pytest.mark.parametrize('name', ['mixtral', 'glm4_moe'])
-@pytest.mark.parametrize('fused', [False, True])
+# The tied embeddings of the transformers models _hf_config makes.
+_HF_TIED = {'mixtral': True, 'glm4_moe': False, 'qwen3_moe': True, 'olmoe': False, 'qwen3': True}
+
+
+@pytest.mark.parametrize(
+  'name, fused',
+  [(n, f) for n in ('mixtral', 'glm4_moe') for f in (False, True)]
+  + [('qwen3_moe', False), ('qwen3_moe', True), ('olmoe', False), ('qwen3', False)],
+)
 def test_import_matches_a_transformers_model(tmp_path, corpus_path, char_tokenizer, name, fused):
   torch = require('torch')
   torch.manual_seed(0)
@@ -199,7 +252,7 @@ def test_import_matches_a_transformers_model(tmp_path, corpus_path, char_tokeniz
   # transformers writes one tensor per expert; its in-memory, fused layout on request.
   model.save_pretrained(str(tmp_path / 'hf'), save_original_format=not fused)
   char_tokenizer.save(str(tmp_path / 'hf' / hf_tokenizer.SENTENCEPIECE_FILE))
-  c = _config(corpus_path, dict(MODELS[name][0], **{'model.tie_embeddings': name == 'mixtral'}))
+  c = _config(corpus_path, dict(MODELS[name][0], **{'model.tie_embeddings': _HF_TIED[name]}))
   params = hf_import.import_model(str(tmp_path / 'hf'), c, str(tmp_path / 'run'), log=print)
   run = state_lib.build(c, char_tokenizer.vocab_size)
   mngr = checkpoint.manager(str(tmp_path / 'run'), read_only=True)
@@ -231,14 +284,23 @@ def test_every_tensor_splits_back_into_what_made_it(corpus_path, name):
 @pytest.mark.parametrize(
   'config, reason',
   [
-    (('Qwen3MoeConfig', {}), r'Qwen3MoeForCausalLM: .*\(q_norm, k_norm\).*no qk-norm'),
-    (('OlmoeConfig', {}), r'OlmoeForCausalLM: .*\(q_norm, k_norm\)'),
+    (('Olmo2Config', {}), r'Olmo2ForCausalLM: .*output of each attention and MLP \(post-norm\)'),
     (('Qwen2MoeConfig', {}), r'Qwen2MoeForCausalLM: .*sigmoid gate \(shared_expert_gate\)'),
     (('mixtral', {'sliding_window': 8}), r'Mixtral.* sliding_window=8: .*whole context'),
     (('glm4_moe', {'routed_scaling_factor': 2.5}), r'routed_scaling_factor=2.5: .*scale'),
     (('glm4_moe', {'partial_rotary_factor': 0.5}), r'partial_rotary_factor=0.5: .*whole'),
     (('glm4_moe', {'n_group': 2, 'topk_group': 1}), r'topk_group=1: .*groups \(n_group\)'),
-    (('glm4_moe', {'use_qk_norm': True}), r'use_qk_norm=True: .*no qk-norm'),
+    (
+      ('qwen3_moe', {'mlp_only_layers': [1]}),
+      r'decoder_sparse_step=1 and mlp_only_layers=\[1\]: its experts are in layers \[0, 2, 3\]',
+    ),
+    (
+      ('qwen3_moe', {'mlp_only_layers': [3]}),
+      r'experts are in layers \[0, 1, 2\], and pretrax puts them in every model.moe.every-th',
+    ),
+    (('qwen3_moe', {'use_sliding_window': True, 'sliding_window': 8}), r'sliding_window=8'),
+    (('qwen3', {'attention_bias': True}), r'Qwen3ForCausalLM with attention_bias=True: .*MLP'),
+    (('olmoe', {'clip_qkv': 8.0}), r'OlmoeForCausalLM with clip_qkv=8.0: '),
   ],
 )
 def test_import_refuses_what_our_layers_cannot_hold(tmp_path, corpus_path, config, reason):
@@ -255,6 +317,35 @@ def test_import_refuses_what_our_layers_cannot_hold(tmp_path, corpus_path, confi
     hf_import.import_model(str(tmp_path / 'hf'), c, str(tmp_path / 'run'))
   assert '\n' not in str(e.value)
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
+
+
+@pytest.mark.parametrize(
+  'layers, step, dense, expected',
+  [
+    (4, 1, [], (0, 1)),
+    (4, 2, [], (1, 2)),  # Layers 1 and 3: every second layer, from the second.
+    (6, 3, [], (2, 3)),
+    (4, 1, [0, 2], (1, 2)),
+    (5, 1, [0, 1], (2, 1)),  # Dense first layers, as DeepSeek-V3's.
+    (4, 1, [0, 1, 2], (3, 1)),  # One MoE layer, the last.
+  ],
+)
+def test_qwen3_moe_layers_become_first_dense_and_every(layers, step, dense, expected):
+  hf = dict(
+    architectures=[hf_arch.QWEN3_MOE],
+    num_hidden_layers=layers,
+    decoder_sparse_step=step,
+    mlp_only_layers=dense,
+    num_attention_heads=4,
+    hidden_size=64,
+    num_experts=4,
+  )
+  fields = hf_fields.model_fields(hf)
+  assert (fields['moe.first_dense'], fields['moe.every']) == expected
+  # And back: the layers export writes as mlp_only_layers are the ones that were dense.
+  moe = MoeConfig(num_experts=4, first_dense=expected[0], every=expected[1])
+  hf_moe = [i for i in range(layers) if i not in dense and (i + 1) % step == 0]
+  assert [i for i in range(layers) if moe.is_moe(i)] == hf_moe
 
 
 def test_import_names_every_moe_mismatch(tmp_path, corpus_path):
@@ -318,6 +409,19 @@ def test_import_names_every_moe_mismatch(tmp_path, corpus_path):
     ({'model.moe.renormalise': False}, 'renormalise=False: MixtralForCausalLM renormalises'),
     ({'model.moe.score': 'sigmoid', 'model.moe.every': 2}, 'every=2: Glm4MoeForCausalLM'),
     ({'objective': 'masked_lm'}, 'Mixture-of-Experts encoder'),
+    (
+      {'model.qk_norm': 'full', 'model.moe.score': 'sigmoid'},
+      "qk_norm=full with a sigmoid router: Glm4MoeForCausalLM's qk-norm is per head",
+    ),
+    ({'model.qk_norm': 'full', 'model.moe.first_dense': 1}, 'first_dense=1: OlmoeForCausalLM'),
+    ({'model.qk_norm': 'full', 'model.moe.every': 2}, 'every=2: OlmoeForCausalLM'),
+    ({'model.qk_norm': 'full', 'model.head_dim': 24}, 'head_dim=24: OlmoeForCausalLM needs'),
+    ({'model.qk_norm': 'head', 'model.moe.shared_experts': 1}, 'Qwen3MoeForCausalLM has no shared'),
+    ({'model.moe.num_experts': 0, 'model.qk_norm': 'full'}, r'Olmo2ForCausalLM .*\(post-norm\)'),
+    (
+      {'model.moe.num_experts': 0, 'model.qk_norm': 'head', 'model.use_bias': True},
+      'Qwen3ForCausalLM has no MLP biases',
+    ),
   ],
 )
 def test_export_refuses_what_no_target_holds(corpus_path, overrides, reason):
@@ -327,8 +431,11 @@ def test_export_refuses_what_no_target_holds(corpus_path, overrides, reason):
   assert '\n' not in str(e.value)
 
 
-def test_export_refuses_a_router_bias_mixtral_lacks(tmp_path, corpus_path, char_tokenizer):
-  c = _config(corpus_path, dict(MOE, **{'model.moe.bias_rate': 0.001}))
+@pytest.mark.parametrize('qk_norm', ['none', 'head', 'full'])  # Mixtral, Qwen3-MoE, OLMoE.
+def test_export_refuses_a_router_bias_the_target_lacks(
+  tmp_path, corpus_path, char_tokenizer, qk_norm
+):
+  c = _config(corpus_path, dict(MOE, **{'model.moe.bias_rate': 0.001, 'model.qk_norm': qk_norm}))
   _random_run(c, char_tokenizer, str(tmp_path / 'run'), zero_router_bias=False)
   with pytest.raises(
     hf_arch.ConversionError, match=r'blocks/0/mlp/router_bias is not zero .* no router bias'

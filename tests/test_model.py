@@ -11,8 +11,9 @@ import optax
 import pytest
 
 from conftest import REPO, load_config
-from pretrax import run_config
+from pretrax import optim, run_config
 from pretrax import state as state_lib
+from pretrax.data.batch import Batch
 from pretrax.model import attention, layers, masks, transformer
 
 L = 16
@@ -228,7 +229,9 @@ def test_every_config_builds_abstractly(name):
     return isinstance(x, optax.ScaleByAdamState)
 
   adam = [s for s in jax.tree.leaves(run.shardings['opt_state'], is_leaf=is_adam) if is_adam(s)]
-  params_specs = [s.spec for s in jax.tree.leaves(run.shardings['params'])]
+  # An MoE's router bias is set by the step, not the optimizer: it has no moments.
+  optimized = optim.without_frozen(run.shardings['params'])
+  params_specs = [s.spec for s in jax.tree.leaves(optimized)]
   assert len(adam) == 1 and any(spec != jax.sharding.PartitionSpec() for spec in params_specs)
   for moments in (adam[0].mu, adam[0].nu):
     assert [s.spec for s in jax.tree.leaves(moments)] == params_specs
@@ -275,3 +278,90 @@ def test_layer_norm_gradient_matches_autodiff():
   np.testing.assert_allclose(layers.layer_norm(x, scale, 1e-5), reference(x, scale), atol=1e-5)
   for a, b in zip(ours, ref, strict=True):
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def _param_paths(model) -> dict[str, tuple[int, ...]]:
+  return {
+    state_lib.param_path(k): v.shape
+    for k, v in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model)))[0]
+  }
+
+
+def test_qk_norm_off_by_default_adds_nothing():
+  """'' and 'none' build the same llama as the default, with no qk-norm parameter: today's models
+  are unchanged, parameter for parameter and logit for logit."""
+  ids = jnp.arange(L, dtype=jnp.int32)[None] % 50
+  seg, pos = jnp.ones((1, L), jnp.int32), jnp.arange(L, dtype=jnp.int32)[None]
+  default, empty = small_model('llama'), small_model('llama', qk_norm='')
+  assert default.cfg.qk_norm == empty.cfg.qk_norm == 'none'  # Resolved: one spelling.
+  assert not any('q_norm' in p or 'k_norm' in p for p in _param_paths(default))
+  for a, b in zip(
+    jax.tree.leaves(nnx.state(default)), jax.tree.leaves(nnx.state(empty)), strict=True
+  ):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(default(ids, seg, pos), empty(ids, seg, pos))
+
+
+@pytest.mark.parametrize('kind, q, k', [('head', (16,), (16,)), ('full', (64,), (32,))])
+def test_qk_norm_normalises_each_head_or_all_heads_and_trains(kind, q, k):
+  from pretrax import step as step_lib  # pylint: disable=C0415
+
+  paths = _param_paths(small_model('llama', qk_norm=kind))
+  assert (paths['blocks/0/attn/q_norm/scale'], paths['blocks/0/attn/k_norm/scale']) == (q, k)
+  # RMS 1 over each head (head) or over all of them together (full), with the initial scale.
+  norm = small_model('llama', qk_norm=kind).blocks[0].attn.q_norm
+  x_BLNH = jax.random.normal(jax.random.key(0), (2, 3, 4, 16)) * jnp.arange(1.0, 5.0)[:, None]
+  y_BLNH = norm(x_BLNH)
+  rms_BLN = jnp.sqrt(jnp.mean(y_BLNH**2, axis=-1))
+  if kind == 'head':
+    np.testing.assert_allclose(rms_BLN, 1.0, rtol=1e-4)
+  else:
+    np.testing.assert_allclose(jnp.sqrt(jnp.mean(rms_BLN**2, axis=-1)), 1.0, rtol=1e-4)
+    assert float(jnp.max(rms_BLN) / jnp.min(rms_BLN)) > 2  # The heads keep their proportions.
+
+  # One train step: the loss is finite and the scales (logical axis 'norm') learn.
+  c = load_config('tiny', 'llama')
+  c.data.seq_len, c.model.qk_norm, c.optim.warmup_steps = L, kind, 0
+  c = run_config.build(c, check_data=False)
+  run = state_lib.build(c, 50)
+  specs = {
+    state_lib.param_path(p): s.spec
+    for p, s in jax.tree_util.tree_flatten_with_path(run.shardings['params'])[0]
+  }
+  assert specs['blocks/0/attn/q_norm/scale'] == specs['blocks/0/attn_norm/scale']
+  state = run.init(0)
+  train_step = step_lib.jit_train_step(
+    run.model_def, run.optimizer, run.schedule, step_lib.step_config(c)
+  )
+  B = c.data.batch_size
+  ids = jax.random.randint(jax.random.key(1), (B, L + 1), 1, 50)
+  batch = Batch(
+    inputs=ids[:, :-1],
+    segment_ids=jnp.ones((B, L), jnp.int32),
+    positions=jnp.tile(jnp.arange(L, dtype=jnp.int32), (B, 1)),
+    targets=ids[:, 1:],
+    weights=jnp.ones((B, L), jnp.float32),
+    prefix=jnp.zeros((B, L), jnp.int32),
+    objective=jnp.zeros((B, L), jnp.int32),
+  )
+  before = np.asarray(state['params']['blocks'][0]['attn']['q_norm']['scale'])
+  state, metrics = train_step(state, batch)
+  assert np.isfinite(float(metrics['loss'])) and float(metrics['grad_norm']) > 0
+  assert np.any(np.asarray(state['params']['blocks'][0]['attn']['q_norm']['scale']) != before)
+
+
+@pytest.mark.parametrize(
+  'overrides, message',
+  [
+    ({'qk_norm': 'head', 'flavour': 'gpt2'}, "model.qk_norm='head' needs model.flavour=llama"),
+    ({'qk_norm': 'layer'}, "model.qk_norm='layer' is not one of none, head, full"),
+  ],
+)
+def test_qk_norm_is_refused_where_it_cannot_be_built(overrides, message):
+  from pretrax import config as config_lib  # pylint: disable=C0415
+
+  c = load_config('tiny', 'llama')
+  c.model.update(overrides)
+  with pytest.raises(config_lib.ConfigError, match=message) as e:
+    run_config.build(c, check_data=False)
+  assert '\n' not in str(e.value)

@@ -236,3 +236,27 @@ def test_mfu_counts_the_active_parameters_of_an_moe_model():
   dense = metrics.flops_per_token(dataclasses.replace(run.model_cfg, moe=MoeConfig()), 16)
   # The same model with dense MLPs everywhere, less two dense MLPs, plus two MoE layers' active.
   assert counted == dense - 6.0 * 2 * dense_mlp + 6.0 * 2 * active_moe
+
+
+@pytest.mark.parametrize('factor', [0.0, 1.0])
+def test_padding_goes_to_no_expert_and_changes_no_real_tokens_output_or_statistics(factor):
+  """Two batches with the same real tokens and different padding: with capacity, routed padding
+  would take slots from the real tokens of its row; it must also count in no load or loss."""
+  cfg = moe.MoeConfig(num_experts=E, top_k=2, expert_dim=F, capacity_factor=factor)
+  layer = moe.MoeMlp(D, cfg, gated=True, std=0.5, out_std=0.5, param_dtype=jnp.float32,
+                     dtype=jnp.float32, rngs=nnx.Rngs(0))  # fmt: skip
+  x, *_ = _weights(gated=False)
+  x_BLD = x.reshape(4, T // 4, D)
+  valid_BL = jnp.arange(T // 4)[None, :] < jnp.array([[12], [6], [12], [3]])
+  other_BLD = jnp.where(valid_BL[..., None], x_BLD, 5.0 * jnp.flip(x_BLD, axis=1))
+  y, s = layer(x_BLD, valid_BL)
+  y_other, s_other = layer(other_BLD, valid_BL)
+  np.testing.assert_allclose(y[valid_BL], y_other[valid_BL], rtol=1e-6, atol=1e-6)
+  for a, b in zip(s, s_other, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  assert float(jnp.sum(s.load_E)) == 2 * int(jnp.sum(valid_BL))  # Real tokens' copies only.
+  # Only the real tokens: the statistics of the same tokens without any padding.
+  _, s_real = layer(x_BLD[1:2, :6], None)
+  _, s_padded = layer(x_BLD[1:2], valid_BL[1:2])
+  for name in ('balance_loss', 'sequence_balance_loss', 'z_loss', 'load_E'):
+    np.testing.assert_allclose(getattr(s_padded, name), getattr(s_real, name), rtol=1e-6)

@@ -26,6 +26,7 @@ TOKENIZER_TYPES = ('char', 'bpe', 'unigram')
 DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTION_BACKENDS = ('auto', 'xla', 'cudnn', 'splash', 'cpu')  # = model.attention.BACKENDS
 ROUTER_SCORES = ('softmax', 'sigmoid')
+QK_NORMS = ('none', 'head', 'full')  # '' is also 'none'.
 # A corpus every machine has: the Python standard library's own sources.
 STDLIB_CORPUS = 'python-stdlib'
 
@@ -118,6 +119,9 @@ def _model_fields(c: ml_collections.ConfigDict) -> None:
   c.model.dropout = 0.0
   c.model.norm_eps = 1e-5
   c.model.rope_theta = 10000.0
+  # RMSNorm of queries and keys before RoPE (llama only): none ('' too) | head (each head over
+  # head_dim, one scale shared by the heads: Qwen3) | full (the whole projection: OLMoE, OLMo-2).
+  c.model.qk_norm = 'none'
   c.model.init_std = 0.02
   c.model.param_dtype = 'float32'
   c.model.dtype = 'float32'  # Compute dtype; bfloat16 on accelerators.

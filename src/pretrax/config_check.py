@@ -1,9 +1,11 @@
 """Validation in one place: every impossible combination fails here, before anything compiles, with
 a ConfigError naming the fields and the fix; and the corpus files a config names.
 
-Imports config.py and config_specs.py, and (locally, for file checks only) data/sources.py.
+Imports config.py and config_specs.py, and locally data/sources.py (file checks) and sharding.py
+(whole experts per device). `cautions` names what can run but likely was not meant.
 """
 
+import math
 import os
 
 import ml_collections
@@ -13,6 +15,7 @@ from pretrax.config import (
   DTYPES,
   FINETUNE_OBJECTIVES,
   FLAVOURS,
+  QK_NORMS,
   ROUTER_SCORES,
   SCHEDULES,
   STDLIB_CORPUS,
@@ -30,6 +33,7 @@ from pretrax.config_specs import (
   profile_steps,
   remat_policy,
 )
+from pretrax.config_types import RunConfig
 
 
 def validate(
@@ -39,7 +43,9 @@ def validate(
   objective_mixture(c.objective)
   one_of('tokenizer.model_type', c.tokenizer.model_type, TOKENIZER_TYPES)
   _validate_model(c.model, c.data.seq_len)
+  _validate_qk_norm(c.model)
   _validate_moe(c.model.moe, c.model.num_layers)
+  _validate_expert_mesh(c, num_devices)
   _validate_batches(c.data, c.optim, num_devices)
   _validate_optim(c.optim)
   _validate_objectives(c)
@@ -80,6 +86,15 @@ def _validate_model(m: ml_collections.ConfigDict, seq_len: int) -> None:
   require(0.0 <= m.dropout < 1.0, f'model.dropout={m.dropout} must be in [0, 1).')
 
 
+def _validate_qk_norm(m: ml_collections.ConfigDict) -> None:
+  """model.qk_norm: a known kind, and a flavour whose norms are RMSNorm (the one qk-norm built)."""
+  one_of('model.qk_norm', m.qk_norm or 'none', QK_NORMS)
+  require(
+    m.qk_norm in ('', 'none') or m.flavour == 'llama',
+    f'model.qk_norm={m.qk_norm!r} needs model.flavour=llama (RMSNorm): set model.qk_norm=none.',
+  )
+
+
 def _validate_moe(moe: ml_collections.ConfigDict, num_layers: int) -> None:
   """model.moe: sizes that can route, layers that exist, weights that cannot be negative."""
   one_of('model.moe.score', moe.score, ROUTER_SCORES)
@@ -100,6 +115,51 @@ def _validate_moe(moe: ml_collections.ConfigDict, num_layers: int) -> None:
     f'model.moe.first_dense={moe.first_dense} leaves no MoE layer of model.num_layers='
     f'{num_layers}: lower it, or set model.moe.num_experts=0 for a dense model.',
   )
+
+
+def _validate_expert_mesh(c: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Whole experts on each device: the mesh axes that mesh.rules gives `experts` divide their
+  number (JAX needs even shards; the parameter check would only say so after the data is read)."""
+  if not c.model.moe.num_experts:
+    return
+  from pretrax import sharding  # Local: it imports JAX, which validation otherwise does without.
+
+  try:
+    ici, dcn = sharding.mesh_shapes(c.mesh, num_devices)
+    experts = sharding.rules(c.mesh)['experts']
+  except sharding.ShardingError:
+    return  # A mesh or rule that cannot be made says so where the run makes it.
+  parts = dict(zip(sharding.MESH_AXES, zip(ici, dcn, strict=True), strict=True))
+  axes = [a for a in sharding.axes_of(experts) if math.prod(parts[a]) > 1]
+  ways = math.prod(math.prod(parts[a]) for a in axes)
+
+  def field(axis: str) -> str:  # The settings that make the axis this size.
+    per_granule, granules = parts[axis]
+    return f'mesh.{axis}={per_granule}' + (f' x mesh.dcn_{axis}={granules}' if granules > 1 else '')
+
+  num_experts = c.model.moe.num_experts
+  require(
+    num_experts % ways == 0,
+    f'model.moe.num_experts={num_experts} cannot be split over the {ways} devices of mesh '
+    f'{"axes" if len(axes) > 1 else "axis"} {"+".join(axes)} ({", ".join(map(field, axes))}), '
+    f'to which mesh.rules maps the experts: make num_experts a multiple of {ways}, change the '
+    'mesh, or keep every expert on every device with --config.mesh.rules=experts=',
+  )
+
+
+def cautions(c: RunConfig) -> list[str]:
+  """What can run but likely was not meant, one line each (train.py logs them as warnings)."""
+  out = []
+  factor = c.model.moe.capacity_factor
+  if c.model.moe.num_experts and 0 < factor < 1:
+    # Not refused: a factor below 1 is a legitimate trade of quality for speed, and the run
+    # measures what it drops; but it drops that much even when the routing is perfectly even.
+    out.append(
+      f'model.moe.capacity_factor={factor:g} gives each expert fewer slots than an even share '
+      f'of the tokens: about {1 - factor:.0%} of token copies are dropped at every step however '
+      'balanced the routing (moe_dropped_fraction); 1 to 1.25 is usual, 0 drops none.'
+    )
+  return out
 
 
 def _validate_batches(

@@ -58,6 +58,7 @@ class ModelSection:
   dropout: float
   norm_eps: float
   rope_theta: float
+  qk_norm: str
   init_std: float
   param_dtype: str
   dtype: str
@@ -254,3 +255,4 @@ class ModelConfig:
   loss_chunk: int = 0  # Positions per chunk of the output projection and loss; 0: all at once.
   max_segments: int = 16  # Documents per row for cuDNN's variable-length attention; 0: dense mask.
   moe: MoeConfig = MoeConfig()  # No experts: a dense model.
+  qk_norm: str = 'none'  # none | head | full: RMSNorm of queries and keys before RoPE (llama).

@@ -73,6 +73,7 @@ def resolve(fields: dict[str, Any]) -> RunConfig:
   model['head_dim'] = model['head_dim'] or model['embed_dim'] // model['num_heads']
   model['mlp_dim'] = model['mlp_dim'] or 4 * model['embed_dim']
   model['max_len'] = model['max_len'] or data['seq_len']
+  model['qk_norm'] = model['qk_norm'] or 'none'
   moe = model['moe'] = dict(model['moe'])
   if moe['num_experts']:  # A dense model's expert settings mean nothing: left as written.
     moe['expert_dim'] = moe['expert_dim'] or model['mlp_dim']

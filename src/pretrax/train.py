@@ -16,7 +16,16 @@ from typing import Any
 import jax
 import numpy as np
 
-from pretrax import checkpoint, config_specs, faults, paths, run_config, saved_run, train_eval
+from pretrax import (
+  checkpoint,
+  config_check,
+  config_specs,
+  faults,
+  paths,
+  run_config,
+  saved_run,
+  train_eval,
+)
 from pretrax import config as config_lib
 from pretrax import metrics as metrics_lib
 from pretrax import plan as plan_lib
@@ -63,6 +72,8 @@ def _train(
 ) -> dict[str, Any]:
   # ---- Config and data ----------------------------------------------------------------------
   checkpoint.check_resumable(mngr, c)
+  for caution in config_check.cautions(c):
+    log(f'warning: {caution}')
   data = load_data(c, workdir, has_checkpoints=mngr.latest_step() is not None)
   if c.objective != 'causal_lm':
     log(f'objective: {c.objective}')

@@ -4,12 +4,15 @@ Each flavour maps to the transformers architecture whose layout is ours, tensor 
 
   gpt2 decoder  -> GPT2LMHeadModel          (learned positions, LayerNorm, tanh GELU, fused qkv)
   llama decoder -> LlamaForCausalLM         (RoPE on two halves, RMSNorm, SwiGLU, grouped kv heads)
+  llama decoder, qk_norm=head -> Qwen3ForCausalLM (Llama's blocks with a q_norm and k_norm per head)
   gpt2 encoder  -> XLMRobertaXLForMaskedLM  (masked LM: pre-norm BERT with a final norm and BERT's
                                              head; BertForMaskedLM normalises after each residual)
   llama decoder with experts, softmax router -> MixtralForCausalLM
+                              and qk_norm=head -> Qwen3MoeForCausalLM (dense layers anywhere)
+                              and qk_norm=full -> OlmoeForCausalLM
   llama decoder with experts, sigmoid router -> Glm4MoeForCausalLM (DeepSeek-V3's router, its
                                                  shared experts and dense first layers, with
-                                                 Llama's attention)
+                                                 Llama's attention; qk_norm=head or none)
 
 A feature the target cannot express (a prefix-LM mask, grouped kv heads in GPT-2, a Llama-flavour
 encoder's head, a router the target lacks) is refused with its reason before anything is written.
@@ -24,8 +27,12 @@ from pretrax import tokenizer as tokenizer_lib
 from pretrax.config_types import ModelConfig
 
 GPT2, LLAMA, XLMR = 'GPT2LMHeadModel', 'LlamaForCausalLM', 'XLMRobertaXLForMaskedLM'
+QWEN3 = 'Qwen3ForCausalLM'
 MIXTRAL, GLM4_MOE = 'MixtralForCausalLM', 'Glm4MoeForCausalLM'
-MOE = (MIXTRAL, GLM4_MOE)
+QWEN3_MOE, OLMOE = 'Qwen3MoeForCausalLM', 'OlmoeForCausalLM'
+MOE = (MIXTRAL, GLM4_MOE, QWEN3_MOE, OLMOE)
+# The MoE architectures whose router has no bias: ours must be zero to export to them.
+NO_ROUTER_BIAS = (MIXTRAL, QWEN3_MOE, OLMOE)
 
 
 class ConversionError(config_lib.ConfigError):
@@ -57,8 +64,10 @@ def architecture(m: ModelConfig) -> str:
     if not m.mlm_head:
       raise refuse('an encoder without the masked-LM head', 'export a masked_lm run.')
     arch = XLMR
+  elif m.flavour == 'gpt2':
+    arch = GPT2
   else:
-    arch = GPT2 if m.flavour == 'gpt2' else LLAMA
+    arch = _llama_architecture(m)
   if arch in (GPT2, XLMR):
     if m.num_kv_heads != m.num_heads:
       raise refuse(
@@ -74,12 +83,32 @@ def architecture(m: ModelConfig) -> str:
   return arch
 
 
+def _llama_architecture(m: ModelConfig) -> str:
+  """Llama, or Qwen3 for per-head qk-norm; ConversionError for what neither holds."""
+  if m.qk_norm == 'full':
+    raise refuse(
+      'model.qk_norm=full in a dense model: Olmo2ForCausalLM normalises the whole projection '
+      'but after each attention and MLP (post-norm), where pretrax normalises before',
+      f'train with model.qk_norm=head (exported as Qwen3ForCausalLM), or with experts ({OLMOE}).',
+    )
+  if m.qk_norm == 'head' and m.use_bias:
+    raise refuse(
+      f'model.use_bias=True with model.qk_norm=head: {QWEN3} has no MLP biases',
+      'train with model.use_bias=false.',
+    )
+  return QWEN3 if m.qk_norm == 'head' else LLAMA
+
+
+def _moe_target(m: ModelConfig) -> str:
+  """The MoE architecture with our router and our qk-norm."""
+  if m.moe.score == 'sigmoid':
+    return GLM4_MOE
+  return {'head': QWEN3_MOE, 'full': OLMOE}.get(m.qk_norm, MIXTRAL)
+
+
 def _moe_architecture(m: ModelConfig) -> str:
-  """Mixtral for a softmax router, GLM-4.5's MoE for a sigmoid one; ConversionError naming what
-  the target has no place for."""
-  moe = m.moe
-  arch = GLM4_MOE if moe.score == 'sigmoid' else MIXTRAL
-  sigmoid = f'or train with model.moe.score=sigmoid, exported as {GLM4_MOE}'
+  """`_moe_target`'s architecture; ConversionError naming what it has no place for."""
+  moe, arch = m.moe, _moe_target(m)
   problems = [
     (
       m.attention == 'bidirectional',
@@ -93,32 +122,40 @@ def _moe_architecture(m: ModelConfig) -> str:
     ),
     (m.use_bias, f'model.use_bias=True: {arch} has no biases', 'train with model.use_bias=false.'),
     (
-      moe.every != 1,
+      moe.every != 1 and arch != QWEN3_MOE,
       f'model.moe.every={moe.every}: {arch} has experts in every layer'
       + (' after the first first_k_dense_replace' if arch == GLM4_MOE else ''),
-      'train with model.moe.every=1.',
+      f'train with model.moe.every=1, or a softmax router with model.qk_norm=head ({QWEN3_MOE}).',
+    ),
+    (
+      moe.first_dense != 0 and arch in (MIXTRAL, OLMOE),
+      f'model.moe.first_dense={moe.first_dense}: {arch} has experts in every layer',
+      f'train with model.moe.first_dense=0, model.qk_norm=head ({QWEN3_MOE}) or '
+      f'model.moe.score=sigmoid ({GLM4_MOE}).',
+    ),
+    (
+      moe.shared_experts != 0 and arch != GLM4_MOE,
+      f'model.moe.shared_experts={moe.shared_experts}: {arch} has no shared expert '
+      "(Qwen2MoeForCausalLM's is scaled by a sigmoid gate that pretrax's lack)",
+      f'train with model.moe.shared_experts=0, or with model.moe.score=sigmoid ({GLM4_MOE}).',
+    ),
+    (
+      not moe.renormalise and arch == MIXTRAL,
+      f"model.moe.renormalise=False: {MIXTRAL} renormalises the chosen experts' weights",
+      f'train with model.moe.renormalise=true, with model.qk_norm=head ({QWEN3_MOE}) or full '
+      f'({OLMOE}), or with model.moe.score=sigmoid ({GLM4_MOE}).',
+    ),
+    (
+      m.qk_norm == 'full' and arch == GLM4_MOE,
+      f"model.qk_norm=full with a sigmoid router: {GLM4_MOE}'s qk-norm is per head",
+      'train with model.qk_norm=head or none.',
+    ),
+    (
+      arch == OLMOE and m.head_dim * m.num_heads != m.embed_dim,
+      f'model.head_dim={m.head_dim}: {OLMOE} needs head_dim * num_heads == embed_dim',
+      'leave model.head_dim at 0.',
     ),
   ]
-  if arch == MIXTRAL:
-    problems += [
-      (
-        moe.first_dense != 0,
-        f'model.moe.first_dense={moe.first_dense}: {MIXTRAL} has experts in every layer',
-        f'train with model.moe.first_dense=0, {sigmoid}.',
-      ),
-      (
-        moe.shared_experts != 0,
-        f'model.moe.shared_experts={moe.shared_experts}: {MIXTRAL} has no shared expert '
-        "(Qwen2MoeForCausalLM's is scaled by a sigmoid gate that pretrax's lack)",
-        f'train with model.moe.shared_experts=0, {sigmoid}.',
-      ),
-      (
-        not moe.renormalise,
-        f"model.moe.renormalise=False: {MIXTRAL} renormalises the chosen experts' weights "
-        '(Qwen3-MoE and OLMoE need not, but normalise queries and keys, which pretrax does not)',
-        f'train with model.moe.renormalise=true, {sigmoid}.',
-      ),
-    ]
   for bad, feature, fix in problems:
     if bad:
       raise refuse(feature, fix)
@@ -178,6 +215,16 @@ def hf_config(m: ModelConfig, arch: str, dtype: str) -> dict[str, Any]:
       attention_bias=m.use_bias,
       mlp_bias=m.use_bias,
     )
+  if arch == QWEN3:
+    return dict(
+      common,
+      model_type='qwen3',
+      **_llama_config(m),
+      intermediate_size=m.mlp_dim,
+      attention_bias=False,
+      use_sliding_window=False,
+      sliding_window=None,
+    )
   if arch in MOE:
     return _moe_config(m, arch, common)
   return dict(
@@ -200,8 +247,10 @@ def hf_config(m: ModelConfig, arch: str, dtype: str) -> dict[str, Any]:
 
 
 def _moe_config(m: ModelConfig, arch: str, common: dict[str, Any]) -> dict[str, Any]:
-  """config.json for Mixtral or GLM-4.5's MoE: Llama's keys and the router's."""
+  """config.json for an MoE architecture: Llama's keys and the router's."""
   moe = m.moe
+  if arch in (QWEN3_MOE, OLMOE):
+    return _qk_norm_moe_config(m, arch, common)
   if arch == MIXTRAL:
     return dict(
       common,
@@ -232,7 +281,38 @@ def _moe_config(m: ModelConfig, arch: str, common: dict[str, Any]) -> dict[str, 
     routed_scaling_factor=1.0,
     n_group=1,
     topk_group=1,
-    use_qk_norm=False,
+    use_qk_norm=m.qk_norm == 'head',
     attention_bias=False,
     num_nextn_predict_layers=0,
+  )
+
+
+def _qk_norm_moe_config(m: ModelConfig, arch: str, common: dict[str, Any]) -> dict[str, Any]:
+  """config.json for Qwen3-MoE or OLMoE: softmax routers, qk-norm per head or over all heads."""
+  moe = m.moe
+  router = dict(
+    num_experts=moe.num_experts,
+    num_experts_per_tok=moe.top_k,
+    norm_topk_prob=moe.renormalise,
+    router_aux_loss_coef=moe.balance_loss,
+    attention_bias=False,
+  )
+  llama = _llama_config(m)
+  if arch == OLMOE:
+    del llama['head_dim']  # OLMoE derives it (hidden_size // num_attention_heads).
+    return dict(
+      common, model_type='olmoe', **llama, **router, intermediate_size=moe.expert_dim, clip_qkv=None
+    )
+  return dict(
+    common,
+    model_type='qwen3_moe',
+    **llama,
+    **router,
+    intermediate_size=m.mlp_dim,
+    moe_intermediate_size=moe.expert_dim,
+    # Every layer may have experts; those that do not are listed: any first_dense and every.
+    decoder_sparse_step=1,
+    mlp_only_layers=[i for i in range(m.num_layers) if not moe.is_moe(i)],
+    use_sliding_window=False,
+    sliding_window=None,
   )

@@ -64,13 +64,15 @@ def tensor_map(m: ModelConfig, arch: str, fused: bool = False) -> list[Tensor]:
   `fused`: its experts as transformers holds them in memory (see the module docstring)."""
   if arch in hf_arch.MOE:
     return _moe_tensors(m, arch, fused)
-  return {hf_arch.GPT2: _gpt2_tensors, hf_arch.LLAMA: _llama_tensors}.get(arch, _roberta_tensors)(m)
+  if arch in (hf_arch.LLAMA, hf_arch.QWEN3):
+    return _llama_tensors(m)
+  return {hf_arch.GPT2: _gpt2_tensors}.get(arch, _roberta_tensors)(m)
 
 
 def zero_params(m: ModelConfig, arch: str) -> dict[str, tuple[int, ...]]:
   """Our parameters (path: shape) that `arch` has no tensor for, so are zero in a model it holds:
-  Mixtral's routers have no bias. Import sets them to zero; export refuses them unless zero."""
-  if arch != hf_arch.MIXTRAL:
+  only GLM's routers have a bias. Import sets them to zero; export refuses them unless zero."""
+  if arch not in hf_arch.NO_ROUTER_BIAS:
     return {}
   layers = [i for i in range(m.num_layers) if m.moe.is_moe(i)]
   return {f'blocks/{i}/mlp/router_bias': (m.moe.num_experts,) for i in layers}
@@ -150,9 +152,10 @@ def _llama_tensors(m: ModelConfig) -> list[Tensor]:
 
 
 def _llama_attention(m: ModelConfig, b: str, h: str) -> list[Tensor]:
-  """Block `b`'s norms and attention weights as Llama's layer `h` names them (no biases)."""
+  """Block `b`'s norms and attention weights as Llama's layer `h` names them (no biases), and
+  Qwen3's or OLMoE's q_norm and k_norm (one scale per head's dims, or over all heads)."""
   D, N, K, H = m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim
-  return [
+  out = [
     _same(f'{h}.input_layernorm.weight', (D,), f'{b}/attn_norm/scale'),
     _matrix(f'{h}.self_attn.q_proj.weight', (N * H, D), f'{b}/attn/q', (D, N, H), True),
     _matrix(f'{h}.self_attn.k_proj.weight', (K * H, D), f'{b}/attn/k', (D, K, H), True),
@@ -160,6 +163,13 @@ def _llama_attention(m: ModelConfig, b: str, h: str) -> list[Tensor]:
     _matrix(f'{h}.self_attn.o_proj.weight', (D, N * H), f'{b}/attn/o', (N, H, D), True),
     _same(f'{h}.post_attention_layernorm.weight', (D,), f'{b}/mlp_norm/scale'),
   ]
+  if m.qk_norm in ('head', 'full'):
+    q, k = (N * H, K * H) if m.qk_norm == 'full' else (H, H)
+    out += [
+      _same(f'{h}.self_attn.q_norm.weight', (q,), f'{b}/attn/q_norm/scale'),
+      _same(f'{h}.self_attn.k_norm.weight', (k,), f'{b}/attn/k_norm/scale'),
+    ]
+  return out
 
 
 def _swiglu(hf: str, ours: str | None, D: int, F: int) -> list[Tensor]:
@@ -187,12 +197,14 @@ def _llama_output(m: ModelConfig) -> list[Tensor]:
 _EXPERT_NAMES = {
   hf_arch.MIXTRAL: ('w1', 'w3', 'w2'),
   hf_arch.GLM4_MOE: ('gate_proj', 'up_proj', 'down_proj'),
+  hf_arch.QWEN3_MOE: ('gate_proj', 'up_proj', 'down_proj'),
+  hf_arch.OLMOE: ('gate_proj', 'up_proj', 'down_proj'),
 }
 
 
 def _moe_tensors(m: ModelConfig, arch: str, fused: bool) -> list[Tensor]:
-  """MixtralForCausalLM, Glm4MoeForCausalLM: Llama's attention; a router (E, D) and experts in
-  each MoE layer; GLM's dense first layers, router bias and shared experts."""
+  """Mixtral, GLM-4.5's MoE, Qwen3-MoE, OLMoE: Llama's attention (with a qk-norm); a router (E, D)
+  and experts in each MoE layer, a dense MLP in the others; GLM's router bias and shared experts."""
   V, D, E = m.vocab_size, m.embed_dim, m.moe.num_experts
   F, shared = m.moe.expert_dim, m.moe.shared_experts
   glm = arch == hf_arch.GLM4_MOE

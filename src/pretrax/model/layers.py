@@ -189,6 +189,32 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x_BLD.dtype)
 
 
+class QKNorm(RMSNorm):
+  """RMSNorm of queries or keys (B, L, heads, H), before RoPE: over each head, with one scale of
+  head_dim that the heads share (Qwen3's q_norm), or `full`: over all heads at once, with a scale
+  of heads * head_dim (OLMoE's and OLMo-2's)."""
+
+  def __init__(
+    self,
+    heads: int,
+    head_dim: int,
+    *,
+    full: bool,
+    eps: float,
+    param_dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+  ):
+    dim = heads * head_dim if full else head_dim
+    super().__init__(dim, eps=eps, param_dtype=param_dtype, rngs=rngs)
+    self.full = full
+
+  def __call__(self, x_BLNH: jax.Array) -> jax.Array:
+    if not self.full:
+      return super().__call__(x_BLNH)
+    B, L, N, H = x_BLNH.shape
+    return super().__call__(x_BLNH.reshape(B, L, N * H)).reshape(B, L, N, H)
+
+
 class Mlp(nnx.Module):
   """GELU (tanh) MLP for the gpt2 flavour, SwiGLU for llama."""
 

@@ -67,27 +67,50 @@ def route(x_TD: jax.Array, router_DE: jax.Array, bias_E: jax.Array, cfg: MoeConf
   return Routing(expert_TK.astype(jnp.int32), weight_TK, probs_TE, logits_TE)
 
 
-def balance_loss(load_E: jax.Array, probs_TE: jax.Array) -> jax.Array:
+def balance_loss(
+  load_E: jax.Array, probs_TE: jax.Array, valid_T: jax.Array | None = None
+) -> jax.Array:
   """E * sum_e f_e * P_e over some tokens: f_e the share of their copies sent to e (`load_E`
-  counts them), P_e the mean probability of e. 1 when routing is uniform; E when every token
-  picks one expert."""
+  counts them), P_e the mean probability of e over the real tokens (`valid_T`; all by default).
+  1 when routing is uniform; E when every token picks one expert; 0 with no real token."""
   E = probs_TE.shape[-1]
-  return E * jnp.sum(load_E / jnp.sum(load_E) * jnp.mean(probs_TE, axis=0))
+  valid_T = jnp.ones(probs_TE.shape[:1], jnp.float32) if valid_T is None else valid_T
+  mean_probs_E = valid_T @ probs_TE / jnp.maximum(jnp.sum(valid_T), 1.0)
+  return E * jnp.sum(load_E / jnp.maximum(jnp.sum(load_E), 1.0) * mean_probs_E)
 
 
-def stats(routing: Routing, num_sequences: int, dropped: jax.Array) -> MoeStats:
+def without_padding(routing: Routing, valid_T: jax.Array) -> Routing:
+  """Padding (valid_T False) routed nowhere: expert E, one past the last, which takes no slot and
+  no load, and weight 0, so a padded token changes no real token's output or statistics."""
+  E = routing.probs_TE.shape[-1]
+  return routing._replace(
+    expert_TK=jnp.where(valid_T[:, None], routing.expert_TK, E),
+    weight_TK=jnp.where(valid_T[:, None], routing.weight_TK, 0.0),
+  )
+
+
+def stats(
+  routing: Routing, num_sequences: int, dropped: jax.Array, valid_T: jax.Array | None = None
+) -> MoeStats:
+  """The layer's statistics over its real tokens (`valid_T`, all by default); padding must have
+  been routed nowhere (`without_padding`)."""
   E = routing.probs_TE.shape[-1]
   T, K = routing.expert_TK.shape
   S = num_sequences
-  # Each sequence's load, counted once: the batch's load is their sum.
+  valid_T = jnp.ones((T,), jnp.float32) if valid_T is None else valid_T.astype(jnp.float32)
+  # Each sequence's load, counted once: the batch's load is their sum. Expert E (padding) is
+  # outside one_hot's range: a row of zeros.
   onehot_STKE = jax.nn.one_hot(routing.expert_TK.reshape(S, T // S, K), E, dtype=jnp.float32)
   load_SE = jnp.sum(onehot_STKE, axis=(1, 2))
   load_E = jnp.sum(load_SE, axis=0)
-  per_sequence = jax.vmap(balance_loss)(load_SE, routing.probs_TE.reshape(S, T // S, E))
+  valid_SL = valid_T.reshape(S, T // S)
+  per_sequence_S = jax.vmap(balance_loss)(load_SE, routing.probs_TE.reshape(S, T // S, E), valid_SL)
+  has_tokens_S = (jnp.sum(valid_SL, axis=-1) > 0).astype(jnp.float32)  # All-padding rows: out.
+  z_T = jnp.square(jax.nn.logsumexp(routing.logits_TE, axis=-1))
   return MoeStats(
-    balance_loss=balance_loss(load_E, routing.probs_TE),
-    sequence_balance_loss=jnp.mean(per_sequence),
-    z_loss=jnp.mean(jnp.square(jax.nn.logsumexp(routing.logits_TE, axis=-1))),
+    balance_loss=balance_loss(load_E, routing.probs_TE, valid_T),
+    sequence_balance_loss=has_tokens_S @ per_sequence_S / jnp.maximum(jnp.sum(has_tokens_S), 1.0),
+    z_loss=valid_T @ z_T / jnp.maximum(jnp.sum(valid_T), 1.0),
     load_E=load_E,
     dropped=dropped,
   )
@@ -271,10 +294,17 @@ class MoeMlp(nnx.Module):
       else None
     )
 
-  def __call__(self, x_BLD: jax.Array) -> tuple[jax.Array, MoeStats]:
+  def __call__(
+    self, x_BLD: jax.Array, valid_BL: jax.Array | None = None
+  ) -> tuple[jax.Array, MoeStats]:
+    """The experts' output for x, and the routing statistics of its real tokens (`valid_BL`:
+    False for padding, which goes to no expert; all real by default)."""
     B, L, D = x_BLD.shape
     x_TD = x_BLD.reshape(B * L, D)
     routing = route(x_TD, self.router[...], self.router_bias[...], self.cfg)
+    valid_T = None if valid_BL is None else valid_BL.reshape(B * L)
+    if valid_T is not None:
+      routing = without_padding(routing, valid_T)
     wi = self.wi[...].astype(self.dtype)
     gate = None if self.wi_gate is None else self.wi_gate[...].astype(self.dtype)
     wo = self.wo[...].astype(self.dtype)
@@ -286,7 +316,7 @@ class MoeMlp(nnx.Module):
     y_BLD = y_TD.reshape(B, L, D).astype(x_BLD.dtype)
     if self.shared is not None:
       y_BLD = y_BLD + self.shared(x_BLD)
-    return y_BLD, stats(routing, B, dropped)
+    return y_BLD, stats(routing, B, dropped, valid_T)
 
 
 # ---- What the train step does with the layers' statistics ---------------------------------------

@@ -69,6 +69,16 @@ class Attention(nnx.Module):
       self.o_bias: nnx.Param | None = layers.param(rngs, layers.zeros, (D,), ('embed',), pdt)
     else:
       self.q_bias = self.k_bias = self.v_bias = self.o_bias = None
+    if cfg.qk_norm in ('head', 'full'):
+      full, eps = cfg.qk_norm == 'full', cfg.norm_eps
+
+      def qk_norm(heads: int) -> layers.QKNorm:
+        return layers.QKNorm(heads, H, full=full, eps=eps, param_dtype=pdt, rngs=rngs)
+
+      self.q_norm: layers.QKNorm | None = qk_norm(N)
+      self.k_norm: layers.QKNorm | None = qk_norm(K)
+    else:
+      self.q_norm = self.k_norm = None
 
   def __call__(
     self,
@@ -91,6 +101,8 @@ class Attention(nnx.Module):
       k_BLKH = k_BLKH + cast(self.k_bias)
     if self.v_bias is not None:
       v_BLKH = v_BLKH + cast(self.v_bias)
+    if self.q_norm is not None and self.k_norm is not None:  # Before RoPE, as Qwen3 and OLMoE.
+      q_BLNH, k_BLKH = self.q_norm(q_BLNH), self.k_norm(k_BLKH)
     if cfg.flavour == 'llama':
       q_BLNH = layers.rope(q_BLNH, positions_BL, cfg.rope_theta)
       k_BLKH = layers.rope(k_BLKH, positions_BL, cfg.rope_theta)
@@ -167,7 +179,8 @@ class Block(nnx.Module):
     x_BLD = x_BLD + layers.dropout(h, rate, attn_rng)
     stats = None
     if isinstance(self.mlp, moe_lib.MoeMlp):
-      h, stats = self.mlp(self.mlp_norm(x_BLD))
+      # Padding (segment 0) goes to no expert: it takes no capacity and counts in no load.
+      h, stats = self.mlp(self.mlp_norm(x_BLD), segment_ids_BL > 0)
     else:
       h = self.mlp(self.mlp_norm(x_BLD))
     return x_BLD + layers.dropout(h, rate, mlp_rng), stats
