@@ -24,6 +24,7 @@ import functools
 
 import jax
 
+from pretrax import errors
 from pretrax.model import layers
 
 
@@ -56,9 +57,9 @@ def dropless_sharded(expert_fn, x_TD, routing, wi_EDF, gate_EDF, wo_EFD) -> jax.
   # block of its group's gathered rows) or not split the batch at all (every device has them).
   gathered = bool(set(ep_axes) & set(batch_axes))
   if gathered and batch_axes[-len(ep_axes) :] != ep_axes:
-    raise ValueError(
-      f'expert axes {ep_axes} must be the innermost of the batch axes {batch_axes} '
-      '(or not shard the batch): change mesh.rules.'
+    raise errors.PretraxError(
+      f"mesh.rules: the experts' mesh axes {ep_axes} must be the last of the batch's "
+      f'{batch_axes} (or not split the batch) for dropless expert parallelism: change mesh.rules.'
     )
   body = functools.partial(
     _per_device,
