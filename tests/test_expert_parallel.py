@@ -16,14 +16,22 @@ from conftest import PEAK_FLOPS_ARG, REPO, fake_devices_env, run_python
 from pretrax import metrics
 
 # (data, fsdp, expert, tensor) meshes of 8 devices: every expert-parallel degree, alone and with
-# the other axes; (1, 4, 1, 2) keeps every expert on every device (FSDP and tensor inside them).
+# the other axes; (1, 4, 1, 2) and (8, 1, 1, 1) keep every expert on every device.
 MESHES = {
-  'dropless': [(1, 1, 8, 1), (2, 1, 4, 1), (1, 2, 4, 1), (1, 1, 4, 2), (2, 1, 2, 2), (1, 4, 1, 2)],
+  'dropless': [
+    (1, 1, 8, 1),
+    (2, 1, 4, 1),
+    (1, 2, 4, 1),
+    (1, 1, 4, 2),
+    (2, 1, 2, 2),
+    (1, 4, 1, 2),
+    (8, 1, 1, 1),
+  ],
   'capacity': [(1, 1, 8, 1), (1, 2, 4, 1), (1, 2, 2, 2), (4, 1, 2, 1)],
 }
 
-_GRADS_ON_MESHES = """
-import json
+_GRADS_ON_MESHES = r"""
+import json, re
 import jax, jax.numpy as jnp, numpy as np
 from pretrax import config as config_lib, run_config, state as state_lib, step as step_lib
 from pretrax.data.batch import Batch
@@ -61,6 +69,10 @@ def grads(mesh, factor):
     'wi_spec': [a if a is None or isinstance(a, str) else list(a) for a in wi.sharding.spec],
     'wi_shard': list(wi.addressable_shards[0].data.shape),
     'collectives': [op for op in ('all-to-all', 'all-gather', 'reduce-scatter') if op in hlo],
+    # The longest sort: dropless sorts token copies by expert (8 x 16 tokens x top-2 in all).
+    'sorted': max(
+      [int(n) for n in re.findall(r'= \(?s32\[(\d+)\]\S* (?:s32\[\d+\]\S* )?sort\(', hlo)] or [0]
+    ),
   }
 
 out = {}
@@ -98,13 +110,16 @@ def test_experts_live_on_their_devices_and_tokens_travel_to_them(on_meshes, kind
     # The rules: experts over `expert`, each expert's embed over fsdp and hidden over tensor.
     assert got['wi_spec'] == ['expert', 'fsdp', 'tensor'], mesh
     assert got['wi_shard'] == [8 // expert, 32 // fsdp, 24 // tensor], mesh
-    if expert == 1:
-      continue
-    if kind == 'capacity':  # The (groups, experts, capacity, embed) buffers change hands.
+    if expert > 1 and kind == 'capacity':  # Its (groups, experts, capacity, embed) buffers move.
       assert 'all-to-all' in got['collectives'], mesh
-    else:  # Every token to every device of the axis, each expert's share summed back.
+    elif expert > 1:  # Every token to every device of the axis, each expert's share summed back.
       assert {'all-gather', 'reduce-scatter'} <= set(got['collectives']), mesh
       assert 'all-to-all' not in got['collectives'], mesh
+  if kind == 'dropless':  # A device sorts its own tokens' copies (and its expert group's).
+    assert on_meshes[kind]['single']['sorted'] == 256
+    for mesh in MESHES[kind]:
+      data, fsdp, expert, tensor = mesh
+      assert on_meshes[kind][str(mesh)]['sorted'] == 256 // (data * fsdp), mesh
 
 
 # ---- A run that changes its expert-parallel degree when it resumes ------------------------------

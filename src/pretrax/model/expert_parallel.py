@@ -33,6 +33,12 @@ def _axes(entry) -> tuple[str, ...]:
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def on_mesh() -> bool:
+  """Whether the model is traced for a mesh of more than one device."""
+  to_sharding = layers.current_activation_sharding()
+  return to_sharding is not None and to_sharding(('experts',)).mesh.size > 1
+
+
 def expert_axes() -> tuple[str, ...]:
   """The mesh axes (of size > 1) that split the experts under the current activation sharding;
   () when there is no mesh or every device holds every expert."""
@@ -45,7 +51,9 @@ def expert_axes() -> tuple[str, ...]:
 
 def dropless_sharded(expert_fn, x_TD, routing, wi_EDF, gate_EDF, wo_EFD) -> jax.Array:
   """`expert_fn(x_TD, expert_TK, weight_TK, wi, gate, wo, first_expert)` (moe's local dropless
-  computation) per device, its tokens gathered over the expert axes and its outputs summed back."""
+  computation) per device, its tokens gathered over the expert axes and its outputs summed back.
+  Without expert parallelism, too: each device then sorts only its own tokens' copies, where the
+  partitioner would gather the whole batch's onto every device to sort them."""
   to_sharding = layers.current_activation_sharding()
   assert to_sharding is not None  # Only called when expert_axes() found a mesh.
   mesh = to_sharding(('experts',)).mesh
@@ -56,7 +64,7 @@ def dropless_sharded(expert_fn, x_TD, routing, wi_EDF, gate_EDF, wo_EFD) -> jax.
   # The expert axes must be the batch's innermost (a device's tokens are then one contiguous
   # block of its group's gathered rows) or not split the batch at all (every device has them).
   gathered = bool(set(ep_axes) & set(batch_axes))
-  if gathered and batch_axes[-len(ep_axes) :] != ep_axes:
+  if gathered and batch_axes[-len(ep_axes) :] != ep_axes:  # (gathered: ep_axes is not empty)
     raise errors.PretraxError(
       f"mesh.rules: the experts' mesh axes {ep_axes} must be the last of the batch's "
       f'{batch_axes} (or not split the batch) for dropless expert parallelism: change mesh.rules.'
@@ -101,11 +109,11 @@ def _per_device(
     x_TD, expert_TK, weight_TK = (
       jax.lax.all_gather(a, ep_axes, axis=0, tiled=True) for a in (x_TD, expert_TK, weight_TK)
     )
-  first_expert = jax.lax.axis_index(ep_axes) * wi_EDF.shape[0]
+  first_expert = jax.lax.axis_index(ep_axes) * wi_EDF.shape[0] if ep_axes else 0
   y_TD = expert_fn(x_TD, expert_TK, weight_TK, wi_EDF, gate_EDF, wo_EFD, first_expert)
   if gathered:  # Sum the experts' shares; each device keeps the rows of its own tokens.
     y_TD = jax.lax.psum_scatter(y_TD, ep_axes, scatter_dimension=0, tiled=True)
-  else:
+  elif ep_axes:
     y_TD = jax.lax.psum(y_TD, ep_axes)
   if mlp_axes:  # Each device summed over its slice of the experts' hidden dim.
     y_TD = jax.lax.psum(y_TD, mlp_axes)

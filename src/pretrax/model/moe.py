@@ -128,9 +128,10 @@ def dropless(
   gate_EDF: jax.Array | None,
   wo_EFD: jax.Array,
 ) -> jax.Array:
-  """Every token copy through its expert, none dropped; split over devices by
-  `expert_parallel.dropless_sharded` when the experts are."""
-  if expert_parallel.expert_axes():
+  """Every token copy through its expert, none dropped; on a mesh, split over the devices by
+  `expert_parallel.dropless_sharded` (each its own tokens, and its own experts under expert
+  parallelism)."""
+  if expert_parallel.on_mesh():
     return expert_parallel.dropless_sharded(
       _dropless_local, x_TD, routing, wi_EDF, gate_EDF, wo_EFD
     )
