@@ -86,8 +86,8 @@ def test_splash_under_a_data_and_tensor_mesh_runs_per_shard():
     import jax, jax.numpy as jnp, numpy as np
     from pretrax import sharding
     from pretrax.model import attention, layers
-    mesh = jax.make_mesh((2, 1, 2), ('data', 'fsdp', 'tensor'),
-                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    mesh = jax.make_mesh((2, 1, 1, 2), sharding.MESH_AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
     to_sharding = sharding.activation_sharding(mesh)
     B, L, N, K, H = 4, 128, 4, 2, 16
     keys = jax.random.split(jax.random.key(0), 4)

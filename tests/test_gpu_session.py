@@ -1,5 +1,6 @@
 """The accelerator session (benchmarks/gpu_session.sh) end to end on this CPU in its dry-run mode,
-and the packed synthetic batches of benchmarks/throughput.py that it times."""
+the packed synthetic batches of benchmarks/throughput.py that it times, and how
+benchmarks/moe_kernels.py reads what a grouped matmul was compiled to."""
 
 import importlib.util
 import json
@@ -9,6 +10,8 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -25,7 +28,12 @@ STAGES = [
   'throughput_gpt2_small_after_8segments',
   'throughput_llama_1b_before',
   'throughput_llama_1b_after',
+  'moe',
+  'throughput_moe_8x_1b',
 ]
+THROUGHPUT = [s for s in STAGES if s.startswith('throughput_')]
+MOE_IMPLS = {'dense', 'dropless', 'dropless_cudnn', 'capacity', 'route'}
+BENCHMARKS = os.path.join(REPO, 'benchmarks')
 MASKS = {'causal_one_segment', 'causal_packed', 'bidirectional_packed', 'prefix_lm'}
 VARIANTS = [('xla', 0), ('cudnn', 0), ('cudnn', 16), ('cpu', 0)]
 
@@ -100,18 +108,59 @@ def test_chunked_loss_matches_the_whole_one_in_less_memory(session):
 
 @pytest.mark.slow
 def test_throughput_rows_before_and_after(session):
-  for stage in STAGES[5:]:
+  for stage in THROUGHPUT:
     with open(os.path.join(session, f'{stage}.json')) as f:
       row = json.load(f)
-    assert row['tokens_per_s'] > 0 and row['step_ms'] > 0, row
+    assert row['tokens_per_s'] > 0 and row['step_ms'] > 0 and row['mfu'] > 0, row
     assert row['segments'] == (8 if stage.endswith('8segments') else 1), row
     before = stage.endswith('before')
     assert ('model.loss_chunk=0 model.max_segments=0' in row['config']) == before, row
     assert ('model.remat=full' in row['config']) == (stage == 'throughput_llama_1b_before'), row
+    moe = stage == 'throughput_moe_8x_1b'
+    assert ('model.moe.num_experts=4 model.moe.top_k=2' in row['config']) == moe, row
+  flops = {}
+  for stage in ('throughput_llama_1b_after', 'throughput_moe_8x_1b'):
+    with open(os.path.join(session, f'{stage}.json')) as f:
+      flops[stage] = json.load(f)['flops_per_step']
+  # Equal active compute: MFU counts the experts a token goes through (and the router's little).
+  ratio = flops['throughput_moe_8x_1b'] / flops['throughput_llama_1b_after']
+  assert 1.0 < ratio < 1.02, ratio
+  log = pathlib.Path(session, 'stdout.txt').read_text()
+  assert f"x llama_1b after's tokens/s at {ratio:.3f}x its FLOPs per token" in log, log[-3000:]
+
+
+@pytest.mark.slow
+def test_moe_kernel_records_time_every_computation_and_name_the_lowering(session):
+  records = _records(session, 'moe')
+  assert all('error' not in r for r in records), [r['error'] for r in records if 'error' in r]
+  for shape in ('moe_8x_1b', 'moe_64e'):
+    by_impl = {r['impl']: r for r in records if r['shape'] == shape}
+    assert set(by_impl) == MOE_IMPLS
+    assert by_impl['dense']['speed_vs_dense'] == 1.0
+    for impl, r in by_impl.items():
+      assert r['ms'] > 0 and r['tflops'] > 0 and r['speed_vs_dense'] > 0, r
+      assert ('routing' in r) == (impl != 'route'), r  # Its cost is stated excluded.
+      assert 1 <= r['load_max_over_mean'] < 2, r  # Random router weights: roughly balanced.
+    # XLA's own count: about the useful FLOPs for dense matmuls and fixed capacity (its buffers
+    # hold 1.25 x the copies), about E times them where every expert sees every row.
+    assert by_impl['dense']['xla_flops_ratio'] == pytest.approx(1.0, abs=0.05)
+    assert 1.0 < by_impl['capacity']['xla_flops_ratio'] < 1.5
+    assert 0 <= by_impl['capacity']['dropped_fraction'] < 0.25
+    for impl in ('dropless', 'dropless_cudnn'):
+      r = by_impl[impl]
+      # On CPUs JAX itself expands each ragged dot (forward, and for the input and the weights
+      # backward, of three matmuls) into a dense dot over every expert: XLA never sees one.
+      assert r['lowering']['traced'] == 9 and r['lowering']['to_xla'] == 0, r
+      assert r['lowering']['verdict'] == 'dense-fallback' and r['lowering']['grouped'] == 0, r
+      assert r['lowering']['ops']['dot'] >= 9, r
+      assert r['xla_flops_ratio'] > r['experts'] / 2, r
 
 
 def _benchmark(name: str):
-  """benchmarks/NAME.py as a module (its flags are defined only when it runs as a script)."""
+  """benchmarks/NAME.py as a module (its flags are defined only when it runs as a script), with
+  benchmarks/ on the path as a script has it (moe_kernels imports kernels)."""
+  if BENCHMARKS not in sys.path:
+    sys.path.append(BENCHMARKS)
   spec = importlib.util.spec_from_file_location(
     name, os.path.join(REPO, 'benchmarks', f'{name}.py')
   )
@@ -248,3 +297,127 @@ def test_kernels_exit_status_holds_attention_to_the_bound(tmp_path, capsys, rows
   beyond = BEYOND_LINES if BEYOND in rows else []
   assert last == {'stage': 'attention_bound', 'bound': 2**-5, 'beyond': beyond}
   assert stderr.splitlines() == [f'beyond the bound: {line}' for line in beyond]
+
+
+@pytest.mark.slow
+def test_only_runs_the_stages_it_names(tmp_path):
+  env = dict(pretrax_env(), DRY_RUN='1', OUT=str(tmp_path), PYTHON=sys.executable, ONLY='versions')
+  result = subprocess.run(
+    ['bash', 'benchmarks/gpu_session.sh'],
+    cwd=REPO,
+    env=env,
+    text=True,
+    capture_output=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stdout + result.stderr
+  with open(tmp_path / 'session.jsonl') as f:
+    assert [json.loads(line)['stage'] for line in f] == ['wheels', 'versions']
+  assert [r['stage'] for r in _records(str(tmp_path), 'versions')] == ['versions']
+
+
+@pytest.mark.parametrize('name', ['moe_8x_1b', 'moe_64e'])
+def test_moe_kernel_shapes_are_the_configs(name):
+  shape = _benchmark('moe_kernels').SHAPES[name]
+  c = load_config(name)
+  moe = c.model.moe
+  assert (shape.embed, shape.experts, shape.top_k, shape.expert_dim) == (
+    c.model.embed_dim,
+    moe.num_experts,
+    moe.top_k,
+    moe.expert_dim,
+  )
+  # A micro-batch of 8 sequences, as llama_1b after's in the session.
+  assert shape.seq_len == c.data.seq_len and shape.tokens == 8 * c.data.seq_len
+
+
+def test_ragged_dot_compiled_for_this_cpu_is_read_as_a_dense_fallback():
+  moe_kernels = _benchmark('moe_kernels')
+  keys = jax.random.split(jax.random.key(0), 3)
+  x_XD, w_EDF = jax.random.normal(keys[0], (64, 16)), jax.random.normal(keys[1], (4, 16, 8))
+  sizes_E = jnp.array([10, 20, 30, 4], jnp.int32)
+  g = moe_kernels.forward_backward(lambda x, w, s: (jax.lax.ragged_dot(x, w, s), {}), 2)
+  args = (x_XD, w_EDF, sizes_E, jax.random.normal(keys[2], (64, 8)))
+  lowered = jax.jit(g).lower(*args)
+  found = moe_kernels.lowering(g, args, lowered, lowered.compile())
+  # One ragged dot forward, one for each operand's gradient; JAX expands each for CPUs itself.
+  assert found['traced'] == 3 and found['to_xla'] == 0, found
+  assert found['verdict'] == 'dense-fallback' and found['grouped'] == 0, found
+  assert found['ops'].get('dot', 0) >= 3 and 'ragged-dot' not in found['ops'], found
+  # What JAX hands a GPU's XLA instead: the ragged dots themselves, to group or to expand.
+  for_gpu = jax.jit(g).trace(*args).lower(lowering_platforms=('cuda',)).as_text()
+  assert len(moe_kernels.XLA_RAGGED_DOT.findall(for_gpu)) == 3
+
+
+# Compiled GPU programs as XLA prints them (shortened): a cuDNN fusion holding a ragged dot
+# (openxla/xla's ragged_dot_fusion_rewriter tests), and XLA's default rewrite of one into a masked
+# dense GEMM, whose instructions keep the ragged dot's name and op_name.
+CUDNN_FUSION_HLO = """HloModule jit_g, is_scheduled=true
+
+%cudnn_fusion (p0: bf16[128,512], p1: bf16[16,512,256], p2: s32[16]) -> bf16[128,256] {
+  %p0 = bf16[128,512]{1,0} parameter(0)
+  %p1 = bf16[16,512,256]{2,1,0} parameter(1)
+  %p2 = s32[16]{0} parameter(2)
+  ROOT %rd = bf16[128,256]{1,0} ragged-dot(%p0, %p1, %p2), lhs_contracting_dims={1}, \
+rhs_contracting_dims={1}, lhs_ragged_dims={0}, rhs_group_dims={0}, \
+metadata={op_name="jit(g)/ragged_dot_general"}
+}
+
+ENTRY %main (x: bf16[128,512], w: bf16[16,512,256], sizes: s32[16]) -> bf16[128,256] {
+  %x = bf16[128,512]{1,0} parameter(0)
+  %w = bf16[16,512,256]{2,1,0} parameter(1)
+  %sizes = s32[16]{0} parameter(2)
+  ROOT %fusion = bf16[128,256]{1,0} fusion(%x, %w, %sizes), kind=kCustom, calls=%cudnn_fusion, \
+backend_config={"operation_queue_id":"0","fusion_backend_config":{"kind":"__cudnn$fusion"}}
+}
+"""
+DENSE_REWRITE_HLO = """ENTRY %main (x: bf16[128,512], w: bf16[16,512,256]) -> bf16[128,256] {
+  %ragged-dot.1 = bf16[16,128,512]{2,1,0} select(%mask, %x.16, %zeros), \
+metadata={op_name="jit(g)/ragged_dot_general"}
+  %ragged-dot.2 = (bf16[128,256]{1,0}, s8[4194304]{0}) custom-call(%ragged-dot.1, %w), \
+custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(g)/ragged_dot_general"}, \
+backend_config={"gemm_backend_config":{"alpha_real":1}}
+  ROOT %gte = bf16[128,256]{1,0} get-tuple-element(%ragged-dot.2), index=0
+}
+"""
+
+
+def _triton_call(kernel: str) -> str:
+  return (
+    '  ROOT %custom-call.3 = bf16[128,256]{1,0} custom-call(%x, %w, %sizes), '
+    'custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(g)/ragged_dot_general"}, '
+    f'backend_config={{name = "{kernel}", ir = "...", num_warps = 4 : i32}}\n'
+  )
+
+
+@pytest.mark.parametrize(
+  'hlo, traced, grouped, verdict',
+  [
+    (CUDNN_FUSION_HLO, 1, 1, 'grouped'),
+    (CUDNN_FUSION_HLO, 3, 1, 'partial'),  # The weight gradients rewritten (cuDNN < 9.24).
+    (DENSE_REWRITE_HLO, 1, 0, 'dense-fallback'),
+    (CUDNN_FUSION_HLO + DENSE_REWRITE_HLO, 2, 1, 'partial'),
+    (
+      '  %while.1 = (s32[], bf16[8,16]{1,0}) while(%tuple), condition=%c, body=%b\n',
+      1,
+      0,
+      'dense-fallback',
+    ),
+    (_triton_call('ragged_dot_kernel'), 1, 1, 'grouped'),  # A Pallas kernel of JAX's own.
+    (_triton_call('mlp_kernel'), 1, 0, 'unknown'),  # A kernel that may be anything.
+    ('', 1, 0, 'unknown'),
+  ],
+)
+def test_grouped_matmul_lowering_reads_gpu_programs(hlo, traced, grouped, verdict):
+  found = _benchmark('moe_kernels').grouped_matmul_lowering(hlo, traced)
+  assert (found['grouped'], found['verdict']) == (grouped, verdict), found
+
+
+def test_grouped_matmul_lowering_names_the_ops():
+  lowering = _benchmark('moe_kernels').grouped_matmul_lowering
+  assert lowering(CUDNN_FUSION_HLO, 1)['ops'] == {'fusion:__cudnn$fusion': 1, 'ragged-dot': 1}
+  # Never the ragged dot's name or op_name on the instructions that replaced it.
+  assert lowering(DENSE_REWRITE_HLO, 1)['ops'] == {'custom-call:__cublas$lt$matmul': 1}
+  assert lowering(_triton_call('ragged_dot_kernel'), 1)['ops'] == {
+    'custom-call:__gpu$xla.gpu.triton:ragged_dot_kernel': 1
+  }

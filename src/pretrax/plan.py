@@ -12,9 +12,19 @@ and splash keep their inputs, output and per-row log-sum-exp, never the T x T sc
 attention keeps. The step is compiled with a stand-in of exactly that footprint in place of
 attention (its values are meaningless; nothing runs). `attention_memory='compiled'` plans the
 attention this machine would run.
+
+Dropless Mixture-of-Experts layers are planned the same way, as a grouped-matmul kernel (megablox
+on TPUs, cuDNN's grouped matmul on GPUs) holds them (`expert_memory='grouped'`, the default): one
+(copies, hidden) output per matmul. XLA:CPU has no such kernel: it lowers `ragged_dot` to every
+expert on every token copy, experts times the FLOPs and the memory (`expert_memory='compiled'`).
+
+A Mixture-of-Experts model holds more parameters than a token goes through: `num_params` counts
+them all, `active_params` those of the top_k experts a token is routed to (and everything else:
+embeddings, attention, routers, shared experts), and `flops_per_token` is the training FLOPs of
+`pretrax.metrics.flops_per_token`, which counts the active ones.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 import contextlib
 import dataclasses
 import math
@@ -24,6 +34,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from pretrax import metrics, run_config
 from pretrax import state as state_lib
 from pretrax import step as step_lib
 from pretrax.config_types import RunConfig
@@ -64,6 +75,11 @@ class Plan:
   compile_s: float
   warnings: tuple[str, ...]
   attention_memory: str = 'fused'  # fused | compiled (see the module docstring)
+  active_params: int = 0  # Those a token goes through (num_params for a dense model).
+  experts: tuple[int, int] = (0, 0)  # (top_k, num_experts); (0, 0) for a dense model.
+  flops_per_token: float = 0.0  # Training FLOPs, active parameters only (metrics.flops_per_token).
+  # Dropless experts: grouped | compiled (see the module docstring); '' where there are none.
+  expert_memory: str = ''
 
   @property
   def temp_bytes(self) -> int:
@@ -148,7 +164,9 @@ def _warnings(params: Sequence[ParamPlan], mesh: dict[str, int], state_bytes: in
   num_devices = math.prod(mesh.values())
   if num_devices == 1:
     return []
-  if mesh['fsdp'] * mesh['tensor'] == 1:  # Pure data parallelism replicates by design: say so once.
+  # Pure data parallelism replicates by design: say so once. (An expert axis splits the experts
+  # alone: the other parameters of an MoE model are then named one by one.)
+  if mesh['fsdp'] * mesh['tensor'] == 1 and all(p.replicated for p in params):
     return [
       f'the mesh shards no parameter (fsdp=1, tensor=1): each of the {num_devices} devices '
       f'holds all parameters and optimizer state ({_human(state_bytes)}); set '
@@ -218,17 +236,75 @@ def _attention_planned_as(attention_memory: str):
     attention_lib.attention = real
 
 
+EXPERT_MEMORY = ('grouped', 'compiled')
+
+
+def _grouped_matmul(
+  lhs_MK,
+  rhs_GKN,
+  group_sizes_G,
+  precision=None,
+  preferred_element_type=None,
+  group_offset=None,
+  out_sharding=None,
+):
+  """A stand-in with `jax.lax.ragged_dot`'s signature and a grouped kernel's footprint: one
+  (M, K) x (K, N) matmul forward, and backward an (M, K) gradient for the rows and a (G, K, N) one
+  for the weights, each from one matmul of M rows. Which rows go to which group changes neither."""
+  del group_sizes_G, group_offset, out_sharding
+  return jnp.matmul(
+    lhs_MK,
+    jnp.sum(rhs_GKN, axis=0),
+    precision=precision,
+    preferred_element_type=preferred_element_type,
+  )
+
+
+@contextlib.contextmanager
+def _experts_planned_as(expert_memory: str):
+  """Within it, `jax.lax.ragged_dot` (the dropless experts) is a grouped kernel's stand-in (for
+  'grouped'): XLA:CPU's own lowering runs every group on every row."""
+  if expert_memory == 'compiled':
+    yield
+    return
+  real = jax.lax.ragged_dot
+  jax.lax.ragged_dot = _grouped_matmul
+  try:
+    yield
+  finally:
+    jax.lax.ragged_dot = real
+
+
+def active_params(
+  sizes_and_axes: Iterable[tuple[int, tuple[str | None, ...]]], top_k: int, num_experts: int
+) -> int:
+  """Parameters a token goes through, from each tensor's (size, logical axes): of one split over
+  experts (logical axis `experts`), the share of its top_k experts; every other one whole (a
+  dense model's all)."""
+  return sum(
+    size * top_k // num_experts if 'experts' in axes else size for size, axes in sizes_and_axes
+  )
+
+
+def _count(params: Sequence[ParamPlan]) -> int:
+  return sum(math.prod(p.shape) for p in params)
+
+
 def plan(
   c: RunConfig,
   vocab_size: int,
   devices: Sequence[jax.Device] | None = None,
   attention_memory: str = 'fused',
+  expert_memory: str = 'grouped',
 ) -> Plan:
   """The per-device memory plan of `c` on `devices` (default: all); compiles, allocates nothing.
   `attention_memory`: 'fused' plans attention as cuDNN or splash holds it, 'compiled' as this
-  machine's kernel does (see the module docstring)."""
+  machine's kernel does; `expert_memory`: 'grouped' plans dropless experts as a grouped-matmul
+  kernel holds them, 'compiled' as this machine runs them (see the module docstring)."""
   if attention_memory not in ATTENTION_MEMORY:
     raise ValueError(f'attention_memory={attention_memory!r} is not one of {ATTENTION_MEMORY}.')
+  if expert_memory not in EXPERT_MEMORY:
+    raise ValueError(f'expert_memory={expert_memory!r} is not one of {EXPERT_MEMORY}.')
   devices = list(devices if devices is not None else jax.devices())
   run = state_lib.build(c, vocab_size, devices)
   mesh = dict(run.mesh.shape)
@@ -252,16 +328,17 @@ def plan(
   batch = _abstract_batch(c, run)
 
   start = time.perf_counter()
-  with _attention_planned_as(attention_memory):
+  with _attention_planned_as(attention_memory), _experts_planned_as(expert_memory):
     analysis = _compile_train_step(c, run, batch).memory_analysis()
   compile_s = time.perf_counter() - start
   if analysis is None:
     raise RuntimeError(
       f'XLA gave no memory analysis on {devices[0].platform}; plan on CPU with --devices=N instead.'
     )
+  moe = c.model.moe
   return Plan(
     flavour=c.model.flavour,
-    num_params=sum(math.prod(p.shape) for p in params),
+    num_params=_count(params),
     mesh=mesh,
     platform=devices[0].platform,
     params=params,
@@ -272,6 +349,12 @@ def plan(
     compile_s=compile_s,
     warnings=tuple(_warnings(params, mesh, param_bytes + opt_state_bytes)),
     attention_memory=attention_memory,
+    active_params=active_params(
+      ((math.prod(p.shape), p.logical_axes) for p in params), moe.top_k, moe.num_experts
+    ),
+    experts=(moe.top_k, moe.num_experts) if moe.num_experts else (0, 0),
+    flops_per_token=metrics.flops_per_token(run_config.model_config(c, vocab_size), c.data.seq_len),
+    expert_memory=expert_memory if moe.num_experts and not moe.capacity_factor else '',
   )
 
 
@@ -326,6 +409,14 @@ def _human(n: float) -> str:
   return f'{n:.2f} GiB'
 
 
+def _human_flops(n: float) -> str:
+  units = ('', 'k', 'M', 'G', 'T', 'P')
+  i = 0
+  while abs(n) >= 1000 and i < len(units) - 1:
+    n, i = n / 1000, i + 1
+  return f'{n:.2f} {units[i]}FLOPs'
+
+
 def _axes(names) -> str:
   """Mesh or logical axes as the rules write them: `-` for none, `a+b` for several."""
   return ', '.join('-' if a is None else '+'.join(a) if isinstance(a, tuple) else a for a in names)
@@ -353,9 +444,16 @@ def format_plan(p: Plan, device_memory_gib: float | None = None) -> str:
   ]
   widths = [max(len(r[i]) for r in rows) for i in range(5)]
   n = math.prod(p.mesh.values())
+  top_k, num_experts = p.experts
+  active = (
+    f' ({p.active_params:,} active: {top_k} of {num_experts} experts a token)'
+    if num_experts
+    else ''
+  )
   lines = [
-    f'{p.flavour}, {p.num_params:,} parameters; mesh {mesh} '
+    f'{p.flavour}, {p.num_params:,} parameters{active}; mesh {mesh} '
     f'({n} {p.platform} device{"s" if n > 1 else ""})',
+    f'{_human_flops(p.flops_per_token)} per token (training: forward and backward)',
     '',
   ]
   lines += [
@@ -388,6 +486,11 @@ def format_plan(p: Plan, device_memory_gib: float | None = None) -> str:
     lines.append(
       '  (compiled by XLA:CPU, which keeps attention scores that a fused '
       'kernel (cuDNN on GPUs) never stores: for GPUs, an upper bound)'
+    )
+  if p.expert_memory == 'grouped':
+    lines.append(
+      '  (dropless experts as a grouped-matmul kernel (megablox, cuDNN) holds them: one output '
+      "row per token copy, not XLA:CPU's every expert on every copy)"
     )
   if device_memory_gib:
     lines += ['', verdict(p, device_memory_gib)]
