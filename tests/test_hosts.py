@@ -134,7 +134,7 @@ def test_two_processes_train_checkpoint_and_resume_like_one(tmp_path, prepared, 
   results = run_processes(2, train_args(tmp_path, prepared, HALF, *hybrid))
   assert_ok(results)
   assert 'joined 2 processes, 8 devices (4 here)' in results[0].stdout
-  assert "mesh {'data': 4, 'fsdp': 2, 'tensor': 1}" in results[0].stdout
+  assert "mesh {'data': 4, 'fsdp': 2, 'expert': 1, 'tensor': 1}" in results[0].stdout
   assert not results[1].stdout.strip() or 'step' not in results[1].stdout  # Only process 0 logs.
   assert checkpoint.manager(str(tmp_path), read_only=True).all_steps() == [HALF]
   saved_at_half = tmp_path.parent / 'two_then_one'

@@ -796,7 +796,7 @@ def test_local_fake_devices_train_on_four(tmp_path, corpus_path):
     timeout=300,
   )
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "mesh {'data': 4, 'fsdp': 1, 'tensor': 1}" in result.stdout
+  assert "mesh {'data': 4, 'fsdp': 1, 'expert': 1, 'tensor': 1}" in result.stdout
   assert [r['step'] for r in metrics.read_metrics(str(tmp_path)) if 'loss' in r] == [1, 2]
 
 
