@@ -248,6 +248,12 @@ def test_init_from_takes_the_parameters_adds_a_fresh_head_and_names_mismatches(t
     r'\(32, 2, 16\) here and \(64, 2, 32\) there',
   ):
     saved_run.initial_params(_built(c), wider, said.append)
+  # A Mixture-of-Experts model from a dense one: the message names the field, not only shapes.
+  c.model.embed_dim = 64
+  c.model.moe.num_experts = 4
+  experts = state_lib.build(_built(c), tok.vocab_size, num_classes=6)
+  with pytest.raises(config_lib.ConfigError, match=r'model.moe.num_experts differs'):
+    saved_run.initial_params(_built(c), experts, said.append)
 
 
 def test_init_from_a_hugging_face_directory(tmp_path, records):

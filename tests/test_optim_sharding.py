@@ -122,6 +122,16 @@ def test_params_and_moments_are_sharded_as_the_rules_say_on_8_devices():
         raise AssertionError('63 rows split 2 ways must be refused')
       except sharding.ShardingError as e:
         assert 'vocab, size 63' in str(e) and '--config.model.vocab_multiple' in str(e), e
+      # An expert width the tensor axis cannot split names the field that sets it.
+      c = load_config('tiny', 'llama')
+      c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+      c.model.moe.num_experts, c.model.moe.expert_dim = 4, 25
+      c = run_config.build(c, num_devices=8, check_data=False)
+      try:
+        state_lib.build(c, vocab_size=64)
+        raise AssertionError('an expert width of 25 split 2 ways must be refused')
+      except sharding.ShardingError as e:
+        assert 'expert_mlp, size 25' in str(e) and 'model.moe.expert_dim' in str(e), e
       print('ok', jax.device_count())
   """)
   stdout = run_python(script, devices=8, timeout=300)

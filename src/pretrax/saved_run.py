@@ -155,8 +155,14 @@ def initial_params(c: RunConfig, run: state_lib.RunState, log: Callable[[str], N
     if name in values and tuple(values[name].shape) != a.shape
   ]
   if problems:
+    # Experts on one side only: name the field rather than leave it to the shapes.
+    experts = any('/mlp/' in n for n in names + list(values)) and (
+      any(n.endswith('/mlp/router') for n in names)
+      != any(n.endswith('/mlp/router') for n in values)
+    )
+    hint = 'model.moe.num_experts differs (one is a Mixture-of-Experts model); ' if experts else ''
     raise config_lib.ConfigError(
-      f'init_from={c.init_from!r}: this model does not match {where} ({len(problems)} '
+      f'init_from={c.init_from!r}: this model does not match {where} ({hint}{len(problems)} '
       f'parameters differ: {"; ".join(problems[:4])}): give the run the same --config.model.* '
       'values (and tokenizer) as the one it starts from.'
     )

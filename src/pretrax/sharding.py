@@ -205,6 +205,15 @@ def param_shardings(abstract_params, mesh: Mesh, rules: Mapping[str, object] = D
   return nnx.to_pure_dict(shardings)
 
 
+# The field that sets a logical dim's size, where one does, for check_divisible's message.
+_DIVISIBLE_FIX = {
+  'vocab': 'set --config.model.vocab_multiple to a multiple of it',
+  'experts': 'make --config.model.moe.num_experts a multiple of it, change the mesh',
+  'expert_embed': 'make --config.model.embed_dim a multiple of it, change the mesh',
+  'expert_mlp': 'make --config.model.moe.expert_dim a multiple of it, change the mesh',
+}
+
+
 def check_divisible(abstract_params, shardings, logical_axes) -> None:
   """Raises ShardingError naming the first parameter whose dims the mesh does not divide evenly
   (JAX needs even shards), with the logical axis at fault and the ways out."""
@@ -220,11 +229,7 @@ def check_divisible(abstract_params, shardings, logical_axes) -> None:
         parts *= s.mesh.shape[axis]
       if size % parts:
         name = names[dim]
-        fix = (
-          'set --config.model.vocab_multiple to a multiple of it'
-          if name == 'vocab'
-          else 'change the model size or the mesh'
-        )
+        fix = _DIVISIBLE_FIX.get(name, 'change the model size or the mesh')
         raise ShardingError(
           f'parameter {jax.tree_util.keystr(path, simple=True, separator=".")} dim {dim} '
           f'({name}, size {size}) cannot be split {parts} ways over mesh axes {axes}: {fix}, '
