@@ -437,9 +437,10 @@ STAGES = {
 }
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--stage', choices=[*STAGES, 'all'], default='all')
+def main(stages=STAGES, doc: str = __doc__) -> None:
+  """The command line of this script, and of benchmarks/moe_kernels.py with its own stages."""
+  parser = argparse.ArgumentParser(description=doc.split('\n\n')[0])
+  parser.add_argument('--stage', choices=[*stages, 'all'], default='all')
   parser.add_argument('--out', default='', help='Also append each record to OUT/kernels.jsonl.')
   parser.add_argument('--dry_run', action='store_true', help='Tiny shapes (automatic on CPU).')
   parser.add_argument('--reps', type=int, default=0, help='Timed calls (default 10; 3 dry).')
@@ -450,8 +451,8 @@ def main() -> None:
   if args.out:
     os.makedirs(args.out, exist_ok=True)
   record = Recorder(args.out)
-  for name in STAGES if args.stage == 'all' else [args.stage]:
-    STAGES[name](record, dry, dtype, args.reps or (3 if dry else 10))
+  for name in stages if args.stage == 'all' else [args.stage]:
+    stages[name](record, dry, dtype, args.reps or (3 if dry else 10))
   sys.exit(finish(record))
 
 

@@ -35,11 +35,8 @@ bfloat16 on accelerators, float32 on CPU. --dry_run (automatic on CPU) uses tiny
 stage finishes in seconds. Exits 1 if any measurement failed (its record says why).
 """
 
-import argparse
 import collections
-import os
 import re
-import sys
 import time
 from typing import NamedTuple
 
@@ -317,21 +314,7 @@ STAGES = {'versions': kernels.stage_versions, 'moe': stage_moe}
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--stage', choices=[*STAGES, 'all'], default='all')
-  parser.add_argument('--out', default='', help='Also append each record to OUT/kernels.jsonl.')
-  parser.add_argument('--dry_run', action='store_true', help='Tiny shapes (automatic on CPU).')
-  parser.add_argument('--reps', type=int, default=0, help='Timed calls (default 10; 3 dry).')
-  args = parser.parse_args()
-  on_cpu = jax.default_backend() == 'cpu'
-  dry = args.dry_run or on_cpu
-  dtype = jnp.float32 if on_cpu else jnp.bfloat16  # bfloat16 is no faster on CPUs.
-  if args.out:
-    os.makedirs(args.out, exist_ok=True)
-  record = kernels.Recorder(args.out)
-  for name in STAGES if args.stage == 'all' else [args.stage]:
-    STAGES[name](record, dry, dtype, args.reps or (3 if dry else 10))
-  sys.exit(1 if record.errors else 0)
+  kernels.main(STAGES, __doc__)
 
 
 if __name__ == '__main__':

@@ -65,6 +65,11 @@ def test_rules_from_config_override_the_table_and_reject_impossible_entries():
   rules = sharding.rules(_mesh(c))
   assert rules['embed'] is None and rules['mlp'] == ('fsdp', 'tensor')
   assert sharding.logical_to_spec(('embed', 'mlp'), rules) == P(None, ('fsdp', 'tensor'))
+  # A dispatched capacity buffer's groups keep the batch's axes less the experts' ones, unless set.
+  c.mesh.rules = 'experts=fsdp'
+  assert sharding.rules(_mesh(c))['expert_batch'] == ('data', 'expert')
+  c.mesh.rules = 'experts=fsdp, expert_batch=data'
+  assert sharding.rules(_mesh(c))['expert_batch'] == 'data'
   c.mesh.rules = 'mlp=fsdp+tensor'  # embed is on fsdp too: one axis, two dims.
   with pytest.raises(sharding.ShardingError, match="map mesh axis 'fsdp' to two dimensions"):
     sharding.logical_to_spec(('embed', 'mlp'), sharding.rules(_mesh(c)))

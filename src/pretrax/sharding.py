@@ -64,6 +64,7 @@ def rules(mesh_cfg: MeshSection) -> dict[str, str | tuple[str, ...] | None]:
   """The rules table with the config's overrides, `mesh.rules='NAME=AXIS[+AXIS],...'` (an empty
   AXIS replicates), e.g. `--config.mesh.rules=embed=,mlp=fsdp+tensor`."""
   table = dict(DEFAULT_RULES)
+  overridden = set()
   for entry in filter(None, (e.strip() for e in mesh_cfg.rules.split(','))):
     name, sep, axes = entry.partition('=')
     name = name.strip()
@@ -80,7 +81,8 @@ def rules(mesh_cfg: MeshSection) -> dict[str, str | tuple[str, ...] | None]:
         f'(the mesh has {", ".join(MESH_AXES)}).'
       )
     table[name] = names[0] if len(names) == 1 else (names or None)
-  if 'expert_batch=' not in mesh_cfg.rules.replace(' ', ''):
+    overridden.add(name)
+  if 'expert_batch' not in overridden:
     table['expert_batch'] = _without(table['batch'], table['experts'])
   return table
 
