@@ -40,6 +40,7 @@ from pretrax import step as step_lib
 from pretrax.config_types import RunConfig
 from pretrax.data.batch import Batch
 from pretrax.model import attention as attention_lib
+from pretrax.model import moe as moe_lib
 
 GiB = 1024**3
 # A replicated parameter earns a warning from this size, or from this share of all parameters
@@ -260,19 +261,12 @@ def _grouped_matmul(
   )
 
 
-@contextlib.contextmanager
 def _experts_planned_as(expert_memory: str):
-  """Within it, `jax.lax.ragged_dot` (the dropless experts) is a grouped kernel's stand-in (for
-  'grouped'): XLA:CPU's own lowering runs every group on every row."""
+  """A context in which the dropless experts' grouped matmul is a grouped kernel's stand-in (for
+  'grouped'): XLA:CPU's own lowering of `ragged_dot` runs every group on every row."""
   if expert_memory == 'compiled':
-    yield
-    return
-  real = jax.lax.ragged_dot
-  jax.lax.ragged_dot = _grouped_matmul
-  try:
-    yield
-  finally:
-    jax.lax.ragged_dot = real
+    return contextlib.nullcontext()
+  return moe_lib.grouped_matmul(_grouped_matmul)
 
 
 def active_params(

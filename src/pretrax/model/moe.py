@@ -21,6 +21,9 @@ Shape suffixes: T tokens (batch x length, flattened), D embed, F expert hidden, 
 K experts per token, C capacity per expert, S sequences, L length.
 """
 
+from collections.abc import Iterator
+import contextlib
+import contextvars
 import math
 from typing import NamedTuple
 
@@ -32,6 +35,19 @@ from pretrax.config_types import MoeConfig
 from pretrax.model import expert_parallel, layers
 
 ROUTER_BIAS = 'router_bias'  # The parameter name optim.py keeps out of the optimizer.
+
+# The dropless experts' grouped matmul: `jax.lax.ragged_dot`, or a stand-in with its signature
+# while tracing under `grouped_matmul` (`pretrax plan` plans a grouped kernel's memory that way).
+_GROUPED_MATMUL = contextvars.ContextVar('grouped_matmul', default=jax.lax.ragged_dot)
+
+
+@contextlib.contextmanager
+def grouped_matmul(fn) -> Iterator[None]:
+  token = _GROUPED_MATMUL.set(fn)
+  try:
+    yield
+  finally:
+    _GROUPED_MATMUL.reset(token)
 
 
 class Routing(NamedTuple):
@@ -150,9 +166,10 @@ def _dropless_local(x_TD, expert_TK, weight_TK, wi_EDF, gate_EDF, wo_EFD, first_
   order_X = jnp.argsort(flat_X, stable=True)
   x_XD = jnp.take(x_TD, order_X // K, axis=0)
   sizes_E = jnp.bincount(flat_X, length=E + 1)[:E].astype(jnp.int32)
-  h_XF = jax.lax.ragged_dot(x_XD, wi_EDF, sizes_E)
-  gate_XF = None if gate_EDF is None else jax.lax.ragged_dot(x_XD, gate_EDF, sizes_E)
-  y_XD = jax.lax.ragged_dot(_activate(h_XF, gate_XF), wo_EFD, sizes_E)
+  ragged_dot = _GROUPED_MATMUL.get()
+  h_XF = ragged_dot(x_XD, wi_EDF, sizes_E)
+  gate_XF = None if gate_EDF is None else ragged_dot(x_XD, gate_EDF, sizes_E)
+  y_XD = ragged_dot(_activate(h_XF, gate_XF), wo_EFD, sizes_E)
   # Back to token-major order, then each token's K outputs weighed and summed.
   y_TKD = jnp.zeros_like(y_XD).at[order_X].set(y_XD).reshape(T, K, -1)
   y_TKD = jnp.where(here_TK[..., None], y_TKD.astype(jnp.float32), 0.0)
