@@ -49,9 +49,9 @@ Tasks, one JSON object a line:
   in"), for every person / the test half: an in-loop check that pre-training stored the facts.
 - cls_train.jsonl / cls_test.jsonl: {"text": NAME, "label": CITY} for an encoder (10 classes,
   every one in both halves); the text is the bare name, so the city can only come from what
-  pre-training stored. Measured: a masked-LM encoder that fills "NAME lives in <mask>" right for
-  0.90 of people (rate 0.4, whole words, warmup 100, 3000 steps of 16) classifies only 0.14-0.19
-  of the test half (chance 0.10), with the bare name or a question as the text.
+  pre-training stored. A masked-LM encoder that fills "NAME lives in <mask>" right for 0.90 of
+  people (rate 0.4, whole words, warmup 100, 3000 steps of 16) classifies the test half well
+  only when the classifier starts from what the masked LM knows (benchmarks/transfer.py's rows).
 - entities.jsonl: the ground truth, one person a line.
 """
 

@@ -10,13 +10,19 @@ masking (BERT's later release), AdamW at 1e-4 with 10k warmup steps and linear d
 original, both from the same building blocks as the decoders: pre-LayerNorm blocks (stabler,
 RoBERTa-era practice) and a SentencePiece unigram vocabulary instead of WordPiece; no next-sentence
 prediction, as RoBERTa showed it does not help.
+
+Variant `:classify` fine-tunes a classifier on the trained encoder with BERT's recipe
+(config.classification_recipe) at BERT's base-size learning rate, 3e-5:
+
+  pretrax train --config=configs/bert_base.py:classify --workdir=runs/bert_cls \
+      --config.init_from=runs/bert_base --config.data.path=train.jsonl \
+      --config.finetune.eval_path=dev.jsonl --config.steps=3000 --config.optim.warmup_steps=300
 """
 
-from pretrax.config import base_config
+from pretrax.config import base_config, classification_recipe
 
 
 def get_config(arg: str | None = None):
-  del arg
   c = base_config()
   c.objective = 'masked_lm'
   c.masked_lm.whole_word = True
@@ -49,4 +55,9 @@ def get_config(arg: str | None = None):
   c.checkpoint.every = 10_000
   c.mesh.data = -1
   c.mesh.fsdp = 1
+  if arg == 'classify':
+    classification_recipe(c)
+    c.optim.lr = 3e-5  # BERT's fine-tuning grid: 2e-5, 3e-5, 5e-5 at this size.
+  elif arg:
+    raise ValueError(f'configs/bert_base.py: unknown variant {arg!r}; use "classify".')
   return c

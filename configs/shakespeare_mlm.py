@@ -7,7 +7,11 @@ with BERT's head (dense, GELU, norm, tied projection with a bias) and BERT's mas
 characters chosen, 80% of those replaced by <mask>, 10% by a random character, 10% left as they
 are. Evaluation reports the masked-character accuracy next to the accuracy of always guessing the
 most frequent character (the space), and the run ends by filling in masked held-out text.
-Variant `:whole_word` masks whole words.
+Variant `:whole_word` masks whole words. Variant `:classify` fine-tunes a classifier on the
+trained encoder with BERT's recipe (config.classification_recipe; docs/fine-tuning.md):
+
+  pretrax train --config=configs/shakespeare_mlm.py:classify --workdir=runs/cls \
+      --config.init_from=runs/shakespeare_mlm --config.data.path=reviews.jsonl
 
 The Llama flavour's blocks (RoPE, RMSNorm, SwiGLU): an encoder has no causal mask to tell it where
 a token is, and with GPT-2's learned positions it sat near the baseline for its first 1000 steps
@@ -17,7 +21,7 @@ accuracy against a 15% baseline after 2000 steps, about four minutes on two CPU 
 Without ../shared/data/tinyshakespeare.txt it trains on the Python standard library's sources.
 """
 
-from pretrax.config import STDLIB_CORPUS, base_config, shared_data
+from pretrax.config import STDLIB_CORPUS, base_config, classification_recipe, shared_data
 
 
 def get_config(arg: str | None = None):
@@ -46,6 +50,11 @@ def get_config(arg: str | None = None):
   c.sample.length = 128  # Held-out tokens to show with the masks filled in.
   if arg == 'whole_word':
     c.masked_lm.whole_word = True
+  elif arg == 'classify':
+    classification_recipe(c)
+    c.data.path, c.data.fallback = '', ''  # The records to classify: --config.data.path.
   elif arg:
-    raise ValueError(f'configs/shakespeare_mlm.py: unknown variant {arg!r}; use "whole_word".')
+    raise ValueError(
+      f'configs/shakespeare_mlm.py: unknown variant {arg!r}; use "whole_word" or "classify".'
+    )
   return c

@@ -202,10 +202,14 @@ def test_exact_match_counts_segments_whose_every_target_is_the_argmax():
 
 
 def _saved_run(c, tok, workdir: str, seed: int = 3):
-  """A step-5 checkpoint of `c`'s model with random parameters (as `train` leaves it)."""
+  """A step-5 checkpoint of `c`'s model with random parameters (as `train` leaves it; a masked
+  LM's output bias random too, where training would have moved it from zeros)."""
   c = _built(c)
   run = state_lib.build(c, tok.vocab_size)
   state = run.init(seed)
+  if 'mlm_bias' in state['params']:
+    bias = state['params']['mlm_bias']
+    state['params']['mlm_bias'] = jax.random.normal(jax.random.key(seed), bias.shape, bias.dtype)
   state['step'] = jnp.asarray(5, state['step'].dtype)
   mngr = checkpoint.manager(workdir, async_save=False)
   checkpoint.save(mngr, 5, state, run_config.to_dict(c))
@@ -235,16 +239,31 @@ def test_init_from_takes_the_parameters_adds_a_fresh_head_and_names_mismatches(t
   c.init_from = str(tmp_path / 'mlm') + ':5'
   said = []
   params = _flat(saved_run.initial_params(_built(c), run, said.append))
-  for name in set(params) - set(saved_run.NEW_HEAD):
+  # The masked LM's head stays (its transform is the classifier's pooler); the classifier is new.
+  for name in set(params) - {'classifier', 'classifier_bias'}:
     np.testing.assert_array_equal(params[name], source[name], err_msg=name)
-  assert set(saved_run.NEW_HEAD) <= set(params) and 'mlm_bias' not in params
-  assert 'new (random) parameters: classifier' in said[0] and 'left out: mlm_bias' in said[0]
+  assert 'pooler' not in params and 'mlm_dense' in params
+  assert said[-1].endswith('new (random) parameters: classifier, classifier_bias')
+  # Label words: the classifier starts as the masked LM's output rows and bias of the pieces.
+  pieces = [7, 11, 13, 5, 9, 20]
+  params = _flat(saved_run.initial_params(_built(c), run, said.append, pieces))
+  rows = source['head'][:, pieces] if 'head' in source else source['embed/embedding'][pieces].T
+  np.testing.assert_array_equal(params['classifier'], rows)
+  np.testing.assert_array_equal(params['classifier_bias'], source['mlm_bias'][pieces])
+  assert 'output rows' in said[-2] and 'new (random)' not in said[-1]
+  # BERT's pooler instead: new (dense + tanh), with a random classifier and the MLM head left out.
+  c.finetune.head = 'tanh'
+  tanh = state_lib.build(_built(c), tok.vocab_size, num_classes=6)
+  params = _flat(saved_run.initial_params(_built(c), tanh, said.append, pieces))
+  assert {'pooler', 'pooler_bias'} <= set(params) and 'mlm_dense' not in params
+  assert 'starts random' in said[-2] and 'left out: mlm_bias, mlm_dense' in said[-1]
+  c.finetune.head = 'mlm'
 
   c.model.embed_dim = 32
   wider = state_lib.build(_built(c), tok.vocab_size, num_classes=6)
   with pytest.raises(
     config_lib.ConfigError,
-    match=r'19 parameters differ: blocks/0/attn/k is '
+    match=r'22 parameters differ: blocks/0/attn/k is '
     r'\(32, 2, 16\) here and \(64, 2, 32\) there',
   ):
     saved_run.initial_params(_built(c), wider, said.append)

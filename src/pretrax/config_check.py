@@ -15,6 +15,9 @@ from pretrax.config import (
   DTYPES,
   FINETUNE_OBJECTIVES,
   FLAVOURS,
+  HEAD_INITS,
+  POOLERS,
+  POOLINGS,
   QK_NORMS,
   ROUTER_SCORES,
   SCHEDULES,
@@ -147,6 +150,10 @@ def _validate_expert_mesh(c: ml_collections.ConfigDict, num_devices: int) -> Non
   )
 
 
+# The largest learning rate `cautions` lets a fine-tune from init_from pass without a word.
+FINETUNE_LR = 3e-4
+
+
 def cautions(c: RunConfig) -> list[str]:
   """What can run but likely was not meant, one line each (train.py logs them as warnings)."""
   out = []
@@ -158,6 +165,14 @@ def cautions(c: RunConfig) -> list[str]:
       f'model.moe.capacity_factor={factor:g} gives each expert fewer slots than an even share '
       f'of the tokens: about {1 - factor:.0%} of token copies are dropped at every step however '
       'balanced the routing (moe_dropped_fraction); 1 to 1.25 is usual, 0 drops none.'
+    )
+  if c.objective in FINETUNE_OBJECTIVES and c.init_from and c.optim.lr > FINETUNE_LR:
+    # Not refused: a short fine-tune of a tiny model can take it; but a pre-training rate
+    # usually erases what the run starts from.
+    out.append(
+      f'optim.lr={c.optim.lr:g} fine-tunes {c.init_from} at a pre-training rate: fine-tunes use '
+      f"1e-5 to {FINETUNE_LR:g} (BERT 2e-5 to 5e-5) with a warmup; the encoder configs' "
+      ':classify variant sets that recipe.'
     )
   return out
 
@@ -229,6 +244,7 @@ def _validate_objectives(c: ml_collections.ConfigDict) -> None:
       f'objective={c.objective} reads records from data.path (and finetune.eval_path): '
       'data.mixture and data.prepared are for pre-training corpora.',
     )
+  _validate_classifier(c.finetune)
   require(
     c.eval.tasks_every >= 0 and c.eval.limit >= 0,
     f'eval.tasks_every={c.eval.tasks_every} and eval.limit={c.eval.limit} must be >= 0 '
@@ -238,6 +254,28 @@ def _validate_objectives(c: ml_collections.ConfigDict) -> None:
     not c.eval.tasks or attention_kind(c.objective) != 'bidirectional',
     f'eval.tasks scores continuations by their likelihood under a decoder; objective='
     f'{c.objective} trains a model that does not give one: set eval.tasks="".',
+  )
+
+
+def _validate_classifier(f: ml_collections.ConfigDict) -> None:
+  """The classification head's settings and the record layout they read."""
+  one_of('finetune.pooling', f.pooling, POOLINGS)
+  one_of('finetune.head', f.head, POOLERS)
+  one_of('finetune.head_init', f.head_init, HEAD_INITS)
+  if f.template:
+    require(
+      '{text}' in f.template,
+      f"finetune.template={f.template!r} has no '{{text}}': it must say where the text goes.",
+    )
+    require(
+      ('{text_pair}' in f.template) == bool(f.text_pair_field),
+      f'finetune.template={f.template!r} and finetune.text_pair_field={f.text_pair_field!r}: '
+      "a template places the second text with '{text_pair}' exactly when the records have one.",
+    )
+  require(
+    f.pooling != 'mask' or '<mask>' in f.template,
+    "finetune.pooling='mask' reads the example's <mask>: set finetune.template to a layout "
+    "with one, e.g. '{text} is about <mask>.'.",
   )
 
 

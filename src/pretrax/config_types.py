@@ -126,6 +126,11 @@ class FinetuneSection:
   messages_field: str
   label_field: str
   labels: str
+  text_pair_field: str
+  template: str
+  pooling: str  # mean | first | mask
+  head: str  # mlm | tanh
+  head_init: str  # label_words | random
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +256,11 @@ class ModelConfig:
   num_classes: int = (
     0  # > 0: a pooled classification head (Transformer.classify) over this many labels.
   )
+  pooling: str = 'mean'  # mean | first | mask: the states the classification head reads.
+  pooler: str = (
+    'mlm'  # mlm (the MLM head's transform) | tanh (BERT's pooler), before the classifier.
+  )
+  mask_id: int = -1  # The token that pooling='mask' reads.
   attention_backend: str = 'auto'  # auto | xla | cudnn | splash | cpu (see model/attention.py)
   loss_chunk: int = 0  # Positions per chunk of the output projection and loss; 0: all at once.
   max_segments: int = 16  # Documents per row for cuDNN's variable-length attention; 0: dense mask.

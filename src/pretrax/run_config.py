@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 
 from pretrax import config as config_lib
+from pretrax import tokenizer as tokenizer_lib
 from pretrax.config_check import validate
 from pretrax.config_specs import (
   attention_kind,
@@ -170,6 +171,21 @@ def on_local_devices(run: RunConfig, mesh: MeshSection | None = None) -> RunConf
   return dataclasses.replace(run, mesh=mesh)
 
 
+def _heads(run: RunConfig, num_classes: int) -> dict[str, Any]:
+  """The ModelConfig fields of the output heads: a masked LM's, or a classifier's (which keeps
+  the masked LM's transform as its pooler when finetune.head is 'mlm')."""
+  if run.objective != 'classification':
+    return {'mlm_head': run.objective == 'masked_lm'}
+  f = run.finetune
+  return {
+    'mlm_head': f.head == 'mlm',
+    'num_classes': num_classes,
+    'pooling': f.pooling,
+    'pooler': f.head,
+    'mask_id': tokenizer_lib.MASK_ID if f.pooling == 'mask' else -1,
+  }
+
+
 def model_config(run: RunConfig, vocab_size: int, num_classes: int = 0) -> ModelConfig:
   """The model's frozen config: the model section's fields, the vocabulary (`vocab_size` is the
   tokenizer's when the config leaves it 0, rounded up to vocab_multiple), and what the objective
@@ -184,7 +200,6 @@ def model_config(run: RunConfig, vocab_size: int, num_classes: int = 0) -> Model
       **shared,
       'vocab_size': -(-vocab_size // m.vocab_multiple) * m.vocab_multiple,
       'attention': attention_kind(run.objective),
-      'mlm_head': run.objective == 'masked_lm',
-      'num_classes': num_classes if run.objective == 'classification' else 0,
+      **_heads(run, num_classes),
     }
   )

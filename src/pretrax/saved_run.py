@@ -5,13 +5,14 @@ the parameters are restored onto the devices at hand: all on `data` (replicated)
 onto the mesh of the run that will use them.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import dataclasses
 import json
 import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from pretrax import checkpoint, config_specs, paths, run_config
 from pretrax import config as config_lib
@@ -20,8 +21,10 @@ from pretrax import tokenizer as tokenizer_lib
 from pretrax import workdir as workdir_lib
 from pretrax.config_types import MeshSection, RunConfig
 
-# Parameters a fine-tune may add to what it starts from: the classification head.
+# Parameters a fine-tune may add to what it starts from: the classification head, and the masked
+# LM's head (the classifier's pooler) when it starts from a model without one.
 NEW_HEAD = ('pooler', 'pooler_bias', 'classifier', 'classifier_bias')
+MLM_HEAD = ('mlm_dense', 'mlm_dense_bias', 'mlm_norm/scale', 'mlm_norm/bias', 'mlm_bias')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,15 +142,45 @@ def _source_values(c: RunConfig) -> tuple[dict[str, Any], str]:
   return {state_lib.param_path(k): v for k, v in flat}, f'{path} at step {source.step}'
 
 
-def initial_params(c: RunConfig, run: state_lib.RunState, log: Callable[[str], None]) -> Any:
+def label_pieces(tok: tokenizer_lib.Tokenizer, labels: Sequence[str]) -> list[int]:
+  """Each label's word as a masked LM would predict it: the first piece of ' LABEL' that is
+  more than the space."""
+  pieces = []
+  for label in labels:
+    ids = tok.encode(' ' + label)
+    pieces.append(next((i for i in ids if tok.decode([i]).strip()), ids[0]))
+  return pieces
+
+
+def _label_word_head(values: dict[str, Any], pieces: list[int]) -> dict[str, Any]:
+  """The classifier (D, C) and its bias (C,) as the masked LM's output projection for the label
+  pieces: at the start, the head scores the labels as the masked LM would fill them in."""
+  # jnp, not numpy: on several hosts the values are global arrays no process holds whole.
+  at = jnp.asarray(pieces)
+  if 'head' in values:  # Untied: the output projection (D, V).
+    rows_DC = jnp.asarray(values['head'])[:, at]
+  else:
+    rows_DC = jnp.asarray(values['embed/embedding'])[at].T
+  bias_C = jnp.asarray(values['mlm_bias'])[at] if 'mlm_bias' in values else jnp.zeros(len(at))
+  return {'classifier': rows_DC, 'classifier_bias': bias_C}
+
+
+def initial_params(
+  c: RunConfig,
+  run: state_lib.RunState,
+  log: Callable[[str], None],
+  pieces: list[int] | None = None,
+) -> Any:
   """This run's parameters taken from the run `init_from` names, in this run's shardings. Shapes
-  must match; a new classification head starts fresh, and a head this run lacks (a masked LM's)
-  is left out. Raises ConfigError naming the parameters that differ."""
+  must match; a new classification head starts fresh (or from `pieces`, the labels' pieces, when
+  finetune.head_init is label_words), and a head this run lacks (a masked LM's) is left out.
+  Raises ConfigError naming the parameters that differ."""
   values, where = _source_values(c)
   flat, treedef = jax.tree_util.tree_flatten_with_path(run.abstract['params'])
   names = [state_lib.param_path(k) for k, _ in flat]
+  may_add = NEW_HEAD + (MLM_HEAD if c.objective == 'classification' else ())
   problems = [
-    f'{name} is missing there' for name in names if name not in values and name not in NEW_HEAD
+    f'{name} is missing there' for name in names if name not in values and name not in may_add
   ]
   problems += [
     f'{name} is {a.shape} here and {tuple(values[name].shape)} there'
@@ -166,12 +199,24 @@ def initial_params(c: RunConfig, run: state_lib.RunState, log: Callable[[str], N
       f'parameters differ: {"; ".join(problems[:4])}): give the run the same --config.model.* '
       'values (and tokenizer) as the one it starts from.'
     )
-  new = [name for name in names if name not in values]
-  # A random initialisation (a whole model's, briefly) only when a new head needs its values.
-  fresh = dict(zip(names, jax.tree.leaves(run.init_params(c.seed)), strict=True)) if new else {}
   # Host arrays (a Hugging Face start) or arrays already on this mesh (a workdir's).
+  start = {name: values[name] for name in names if name in values}
+  new = [name for name in names if name not in values]
+  if new:  # A random initialisation (a whole model's, briefly) only when a new head needs it.
+    fresh = dict(zip(names, jax.tree.leaves(run.init_params(c.seed)), strict=True))
+    start.update({name: fresh[name] for name in new})
+  if pieces is not None and c.finetune.head_init == 'label_words' and 'classifier' in new:
+    if c.finetune.head == 'mlm' and 'mlm_dense' in values:
+      start.update(_label_word_head(values, pieces))
+      new = [name for name in new if not name.startswith('classifier')]
+      log("the classifier starts as the masked LM's output rows (and bias) of the label words")
+    else:
+      log(
+        'finetune.head_init=label_words needs finetune.head=mlm and a masked LM (with its head) '
+        f'to start from; {where} has none: the classifier starts random'
+      )
   leaves = [
-    fresh[name] if name in new else jax.device_put(values[name].astype(a.dtype), a.sharding)
+    jax.device_put(start[name].astype(a.dtype), a.sharding)
     for name, (_, a) in zip(names, flat, strict=True)
   ]
   unused = sorted(set(values) - set(names))

@@ -102,7 +102,9 @@ def _logits(
   """Float32 logits of the final states: over the vocabulary at every position, or, for a
   classification batch (it has `labels`), over the classes of each packed example."""
   if batch.labels is not None:
-    return model.classify(x_BLD, batch.segment_ids, batch.labels.shape[1], dropout_rng=dropout_rng)
+    return model.classify(
+      x_BLD, batch.inputs, batch.segment_ids, batch.labels.shape[1], dropout_rng=dropout_rng
+    )
   return model.lm_head(x_BLD)
 
 

@@ -80,7 +80,9 @@ def _train(
 
   # ---- State: fresh, or the newest intact checkpoint ----------------------------------------
   run = state_lib.build(c, data.tok.vocab_size, num_classes=len(data.labels))
-  state, start = _initial_state(c, workdir, mngr, run)
+  state, start = _initial_state(
+    c, workdir, mngr, run, saved_run.label_pieces(data.tok, data.labels)
+  )
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract))
   faults.check_free_space(workdir, state_bytes, c.checkpoint.keep)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.abstract['params']))
@@ -180,12 +182,13 @@ def _initial_state(
   workdir: str,
   mngr: checkpoint.ocp.CheckpointManager,
   run: state_lib.RunState,
+  label_pieces: list[int],
 ) -> tuple[Any, int]:
-  """(state, step): a fresh initialisation (or `init_from`'s parameters with a fresh optimizer),
-  or the newest intact checkpoint."""
+  """(state, step): a fresh initialisation (or `init_from`'s parameters with a fresh optimizer,
+  a classifier's from its `label_pieces`), or the newest intact checkpoint."""
   if mngr.latest_step() is None:
     if c.init_from:
-      return run.state_from(saved_run.initial_params(c, run, log)), 0
+      return run.state_from(saved_run.initial_params(c, run, log, label_pieces)), 0
     return run.init(c.seed), 0
   state = checkpoint.restore_newest_intact(
     mngr, workdir, run.abstract, fallback=c.checkpoint.fallback, log=log

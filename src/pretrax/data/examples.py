@@ -201,7 +201,7 @@ def training_texts(plan: plan_lib.ExamplePlan, budget_bytes: int) -> Iterator[st
       texts = (
         [t for t, _ in records.sft_parts(record, f)]
         if f.objective == 'sft'
-        else [records.text_of(record, f)]
+        else records.texts_of(record, f)
       )
     except BadRecord:
       continue

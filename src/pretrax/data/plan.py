@@ -105,6 +105,13 @@ class TokenPlan(Plan):
     )
 
 
+def _fields_to_json(fields: records.Fields) -> dict[str, Any]:
+  """The fields as JSON; the layout settings only when set, so that the stores written before
+  they existed still match their plan."""
+  d = {**dataclasses.asdict(fields), 'labels': list(fields.labels)}
+  return {k: v for k, v in d.items() if v or k not in ('text_pair', 'template')}
+
+
 @dataclasses.dataclass(frozen=True)
 class ExamplePlan(Plan):
   """An example store's plan: records of `files` (held out by hash at eval_fraction, unless
@@ -122,7 +129,7 @@ class ExamplePlan(Plan):
       'files': _files_to_json(self.files),
       'eval_files': _files_to_json(self.eval_files),
       'eval_fraction': self.eval_fraction,
-      'fields': {**dataclasses.asdict(self.fields), 'labels': list(self.fields.labels)},
+      'fields': _fields_to_json(self.fields),
       'tokenizer': tokenizer_to_json(self.tokenizer),
     }
 

@@ -8,6 +8,9 @@
                   then EOS; the loss is on each assistant CONTENT with its newline, and on the EOS
                   when the chat ends with the assistant.
   classification  {"text": T, "label": L}: an encoder reads T and EOS; a pooled head predicts L.
+                  With a second text (finetune.text_pair_field), T EOS P EOS. With a template
+                  (finetune.template, '{text} lives in <mask>.'), the template's text with T
+                  (and P) in place and the mask token for each '<mask>', then EOS.
 
 The field names are settings (finetune.prompt_field, ..., data.text_field). A record without its
 fields, with an empty response, or with a label outside `finetune.labels` raises BadRecord, which
@@ -36,6 +39,8 @@ class Fields:
   text: str = 'text'
   label: str = 'label'
   labels: tuple[str, ...] = ()  # The label set; () = the training records' distinct labels.
+  text_pair: str = ''  # The second text's field; '': one text per record.
+  template: str = ''  # The layout, '{text}' and '{text_pair}' in place; '': the text(s) alone.
 
   @classmethod
   def from_config(cls, c: RunConfig) -> 'Fields':
@@ -49,6 +54,8 @@ class Fields:
       text=c.data.text_field,
       label=f.label_field,
       labels=labels,
+      text_pair=f.text_pair_field,
+      template=f.template,
     )
 
 
@@ -68,9 +75,28 @@ def _string(record: dict, field: str, what: str) -> str:
   return value
 
 
-def text_of(record: dict, f: Fields) -> str:
-  """A classification record's text."""
-  return _string(record, f.text, 'the text')
+def texts_of(record: dict, f: Fields) -> list[str]:
+  """A classification record's text, and its second text when the records have pairs."""
+  texts = [_string(record, f.text, 'the text')]
+  if f.text_pair:
+    texts.append(_string(record, f.text_pair, 'the second text of a pair'))
+  return texts
+
+
+def encode_texts(texts: list[str], f: Fields, tok: tokenizer_lib.Tokenizer) -> list[int]:
+  """A classification example's ids: the text(s), each ending in EOS, or the template's layout."""
+  eos = tokenizer_lib.EOS_ID
+  if not f.template:
+    return [i for text in texts for i in tok.encode(text) + [eos]]
+  laid_out = f.template.replace('{text}', texts[0])
+  if f.text_pair:
+    laid_out = laid_out.replace('{text_pair}', texts[1])
+  # The mask token is no text the tokenizer reads: the parts between masks are encoded alone.
+  parts = [tok.encode(part) if part else [] for part in laid_out.split('<mask>')]
+  ids = parts[0]
+  for part in parts[1:]:
+    ids = ids + [tokenizer_lib.MASK_ID] + part
+  return ids + [eos]
 
 
 def chat_parts(messages, where_field: str) -> list[tuple[str, bool]]:
@@ -153,6 +179,6 @@ def encode_record(line: bytes, f: Fields, tok: tokenizer_lib.Tokenizer):
   if f.objective == 'sft':
     ids, weights = encode_sft(sft_parts(record, f), tok)
     return ids, weights, None
-  text = text_of(record, f)
+  texts = texts_of(record, f)
   label = label_of(record, f)
-  return np.asarray(tok.encode(text) + [tokenizer_lib.EOS_ID]), None, label
+  return np.asarray(encode_texts(texts, f, tok)), None, label

@@ -221,13 +221,16 @@ class Transformer(nnx.Module):
       )
     else:
       self.mlm_dense = self.mlm_dense_bias = self.mlm_norm = self.mlm_bias = None
-    if cfg.num_classes:
-      # BERT's pooler (dense + tanh) and a linear classifier, over the mean of a segment's states.
-      D, C = cfg.embed_dim, cfg.num_classes
+    if cfg.num_classes and cfg.pooler == 'tanh':  # BERT's pooler (dense + tanh); else the MLM's.
+      D = cfg.embed_dim
       self.pooler: nnx.Param | None = layers.param(
         rngs, layers.normal(cfg.init_std), (D, D), ('embed', 'mlp'), pdt
       )
       self.pooler_bias: nnx.Param | None = layers.param(rngs, layers.zeros, (D,), ('mlp',), pdt)
+    else:
+      self.pooler = self.pooler_bias = None
+    if cfg.num_classes:  # A linear classifier over the pooled states.
+      D, C = cfg.embed_dim, cfg.num_classes
       self.classifier: nnx.Param | None = layers.param(
         rngs, layers.normal(cfg.init_std), (D, C), ('mlp', 'classes'), pdt
       )
@@ -235,7 +238,7 @@ class Transformer(nnx.Module):
         rngs, layers.zeros, (C,), ('classes',), pdt
       )
     else:
-      self.pooler = self.pooler_bias = self.classifier = self.classifier_bias = None
+      self.classifier = self.classifier_bias = None
 
   def __call__(
     self,
@@ -361,31 +364,51 @@ class Transformer(nnx.Module):
   def classify(
     self,
     x_BLD: jax.Array,
+    ids_BL: jax.Array,
     segment_ids_BL: jax.Array,
     num_segments: int,
     *,
     dropout_rng: jax.Array | None = None,
   ) -> jax.Array:
     """Float32 class logits (B, S, C) of segments 1..S of each row (packed examples), from the
-    final states (B, L, D): the mean of each segment's states, pooled. A segment absent from a row
-    gets the bias's logits."""
+    final states (B, L, D): each segment's states read as cfg.pooling says, through the pooler
+    (the masked LM's transform, or BERT's dense + tanh), then the classifier. A segment absent
+    from a row gets the bias's logits."""
     cfg = self.cfg
-    pooler, pooler_bias = self.pooler, self.pooler_bias
     classifier, classifier_bias = self.classifier, self.classifier_bias
-    if pooler is None or pooler_bias is None or classifier is None or classifier_bias is None:
+    if classifier is None or classifier_bias is None:
       raise ValueError('classify needs a classifier head: build the model with num_classes > 0.')
-    # member_BLS[b, l, s]: token l of row b belongs to segment s + 1 (0 is padding).
-    member_BLS = (segment_ids_BL[..., None] == jnp.arange(1, num_segments + 1)).astype(cfg.dtype)
-    count_BS = jnp.maximum(jnp.sum(member_BLS, axis=1), 1.0)
-    mean_BSD = jnp.einsum('BLS,BLD->BSD', member_BLS, x_BLD) / count_BS[..., None]
-    pooled_BSD = jnp.tanh(
-      layers.dense(mean_BSD, pooler[...].astype(cfg.dtype)) + pooler_bias[...].astype(cfg.dtype)
-    )
+    read_BLS = readout_weights(cfg.pooling, ids_BL, segment_ids_BL, num_segments, cfg.mask_id)
+    read_BSD = jnp.einsum('BLS,BLD->BSD', read_BLS.astype(cfg.dtype), x_BLD)
+    if self.pooler is not None and self.pooler_bias is not None:
+      dense_BSD = layers.dense(read_BSD, self.pooler[...].astype(cfg.dtype))
+      pooled_BSD = jnp.tanh(dense_BSD + self.pooler_bias[...].astype(cfg.dtype))
+    else:
+      pooled_BSD = self.head_input(read_BSD)  # What the masked LM's projection reads.
     pooled_BSD = layers.dropout(
       pooled_BSD, cfg.dropout, None if dropout_rng is None else jax.random.fold_in(dropout_rng, 0)
     )
     logits_BSC = layers.dense(pooled_BSD, classifier[...].astype(cfg.dtype))
     return (logits_BSC + classifier_bias[...].astype(cfg.dtype)).astype(jnp.float32)
+
+
+def readout_weights(
+  pooling: str, ids_BL: jax.Array, segment_ids_BL: jax.Array, num_segments: int, mask_id: int
+) -> jax.Array:
+  """(B, L, S) float32 weights, each segment's summing to 1 (or 0 where a row lacks it): how
+  segment s + 1's states are averaged. mean: all its tokens; first: its first; mask: its first
+  `mask_id` token (its first token if it has none)."""
+  # member_BLS[b, l, s]: token l of row b belongs to segment s + 1 (0 is padding).
+  member_BLS = segment_ids_BL[..., None] == jnp.arange(1, num_segments + 1)
+  if pooling == 'mask':
+    marked_BLS = member_BLS & (ids_BL == mask_id)[..., None]
+    has_mark_BS = jnp.any(marked_BLS, axis=1)
+    member_BLS = jnp.where(has_mark_BS[:, None], marked_BLS, member_BLS)
+  if pooling in ('first', 'mask'):
+    # Rows are packed in order, so a segment's first member has no member before it.
+    member_BLS = member_BLS & (jnp.cumsum(member_BLS, axis=1) == 1)
+  weights_BLS = member_BLS.astype(jnp.float32)
+  return weights_BLS / jnp.maximum(jnp.sum(weights_BLS, axis=1, keepdims=True), 1.0)
 
 
 # What each block keeps for the backward pass; the rest is recomputed. Matmuls over flattened
