@@ -22,6 +22,7 @@ OBJECTIVES = ('causal_lm', 'masked_lm', 'span_corruption', 'prefix_lm')
 FINETUNE_OBJECTIVES = ('sft', 'classification')
 FLAVOURS = ('gpt2', 'llama')
 SCHEDULES = ('cosine', 'linear', 'wsd', 'constant')
+OPTIMIZERS = ('adamw', 'muon')
 TOKENIZER_TYPES = ('char', 'bpe', 'unigram')
 DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTION_BACKENDS = ('auto', 'xla', 'cudnn', 'splash', 'cpu')  # = model.attention.BACKENDS
@@ -251,8 +252,11 @@ def _tokenizer_fields(c: ml_collections.ConfigDict) -> None:
 
 
 def _optim_fields(c: ml_collections.ConfigDict) -> None:
-  """AdamW, its schedule and the guards on each update."""
+  """The optimizer, its schedule and the guards on each update."""
   c.optim = ml_collections.ConfigDict()
+  # adamw: AdamW for every parameter. muon: Muon (orthogonalised momentum) for the transformer
+  # blocks' hidden matrices, AdamW for the rest; one lr and weight_decay for both (docs/configs.md).
+  c.optim.name = 'adamw'
   c.optim.lr = 1e-3
   c.optim.min_lr = 1e-4
   c.optim.schedule = 'cosine'
@@ -268,6 +272,8 @@ def _optim_fields(c: ml_collections.ConfigDict) -> None:
   c.optim.clip_norm = 1.0  # 0 disables clipping.
   c.optim.grad_accum_steps = 1
   c.optim.z_loss = 0.0
+  c.optim.muon_momentum = 0.95  # muon: momentum of the hidden matrices (Nesterov).
+  c.optim.ns_steps = 5  # muon: Newton-Schulz iterations that orthogonalise each update.
   # A non-finite loss or gradient stops the run (default) or, if true, skips that update.
   c.optim.skip_nonfinite = False
   # Loss-spike skipping: skip an update whose loss is more than spike_threshold standard deviations

@@ -15,6 +15,7 @@ from pretrax.config import (
   DTYPES,
   FINETUNE_OBJECTIVES,
   FLAVOURS,
+  OPTIMIZERS,
   QK_NORMS,
   ROUTER_SCORES,
   SCHEDULES,
@@ -188,7 +189,13 @@ def _validate_batches(
 
 
 def _validate_optim(o: ml_collections.ConfigDict) -> None:
+  one_of('optim.name', o.name, OPTIMIZERS)
   one_of('optim.schedule', o.schedule, SCHEDULES)
+  require(
+    0.0 <= o.muon_momentum < 1.0,
+    f'optim.muon_momentum={o.muon_momentum} must be in [0, 1) (0.95 is usual).',
+  )
+  require(o.ns_steps >= 1, f'optim.ns_steps={o.ns_steps} must be at least 1 (5 is usual).')
   require(o.spike_window >= 0, f'optim.spike_window={o.spike_window} must be >= 0 (0: off).')
   require(
     o.spike_threshold > 0,

@@ -146,6 +146,7 @@ class TokenizerSection:
 
 @dataclasses.dataclass(frozen=True)
 class OptimSection:
+  name: str
   lr: float
   min_lr: float
   schedule: str
@@ -161,6 +162,8 @@ class OptimSection:
   clip_norm: float
   grad_accum_steps: int
   z_loss: float
+  muon_momentum: float
+  ns_steps: int
   skip_nonfinite: bool
   spike_window: int
   spike_threshold: float

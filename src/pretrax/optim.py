@@ -1,13 +1,17 @@
-"""The Optax chain: global-norm clipping, then AdamW with a decay mask and a schedule.
+"""The Optax chain: global-norm clipping, then AdamW with a decay mask and a schedule; or, with
+optim.name=muon, Muon for the transformer blocks' hidden matrices and that AdamW for the rest.
 
 Parameters that the train step sets itself (an MoE router's balancing bias, `FROZEN_NAMES`) are
 left out: no update, no weight decay, no optimizer state.
 """
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
 
+from pretrax import optim_muon
 from pretrax.config_types import OptimSection
 
 # Parameter names (last path entry) that are embedding tables, not projections.
@@ -50,11 +54,18 @@ def decay_mask(params, cfg: OptimSection):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def optimizer(cfg: OptimSection, frozen: bool = False) -> optax.GradientTransformation:
-  """The run's optimizer; with `frozen` (a model that has FROZEN_NAMES parameters), those are
-  taken out of the tree it sees (zero updates, no state, no weight decay). Without it the
-  optimizer state has the structure it always had, so older checkpoints restore."""
-  trained = _trained(cfg)
+def optimizer(
+  cfg: OptimSection, logical_axes: Any, frozen: bool = False
+) -> optax.GradientTransformation:
+  """The run's optimizer for parameters with these logical axis names (a params-shaped tree of
+  name tuples: Muon's matrices are read from them); with `frozen` (a model that has FROZEN_NAMES
+  parameters), those are taken out of the tree it sees (zero updates, no state, no weight
+  decay). Without it the optimizer state has the structure it always had, so older checkpoints
+  restore."""
+  axes = without_frozen(logical_axes) if frozen else logical_axes
+  trained = _muon(cfg, axes) if cfg.name == 'muon' else _adamw(cfg)
+  if cfg.clip_norm > 0:
+    trained = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), trained)
   return _skipping_frozen(trained) if frozen else trained
 
 
@@ -95,8 +106,8 @@ def _skipping_frozen(inner: optax.GradientTransformation) -> optax.GradientTrans
   return optax.GradientTransformation(init, update)
 
 
-def _trained(cfg: OptimSection) -> optax.GradientTransformation:
-  adamw = optax.adamw(
+def _adamw(cfg: OptimSection) -> optax.GradientTransformation:
+  return optax.adamw(
     schedule(cfg),
     b1=cfg.b1,
     b2=cfg.b2,
@@ -104,6 +115,28 @@ def _trained(cfg: OptimSection) -> optax.GradientTransformation:
     weight_decay=cfg.weight_decay,
     mask=lambda p: decay_mask(p, cfg),
   )
-  if cfg.clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
-  return adamw
+
+
+def _muon(cfg: OptimSection, logical_axes: Any) -> optax.GradientTransformation:
+  """Muon for the parameters optim_muon.dimension_numbers picks, _adamw for the others.
+
+  Built from optax.contrib's parts rather than its `muon` alias, which ties Adam's Nesterov
+  setting to Muon's and applies one weight decay to every Adam parameter (our decay mask spares
+  embeddings, norms and biases). The Muon update is scaled to AdamW's RMS (optim_muon), so one
+  lr and weight_decay serve both groups, as in Moonshot's 'Muon is scalable'.
+  """
+  dims = optim_muon.dimension_numbers(logical_axes)
+  muon = optax.chain(
+    # Heavy-ball momentum: 1 / (1 - b) times the reference's moving average, which the
+    # orthogonalisation's normalisation cancels.
+    optax.trace(decay=cfg.muon_momentum, nesterov=True),
+    optim_muon.orthogonalise(dims, cfg.ns_steps),
+    optax.add_decayed_weights(cfg.weight_decay),  # Every hidden matrix decays, as in _adamw.
+    optax.scale_by_learning_rate(schedule(cfg)),
+  )
+  labels = jax.tree.map(
+    lambda d: 'adamw' if isinstance(d, optax.MaskedNode) else 'muon',
+    dims,
+    is_leaf=optim_muon.is_dims,
+  )
+  return optax.partition({'muon': muon, 'adamw': _adamw(cfg)}, labels)
