@@ -124,6 +124,15 @@ def _model_fields(c: ml_collections.ConfigDict) -> None:
   # head_dim, one scale shared by the heads: Qwen3) | full (the whole projection: OLMoE, OLMo-2).
   c.model.qk_norm = 'none'
   c.model.init_std = 0.02
+  # Width transfer (muP, docs/configs.md): the embed_dim the hyperparameters were tuned at; at
+  # another width, hidden weights' init and the learning rates scale so that the tuned values
+  # carry over (model/optimizer multipliers in src/pretrax/mup.py). 0: off, the standard
+  # parametrisation (init_std and optim.lr as they are at any width).
+  c.model.mup_base_width = 0
+  # muP's attention scales logits by sqrt(this) / head_dim. 0: the head_dim at the base width, i.e.
+  # mup_base_width // num_heads when model.head_dim is 0 (heads keep their number and widen), or
+  # model.head_dim when it is set (heads keep their size and grow in number).
+  c.model.mup_base_head_dim = 0
   c.model.param_dtype = 'float32'
   c.model.dtype = 'float32'  # Compute dtype; bfloat16 on accelerators.
   # Rematerialisation per block: none | dots (keep matmul outputs, recompute the rest) |

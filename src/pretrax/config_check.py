@@ -45,6 +45,7 @@ def validate(
   one_of('tokenizer.model_type', c.tokenizer.model_type, TOKENIZER_TYPES)
   _validate_model(c.model, c.data.seq_len)
   _validate_qk_norm(c.model)
+  _validate_mup(c.model)
   _validate_moe(c.model.moe, c.model.num_layers)
   _validate_expert_mesh(c, num_devices)
   _validate_batches(c.data, c.optim, num_devices)
@@ -93,6 +94,28 @@ def _validate_qk_norm(m: ml_collections.ConfigDict) -> None:
   require(
     m.qk_norm in ('', 'none') or m.flavour == 'llama',
     f'model.qk_norm={m.qk_norm!r} needs model.flavour=llama (RMSNorm): set model.qk_norm=none.',
+  )
+
+
+def _validate_mup(m: ml_collections.ConfigDict) -> None:
+  """model.mup_base_width and mup_base_head_dim: off (0) or a base model this config could be.
+  Any positive base width is allowed, above the model's width too (m < 1 is muP all the same)."""
+  base, base_head = m.mup_base_width, m.mup_base_head_dim
+  require(
+    base >= 0,
+    f'model.mup_base_width={base} must be 0 (off) or the embed_dim the hyperparameters were '
+    'tuned at.',
+  )
+  require(base_head >= 0, f'model.mup_base_head_dim={base_head} must be 0 or more.')
+  require(
+    base or not base_head,
+    f'model.mup_base_head_dim={base_head} does nothing without model.mup_base_width: set '
+    'model.mup_base_width to the width tuned at, or model.mup_base_head_dim=0.',
+  )
+  require(
+    not base or base_head or m.head_dim or base % m.num_heads == 0,
+    f'model.mup_base_width={base} is not a multiple of model.num_heads={m.num_heads}, so the base '
+    'model has no whole head_dim: choose a multiple, or set model.mup_base_head_dim.',
   )
 
 

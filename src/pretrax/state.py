@@ -97,7 +97,12 @@ def build(
       is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
   )
-  optimizer = optim.optimizer(c.optim, logical_axes, frozen=model_cfg.moe.num_experts > 0)
+  optimizer = optim.optimizer(
+    c.optim,
+    logical_axes,
+    frozen=model_cfg.moe.num_experts > 0,
+    width_mult=model_cfg.width_mult if model_cfg.mup_base_width else None,
+  )
   sharding.check_divisible(nnx.to_pure_dict(abstract_params), params_shardings, logical_axes)
   abstract_state = jax.eval_shape(lambda: _init(model_cfg, optimizer, 0, c.optim.spike_window))
   shardings = sharding.state_shardings(
