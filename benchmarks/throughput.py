@@ -1,7 +1,7 @@
 """Benchmark: the jitted train step of any config alone, and its input pipeline alone.
 
   python benchmarks/throughput.py --config=configs/NAME.py[:ARG] [--steps=20] [--warmup=3]
-      [--pipeline_batches=50] [--segments=1] [--json=PATH] [--config.KEY=VALUE ...]
+      [--pipeline_batches=50] [--segments=1] [--json=PATH] [--flops_only] [--config.KEY=VALUE ...]
 
 The run's state and step are built as `pretrax train` builds them (state.build, step.jit_train_step
 with the same shardings); the step is fed one synthetic batch of the configured shape (random token
@@ -16,6 +16,15 @@ stays on the device, so only the step is timed. Prints one markdown table row:
   float32 matmul rate (config.peak_flops overrides either); MFU = model FLOP/s / peak.
 - memory: the allocator's peak_bytes_in_use where the device reports it (GPU, TPU), else XLA's
   compile-time estimate (arguments + temporaries of the compiled step), marked 'XLA est.'.
+- update ms (share): the optimizer's update alone (optim.name; the step's parameters standing in
+  for its gradients), jitted into the state's shardings, median over --steps; share = update ms /
+  step ms. Inside the step XLA may overlap it with other work: the step time of the same config
+  with --config.optim.name=adamw and =muon is the other measure of Muon's cost.
+- NS / model FLOPs: Muon's Newton-Schulz matmul FLOPs per step (optim_muon.newton_schulz_flops)
+  over the model FLOPs per step above; 0 for adamw. Both are totals over the devices: how evenly
+  XLA spreads Newton-Schulz over sharded matrices is what the update time measures.
+  --flops_only prints this count for the config without building data or running anything (any
+  config, on any machine: an estimate, not a measurement).
 - pipeline tokens/s: the real data path alone (the store of data.prepared, else the one built
   from data.path) producing this process's batches of the same shape; 'pipeline / step' divides it
   by the tokens/s the step consumes on this process. Issue 9 wants at least 2.
@@ -34,7 +43,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from pretrax import config as config_lib
-from pretrax import config_specs, metrics, run_config, train
+from pretrax import config_specs, metrics, optim_muon, plan, run_config, train
 from pretrax import state as state_lib
 from pretrax import step as step_lib
 from pretrax.data.batch import Batch
@@ -52,6 +61,9 @@ COLUMNS = (
   'model FLOP/s',
   'peak FLOP/s (source)',
   'MFU',
+  'optimizer',
+  'update ms (share)',
+  'NS / model FLOPs',
   'peak memory',
   'pipeline tokens/s',
   'pipeline / step',
@@ -79,6 +91,9 @@ def _define_flags() -> None:
     lower_bound=1,
   )
   flags.DEFINE_string('json', '', 'Also write the row as JSON to this path.')
+  flags.DEFINE_bool(
+    'flops_only', False, "Print the optimizer's FLOPs against the model's, and run nothing."
+  )
 
 
 def document_layout(
@@ -143,6 +158,32 @@ def _flops(x: float) -> str:
   return f'{x / 1e12:.1f} T' if x >= 1e12 else f'{x / 1e9:.1f} G'
 
 
+def optimizer_flops(c, run: state_lib.RunState) -> dict:
+  """Newton-Schulz's matmul FLOPs per step against the model's (0 for adamw)."""
+  tokens = c.data.batch_size * c.data.seq_len
+  model = metrics.flops_per_token(run.model_cfg, c.data.seq_len) * tokens
+  ns = 0.0
+  if c.optim.name == 'muon':
+    params = run.abstract['params']
+    ns = optim_muon.newton_schulz_flops(params, run.logical_axes, c.optim.ns_steps)
+  return {'flops_per_step': model, 'ns_flops_per_step': ns, 'ns_flop_share': ns / model}
+
+
+def time_update(run: state_lib.RunState, state, steps: int) -> float:
+  """Median seconds of the optimizer's update alone, the parameters standing in for gradients."""
+  update = jax.jit(
+    lambda s: run.optimizer.update(s['params'], s['opt_state'], s['params']),
+    out_shardings=(run.shardings['params'], run.shardings['opt_state']),
+  )
+  jax.block_until_ready(update(state))  # Compiles.
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(update(state))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
 def benchmark(
   c, config_name: str, steps: int, warmup: int, pipeline_batches: int, segments: int = 1
 ) -> dict:
@@ -187,9 +228,11 @@ def benchmark(
 
   seq_len = c.data.seq_len
   tokens_per_s = c.data.batch_size * seq_len / step_s
-  flops_per_step = metrics.flops_per_token(run.model_cfg, seq_len) * c.data.batch_size * seq_len
+  flops = optimizer_flops(c, run)
+  flops_per_step = flops['flops_per_step']
   peak, peak_source = metrics.peak_flops(c.peak_flops)
   memory, memory_source = peak_memory(compiled)
+  update_s = time_update(run, state, steps)  # After reading the step's peak: it allocates more.
   cost = compiled.cost_analysis()  # A dict; a list of one per program in older JAX.
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   pipeline_tokens_per_s = local_rows * seq_len / pipeline_s
@@ -211,6 +254,11 @@ def benchmark(
     'peak_flops': peak,
     'peak_source': peak_source,
     'mfu': flops_per_step / step_s / peak,
+    'optimizer': c.optim.name,
+    'update_ms': 1000 * update_s,
+    'update_share': update_s / step_s,
+    'ns_flops_per_step': flops['ns_flops_per_step'],
+    'ns_flop_share': flops['ns_flop_share'],
     'peak_memory_bytes': memory,
     'memory_source': memory_source,
     # XLA's own count of the compiled step beside the formula's, as a sanity check only: it
@@ -236,6 +284,9 @@ def table(row: dict) -> str:
     _flops(row['model_flops_per_s']),
     f'{_flops(row["peak_flops"])} ({row["peak_source"]})',
     f'{row["mfu"]:.1%}',
+    row['optimizer'],
+    f'{row["update_ms"]:.2f} ({row["update_share"]:.0%})',
+    f'{row["ns_flop_share"]:.2%}',
     f'{row["peak_memory_bytes"] / 2**20:,.1f} MiB ({row["memory_source"]})',
     f'{row["pipeline_tokens_per_s"]:,.0f} ({row["pipeline"]})',
     f'{row["pipeline_ratio"]:.1f}x',
@@ -249,6 +300,19 @@ def table(row: dict) -> str:
   )
 
 
+def flops_estimate(c) -> str:
+  """The optimizer's FLOPs for the config at its batch, counted on abstract state (no data, no
+  device work: any config builds on a CPU)."""
+  c = run_config.build(c, check_data=False)
+  c = run_config.on_local_devices(c)  # The count does not depend on the mesh.
+  f = optimizer_flops(c, state_lib.build(c, plan.vocab_size(c)))
+  return (
+    f'optim.name={c.optim.name}, ns_steps={c.optim.ns_steps}, batch {c.data.batch_size} x '
+    f'{c.data.seq_len}: model {f["flops_per_step"]:.3g} FLOPs per step, Newton-Schulz '
+    f"{f['ns_flops_per_step']:.3g} ({f['ns_flop_share']:.2%} of the model's)"
+  )
+
+
 def main(argv: list[str]) -> None:
   del argv
   if FLAGS.config is None:
@@ -256,6 +320,9 @@ def main(argv: list[str]) -> None:
   name = config_flags.get_config_filename(FLAGS['config'])
   overrides = config_flags.get_override_values(FLAGS['config'])
   overrides = ' '.join(f'{k}={v}' for k, v in overrides.items())
+  if FLAGS.flops_only:
+    print(flops_estimate(FLAGS.config), flush=True)
+    return
   segments = f'segments={FLAGS.segments}' if FLAGS.segments > 1 else ''
   row = benchmark(
     FLAGS.config,

@@ -79,6 +79,33 @@ def test_benchmark_prints_a_table_and_json(tmp_path, corpus_path, pipeline):
   assert row['step_ms'] > 0 and 0 < row['mfu'] < 1.5 and row['pipeline_ratio'] > 0
   assert row['tokens_per_s'] == pytest.approx(8 * 32 / (row['step_ms'] / 1000))
   assert row['xla_flops_per_step'] > 0
+  # The optimizer's share: AdamW's update alone, and no Newton-Schulz.
+  assert cells['optimizer'] == 'adamw' and cells['NS / model FLOPs'] == '0.00%'
+  assert re.fullmatch(number + r' \(\d+%\)', cells['update ms (share)']), cells
+  assert 0 < row['update_ms'] and row['update_share'] == pytest.approx(
+    row['update_ms'] / row['step_ms']
+  )
+
+
+def test_flops_only_counts_newton_schulz_against_the_model_without_running():
+  """llama_1b at its batch of 256 x 2048 under Muon (docs/configs.md quotes this estimate)."""
+  result = subprocess.run(
+    [
+      sys.executable,
+      'benchmarks/throughput.py',
+      '--config=configs/llama_1b.py',
+      '--config.optim.name=muon',
+      '--flops_only',
+    ],
+    cwd=REPO,
+    text=True,
+    capture_output=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'batch 256 x 2048: model 3.69e+15 FLOPs per step, Newton-Schulz 4.57e+13 (1.24%' in (
+    result.stdout
+  )
 
 
 def test_profile_steps_writes_a_trace(tmp_path, corpus_path):

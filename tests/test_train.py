@@ -43,21 +43,26 @@ def _final_params(workdir, c, step):
 
 
 @pytest.mark.parametrize(
-  'accum, objective, experts',
+  'accum, objective, experts, optimizer',
   [
-    (1, 'causal_lm', 0),
-    (2, 'causal_lm', 0),
-    (1, 'masked_lm', 0),
-    (2, 'causal_lm:1,span_corruption:1,prefix_lm:1', 0),
+    (1, 'causal_lm', 0, 'adamw'),
+    (2, 'causal_lm', 0, 'adamw'),
+    (1, 'masked_lm', 0, 'adamw'),
+    (2, 'causal_lm:1,span_corruption:1,prefix_lm:1', 0, 'adamw'),
     # Mixture-of-Experts: the routing losses and the balancing bias (a parameter the step sets
     # itself, outside the optimizer) must also continue where they stopped.
-    (2, 'causal_lm', 4),
+    (2, 'causal_lm', 4, 'adamw'),
+    # Muon's momentum (and AdamW's moments of the other parameters), experts as a batch axis.
+    (1, 'causal_lm', 4, 'muon'),
   ],
 )
-def test_stop_and_resume_equals_uninterrupted(tiny_config, tmp_path, accum, objective, experts):
+def test_stop_and_resume_equals_uninterrupted(
+  tiny_config, tmp_path, accum, objective, experts, optimizer
+):
   c = tiny_config
   c.steps, c.log_every, c.eval_every, c.checkpoint.every = 30, 1, 10, 10
   c.optim.grad_accum_steps = accum
+  c.optim.name = optimizer
   c.model.moe.num_experts, c.model.moe.bias_rate = experts, 0.01
   c.objective = objective  # Masks, spans and splits must also be the same after resuming.
   c.model.dropout = 0.1  # Dropout keys must also continue where they stopped.

@@ -210,7 +210,14 @@ def check_resumable(mngr: ocp.CheckpointManager, c: RunConfig) -> None:
     saved = restore_config(mngr, step)
   except Exception:  # Damaged: the restore names the damage (and may fall back).
     return
-  changed = run_config.differences(c, run_config.from_saved(saved), ignore=RESUMABLE_CHANGES)
+  before = run_config.from_saved(saved)
+  if before.optim.name != c.optim.name:  # Its optimizer state has another structure.
+    raise config_lib.ConfigError(
+      f'the checkpoint at step {step} was trained with optim.name={before.optim.name}, not '
+      f'{c.optim.name}: set --config.optim.name={before.optim.name} to resume, or use a new '
+      f'--workdir (--config.init_from=<this workdir> starts {c.optim.name} from its weights).'
+    )
+  changed = run_config.differences(c, before, ignore=RESUMABLE_CHANGES)
   if changed:
     raise config_lib.ConfigError(
       f'the checkpoint at step {step} was trained with a different config ({", ".join(changed)}): '

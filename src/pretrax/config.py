@@ -22,6 +22,7 @@ OBJECTIVES = ('causal_lm', 'masked_lm', 'span_corruption', 'prefix_lm')
 FINETUNE_OBJECTIVES = ('sft', 'classification')
 FLAVOURS = ('gpt2', 'llama')
 SCHEDULES = ('cosine', 'linear', 'wsd', 'constant')
+OPTIMIZERS = ('adamw', 'muon')
 TOKENIZER_TYPES = ('char', 'bpe', 'unigram')
 DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTION_BACKENDS = ('auto', 'xla', 'cudnn', 'splash', 'cpu')  # = model.attention.BACKENDS
@@ -126,6 +127,15 @@ def _model_fields(c: ml_collections.ConfigDict) -> None:
   # head_dim, one scale shared by the heads: Qwen3) | full (the whole projection: OLMoE, OLMo-2).
   c.model.qk_norm = 'none'
   c.model.init_std = 0.02
+  # Width transfer (muP, docs/configs.md): the embed_dim the hyperparameters were tuned at; at
+  # another width, hidden weights' init and the learning rates scale so that the tuned values
+  # carry over (model/optimizer multipliers in src/pretrax/mup.py). 0: off, the standard
+  # parametrisation (init_std and optim.lr as they are at any width).
+  c.model.mup_base_width = 0
+  # muP's attention scales logits by sqrt(this) / head_dim. 0: the head_dim at the base width, i.e.
+  # mup_base_width // num_heads when model.head_dim is 0 (heads keep their number and widen), or
+  # model.head_dim when it is set (heads keep their size and grow in number).
+  c.model.mup_base_head_dim = 0
   c.model.param_dtype = 'float32'
   c.model.dtype = 'float32'  # Compute dtype; bfloat16 on accelerators.
   # Rematerialisation per block: none | dots (keep matmul outputs, recompute the rest) |
@@ -289,8 +299,11 @@ def _tokenizer_fields(c: ml_collections.ConfigDict) -> None:
 
 
 def _optim_fields(c: ml_collections.ConfigDict) -> None:
-  """AdamW, its schedule and the guards on each update."""
+  """The optimizer, its schedule and the guards on each update."""
   c.optim = ml_collections.ConfigDict()
+  # adamw: AdamW for every parameter. muon: Muon (orthogonalised momentum) for the transformer
+  # blocks' hidden matrices, AdamW for the rest; one lr and weight_decay for both (docs/configs.md).
+  c.optim.name = 'adamw'
   c.optim.lr = 1e-3
   c.optim.min_lr = 1e-4
   c.optim.schedule = 'cosine'
@@ -306,6 +319,8 @@ def _optim_fields(c: ml_collections.ConfigDict) -> None:
   c.optim.clip_norm = 1.0  # 0 disables clipping.
   c.optim.grad_accum_steps = 1
   c.optim.z_loss = 0.0
+  c.optim.muon_momentum = 0.95  # muon: momentum of the hidden matrices (Nesterov).
+  c.optim.ns_steps = 5  # muon: Newton-Schulz iterations that orthogonalise each update.
   # A non-finite loss or gradient stops the run (default) or, if true, skips that update.
   c.optim.skip_nonfinite = False
   # Loss-spike skipping: skip an update whose loss is more than spike_threshold standard deviations

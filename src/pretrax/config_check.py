@@ -16,6 +16,7 @@ from pretrax.config import (
   FINETUNE_OBJECTIVES,
   FLAVOURS,
   HEAD_INITS,
+  OPTIMIZERS,
   POOLERS,
   POOLINGS,
   QK_NORMS,
@@ -47,6 +48,7 @@ def validate(
   one_of('tokenizer.model_type', c.tokenizer.model_type, TOKENIZER_TYPES)
   _validate_model(c.model, c.data.seq_len)
   _validate_qk_norm(c.model)
+  _validate_mup(c.model)
   _validate_moe(c.model.moe, c.model.num_layers)
   _validate_expert_mesh(c, num_devices)
   _validate_batches(c.data, c.optim, num_devices)
@@ -95,6 +97,28 @@ def _validate_qk_norm(m: ml_collections.ConfigDict) -> None:
   require(
     m.qk_norm in ('', 'none') or m.flavour == 'llama',
     f'model.qk_norm={m.qk_norm!r} needs model.flavour=llama (RMSNorm): set model.qk_norm=none.',
+  )
+
+
+def _validate_mup(m: ml_collections.ConfigDict) -> None:
+  """model.mup_base_width and mup_base_head_dim: off (0) or a base model this config could be.
+  Any positive base width is allowed, above the model's width too (m < 1 is muP all the same)."""
+  base, base_head = m.mup_base_width, m.mup_base_head_dim
+  require(
+    base >= 0,
+    f'model.mup_base_width={base} must be 0 (off) or the embed_dim the hyperparameters were '
+    'tuned at.',
+  )
+  require(base_head >= 0, f'model.mup_base_head_dim={base_head} must be 0 or more.')
+  require(
+    base or not base_head,
+    f'model.mup_base_head_dim={base_head} does nothing without model.mup_base_width: set '
+    'model.mup_base_width to the width tuned at, or model.mup_base_head_dim=0.',
+  )
+  require(
+    not base or base_head or m.head_dim or base % m.num_heads == 0,
+    f'model.mup_base_width={base} is not a multiple of model.num_heads={m.num_heads}, so the base '
+    'model has no whole head_dim: choose a multiple, or set model.mup_base_head_dim.',
   )
 
 
@@ -203,7 +227,13 @@ def _validate_batches(
 
 
 def _validate_optim(o: ml_collections.ConfigDict) -> None:
+  one_of('optim.name', o.name, OPTIMIZERS)
   one_of('optim.schedule', o.schedule, SCHEDULES)
+  require(
+    0.0 <= o.muon_momentum < 1.0,
+    f'optim.muon_momentum={o.muon_momentum} must be in [0, 1) (0.95 is usual).',
+  )
+  require(o.ns_steps >= 1, f'optim.ns_steps={o.ns_steps} must be at least 1 (5 is usual).')
   require(o.spike_window >= 0, f'optim.spike_window={o.spike_window} must be >= 0 (0: off).')
   require(
     o.spike_threshold > 0,

@@ -60,6 +60,8 @@ class ModelSection:
   rope_theta: float
   qk_norm: str
   init_std: float
+  mup_base_width: int
+  mup_base_head_dim: int  # Resolved: the base width's head_dim when 0 (see config.py).
   param_dtype: str
   dtype: str
   remat: str
@@ -151,6 +153,7 @@ class TokenizerSection:
 
 @dataclasses.dataclass(frozen=True)
 class OptimSection:
+  name: str
   lr: float
   min_lr: float
   schedule: str
@@ -166,6 +169,8 @@ class OptimSection:
   clip_norm: float
   grad_accum_steps: int
   z_loss: float
+  muon_momentum: float
+  ns_steps: int
   skip_nonfinite: bool
   spike_window: int
   spike_threshold: float
@@ -266,3 +271,19 @@ class ModelConfig:
   max_segments: int = 16  # Documents per row for cuDNN's variable-length attention; 0: dense mask.
   moe: MoeConfig = MoeConfig()  # No experts: a dense model.
   qk_norm: str = 'none'  # none | head | full: RMSNorm of queries and keys before RoPE (llama).
+  mup_base_width: int = 0  # muP (pretrax.mup): the embed_dim tuned at; 0: standard parametrisation.
+  mup_base_head_dim: int = 0  # muP: the head_dim at mup_base_width (resolved by run_config).
+
+  @property
+  def width_mult(self) -> float:
+    """muP's m: embed_dim over the width the hyperparameters were tuned at (1 when off)."""
+    return self.embed_dim / self.mup_base_width if self.mup_base_width else 1.0
+
+  @property
+  def attention_mult(self) -> float:
+    """What muP multiplies queries by, on top of attention's 1/sqrt(head_dim): logits scaled by
+    sqrt(base head_dim) / head_dim, muP's 1/d that equals 1/sqrt(d) at the base (1 when off)."""
+    if not self.mup_base_width:
+      return 1.0
+    assert self.mup_base_head_dim > 0, 'run_config.resolve sets it whenever muP is on'
+    return (self.mup_base_head_dim / self.head_dim) ** 0.5

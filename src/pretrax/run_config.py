@@ -71,6 +71,10 @@ def resolve(fields: dict[str, Any]) -> RunConfig:
   f = {k: dict(v) if isinstance(v, dict) else v for k, v in fields.items()}
   model, data, optim, tok = f['model'], f['data'], f['optim'], f['tokenizer']
   model['num_kv_heads'] = model['num_kv_heads'] or model['num_heads']
+  if model['mup_base_width'] and not model['mup_base_head_dim']:
+    # The base model's head_dim: the heads widen with the model unless head_dim is written out.
+    base = model['mup_base_width'] // model['num_heads']
+    model['mup_base_head_dim'] = model['head_dim'] or base
   model['head_dim'] = model['head_dim'] or model['embed_dim'] // model['num_heads']
   model['mlp_dim'] = model['mlp_dim'] or 4 * model['embed_dim']
   model['max_len'] = model['max_len'] or data['seq_len']

@@ -250,12 +250,16 @@ def state_shardings(
   `optimized_shardings`: those of the parameters the optimizer keeps state for, when it leaves
   some out (optim.without_frozen); default all of them."""
   replicated = NamedSharding(mesh, P())
+  # optax.partition (optim.name=muon) keeps each group's state as a params-shaped tree with a
+  # MaskedNode for each parameter of the other group: it stays one, with no sharding.
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
   opt = optax.tree_map_params(
     optimizer,
-    lambda _, s: s,
+    lambda x, s: x if masked(x) else s,
     abstract_state['opt_state'],
     params_shardings if optimized_shardings is None else optimized_shardings,
     transform_non_params=lambda _: replicated,
+    is_leaf=masked,
   )
   # Anything else in the state (the step, loss-spike statistics) is small: every device has it.
   others = {

@@ -86,7 +86,6 @@ def build(
   num_classes: int = 0,
 ) -> RunState:
   model_cfg = run_config.model_config(c, vocab_size, num_classes)
-  optimizer = optim.optimizer(c.optim, frozen=model_cfg.moe.num_experts > 0)
   model_def, abstract_params = nnx.split(nnx.eval_shape(lambda: transformer.build(model_cfg, 0)))
   mesh = sharding.make_mesh(c.mesh, devices)
   rules = sharding.rules(c.mesh)
@@ -97,6 +96,12 @@ def build(
       abstract_params,
       is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
+  )
+  optimizer = optim.optimizer(
+    c.optim,
+    logical_axes,
+    frozen=model_cfg.moe.num_experts > 0,
+    width_mult=model_cfg.width_mult if model_cfg.mup_base_width else None,
   )
   sharding.check_divisible(nnx.to_pure_dict(abstract_params), params_shardings, logical_axes)
   abstract_state = jax.eval_shape(lambda: _init(model_cfg, optimizer, 0, c.optim.spike_window))

@@ -52,6 +52,12 @@ def architecture(m: ModelConfig) -> str:
       'transformers causal LM can express',
       'export a causal_lm or masked_lm run.',
     )
+  if m.mup_base_width:
+    raise refuse(
+      f'a muP model (model.mup_base_width={m.mup_base_width}) multiplies its attention and tied '
+      'output logits by width multipliers that no transformers config holds',
+      'export a run trained with model.mup_base_width=0.',
+    )
   if m.moe.num_experts:
     return _moe_architecture(m)
   if m.attention == 'bidirectional':

@@ -354,6 +354,11 @@ def mismatches(m: ModelConfig, hf: dict[str, Any]) -> list[str]:
   fields = model_fields(hf)
   both_moe = bool(m.moe.num_experts and fields['moe.num_experts'])
   out = []
+  if m.mup_base_width:  # Its multipliers would change what the imported weights compute.
+    out.append(
+      f'model.mup_base_width={m.mup_base_width} but transformers models have no muP '
+      'multipliers (model.mup_base_width=0)'
+    )
   for field, theirs in fields.items():
     if field.startswith('moe.') and field != 'moe.num_experts' and not both_moe:
       continue  # Routing settings mean nothing where one side has no experts.

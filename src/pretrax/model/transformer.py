@@ -14,6 +14,7 @@ import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
+from pretrax import mup
 from pretrax.config_types import ModelConfig
 from pretrax.model import attention as attention_lib
 from pretrax.model import layers
@@ -106,6 +107,8 @@ class Attention(nnx.Module):
     if cfg.flavour == 'llama':
       q_BLNH = layers.rope(q_BLNH, positions_BL, cfg.rope_theta)
       k_BLKH = layers.rope(k_BLKH, positions_BL, cfg.rope_theta)
+    if cfg.mup_base_width:  # muP's 1/head_dim logits; every kernel applies its 1/sqrt(head_dim).
+      q_BLNH = q_BLNH * cfg.attention_mult
     out_BLNH = attention_lib.attention(
       q_BLNH,
       k_BLKH,
@@ -239,6 +242,8 @@ class Transformer(nnx.Module):
       )
     else:
       self.classifier = self.classifier_bias = None
+    if cfg.mup_base_width:
+      _scale_init_for_mup(self, cfg.width_mult)
 
   def __call__(
     self,
@@ -355,7 +360,14 @@ class Transformer(nnx.Module):
   def output_projection(self) -> tuple[jax.Array, jax.Array | None]:
     """(head (D, V), bias (V,) or None) in the compute dtype: the (tied) vocabulary projection."""
     dt = self.cfg.dtype
-    head_DV = self.embed.embedding[...].T if self.head is None else self.head[...]
+    if self.head is None:
+      head_DV = self.embed.embedding[...].T
+      if self.cfg.mup_base_width:
+        # muP's output multiplier: the tied table keeps its init and lr as an embedding, so its
+        # logits are scaled here instead (an untied head's init and lr are, see pretrax.mup).
+        head_DV = head_DV * (1 / self.cfg.width_mult)
+    else:
+      head_DV = self.head[...]
     # Gathered over FSDP here, once: inside a chunked loss's loop it would be gathered per chunk.
     head_DV = layers.constrain(head_DV.astype(dt), ('activation_embed', 'vocab'))
     bias_V = None if self.mlm_bias is None else self.mlm_bias[...].astype(dt)
@@ -409,6 +421,16 @@ def readout_weights(
     member_BLS = member_BLS & (jnp.cumsum(member_BLS, axis=1) == 1)
   weights_BLS = member_BLS.astype(jnp.float32)
   return weights_BLS / jnp.maximum(jnp.sum(weights_BLS, axis=1, keepdims=True), 1.0)
+
+
+def _scale_init_for_mup(model: Transformer, width_mult: float) -> None:
+  """Each parameter times its muP role's init multiplier (mup.init_multiplier, read from its
+  logical axes): the layers draw every weight at the std tuned at the base width (init_std)."""
+  for _, p in nnx.iter_graph(model):
+    if isinstance(p, nnx.Param):
+      scale = mup.init_multiplier(p.out_sharding, width_mult)
+      if scale != 1.0:
+        p[...] = p[...] * scale
 
 
 # What each block keeps for the backward pass; the rest is recomputed. Matmuls over flattened
