@@ -8,15 +8,15 @@ side of its leading axes, since the model contracts a weight's leading axes (lay
 (embed, heads, head_dim) is one embed x (heads * head_dim) matrix, o (heads, head_dim, embed) the
 reverse, an MoE wi (experts, expert_embed, expert_mlp) one matrix per expert.
 
-Muon takes the weights inside the transformer blocks whose every axis AXIS_ROLES knows and which
-have both sides. Everything else goes to AdamW: embeddings and the output head (vocab, position),
+Muon takes the weights inside the transformer blocks whose every axis is a width or a batch, with
+both sides. Everything else goes to AdamW: embeddings and the output head (vocab, position),
 norms and biases (one side or 'norm'), the MoE router ('router': it scores a handful of experts
 for a softmax or top-k, where an orthogonalised update would move every expert's score by the
 same amount whatever its gradient; it is small and kept in float32), and the layers above the
 blocks (the masked LM's dense layer, the classifier and its pooler: task heads, as the output
 head is, though their axes are the blocks' own).
 
-Imports JAX and optax only: optim.py uses it; the model never imports either.
+Imports JAX, optax and mup (its axis table) only: optim.py uses it; the model never imports it.
 """
 
 import math
@@ -30,17 +30,11 @@ from optax.contrib import MuonDimensionNumbers
 # Its Newton-Schulz and shape scaling, which optax.contrib does not export (pinned optax 0.2.8).
 from optax.contrib import _muon as optax_muon
 
-# Logical axis -> the side of a hidden matrix it is on, or 'batch' (independent matrices).
-AXIS_ROLES = {
-  'embed': 'residual',
-  'expert_embed': 'residual',
-  'heads': 'inner',
-  'kv_heads': 'inner',
-  'head_dim': 'inner',
-  'mlp': 'inner',
-  'expert_mlp': 'inner',
-  'experts': 'batch',
-}
+from pretrax import mup
+
+# Logical axis -> the side of a hidden matrix it is on ('residual' or 'inner'), 'batch'
+# (independent matrices), or 'fixed' (a size that is no hidden width): muP's table, one for both.
+AXIS_ROLES = mup.AXES
 
 # Moonshot's 'Muon is scalable' (arXiv 2502.16982): an orthogonalised m x n update has RMS
 # 1/sqrt(max(m, n)); times 0.2 sqrt(max(m, n)) it has AdamW's typical update RMS of ~0.2, so
@@ -54,7 +48,7 @@ def matrix_dims(names: tuple[str | None, ...]) -> MuonDimensionNumbers | None:
   """How a weight with these logical axes is a matrix (or a batch of them): its input (reduction)
   and output axes; None if it is not one of the hidden matrices."""
   roles = [AXIS_ROLES.get(n) if n else None for n in names]
-  if None in roles or 'residual' not in roles or 'inner' not in roles:
+  if None in roles or 'fixed' in roles or 'residual' not in roles or 'inner' not in roles:
     return None
   sides = [(i, r) for i, r in enumerate(roles) if r != 'batch']
   first = sides[0][1]
