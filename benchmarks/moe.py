@@ -23,17 +23,15 @@ rate) well under a minute.
 """
 
 import argparse
-import csv
 import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
+import sweeps  # benchmarks/sweeps.py, beside this script.
 
 from pretrax import config as config_lib
 from pretrax import plan as plan_lib
@@ -44,7 +42,6 @@ from pretrax import step as step_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join('configs', 'moe_tiny.py')
 MODELS = (('dense', ':dense'), ('moe', ''))  # (name, config variant)
-PRETRAX = [sys.executable, '-m', 'pretrax.cli']
 # No matmul-peak measurement in each trial: MFU is not what this benchmark compares.
 COMMON = {'peak_flops': 1e11}
 QUICK = {
@@ -70,26 +67,8 @@ def flags(overrides: dict) -> list[str]:
 
 
 def run_sweep(variant: str, workdir: str, overrides: dict, extra: list[str]) -> float:
-  """`pretrax sweep` of the config's `variant` into `workdir` (its output to workdir.log); returns
-  its wall time in seconds."""
-  args = ['sweep', f'--config={CONFIG}{variant}', f'--workdir={workdir}', *flags(overrides), *extra]
-  print('$ pretrax ' + ' '.join(args), flush=True)
-  started = time.perf_counter()
-  with open(workdir + '.log', 'w') as f:
-    done = subprocess.run(PRETRAX + args, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-  if done.returncode:
-    with open(workdir + '.log') as f:
-      raise SystemExit(f'pretrax sweep failed ({workdir}.log):\n' + f.read()[-3000:])
-  return time.perf_counter() - started
-
-
-def trials(workdir: str) -> list[dict]:
-  """The sweep's results.csv rows, each with its learning rate and held-out loss as numbers."""
-  with open(os.path.join(workdir, 'results.csv')) as f:
-    rows = list(csv.DictReader(f))
-  for row in rows:
-    row['lr'], row['eval'] = float(row['optim.lr']), float(row['eval_loss'])
-  return rows
+  """`pretrax sweep` of the config's `variant` into `workdir`; returns its wall time in seconds."""
+  return sweeps.run(CONFIG, variant, workdir, [*flags(overrides), *extra])
 
 
 def records(trial_dir: str) -> list[dict]:
@@ -222,7 +201,7 @@ def main() -> None:
   for name, variant in MODELS:
     workdir = os.path.join(args.out, name)
     seconds = run_sweep(variant, workdir, overrides, extra)
-    rows = trials(workdir)
+    rows = sweeps.trials(workdir)
     best = min(rows, key=lambda row: row['eval'])
     results[name] = {'variant': variant, 'trials': rows, 'best': best, 'seconds': seconds}
 
@@ -249,8 +228,8 @@ def main() -> None:
     f'{moe_run.data.seq_len} tokens for each model\n'
   )
   print(table(results, ms['moe'] / ms['dense'], balance, settle, moe_run.model.moe.bias_rate))
-  sweeps = ', '.join(f'{name} {r["seconds"]:.0f} s' for name, r in results.items())
-  print(f'\nsweeps: {sweeps}; total {(time.perf_counter() - started) / 60:.1f} minutes')
+  sweep_times = ', '.join(f'{name} {r["seconds"]:.0f} s' for name, r in results.items())
+  print(f'\nsweeps: {sweep_times}; total {(time.perf_counter() - started) / 60:.1f} minutes')
 
 
 if __name__ == '__main__':

@@ -19,17 +19,14 @@ minutes on 2 idle CPU cores; --quick (8 steps, 2 learning rates) about 3 minutes
 """
 
 import argparse
-import csv
 import math
 import os
 import shutil
-import subprocess
-import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import sweeps  # benchmarks/sweeps.py, beside this script.
+
 CONFIG = os.path.join('configs', 'optim_tiny.py')
-PRETRAX = [sys.executable, '-m', 'pretrax.cli']
 STEPS = 400
 MUON_SHARE = 0.8  # Muon's steps, as a share of AdamW's: the goal.
 COMMON = ['--config.peak_flops=1e11']  # No matmul-peak measurement in each trial.
@@ -46,25 +43,14 @@ def get_sweep(arg=None):
 
 
 def run_sweep(variant: str, workdir: str, args: list[str]) -> float:
-  """`pretrax sweep` of the config's `variant` into `workdir` (its output to workdir.log); returns
-  its wall time in seconds."""
-  command = ['sweep', f'--config={CONFIG}{variant}', f'--workdir={workdir}', *COMMON, *args]
-  print('$ pretrax ' + ' '.join(command), flush=True)
-  started = time.perf_counter()
-  with open(workdir + '.log', 'w') as f:
-    done = subprocess.run(PRETRAX + command, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-  if done.returncode:
-    with open(workdir + '.log') as f:
-      raise SystemExit(f'pretrax sweep failed ({workdir}.log):\n' + f.read()[-3000:])
-  return time.perf_counter() - started
+  """`pretrax sweep` of the config's `variant` into `workdir`; returns its wall time in seconds."""
+  return sweeps.run(CONFIG, variant, workdir, [*COMMON, *args])
 
 
 def trials(workdir: str) -> list[dict]:
-  """The sweep's results.csv rows, with their learning rate, width and held-out loss as numbers."""
-  with open(os.path.join(workdir, 'results.csv')) as f:
-    rows = list(csv.DictReader(f))
+  """The sweep's trials (sweeps.trials), each with its width as a number too."""
+  rows = sweeps.trials(workdir)
   for row in rows:
-    row['lr'], row['eval'] = float(row['optim.lr']), float(row['eval_loss'])
     row['width'] = int(row.get('model.embed_dim') or 128)
   return rows
 
