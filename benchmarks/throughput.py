@@ -25,6 +25,11 @@ stays on the device, so only the step is timed. Prints one markdown table row:
   XLA spreads Newton-Schulz over sharded matrices is what the update time measures.
   --flops_only prints this count for the config without building data or running anything (any
   config, on any machine: an estimate, not a measurement).
+- start-up s (first step / compile): the run's start-up phases as `pretrax train` logs them
+  (pretrax.startup: imports, backend, data, state, compile, first step; the pipeline's timing is
+  left out), their sum, and that sum over the compile time: issue 28's goal is at most 1.5. The
+  compilation cache is config.compile_cache, as train's: the JSON row counts the programs it
+  loaded and compiled, so a warm cache's compile time is never read as a compile.
 - pipeline tokens/s: the real data path alone (the store of data.prepared, else the one built
   from data.path) producing this process's batches of the same shape; 'pipeline / step' divides it
   by the tokens/s the step consumes on this process. Issue 9 wants at least 2.
@@ -43,9 +48,8 @@ from ml_collections import config_flags
 import numpy as np
 
 from pretrax import config as config_lib
-from pretrax import config_specs, metrics, optim_muon, plan, run_config, train
+from pretrax import config_specs, metrics, optim_muon, plan, run_config, startup, train
 from pretrax import state as state_lib
-from pretrax import step as step_lib
 from pretrax.data.batch import Batch
 
 FLAGS = flags.FLAGS
@@ -65,6 +69,7 @@ COLUMNS = (
   'update ms (share)',
   'NS / model FLOPs',
   'peak memory',
+  'start-up s (first step / compile)',
   'pipeline tokens/s',
   'pipeline / step',
 )
@@ -185,25 +190,31 @@ def time_update(run: state_lib.RunState, state, steps: int) -> float:
 
 
 def benchmark(
-  c, config_name: str, steps: int, warmup: int, pipeline_batches: int, segments: int = 1
+  c,
+  config_name: str,
+  steps: int,
+  warmup: int,
+  pipeline_batches: int,
+  segments: int = 1,
+  clock: startup.StartupClock | None = None,
 ) -> dict:
+  """One row: the step's speed and memory, the start-up phases (`clock` holds those timed before
+  the call), the optimizer's share, the input pipeline's rate."""
+  clock = clock or startup.StartupClock.from_now()
   c = run_config.build(c, num_devices=jax.device_count())  # Validated and resolved, as train's.
   with tempfile.TemporaryDirectory(prefix='pretrax-throughput-') as workdir:
+    clock.cache_directory = startup.use_compile_cache(c.compile_cache, workdir)
     data = train.load_data(c, workdir)  # Writes the tokenizer into the throwaway workdir.
+    clock.mark('data')
     # ---- Input pipeline alone, first: nothing else competes for the host yet.
     pipeline_s = time_pipeline(data.train_batches(0), pipeline_batches)
+    clock.skip()  # Timing the pipeline is the benchmark's, not the run's start-up.
 
-  # ---- State and step, as train.py builds them.
+  # ---- State and step, as train.py builds them: the step compiles while the state initialises.
   run = state_lib.build(c, data.tok.vocab_size)
-  state = run.init(c.seed)
-  train_step = step_lib.jit_train_step(
-    run.model_def,
-    run.optimizer,
-    run.schedule,
-    step_lib.step_config(c),
-    activation_sharding=run.activation_sharding,
-    out_shardings=(run.shardings, None),
-  )
+  compiling = train.start_compiling(c, run)
+  state = jax.block_until_ready(run.init(c.seed))
+  clock.mark('state')
   local_rows = c.data.batch_size // jax.process_count()
   host = synthetic_batch(
     c,
@@ -213,15 +224,19 @@ def benchmark(
     segments,
   )
   batch = jax.make_array_from_process_local_data(run.batch_sharding, host)
-  start = time.perf_counter()
-  compiled = train_step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
+  clock.mark('data')  # The synthetic batch on the device.
+  compiled_step = compiling.result()
+  compiled, compile_s = compiled_step.step, compiled_step.seconds
+  clock.mark('compile')
+  clock.step_compile_s = compile_s
 
   times = []
   for i in range(warmup + steps):
     start = time.perf_counter()
     state, step_metrics = compiled(state, batch)
     jax.block_until_ready((state, step_metrics))
+    if i == 0:
+      clock.mark('first_step')
     if i >= warmup:
       times.append(time.perf_counter() - start)
   step_s = statistics.median(times)
@@ -265,6 +280,9 @@ def benchmark(
     # counts what was compiled (the optimizer, elementwise work, no halving or doubling rules).
     'flops_per_step': flops_per_step,
     'xla_flops_per_step': cost.get('flops'),
+    # Start-up: each phase's seconds, their sum and the cache's counts (pretrax.startup).
+    **clock.record(),
+    'startup_over_compile': clock.total / compile_s,  # Issue 28's goal: at most 1.5.
     'pipeline': 'prepared' if c.data.prepared else 'text',
     'pipeline_tokens_per_s': pipeline_tokens_per_s,
     # This process's pipeline against this process's share of the step's tokens.
@@ -288,6 +306,7 @@ def table(row: dict) -> str:
     f'{row["update_ms"]:.2f} ({row["update_share"]:.0%})',
     f'{row["ns_flop_share"]:.2%}',
     f'{row["peak_memory_bytes"] / 2**20:,.1f} MiB ({row["memory_source"]})',
+    f'{row["startup_s"]:.1f} ({row["startup_over_compile"]:.1f}x)',
     f'{row["pipeline_tokens_per_s"]:,.0f} ({row["pipeline"]})',
     f'{row["pipeline_ratio"]:.1f}x',
   )
@@ -315,6 +334,8 @@ def flops_estimate(c) -> str:
 
 def main(argv: list[str]) -> None:
   del argv
+  clock = startup.StartupClock.from_process_start()
+  clock.mark('imports')
   if FLAGS.config is None:
     sys.exit('benchmarks/throughput.py: --config=configs/NAME.py[:ARG] is required.')
   name = config_flags.get_config_filename(FLAGS['config'])
@@ -324,6 +345,8 @@ def main(argv: list[str]) -> None:
     print(flops_estimate(FLAGS.config), flush=True)
     return
   segments = f'segments={FLAGS.segments}' if FLAGS.segments > 1 else ''
+  jax.device_count()  # Starts the backend.
+  clock.mark('backend')
   row = benchmark(
     FLAGS.config,
     ' '.join(filter(None, [name, overrides, segments])),
@@ -331,7 +354,9 @@ def main(argv: list[str]) -> None:
     FLAGS.warmup,
     FLAGS.pipeline_batches,
     FLAGS.segments,
+    clock,
   )
+  print(clock.line(), flush=True)
   print(table(row), flush=True)
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:

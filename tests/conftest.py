@@ -26,7 +26,7 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAKESPEARE = os.path.normpath(os.path.join(REPO, '..', 'shared', 'data', 'tinyshakespeare.txt'))
 
-# On a CPU, a run measures the matmul peak for its MFU figure (eleven 2048x2048 matmuls: ~3 s per
+# On a CPU, a run measures the matmul peak for its MFU figure (six 1024x1024 matmuls: ~0.2 s per
 # run, more on a busy machine) unless config.peak_flops gives it. Runs whose tests are about other
 # things give it; the quickstart and benchmarks/throughput.py still measure, as a user's runs do.
 PEAK_FLOPS = 1e11

@@ -8,7 +8,6 @@ import pytest
 
 from conftest import load_config
 from pretrax import config as config_lib
-from pretrax import plan as plan_lib
 from pretrax import run_config, train
 from pretrax import state as state_lib
 
@@ -22,9 +21,7 @@ def test_the_fit_check_counts_parameters_and_optimizer_state_to_the_byte():
   run = state_lib.build(c, c.model.vocab_size)
   # Compiled as train compiles it (on abstract inputs: nothing is allocated); that call checks
   # against this machine's memory, which such a small step fits.
-  batch = plan_lib._abstract_batch(c, run)
-  compiled, _ = train._compiled_train_step(c, run, run.abstract, batch)
-  a = compiled.memory_analysis()
+  a = train._compiled_train_step(c, run).step.memory_analysis()
   # Worked out here from XLA's fields, not by plan.peak_bytes: the donated state is an argument
   # and an output in the same buffers (the alias), so it counts once.
   need = (

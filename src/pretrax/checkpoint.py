@@ -189,6 +189,7 @@ RESUMABLE_CHANGES = (
   'optim.skip_nonfinite',
   'mesh',
   'profile_steps',
+  'compile_cache',
   # Attention kernels, recomputation and loss chunking change speed and
   # memory only.
   'model.attention_backend',

@@ -223,6 +223,10 @@ def _explicit_path_never_falls_back() -> None:
 
 
 def _run_train() -> None:
+  from pretrax import startup
+
+  clock = startup.StartupClock.from_process_start()
+  clock.mark('imports')
   import jax
 
   from pretrax import run_config, train
@@ -230,7 +234,9 @@ def _run_train() -> None:
   _require_flags('config', 'workdir')
   _explicit_path_never_falls_back()
   _join_hosts()
-  train.train(run_config.build(FLAGS.config, num_devices=jax.device_count()), FLAGS.workdir)
+  num_devices = jax.device_count()  # Starts the backend.
+  clock.mark('backend')
+  train.train(run_config.build(FLAGS.config, num_devices=num_devices), FLAGS.workdir, clock)
 
 
 def _run_plan() -> None:

@@ -93,6 +93,10 @@ def base_config() -> ml_collections.ConfigDict:
   # 'START:COUNT': write a jax.profiler trace of steps START..START+COUNT-1 (numbered from 1, as in
   # the logs) to WORKDIR/profile/; '' traces nothing.
   c.profile_steps = ''
+  # Where compiled programs are kept so that a restarted run loads them instead of compiling:
+  # 'auto' (~/.cache/pretrax/xla, or $PRETRAX_CACHE_DIR/xla, or JAX_COMPILATION_CACHE_DIR),
+  # 'workdir' (WORKDIR/xla_cache), a directory, or 'none' (compile every time).
+  c.compile_cache = 'auto'
   _model_fields(c)
   _data_fields(c)
   _objective_fields(c)

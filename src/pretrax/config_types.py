@@ -219,6 +219,7 @@ class RunConfig:
   eval_batches: int
   peak_flops: float
   profile_steps: str
+  compile_cache: str
   model: ModelSection
   data: DataSection
   masked_lm: MaskedLMSection

@@ -131,21 +131,8 @@ def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
 
 
 def _abstract_batch(c: RunConfig, run: state_lib.RunState) -> Batch[jax.ShapeDtypeStruct]:
-  """The shapes of a language-model batch (data/pipeline.py's) on the run's mesh."""
-
-  def shaped(dtype) -> jax.ShapeDtypeStruct:
-    shape = (c.data.batch_size, c.data.seq_len)
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=run.batch_sharding)
-
-  return Batch(
-    inputs=shaped(jnp.int32),
-    segment_ids=shaped(jnp.int32),
-    positions=shaped(jnp.int32),
-    targets=shaped(jnp.int32),
-    weights=shaped(jnp.float32),
-    prefix=shaped(jnp.int32),
-    objective=shaped(jnp.int32),
-  )
+  """The shapes of a batch on the run's mesh (RunState.abstract_batch)."""
+  return run.abstract_batch(c)
 
 
 def _compile_train_step(c: RunConfig, run: state_lib.RunState, batch: Batch[jax.ShapeDtypeStruct]):

@@ -10,11 +10,14 @@ from typing import Any
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import optax
 
 from pretrax import optim, run_config, sharding
 from pretrax import step as step_lib
 from pretrax.config_types import ModelConfig, RunConfig
+from pretrax.data import examples
+from pretrax.data.batch import Batch
 from pretrax.model import transformer
 
 
@@ -36,6 +39,28 @@ class RunState:
   @property
   def batch_sharding(self) -> jax.sharding.NamedSharding:
     return sharding.batch_sharding(self.mesh, self.rules)
+
+  def abstract_batch(self, c: RunConfig) -> Batch[jax.ShapeDtypeStruct]:
+    """The shapes of the global batch the run's steps read (data/batch.py), on the mesh: what
+    the train step can be compiled for before any data exists."""
+
+    def shaped(dtype, width: int = c.data.seq_len) -> jax.ShapeDtypeStruct:
+      return jax.ShapeDtypeStruct((c.data.batch_size, width), dtype, sharding=self.batch_sharding)
+
+    tokens = {'inputs': shaped(jnp.int32), 'segment_ids': shaped(jnp.int32)}
+    tokens['positions'] = shaped(jnp.int32)
+    if c.objective == 'classification':  # One label slot per packed example (examples.py).
+      slots = min(examples.MAX_SEGMENTS, c.data.seq_len)
+      return Batch(
+        **tokens, labels=shaped(jnp.int32, slots), label_weights=shaped(jnp.float32, slots)
+      )
+    return Batch(
+      **tokens,
+      targets=shaped(jnp.int32),
+      weights=shaped(jnp.float32),
+      prefix=shaped(jnp.int32),
+      objective=shaped(jnp.int32),
+    )
 
   @property
   def activation_sharding(self):

@@ -5,6 +5,7 @@ optimizer state, data position and step, so the run continues as if it had never
 """
 
 from collections.abc import Callable, Iterator
+from concurrent import futures
 import dataclasses
 import itertools
 import json
@@ -30,6 +31,7 @@ from pretrax import config as config_lib
 from pretrax import metrics as metrics_lib
 from pretrax import plan as plan_lib
 from pretrax import sample as sample_lib
+from pretrax import startup as startup_lib
 from pretrax import state as state_lib
 from pretrax import step as step_lib
 from pretrax import workdir as workdir_lib
@@ -44,17 +46,23 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def train(c: RunConfig, workdir: str) -> dict[str, Any]:
+def train(
+  c: RunConfig, workdir: str, clock: startup_lib.StartupClock | None = None
+) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns the final train and eval metrics. `c` is
-  built (validated, resolved) by run_config.build for this run's devices.
+  built (validated, resolved) by run_config.build for this run's devices. `clock` holds the
+  start-up phases the caller timed (the CLI: imports and backend); None: timed from here.
 
   Raises faults.Stopped after saving when a SIGTERM or SIGINT asked it to stop.
   """
+  clock = clock or startup_lib.StartupClock.from_now()
   faults.check_writable(workdir)
+  # Before anything compiles: JAX opens its cache at a process's first compile.
+  clock.cache_directory = startup_lib.use_compile_cache(c.compile_cache, workdir)
   with faults.WorkdirLock(workdir), faults.StopSignals() as stop:
     mngr = checkpoint.manager(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
     try:
-      return _train(c, workdir, stop, mngr)
+      return _train(c, workdir, stop, mngr, clock)
     finally:
       # However the run ends (done, stopped, an error), a save in flight commits first and the
       # manager's threads end: a checkpoint is complete or absent, never half-written.
@@ -69,6 +77,7 @@ def _train(
   workdir: str,
   stop: faults.StopSignals,
   mngr: checkpoint.ocp.CheckpointManager,
+  clock: startup_lib.StartupClock,
 ) -> dict[str, Any]:
   # ---- Config and data ----------------------------------------------------------------------
   checkpoint.check_resumable(mngr, c)
@@ -77,9 +86,12 @@ def _train(
   data = load_data(c, workdir, has_checkpoints=mngr.latest_step() is not None)
   if c.objective != 'causal_lm':
     log(f'objective: {c.objective}')
+  clock.mark('data')
 
-  # ---- State: fresh, or the newest intact checkpoint ----------------------------------------
+  # ---- State: fresh, or the newest intact checkpoint, while the step compiles ---------------
   run = state_lib.build(c, data.tok.vocab_size, num_classes=len(data.labels))
+  latest = mngr.latest_step()
+  compiling = start_compiling(c, run) if latest is None or latest < c.steps else None
   state, start = _initial_state(
     c, workdir, mngr, run, saved_run.label_pieces(data.tok, data.labels)
   )
@@ -87,22 +99,30 @@ def _train(
   faults.check_free_space(workdir, state_bytes, c.checkpoint.keep)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.abstract['params']))
   log(f'model: {c.model.flavour}, {num_params:,} parameters, mesh {dict(run.mesh.shape)}')
+  run_log = RunLog.create(c, workdir, run, start, mngr.latest_step, clock)  # On CPU: the peak.
+  jax.block_until_ready(state)  # Initialised or restored on device: the phase's real end.
+  clock.mark('state')
 
   # ---- Steps, bookkeeping, the loop ---------------------------------------------------------
   evaluate = train_eval.Evaluator(
     c, train_eval.held_out(c, run, data), train_eval.task_scorer(c, run, data, log)
   )
-  run_log = RunLog.create(c, workdir, run, start, latest_step=mngr.latest_step)
   trace = _StepTrace(c.profile_steps, workdir)
   compile_s = 0.0
   try:
     if start < c.steps:
       batches = _global_batches(c, run, data, start)
       first = next(batches)
-      train_step, compile_s = _compiled_train_step(c, run, state, first)
+      clock.mark('data')  # The held-out split, the tasks and the first batch: data again.
+      assert compiling is not None  # Started unless the newest checkpoint had every step.
+      compiled = compiling.result()
+      _check_batch(compiled, first)
+      train_step, compile_s = compiled.step, compiled.seconds
+      clock.mark('compile')  # What is left of it once the state and data are ready.
+      clock.step_compile_s = compile_s
       log(
-        f'compiled the train step in {compile_s:.1f} s; MFU against '
-        f'{run_log.peak / 1e9:,.0f} GFLOP/s ({run_log.peak_source})'
+        f'compiled the train step in {compile_s:.1f} s (beside the state and data); MFU '
+        f'against {run_log.peak / 1e9:,.0f} GFLOP/s ({run_log.peak_source})'
       )
       run_log.restart_clock()
       state = _loop(
@@ -209,14 +229,29 @@ def _global_batches(
     yield jax.make_array_from_process_local_data(run.batch_sharding, batch)
 
 
-def _compiled_train_step(
-  c: RunConfig,
-  run: state_lib.RunState,
-  state: Any,
-  first_batch: Batch[jax.Array],
-) -> tuple[Callable, float]:
-  """The train step compiled for the run's batches, refused if it cannot fit a device; and the
-  seconds compiling took."""
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+  """The train step compiled for the run's abstract state and batch, and how long that took."""
+
+  step: Callable
+  batch: Batch[jax.ShapeDtypeStruct]  # What it was compiled for.
+  seconds: float
+
+
+def start_compiling(c: RunConfig, run: state_lib.RunState) -> 'futures.Future[CompiledStep]':
+  """Compiles the train step on a thread of its own, from the abstract state and batch: the step
+  compiles while the state is initialised or restored and the data opens, and start-up pays the
+  longer of the two rather than their sum. XLA compiles without holding the GIL; JAX and NNX keep
+  their tracing state per thread.
+
+  The future raises what compiling raised, or StepTooLarge when the step cannot fit a device."""
+  pool = futures.ThreadPoolExecutor(1, thread_name_prefix='pretrax-compile')
+  future = pool.submit(_compiled_train_step, c, run)
+  pool.shutdown(wait=False)  # The thread ends with the compile.
+  return future
+
+
+def _compiled_train_step(c: RunConfig, run: state_lib.RunState) -> CompiledStep:
   step_fn = step_lib.jit_train_step(
     run.model_def,
     run.optimizer,
@@ -225,11 +260,23 @@ def _compiled_train_step(
     activation_sharding=run.activation_sharding,
     out_shardings=(run.shardings, None),
   )
+  batch = run.abstract_batch(c)
   started = time.perf_counter()
-  compiled = step_fn.lower(state, first_batch).compile()
+  compiled = step_fn.lower(run.abstract, batch).compile()
   seconds = time.perf_counter() - started
   _check_fits(compiled)
-  return compiled, seconds
+  return CompiledStep(compiled, batch, seconds)
+
+
+def _check_batch(compiled: CompiledStep, batch: Batch[jax.Array]) -> None:
+  """The first batch is what the step was compiled for (else calling it would fail, later and
+  less clearly): a batch layout that RunState.abstract_batch does not know is a bug to fix there."""
+  got = jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), batch)
+  want = jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), compiled.batch)
+  if got != want:
+    raise AssertionError(
+      f'the first batch {got} is not the one the train step was compiled for ({want})'
+    )
 
 
 # ---- Metrics: the run's bookkeeping -----------------------------------------------------------
@@ -250,6 +297,8 @@ class RunLog:
   peak: float
   peak_source: str
   clock: tuple[float, int]  # (time, step) the rates are measured from.
+  # Marks the first step's end and writes the start-up record then; None once written.
+  startup: startup_lib.StartupClock | None = None
   pending: tuple[int, Any] | None = None  # (step, device metrics) not fetched yet.
   skipped: int = 0
   spikes: int = 0
@@ -264,6 +313,7 @@ class RunLog:
     run: state_lib.RunState,
     start: int,
     latest_step: Callable[[], int | None],
+    startup: startup_lib.StartupClock | None = None,
   ) -> 'RunLog':
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
     if writer.torn:
@@ -283,6 +333,7 @@ class RunLog:
       peak=peak,
       peak_source=peak_source,
       clock=(time.perf_counter(), start),
+      startup=startup,
     )
 
   def restart_clock(self) -> None:
@@ -292,6 +343,13 @@ class RunLog:
   def push(self, step: int, device_metrics: Any) -> None:
     self.drain()
     self.pending = (step, device_metrics)
+    if self.startup is not None:  # The first step of this process: start-up ends here.
+      jax.block_until_ready(device_metrics)
+      self.startup.mark('first_step')
+      self.writer.write({'step': step, **self.startup.record()})
+      log(self.startup.line())
+      self.startup = None
+      self.clock = (time.perf_counter(), step)  # Its time is start-up, not the training rate.
 
   def drain(self) -> None:
     """Fetches the pending step's metrics (every step: a non-finite loss must stop the run before
