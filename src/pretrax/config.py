@@ -157,6 +157,13 @@ def _model_fields(c: ml_collections.ConfigDict) -> None:
   # auto: cuDNN on NVIDIA GPUs, splash on TPUs, the CPU kernel on CPUs, xla elsewhere; a shape,
   # dtype or mask a kernel cannot take falls back to xla with a logged reason.
   c.model.attention_backend = 'auto'
+  # FP8 matmuls (docs/scaling.md) in the blocks' attention and dense MLP projections: operands
+  # scaled per tensor at each step, e4m3 forward, e5m2 gradients. Faster only on GPUs with FP8
+  # tensor cores (Hopper, Ada, Blackwell); never the embedding, output heads, router or experts.
+  c.model.fp8 = False
+  # With model.fp8: a projection runs in FP8 only if its weight's input and output widths are both
+  # at least this; smaller matmuls gain too little to pay for quantising their operands.
+  c.model.fp8_min_dim = 1024
   _moe_fields(c)
 
 

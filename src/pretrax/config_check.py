@@ -70,6 +70,10 @@ def _validate_model(m: ml_collections.ConfigDict, seq_len: int) -> None:
   for name in ('loss_chunk', 'max_segments'):
     require(m[name] >= 0, f'model.{name}={m[name]} must be 0 or more.')
   require(
+    m.fp8_min_dim >= 1,
+    f'model.fp8_min_dim={m.fp8_min_dim} must be at least 1 (1: every block projection in FP8).',
+  )
+  require(
     m.head_dim > 0 or m.embed_dim % m.num_heads == 0,
     f'model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}: '
     'change one of them or set model.head_dim.',
@@ -178,9 +182,10 @@ def _validate_expert_mesh(c: ml_collections.ConfigDict, num_devices: int) -> Non
 FINETUNE_LR = 3e-4
 
 
-def cautions(c: RunConfig) -> list[str]:
-  """What can run but likely was not meant, one line each (train.py logs them as warnings)."""
-  out = []
+def cautions(c: RunConfig, *, fp8_gains: bool = True) -> list[str]:
+  """What can run but likely was not meant, one line each (train.py logs them as warnings).
+  `fp8_gains`: whether this run's devices have FP8 tensor cores (model/fp8.py, gains_on)."""
+  out = _fp8_cautions(c, fp8_gains)
   factor = c.model.moe.capacity_factor
   if c.model.moe.num_experts and 0 < factor < 1:
     # Not refused: a factor below 1 is a legitimate trade of quality for speed, and the run
@@ -197,6 +202,35 @@ def cautions(c: RunConfig) -> list[str]:
       f'optim.lr={c.optim.lr:g} fine-tunes {c.init_from} at a pre-training rate: fine-tunes use '
       f"1e-5 to {FINETUNE_LR:g} (BERT 2e-5 to 5e-5) with a warmup; the encoder configs' "
       ':classify variant sets that recipe.'
+    )
+  return out
+
+
+def _fp8_cautions(c: RunConfig, fp8_gains: bool) -> list[str]:
+  """model.fp8 where it cannot pay: on devices without FP8 tensor cores, or on a model whose
+  projections are all narrower than model.fp8_min_dim (not refused: both run, correctly)."""
+  m = c.model
+  if not m.fp8:
+    return []
+  out = []
+  if not fp8_gains:
+    out.append(
+      'model.fp8 is on, but these devices have no FP8 tensor cores: their matmuls upcast the '
+      "FP8 operands, slower than bfloat16 and with FP8's rounding all the same. FP8 gains only "
+      'on NVIDIA GPUs of compute capability 8.9 or more (Ada, Hopper, Blackwell).'
+    )
+  # (input, output) widths of the blocks' projections: q, k and v, o, the dense MLP's in and out.
+  widths = [
+    (m.embed_dim, m.num_heads * m.head_dim),
+    (m.embed_dim, m.num_kv_heads * m.head_dim),
+    (m.embed_dim, m.mlp_dim),
+  ]
+  if all(min(pair) < m.fp8_min_dim for pair in widths):
+    out.append(
+      f'model.fp8 is on, but no block projection has both widths at least model.fp8_min_dim='
+      f'{m.fp8_min_dim} (embed_dim={m.embed_dim}, mlp_dim={m.mlp_dim}, heads x head_dim='
+      f'{m.num_heads * m.head_dim}): every matmul stays in {m.dtype}; lower model.fp8_min_dim to '
+      'convert them.'
     )
   return out
 

@@ -68,6 +68,8 @@ class ModelSection:
   loss_chunk: int
   max_segments: int
   attention_backend: str
+  fp8: bool
+  fp8_min_dim: int
   moe: MoeConfig
 
 
@@ -274,6 +276,13 @@ class ModelConfig:
   qk_norm: str = 'none'  # none | head | full: RMSNorm of queries and keys before RoPE (llama).
   mup_base_width: int = 0  # muP (pretrax.mup): the embed_dim tuned at; 0: standard parametrisation.
   mup_base_head_dim: int = 0  # muP: the head_dim at mup_base_width (resolved by run_config).
+  fp8: bool = False  # FP8 matmuls in the blocks' projections (model/fp8.py).
+  fp8_min_dim: int = 1024  # With fp8: only weights whose two dims are both at least this.
+
+  @property
+  def block_fp8_min_dim(self) -> int | None:
+    """What the blocks' projections pass to layers.dense: fp8_min_dim with fp8 on, else None."""
+    return self.fp8_min_dim if self.fp8 else None
 
   @property
   def width_mult(self) -> float:

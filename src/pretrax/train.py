@@ -39,6 +39,7 @@ from pretrax.config_types import RunConfig
 from pretrax.data import dataset
 from pretrax.data import objectives as objectives_lib
 from pretrax.data.batch import Batch
+from pretrax.model import fp8 as fp8_lib
 
 
 def log(message: str) -> None:
@@ -81,7 +82,7 @@ def _train(
 ) -> dict[str, Any]:
   # ---- Config and data ----------------------------------------------------------------------
   checkpoint.check_resumable(mngr, c)
-  for caution in config_check.cautions(c):
+  for caution in config_check.cautions(c, fp8_gains=fp8_lib.gains_on(jax.devices()[0])):
     log(f'warning: {caution}')
   data = load_data(c, workdir, has_checkpoints=mngr.latest_step() is not None)
   if c.objective != 'causal_lm':

@@ -17,6 +17,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from pretrax.model import fp8
+
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 # Logical names -> their sharding on the step's mesh (sharding.activation_sharding).
@@ -81,20 +83,28 @@ zeros: Initializer = jax.nn.initializers.zeros
 ones: Initializer = jax.nn.initializers.ones
 
 
-def dense(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+def dense(
+  x: jax.Array, w: jax.Array, contract: int = 1, *, fp8_min_dim: int | None = None
+) -> jax.Array:
   """Contracts the last `contract` dims of x with the first of w, as one 2-D matmul.
 
   Tokens (every leading dim of x) are flattened first. With a 3-D (B, L, D) operand the weight
   gradient contracts over both B and L, and XLA:CPU then materialises transposed copies that
   recompute their elementwise producers (the GELU and LayerNorm backward): ~30% of a small model's
   step. One flat token dim makes every gradient a plain 2-D dot. Free on accelerators.
+  `fp8_min_dim` (model.fp8_min_dim when model.fp8 is on, else None): the matmul runs in FP8
+  (fp8.matmul) when the flattened weight's dims are both at least this.
   """
   tokens, inner = x.shape[: x.ndim - contract], x.shape[x.ndim - contract :]
   outer = w.shape[contract:]
   assert w.shape[:contract] == inner, (x.shape, w.shape)
   x_TI = x.reshape(math.prod(tokens), math.prod(inner))
   w_IO = w.reshape(math.prod(inner), math.prod(outer))
-  return (x_TI @ w_IO.astype(x.dtype)).reshape(tokens + outer)
+  if fp8.converts(w_IO.shape[0], w_IO.shape[1], fp8_min_dim):
+    y_TO = fp8.matmul(x_TI, w_IO)
+  else:
+    y_TO = x_TI @ w_IO.astype(x.dtype)
+  return y_TO.reshape(tokens + outer)
 
 
 class Embed(nnx.Module):
@@ -230,10 +240,12 @@ class Mlp(nnx.Module):
     param_dtype: jnp.dtype,
     dtype: jnp.dtype,
     rngs: nnx.Rngs,
+    fp8_min_dim: int | None = None,
   ):
     D, F = embed_dim, mlp_dim
     self.gated = gated
     self.dtype = dtype
+    self.fp8_min_dim = fp8_min_dim  # None: no FP8 matmul (see dense).
     self.wi = param(rngs, normal(std), (D, F), ('embed', 'mlp'), param_dtype)
     self.wi_gate = (
       param(rngs, normal(std), (D, F), ('embed', 'mlp'), param_dtype) if gated else None
@@ -247,17 +259,17 @@ class Mlp(nnx.Module):
     def cast(p: nnx.Param) -> jax.Array:
       return p[...].astype(self.dtype)
 
-    h_BLF = dense(x_BLD, cast(self.wi))
+    h_BLF = dense(x_BLD, cast(self.wi), fp8_min_dim=self.fp8_min_dim)
     if self.bi is not None:
       h_BLF = h_BLF + cast(self.bi)
     if self.wi_gate is not None:  # Built when gated (SwiGLU).
-      gate_BLF = dense(x_BLD, cast(self.wi_gate))
+      gate_BLF = dense(x_BLD, cast(self.wi_gate), fp8_min_dim=self.fp8_min_dim)
       if self.bi_gate is not None:
         gate_BLF = gate_BLF + cast(self.bi_gate)
       h_BLF = jax.nn.silu(gate_BLF) * h_BLF
     else:
       h_BLF = gelu_tanh(h_BLF)
-    y_BLD = dense(h_BLF, cast(self.wo))
+    y_BLD = dense(h_BLF, cast(self.wo), fp8_min_dim=self.fp8_min_dim)
     if self.bo is not None:
       y_BLD = y_BLD + cast(self.bo)
     return y_BLD

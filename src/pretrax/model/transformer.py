@@ -93,9 +93,9 @@ class Attention(nnx.Module):
     def cast(p: nnx.Param) -> jax.Array:
       return p[...].astype(cfg.dtype)
 
-    q_BLNH = jnp.einsum('BLD,DNH->BLNH', x_BLD, cast(self.q))
-    k_BLKH = jnp.einsum('BLD,DKH->BLKH', x_BLD, cast(self.k))
-    v_BLKH = jnp.einsum('BLD,DKH->BLKH', x_BLD, cast(self.v))
+    q_BLNH = self._project(x_BLD, cast(self.q), 'BLD,DNH->BLNH', 1)
+    k_BLKH = self._project(x_BLD, cast(self.k), 'BLD,DKH->BLKH', 1)
+    v_BLKH = self._project(x_BLD, cast(self.v), 'BLD,DKH->BLKH', 1)
     if self.q_bias is not None:
       q_BLNH = q_BLNH + cast(self.q_bias)
     if self.k_bias is not None:
@@ -121,10 +121,19 @@ class Attention(nnx.Module):
     )
     # Named, so that remat='dots_attention' keeps it: the kernel is a custom call, not a dot.
     out_BLNH = checkpoint_name(out_BLNH, 'attention')
-    y_BLD = jnp.einsum('BLNH,NHD->BLD', out_BLNH, cast(self.o))
+    y_BLD = self._project(out_BLNH, cast(self.o), 'BLNH,NHD->BLD', 2)
     if self.o_bias is not None:
       y_BLD = y_BLD + cast(self.o_bias)
     return y_BLD
+
+  def _project(self, x: jax.Array, w: jax.Array, spec: str, contract: int) -> jax.Array:
+    """The einsum `spec` of activations and a weight, which contracts the weight's first
+    `contract` dims. With cfg.fp8: as layers.dense's 2-D matmul, in FP8 where the threshold lets
+    it. Without: the einsum itself, since on a CPU the flattened matmul rounds grouped-query
+    heads' products differently, and runs without FP8 keep their losses bit for bit."""
+    if not self.cfg.fp8:
+      return jnp.einsum(spec, x, w)
+    return layers.dense(x, w, contract, fp8_min_dim=self.cfg.block_fp8_min_dim)
 
 
 def _mlp(cfg: ModelConfig, layer: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -153,6 +162,7 @@ def _mlp(cfg: ModelConfig, layer: int, rngs: nnx.Rngs) -> nnx.Module:
     param_dtype=pdt,
     dtype=dt,
     rngs=rngs,
+    fp8_min_dim=cfg.block_fp8_min_dim,
   )
 
 
