@@ -99,6 +99,13 @@ def _define_flags() -> None:
   flags.DEFINE_bool(
     'flops_only', False, "Print the optimizer's FLOPs against the model's, and run nothing."
   )
+  flags.DEFINE_bool('optimizer', True, "Time the optimizer's update alone too (one more compile).")
+  flags.DEFINE_bool(
+    'fp8_too',
+    False,
+    'Then time the same config with model.fp8=true, stepping the same state (FP8 keeps its '
+    "tree), as a second row; --json writes it to PATH's name with _fp8 before .json.",
+  )
 
 
 def document_layout(
@@ -197,9 +204,13 @@ def benchmark(
   pipeline_batches: int,
   segments: int = 1,
   clock: startup.StartupClock | None = None,
-) -> dict:
-  """One row: the step's speed and memory, the start-up phases (`clock` holds those timed before
-  the call), the optimizer's share, the input pipeline's rate."""
+  state=None,
+  time_optimizer: bool = True,
+) -> tuple[dict, object]:
+  """One row, and the train state the steps left: the step's speed and memory, the start-up
+  phases (`clock` holds those timed before the call), the optimizer's share (unless not
+  `time_optimizer`: one compile fewer), the input pipeline's rate. `state`: a train state of the
+  same tree to step from instead of initialising one (another variant's: model.fp8 keeps it)."""
   clock = clock or startup.StartupClock.from_now()
   c = run_config.build(c, num_devices=jax.device_count())  # Validated and resolved, as train's.
   with tempfile.TemporaryDirectory(prefix='pretrax-throughput-') as workdir:
@@ -213,7 +224,7 @@ def benchmark(
   # ---- State and step, as train.py builds them: the step compiles while the state initialises.
   run = state_lib.build(c, data.tok.vocab_size)
   compiling = train.start_compiling(c, run)
-  state = jax.block_until_ready(run.init(c.seed))
+  state = jax.block_until_ready(run.init(c.seed) if state is None else state)
   clock.mark('state')
   local_rows = c.data.batch_size // jax.process_count()
   host = synthetic_batch(
@@ -247,7 +258,8 @@ def benchmark(
   flops_per_step = flops['flops_per_step']
   peak, peak_source = metrics.peak_flops(c.peak_flops)
   memory, memory_source = peak_memory(compiled)
-  update_s = time_update(run, state, steps)  # After reading the step's peak: it allocates more.
+  # After reading the step's peak: it allocates more.
+  update_s = time_update(run, state, steps) if time_optimizer else 0.0
   cost = compiled.cost_analysis()  # A dict; a list of one per program in older JAX.
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   pipeline_tokens_per_s = local_rows * seq_len / pipeline_s
@@ -287,7 +299,7 @@ def benchmark(
     'pipeline_tokens_per_s': pipeline_tokens_per_s,
     # This process's pipeline against this process's share of the step's tokens.
     'pipeline_ratio': pipeline_tokens_per_s / (tokens_per_s / jax.process_count()),
-  }
+  }, state
 
 
 def table(row: dict) -> str:
@@ -347,19 +359,29 @@ def main(argv: list[str]) -> None:
   segments = f'segments={FLAGS.segments}' if FLAGS.segments > 1 else ''
   jax.device_count()  # Starts the backend.
   clock.mark('backend')
-  row = benchmark(
-    FLAGS.config,
-    ' '.join(filter(None, [name, overrides, segments])),
-    FLAGS.steps,
-    FLAGS.warmup,
-    FLAGS.pipeline_batches,
-    FLAGS.segments,
-    clock,
-  )
+  label = ' '.join(filter(None, [name, overrides, segments]))
+  args = (FLAGS.steps, FLAGS.warmup, FLAGS.pipeline_batches, FLAGS.segments)
+  row, state = benchmark(FLAGS.config, label, *args, clock, time_optimizer=FLAGS.optimizer)
   print(clock.line(), flush=True)
   print(table(row), flush=True)
-  if FLAGS.json:
-    with open(FLAGS.json, 'w') as f:
+  _write(row, FLAGS.json)
+  if FLAGS.fp8_too:
+    c = FLAGS.config.copy_and_resolve_references()
+    c.model.fp8 = True
+    fp8_row, _ = benchmark(
+      c, f'{label} model.fp8=True', *args, state=state, time_optimizer=FLAGS.optimizer
+    )
+    print(table(fp8_row).splitlines()[-1], flush=True)
+    print(
+      f'fp8 / {c.model.dtype}: {fp8_row["tokens_per_s"] / row["tokens_per_s"]:.3f}x tokens/s',
+      flush=True,
+    )
+    _write(fp8_row, FLAGS.json and FLAGS.json.removesuffix('.json') + '_fp8.json')
+
+
+def _write(row: dict, path: str) -> None:
+  if path:
+    with open(path, 'w') as f:
       json.dump(row, f, indent=1)
 
 

@@ -17,9 +17,17 @@ import pytest
 
 from conftest import REPO, built_once, load_config, pretrax_env
 
-STAGES = [
+# Issue 28's (the default), then the earlier sessions' (ONLY=all).
+DEFAULT_STAGES = [
   'wheels',
   'versions',
+  'throughput_gpt2_small',
+  'throughput_gpt2_small_restart',
+  'throughput_llama_1b',
+  'fp8',
+]
+STAGES = [
+  *DEFAULT_STAGES,
   'matmul',
   'attention',
   'loss',
@@ -43,7 +51,7 @@ def session(tmp_path_factory):
   """The output folder of one dry run (once per test session, whichever worker asks first)."""
 
   def build(out):
-    env = dict(pretrax_env(), DRY_RUN='1', OUT=str(out), PYTHON=sys.executable)
+    env = dict(pretrax_env(), DRY_RUN='1', OUT=str(out), PYTHON=sys.executable, ONLY='all')
     result = subprocess.run(
       ['bash', 'benchmarks/gpu_session.sh'],
       cwd=REPO,
@@ -106,9 +114,46 @@ def test_chunked_loss_matches_the_whole_one_in_less_memory(session):
       assert 0 < r['temp_bytes'] < whole['temp_bytes'], (r, whole)
 
 
+def test_the_default_session_is_issue_28s_within_8_minutes(tmp_path):
+  """Without ONLY the session runs issue 28's stages alone, in that order (with no time left,
+  each is recorded as skipped: nothing runs)."""
+  env = dict(pretrax_env(), DRY_RUN='1', OUT=str(tmp_path), PYTHON=sys.executable)
+  env['SESSION_LIMIT'] = '0'
+  subprocess.run(['bash', 'benchmarks/gpu_session.sh'], cwd=REPO, env=env, capture_output=True)
+  with open(tmp_path / 'session.jsonl') as f:
+    stages = [json.loads(line) for line in f]
+  assert [s['stage'] for s in stages] == DEFAULT_STAGES
+  assert all(s['rc'] == 124 for s in stages)
+  script = pathlib.Path(REPO, 'benchmarks', 'gpu_session.sh').read_text()
+  assert 'SESSION_LIMIT=${SESSION_LIMIT:-480}' in script
+
+
+@pytest.mark.slow
+def test_issue_28s_rows_hold_the_startup_and_fp8(session):
+  """Both models in bfloat16 and FP8 from one process each, cold; the restart loads its
+  programs from the cache the cold run filled."""
+  rows = {}
+  for name in ('gpt2_small', 'gpt2_small_fp8', 'gpt2_small_restart', 'llama_1b', 'llama_1b_fp8'):
+    with open(os.path.join(session, f'throughput_{name}.json')) as f:
+      rows[name] = json.load(f)
+  for name, row in rows.items():
+    assert row['tokens_per_s'] > 0 and row['startup_s'] > 0, row
+    assert row['config'].endswith('model.fp8=True') == name.endswith('_fp8'), row
+    assert row['update_ms'] == 0.0, row  # --nooptimizer.
+  for name in ('gpt2_small', 'llama_1b'):  # The session's cache starts empty: cold starts.
+    assert rows[name]['startup_programs_compiled'] >= 2, rows[name]  # The init and the step.
+  restart = rows['gpt2_small_restart']
+  assert restart['startup_programs_loaded'] >= 2 and restart['startup_programs_compiled'] == 0
+  log = pathlib.Path(session, 'stdout.txt').read_text()
+  for goal in ('goal: at least 50%)', '(goal: at most 1.5x)', '(goal: at least 1.15x)'):
+    assert goal in log, log[-3000:]
+  records = [r for r in _records(session, 'fp8') if 'shape' in r]
+  assert records and all('error' not in r for r in records), records
+
+
 @pytest.mark.slow
 def test_throughput_rows_before_and_after(session):
-  for stage in THROUGHPUT:
+  for stage in [s for s in THROUGHPUT if s.endswith(('before', 'after', '8segments', 'moe_8x_1b'))]:
     with open(os.path.join(session, f'{stage}.json')) as f:
       row = json.load(f)
     assert row['tokens_per_s'] > 0 and row['step_ms'] > 0 and row['mfu'] > 0, row
