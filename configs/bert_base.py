@@ -41,6 +41,7 @@ def get_config(arg: str | None = None):
   c.model.norm_eps = 1e-12
   c.model.vocab_multiple = 128
   c.model.dtype = 'bfloat16'
+  c.model.scan_layers = True  # One compiled block, scanned (docs/scaling.md).
   c.data.seq_len = 128
   c.data.batch_size = 256
   c.tokenizer.model_type = 'unigram'

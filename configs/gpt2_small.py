@@ -32,6 +32,7 @@ def get_config(arg: str | None = None):
   # sequences per device at 54 GiB (31 GiB with two micro-batches; 57 GiB for two without
   # chunking), so it fits 80 GiB GPUs without gradient accumulation.
   c.model.loss_chunk = 256
+  c.model.scan_layers = True  # One compiled block, scanned (docs/scaling.md).
   c.optim.grad_accum_steps = 1
   c.tokenizer.model_type = 'bpe'
   c.tokenizer.vocab_size = 50257

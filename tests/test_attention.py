@@ -580,13 +580,15 @@ def test_dots_attention_keeps_cudnns_forward_outputs(pretend_hopper, capsys, pol
   assert sum('output of cond' in line for line in saved) == kept, saved
 
 
+@pytest.mark.parametrize('scan', [False, True])
 @pytest.mark.parametrize('remat', ['dots_attention', 'full'])
 def test_the_train_step_lowers_for_cuda_and_dots_attention_runs_each_forward_once(
-  pretend_hopper, monkeypatch, remat
+  pretend_hopper, monkeypatch, remat, scan
 ):
   """The whole bfloat16 train step (chunked loss too) lowered for CUDA: every block calls cuDNN's
   three kernels forward and backward; with 'dots_attention' no forward runs again in the backward
-  pass, with 'full' each does."""
+  pass, with 'full' each does. Scanned (model.scan_layers), the program holds one block's body
+  (forward and backward) whatever the depth: the counts are one block's."""
   del pretend_hopper
   from pretrax import plan as plan_lib  # pylint: disable=C0415
   from pretrax import state as state_lib  # pylint: disable=C0415
@@ -596,6 +598,7 @@ def test_the_train_step_lowers_for_cuda_and_dots_attention_runs_each_forward_onc
   c = load_config('tiny')
   c.model.dtype, c.model.attention_backend = 'bfloat16', 'cudnn'
   c.model.remat, c.model.loss_chunk = remat, 8
+  c.model.scan_layers, c.model.num_layers = scan, 3
   c = run_config.build(c, check_data=False)
   run = state_lib.build(c, 64)
   train_step = step_lib.jit_train_step(
@@ -608,7 +611,7 @@ def test_the_train_step_lowers_for_cuda_and_dots_attention_runs_each_forward_onc
   )
   calls = re.findall(r'__cudnn\$fmha\w*', text)
   forward = [x for x in calls if not x.endswith('Backward')]
-  layers = c.model.num_layers
+  layers = 1 if scan else c.model.num_layers
   assert len(calls) - len(forward) == 3 * layers  # Each kernel's backward, in every block.
   if remat == 'dots_attention':
     assert len(forward) == 3 * layers

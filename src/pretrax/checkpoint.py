@@ -218,6 +218,14 @@ def check_resumable(mngr: ocp.CheckpointManager, c: RunConfig) -> None:
       f'{c.optim.name}: set --config.optim.name={before.optim.name} to resume, or use a new '
       f'--workdir (--config.init_from=<this workdir> starts {c.optim.name} from its weights).'
     )
+  if before.model.scan_layers != c.model.scan_layers:  # Its params and optimizer state are laid
+    # out otherwise (stacked or per layer); init_from converts the weights, not the moments.
+    raise config_lib.ConfigError(
+      f'the checkpoint at step {step} was trained with model.scan_layers='
+      f'{before.model.scan_layers}: set --config.model.scan_layers={before.model.scan_layers} to '
+      'resume, or use a new --workdir with --config.init_from=<this workdir> (its weights, '
+      'converted, with a fresh optimizer).'
+    )
   changed = run_config.differences(c, before, ignore=RESUMABLE_CHANGES)
   if changed:
     raise config_lib.ConfigError(

@@ -146,6 +146,10 @@ def _model_fields(c: ml_collections.ConfigDict) -> None:
   # dots_attention (keep matmul outputs and the attention output: recompute only norms and
   # activations) | full (keep only block inputs) | offload (matmul outputs to host memory).
   c.model.remat = 'none'
+  # Keep the blocks' parameters stacked on a leading 'layers' axis and run them as one scanned
+  # body (jax.lax.scan): the step compiles one block instead of num_layers, the same loss and
+  # gradients. Checkpoints keep that layout; init_from and export convert (docs/scaling.md).
+  c.model.scan_layers = False
   # Positions per chunk of the loss: the output projection, cross-entropy and their gradient run
   # chunk by chunk, so the (batch, seq_len, vocab) logits never exist whole; no extra FLOPs.
   # 0 computes all logits at once (simplest for small vocabularies and models).

@@ -50,6 +50,7 @@ def validate(
   _validate_qk_norm(c.model)
   _validate_mup(c.model)
   _validate_moe(c.model.moe, c.model.num_layers)
+  _validate_scan(c.model)
   _validate_expert_mesh(c, num_devices)
   _validate_batches(c.data, c.optim, num_devices)
   _validate_optim(c.optim)
@@ -145,6 +146,17 @@ def _validate_moe(moe: ml_collections.ConfigDict, num_layers: int) -> None:
     moe.first_dense < num_layers,
     f'model.moe.first_dense={moe.first_dense} leaves no MoE layer of model.num_layers='
     f'{num_layers}: lower it, or set model.moe.num_experts=0 for a dense model.',
+  )
+
+
+def _validate_scan(m: ml_collections.ConfigDict) -> None:
+  """model.scan_layers: one scanned body needs identical layers; a Mixture-of-Experts model may
+  lead with dense ones (moe.first_dense, kept unrolled), but not alternate (moe.every > 1)."""
+  require(
+    not (m.scan_layers and m.moe.num_experts and m.moe.every > 1),
+    f'model.scan_layers=True needs identical layers after model.moe.first_dense, but '
+    f'model.moe.every={m.moe.every} alternates dense and MoE layers: set '
+    '--config.model.scan_layers=False (or model.moe.every=1).',
   )
 
 

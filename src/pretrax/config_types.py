@@ -65,6 +65,7 @@ class ModelSection:
   param_dtype: str
   dtype: str
   remat: str
+  scan_layers: bool
   loss_chunk: int
   max_segments: int
   attention_backend: str
@@ -276,6 +277,7 @@ class ModelConfig:
   qk_norm: str = 'none'  # none | head | full: RMSNorm of queries and keys before RoPE (llama).
   mup_base_width: int = 0  # muP (pretrax.mup): the embed_dim tuned at; 0: standard parametrisation.
   mup_base_head_dim: int = 0  # muP: the head_dim at mup_base_width (resolved by run_config).
+  scan_layers: bool = False  # Blocks stacked on a 'layers' axis and scanned (model/stack.py).
   fp8: bool = False  # FP8 matmuls in the blocks' projections (model/fp8.py).
   fp8_min_dim: int = 1024  # With fp8: only weights whose two dims are both at least this.
 

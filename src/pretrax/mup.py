@@ -34,8 +34,9 @@ from typing import Any
 import jax
 
 # Logical axis -> what its size is as the model widens: 'residual' (the residual stream's width)
-# and 'inner' (a block's own width) grow; 'batch' counts independent matrices (experts); 'fixed'
-# stays (vocabulary, positions, classes, a router's experts, a norm's scale, a bias's last axis).
+# and 'inner' (a block's own width) grow; 'batch' counts independent matrices (experts, stacked
+# layers); 'fixed' stays (vocabulary, positions, classes, a router's experts, a norm's scale, a
+# bias's last axis).
 # An axis missing here is an error: a new one must say whether it grows.
 AXES = {
   'embed': 'residual',
@@ -46,6 +47,7 @@ AXES = {
   'mlp': 'inner',
   'expert_mlp': 'inner',
   'experts': 'batch',
+  'layers': 'batch',  # model.scan_layers' stack: one independent matrix per layer.
   'vocab': 'fixed',
   'position': 'fixed',
   'classes': 'fixed',

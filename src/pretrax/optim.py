@@ -15,6 +15,7 @@ import optax
 
 from pretrax import mup, optim_muon
 from pretrax.config_types import OptimSection
+from pretrax.model import stack
 
 # Parameter names (last path entry) that are embedding tables, not projections.
 _EMBEDDING_NAMES = ('embedding', 'pos_embed')
@@ -49,7 +50,9 @@ def decay_mask(params, cfg: OptimSection):
     name = getattr(path[-1], 'key', None)
     if name in _EMBEDDING_NAMES:
       return cfg.decay_embeddings
-    if leaf.ndim < 2:
+    # A stacked block's (model.scan_layers) leading axis is its layers: a norm is still a vector.
+    layers = int(getattr(path[0], 'key', None) == stack.STACK)
+    if leaf.ndim - layers < 2:
       return cfg.decay_norms_and_biases
     return True
 

@@ -16,7 +16,8 @@ same amount whatever its gradient; it is small and kept in float32), and the lay
 blocks (the masked LM's dense layer, the classifier and its pooler: task heads, as the output
 head is, though their axes are the blocks' own).
 
-Imports JAX, optax and mup (its axis table) only: optim.py uses it; the model never imports it.
+Imports JAX, optax, mup (its axis table) and model/stack.py (the blocks' names) only: optim.py uses
+it; the model never imports it.
 """
 
 import math
@@ -31,6 +32,7 @@ from optax.contrib import MuonDimensionNumbers
 from optax.contrib import _muon as optax_muon
 
 from pretrax import mup
+from pretrax.model import stack
 
 # Logical axis -> the side of a hidden matrix it is on ('residual' or 'inner'), 'batch'
 # (independent matrices), or 'fixed' (a size that is no hidden width): muP's table, one for both.
@@ -65,7 +67,8 @@ def dimension_numbers(logical_axes: Any) -> Any:
   give the Muon group's updates). `logical_axes`: a params-shaped tree of name tuples."""
 
   def dims(path, names: tuple[str | None, ...]) -> Any:
-    in_blocks = getattr(path[0], 'key', None) == 'blocks'
+    # Unrolled or stacked (model.scan_layers: 'layers' is a batch axis, one matrix per layer).
+    in_blocks = getattr(path[0], 'key', None) in (stack.BLOCKS, stack.STACK)
     found = matrix_dims(names) if in_blocks else None
     return optax.MaskedNode() if found is None else found
 

@@ -20,6 +20,7 @@ from pretrax import state as state_lib
 from pretrax import tokenizer as tokenizer_lib
 from pretrax import workdir as workdir_lib
 from pretrax.config_types import MeshSection, RunConfig
+from pretrax.model import stack, transformer
 
 # Parameters a fine-tune may add to what it starts from: the classification head, and the masked
 # LM's head (the classifier's pooler) when it starts from a model without one.
@@ -176,6 +177,9 @@ def initial_params(
   finetune.head_init is label_words), and a head this run lacks (a masked LM's) is left out.
   Raises ConfigError naming the parameters that differ."""
   values, where = _source_values(c)
+  # Stacked or unrolled there (model.scan_layers, or a Hugging Face model), as this run lays out.
+  m = run.model_cfg
+  values = stack.to_layout(values, transformer.first_scanned(m), m.num_layers)
   flat, treedef = jax.tree_util.tree_flatten_with_path(run.abstract['params'])
   names = [state_lib.param_path(k) for k, _ in flat]
   may_add = NEW_HEAD + (MLM_HEAD if c.objective == 'classification' else ())

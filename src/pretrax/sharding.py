@@ -24,9 +24,9 @@ MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
 DCN_AXES = ('data', 'fsdp')
 
 # Logical axis -> mesh axis (or axes, or None to replicate). Every logical name must appear here.
-# Parameters: vocab, embed, mlp, heads, kv_heads, head_dim, position, norm. Activations: batch,
-# length, activation_embed, activation_vocab (the embedding dim of activations is not `embed`: the
-# batch already uses fsdp, and one mesh axis cannot shard two dims of an array).
+# Parameters: vocab, embed, mlp, heads, kv_heads, head_dim, position, norm, layers. Activations:
+# batch, length, activation_embed, activation_vocab (the embedding dim of activations is not
+# `embed`: the batch already uses fsdp, and one mesh axis cannot shard two dims of an array).
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
   'batch': ('data', 'fsdp', 'expert'),
   'length': None,
@@ -41,6 +41,9 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
   'position': None,
   'norm': None,
   'classes': None,  # A classifier's few labels: not worth splitting.
+  # model.scan_layers' stacking axis: every device holds every layer's shard (the scan slices one
+  # layer per iteration; splitting layers over devices would be pipelining, not this).
+  'layers': None,
   # Mixture-of-Experts (model/moe.py). Whole experts live on the devices of the `expert` axis
   # (expert parallelism; with mesh.expert=1 every device has every expert); inside one expert the
   # weights are sharded like a dense MLP (FSDP over embed, tensor over hidden).

@@ -21,6 +21,7 @@ from pretrax import state as state_lib
 from pretrax import workdir as workdir_lib
 from pretrax.config_types import ModelConfig
 from pretrax.interop import hf_arch, hf_tensors, hf_tokenizer, safetensors
+from pretrax.model import stack
 
 DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16)}
 
@@ -37,7 +38,11 @@ def _bit_sum(x: np.ndarray) -> int:
 
 class CheckpointParams:
   """The parameters of one saved train state, each restored on its own (as a host array) and
-  checked against the fingerprint taken when it was saved; nothing else is loaded."""
+  checked against the fingerprint taken when it was saved; nothing else is loaded.
+
+  Addressed unrolled ('blocks/3/attn/q') whatever the layout: a stacked checkpoint's
+  (model.scan_layers) 'stack/attn/q' reads as its layers, the last stacked array read kept
+  (`source` says which one a path comes from, so that a caller can read each one once)."""
 
   def __init__(self, state_dir: str, bit_sums: list[int]):
     self._dir = state_dir
@@ -59,14 +64,37 @@ class CheckpointParams:
     for i, (keypath, meta) in enumerate(jax.tree_util.tree_flatten_with_path(tree['params'])[0]):
       keys = tuple(getattr(k, 'key', k) for k in keypath)
       self._leaves[state_lib.param_path(keypath)] = (keys, meta, bit_sums[offset + i])
+    # Unrolled path -> (stacked path, layer in the stack), for a stacked checkpoint's layers.
+    layers = {p: np.zeros(meta.shape[0]) for p, (_, meta, _) in self._leaves.items()}
+    first = stack.first_of(layers, num_layers=0)  # Where its stack starts, if it has one.
+    self._slices = {
+      path: (stacked, j)
+      for stacked, x in layers.items()
+      if stacked.startswith(stack.STACK + '/')
+      for j, path in enumerate(stack.to_unrolled({stacked: x}, first))
+    }
+
+  def source(self, path: str) -> str:
+    """The saved array that holds `path` (itself unless it is a layer of a stacked one)."""
+    return self._slices[path][0] if path in self._slices else path
 
   def shape(self, path: str) -> tuple[int, ...]:
+    if path in self._slices:
+      return tuple(self._leaves[self._slices[path][0]][1].shape[1:])
     return tuple(self._leaves[path][1].shape)
 
   def paths(self) -> list[str]:
-    return list(self._leaves)
+    return [p for p in self._leaves if p.split('/')[0] != stack.STACK] + list(self._slices)
 
   def read(self, path: str) -> np.ndarray:
+    if path in self._slices:
+      stacked, j = self._slices[path]
+      return self._read_saved(stacked)[j]
+    return self._read_saved(path)
+
+  # The last few (a fused tensor's sources: GPT-2's c_attn reads q, k and v), not the model.
+  @functools.lru_cache(maxsize=4)  # noqa: B019 (dropped with the reader)
+  def _read_saved(self, path: str) -> np.ndarray:
     keys, _, expected = self._leaves[path]
     # The same nesting as the saved tree, down to this one leaf.
     item: dict[str, Any] | None = None
@@ -180,9 +208,17 @@ def export(
       return np.zeros(t.shape, target)
     return t.to_hf(*(read(s) for s in sources)).astype(target)
 
+  tensors = hf_tensors.tensor_map(m, arch)
+
+  def stacked_source(t: hf_tensors.Tensor) -> str:  # '' for an unrolled checkpoint's tensors.
+    first = next((s for s in t.sources if s is not None), None)
+    return '' if first is None or params.source(first) == first else params.source(first)
+
+  # A stacked checkpoint's layers grouped by the array they come from, so that each is read once
+  # (CheckpointParams keeps the last few); an unrolled one's order unchanged (a stable sort).
+  tensors.sort(key=stacked_source)
   specs = [
-    safetensors.TensorSpec(t.name, t.shape, target, functools.partial(compute, t))
-    for t in hf_tensors.tensor_map(m, arch)
+    safetensors.TensorSpec(t.name, t.shape, target, functools.partial(compute, t)) for t in tensors
   ]
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)

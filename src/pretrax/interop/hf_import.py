@@ -19,6 +19,7 @@ from pretrax import tokenizer as tokenizer_lib
 from pretrax import workdir as workdir_lib
 from pretrax.config_types import ModelConfig, RunConfig
 from pretrax.interop import hf_arch, hf_fields, hf_tensors, hf_tokenizer, safetensors
+from pretrax.model import stack, transformer
 
 
 def _zero_or_refuse(name: str, y: np.ndarray, hf_dir: str) -> None:
@@ -41,7 +42,10 @@ def import_model(
     )
   arch, m, tok, sp_path = _matching_model(hf_dir, c)
   reader = safetensors.Reader(hf_dir)
-  values = _read_values(reader, m, arch, hf_dir)
+  # transformers' layers, one by one: stacked when the run scans them (model.scan_layers).
+  values = stack.to_layout(
+    _read_values(reader, m, arch, hf_dir), transformer.first_scanned(m), m.num_layers
+  )
   flat = _write_step_zero(c, workdir, values, m.vocab_size, hf_dir)
   if tok is not None and not c.tokenizer.path:
     paths.path(workdir_lib.tokenizer_file(workdir)).write_bytes(paths.path(sp_path).read_bytes())

@@ -24,6 +24,7 @@ K experts per token, C capacity per expert, S sequences, L length.
 from collections.abc import Iterator
 import contextlib
 import contextvars
+import functools
 import math
 from typing import NamedTuple
 
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 
 from pretrax.config_types import MoeConfig
 from pretrax.model import expert_parallel, layers
+from pretrax.model import stack as stack_lib
 
 ROUTER_BIAS = 'router_bias'  # The parameter name optim.py keeps out of the optimizer.
 
@@ -387,7 +389,13 @@ def routing_metrics(
 
 def with_updated_biases(params, load_LE: jax.Array, layers_: tuple[int, ...], rate: float):
   """`params` with each MoE layer's router bias moved by `update_router_bias` (aux-loss-free
-  balancing); the layers in `layers_` order, as `load_LE`'s rows."""
+  balancing); the layers in `layers_` order, as `load_LE`'s rows. With model.scan_layers the MoE
+  layers are the stack's, all of them (config_check refuses moe.every > 1), in that order."""
+  if stack_lib.STACK in params:
+    mlp = dict(params[stack_lib.STACK]['mlp'])
+    update = jax.vmap(functools.partial(update_router_bias, rate=rate))
+    mlp[ROUTER_BIAS] = update(mlp[ROUTER_BIAS], load_LE)
+    return {**params, stack_lib.STACK: {**params[stack_lib.STACK], 'mlp': mlp}}
   blocks = dict(params['blocks'])
   for row, layer in enumerate(layers_):
     mlp = dict(blocks[layer]['mlp'])

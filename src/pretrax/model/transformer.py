@@ -19,6 +19,7 @@ from pretrax.config_types import ModelConfig
 from pretrax.model import attention as attention_lib
 from pretrax.model import layers
 from pretrax.model import moe as moe_lib
+from pretrax.model import stack as stack_lib
 
 
 def _dtype(name: str) -> jnp.dtype:
@@ -214,7 +215,11 @@ class Transformer(nnx.Module):
       )
     else:
       self.pos_embed = None
-    self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_layers)])
+    # Built unrolled, in order, whatever the layout: a scanned model draws the same parameters.
+    blocks = [Block(cfg, i, rngs) for i in range(cfg.num_layers)]
+    first = first_scanned(cfg)
+    self.blocks: nnx.List | None = nnx.List(blocks[:first]) if first else None
+    self.stack = stack_lib.stacked(blocks[first:]) if first < cfg.num_layers else None
     self.final_norm = _norm(cfg, rngs)
     if cfg.tie_embeddings:
       self.head = None
@@ -335,17 +340,28 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     activation = ('batch', 'length', 'activation_embed')
     x_BLD = layers.constrain(x_BLD, activation)
-    all_stats = []
-    for i, block in enumerate(self.blocks):
-      rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i + 1)
+
+    def run(block: Block, x_BLD: jax.Array, rng: jax.Array | None):
       if cfg.remat != 'none':
         remat_call = nnx.remat(type(block).__call__, policy=_REMAT_POLICIES[cfg.remat]())
         x_BLD, stats = remat_call(block, x_BLD, segment_ids_BL, positions_BL, prefix_BL, rng)
       else:
         x_BLD, stats = block(x_BLD, segment_ids_BL, positions_BL, prefix_BL, rng)
-      x_BLD = layers.constrain(x_BLD, activation)
+      return layers.constrain(x_BLD, activation), stats
+
+    def layer_rng(i):  # Layer i's dropout key, the same unrolled or scanned.
+      return None if dropout_rng is None else jax.random.fold_in(dropout_rng, i + 1)
+
+    all_stats = []
+    for i, block in enumerate(self.blocks or ()):
+      x_BLD, stats = run(block, x_BLD, layer_rng(i))
       if stats is not None:
         all_stats.append(stats)
+    if self.stack is not None:
+      first, n = first_scanned(cfg), stack_lib.depth(self.stack)
+      rngs = None if dropout_rng is None else jax.vmap(layer_rng)(jnp.arange(first, first + n))
+      x_BLD, stats_n = stack_lib.scan(self.stack, run, x_BLD, rngs)
+      all_stats.extend(stack_lib.unstacked(stats_n, n))  # Per layer, as unrolled.
     return self.final_norm(x_BLD), tuple(all_stats)
 
   def lm_head(self, x_BLD: jax.Array) -> jax.Array:
@@ -472,6 +488,13 @@ _REMAT_POLICIES = {
     offload_src='device', offload_dst='pinned_host'
   ),
 }
+
+
+def first_scanned(cfg: ModelConfig) -> int:
+  """The first layer of the scanned stack (num_layers: none; see model/stack.py)."""
+  return stack_lib.first_scanned(
+    cfg.num_layers, cfg.scan_layers, cfg.moe.num_experts, cfg.moe.first_dense
+  )
 
 
 def build(cfg: ModelConfig, seed: int) -> Transformer:
