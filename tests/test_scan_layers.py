@@ -306,3 +306,70 @@ def test_stack_conversions_round_trip():
   assert set(back) == set(values)
   for path, x in values.items():
     np.testing.assert_array_equal(back[path], x)
+
+
+def _draws(c) -> int:
+  """The places the model's initialiser draws random numbers: random_bits equations, each call
+  of a nested jaxpr (jax.random's jitted samplers) counted where it is called, a loop's body
+  once (JAX prints a jaxpr called twice once, so its text cannot count them)."""
+  c = run_config.build(c, check_data=False)
+  run = state_lib.build(c, VOCAB)
+
+  def count(jaxpr) -> int:
+    n = 0
+    for eqn in jaxpr.eqns:
+      n += eqn.primitive.name == 'random_bits'
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (list, tuple)) else (value,):
+          sub = getattr(sub, 'jaxpr', sub)  # A closed jaxpr's own.
+          if hasattr(sub, 'eqns'):
+            n += count(sub)
+    return n
+
+  return count(jax.make_jaxpr(lambda: state_lib._params(run.model_cfg, 0))().jaxpr)
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_the_initialiser_does_not_grow_with_depth(scan):
+  """Alike layers are drawn by one compiled builder (stack.alike): 2 and 6 layers draw in as many
+  places, so start-up's initialisation compiles the same program whatever the depth."""
+  shallow, deep = (_config('llama', {'model.num_layers': n}, scan=scan) for n in (2, 6))
+  assert _draws(shallow) == _draws(deep) > 0
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_blocks_draw_what_one_after_another_would(scan):
+  """Each block's values are those of building Block(cfg, i, rngs) for i in turn, for a
+  Mixture-of-Experts model's dense layer and its experts' layers (two runs of alike layers),
+  and the parameters after the blocks draw on from where they would. Both under jit, as every
+  initialisation runs (eagerly, op by op, a draw may round an ulp apart from its compiled self)."""
+  from flax import nnx
+
+  from pretrax.model import transformer
+
+  c = run_config.build(_config(*CASES['moe_first_dense'], scan=scan), check_data=False)
+  cfg = state_lib.build(c, VOCAB).model_cfg
+
+  def one_after_another():
+    rngs = nnx.Rngs(params=5)
+    transformer.layers.Embed(  # What the model builds before its blocks.
+      cfg.vocab_size,
+      cfg.embed_dim,
+      std=cfg.init_std,
+      param_dtype=jnp.float32,
+      dtype=jnp.float32,
+      rngs=rngs,
+    )
+    blocks = [nnx.to_pure_dict(nnx.state(transformer.Block(cfg, i, rngs))) for i in range(3)]
+    return blocks, nnx.to_pure_dict(nnx.state(transformer._norm(cfg, rngs)))
+
+  blocks, final_norm = jax.jit(one_after_another)()
+  model = jax.jit(lambda: nnx.to_pure_dict(nnx.state(transformer.build(cfg, 5))))()
+  built = stack.to_unrolled(_flat(model), transformer.first_scanned(cfg))
+  assert cfg.num_layers == len(blocks)
+  by_hand = {f'blocks/{i}/{p}': v for i, b in enumerate(blocks) for p, v in _flat(b).items()}
+  assert {k for k in built if k.startswith('blocks/')} == by_hand.keys()
+  for path, v in by_hand.items():
+    assert np.array_equal(built[path], v), path
+  for path, v in _flat(final_norm).items():
+    assert np.array_equal(built[f'final_norm/{path}'], v), path

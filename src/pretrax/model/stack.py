@@ -44,11 +44,49 @@ def first_scanned(num_layers: int, scan_layers: bool, num_experts: int, first_de
   return first_dense if num_experts else 0
 
 
-def stacked(blocks: Sequence[nnx.Module]) -> nnx.Module:
-  """Blocks (all alike) as one block, the first, whose parameters hold all of theirs stacked on a
-  leading 'layers' axis (so the params read 'stack/attn/q', not 'stack/0/attn/q')."""
-  block = blocks[0]
-  nnx.update(block, jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(b) for b in blocks)))
+def alike(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> list[Any]:
+  """The parameter values ({name: array} trees, nnx.to_pure_dict's) of n blocks that `make` builds
+  from `rngs` one after another: the random draws of n calls, compiled once.
+
+  Unrolled, building n blocks compiles n copies of their initialisers (the random draws of every
+  parameter), which grows start-up with depth as the unrolled step's compile does. Here the first
+  block is built as usual, which tells how many keys one block draws; the others are built inside
+  one jax.lax.map over their index, each from a stream set to the count the unrolled build would
+  have reached (fold_in(key, count) is a function of the count alone), so every value is the
+  unrolled one bit for bit. `rngs` ends where n calls would have left it.
+  """
+  stream = rngs.params
+  key, count0 = stream.key[...], stream.count[...]
+  first = nnx.to_pure_dict(nnx.state(make(rngs)))
+  if n == 1:
+    return [first]
+  per_block = stream.count[...] - count0
+
+  def build(i: jax.Array) -> Any:
+    layer_rngs = nnx.Rngs(params=key)
+    layer_rngs.params.count[...] = count0 + i * per_block
+    return nnx.to_pure_dict(nnx.state(make(layer_rngs)))
+
+  rest = jax.lax.map(build, jnp.arange(1, n, dtype=count0.dtype))
+  stream.count[...] = count0 + n * per_block
+  return [first, *unstacked(rest, n - 1)]
+
+
+def blocks_from(make: Callable[[nnx.Rngs], nnx.Module], values: Sequence[Any]) -> list[nnx.Module]:
+  """Blocks as `make` builds them, holding `values` (alike's), one each."""
+  out = []
+  for v in values:
+    block = nnx.eval_shape(lambda: make(nnx.Rngs(params=0)))  # The structure; no draws.
+    nnx.replace_by_pure_dict(state := nnx.state(block), v)
+    nnx.update(block, state)
+    out.append(block)
+  return out
+
+
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], values: Sequence[Any]) -> nnx.Module:
+  """One block as `make` builds it, holding all of `values` (alike's) stacked on a leading
+  'layers' axis (so the params read 'stack/attn/q', not 'stack/0/attn/q')."""
+  (block,) = blocks_from(make, [jax.tree.map(lambda *xs: jnp.stack(xs), *values)])
   for _, v in nnx.iter_graph(block):
     if isinstance(v, nnx.Variable) and v.has_metadata('out_sharding'):
       v.set_metadata('out_sharding', (LAYERS, *v.get_metadata()['out_sharding']))

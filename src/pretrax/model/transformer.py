@@ -7,6 +7,7 @@ head (dense, exact GELU, norm, then the output projection with a bias) for maske
 Shape suffixes: B batch, L length, D embed, N query heads, K key/value heads, H head dim, V vocab.
 """
 
+from collections.abc import Callable
 import math
 
 from flax import nnx
@@ -215,11 +216,14 @@ class Transformer(nnx.Module):
       )
     else:
       self.pos_embed = None
-    # Built unrolled, in order, whatever the layout: a scanned model draws the same parameters.
-    blocks = [Block(cfg, i, rngs) for i in range(cfg.num_layers)]
+    # Each layer draws what an unrolled build would, whatever the layout, in one compiled
+    # initialiser per run of alike layers (stack.alike): start-up does not grow with depth.
+    values = _block_values(cfg, rngs)
     first = first_scanned(cfg)
-    self.blocks: nnx.List | None = nnx.List(blocks[:first]) if first else None
-    self.stack = stack_lib.stacked(blocks[first:]) if first < cfg.num_layers else None
+    unrolled = [stack_lib.blocks_from(_make_block(cfg, i), [values[i]])[0] for i in range(first)]
+    self.blocks: nnx.List | None = nnx.List(unrolled) if unrolled else None
+    scanned = first < cfg.num_layers
+    self.stack = stack_lib.stacked(_make_block(cfg, first), values[first:]) if scanned else None
     self.final_norm = _norm(cfg, rngs)
     if cfg.tie_embeddings:
       self.head = None
@@ -488,6 +492,23 @@ _REMAT_POLICIES = {
     offload_src='device', offload_dst='pinned_host'
   ),
 }
+
+
+def _make_block(cfg: ModelConfig, layer: int) -> Callable[[nnx.Rngs], Block]:
+  return lambda rngs: Block(cfg, layer, rngs)
+
+
+def _block_values(cfg: ModelConfig, rngs: nnx.Rngs) -> list:
+  """Every block's parameter values in order, as Block(cfg, i, rngs) for i in turn would draw
+  them; each run of consecutive alike layers (dense, or Mixture-of-Experts) built at once."""
+  values: list = []
+  while len(values) < cfg.num_layers:
+    start = len(values)
+    end = start + 1
+    while end < cfg.num_layers and cfg.moe.is_moe(end) == cfg.moe.is_moe(start):
+      end += 1
+    values += stack_lib.alike(_make_block(cfg, start), end - start, rngs)
+  return values
 
 
 def first_scanned(cfg: ModelConfig) -> int:
