@@ -48,7 +48,16 @@ from ml_collections import config_flags
 import numpy as np
 
 from pretrax import config as config_lib
-from pretrax import config_specs, metrics, optim_muon, plan, run_config, startup, train
+from pretrax import (
+  config_specs,
+  metrics,
+  optim_muon,
+  plan,
+  run_config,
+  startup,
+  step_compile,
+  train,
+)
 from pretrax import state as state_lib
 from pretrax.data.batch import Batch
 
@@ -223,7 +232,7 @@ def benchmark(
 
   # ---- State and step, as train.py builds them: the step compiles while the state initialises.
   run = state_lib.build(c, data.tok.vocab_size)
-  compiling = train.start_compiling(c, run)
+  compiling = step_compile.start_compiling(c, run)
   state = jax.block_until_ready(run.init(c.seed) if state is None else state)
   clock.mark('state')
   local_rows = c.data.batch_size // jax.process_count()

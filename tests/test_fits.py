@@ -8,7 +8,7 @@ import pytest
 
 from conftest import load_config
 from pretrax import config as config_lib
-from pretrax import run_config, train
+from pretrax import run_config, step_compile
 from pretrax import state as state_lib
 
 
@@ -21,7 +21,7 @@ def test_the_fit_check_counts_parameters_and_optimizer_state_to_the_byte():
   run = state_lib.build(c, c.model.vocab_size)
   # Compiled as train compiles it (on abstract inputs: nothing is allocated); that call checks
   # against this machine's memory, which such a small step fits.
-  a = train._compiled_train_step(c, run).step.memory_analysis()
+  a = step_compile.compile_train_step(c, run).step.memory_analysis()
   # Worked out here from XLA's fields, not by plan.peak_bytes: the donated state is an argument
   # and an output in the same buffers (the alias), so it counts once.
   need = (
@@ -39,7 +39,7 @@ def test_the_fit_check_counts_parameters_and_optimizer_state_to_the_byte():
   )
 
   with pytest.raises(config_lib.ConfigError) as refused:
-    train.check_step_fits(a, need - 1)
+    step_compile.check_step_fits(a, need - 1)
   message = str(refused.value)
   assert re.search(r'needs [\d.]+ GiB per device \([\d.]+ GiB of it activations', message), message
   for fix in (
@@ -50,5 +50,5 @@ def test_the_fit_check_counts_parameters_and_optimizer_state_to_the_byte():
     '`pretrax plan`',
   ):
     assert fix in message, (fix, message)
-  train.check_step_fits(a, need)  # Exactly enough.
-  train.check_step_fits(a, need + 1)
+  step_compile.check_step_fits(a, need)  # Exactly enough.
+  step_compile.check_step_fits(a, need + 1)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import PEAK_FLOPS_ARG, REPO, load_config, pretrax_env
-from pretrax import metrics, run_config, startup, train
+from pretrax import metrics, run_config, startup, step_compile, train
 from pretrax import state as state_lib
 
 
@@ -145,7 +145,7 @@ def test_the_step_compiles_while_the_state_initialises(monkeypatch, tmp_path, co
   """The compile starts on its own thread before the state is built on device, and ends after
   that began: neither waits for the other (the order of events, not a timing)."""
   events = []
-  real_compile, real_init = train._compiled_train_step, state_lib.RunState.init
+  real_compile, real_init = step_compile.compile_train_step, state_lib.RunState.init
 
   def compile_step(c, run):
     events.append('compile starts')
@@ -162,7 +162,7 @@ def test_the_step_compiles_while_the_state_initialises(monkeypatch, tmp_path, co
     events.append('init ends')
     return state
 
-  monkeypatch.setattr(train, '_compiled_train_step', compile_step)
+  monkeypatch.setattr(step_compile, 'compile_train_step', compile_step)
   monkeypatch.setattr(state_lib.RunState, 'init', init)
   c = load_config('tiny')
   c.data.path, c.steps, c.peak_flops, c.compile_cache = corpus_path, 2, 1e11, 'none'
@@ -175,14 +175,16 @@ def test_the_step_compiles_while_the_state_initialises(monkeypatch, tmp_path, co
 def test_a_first_batch_unlike_the_compiled_one_is_refused():
   c = run_config.build(load_config('tiny'), check_data=False)
   run = state_lib.build(c, 64)
-  compiled = train.CompiledStep(step=lambda *a: None, batch=run.abstract_batch(c), seconds=0.0)
+  compiled = step_compile.CompiledStep(
+    step=lambda *a: None, batch=run.abstract_batch(c), seconds=0.0
+  )
   same = jax.tree.map(
     lambda s: jax.device_put(np.zeros(s.shape, s.dtype), s.sharding), compiled.batch
   )
-  train._check_batch(compiled, same)
+  step_compile.check_batch(compiled, same)
   longer = same._replace(inputs=jax.numpy.zeros((c.data.batch_size, c.data.seq_len + 1), 'int32'))
   with pytest.raises(AssertionError, match='not the one the train step was compiled for'):
-    train._check_batch(compiled, longer)
+    step_compile.check_batch(compiled, longer)
 
 
 def test_throughput_records_the_startup_phases(tmp_path, corpus_path):

@@ -83,7 +83,7 @@ class StartupClock:
   )
   cache_directory: str | None = None  # Where compiled programs are kept; None: no cache.
   # Seconds the train step took to compile, on its own thread beside the state and data phases
-  # (pretrax.train.start_compiling): the 'compile' phase is only what remained of it after them.
+  # (pretrax.step_compile.start_compiling): the 'compile' phase is what remained of it after them.
   step_compile_s: float = 0.0
 
   @classmethod

@@ -5,7 +5,6 @@ optimizer state, data position and step, so the run continues as if it had never
 """
 
 from collections.abc import Callable, Iterator
-from concurrent import futures
 import dataclasses
 import itertools
 import json
@@ -25,15 +24,13 @@ from pretrax import (
   paths,
   run_config,
   saved_run,
+  step_compile,
   train_eval,
 )
-from pretrax import config as config_lib
 from pretrax import metrics as metrics_lib
-from pretrax import plan as plan_lib
 from pretrax import sample as sample_lib
 from pretrax import startup as startup_lib
 from pretrax import state as state_lib
-from pretrax import step as step_lib
 from pretrax import workdir as workdir_lib
 from pretrax.config_types import RunConfig
 from pretrax.data import dataset
@@ -92,7 +89,7 @@ def _train(
   # ---- State: fresh, or the newest intact checkpoint, while the step compiles ---------------
   run = state_lib.build(c, data.tok.vocab_size, num_classes=len(data.labels))
   latest = mngr.latest_step()
-  compiling = start_compiling(c, run) if latest is None or latest < c.steps else None
+  compiling = step_compile.start_compiling(c, run) if latest is None or latest < c.steps else None
   state, start = _initial_state(
     c, workdir, mngr, run, saved_run.label_pieces(data.tok, data.labels)
   )
@@ -117,7 +114,7 @@ def _train(
       clock.mark('data')  # The held-out split, the tasks and the first batch: data again.
       assert compiling is not None  # Started unless the newest checkpoint had every step.
       compiled = compiling.result()
-      _check_batch(compiled, first)
+      step_compile.check_batch(compiled, first)
       train_step, compile_s = compiled.step, compiled.seconds
       clock.mark('compile')  # What is left of it once the state and data are ready.
       clock.step_compile_s = compile_s
@@ -228,56 +225,6 @@ def _global_batches(
     batches = faults.poisoned(batches, c.fault.poison_step, start)
   for batch in batches:
     yield jax.make_array_from_process_local_data(run.batch_sharding, batch)
-
-
-@dataclasses.dataclass(frozen=True)
-class CompiledStep:
-  """The train step compiled for the run's abstract state and batch, and how long that took."""
-
-  step: Callable
-  batch: Batch[jax.ShapeDtypeStruct]  # What it was compiled for.
-  seconds: float
-
-
-def start_compiling(c: RunConfig, run: state_lib.RunState) -> 'futures.Future[CompiledStep]':
-  """Compiles the train step on a thread of its own, from the abstract state and batch: the step
-  compiles while the state is initialised or restored and the data opens, and start-up pays the
-  longer of the two rather than their sum. XLA compiles without holding the GIL; JAX and NNX keep
-  their tracing state per thread.
-
-  The future raises what compiling raised, or StepTooLarge when the step cannot fit a device."""
-  pool = futures.ThreadPoolExecutor(1, thread_name_prefix='pretrax-compile')
-  future = pool.submit(_compiled_train_step, c, run)
-  pool.shutdown(wait=False)  # The thread ends with the compile.
-  return future
-
-
-def _compiled_train_step(c: RunConfig, run: state_lib.RunState) -> CompiledStep:
-  step_fn = step_lib.jit_train_step(
-    run.model_def,
-    run.optimizer,
-    run.schedule,
-    step_lib.step_config(c),
-    activation_sharding=run.activation_sharding,
-    out_shardings=(run.shardings, None),
-  )
-  batch = run.abstract_batch(c)
-  started = time.perf_counter()
-  compiled = step_fn.lower(run.abstract, batch).compile()
-  seconds = time.perf_counter() - started
-  _check_fits(compiled)
-  return CompiledStep(compiled, batch, seconds)
-
-
-def _check_batch(compiled: CompiledStep, batch: Batch[jax.Array]) -> None:
-  """The first batch is what the step was compiled for (else calling it would fail, later and
-  less clearly): a batch layout that RunState.abstract_batch does not know is a bug to fix there."""
-  got = jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), batch)
-  want = jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), compiled.batch)
-  if got != want:
-    raise AssertionError(
-      f'the first batch {got} is not the one the train step was compiled for ({want})'
-    )
 
 
 # ---- Metrics: the run's bookkeeping -----------------------------------------------------------
@@ -540,25 +487,3 @@ def load_data(c: RunConfig, workdir: str, has_checkpoints: bool = False) -> data
       labels = paths.path(workdir_lib.labels_file(workdir))
       labels.write_text(json.dumps(list(data.labels)))
   return data
-
-
-def _check_fits(compiled) -> None:
-  """Refuses a step that cannot fit a device, before it runs out of memory mid-step."""
-  analysis = compiled.memory_analysis()
-  have = plan_lib.device_memory_bytes(jax.local_devices()[0])
-  if analysis is not None and have is not None:  # Either can be unknown: then run and see.
-    check_step_fits(analysis, have)
-
-
-def check_step_fits(analysis, have: int) -> None:
-  """Raises ConfigError unless a step with XLA's memory analysis `analysis` (its parameters,
-  optimizer state, batch, outputs, temporaries and code) fits in `have` bytes per device."""
-  need, temp = plan_lib.peak_bytes(analysis), int(analysis.temp_size_in_bytes)
-  if need > have:
-    gib = 1 << 30
-    raise config_lib.ConfigError(
-      f'the train step needs {need / gib:,.1f} GiB per device ({temp / gib:,.1f} GiB of it '
-      f'activations and other temporaries) and a device has {have / gib:,.1f} GiB: lower '
-      'data.batch_size or data.seq_len, raise optim.grad_accum_steps, set model.remat=full, or '
-      'shard over more devices (see `pretrax plan`).'
-    )
