@@ -9,6 +9,7 @@ import pytest
 
 from conftest import PEAK_FLOPS, SHAKESPEARE, load_config
 from pretrax import checkpoint, metrics, run_config, tokenizer, train
+from pretrax import config as config_lib
 from pretrax import state as state_lib
 from pretrax import step as step_lib
 from pretrax.data.batch import Batch
@@ -115,7 +116,7 @@ def test_resume_with_a_different_model_is_refused(tiny_config, tmp_path):
   tiny_config.steps = 2
   _train(tiny_config, str(tmp_path))
   tiny_config.model.num_layers = 3
-  with pytest.raises(train.config_lib.ConfigError, match='model.num_layers: 2 -> 3'):
+  with pytest.raises(config_lib.ConfigError, match='model.num_layers: 2 -> 3'):
     _train(tiny_config, str(tmp_path))
 
 
