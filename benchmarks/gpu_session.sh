@@ -105,7 +105,8 @@ WHEELS = {'grain': 'grain', 'array_record': 'array_record', 'cloudpickle': 'clou
           'zstandard': 'zstandard', 'tensorboardX': 'tensorboardX', 'absl': 'absl-py',
           'etils': 'etils', 'fsspec': 'fsspec', 'zipp': 'zipp',
           'typing_extensions': 'typing_extensions', 'yaml': 'PyYAML',
-          'google.protobuf': 'protobuf', 'packaging': 'packaging', 'psutil': 'psutil'}
+          'google.protobuf': 'protobuf', 'packaging': 'packaging', 'psutil': 'psutil',
+          'filelock': 'filelock'}
 
 
 def found(module):

@@ -24,7 +24,7 @@ rm -rf "$WHEELS"
     --python-version 3.12 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux_2_28_x86_64 -c constraints.txt -d "$WHEELS" \
     grain array_record cloudpickle portpicker ml_collections zstandard tensorboardX \
-    absl-py etils fsspec zipp typing_extensions PyYAML protobuf packaging psutil
+    absl-py etils fsspec zipp typing_extensions PyYAML protobuf packaging psutil filelock
 
 ls -1 "$WHEELS"
 du -sh "$WHEELS" | awk '{print "total: " $1}'

@@ -216,3 +216,32 @@ def test_throughput_records_the_startup_phases(tmp_path, corpus_path):
   assert row['startup_step_compile_s'] == row['compile_s'] > 0
   assert row['startup_over_compile'] == pytest.approx(row['startup_s'] / row['compile_s'])
   assert 'start-up: ' in result.stdout
+
+
+def test_the_cache_works_where_filelock_is_missing(monkeypatch, tmp_path):
+  """JAX caps its cache only with filelock, and a cap without it turns the cache off without a
+  word: on a bare install (a GPU image without filelock) the cache stays unbounded, and works."""
+  from jax._src import lru_cache
+
+  monkeypatch.setattr(lru_cache, 'filelock', None)
+  real_find_spec = startup.importlib.util.find_spec
+  monkeypatch.setattr(
+    startup.importlib.util,
+    'find_spec',
+    lambda name, *a: None if name == 'filelock' else real_find_spec(name, *a),
+  )
+  before_dir = startup._jax_option('jax_compilation_cache_dir')
+  before_size = startup._jax_option('jax_compilation_cache_max_size')
+  jax.config.update('jax_compilation_cache_max_size', -1)
+  try:
+    startup.use_compile_cache(str(tmp_path / 'cache'), 'unused')
+    jax.jit(lambda x: jnp_sin_sum(x) * 3.0).lower(np.ones(7, np.float32)).compile()
+    assert any(n.endswith('-cache') for n in os.listdir(tmp_path / 'cache'))
+  finally:
+    jax.config.update('jax_compilation_cache_max_size', before_size)
+    jax.config.update('jax_compilation_cache_dir', before_dir)
+    startup.compilation_cache.reset_cache()
+
+
+def jnp_sin_sum(x):
+  return jax.numpy.sum(jax.numpy.sin(x) ** 3)

@@ -25,6 +25,7 @@ kept beside them.
 
 import collections
 import dataclasses
+import importlib.util
 import os
 import time
 
@@ -178,7 +179,10 @@ def use_compile_cache(setting: str, workdir: str) -> str | None:
   if directory is not None:
     if _jax_option('jax_persistent_cache_min_compile_time_secs') == 1.0:  # JAX's default.
       jax.config.update('jax_persistent_cache_min_compile_time_secs', CACHE_MIN_COMPILE_S)
-    if _jax_option('jax_compilation_cache_max_size') == -1:  # Unbounded unless the user chose.
+    # Unbounded unless the user chose; JAX caps it only with filelock, without which a cap turns
+    # the cache off (silently): a dependency of ours, but not of a bare JAX install's.
+    capped = _jax_option('jax_compilation_cache_max_size') != -1
+    if not capped and importlib.util.find_spec('filelock') is not None:
       jax.config.update('jax_compilation_cache_max_size', CACHE_MAX_BYTES)
   # JAX opens its cache at the first compile of the process: a new directory needs a new one.
   compilation_cache.reset_cache()
