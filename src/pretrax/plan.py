@@ -36,7 +36,6 @@ import jax.numpy as jnp
 
 from pretrax import metrics, run_config
 from pretrax import state as state_lib
-from pretrax import step as step_lib
 from pretrax.config_types import RunConfig
 from pretrax.data.batch import Batch
 from pretrax.model import attention as attention_lib
@@ -137,15 +136,7 @@ def _abstract_batch(c: RunConfig, run: state_lib.RunState) -> Batch[jax.ShapeDty
 
 def _compile_train_step(c: RunConfig, run: state_lib.RunState, batch: Batch[jax.ShapeDtypeStruct]):
   """The train step exactly as `train` jits it, compiled for the abstract state and batch."""
-  train_step = step_lib.jit_train_step(
-    run.model_def,
-    run.optimizer,
-    run.schedule,
-    step_lib.step_config(c),
-    activation_sharding=run.activation_sharding,
-    out_shardings=(run.shardings, None),
-  )
-  return train_step.lower(run.abstract, batch).compile()
+  return run.jit_train_step(c).lower(run.abstract, batch).compile()
 
 
 def _warnings(params: Sequence[ParamPlan], mesh: dict[str, int], state_bytes: int) -> list[str]:

@@ -62,6 +62,18 @@ class RunState:
       objective=shaped(jnp.int32),
     )
 
+  def jit_train_step(self, c: RunConfig):
+    """The train step jitted as `train` runs it: the run's model, optimizer and schedule, its
+    activation shardings, and the state coming out in the state's own shardings."""
+    return step_lib.jit_train_step(
+      self.model_def,
+      self.optimizer,
+      self.schedule,
+      step_lib.step_config(c),
+      activation_sharding=self.activation_sharding,
+      out_shardings=(self.shardings, None),
+    )
+
   @property
   def activation_sharding(self):
     return sharding.activation_sharding(self.mesh, self.rules)

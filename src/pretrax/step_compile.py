@@ -12,7 +12,6 @@ import jax
 from pretrax import config as config_lib
 from pretrax import plan as plan_lib
 from pretrax import state as state_lib
-from pretrax import step as step_lib
 from pretrax.config_types import RunConfig
 from pretrax.data.batch import Batch
 
@@ -41,17 +40,9 @@ def start_compiling(c: RunConfig, run: state_lib.RunState) -> 'futures.Future[Co
 
 def compile_train_step(c: RunConfig, run: state_lib.RunState) -> CompiledStep:
   """The train step as `train` runs it, compiled for the run's abstract state and batch."""
-  step_fn = step_lib.jit_train_step(
-    run.model_def,
-    run.optimizer,
-    run.schedule,
-    step_lib.step_config(c),
-    activation_sharding=run.activation_sharding,
-    out_shardings=(run.shardings, None),
-  )
   batch = run.abstract_batch(c)
   started = time.perf_counter()
-  compiled = step_fn.lower(run.abstract, batch).compile()
+  compiled = run.jit_train_step(c).lower(run.abstract, batch).compile()
   seconds = time.perf_counter() - started
   check_fits(compiled)
   return CompiledStep(compiled, batch, seconds)

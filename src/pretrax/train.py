@@ -5,6 +5,7 @@ optimizer state, data position and step, so the run continues as if it had never
 """
 
 from collections.abc import Callable, Iterator
+from concurrent import futures
 import dataclasses
 import itertools
 import json
@@ -93,10 +94,7 @@ def _train(
   state, start = _initial_state(
     c, workdir, mngr, run, saved_run.label_pieces(data.tok, data.labels)
   )
-  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract))
-  faults.check_free_space(workdir, state_bytes, c.checkpoint.keep)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.abstract['params']))
-  log(f'model: {c.model.flavour}, {num_params:,} parameters, mesh {dict(run.mesh.shape)}')
+  _check_space_and_describe(c, workdir, run)
   run_log = RunLog.create(c, workdir, run, start, mngr.latest_step, clock)  # On CPU: the peak.
   jax.block_until_ready(state)  # Initialised or restored on device: the phase's real end.
   clock.mark('state')
@@ -109,15 +107,9 @@ def _train(
   compile_s = 0.0
   try:
     if start < c.steps:
-      batches = _global_batches(c, run, data, start)
-      first = next(batches)
-      clock.mark('data')  # The held-out split, the tasks and the first batch: data again.
       assert compiling is not None  # Started unless the newest checkpoint had every step.
-      compiled = compiling.result()
-      step_compile.check_batch(compiled, first)
-      train_step, compile_s = compiled.step, compiled.seconds
-      clock.mark('compile')  # What is left of it once the state and data are ready.
-      clock.step_compile_s = compile_s
+      batches, compiled = _first_batch_and_step(c, run, data, start, compiling, clock)
+      compile_s = compiled.seconds
       log(
         f'compiled the train step in {compile_s:.1f} s (beside the state and data); MFU '
         f'against {run_log.peak / 1e9:,.0f} GFLOP/s ({run_log.peak_source})'
@@ -127,8 +119,8 @@ def _train(
         c,
         state,
         start,
-        itertools.chain([first], batches),
-        train_step,
+        batches,
+        compiled.step,
         evaluate,
         run_log,
         lambda step, s: checkpoint.save(mngr, step, s, run_log.config_json),
@@ -160,6 +152,34 @@ def _train(
     'flops_per_step': run_log.flops_per_step,
     'sample': text,
   }
+
+
+def _check_space_and_describe(c: RunConfig, workdir: str, run: state_lib.RunState) -> None:
+  """Refuses a workdir without room for the checkpoints kept; logs the model's size and mesh."""
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(run.abstract))
+  faults.check_free_space(workdir, state_bytes, c.checkpoint.keep)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.abstract['params']))
+  log(f'model: {c.model.flavour}, {num_params:,} parameters, mesh {dict(run.mesh.shape)}')
+
+
+def _first_batch_and_step(
+  c: RunConfig,
+  run: state_lib.RunState,
+  data: dataset.RunData,
+  start: int,
+  compiling: 'futures.Future[step_compile.CompiledStep]',
+  clock: startup_lib.StartupClock,
+) -> tuple[Iterator[Batch[jax.Array]], step_compile.CompiledStep]:
+  """The batches from step `start` on (the first one fetched) and the compiled step, once it is
+  done and checked against that first batch; the clock marks both waits."""
+  batches = _global_batches(c, run, data, start)
+  first = next(batches)
+  clock.mark('data')  # The held-out split, the tasks and the first batch: data again.
+  compiled = compiling.result()
+  step_compile.check_batch(compiled, first)
+  clock.mark('compile')  # What is left of it once the state and data are ready.
+  clock.step_compile_s = compiled.seconds
+  return itertools.chain([first], batches), compiled
 
 
 def _loop(
